@@ -1,0 +1,50 @@
+"""Health, hardware and metrics: what operators and monitors poll."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import anyio.to_thread
+from litestar import Controller, MediaType, get
+from litestar.datastructures import State
+
+from serve.runtime.hardware import probe_hardware
+
+
+class SystemController(Controller):
+    tags = ["system"]
+
+    @get("/health")
+    async def health(self, state: State) -> dict[str, Any]:
+        return {
+            "status": "healthy",
+            "timestamp": time.time(),
+            "server_start_time": state.started_at,
+            "version": state.version,
+            "git_commit": state.git_commit,
+        }
+
+    @get("/api/v1/hardware/info")
+    async def hardware(self, state: State) -> dict[str, Any]:
+        if state.hardware is None:  # probed once: importing torch and querying CUDA is slow
+            state.hardware = await anyio.to_thread.run_sync(probe_hardware)
+        return state.hardware
+
+    @get("/metrics", media_type=MediaType.TEXT)
+    async def metrics(self, state: State) -> str:
+        """Prometheus text format."""
+        totals = state.sessions.totals()
+        status = state.pipelines.status()
+        lines = {
+            "wanrt_sessions_active": len(state.sessions),
+            "wanrt_pipeline_loaded": int(status.status == "loaded"),
+            "wanrt_frames_in_total": totals["frames_in"],
+            "wanrt_frames_out_total": totals["frames_out"],
+            "wanrt_frames_dropped_total": totals["frames_dropped"],
+            "wanrt_threads": threading.active_count(),
+            "wanrt_asyncio_tasks": len(asyncio.all_tasks()),
+        }
+        return "".join(f"{name} {value}\n" for name, value in lines.items())

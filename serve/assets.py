@@ -1,0 +1,93 @@
+"""Uploaded reference media (VACE images, videos): checked by content, named safely, confined to one folder."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from serve.errors import InvalidRequest, UnknownAsset, UnsupportedMedia
+from serve.schemas import Asset
+
+# (magic-byte test, media type, canonical extension). Content decides the type; the client's extension does not.
+_SIGNATURES: tuple[tuple[object, str, str], ...] = (
+    (lambda b: b.startswith(b"\x89PNG\r\n\x1a\n"), "image", ".png"),
+    (lambda b: b.startswith(b"\xff\xd8\xff"), "image", ".jpg"),
+    (lambda b: b[:4] == b"RIFF" and b[8:12] == b"WEBP", "image", ".webp"),
+    (lambda b: b[:6] in (b"GIF87a", b"GIF89a"), "image", ".gif"),
+    (lambda b: b.startswith(b"BM") and len(b) > 26, "image", ".bmp"),
+    (lambda b: b[4:8] == b"ftyp" and b[8:10] == b"qt", "video", ".mov"),
+    (lambda b: b[4:8] == b"ftyp", "video", ".mp4"),
+    (lambda b: b.startswith(b"\x1a\x45\xdf\xa3"), "video", ".webm"),
+    (lambda b: b[:4] == b"RIFF" and b[8:12] == b"AVI ", "video", ".avi"),
+)
+EXTENSIONS = {ext: kind for _, kind, ext in _SIGNATURES} | {".jpeg": "image", ".mkv": "video"}
+MAX_NAME_CHARS = 100
+
+
+def sniff_media(data: bytes) -> tuple[str, str]:
+    """(`image` | `video`, extension) from the first bytes; raises UnsupportedMedia for anything else."""
+    for test, kind, ext in _SIGNATURES:
+        if test(data[:16]):  # type: ignore[operator]
+            return kind, ext
+    raise UnsupportedMedia(
+        "only images (PNG, JPEG, WebP, GIF, BMP) and videos (MP4, MOV, WebM/MKV, AVI) can be uploaded; "
+        "the content of this file is neither"
+    )
+
+
+def sanitize_filename(filename: str) -> str:
+    """A plain file name: no folders, no leading dots, only letters, digits, '-', '_' and '.'."""
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip("._")
+    stem = Path(name).stem[:MAX_NAME_CHARS] or "upload"
+    return stem
+
+
+class AssetStore:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._root = directory.resolve()
+
+    def save(self, filename: str, data: bytes) -> Asset:
+        """Runs in a worker thread (uploads can be large)."""
+        if not data:
+            raise InvalidRequest("the upload is empty; send the file's bytes as the request body")
+        kind, ext = sniff_media(data)
+        stem = sanitize_filename(filename)
+        path = self._root / f"{stem}{ext}"
+        counter = 1
+        while path.exists():
+            path = self._root / f"{stem}-{counter}{ext}"
+            counter += 1
+        temporary = path.with_name(f".{path.name}.part")
+        temporary.write_bytes(data)
+        temporary.replace(path)  # readers never see a half-written file
+        return self._describe(path, kind)
+
+    def list(self) -> list[Asset]:
+        assets = []
+        for path in sorted(self._root.iterdir()):
+            kind = EXTENSIONS.get(path.suffix.lower())
+            if path.is_file() and kind and not path.name.startswith("."):
+                assets.append(self._describe(path, kind))
+        return assets
+
+    def resolve(self, path: str) -> Path:
+        """A served path: relative to the asset folder, or absolute inside it; nothing outside."""
+        candidate = Path(path)
+        resolved = (candidate if candidate.is_absolute() else self._root / candidate).resolve()
+        if not resolved.is_relative_to(self._root) or not resolved.is_file() or resolved.name.startswith("."):
+            raise UnknownAsset(f"no asset {path!r}; GET /api/v1/assets lists them")
+        return resolved
+
+    def _describe(self, path: Path, kind: str) -> Asset:
+        stat = path.stat()
+        return Asset(
+            name=path.name,
+            path=str(path),
+            size_mb=round(stat.st_size / 1e6, 3),
+            type=kind,  # type: ignore[arg-type]
+            created_at=stat.st_mtime if stat.st_mtime else time.time(),
+        )

@@ -1,0 +1,55 @@
+"""The interface between the frame path and a pipeline: a loaded `Pipeline` opens one `PipelineStream` per session.
+
+A stream turns one chunk of input frames (or none, in text mode) into output frames. Frames cross this boundary as
+uint8 RGB arrays `[T, H, W, 3]` at the loaded resolution; a model pipeline moves them to its device in one copy.
+All methods run on the pipeline's worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from serve.pipelines.spec import PipelineSpec
+
+ProgressFn = Callable[[str, float], None]
+"""`report(stage, fraction_done)`: called by a loading pipeline; thread-safe, cheap."""
+
+
+class PipelineStream(ABC):
+    """Per-session generation state (caches, noise generator, prompt state)."""
+
+    @abstractmethod
+    def process(self, frames: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
+        """One chunk. `frames` is `[T, H, W, 3]` uint8 with T = chunk_frames, or None in text mode.
+
+        `params` is the complete effective parameter set for this chunk (defaults + every update so far); it changes
+        only between chunks. Returns `[T', H, W, 3]` uint8 output frames.
+        """
+
+    def reset(self) -> None:  # noqa: B027 - optional hook: stateless streams have nothing to clear
+        """Clear caches (the `reset_cache` parameter)."""
+
+
+class Pipeline(ABC):
+    spec: PipelineSpec
+    height: int
+    width: int
+    chunk_frames: int
+    backend: str
+    """What executes the model step (`eager`, `compiled`, `tensorrt`, or `none` for passthrough)."""
+    random_weights: bool = False
+
+    @classmethod
+    @abstractmethod
+    def load(cls, spec: PipelineSpec, load_params: dict[str, Any], *, report: ProgressFn, **context: Any) -> Pipeline:
+        """Build the pipeline; slow (weights, engines). Raises serve.errors.PipelineLoadError with a clear reason."""
+
+    @abstractmethod
+    def open_stream(self, seed: int) -> PipelineStream: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook: pipelines without device memory have nothing to free
+        """Release device memory; idempotent."""

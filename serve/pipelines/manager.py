@@ -1,0 +1,127 @@
+"""The pipeline manager: the one object the HTTP layer talks to about pipelines (load, status, unload).
+
+Loading runs in a thread so the event loop keeps serving (status polls, other sessions). At most one pipeline is
+loaded; loading another first stops every session of the old one (they get `stream_stopped`) and frees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from serve.errors import PipelineBusy, PipelineLoadError, PipelineNotLoaded, PipelineUnavailable
+from serve.pipelines.base import Pipeline
+from serve.pipelines.registry import get_spec
+from serve.pipelines.worker import PipelineWorker
+from serve.schemas import LoadParams, PipelineStatus
+
+log = logging.getLogger(__name__)
+
+StopSessionsFn = Callable[[str], Awaitable[None]]
+
+
+class PipelineManager:
+    def __init__(self, *, models_dir: Path, allow_random_weights: bool) -> None:
+        self.models_dir = models_dir
+        self.allow_random_weights = allow_random_weights
+        self.pipeline: Pipeline | None = None
+        self.worker: PipelineWorker | None = None
+        self._status = PipelineStatus(status="not_loaded")
+        self._load_task: asyncio.Task[None] | None = None
+        self._stop_sessions: list[StopSessionsFn] = []
+
+    def on_unload(self, stop_sessions: StopSessionsFn) -> None:
+        """Register a callback that stops every session of the current pipeline, given the reason."""
+        self._stop_sessions.append(stop_sessions)
+
+    def status(self) -> PipelineStatus:
+        return self._status
+
+    def require_loaded(self) -> tuple[Pipeline, PipelineWorker, dict[str, Any]]:
+        if self.pipeline is None or self.worker is None or self._status.status != "loaded":
+            raise PipelineNotLoaded(
+                "Pipeline not loaded: POST /api/v1/pipeline/load and wait for GET /api/v1/pipeline/status to say "
+                "'loaded' before sending an offer"
+            )
+        return self.pipeline, self.worker, self._status.load_params or {}
+
+    async def load(self, pipeline_id: str, params: LoadParams) -> str:
+        """Validate now (errors go back to the caller), then load in the background (errors go to the status)."""
+        spec = get_spec(pipeline_id)
+        if not spec.available:
+            raise PipelineUnavailable(
+                f"pipeline {pipeline_id!r} is declared but not built into this server yet; available: passthrough"
+            )
+        load_params = spec.effective_load_params(params, allow_random_weights=self.allow_random_weights)
+        if self._load_task is not None and not self._load_task.done():
+            raise PipelineBusy(
+                f"pipeline {self._status.pipeline_id!r} is loading; wait for it, or POST /api/v1/pipeline/unload"
+            )
+        await self._release(f"pipeline {pipeline_id!r} is being loaded")
+        self._status = PipelineStatus(
+            status="loading",
+            pipeline_id=pipeline_id,
+            load_params=load_params,
+            loading_stage="starting",
+            progress=0.0,
+            random_weights=bool(load_params.get("random_weights")),
+        )
+        self._load_task = asyncio.create_task(self._load(pipeline_id, load_params), name=f"load-{pipeline_id}")
+        return f"loading pipeline {pipeline_id!r}; poll GET /api/v1/pipeline/status"
+
+    async def _load(self, pipeline_id: str, load_params: dict[str, Any]) -> None:
+        spec = get_spec(pipeline_id)
+        status = self._status
+
+        def report(stage: str, progress: float) -> None:  # called from the loading thread
+            status.loading_stage = stage
+            status.progress = progress
+
+        try:
+            factory = spec.resolve_factory()
+            pipeline = await asyncio.to_thread(
+                factory.load, spec, load_params, report=report, models_dir=self.models_dir
+            )
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, PipelineLoadError) else f"{type(exc).__name__}: {exc}"
+            log.error("pipeline=%s load failed: %s", pipeline_id, reason)
+            self._status = PipelineStatus(
+                status="error", pipeline_id=pipeline_id, load_params=load_params, error=reason
+            )
+            return
+        self.pipeline = pipeline
+        self.worker = PipelineWorker(pipeline_id)
+        self._status = PipelineStatus(
+            status="loaded",
+            pipeline_id=pipeline_id,
+            load_params=load_params,
+            loading_stage="ready",
+            progress=1.0,
+            backend=pipeline.backend,
+            random_weights=pipeline.random_weights,
+        )
+        log.info("pipeline=%s loaded backend=%s", pipeline_id, pipeline.backend)
+
+    async def unload(self) -> str:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()  # the thread finishes on its own; its result is dropped
+        pipeline_id = self._status.pipeline_id
+        await self._release("pipeline unloaded")
+        self._status = PipelineStatus(status="not_loaded")
+        return f"unloaded {pipeline_id!r}" if pipeline_id else "nothing was loaded"
+
+    async def _release(self, reason: str) -> None:
+        for stop in self._stop_sessions:
+            await stop(reason)
+        worker, pipeline = self.worker, self.pipeline
+        self.worker = self.pipeline = None
+        if worker is not None:
+            await asyncio.to_thread(worker.close)
+        if pipeline is not None:
+            await asyncio.to_thread(pipeline.close)
+
+    async def close(self) -> None:
+        await self.unload()

@@ -1,0 +1,49 @@
+"""The passthrough pipeline: input frames come back unchanged (the frame path already resized them to the loaded
+resolution). It exercises the whole chunk loop, WebRTC to WebRTC, without a model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from serve.pipelines.base import Pipeline, PipelineStream, ProgressFn
+from serve.pipelines.spec import PipelineSpec
+
+
+class PassthroughStream(PipelineStream):
+    def __init__(self, height: int, width: int, chunk_frames: int) -> None:
+        self.chunk_frames = chunk_frames
+        self.frame_index = 0
+        # Text mode draws a diagonal gradient that scrolls one pixel per frame: cheap, and visibly alive.
+        ys, xs = np.mgrid[0:height, 0:width]
+        self._pattern = np.stack([(xs + ys) % 256, (2 * ys) % 256, (255 - xs) % 256], axis=-1).astype(np.uint8)
+
+    def process(self, frames: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
+        if frames is not None:
+            self.frame_index += len(frames)
+            return frames
+        out = np.stack([np.roll(self._pattern, self.frame_index + i, axis=1) for i in range(self.chunk_frames)])
+        self.frame_index += self.chunk_frames
+        return out
+
+    def reset(self) -> None:
+        self.frame_index = 0
+
+
+class PassthroughPipeline(Pipeline):
+    backend = "none"
+
+    def __init__(self, spec: PipelineSpec, height: int, width: int, chunk_frames: int) -> None:
+        self.spec = spec
+        self.height = height
+        self.width = width
+        self.chunk_frames = chunk_frames
+
+    @classmethod
+    def load(cls, spec: PipelineSpec, load_params: dict[str, Any], *, report: ProgressFn, **context: Any) -> Pipeline:
+        report("ready", 1.0)
+        return cls(spec, load_params["height"], load_params["width"], load_params["chunk_size"])
+
+    def open_stream(self, seed: int) -> PipelineStream:
+        return PassthroughStream(self.height, self.width, self.chunk_frames)

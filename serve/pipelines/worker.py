@@ -1,0 +1,212 @@
+"""The pipeline worker: one thread per loaded pipeline runs every session's chunks, so one thread owns the device.
+
+The event loop and the worker meet only in `StreamSlot`, under the worker's single lock:
+- the loop pushes input frames (`push_input`, bounded: the oldest unconsumed frame is dropped and counted) and
+  parameter updates (`update_params`, merged and applied atomically at the next chunk boundary);
+- the worker takes a whole chunk when one is ready, runs it with the lock released, and hands the output to
+  `emit`, which must be thread-safe (the output track hops onto the loop with call_soon_threadsafe).
+Nothing here waits on the event loop, and nothing on the event loop waits for a chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from serve.pipelines.base import PipelineStream
+
+log = logging.getLogger(__name__)
+
+VIDEO_TIME_BASE = Fraction(1, 90000)  # RTP video clock
+
+
+@dataclass(frozen=True)
+class FrameStamp:
+    """Where a frame sits in time: its media timestamp and when its input reached the server (for latency)."""
+
+    pts: int
+    time_base: Fraction
+    arrival_s: float | None  # time.monotonic(); None for generated frames
+
+
+EmitFn = Callable[[np.ndarray, list[FrameStamp]], None]
+
+
+class StreamSlot:
+    """One session's seat on the worker. Created and fed on the event loop; run on the worker thread."""
+
+    def __init__(
+        self,
+        worker: PipelineWorker,
+        session_id: str,
+        stream: PipelineStream,
+        chunk_frames: int,
+        params: dict[str, Any],
+        *,
+        convert: Callable[[Any], np.ndarray],
+        emit: EmitFn,
+        output_has_room: Callable[[], bool],
+        on_error: Callable[[BaseException], None],
+        text_fps: float,
+    ) -> None:
+        self._lock = worker.condition
+        self._worker = worker
+        self.session_id = session_id
+        self.stream = stream
+        self.chunk_frames = chunk_frames
+        self._inputs: deque[tuple[Any, FrameStamp]] = deque(maxlen=chunk_frames)
+        self._params = dict(params)  # effective; replaced only at chunk boundaries
+        self._pending: dict[str, Any] = {}
+        self._convert = convert
+        self._emit = emit
+        self._output_has_room = output_has_room
+        self._on_error = on_error
+        self._text_pts_step = round(1 / (text_fps * VIDEO_TIME_BASE))
+        self._text_pts = 0
+        self.closed = False
+        # counters (read by stats; written under the lock)
+        self.frames_in = 0
+        self.frames_dropped = 0
+        self.chunks = 0
+        self.chunk_ms = 0.0
+        self.updates_applied = 0
+
+    # -- event-loop side --------------------------------------------------------------------------------------------
+
+    def push_input(self, payload: Any, stamp: FrameStamp) -> None:
+        with self._lock:
+            if len(self._inputs) == self._inputs.maxlen:
+                self.frames_dropped += 1  # the model is busy: the oldest unconsumed frame goes, not the newest
+            self._inputs.append((payload, stamp))
+            self.frames_in += 1
+            self._lock.notify()
+
+    def update_params(self, update: dict[str, Any]) -> None:
+        with self._lock:
+            self._pending.update(update)
+            self._lock.notify()
+
+    def wake(self) -> None:
+        with self._lock:
+            self._lock.notify()
+
+    @property
+    def params(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self._params, **self._pending}
+
+    # -- worker side ------------------------------------------------------------------------------------------------
+
+    def _mode(self) -> str:
+        return self._pending.get("input_mode", self._params.get("input_mode", "video"))
+
+    def ready(self) -> bool:
+        """Called with the lock held."""
+        if self.closed or self._pending.get("paused", self._params.get("paused", False)):
+            return False
+        if self._mode() == "video":
+            return len(self._inputs) == self.chunk_frames  # the output track bounds itself by dropping stale frames
+        return self._output_has_room()  # text mode: generate only as fast as frames are played out
+
+    def run_chunk(self) -> None:
+        with self._lock:
+            reset = self._pending.pop("reset_cache", False)
+            if self._pending:
+                self._params.update(self._pending)
+                self.updates_applied += 1
+                self._pending.clear()
+            params = self._params
+            taken = list(self._inputs) if params.get("input_mode", "video") == "video" else []
+            self._inputs.clear()
+        try:
+            if reset:
+                self.stream.reset()
+            frames = np.stack([self._convert(payload) for payload, _ in taken]) if taken else None
+            started = time.perf_counter()
+            out = self.stream.process(frames, params)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            self._emit(out, self._stamps(taken, len(out)))
+        except Exception as exc:  # a failing chunk ends this session, not the worker
+            log.exception("session=%s chunk failed", self.session_id)
+            self.closed = True
+            self._on_error(exc)
+            return
+        with self._lock:
+            self.chunks += 1
+            self.chunk_ms = elapsed_ms
+
+    def _stamps(self, taken: list[tuple[Any, FrameStamp]], count: int) -> list[FrameStamp]:
+        if len(taken) == count:
+            return [stamp for _, stamp in taken]
+        if taken:  # a model may emit fewer frames than it took (the first chunk of a causal VAE): keep the newest
+            stamps = [stamp for _, stamp in taken][-count:]
+            if len(stamps) == count:
+                return stamps
+        stamps = []
+        for _ in range(count):
+            stamps.append(FrameStamp(self._text_pts, VIDEO_TIME_BASE, None))
+            self._text_pts += self._text_pts_step
+        return stamps
+
+
+class PipelineWorker:
+    """Runs ready chunks of all attached slots, round robin, on one thread."""
+
+    def __init__(self, name: str) -> None:
+        self.condition = threading.Condition()
+        self._slots: list[StreamSlot] = []
+        self._next = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"pipeline-{name}", daemon=True)
+        self._thread.start()
+
+    def attach(self, slot: StreamSlot) -> None:
+        with self.condition:
+            self._slots.append(slot)
+            self.condition.notify()
+
+    def detach(self, slot: StreamSlot) -> None:
+        with self.condition:
+            slot.closed = True
+            if slot in self._slots:
+                self._slots.remove(slot)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stops after the chunk in flight; idempotent."""
+        with self.condition:
+            self._stopping = True
+            self.condition.notify_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _pick(self) -> StreamSlot | None:
+        count = len(self._slots)
+        for offset in range(count):
+            slot = self._slots[(self._next + offset) % count]
+            if slot.ready():
+                self._next = (self._next + offset + 1) % count
+                return slot
+        return None
+
+    def _run(self) -> None:
+        while True:
+            with self.condition:
+                slot = self._pick()
+                while slot is None and not self._stopping:
+                    self.condition.wait()
+                    slot = self._pick()
+                if self._stopping:
+                    return
+            slot.run_chunk()

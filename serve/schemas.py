@@ -1,0 +1,162 @@
+"""Wire schemas: msgspec Structs for HTTP bodies and data-channel messages, named exactly as the Scope contract.
+
+These Structs are the validation: types, ranges and unknown fields are checked by msgspec when a body or message is
+decoded. Checks that need more than one field (a descending step list, a field the loaded pipeline does not take)
+live in `serve/pipelines/spec.py`, next to the per-pipeline field sets.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+Timestep = Annotated[int, Meta(ge=1, le=1000, description="Timestep in (0, 1000]")]
+Dimension = Annotated[
+    int, Meta(ge=64, le=2048, multiple_of=16, description="Pixels; a multiple of 16 (VAE stride 8 × patch 2)")
+]
+Seed = Annotated[int, Meta(ge=0, le=2**32 - 1)]
+ShortText = Annotated[str, Meta(max_length=4096)]
+AssetPath = Annotated[str, Meta(max_length=1024)]
+
+
+class Prompt(Struct, forbid_unknown_fields=True):
+    text: ShortText
+    weight: Annotated[float, Meta(ge=0.0, le=100.0)] = 1.0
+
+
+class Transition(Struct, forbid_unknown_fields=True):
+    target_prompts: Annotated[list[Prompt], Meta(min_length=1, max_length=8)]
+    num_steps: Annotated[int, Meta(ge=0, le=64)] = 4
+    temporal_interpolation_method: Literal["linear", "slerp"] = "linear"
+
+
+class LoraScale(Struct, forbid_unknown_fields=True):
+    path: AssetPath
+    scale: Annotated[float, Meta(ge=-10.0, le=10.0)]
+
+
+class LoraFile(Struct, forbid_unknown_fields=True):
+    path: AssetPath
+    scale: Annotated[float, Meta(ge=-10.0, le=10.0)] = 1.0
+    merge_mode: Literal["permanent_merge", "runtime_peft"] | UnsetType = UNSET
+
+
+class RuntimeParameters(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """`initialParameters` of an offer and every data-channel message: any subset, applied at the next chunk."""
+
+    input_mode: Literal["video", "text"] | UnsetType = UNSET
+    prompts: Annotated[list[Prompt], Meta(max_length=8)] | UnsetType = UNSET
+    prompt_interpolation_method: Literal["linear", "slerp"] | UnsetType = UNSET
+    transition: Transition | UnsetType = UNSET
+    denoising_step_list: Annotated[list[Timestep], Meta(min_length=1, max_length=8)] | UnsetType = UNSET
+    noise_scale: Annotated[float, Meta(ge=0.0, le=1.0)] | UnsetType = UNSET
+    noise_controller: bool | UnsetType = UNSET
+    manage_cache: bool | UnsetType = UNSET
+    reset_cache: bool | UnsetType = UNSET
+    kv_cache_attention_bias: Annotated[float, Meta(ge=0.01, le=1.0)] | UnsetType = UNSET
+    paused: bool | UnsetType = UNSET
+    lora_scales: Annotated[list[LoraScale], Meta(max_length=16)] | UnsetType = UNSET
+    vace_enabled: bool | UnsetType = UNSET
+    vace_use_input_video: bool | UnsetType = UNSET
+    vace_ref_images: Annotated[list[AssetPath], Meta(max_length=8)] | UnsetType = UNSET
+    vace_context_scale: Annotated[float, Meta(ge=0.0, le=2.0)] | UnsetType = UNSET
+    first_frame_image: AssetPath | UnsetType = UNSET
+    last_frame_image: AssetPath | UnsetType = UNSET
+
+
+class LoadParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """`load_params` of a load request. Unset fields take the pipeline's defaults."""
+
+    height: Dimension | UnsetType = UNSET
+    width: Dimension | UnsetType = UNSET
+    seed: Seed | UnsetType = UNSET
+    base_seed: Seed | UnsetType = UNSET  # Scope's pipeline configs call the seed this; both are accepted
+    quantization: Literal["fp8_e4m3fn"] | UnsetType | None = UNSET
+    vace_enabled: bool | UnsetType = UNSET
+    vae_type: Literal["wan", "lightvae", "tae", "lighttae"] | UnsetType = UNSET
+    loras: Annotated[list[LoraFile], Meta(max_length=8)] | UnsetType = UNSET
+    lora_merge_mode: Literal["permanent_merge", "runtime_peft"] | UnsetType = UNSET
+    manage_cache: bool | UnsetType = UNSET
+    denoising_step_list: Annotated[list[Timestep], Meta(min_length=1, max_length=8)] | UnsetType = UNSET
+    vace_context_scale: Annotated[float, Meta(ge=0.0, le=2.0)] | UnsetType = UNSET
+    backend: Literal["auto", "tensorrt", "compiled", "eager"] | UnsetType = UNSET
+    random_weights: bool | UnsetType = UNSET
+    chunk_size: Annotated[int, Meta(ge=1, le=16)] | UnsetType = UNSET
+
+
+class LoadRequest(Struct, forbid_unknown_fields=True):
+    """Both forms are accepted: the seed's `{pipeline_id}` and Scope's `{pipeline_ids: [id]}`."""
+
+    pipeline_id: Annotated[str, Meta(max_length=64)] | UnsetType = UNSET
+    pipeline_ids: Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(min_length=1, max_length=2)] | UnsetType = (
+        UNSET
+    )
+    load_params: LoadParams = msgspec.field(default_factory=LoadParams)
+
+
+class MessageResponse(Struct):
+    message: str
+
+
+class PipelineStatus(Struct):
+    status: Literal["not_loaded", "loading", "loaded", "error"]
+    pipeline_id: str | None = None
+    load_params: dict[str, Any] | None = None
+    loaded_lora_adapters: list[str] = msgspec.field(default_factory=list)
+    error: str | None = None
+    loading_stage: str | None = None
+    progress: float | None = None
+    backend: str | None = None
+    random_weights: bool = False
+
+
+class IceServer(Struct, omit_defaults=True):
+    urls: str | list[str]
+    username: str | None = None
+    credential: str | None = None
+
+
+class IceServers(Struct):
+    iceServers: list[IceServer]
+
+
+class Offer(Struct, forbid_unknown_fields=True):
+    sdp: Annotated[str, Meta(max_length=200_000)]
+    type: str
+    initialParameters: RuntimeParameters | None = None
+
+
+class Answer(Struct):
+    sdp: str
+    type: str
+    sessionId: str
+
+
+class IceCandidate(Struct, forbid_unknown_fields=True):
+    candidate: Annotated[str, Meta(max_length=1024)]
+    sdpMid: str | None = None
+    sdpMLineIndex: int | None = None
+    usernameFragment: str | None = None
+
+
+class CandidatesRequest(Struct, forbid_unknown_fields=True):
+    candidates: Annotated[list[IceCandidate], Meta(max_length=64)]
+
+
+class Asset(Struct):
+    name: str
+    path: str
+    size_mb: float
+    type: Literal["image", "video"]
+    created_at: float
+
+
+class AssetList(Struct):
+    assets: list[Asset]
+
+
+def params_to_dict(params: Struct) -> dict[str, Any]:
+    """The fields that were set, as plain JSON-able values."""
+    return msgspec.to_builtins(params)

@@ -1,0 +1,263 @@
+"""One WebRTC session: its peer connection, input reader, output track, data channel and seat on the worker.
+
+Everything a session owns is created in `start` and released in `close`, which is idempotent and safe to call from
+any cause (client DELETE, connection failure, pipeline error, unload, shutdown). Log lines start with the session id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import VideoFrame
+
+from serve.errors import InvalidParameters, InvalidRequest
+from serve.pipelines.base import Pipeline
+from serve.pipelines.spec import PipelineSpec
+from serve.pipelines.worker import FrameStamp, PipelineWorker, StreamSlot
+from serve.schemas import IceCandidate, RuntimeParameters
+from serve.settings import WebRTCSettings
+from serve.webrtc.ice import parse_candidate, rtc_configuration
+from serve.webrtc.tracks import OutputTrack
+
+log = logging.getLogger(__name__)
+
+CHANNEL_LABEL = "parameters"
+FLUSH_TIMEOUT_S = 0.5  # how long a closing session waits for its last data-channel message to leave
+
+
+class PeerSession:
+    def __init__(
+        self,
+        session_id: str,
+        pipeline: Pipeline,
+        worker: PipelineWorker,
+        params: dict[str, Any],
+        *,
+        seed: int,
+        settings: WebRTCSettings,
+        assets_dir: Path,
+        on_closed: Callable[[PeerSession], None],
+    ) -> None:
+        self.id = session_id
+        self.created_at = time.time()
+        self.pipeline = pipeline
+        self.spec: PipelineSpec = pipeline.spec
+        self._settings = settings
+        self._assets_dir = assets_dir
+        self._on_closed = on_closed
+        self.pc = RTCPeerConnection(rtc_configuration(settings))
+        self.channel: Any = None
+        self.output = OutputTrack(capacity_frames=2 * pipeline.chunk_frames, on_drained=self._wake_worker)
+        self.slot = StreamSlot(
+            worker,
+            session_id,
+            pipeline.open_stream(seed=seed),
+            pipeline.chunk_frames,
+            params,
+            convert=self._to_array,
+            emit=self.output.push_threadsafe,
+            output_has_room=lambda: self.output.has_room(pipeline.chunk_frames),
+            on_error=self._on_pipeline_error,
+            text_fps=getattr(pipeline, "text_fps", 16.0),
+        )
+        self._worker = worker
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop = asyncio.get_running_loop()
+        self._closing: asyncio.Task[None] | None = None
+        self.updates_received = 0
+        self.updates_rejected = 0
+        self._stats_prev = (time.monotonic(), 0, 0)
+        self.last_stats: dict[str, Any] = {}
+
+    # -- setup ------------------------------------------------------------------------------------------------------
+
+    async def start(self, sdp: str, sdp_type: str) -> RTCSessionDescription:
+        pc = self.pc
+        pc.on("track", self._on_track)
+        pc.on("datachannel", self._on_datachannel)
+        pc.on("connectionstatechange", self._on_connection_state)
+        if not sdp.lstrip().startswith("v=0"):
+            raise InvalidRequest("malformed SDP offer: an SDP starts with 'v=0'; send pc.localDescription.sdp")
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=sdp_type))
+        except Exception as exc:  # aiortc raises ValueError, KeyError, IndexError... on a bad SDP
+            raise InvalidRequest(f"malformed SDP offer: {type(exc).__name__}: {exc}") from None
+        if not any(t.kind == "video" for t in pc.getTransceivers()):
+            raise InvalidRequest(
+                "the offer has no video m-line: add the camera track (video mode) or "
+                "pc.addTransceiver('video') (text mode) before createOffer()"
+            )
+        pc.addTrack(self.output)  # fills the offered video transceiver: sendrecv with a camera, sendonly without
+        await pc.setLocalDescription(await pc.createAnswer())  # aiortc gathers its candidates here
+        self._worker.attach(self.slot)
+        self._spawn(self._send_stats(), "stats")
+        log.info("session=%s started pipeline=%s", self.id, self.spec.id)
+        return pc.localDescription
+
+    async def add_candidates(self, candidates: list[IceCandidate]) -> None:
+        for candidate in candidates:
+            parsed = parse_candidate(candidate)
+            if parsed is None:
+                continue
+            try:
+                await self.pc.addIceCandidate(parsed)
+            except Exception as exc:  # e.g. an sdpMid that names no media section
+                raise InvalidRequest(f"ICE candidate not accepted: {type(exc).__name__}: {exc}") from None
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=f"{self.id[:8]}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- media ------------------------------------------------------------------------------------------------------
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "video":
+            self._spawn(self._read(track), "reader")
+
+    async def _read(self, track: MediaStreamTrack) -> None:
+        """Always drains the receiver, so aiortc's unbounded decode queue stays empty; the slot keeps the newest."""
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            self.slot.push_input(frame, FrameStamp(frame.pts, frame.time_base, time.monotonic()))
+
+    def _to_array(self, frame: VideoFrame) -> np.ndarray:
+        # Runs on the worker thread: one swscale pass converts to RGB and resizes to the loaded resolution.
+        return frame.reformat(width=self.pipeline.width, height=self.pipeline.height, format="rgb24").to_ndarray()
+
+    def _wake_worker(self) -> None:
+        self.slot.wake()
+
+    # -- data channel -----------------------------------------------------------------------------------------------
+
+    def _on_datachannel(self, channel: Any) -> None:
+        if channel.label != CHANNEL_LABEL:
+            log.info("session=%s ignoring data channel label=%r", self.id, channel.label)
+            return
+        self.channel = channel
+        channel.on("message", self._on_message)
+
+    def _on_message(self, message: str | bytes) -> None:
+        try:
+            update = self.validate_message(message)
+        except (InvalidParameters, InvalidRequest) as exc:
+            self.updates_rejected += 1
+            self.send({"type": "error", "error": type(exc).__name__, "message": str(exc)})
+            return
+        self.updates_received += 1
+        self.slot.update_params(update)
+
+    def validate_message(self, message: str | bytes) -> dict[str, Any]:
+        if isinstance(message, bytes):
+            raise InvalidRequest("binary messages are not accepted on 'parameters'; send a JSON object as text")
+        if len(message) > self._settings.max_message_bytes:
+            raise InvalidRequest(
+                f"message of {len(message)} bytes is over the {self._settings.max_message_bytes}-byte limit"
+            )
+        try:
+            params = msgspec.json.decode(message, type=RuntimeParameters)
+        except msgspec.ValidationError as exc:
+            raise InvalidParameters(f"invalid parameters: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise InvalidRequest(f"not a JSON object: {exc}") from None
+        return self.spec.validate_update(params, self._assets_dir)
+
+    def send(self, message: dict[str, Any]) -> bool:
+        channel = self.channel
+        if channel is None or channel.readyState != "open":
+            return False
+        channel.send(json.dumps(message))
+        return True
+
+    async def _send_stats(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.stats_interval_s)
+            self.last_stats = self.stats()
+            self.send({"type": "stats", **self.last_stats})
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        prev_t, prev_in, prev_out = self._stats_prev
+        frames_in, frames_out = self.slot.frames_in, self.output.frames_out
+        elapsed = max(now - prev_t, 1e-6)
+        self._stats_prev = (now, frames_in, frames_out)
+        latencies = sorted(self.output.latencies_ms)
+        return {
+            "pipeline_id": self.spec.id,
+            "backend": self.pipeline.backend,
+            "fps_in": round((frames_in - prev_in) / elapsed, 2),
+            "fps_out": round((frames_out - prev_out) / elapsed, 2),
+            "latency_ms": round(latencies[len(latencies) // 2], 1) if latencies else None,
+            "frames_in": frames_in,
+            "frames_out": frames_out,
+            "frames_dropped": self.slot.frames_dropped + self.output.frames_dropped,
+            "chunk_ms": round(self.slot.chunk_ms, 2),
+            "chunks": self.slot.chunks,
+        }
+
+    # -- lifecycle --------------------------------------------------------------------------------------------------
+
+    def _on_connection_state(self) -> None:
+        state = self.pc.connectionState
+        log.info("session=%s connection=%s", self.id, state)
+        if state in ("failed", "closed"):
+            self.close_soon(None)
+
+    def _on_pipeline_error(self, exc: BaseException) -> None:
+        # Called on the worker thread.
+        self._loop.call_soon_threadsafe(self.close_soon, f"pipeline error: {type(exc).__name__}: {exc}")
+
+    def close_soon(self, reason: str | None) -> None:
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._close(reason), name=f"{self.id[:8]}-close")
+
+    async def close(self, reason: str | None = None) -> None:
+        """Idempotent. With a reason, the client is told with `stream_stopped` before the connection closes."""
+        self.close_soon(reason)
+        assert self._closing is not None
+        await asyncio.shield(self._closing)
+
+    async def _close(self, reason: str | None) -> None:
+        self._worker.detach(self.slot)
+        if reason is not None and self.send({"type": "stream_stopped", "error_message": reason}):
+            await self._flush_channel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.output.stop()
+        with contextlib.suppress(Exception):  # closing a half-negotiated connection may raise inside aiortc
+            await self.pc.close()
+        log.info("session=%s closed reason=%s", self.id, reason or "peer")
+        self._on_closed(self)
+
+    async def _flush_channel(self) -> None:
+        deadline = time.monotonic() + FLUSH_TIMEOUT_S
+        while self.channel.bufferedAmount > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # bufferedAmount counts what aiortc queued, not what SCTP has put on the wire
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "sessionId": self.id,
+            "pipeline_id": self.spec.id,
+            "connection_state": self.pc.connectionState,
+            "created_at": self.created_at,
+            "parameters": self.slot.params,
+            "updates_received": self.updates_received,
+            "updates_rejected": self.updates_rejected,
+            "stats": self.last_stats,
+        }

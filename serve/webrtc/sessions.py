@@ -1,0 +1,107 @@
+"""The session manager: creates sessions from offers, finds them by id, and closes them all on unload or shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+from serve.errors import CapacityExceeded, InvalidRequest, UnknownSession
+from serve.pipelines.manager import PipelineManager
+from serve.schemas import Answer, IceCandidate, Offer
+from serve.settings import WebRTCSettings
+from serve.webrtc.session import PeerSession
+
+log = logging.getLogger(__name__)
+
+
+class SessionManager:
+    def __init__(self, pipelines: PipelineManager, settings: WebRTCSettings, assets_dir: Path) -> None:
+        self._pipelines = pipelines
+        self._settings = settings
+        self._assets_dir = assets_dir
+        self._sessions: dict[str, PeerSession] = {}
+        self._starting = 0  # offers being negotiated count against the limit too
+        self._closed_totals = {"frames_in": 0, "frames_out": 0, "frames_dropped": 0}
+        pipelines.on_unload(self.stop_all)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    async def create(self, offer: Offer) -> Answer:
+        if offer.type != "offer":
+            raise InvalidRequest(f"expected an SDP of type 'offer', got {offer.type!r}")
+        if len(self._sessions) + self._starting >= self._settings.max_sessions:
+            raise CapacityExceeded(
+                f"the server is at its limit of {self._settings.max_sessions} concurrent sessions; "
+                "close one (DELETE /api/v1/webrtc/offer/{sessionId}) or try again later"
+            )
+        pipeline, worker, load_params = self._pipelines.require_loaded()
+        params = {**pipeline.spec.runtime_defaults}
+        if "denoising_step_list" in load_params:
+            params["denoising_step_list"] = load_params["denoising_step_list"]
+        if offer.initialParameters is not None:
+            params.update(pipeline.spec.validate_update(offer.initialParameters, self._assets_dir))
+
+        session = PeerSession(
+            uuid.uuid4().hex,
+            pipeline,
+            worker,
+            params,
+            seed=int(load_params.get("seed", 42)),
+            settings=self._settings,
+            assets_dir=self._assets_dir,
+            on_closed=self._forget,
+        )
+        self._starting += 1
+        try:
+            answer = await session.start(offer.sdp, offer.type)
+        except BaseException:
+            await session.close()
+            raise
+        finally:
+            self._starting -= 1
+        self._sessions[session.id] = session
+        return Answer(sdp=answer.sdp, type=answer.type, sessionId=session.id)
+
+    def get(self, session_id: str) -> PeerSession:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise UnknownSession(f"no session {session_id!r}; it ended or never existed") from None
+
+    async def add_candidates(self, session_id: str, candidates: list[IceCandidate]) -> None:
+        await self.get(session_id).add_candidates(candidates)
+
+    async def close(self, session_id: str) -> None:
+        await self.get(session_id).close()
+
+    async def stop_all(self, reason: str) -> None:
+        sessions = list(self._sessions.values())
+        await asyncio.gather(*(s.close(reason) for s in sessions), return_exceptions=True)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [s.describe() for s in self._sessions.values()]
+
+    def totals(self) -> dict[str, int]:
+        """Frame counters since start, closed sessions included."""
+        totals = dict(self._closed_totals)
+        for session in self._sessions.values():
+            for name, value in _counters(session).items():
+                totals[name] += value
+        return totals
+
+    def _forget(self, session: PeerSession) -> None:
+        if self._sessions.pop(session.id, None) is not None:
+            for name, value in _counters(session).items():
+                self._closed_totals[name] += value
+
+
+def _counters(session: PeerSession) -> dict[str, int]:
+    return {
+        "frames_in": session.slot.frames_in,
+        "frames_out": session.output.frames_out,
+        "frames_dropped": session.slot.frames_dropped + session.output.frames_dropped,
+    }

@@ -1,0 +1,104 @@
+"""The outgoing video track: frames from the pipeline worker, played out at the pace of their timestamps."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import VideoFrame
+
+from serve.pipelines.worker import FrameStamp
+
+MAX_AHEAD_S = 1.0  # a frame due further ahead than this means the timeline jumped (new input, mode switch)
+
+
+class OutputTrack(MediaStreamTrack):
+    """Bounded: at most `capacity_frames` wait for playout; when more arrive, the oldest are dropped and counted.
+
+    A chunk of T frames arrives at once and is spread over the time its timestamps span, so output motion keeps the
+    input's timing. A frame that is already late plays at once and re-anchors the clock, so lateness never builds up.
+    """
+
+    kind = "video"
+
+    def __init__(self, capacity_frames: int, on_drained: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self._loop = asyncio.get_running_loop()
+        self._capacity = capacity_frames
+        self._frames: deque[tuple[VideoFrame, FrameStamp]] = deque()
+        self._ready = asyncio.Event()
+        self._on_drained = on_drained
+        self._anchor: tuple[float, float] | None = None  # (monotonic seconds, media seconds)
+        # Frames pushed but not yet played, counted across threads so the worker never over-produces in text mode.
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self.frames_out = 0
+        self.frames_dropped = 0
+        self.latencies_ms: deque[float] = deque(maxlen=240)
+
+    def has_room(self, frames: int) -> bool:
+        with self._in_flight_lock:
+            return self._in_flight + frames <= self._capacity
+
+    def push_threadsafe(self, frames: np.ndarray, stamps: list[FrameStamp]) -> None:
+        """Called on the worker thread: the av frames are built here, off the event loop."""
+        items = []
+        for array, stamp in zip(frames, stamps, strict=True):
+            frame = VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+            frame.pts = stamp.pts
+            frame.time_base = stamp.time_base
+            items.append((frame, stamp))
+        with self._in_flight_lock:
+            self._in_flight += len(items)
+        self._loop.call_soon_threadsafe(self._append, items)
+
+    def _append(self, items: list[tuple[VideoFrame, FrameStamp]]) -> None:
+        for item in items:
+            if len(self._frames) >= self._capacity:
+                self._frames.popleft()
+                self.frames_dropped += 1
+                self._played(1)
+            self._frames.append(item)
+        self._ready.set()
+
+    def _played(self, count: int) -> None:
+        with self._in_flight_lock:
+            self._in_flight -= count
+        if self._on_drained is not None:
+            self._on_drained()
+
+    def stop(self) -> None:
+        super().stop()
+        self._ready.set()  # wake a waiting recv() so it sees the track ended
+
+    async def recv(self) -> VideoFrame:
+        while True:
+            if self.readyState != "live":
+                raise MediaStreamError
+            if not self._frames:
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            frame, stamp = self._frames[0]
+            media_s = float(frame.pts * frame.time_base)
+            now = time.monotonic()
+            if self._anchor is None:
+                self._anchor = (now, media_s)
+            due = self._anchor[0] + (media_s - self._anchor[1])
+            if due <= now or due > now + MAX_AHEAD_S:
+                self._anchor = (now, media_s)
+            else:
+                await asyncio.sleep(due - now)
+                if not self._frames or self._frames[0][0] is not frame:
+                    continue  # dropped while we waited; take the next one
+            self._frames.popleft()
+            self._played(1)
+            self.frames_out += 1
+            if stamp.arrival_s is not None:
+                self.latencies_ms.append((time.monotonic() - stamp.arrival_s) * 1000)
+            return frame

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.server import RunningServer, run_server
+
+PEER_TIMEOUT_S = 3.0
+MAX_SESSIONS = 4
+MAX_UPLOAD_MB = 1
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One real server per test module, on 127.0.0.1, loopback ICE, fast peer-loss detection."""
+    with run_server(
+        tmp_path_factory.mktemp("server"),
+        "--peer-timeout-s", str(PEER_TIMEOUT_S),
+        "--max-sessions", str(MAX_SESSIONS),
+        "--max-upload-mb", str(MAX_UPLOAD_MB),
+        "--allow-random-weights",
+    ) as running:  # fmt: skip
+        yield running

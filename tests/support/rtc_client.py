@@ -1,0 +1,141 @@
+"""A Python WebRTC client doing what the seed's JavaScript does: offer with a `parameters` data channel, trickle
+its candidates with PATCH, receive the output track, send updates, close (or vanish without a word)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aioice.ice
+import httpx
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc.mediastreams import MediaStreamError
+from av import VideoFrame
+
+from tests.support.frames import draw_counter, read_counter
+
+# aioice leaves 127.0.0.1 out of host candidates; the tests run everything over loopback.
+aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"] if use_ipv4 else []
+
+
+class CounterTrack(VideoStreamTrack):
+    """30 fps camera stand-in whose frame i shows the number i in bars (tests/support/frames.py)."""
+
+    def __init__(self, height: int = 240, width: int = 320) -> None:
+        super().__init__()
+        self.height, self.width = height, width
+        self.sent = 0
+
+    async def recv(self) -> VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = VideoFrame.from_ndarray(draw_counter(self.sent, self.height, self.width), format="rgb24")
+        frame.pts, frame.time_base = pts, time_base
+        self.sent += 1
+        return frame
+
+
+@dataclass
+class Received:
+    counter: int
+    width: int
+    height: int
+    at: float
+    pixels: np.ndarray | None = None
+
+
+@dataclass
+class ScopeClient:
+    url: str
+    send_video: bool = True
+    initial_parameters: dict[str, Any] | None = None
+    keep_pixels: bool = False
+    session_id: str | None = None
+    frames: list[Received] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    track: CounterTrack | None = None
+
+    async def connect(self) -> str:
+        async with httpx.AsyncClient(base_url=self.url, timeout=10) as http:
+            ice = (await http.get("/api/v1/webrtc/ice-servers")).json()["iceServers"]
+            assert ice == [], "the server must not hand out public STUN servers by default"
+            self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            self.channel = pc.createDataChannel("parameters", ordered=True)
+            self.channel_open = asyncio.Event()
+            self.channel.on("open", self.channel_open.set)
+            self.channel.on("message", lambda m: self.messages.append(json.loads(m)))
+            if self.send_video:
+                self.track = CounterTrack()
+                pc.addTrack(self.track)
+            else:
+                pc.addTransceiver("video", direction="recvonly")
+            pc.on("track", lambda track: asyncio.ensure_future(self._receive(track)))
+            await pc.setLocalDescription(await pc.createOffer())
+            body: dict[str, Any] = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+            if self.initial_parameters is not None:
+                body["initialParameters"] = self.initial_parameters
+            response = await http.post("/api/v1/webrtc/offer", json=body)
+            assert response.status_code == 200, f"{response.status_code} {response.text}"
+            answer = response.json()
+            self.session_id = answer["sessionId"]
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+            # Trickle our candidates as a browser would (aiortc also put them in the offer).
+            candidates = [
+                {"candidate": line[2:], "sdpMid": "0", "sdpMLineIndex": 0}
+                for line in pc.localDescription.sdp.splitlines()
+                if line.startswith("a=candidate:")
+            ] + [{"candidate": "", "sdpMid": "0", "sdpMLineIndex": 0}]
+            response = await http.patch(f"/api/v1/webrtc/offer/{self.session_id}", json={"candidates": candidates})
+            assert response.status_code == 204, response.text
+        return self.session_id
+
+    async def _receive(self, track: Any) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            rgb = frame.to_ndarray(format="rgb24")
+            self.frames.append(
+                Received(
+                    read_counter(rgb), frame.width, frame.height, time.monotonic(), rgb if self.keep_pixels else None
+                )
+            )
+
+    async def wait_frames(self, count: int, timeout_s: float = 20.0) -> list[Received]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.frames) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"received {len(self.frames)} of {count} frames in {timeout_s} s")
+            await asyncio.sleep(0.02)
+        return self.frames
+
+    async def wait_message(self, type_: str, timeout_s: float = 10.0, start: int = 0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for message in self.messages[start:]:
+                if message.get("type") == type_:
+                    return message
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"no {type_!r} message in {timeout_s} s; got {self.messages}")
+
+    async def send(self, message: dict[str, Any] | str | bytes) -> None:
+        await asyncio.wait_for(self.channel_open.wait(), 10)
+        self.channel.send(message if isinstance(message, str | bytes) else json.dumps(message))
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.channel.close()
+        await self.pc.close()
+
+    async def vanish(self) -> None:
+        """The network goes away: our sockets close and nothing (no DTLS close, no RTCP BYE) reaches the server."""
+        for transceiver in self.pc.getTransceivers():
+            connection = transceiver.receiver.transport.transport._connection
+            await connection.close()
+        if self.track is not None:
+            self.track.stop()

@@ -1,0 +1,238 @@
+"""Every HTTP endpoint against a running server, with a battery of bad input after which it must still be healthy."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import MAX_UPLOAD_MB
+from tests.support.server import RunningServer, load_pipeline
+
+SEED_DEFAULTS = {  # the seed's comparison table: resolution (h, w), steps
+    "longlive": (512, 512, [1000, 750]),
+    "streamdiffusionv2": (320, 576, [750, 250]),
+    "reward-forcing": (512, 512, [1000, 750]),
+    "memflow": (512, 512, [1000, 750]),
+    "krea-realtime-video": (256, 256, [1000, 750]),
+}
+
+
+def png_bytes(width: int = 2, height: int = 2) -> bytes:
+    """A valid RGB PNG, built from its definition."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + b"\x80\x40\x20" * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def api(server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        yield client
+        # Whatever the test sent, the server keeps serving.
+        assert client.get("/health").json()["status"] == "healthy"
+        assert server.process.poll() is None
+
+
+def error_of(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["detail"] and body["error"]
+    return body["detail"]
+
+
+def test_health_reports_version_and_start_time(api: httpx.Client) -> None:
+    body = api.get("/health").json()
+    assert body["status"] == "healthy"
+    assert body["server_start_time"] <= body["timestamp"]
+    assert body["version"]
+
+
+def test_hardware_info_reports_machine_and_stacks(api: httpx.Client) -> None:
+    body = api.get("/api/v1/hardware/info").json()
+    assert body["vram_gb"] >= 0
+    assert body["cpu_count"] >= 1 and body["ram_gb"] > 0
+    assert body["torch_version"]
+    assert isinstance(body["tensorrt_available"], bool)
+    assert isinstance(body["gpus"], list)
+
+
+def test_openapi_schema_is_served(api: httpx.Client) -> None:
+    paths = api.get("/schema/openapi.json").json()["paths"]
+    assert "/api/v1/pipeline/load" in paths and "/api/v1/webrtc/offer" in paths
+
+
+def test_schemas_list_every_pipeline_with_seed_defaults(api: httpx.Client) -> None:
+    pipelines = api.get("/api/v1/pipelines/schemas").json()["pipelines"]
+    assert set(pipelines) == {"passthrough", *SEED_DEFAULTS}
+    for pipeline_id, (height, width, steps) in SEED_DEFAULTS.items():
+        schema = pipelines[pipeline_id]
+        load, runtime = schema["load_params"]["properties"], schema["runtime_params"]["properties"]
+        assert (load["height"]["default"], load["width"]["default"]) == (height, width), pipeline_id
+        assert runtime["denoising_step_list"]["default"] == steps
+        assert runtime["noise_scale"]["default"] == 0.7
+        assert runtime["noise_controller"]["default"] is True
+        assert runtime["noise_scale"]["maximum"] == 1.0
+        assert schema["weights_present"] is False and schema["missing_files"]  # no weights on a test machine
+    assert pipelines["streamdiffusionv2"]["default_mode"] == "video"
+    assert pipelines["longlive"]["default_mode"] == "text"
+    krea = pipelines["krea-realtime-video"]
+    assert krea["runtime_params"]["properties"]["kv_cache_attention_bias"]["default"] == 0.3
+    assert krea["load_params"]["properties"]["quantization"]["default"] == "fp8_e4m3fn"
+    assert "kv_cache_attention_bias" not in pipelines["longlive"]["runtime_params"]["properties"]
+    assert pipelines["passthrough"]["weights_present"] is True
+
+
+def test_load_accepts_seed_and_scope_forms(api: httpx.Client, server: RunningServer) -> None:
+    status = load_pipeline(server.url, "passthrough", height=256, width=320)
+    assert status["status"] == "loaded"
+    assert status["load_params"] == {"height": 256, "width": 320, "seed": 42, "chunk_size": 1}
+    response = api.post(
+        "/api/v1/pipeline/load", json={"pipeline_ids": ["passthrough"], "load_params": {"base_seed": 7}}
+    )
+    assert response.status_code == 200, response.text
+    status = load_pipeline(server.url, "passthrough")
+    assert status["status"] == "loaded" and status["load_params"]["seed"] == 42
+
+
+def test_unload_then_offer_says_pipeline_not_loaded(api: httpx.Client, server: RunningServer) -> None:
+    load_pipeline(server.url, "passthrough")
+    assert api.post("/api/v1/pipeline/unload").status_code == 200
+    assert api.get("/api/v1/pipeline/status").json()["status"] == "not_loaded"
+    detail = error_of(api.post("/api/v1/webrtc/offer", json={"sdp": "v=0\r\n", "type": "offer"}), 400)
+    assert "Pipeline not loaded" in detail
+    load_pipeline(server.url, "passthrough")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"pipeline_id": "no-such-pipeline"}, 404, "unknown pipeline"),
+        ({"pipeline_id": "longlive"}, 501, "not built"),
+        ({}, 400, "exactly one pipeline"),
+        ({"pipeline_id": "passthrough", "pipeline_ids": ["passthrough"]}, 400, "exactly one pipeline"),
+        ({"pipeline_id": "passthrough", "load_params": {"height": "tall"}}, 400, "Validation failed"),
+        ({"pipeline_id": "passthrough", "load_params": {"height": 100000}}, 400, "Validation failed"),
+        ({"pipeline_id": "passthrough", "load_params": {"width": 500}}, 400, "Validation failed"),  # not /16
+        ({"pipeline_id": "passthrough", "load_params": {"seed": -1}}, 400, "Validation failed"),
+        ({"pipeline_id": "passthrough", "load_params": {"bogus": 1}}, 400, "Validation failed"),
+        ({"pipeline_id": "passthrough", "load_params": {"vae_type": "wan"}}, 422, "'vae_type' is not a load parameter"),
+        ({"pipeline_id": "passthrough", "load_params": {"seed": 1, "base_seed": 2}}, 422, "same value"),
+        ({"pipeline_id": 5}, 400, "Validation failed"),
+    ],
+)
+def test_load_rejects_bad_requests(api: httpx.Client, body: dict, status: int, needle: str) -> None:
+    assert needle in error_of(api.post("/api/v1/pipeline/load", json=body), status)
+
+
+def test_load_rejects_non_json_body(api: httpx.Client) -> None:
+    response = api.post("/api/v1/pipeline/load", content=b"{not json", headers={"content-type": "application/json"})
+    error_of(response, 400)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"sdp": "hello", "type": "offer"}, 400, "malformed SDP"),
+        ({"sdp": "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n", "type": "offer"}, 400, "no video m-line"),
+        ({"sdp": "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n", "type": "offer"}, 400, "malformed SDP"),
+        ({"sdp": "v=0\r\n", "type": "answer"}, 400, "type 'offer'"),
+        ({"type": "offer"}, 400, "Validation failed"),
+        ({"sdp": "v=0", "type": "offer", "initialParameters": {"noise_scale": 3}}, 400, "Validation failed"),
+        ({"sdp": "v=0", "type": "offer", "initialParameters": {"kv_cache_attention_bias": 0.5}}, 422, "not a runtime"),
+        ({"sdp": "v=0", "type": "offer", "initialParameters": {"denoising_step_list": [250, 750]}}, 422, "descending"),
+        ({"sdp": "v=0", "type": "offer", "initialParameters": {"vace_ref_images": ["/etc/passwd"]}}, 422, "asset"),
+    ],
+)
+def test_offer_rejects_bad_requests(
+    api: httpx.Client, server: RunningServer, body: dict, status: int, needle: str
+) -> None:
+    load_pipeline(server.url, "passthrough")
+    assert needle in error_of(api.post("/api/v1/webrtc/offer", json=body), status)
+    assert server.metrics()["wanrt_sessions_active"] == 0  # a rejected offer leaves no half-made session
+
+
+def test_unknown_session_is_404(api: httpx.Client) -> None:
+    candidates = {"candidates": [{"candidate": "", "sdpMid": "0", "sdpMLineIndex": 0}]}
+    assert "no session" in error_of(api.patch("/api/v1/webrtc/offer/nope", json=candidates), 404)
+    assert "no session" in error_of(api.delete("/api/v1/webrtc/offer/nope"), 404)
+
+
+def test_ice_servers_are_empty_by_default(api: httpx.Client) -> None:
+    assert api.get("/api/v1/webrtc/ice-servers").json() == {"iceServers": []}
+
+
+def test_assets_upload_list_and_serve(api: httpx.Client, server: RunningServer) -> None:
+    data = png_bytes()
+    response = api.post(
+        "/api/v1/assets", params={"filename": "ref image.png"}, content=data,
+        headers={"content-type": "application/octet-stream"},
+    )  # fmt: skip
+    assert response.status_code == 200, response.text
+    asset = response.json()
+    assert asset["type"] == "image" and asset["name"] == "ref_image.png"
+    assert asset["path"].startswith(str(server.assets_dir.resolve()))
+    assert asset["name"] in {a["name"] for a in api.get("/api/v1/assets").json()["assets"]}
+    assert api.get(f"/api/v1/assets/{asset['name']}").content == data
+
+
+def test_upload_with_traversal_name_stays_in_assets_folder(api: httpx.Client, server: RunningServer) -> None:
+    for name in ("../../escape.png", "..\\..\\escape.png", "/etc/escape.png", ".hidden.png"):
+        response = api.post("/api/v1/assets", params={"filename": name}, content=png_bytes())
+        assert response.status_code == 200, response.text
+        path = response.json()["path"]
+        assert path.startswith(str(server.assets_dir.resolve()) + "/"), path
+        assert not response.json()["name"].startswith(".")
+
+
+def test_upload_checks_content_not_extension(api: httpx.Client) -> None:
+    detail = error_of(api.post("/api/v1/assets", params={"filename": "x.png"}, content=b"#!/bin/sh\nrm -rf /\n"), 415)
+    assert "images" in detail
+    response = api.post("/api/v1/assets", params={"filename": "really-a-png.jpg"}, content=png_bytes())
+    assert response.json()["name"] == "really-a-png.png"
+
+
+def test_upload_rejects_oversized_empty_and_nameless(api: httpx.Client) -> None:
+    too_big = png_bytes() + b"\0" * (MAX_UPLOAD_MB * 2**20 + 1)
+    error_of(api.post("/api/v1/assets", params={"filename": "big.png"}, content=too_big), 413)
+    error_of(api.post("/api/v1/assets", params={"filename": "empty.png"}, content=b""), 400)
+    error_of(api.post("/api/v1/assets", content=png_bytes()), 400)
+
+
+def test_assets_outside_the_folder_are_not_served(api: httpx.Client) -> None:
+    for path in ("/api/v1/assets/../../../etc/passwd", "/api/v1/assets/%2e%2e/%2e%2e/etc/passwd",
+                 "/api/v1/assets//etc/passwd", "/api/v1/assets/missing.png"):  # fmt: skip
+        assert api.get(path).status_code == 404, path
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("http://localhost:3000", True),
+        ("http://127.0.0.1:5173", True),
+        ("http://localhost", True),
+        ("https://evil.example", False),
+        ("http://localhost.evil.example", False),
+        ("http://127.0.0.1.evil.example:80", False),
+        ("null", False),
+    ],
+)
+def test_cors_admits_only_local_origins(api: httpx.Client, origin: str, allowed: bool) -> None:
+    preflight = api.options(
+        "/api/v1/pipeline/load",
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+    simple = api.get("/api/v1/pipeline/status", headers={"Origin": origin})
+    for response in (preflight, simple):
+        assert (response.headers.get("access-control-allow-origin") == origin) is allowed, response.headers

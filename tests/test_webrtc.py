@@ -1,0 +1,156 @@
+"""Streaming through a running server with an aiortc client: frames, order, resolution, data channel, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from tests.conftest import MAX_SESSIONS
+from tests.support.rtc_client import ScopeClient
+from tests.support.server import RunningServer, load_pipeline
+
+
+async def session_params(server: RunningServer, session_id: str) -> dict:
+    async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
+        sessions = (await http.get("/api/v1/webrtc/sessions")).json()["sessions"]
+    return next(s for s in sessions if s["sessionId"] == session_id)
+
+
+async def wait_until(predicate, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+async def test_passthrough_returns_frames_in_order_at_loaded_resolution(server: RunningServer, chunk_size: int) -> None:
+    load_pipeline(server.url, "passthrough", height=192, width=256, chunk_size=chunk_size)
+    client = ScopeClient(
+        server.url, initial_parameters={"input_mode": "video", "prompts": [{"text": "a", "weight": 1}]}
+    )
+    await client.connect()
+    try:
+        frames = await client.wait_frames(45)
+    finally:
+        await client.close()
+    assert {(f.width, f.height) for f in frames} == {(256, 192)}  # input is 320×240: resized to the load params
+    counters = [f.counter for f in frames]
+    assert all(b > a for a, b in zip(counters, counters[1:], strict=False)), counters  # in order, no repeats
+    assert counters[-1] < client.track.sent  # content: indices that were really sent
+    assert counters[-1] - counters[0] >= len(counters) - 1
+
+
+async def test_text_mode_generates_without_an_input_track(server: RunningServer) -> None:
+    load_pipeline(server.url, "passthrough", height=128, width=128)
+    client = ScopeClient(server.url, send_video=False, initial_parameters={"input_mode": "text"}, keep_pixels=True)
+    await client.connect()
+    try:
+        frames = await client.wait_frames(20)
+    finally:
+        await client.close()
+    assert {(f.width, f.height) for f in frames} == {(128, 128)}
+    assert frames[0].pixels.std() > 10  # the test pattern, not a blank frame
+    assert abs(frames[0].pixels.astype(int) - frames[10].pixels.astype(int)).mean() > 1  # and it moves
+
+
+async def test_data_channel_update_reaches_the_pipeline_and_bad_messages_get_errors(server: RunningServer) -> None:
+    load_pipeline(server.url, "passthrough", height=128, width=128)
+    client = ScopeClient(server.url, initial_parameters={"input_mode": "video", "noise_scale": 0.7})
+    session_id = await client.connect()
+    try:
+        await client.wait_frames(5)
+        await client.send({"noise_scale": 0.25, "prompts": [{"text": "New prompt", "weight": 1.0}]})
+
+        async def applied() -> bool:
+            params = (await session_params(server, session_id))["parameters"]
+            return params["noise_scale"] == 0.25 and params["prompts"][0]["text"] == "New prompt"
+
+        await wait_until(applied)
+
+        bad_messages = [
+            "not json",
+            "[1, 2]",
+            '{"noise_scale": 7}',
+            '{"unknown_field": 1}',
+            '{"denoising_step_list": [100, 900]}',
+            '{"kv_cache_attention_bias": 0.5}',
+            '{"vace_ref_images": ["../../etc/passwd"]}',
+            b"\x00\x01binary",
+            "x" * 70000,
+        ]
+        for message in bad_messages:
+            start = len(client.messages)
+            await client.send(message)
+            error = await client.wait_message("error", start=start)
+            assert error["message"], message
+        before = len(client.frames)
+        await client.wait_frames(before + 10)  # the stream goes on
+        described = await session_params(server, session_id)
+        assert described["updates_rejected"] == len(bad_messages)
+        assert described["parameters"]["noise_scale"] == 0.25  # rejected updates changed nothing
+        stats = await client.wait_message("stats")
+        assert {"fps_in", "fps_out", "latency_ms", "frames_dropped", "backend"} <= set(stats)
+    finally:
+        await client.close()
+
+
+async def test_loading_another_pipeline_stops_sessions_with_stream_stopped(server: RunningServer) -> None:
+    load_pipeline(server.url, "passthrough", height=128, width=128)
+    client = ScopeClient(server.url, initial_parameters={"input_mode": "video"})
+    await client.connect()
+    try:
+        await client.wait_frames(5)
+        load_pipeline(server.url, "passthrough", height=256, width=256)
+        stopped = await client.wait_message("stream_stopped")
+        assert "passthrough" in stopped["error_message"]
+        assert server.metrics()["wanrt_sessions_active"] == 0
+    finally:
+        await client.close()
+
+
+async def test_offer_past_the_session_limit_gets_503(server: RunningServer) -> None:
+    load_pipeline(server.url, "passthrough", height=128, width=128)
+    clients = [ScopeClient(server.url) for _ in range(MAX_SESSIONS)]
+    try:
+        for client in clients:
+            await client.connect()
+        extra = ScopeClient(server.url)
+        with pytest.raises(AssertionError, match="503"):
+            await extra.connect()
+        await extra.pc.close()
+        assert server.metrics()["wanrt_sessions_active"] == MAX_SESSIONS
+    finally:
+        for client in clients:
+            await client.close()
+
+
+async def test_delete_closes_the_session(server: RunningServer) -> None:
+    load_pipeline(server.url, "passthrough", height=128, width=128)
+    client = ScopeClient(server.url)
+    session_id = await client.connect()
+    await client.wait_frames(3)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        assert (await http.delete(f"/api/v1/webrtc/offer/{session_id}")).status_code == 204
+        assert (await http.delete(f"/api/v1/webrtc/offer/{session_id}")).status_code == 404
+    assert server.metrics()["wanrt_sessions_active"] == 0
+    await client.close()
+
+
+async def test_malformed_trickled_candidate_is_rejected(server: RunningServer) -> None:
+    load_pipeline(server.url, "passthrough", height=128, width=128)
+    client = ScopeClient(server.url)
+    session_id = await client.connect()
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            response = await http.patch(
+                f"/api/v1/webrtc/offer/{session_id}", json={"candidates": [{"candidate": "candidate:garbage"}]}
+            )
+        assert response.status_code == 400 and "malformed ICE candidate" in response.json()["detail"]
+        before = len(client.frames)
+        await client.wait_frames(before + 5)
+    finally:
+        await client.close()
