@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import httpx
 import pytest
@@ -39,7 +40,7 @@ async def test_passthrough_returns_frames_in_order_at_loaded_resolution(server: 
         await client.close()
     assert {(f.width, f.height) for f in frames} == {(256, 192)}  # input is 320×240: resized to the load params
     counters = [f.counter for f in frames]
-    assert all(b > a for a, b in zip(counters, counters[1:], strict=False)), counters  # in order, no repeats
+    assert all(b > a for a, b in itertools.pairwise(counters)), counters  # in order, no repeats
     assert counters[-1] < client.track.sent  # content: indices that were really sent
     assert counters[-1] - counters[0] >= len(counters) - 1
 

@@ -7,6 +7,7 @@ without loading a model. The implementation behind a spec is imported only when 
 from __future__ import annotations
 
 import importlib
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -174,7 +175,7 @@ def _reject_unknown(given: dict[str, Any], accepted: frozenset[str], what: str) 
 
 
 def _check_descending(steps: list[int]) -> None:
-    if any(a <= b for a, b in zip(steps, steps[1:], strict=False)):
+    if any(a <= b for a, b in itertools.pairwise(steps)):
         raise InvalidParameters(f"denoising_step_list must be strictly descending, got {steps}")
 
 
