@@ -1,0 +1,4 @@
+function stopStream(pc, dataChannel) {
+  if (dataChannel) dataChannel.close();
+  if (pc) pc.close();
+}

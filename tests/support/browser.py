@@ -1,0 +1,84 @@
+"""Headless Debian Chromium through Playwright, with a fake camera, and a static server for test pages.
+
+Never `playwright install`: it downloads a browser, which this network does not allow. Debian's package is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream=fps=30",
+    # WebRTC over loopback: Chromium skips the loopback interface and hides local addresses behind mDNS otherwise.
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+]
+
+
+def require_chromium() -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+
+
+@contextmanager
+def launch_chromium(extra_args: list[str] | None = None) -> Iterator[object]:
+    require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS + (extra_args or [])
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@contextmanager
+def static_server(directory: Path, rewrite: Callable[[str, bytes], bytes] | None = None) -> Iterator[str]:
+    """Serves `directory` on 127.0.0.1 (another origin than the API server); `rewrite(path, body)` may edit files."""
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:  # keep test output clean
+            pass
+
+        def send_head(self):  # type: ignore[override]
+            if rewrite is None:
+                return super().send_head()
+            path = Path(self.translate_path(self.path))
+            if not path.is_file():
+                return super().send_head()
+            body = rewrite(path.name, path.read_bytes())
+            self.send_response(200)
+            self.send_header("Content-Type", self.guess_type(str(path)))
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return io.BytesIO(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(directory)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
