@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test test-fast lint bench engines clean
+.PHONY: install serve test lint bench clean
 
 # torch is pinned and installed first: an unpinned resolve pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -30,3 +30,6 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+bench: install
+	$(PY) -m benchmarks.serve_passthrough
