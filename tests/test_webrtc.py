@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import MAX_SESSIONS
 from tests.support.rtc_client import ScopeClient
-from tests.support.server import RunningServer, load_pipeline
+from tests.support.server import RunningServer, load_pipeline, run_server
 
 
 async def session_params(server: RunningServer, session_id: str) -> dict:
@@ -155,3 +157,31 @@ async def test_malformed_trickled_candidate_is_rejected(server: RunningServer) -
         await client.wait_frames(before + 5)
     finally:
         await client.close()
+
+
+async def test_unload_stops_sessions_with_stream_stopped(server: RunningServer) -> None:
+    load_pipeline(server.url, "passthrough", height=128, width=128)
+    client = ScopeClient(server.url)
+    await client.connect()
+    try:
+        await client.wait_frames(3)
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            assert (await http.post("/api/v1/pipeline/unload")).status_code == 200
+        assert "unloaded" in (await client.wait_message("stream_stopped"))["error_message"]
+        assert server.metrics()["wanrt_sessions_active"] == 0
+    finally:
+        await client.close()
+        load_pipeline(server.url, "passthrough")
+
+
+async def test_server_shutdown_sends_stream_stopped(tmp_path: Path) -> None:
+    with run_server(tmp_path) as own_server:
+        load_pipeline(own_server.url, "passthrough", height=128, width=128)
+        client = ScopeClient(own_server.url)
+        await client.connect()
+        await client.wait_frames(3)
+        own_server.process.send_signal(signal.SIGINT)
+        stopped = await client.wait_message("stream_stopped")
+        assert "shutting down" in stopped["error_message"]
+        await client.close()
+        assert await asyncio.to_thread(own_server.process.wait, 15) == 0

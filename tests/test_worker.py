@@ -1,0 +1,165 @@
+"""The pipeline worker thread: newest-frame dropping, atomic parameter updates, failure isolation, fairness."""
+
+from __future__ import annotations
+
+import threading
+import time
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import pytest
+
+from serve.pipelines.base import PipelineStream
+from serve.pipelines.worker import FrameStamp, PipelineWorker, StreamSlot
+
+TB = Fraction(1, 90000)
+
+
+class RecordingStream(PipelineStream):
+    """Echoes its input after `delay_s`, recording what each chunk saw; fails on chunk `fail_at` if set."""
+
+    def __init__(self, delay_s: float = 0.0, fail_at: int | None = None) -> None:
+        self.delay_s = delay_s
+        self.fail_at = fail_at
+        self.seen: list[tuple[list[int], dict[str, Any]]] = []
+        self.resets = 0
+
+    def process(self, frames: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
+        if self.fail_at is not None and len(self.seen) == self.fail_at:
+            raise RuntimeError("boom")
+        time.sleep(self.delay_s)
+        indices = [] if frames is None else [int(f[0, 0, 0]) for f in frames]
+        self.seen.append((indices, dict(params)))
+        return frames if frames is not None else np.zeros((2, 2, 2, 3), np.uint8)
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.chunks: list[tuple[np.ndarray, list[FrameStamp]]] = []
+        self.errors: list[BaseException] = []
+        self.event = threading.Event()
+
+    def emit(self, frames: np.ndarray, stamps: list[FrameStamp]) -> None:
+        self.chunks.append((frames, stamps))
+        self.event.set()
+
+    def error(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self.event.set()
+
+
+def make_slot(worker: PipelineWorker, stream: PipelineStream, sink: Sink, chunk: int, **params: Any) -> StreamSlot:
+    slot = StreamSlot(
+        worker,
+        "test",
+        stream,
+        chunk,
+        {"input_mode": "video", **params},
+        convert=lambda payload: np.full((2, 2, 3), payload, np.uint8),
+        emit=sink.emit,
+        output_has_room=lambda: len(sink.chunks) < 3,
+        on_error=sink.error,
+        text_fps=30,
+    )
+    worker.attach(slot)
+    return slot
+
+
+def push(slot: StreamSlot, index: int) -> None:
+    slot.push_input(index, FrameStamp(index * 3000, TB, time.monotonic()))
+
+
+def wait_for(predicate, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def worker():
+    worker = PipelineWorker("test")
+    yield worker
+    worker.close()
+    assert not worker.alive
+
+
+def test_chunks_take_consecutive_frames_and_keep_their_timestamps(worker: PipelineWorker) -> None:
+    stream, sink = RecordingStream(), Sink()
+    slot = make_slot(worker, stream, sink, chunk=4)
+    for index in range(8):
+        push(slot, index)
+        time.sleep(0.01)
+    wait_for(lambda: len(stream.seen) == 2)
+    assert [indices for indices, _ in stream.seen] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [s.pts for s in sink.chunks[1][1]] == [12000, 15000, 18000, 21000]
+    assert slot.frames_dropped == 0
+
+
+def test_frames_arriving_while_busy_are_dropped_oldest_first(worker: PipelineWorker) -> None:
+    stream, sink = RecordingStream(delay_s=0.3), Sink()
+    slot = make_slot(worker, stream, sink, chunk=2)
+    push(slot, 0)
+    push(slot, 1)
+    wait_for(lambda: slot.chunks == 0 and len(slot._inputs) == 0)  # the worker took chunk [0, 1] and is busy
+    for index in range(2, 12):
+        push(slot, index)
+    wait_for(lambda: len(stream.seen) == 2)
+    assert stream.seen[1][0] == [10, 11]  # only the newest chunk survives a busy period
+    assert slot.frames_dropped == 8
+    assert slot.frames_in == 12
+
+
+def test_parameter_updates_apply_together_at_the_next_chunk(worker: PipelineWorker) -> None:
+    stream, sink = RecordingStream(delay_s=0.2), Sink()
+    slot = make_slot(worker, stream, sink, chunk=1, noise_scale=0.7, prompts=["a"])
+    push(slot, 0)
+    wait_for(lambda: len(slot._inputs) == 0)  # chunk 0 running with the initial parameters
+    slot.update_params({"noise_scale": 0.2})
+    slot.update_params({"prompts": ["b"], "reset_cache": True})
+    push(slot, 1)
+    wait_for(lambda: len(stream.seen) == 2)
+    first, second = stream.seen[0][1], stream.seen[1][1]
+    assert (first["noise_scale"], first["prompts"]) == (0.7, ["a"])
+    assert (second["noise_scale"], second["prompts"]) == (0.2, ["b"])
+    assert "reset_cache" not in second and stream.resets == 1  # one-shot: consumed by one reset
+
+
+def test_a_failing_chunk_ends_its_session_and_the_worker_serves_on(worker: PipelineWorker) -> None:
+    failing_sink, healthy_sink = Sink(), Sink()
+    failing = make_slot(worker, RecordingStream(fail_at=1), failing_sink, chunk=1)
+    healthy_stream = RecordingStream()
+    healthy = make_slot(worker, healthy_stream, healthy_sink, chunk=1)
+    for index in range(3):
+        push(failing, index)
+        push(healthy, index)
+        time.sleep(0.02)
+    wait_for(lambda: failing_sink.errors and len(healthy_stream.seen) == 3)
+    assert str(failing_sink.errors[0]) == "boom"
+    assert failing.closed and not failing.ready()
+    push(healthy, 3)
+    wait_for(lambda: len(healthy_stream.seen) == 4)
+
+
+def test_text_mode_generates_only_while_output_has_room(worker: PipelineWorker) -> None:
+    stream, sink = RecordingStream(), Sink()
+    make_slot(worker, stream, sink, chunk=2, input_mode="text")
+    wait_for(lambda: len(sink.chunks) == 3)
+    time.sleep(0.1)
+    assert len(sink.chunks) == 3  # the output is full: no more chunks until it drains
+    pts = [s.pts for _, stamps in sink.chunks for s in stamps]
+    assert pts == [i * 3000 for i in range(6)]  # generated at 30 fps on the video clock
+
+
+def test_paused_slot_runs_nothing(worker: PipelineWorker) -> None:
+    stream, sink = RecordingStream(), Sink()
+    slot = make_slot(worker, stream, sink, chunk=1, paused=True)
+    push(slot, 0)
+    time.sleep(0.1)
+    assert stream.seen == []
+    slot.update_params({"paused": False})
+    wait_for(lambda: len(stream.seen) == 1)
