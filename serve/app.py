@@ -26,6 +26,7 @@ from serve.errors import WanrtError
 from serve.pipelines.manager import PipelineManager
 from serve.schemas import LoadParams
 from serve.settings import ServerSettings
+from serve.webrtc.codecs import configure_codecs
 from serve.webrtc.ice import configure_ice
 from serve.webrtc.sessions import SessionManager
 
@@ -55,6 +56,7 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         configure_ice(settings.webrtc)
+        configure_codecs(settings.webrtc)
         pipelines = PipelineManager(models_dir=settings.models_dir, allow_random_weights=settings.allow_random_weights)
         sessions = SessionManager(pipelines, settings.webrtc, settings.assets.directory)
         app.state.update(pipelines=pipelines, sessions=sessions, assets=AssetStore(settings.assets.directory))

@@ -38,6 +38,10 @@ class WebRTCSettings:
     """Largest data-channel message accepted; larger ones get an error reply."""
     stats_interval_s: float = 1.0
     """Period of the `stats` message sent on the data channel."""
+    start_bitrate_kbps: int = 1500
+    """Video bitrate before the receiver's bandwidth estimate arrives."""
+    max_bitrate_kbps: int = 4000
+    """Upper bound of the video bitrate (aiortc's own cap is 1.5 Mb/s for VP8)."""
 
 
 @dataclass(frozen=True)

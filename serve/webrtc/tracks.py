@@ -20,8 +20,11 @@ MAX_AHEAD_S = 1.0  # a frame due further ahead than this means the timeline jump
 class OutputTrack(MediaStreamTrack):
     """Bounded: at most `capacity_frames` wait for playout; when more arrive, the oldest are dropped and counted.
 
-    A chunk of T frames arrives at once and is spread over the time its timestamps span, so output motion keeps the
-    input's timing. A frame that is already late plays at once and re-anchors the clock, so lateness never builds up.
+    Frames are paced by their timestamps relative to the frame played before them, so a chunk of T frames that
+    arrives at once is spread over the time its timestamps span. In video mode, once a newer chunk is already
+    waiting the output is behind its input: frames then play at once, so lateness never builds up. (An absolute
+    clock anchor would not do: anchored on a late frame, every later frame looks early and waits while newer ones
+    push it out of the buffer.)
     """
 
     kind = "video"
@@ -30,10 +33,11 @@ class OutputTrack(MediaStreamTrack):
         super().__init__()
         self._loop = asyncio.get_running_loop()
         self._capacity = capacity_frames
-        self._frames: deque[tuple[VideoFrame, FrameStamp]] = deque()
+        self._frames: deque[tuple[VideoFrame, FrameStamp, int]] = deque()  # (frame, stamp, batch number)
+        self._batches = 0
         self._ready = asyncio.Event()
         self._on_drained = on_drained
-        self._anchor: tuple[float, float] | None = None  # (monotonic seconds, media seconds)
+        self._last: tuple[float, float] | None = None  # (monotonic seconds, media seconds) of the last played frame
         # Frames pushed but not yet played, counted across threads so the worker never over-produces in text mode.
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
@@ -58,12 +62,13 @@ class OutputTrack(MediaStreamTrack):
         self._loop.call_soon_threadsafe(self._append, items)
 
     def _append(self, items: list[tuple[VideoFrame, FrameStamp]]) -> None:
-        for item in items:
+        self._batches += 1
+        for frame, stamp in items:
             if len(self._frames) >= self._capacity:
                 self._frames.popleft()
                 self.frames_dropped += 1
                 self._played(1)
-            self._frames.append(item)
+            self._frames.append((frame, stamp, self._batches))
         self._ready.set()
 
     def _played(self, count: int) -> None:
@@ -76,6 +81,16 @@ class OutputTrack(MediaStreamTrack):
         super().stop()
         self._ready.set()  # wake a waiting recv() so it sees the track ended
 
+    def _due(self, media_s: float, stamp: FrameStamp, batch: int, now: float) -> float:
+        if self._last is None:
+            return now
+        due = self._last[0] + (media_s - self._last[1])
+        newest_batch, newest_stamp = self._frames[-1][2], self._frames[-1][1]
+        behind = newest_batch != batch and newest_stamp.arrival_s is not None
+        if behind or due > now + MAX_AHEAD_S:
+            return now
+        return due
+
     async def recv(self) -> VideoFrame:
         while True:
             if self.readyState != "live":
@@ -84,20 +99,17 @@ class OutputTrack(MediaStreamTrack):
                 self._ready.clear()
                 await self._ready.wait()
                 continue
-            frame, stamp = self._frames[0]
+            frame, stamp, batch = self._frames[0]
             media_s = float(frame.pts * frame.time_base)
             now = time.monotonic()
-            if self._anchor is None:
-                self._anchor = (now, media_s)
-            due = self._anchor[0] + (media_s - self._anchor[1])
-            if due <= now or due > now + MAX_AHEAD_S:
-                self._anchor = (now, media_s)
-            else:
+            due = self._due(media_s, stamp, batch, now)
+            if due > now:
                 await asyncio.sleep(due - now)
                 if not self._frames or self._frames[0][0] is not frame:
                     continue  # dropped while we waited; take the next one
             self._frames.popleft()
             self._played(1)
+            self._last = (max(due, now), media_s)
             self.frames_out += 1
             if stamp.arrival_s is not None:
                 self.latencies_ms.append((time.monotonic() - stamp.arrival_s) * 1000)
