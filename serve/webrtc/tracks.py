@@ -20,11 +20,11 @@ MAX_AHEAD_S = 1.0  # a frame due further ahead than this means the timeline jump
 class OutputTrack(MediaStreamTrack):
     """Bounded: at most `capacity_frames` wait for playout; when more arrive, the oldest are dropped and counted.
 
-    Frames are paced by their timestamps relative to the frame played before them, so a chunk of T frames that
-    arrives at once is spread over the time its timestamps span. In video mode, once a newer chunk is already
-    waiting the output is behind its input: frames then play at once, so lateness never builds up. (An absolute
-    clock anchor would not do: anchored on a late frame, every later frame looks early and waits while newer ones
-    push it out of the buffer.)
+    In video mode the first frame of a chunk plays as soon as it is ready, and the rest of the chunk is spread over
+    the time its timestamps span, each frame paced against the one played before it; once a newer chunk is already
+    waiting, the output is behind its input and frames play at once, so lateness never builds up. In text mode every
+    frame is paced against the one before it, which sets the playout rate. (An absolute clock anchor would not do:
+    anchored on a late frame, every later frame looks early and waits while newer ones push it out of the buffer.)
     """
 
     kind = "video"
@@ -37,7 +37,7 @@ class OutputTrack(MediaStreamTrack):
         self._batches = 0
         self._ready = asyncio.Event()
         self._on_drained = on_drained
-        self._last: tuple[float, float] | None = None  # (monotonic seconds, media seconds) of the last played frame
+        self._last: tuple[float, float, int] | None = None  # (monotonic s, media s, batch) of the last played frame
         # Frames pushed but not yet played, counted across threads so the worker never over-produces in text mode.
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
@@ -84,7 +84,10 @@ class OutputTrack(MediaStreamTrack):
     def _due(self, media_s: float, stamp: FrameStamp, batch: int, now: float) -> float:
         if self._last is None:
             return now
-        due = self._last[0] + (media_s - self._last[1])
+        last_wall, last_media, last_batch = self._last
+        if stamp.arrival_s is not None and batch != last_batch:
+            return now  # a new input chunk: show it as soon as it is ready
+        due = last_wall + (media_s - last_media)
         newest_batch, newest_stamp = self._frames[-1][2], self._frames[-1][1]
         behind = newest_batch != batch and newest_stamp.arrival_s is not None
         if behind or due > now + MAX_AHEAD_S:
@@ -109,7 +112,7 @@ class OutputTrack(MediaStreamTrack):
                     continue  # dropped while we waited; take the next one
             self._frames.popleft()
             self._played(1)
-            self._last = (max(due, now), media_s)
+            self._last = (max(due, now), media_s, batch)
             self.frames_out += 1
             if stamp.arrival_s is not None:
                 self.latencies_ms.append((time.monotonic() - stamp.arrival_s) * 1000)
