@@ -40,7 +40,11 @@ def error_response(request: Request, exc: Exception) -> Response:
     if isinstance(exc, WanrtError):
         return Response({"detail": str(exc), "error": type(exc).__name__}, status_code=exc.status_code)
     if isinstance(exc, HTTPException):
-        body = {"detail": exc.detail, "error": type(exc).__name__}
+        detail = exc.detail
+        if exc.status_code == 413:
+            limit_mb = request.app.state.settings.assets.max_upload_bytes / 2**20
+            detail = f"request body over the {limit_mb:g} MB limit (the server's --max-upload-mb sets it)"
+        body = {"detail": detail, "error": type(exc).__name__}
         if exc.extra:
             body["extra"] = exc.extra
         return Response(body, status_code=exc.status_code)

@@ -1,0 +1,40 @@
+"""The command line a user types: options, environment defaults, and a server that starts from them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from serve.cli import build_parser, settings_from_args
+
+
+def test_serve_help_lists_the_options() -> None:
+    out = subprocess.run([sys.executable, "-m", "serve.cli", "serve", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for option in ("--host", "--port", "--allow-random-weights", "--cors-allow-origin", "--max-sessions"):
+        assert option in out.stdout
+
+
+def test_host_and_port_come_from_flags_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_from_args(build_parser().parse_args(["serve"]))
+    assert (settings.host, settings.port) == ("127.0.0.1", 8000)  # safe default: local only
+    monkeypatch.setenv("WANRT_HOST", "0.0.0.0")
+    monkeypatch.setenv("WANRT_PORT", "9001")
+    monkeypatch.setenv("PIPELINE", "passthrough")
+    settings = settings_from_args(build_parser().parse_args(["serve"]))
+    assert (settings.host, settings.port, settings.preload_pipeline) == ("0.0.0.0", 9001, "passthrough")
+    args = ["serve", "--port", "9002", "--cors-allow-origin", "https://a.example"]
+    settings = settings_from_args(build_parser().parse_args(args))
+    assert settings.port == 9002 and settings.cors.extra_origins == ("https://a.example",)
+
+
+def test_server_preloads_the_pipeline_it_is_started_with(tmp_path) -> None:
+    import httpx
+
+    from tests.support.server import run_server
+
+    with run_server(tmp_path, "--pipeline", "passthrough") as server:
+        status = httpx.get(f"{server.url}/api/v1/pipeline/status").json()
+        assert status["status"] in ("loading", "loaded") and status["pipeline_id"] == "passthrough"
