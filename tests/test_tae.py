@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from serve.models.autoencoder import StreamingAutoencoder, load_vae, make_vae
 from serve.models.tae import TAEHV, MemBlock, TGrow, TPool, build_tae
@@ -68,6 +69,16 @@ def test_real_config_keys_and_size() -> None:
     for key, shape in shapes.items():
         assert tuple(state[key].shape) == shape, key
     assert "encoder.3.bias" not in state and "decoder.8.bias" not in state
+
+
+def test_real_decode_step_flops_match_models_md() -> None:
+    with torch.device("meta"), torch.no_grad():
+        model = build_tae("tae").eval()
+        z = torch.zeros(1, 16, 1, 60, 104)
+        _, caches = model.decode_first(z)
+        with FlopCounterMode(display=False) as counter:
+            model.decode_step(z, caches)
+    assert counter.get_total_flops() / 1e12 == pytest.approx(0.5, rel=0.1)  # "about 0.5 TFLOP per latent at 480p"
 
 
 @pytest.mark.parametrize(("vae_type", "suffix"), [("tae", ".pth"), ("lighttae", ".safetensors")])

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
 
-from serve.models.autoencoder import StreamingAutoencoder, load_vae
+from serve.models.autoencoder import ChunkStep, StreamingAutoencoder, load_vae
 from serve.models.vae import (
     WAN_LATENT_MEAN,
     WAN_LATENT_STD,
@@ -97,6 +98,19 @@ def test_lightvae_has_same_keys_with_pruned_widths() -> None:
     assert tuple(light["decoder.upsamples.3.time_conv.weight"].shape) == (192, 96, 3, 1, 1)
     assert tuple(light["decoder.head.2.weight"].shape) == (3, 24, 3, 3, 3)
     assert 7.9e6 < sum(v.numel() for v in light.values()) < 8.1e6  # about 8.0 M [calc, models.md §4]
+
+
+@pytest.mark.parametrize(("height", "width", "tflop"), [(480, 832, 13.5), (512, 512, 8.9), (256, 256, 2.2)])
+def test_real_decode_step_flops_match_models_md(height: int, width: int, tflop: float) -> None:
+    # The numerical tests run tiny widths; this checks the full-size graph (counted on the meta device, no compute).
+    with torch.device("meta"), torch.no_grad():
+        model = build_wan_vae("wan").eval()
+        z = torch.zeros(1, 16, 1, height // 8, width // 8)
+        _, caches = model.decode_first(z)
+        with FlopCounterMode(display=False) as counter:
+            x, _ = model.decode_step(z, caches)
+    assert x.shape == (1, 3, 4, height, width)
+    assert counter.get_total_flops() / 1e12 == pytest.approx(tflop, rel=0.01)  # models.md §4 [calc]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -325,3 +339,22 @@ def test_bad_chunk_lengths_are_rejected(tiny: WanVAE) -> None:
     _, caches = tiny.encode_first(pixels(1))
     with pytest.raises(ValueError, match="multiple of 4"):
         tiny.encode_step(pixels(3), caches)
+
+
+def test_exported_steady_steps_equal_eager_over_several_chunks(tiny: WanVAE) -> None:
+    # The steps issue 4 exports: static shapes, caches as explicit inputs/outputs, no Python branches on values.
+    x = pixels(9)
+    with torch.no_grad():
+        z0, enc_caches = tiny.encode_first(x[:, :, :1])
+        _, dec_caches = tiny.decode_first(z0)
+        encode = torch.export.export(ChunkStep(tiny, "encode"), (x[:, :, 1:5], *enc_caches)).module()
+        decode = torch.export.export(ChunkStep(tiny, "decode"), (z0, *dec_caches)).module()
+        eager_enc, eager_dec = ChunkStep(tiny, "encode"), ChunkStep(tiny, "decode")
+        ce, cd, ee, ed = enc_caches, dec_caches, enc_caches, dec_caches
+        for start in (1, 5):
+            z, *ce = encode(x[:, :, start : start + 4], *ce)
+            z_ref, *ee = eager_enc(x[:, :, start : start + 4], *ee)
+            assert rel_err(z, z_ref) <= 1e-5
+            y, *cd = decode(z, *cd)
+            y_ref, *ed = eager_dec(z_ref, *ed)
+            assert rel_err(y, y_ref) <= 1e-5

@@ -113,6 +113,27 @@ class StreamingAutoencoder:
         return self.model.decode_video(latents)
 
 
+class ChunkStep(nn.Module):
+    """A steady-state chunk step with flat tensor inputs and outputs, for torch.export / ONNX / TensorRT.
+
+    `forward(x, *caches) -> (y, *new_caches)`; every shape is fixed by (batch, height, width, chunk length), and the
+    caches come from the stream's first call (`model.encode_first` / `model.decode_first`). The first call itself is
+    a separate, small graph (1 frame / 1 latent) or can stay eager.
+    """
+
+    def __init__(self, model: nn.Module, direction: Literal["encode", "decode"]) -> None:
+        super().__init__()
+        if direction not in ("encode", "decode"):
+            raise ValueError(f"direction must be 'encode' or 'decode', got {direction!r}")
+        self.model = model
+        self.direction = direction
+
+    def forward(self, x: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
+        step = self.model.encode_step if self.direction == "encode" else self.model.decode_step
+        y, new_caches = step(x, caches)
+        return (y, *new_caches)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Construction and loading
 

@@ -171,8 +171,6 @@ class TAEHV(nn.Module):
     def init_constants(self) -> None:
         """(Re)create the non-persistent Wan latent statistics next to the weights (after a meta-device build)."""
         device = self.decoder[1].weight.device
-        if device.type == "meta":
-            device = torch.device("cpu")
         shape = (1, self.cfg.latent_channels, 1, 1, 1)
         mean = torch.tensor(WAN_LATENT_MEAN[: self.cfg.latent_channels], device=device).view(shape)
         std = torch.tensor(WAN_LATENT_STD[: self.cfg.latent_channels], device=device).view(shape)

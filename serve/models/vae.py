@@ -353,8 +353,6 @@ class WanVAE(nn.Module):
     def init_constants(self) -> None:
         """(Re)create the non-persistent latent statistics next to the weights (needed after a meta-device build)."""
         device = self.conv1.weight.device
-        if device.type == "meta":
-            device = torch.device("cpu")
         shape = (1, self.cfg.z_dim, 1, 1, 1)
         mean = torch.tensor(WAN_LATENT_MEAN[: self.cfg.z_dim], device=device).view(shape)
         std = torch.tensor(WAN_LATENT_STD[: self.cfg.z_dim], device=device).view(shape)
