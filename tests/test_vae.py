@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from serve.models.autoencoder import ChunkStep, StreamingAutoencoder, load_vae
+from serve.models.autoencoder import VAE_TYPES, ChunkStep, StreamingAutoencoder, load_vae, make_vae
 from serve.models.vae import (
     WAN_LATENT_MEAN,
     WAN_LATENT_STD,
@@ -358,3 +358,20 @@ def test_exported_steady_steps_equal_eager_over_several_chunks(tiny: WanVAE) -> 
             y, *cd = decode(z, *cd)
             y_ref, *ed = eager_dec(z_ref, *ed)
             assert rel_err(y, y_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("vae_type", VAE_TYPES)
+def test_every_vae_type_meets_the_same_streaming_contract(vae_type: str) -> None:
+    vae = make_vae(vae_type, size="tiny")
+    assert (vae.temporal_stride, vae.spatial_stride, vae.latent_channels) == (4, 8, 16)
+    latent_counts = [vae.encode_chunk(pixels(1)).shape[2], vae.encode_chunk(pixels(4)).shape[2]]
+    latent_counts.append(vae.encode_chunk(pixels(8)).shape[2])
+    assert (
+        latent_counts == [1, 1, 2] == [vae.num_latents(1, True), vae.num_latents(4, False), vae.num_latents(8, False)]
+    )
+    z = torch.randn(1, 16, 3, H // 8, W // 8)
+    frames = [vae.decode_chunk(z[:, :, :1]), vae.decode_chunk(z[:, :, 1:2]), vae.decode_chunk(z)]
+    assert [f.shape[2] for f in frames] == [1, 4, 12]
+    assert all(f.shape[3:] == (H, W) and f.abs().max() <= 1 for f in frames)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        vae.encode_chunk(torch.zeros(1, 3, 4, 12, 24))

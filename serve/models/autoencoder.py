@@ -84,9 +84,16 @@ class StreamingAutoencoder:
     def decoder_started(self) -> bool:
         return self._dec_caches is not None
 
+    def _check(self, x: Tensor, channels: int, what: str) -> None:
+        if x.ndim != 5 or x.shape[1] != channels:
+            raise ValueError(f"{what} must be [B, {channels}, T, H, W], got {tuple(x.shape)}")
+        if what == "pixels" and (x.shape[3] % self.spatial_stride or x.shape[4] % self.spatial_stride):
+            raise ValueError(f"pixel height and width must be multiples of {self.spatial_stride}, got {tuple(x.shape)}")
+
     @torch.no_grad()
     def encode_chunk(self, pixels: Tensor) -> Tensor:
         """[B, 3, T, H, W] in [-1,1] → [B, 16, F, H/8, W/8]; T = 1 + 4k on the first call, 4k afterwards."""
+        self._check(pixels, 3, "pixels")
         if self._enc_caches is None:
             z, self._enc_caches = self.model.encode_first(pixels)
         else:
@@ -96,6 +103,7 @@ class StreamingAutoencoder:
     @torch.no_grad()
     def decode_chunk(self, latents: Tensor) -> Tensor:
         """[B, 16, F, h, w] → [B, 3, T, 8h, 8w] in [-1,1]; T = 1 + 4(F-1) on the first call, 4F afterwards."""
+        self._check(latents, self.latent_channels, "latents")
         if self._dec_caches is None:
             x, self._dec_caches = self.model.decode_first(latents)
         else:

@@ -120,7 +120,7 @@ def run_with_memory(
             frames = x.reshape(batch, nt // batch, c, h, w)  # (B, T, C, H, W)
             prev = frames.new_zeros(batch, 1, c, h, w) if past is None else past[i].unsqueeze(1)
             memory = torch.cat([prev, frames[:, :-1]], 1).reshape(nt, c, h, w)  # input shifted by one frame
-            new.append(frames[:, -1])
+            new.append(frames[:, -1].clone())  # a copy: a view would keep the whole chunk alive
             i += 1
             x = block(x, memory)
         else:

@@ -95,7 +95,8 @@ class CacheIO:
         return cache
 
     def put(self, cache: Tensor) -> None:
-        self.new.append(cache)
+        # A copy, not a view: a slice would keep the whole (often 100s of MB) conv input alive until the next chunk.
+        self.new.append(cache.clone())
 
     def finish(self) -> tuple[Tensor, ...]:
         if self._past is not None and self._next != len(self._past):
