@@ -11,8 +11,10 @@ Streaming contract, made identical to the Wan VAE's:
 
 * Encoder: each latent comes from a group of 4 frames. The first call gets frame 0 alone (optionally followed by
   4k frames): frame 0 is repeated 4× to form latent 0's group, so latent j ≥ 1 covers frames 4j-3..4j exactly as in
-  the Wan VAE, and 1 + 4k frames give 1 + k latents. Later calls take 4k frames → k latents. (The reference
-  `encode_video` pads the *end* of a clip instead; that would shift every group by 3 frames relative to Wan.)
+  the Wan VAE, and 1 + 4k frames give 1 + k latents. Later calls take 4k frames → k latents. For the usual stream
+  (1 frame, then 4 at a time) this is what Scope's TAE wrapper computes (it end-pads every call to a multiple of 4 by
+  repeating the last frame). For a 1 + 4 first call it differs on purpose: end padding would give groups
+  (f0..f3), (f4, f4, f4, f4), shifted by 3 frames against Wan's latents and against the decoder's trim.
 * Decoder: each latent gives 4 frames; the first call drops the first 3 (the reference's `frames_to_trim`), so F
   latents give 1 + 4(F-1) frames on the first call and 4F afterwards, matching the Wan VAE.
 
