@@ -59,7 +59,7 @@ class StreamingAutoencoder:
         self.latent_channels: int = model.latent_channels
         self.temporal_stride: int = model.temporal_stride  # pixel frames per latent after the first
         self.spatial_stride: int = model.spatial_stride
-        self.first_call_frames_alone = 1  # frame 0 ↔ latent 0 alone on the first call
+        self.first_frame_alone = True  # the first call maps pixel frame 0 alone to latent 0 (and back)
         self._enc_caches: tuple[Tensor, ...] | None = None
         self._dec_caches: tuple[Tensor, ...] | None = None
 
@@ -183,7 +183,11 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:  # legacy (non-zip) .pth files cannot be memory-mapped
+        logger.warning("vae checkpoint not mmap-able, reading it whole path=%s reason=%s", path, exc)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
             state = state[wrapper]
