@@ -12,7 +12,16 @@ Pixels are [B, 3, T, H, W] in [-1, 1]; latents are [B, 16, F, H/8, W/8] in the n
 Encoder and decoder streams are independent (a T2V pipeline only decodes). `reset()` starts both anew.
 
 `encode_video` / `decode_video` are the non-streaming whole-clip computations (the tests' oracles); they leave the
-stream state alone.
+stream state alone, so `encode_video(one_frame)` also serves Krea's re-encode of a decoded frame as a standalone
+first frame.
+
+How each model meets the contract: the Wan VAE natively (frame 0 alone; the reference's 'Rep' first decode call).
+TAE groups 4 frames per latent and its decoder emits 4 frames per latent: the first encode call repeats frame 0 to
+fill latent 0's group, and the first decode call drops 3 frames (the reference's trim), so the counts and the
+frame ↔ latent alignment are the same as Wan's.
+
+Export: `ChunkStep` wraps a model's steady-state step as `forward(x, *caches) -> (y, *new_caches)` with static
+shapes, for torch.export / ONNX / TensorRT (issue 4).
 """
 
 from __future__ import annotations
