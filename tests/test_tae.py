@@ -38,7 +38,7 @@ def latents(f: int, seed: int = 2) -> Tensor:
     return torch.randn(1, 16, f, H // 8, W // 8, generator=g)
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny-light"])
+@pytest.fixture(scope="module", params=["tiny", "tiny-light", "tae"])  # "tae": real widths, tiny frames
 def tiny(request: pytest.FixtureRequest) -> TAEHV:
     torch.manual_seed(0)
     return build_tae(request.param).eval().requires_grad_(False)

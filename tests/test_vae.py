@@ -375,3 +375,17 @@ def test_every_vae_type_meets_the_same_streaming_contract(vae_type: str) -> None
     assert all(f.shape[3:] == (H, W) and f.abs().max() <= 1 for f in frames)
     with pytest.raises(ValueError, match="multiples of 8"):
         vae.encode_chunk(torch.zeros(1, 3, 4, 12, 24))
+
+
+def test_lightvae_widths_stream_like_the_reference() -> None:
+    # The pruned real config (24/48/96/96): same code path at real LightVAE widths, tiny frames.
+    torch.manual_seed(0)
+    model = build_wan_vae("lightvae").eval().requires_grad_(False)
+    model.decoder.head[2].weight.mul_(0.05)
+    vae = StreamingAutoencoder(model, "lightvae")
+    x = pixels(9)
+    with torch.no_grad():
+        z = torch.cat([vae.encode_chunk(x[:, :, :5]), vae.encode_chunk(x[:, :, 5:])], 2)
+        assert rel_err(z, ref_encode(model, x)) <= 1e-5
+        y = torch.cat([vae.decode_chunk(z[:, :, :1]), vae.decode_chunk(z[:, :, 1:])], 2)
+        assert rel_err(y, ref_decode(model, z)) <= 1e-5
