@@ -375,6 +375,8 @@ def test_every_vae_type_meets_the_same_streaming_contract(vae_type: str) -> None
     assert all(f.shape[3:] == (H, W) and f.abs().max() <= 1 for f in frames)
     with pytest.raises(ValueError, match="multiples of 8"):
         vae.encode_chunk(torch.zeros(1, 3, 4, 12, 24))
+    with pytest.raises(ValueError, match="reset"):
+        vae.decode_chunk(torch.zeros(1, 16, 1, H // 8, W // 8 + 1))
 
 
 def test_lightvae_widths_stream_like_the_reference() -> None:

@@ -71,6 +71,7 @@ class StreamingAutoencoder:
         self.first_frame_alone = True  # the first call maps pixel frame 0 alone to latent 0 (and back)
         self._enc_caches: tuple[Tensor, ...] | None = None
         self._dec_caches: tuple[Tensor, ...] | None = None
+        self._geometry: dict[str, tuple[int, ...]] = {}  # (B, H, W) each stream started with: caches depend on it
 
     def reset(self) -> None:
         """Start new encoder and decoder streams (the next calls are `first` calls)."""
@@ -93,16 +94,22 @@ class StreamingAutoencoder:
     def decoder_started(self) -> bool:
         return self._dec_caches is not None
 
-    def _check(self, x: Tensor, channels: int, what: str) -> None:
+    def _check(self, x: Tensor, channels: int, what: str, first: bool) -> None:
         if x.ndim != 5 or x.shape[1] != channels:
             raise ValueError(f"{what} must be [B, {channels}, T, H, W], got {tuple(x.shape)}")
         if what == "pixels" and (x.shape[3] % self.spatial_stride or x.shape[4] % self.spatial_stride):
             raise ValueError(f"pixel height and width must be multiples of {self.spatial_stride}, got {tuple(x.shape)}")
+        geometry = (x.shape[0], x.shape[3], x.shape[4])
+        if first:
+            self._geometry[what] = geometry
+        elif geometry != self._geometry[what]:
+            started = self._geometry[what]
+            raise ValueError(f"{what} (B, H, W) = {geometry} but the stream started with {started}: reset() first")
 
     @torch.no_grad()
     def encode_chunk(self, pixels: Tensor) -> Tensor:
         """[B, 3, T, H, W] in [-1,1] → [B, 16, F, H/8, W/8]; T = 1 + 4k on the first call, 4k afterwards."""
-        self._check(pixels, 3, "pixels")
+        self._check(pixels, 3, "pixels", first=self._enc_caches is None)
         if self._enc_caches is None:
             z, self._enc_caches = self.model.encode_first(pixels)
         else:
@@ -112,7 +119,7 @@ class StreamingAutoencoder:
     @torch.no_grad()
     def decode_chunk(self, latents: Tensor) -> Tensor:
         """[B, 16, F, h, w] → [B, 3, T, 8h, 8w] in [-1,1]; T = 1 + 4(F-1) on the first call, 4F afterwards."""
-        self._check(latents, self.latent_channels, "latents")
+        self._check(latents, self.latent_channels, "latents", first=self._dec_caches is None)
         if self._dec_caches is None:
             x, self._dec_caches = self.model.decode_first(latents)
         else:
