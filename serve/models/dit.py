@@ -1,0 +1,382 @@
+"""The causal Wan2.1 DiT: config, blocks, model. Parameter names are Wan's (`wan/modules/model.py`), so published
+checkpoints load strictly; structure follows diffusers' (numbered sections, named modulation chunks).
+
+Two ways to run it, same weights, same arithmetic:
+- `step(...)`: one chunk of latent frames against a preallocated KV cache (serve/models/kv_cache.py). Static shapes;
+  the chunk's position, cache slots and key mask are device tensors, so nothing recompiles between chunks.
+- `forward_full(...)`: every frame at once under an explicit attention mask; the oracle the cached path is tested
+  against.
+
+Exactness (models.md §1.2, §8): interleaved 3D RoPE split (frame, height, width) = (d/2 − 2⌊d/6⌋, ⌊d/6⌋, ⌊d/6⌋)
+complex pairs with table dims (d − 4⌊d/6⌋, 2⌊d/6⌋, 2⌊d/6⌋); q/k RMSNorm over the full width before the head split;
+cross-attention without gate; the head modulated by `e`, not `e0`; cos-first sinusoid from float64; padded text rows
+attended; per-frame timesteps. The time embedding, norms and modulation arithmetic run in fp32 as in the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROPE_MAX_POSITIONS = 1024  # the reference's table length: absolute frame positions stay below this
+ROPE_THETA = 10000.0
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_dim: int = 16
+    out_dim: int = 16
+    text_len: int = 512
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+DIT_CONFIGS: dict[str, DiTConfig] = {
+    "wan2.1-1.3b": DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "wan2.1-14b": DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # Tests: every key of the real model, tiny widths. head_dim 32 keeps the 3-axis RoPE split non-degenerate.
+    "tiny": DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=32, text_dim=32),
+}
+
+
+# -- embeddings ---------------------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(timesteps: Tensor, dim: int) -> Tensor:
+    """[N] raw timesteps in [0, 1000] → [N, dim] float32, **cos first**, computed in float64 like the reference."""
+    half = dim // 2
+    omega = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=timesteps.device) / half)
+    angles = timesteps.to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Complex pairs per axis (frame, height, width): 22/21/21 for head_dim 128."""
+    pairs, third = head_dim // 2, head_dim // 6
+    return pairs - 2 * third, third, third
+
+
+def rope_table(positions: int, pairs: int) -> tuple[Tensor, Tensor]:
+    """cos/sin [positions, pairs] with ω_j = θ^(−2j / (2·pairs)) (the reference's `rope_params(1024, 2·pairs)`)."""
+    omega = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, 2 * pairs, 2, dtype=torch.float64) / (2 * pairs))
+    angles = torch.outer(torch.arange(positions, dtype=torch.float64), omega)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1). x [B, L, heads, hd]; cos/sin [L, hd/2] (or [B, L, hd/2])."""
+    x_pairs = x.float().unflatten(-1, (-1, 2))  # [B, L, heads, hd/2, 2]
+    real, imag = x_pairs[..., 0], x_pairs[..., 1]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of every (frame, row, column) position, as non-persistent buffers (never in checkpoints)."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        frame_pairs, height_pairs, width_pairs = rope_axis_dims(head_dim)
+        for name, pairs in (("frame", frame_pairs), ("height", height_pairs), ("width", width_pairs)):
+            cos, sin = rope_table(ROPE_MAX_POSITIONS, pairs)
+            self.register_buffer(f"{name}_cos", cos, persistent=False)
+            self.register_buffer(f"{name}_sin", sin, persistent=False)
+
+    def tables(self, frame_positions: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """cos/sin [F·h·w, hd/2] for tokens in (frame, row, column) order. frame_positions [F] is a device tensor."""
+        frames = frame_positions.shape[0]
+        parts_cos, parts_sin = [], []
+        for table, index, shape in (
+            ("frame", frame_positions, (frames, 1, 1)),
+            ("height", torch.arange(height, device=frame_positions.device), (1, height, 1)),
+            ("width", torch.arange(width, device=frame_positions.device), (1, 1, width)),
+        ):
+            cos = getattr(self, f"{table}_cos").index_select(0, index)  # [n, pairs]
+            sin = getattr(self, f"{table}_sin").index_select(0, index)
+            parts_cos.append(cos.view(*shape, -1).expand(frames, height, width, -1))
+            parts_sin.append(sin.view(*shape, -1).expand(frames, height, width, -1))
+        cos = torch.cat(parts_cos, dim=-1).reshape(frames * height * width, -1)  # [L, hd/2]
+        sin = torch.cat(parts_sin, dim=-1).reshape(frames * height * width, -1)
+        return cos, sin
+
+
+# -- blocks -------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """Run a Linear in its weight dtype (bf16/fp8 weights, fp32 residual stream)."""
+    return layer(x.to(layer.weight.dtype))
+
+
+class Attention(nn.Module):
+    """q, k, v, o with bias and q/k RMSNorm over the full width (Wan's `WanSelfAttention`; also used for cross)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))  # [B, L, d] → [B, L, heads, hd]
+
+    def project_q(self, x: Tensor) -> Tensor:
+        return self.heads(self.norm_q(linear(self.q, x)))
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.heads(self.norm_k(linear(self.k, x))), self.heads(linear(self.v, x))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+        """q [B, Lq, heads, hd], k/v [B, Lk, heads, hd], bias additive, broadcastable to [B, heads, Lq, Lk]."""
+        dtype = self.o.weight.dtype  # attention runs in the weights' dtype (bf16 on GPU, fp32 for the oracle)
+        q, k, v = (t.to(dtype).transpose(1, 2) for t in (q, k, v))  # [B, heads, L, hd]
+        if bias is not None:
+            bias = bias.to(dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale 1/√hd, as the reference
+        return linear(self.o, out.transpose(1, 2).flatten(2))  # [B, Lq, d]
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        dim = config.dim
+        self.norm1 = nn.LayerNorm(dim, eps=config.eps, elementwise_affine=False)
+        self.self_attn = Attention(dim, config.num_heads, config.eps)
+        self.norm3 = nn.LayerNorm(dim, eps=config.eps, elementwise_affine=True)
+        self.cross_attn = Attention(dim, config.num_heads, config.eps)
+        self.norm2 = nn.LayerNorm(dim, eps=config.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: Tensor, e0: Tensor, frames: int, self_attention, text_kv: tuple[Tensor, Tensor]) -> Tensor:
+        """x [B, N, d] fp32; e0 [B, F, 6, d]; `self_attention(h) -> [B, N, d]` does the (cached or full) attention."""
+        batch, tokens, dim = x.shape
+        # 1. Per-frame modulation (fp32): (shift, scale, gate) for attention and for the FFN.
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (
+            (self.modulation.float().unsqueeze(0) + e0.float()).unsqueeze(3).unbind(2)  # each [B, F, 1, d]
+        )
+
+        def modulate(h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+            h = h.view(batch, frames, tokens // frames, dim)  # [B, F, Lf, d]
+            return (h * (1 + scale) + shift).view(batch, tokens, dim)
+
+        def gated(y: Tensor, gate: Tensor) -> Tensor:
+            return (y.float().view(batch, frames, tokens // frames, dim) * gate).view(batch, tokens, dim)
+
+        # 2. Self-attention.
+        x = x + gated(self_attention(modulate(self.norm1(x.float()), shift_msa, scale_msa)), gate_msa)
+        # 3. Cross-attention: no modulation, no gate.
+        norm3 = self.norm3  # affine: kept in fp32 whatever the weights' dtype
+        h = F.layer_norm(x.float(), (dim,), norm3.weight.float(), norm3.bias.float(), norm3.eps)
+        q = self.cross_attn.project_q(h)
+        x = x + self.cross_attn.attend(q, text_kv[0], text_kv[1], None).float()
+        # 4. Feed-forward.
+        h = modulate(self.norm2(x.float()), shift_ffn, scale_ffn)
+        return x + gated(linear(self.ffn[2], self.ffn[1](linear(self.ffn[0], h))), gate_ffn)
+
+
+class Head(nn.Module):
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(config.dim, eps=config.eps, elementwise_affine=False)
+        self.head = nn.Linear(config.dim, math.prod(config.patch_size) * config.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor, frames: int) -> Tensor:
+        """x [B, N, d]; e [B, F, d] (the time embedding, not e0) → [B, N, 64]."""
+        batch, tokens, dim = x.shape
+        shift, scale = (self.modulation.float().unsqueeze(0) + e.float().unsqueeze(2)).unsqueeze(3).unbind(2)
+        h = self.norm(x.float()).view(batch, frames, tokens // frames, dim) * (1 + scale) + shift
+        return linear(self.head, h.view(batch, tokens, dim)).float()
+
+
+# -- model --------------------------------------------------------------------------------------------------------
+
+
+class WanDiT(nn.Module):
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.num_layers))
+        self.head = Head(config)
+        self.rope = RotaryEmbedding(config.head_dim)
+
+    # -- pieces shared by both paths -----------------------------------------------------------------------------
+
+    def embed_text(self, context: Tensor) -> Tensor:
+        """[B, text_len, text_dim] (padded rows zero; they are still attended) → [B, text_len, d]."""
+        return linear(self.text_embedding[2], self.text_embedding[1](linear(self.text_embedding[0], context)))
+
+    def text_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention K/V of every layer, computed once per prompt: each [layers, B, text_len, heads, hd]."""
+        text = self.embed_text(context)
+        keys, values = zip(*(block.cross_attn.project_kv(text) for block in self.blocks), strict=True)
+        return torch.stack(keys), torch.stack(values)
+
+    def embed_time(self, timestep: Tensor) -> tuple[Tensor, Tensor]:
+        """timestep [B, F] raw values → e [B, F, d], e0 [B, F, 6, d], both fp32."""
+        batch, frames = timestep.shape
+        sinusoid = sinusoidal_embedding(timestep.flatten(), self.config.freq_dim)
+        layer0, layer2 = self.time_embedding[0], self.time_embedding[2]
+        e = F.linear(
+            F.silu(F.linear(sinusoid, layer0.weight.float(), layer0.bias.float())),
+            layer2.weight.float(),
+            layer2.bias.float(),
+        )
+        projection = self.time_projection[1]
+        e0 = F.linear(F.silu(e), projection.weight.float(), projection.bias.float())
+        return e.view(batch, frames, -1), e0.view(batch, frames, 6, -1)
+
+    def patchify(self, latents: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+        """[B, 16, F, H, W] → tokens [B, F·(H/2)·(W/2), d] in (f, h, w) order, and the token grid."""
+        x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))  # [B, d, F, h, w]
+        grid = tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2).float(), grid  # type: ignore[return-value]
+
+    def unpatchify(self, out: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """[B, N, 64] → [B, 16, F, H, W]; the 64 outputs are ordered (pt, ph, pw, c) with c fastest."""
+        frames, height, width = grid
+        pt, ph, pw = self.config.patch_size
+        x = out.view(out.shape[0], frames, height, width, pt, ph, pw, self.config.out_dim)
+        x = torch.einsum("bfhwpqrc->bcfphqwr", x)
+        return x.reshape(out.shape[0], self.config.out_dim, frames * pt, height * ph, width * pw)
+
+    # -- the cached step -----------------------------------------------------------------------------------------
+
+    def step(
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        text_kv: tuple[Tensor, Tensor],
+        cache_k: Tensor,
+        cache_v: Tensor,
+        write_index: Tensor,
+        key_bias: Tensor,
+        frame_positions: Tensor,
+        key_rope: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """One chunk against the KV cache; returns the flow prediction [B, 16, F, H, W].
+
+        latents [B, 16, F, H, W]; timestep [B, F]; text_kv from `text_kv()`;
+        cache_k / cache_v [layers, B, S, heads, hd], written in place at `write_index` [F·Lf] (token slots);
+        key_bias [S] or [B, S], additive over cache slots (0 attend, −inf masked, log(b) to damp: Krea's bias);
+        frame_positions [F]: the chunk's RoPE frame positions (device tensor: no recompile per chunk).
+        key_rope: None → keys are cached already rotated (absolute positions); or per-slot cos/sin [S, hd/2] → keys
+        are cached un-rotated and rotated at read time (Reward Forcing's window-relative positions).
+        """
+        x, grid = self.patchify(latents)
+        cos, sin = self.rope.tables(frame_positions, grid[1], grid[2])
+        e, e0 = self.embed_time(timestep)
+        bias = key_bias.view(-1, 1, 1, key_bias.shape[-1])  # [B or 1, 1, 1, S]: broadcast over heads and queries
+
+        for layer, block in enumerate(self.blocks):
+
+            def self_attention(h: Tensor, layer: int = layer, block: DiTBlock = block) -> Tensor:
+                attention = block.self_attn
+                q = apply_rope(attention.project_q(h), cos, sin)
+                k, v = attention.project_kv(h)
+                if key_rope is None:
+                    k = apply_rope(k, cos, sin)
+                cache_k[layer].index_copy_(1, write_index, k.to(cache_k.dtype))
+                cache_v[layer].index_copy_(1, write_index, v.to(cache_v.dtype))
+                keys = cache_k[layer] if key_rope is None else apply_rope(cache_k[layer], *key_rope)
+                return attention.attend(q, keys, cache_v[layer], bias)
+
+            x = block(x, e0, grid[0], self_attention, (text_kv[0][layer], text_kv[1][layer]))
+        return self.unpatchify(self.head(x, e, grid[0]), grid)
+
+    # -- the oracle ----------------------------------------------------------------------------------------------
+
+    def forward_full(self, latents: Tensor, timestep: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Every frame at once; mask [N, N] boolean (True = attend) or None for bidirectional attention."""
+        x, grid = self.patchify(latents)
+        frame_positions = torch.arange(grid[0], device=latents.device)
+        cos, sin = self.rope.tables(frame_positions, grid[1], grid[2])
+        e, e0 = self.embed_time(timestep)
+        text_k, text_v = self.text_kv(context)
+        bias = None if mask is None else torch.zeros(mask.shape, device=x.device).masked_fill(~mask, float("-inf"))
+        for layer, block in enumerate(self.blocks):
+
+            def self_attention(h: Tensor, block: DiTBlock = block) -> Tensor:
+                attention = block.self_attn
+                q = apply_rope(attention.project_q(h), cos, sin)
+                k, v = attention.project_kv(h)
+                return attention.attend(q, apply_rope(k, cos, sin), v, bias)
+
+            x = block(x, e0, grid[0], self_attention, (text_k[layer], text_v[layer]))
+        return self.unpatchify(self.head(x, e, grid[0]), grid)
+
+
+# Kept in fp32 whatever the load dtype: the reference computes these in fp32.
+FP32_PARAMETERS = ("modulation", "norm", "time_embedding", "time_projection")
+
+
+def keep_in_fp32(name: str) -> bool:
+    return any(part in name for part in FP32_PARAMETERS)
+
+
+def load_dit(
+    config: DiTConfig,
+    path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    prefer: str | None = None,
+    lora=None,
+    lora_scale: float = 1.0,
+) -> WanDiT:
+    """Build on the meta device and load a checkpoint into it (serve/models/checkpoint.py), streaming."""
+    from serve.models.checkpoint import load_checkpoint
+
+    with torch.device("meta"):
+        model = WanDiT(config)
+    load_checkpoint(
+        model, path, dtype=dtype, device=device, prefer=prefer, keep_fp32=keep_in_fp32, lora=lora, lora_scale=lora_scale
+    )
+    model.rope = RotaryEmbedding(config.head_dim).to(device)  # non-persistent: rebuilt, never in checkpoints
+    return model.eval()
+
+
+def block_causal_mask(frames: int, tokens_per_frame: int, chunk_frames: int, device=None) -> Tensor:
+    """[N, N] True where a token may attend: keys up to the end of its own chunk (chunks are bidirectional inside)."""
+    chunk_of_token = torch.arange(frames * tokens_per_frame, device=device) // (tokens_per_frame * chunk_frames)
+    return chunk_of_token[None, :] <= chunk_of_token[:, None]
