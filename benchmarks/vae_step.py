@@ -11,8 +11,6 @@ on the same call (convs and matmuls only), so GFLOP/chunk is exact for the model
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.timing import time_ms
 from serve.models.autoencoder import VAE_TYPES, build_model
 
 SEED_RESOLUTIONS = ((320, 576), (512, 512), (256, 256))  # (height, width): streamdiffusionv2, longlive & co, krea
@@ -39,23 +38,6 @@ class StepTiming:
     @property
     def tflops(self) -> float:
         return self.gflop / self.ms if self.ms > 0 else 0.0  # GFLOP/ms = TFLOP/s
-
-
-def _time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        sync()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def _gflop(fn: Callable[[], object]) -> float:
@@ -115,7 +97,7 @@ def bench_vae_steps(
             with meta:
                 counted = _step_calls(meta_model, height, width, meta, dtype, decode_latents)
             for (name, fn), (_, meta_fn) in zip(timed, counted, strict=True):
-                ms = _time_ms(fn, dev, warmup, iters)
+                ms = time_ms(fn, dev, warmup, iters)
                 rows.append(StepTiming(vae_type, size, height, width, name, ms, _gflop(meta_fn)))
     return rows
 
