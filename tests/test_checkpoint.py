@@ -128,7 +128,7 @@ def test_loaded_model_computes_like_the_source_model(tmp_path: Path) -> None:
             lambda s: s.__setitem__("blocks.0.extra.weight", torch.zeros(1)),
             "unexpected keys (1): blocks.0.extra.weight",
         ),
-        (lambda s: s.__setitem__("head.head.weight", torch.zeros(3, 3)), "wrong shapes (1): head.head.weight"),
+        (lambda s: s.__setitem__("head.head.weight", torch.zeros(3, 3)), "shape mismatch (1): head.head.weight"),
     ],
 )
 def test_mismatched_checkpoints_fail_naming_the_key_and_file(tmp_path: Path, edit, needle: str) -> None:

@@ -27,13 +27,13 @@ shapes, for torch.export / ONNX / TensorRT (issue 4).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from serve.models.checkpoint import check_keys, read_state_dict
 from serve.models.tae import TAE_CONFIGS, TAEHV
 from serve.models.vae import WAN_VAE_CONFIGS, WanVAE
 
@@ -192,46 +192,6 @@ def make_vae(
     return StreamingAutoencoder(model, vae_type)
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a `.safetensors` or `.pt/.pth` file (weights_only, memory-mapped; `state_dict` wrapper unwrapped)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:  # legacy (non-zip) .pth files cannot be memory-mapped
-        logger.warning("vae checkpoint not mmap-able, reading it whole path=%s reason=%s", path, exc)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
-            state = state[wrapper]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-    return dict(state)
-
-
-def check_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, torch.Size], source: str) -> None:
-    """Raise naming every missing, unexpected or mis-shaped key (and the file) unless `state` matches exactly."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
-        for k in sorted(set(state) & set(expected))
-        if tuple(state[k].shape) != tuple(expected[k])
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    if wrong:
-        problems.append(f"shape mismatch {wrong}")
-    if problems:
-        raise ValueError(f"{source}: checkpoint does not match the model: " + "; ".join(problems))
-
-
 def load_vae(
     path: str | Path,
     vae_type: str,
@@ -250,7 +210,7 @@ def load_vae(
     state = read_state_dict(path)
     if isinstance(model, TAEHV):
         state = TAEHV.remap_state_dict(state, expected)
-    check_state_dict(state, expected, str(path))
+    check_keys(model.state_dict(), state, path)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.init_constants()

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.progress import Progress
@@ -50,7 +51,7 @@ DIFFUSERS_RENAMES = (
 )
 
 
-class CheckpointError(Exception):
+class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: the message names the file and the offending keys."""
 
 
@@ -236,7 +237,13 @@ def load_checkpoint(
     log.info("loaded %s tensors=%d bytes=%d lora=%s", path, len(loaded), total, lora)
 
 
-def check_keys(expected: dict[str, Tensor], found: dict[str, LazyTensor], path: Path | str) -> None:
+def read_state_dict(path: Path | str, *, prefer: str | None = None) -> dict[str, Tensor]:
+    """Every tensor, read now (small models; the VAE's TAE remap needs the values)."""
+    return {name: lazy.load() for name, lazy in read_checkpoint(path, prefer=prefer).items()}
+
+
+def check_keys(expected: Mapping[str, Any], found: Mapping[str, Any], path: Path | str) -> None:
+    """Both mappings give objects with `.shape`; raises CheckpointError naming every mismatch and the file."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     misshaped = [
@@ -250,7 +257,7 @@ def check_keys(expected: dict[str, Tensor], found: dict[str, LazyTensor], path: 
     if unexpected:
         problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}")
     if misshaped:
-        problems.append(f"wrong shapes ({len(misshaped)}): {'; '.join(misshaped[:10])}")
+        problems.append(f"shape mismatch ({len(misshaped)}): {'; '.join(misshaped[:10])}")
     if problems:
         raise CheckpointError(f"{path}: does not match the model: " + " | ".join(problems))
 
