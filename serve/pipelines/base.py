@@ -42,6 +42,8 @@ class Pipeline(ABC):
     backend: str
     """What executes the model step (`eager`, `compiled`, `tensorrt`, or `none` for passthrough)."""
     random_weights: bool = False
+    text_fps: float = 16.0
+    """Playout rate of text-mode output (Wan's sample rate); video mode keeps the input's timestamps."""
 
     @classmethod
     @abstractmethod

@@ -33,6 +33,7 @@ class PassthroughStream(PipelineStream):
 
 class PassthroughPipeline(Pipeline):
     backend = "none"
+    text_fps = 30.0
 
     def __init__(self, spec: PipelineSpec, height: int, width: int, chunk_frames: int) -> None:
         self.spec = spec

@@ -69,7 +69,7 @@ class PeerSession:
             emit=self.output.push_threadsafe,
             output_has_room=lambda: self.output.has_room(pipeline.chunk_frames),
             on_error=self._on_pipeline_error,
-            text_fps=getattr(pipeline, "text_fps", 16.0),
+            text_fps=pipeline.text_fps,
         )
         self._worker = worker
         self._tasks: set[asyncio.Task[Any]] = set()
