@@ -25,6 +25,8 @@ T5 quirks kept on purpose (they are what the weights were trained with):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,16 +229,20 @@ class UMT5Encoder(nn.Module):
 # Loading
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Lazily open a .pth (mmap, weights only) or .safetensors file → {key: tensor on CPU}."""
+@contextmanager
+def _open_checkpoint(path: Path) -> Iterator[tuple[dict[str, tuple[int, ...]], Callable[[str], Tensor]]]:
+    """Open a .pth (mmap, weights only) or .safetensors file lazily → (key → shape, key → CPU tensor).
+
+    Shapes are known before any tensor data is read, so a bad file fails before we spend RAM on it, and tensors
+    are materialised one at a time by the caller.
+    """
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        out: dict[str, Tensor] = {}
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open isn't a Mapping
-                out[key] = f.get_tensor(key)
-        return out
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 - not a Mapping
+            yield shapes, f.get_tensor
+        return
     sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
@@ -244,7 +250,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     for wrapper in ("state_dict", "model"):
         if set(sd) == {wrapper} and isinstance(sd[wrapper], dict):
             sd = sd[wrapper]
-    return sd
+    yield {key: tuple(t.shape) for key, t in sd.items()}, sd.pop
 
 
 def load_text_encoder(
@@ -264,21 +270,20 @@ def load_text_encoder(
         model = UMT5Encoder(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
 
-    sd = _read_state_dict(path)
-    missing = sorted(expected.keys() - sd.keys())
-    unexpected = sorted(sd.keys() - expected.keys())
-    if missing:
-        raise KeyError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing in all)")
-    if unexpected:
-        raise KeyError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
-    for key, shape in expected.items():
-        if tuple(sd[key].shape) != tuple(shape):
-            raise ValueError(f"{path}: key {key!r} has shape {tuple(sd[key].shape)}, expected {tuple(shape)}")
-
-    # Convert one tensor at a time, dropping the source reference as we go: peak RAM ≈ one converted model plus one
-    # tensor, and with an mmapped .pth the source pages are never all resident.
     converted: dict[str, Tensor] = {}
-    for key in list(sd):
-        converted[key] = sd.pop(key).to(device=device, dtype=dtype)
+    with _open_checkpoint(path) as (shapes, read):
+        missing = sorted(expected.keys() - shapes.keys())
+        unexpected = sorted(shapes.keys() - expected.keys())
+        if missing:
+            raise KeyError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing in all)")
+        if unexpected:
+            raise KeyError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
+        for key, shape in expected.items():
+            if shapes[key] != tuple(shape):
+                raise ValueError(f"{path}: key {key!r} has shape {shapes[key]}, expected {tuple(shape)}")
+        # One tensor at a time: peak RAM ≈ the converted model plus one source tensor (an mmapped .pth is paged in
+        # lazily, safetensors reads each tensor on demand), never two full copies of an 11 GB file.
+        for key in expected:
+            converted[key] = read(key).to(device=device, dtype=dtype)
     model.load_state_dict(converted, strict=True, assign=True)
     return model.eval().requires_grad_(False)
