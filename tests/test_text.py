@@ -402,3 +402,19 @@ def test_prompt_encoder_caches_by_normalised_text(spiece_dir: Path):
     assert calls == [1, 1, 1]
     dog = pe.embed(["a dog running"])[0]
     torch.testing.assert_close(mixed[0], blend_embeddings([first[0], dog], [0.5, 0.5]))
+
+
+def test_tokenizer_refuses_model_without_t5_special_ids(tmp_path: Path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS))
+    # SentencePiece defaults: <unk>=0, <s>=1, </s>=2, no pad — ids the umT5 embedding table would misread.
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "spiece"),
+        vocab_size=50,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
+    with pytest.raises(ValueError, match=r"spiece\.model"):
+        UMT5Tokenizer(tmp_path)

@@ -238,7 +238,10 @@ class PromptEncoder:
         return [found[k] for k in keys]
 
     def encode(self, prompts: Sequence[tuple[str, float]], method: InterpolationMethod = "linear") -> Tensor:
-        """Weighted prompts → ``[1, L, dim]``. One prompt returns its cached embedding unchanged (weight ignored)."""
+        """Weighted prompts → ``[1, L, dim]``. One prompt returns its cached embedding unchanged (weight ignored).
+
+        The result may be a view of a cache entry: treat it as read-only (the DiT only reads its context).
+        """
         if not prompts:
             raise ValueError("need at least one prompt")
         texts = [t for t, _ in prompts]
