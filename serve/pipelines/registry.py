@@ -41,6 +41,7 @@ def _model_spec(
     files: tuple[ModelFile, ...],
     vram_gb: float,
     extra_runtime: dict | None = None,
+    factory: str | None = None,
     quantization: str | None = None,
     lora: bool = False,
 ) -> PipelineSpec:
@@ -77,6 +78,7 @@ def _model_spec(
         supports_cache_management=True,
         supports_quantization=True,
         files=files + SHARED_FILES,
+        factory=factory,
         mode_defaults={
             "video": {"height": height, "width": width, "denoising_step_list": steps, "noise_scale": 0.7},
             "text": {"height": height, "width": width, "denoising_step_list": steps},
@@ -117,6 +119,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             steps=[750, 250],
             files=(ModelFile("jerryfeng/StreamDiffusionV2", "wan_causal_dmd_v2v/model.pt"),),
             vram_gb=20,
+            factory="serve.pipelines.autoregressive:StreamDiffusionV2Pipeline",
         ),
         _model_spec(
             "longlive",
@@ -135,6 +138,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             ),
             vram_gb=20,
             lora=True,
+            factory="serve.pipelines.autoregressive:LongLivePipeline",
         ),
         _model_spec(
             "reward-forcing",

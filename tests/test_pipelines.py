@@ -1,0 +1,85 @@
+"""The autoregressive Wan pipelines (tiny config, seeded random weights), directly and through a running server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from serve.errors import PipelineLoadError
+from serve.pipelines.autoregressive import LongLivePipeline, StreamDiffusionV2Pipeline
+from serve.pipelines.registry import get_spec
+from serve.schemas import LoadParams
+from tests.support.rtc_client import ScopeClient
+from tests.support.server import RunningServer, load_pipeline, run_server
+
+SIZE = 64
+
+
+def load(pipeline_cls, pipeline_id: str, **load_params):
+    spec = get_spec(pipeline_id)
+    params = spec.effective_load_params(LoadParams(**load_params), allow_random_weights=True)
+    return spec, pipeline_cls.load(spec, params, report=lambda *_: None, models_dir=Path("/nonexistent"))
+
+
+def test_streamdiffusionv2_chunks_are_deterministic_for_a_seed_and_follow_the_vae_contract() -> None:
+    spec, pipeline = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", height=SIZE, width=SIZE, random_weights=True)
+    params = {**spec.runtime_defaults, "prompts": [{"text": "a cat", "weight": 1.0}]}
+    frames = np.random.default_rng(0).integers(0, 255, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    a, b = pipeline.open_stream(7), pipeline.open_stream(7)
+    first_a, first_b = a.process(frames, params), b.process(frames, params)
+    assert first_a.shape == (1, SIZE, SIZE, 3)  # first chunk: frame 0 alone → one latent → one frame
+    assert np.array_equal(first_a, first_b)
+    later = a.process(frames, params)
+    assert later.shape == (4, SIZE, SIZE, 3) and later.dtype == np.uint8
+    other_prompt = b.process(frames, {**params, "prompts": [{"text": "a dog in the snow", "weight": 1.0}]})
+    assert not np.array_equal(later, other_prompt)  # the prompt reaches the model
+    assert a.process(None, params).shape == (4, SIZE, SIZE, 3)  # text mode
+
+
+def test_missing_weights_fail_naming_the_files(tmp_path: Path) -> None:
+    spec = get_spec("longlive")
+    params = spec.effective_load_params(LoadParams(), allow_random_weights=False)
+    with pytest.raises(PipelineLoadError) as error:
+        LongLivePipeline.load(spec, params, report=lambda *_: None, models_dir=tmp_path)
+    message = str(error.value)
+    assert "longlive_base.pt" in message and "Wan2.1_VAE.pth" in message and str(tmp_path) in message
+
+
+def test_random_weights_need_the_server_flag(tmp_path: Path) -> None:
+    with run_server(tmp_path) as server:
+        response = httpx.post(
+            f"{server.url}/api/v1/pipeline/load",
+            json={"pipeline_id": "longlive", "load_params": {"random_weights": True}},
+        )
+        assert response.status_code == 400 and "--allow-random-weights" in response.json()["detail"]
+        status = load_pipeline(server.url, "longlive")  # real weights: none on this machine
+        assert status["status"] == "error" and "weights missing" in status["error"]
+
+
+async def test_streamdiffusionv2_video_to_video_through_the_server(server: RunningServer) -> None:
+    status = load_pipeline(server.url, "streamdiffusionv2", height=SIZE, width=SIZE, random_weights=True)
+    assert status["status"] == "loaded" and status["random_weights"] is True and status["backend"] == "eager"
+    client = ScopeClient(server.url, initial_parameters={"input_mode": "video", "prompts": [{"text": "anime"}]})
+    await client.connect()
+    try:
+        frames = await client.wait_frames(12, timeout_s=60)
+        await client.send({"prompts": [{"text": "a new prompt", "weight": 1.0}], "noise_scale": 0.5})
+        stats = await client.wait_message("stats")
+        assert stats["backend"] == "eager" and stats["chunks"] >= 1
+    finally:
+        await client.close()
+    assert {(f.width, f.height) for f in frames} == {(SIZE, SIZE)}
+
+
+async def test_longlive_text_to_video_through_the_server(server: RunningServer) -> None:
+    load_pipeline(server.url, "longlive", height=SIZE, width=SIZE, random_weights=True)
+    client = ScopeClient(server.url, send_video=False, initial_parameters={"input_mode": "text"})
+    await client.connect()
+    try:
+        frames = await client.wait_frames(12, timeout_s=90)
+    finally:
+        await client.close()
+    assert {(f.width, f.height) for f in frames} == {(SIZE, SIZE)}
