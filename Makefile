@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
+SERVE_ARGS ?=
 
 .PHONY: install serve test lint bench clean
 
@@ -19,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 serve: install
-	$(VENV)/bin/wanrt serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/wanrt serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 test: install
 	$(PY) -m pytest -q
