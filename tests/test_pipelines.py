@@ -83,3 +83,21 @@ async def test_longlive_text_to_video_through_the_server(server: RunningServer) 
     finally:
         await client.close()
     assert {(f.width, f.height) for f in frames} == {(SIZE, SIZE)}
+
+
+def test_noise_controller_follows_its_formula() -> None:
+    import torch
+
+    from serve.pipelines.policies import NoiseController
+
+    controller = NoiseController(0.7)
+    still = torch.zeros(1, 3, 4, 8, 8)
+    s, first_t = controller.update(still)  # no motion: d = 0
+    assert s == pytest.approx(0.8 * 0.9 + 0.1 * 0.7) and first_t == int(1000 * s) - 100
+    moving = still.clone()
+    moving[:, :, 2] = 0.1  # one frame pair differs by RMS 0.1 → d = 0.5 (the pair back to 0 too)
+    s2, _ = controller.update(moving)
+    assert s2 == pytest.approx((0.8 - 0.2 * 0.5) * 0.9 + 0.1 * s)
+    fast = torch.rand(1, 3, 4, 8, 8) * 2 - 1
+    s3, _ = controller.update(fast)
+    assert s3 == pytest.approx((0.8 - 0.2) * 0.9 + 0.1 * s2)  # d clamps at 1

@@ -29,6 +29,7 @@ from serve.models.scheduler import FlowMatchScheduler
 from serve.models.text_encoder import UMT5_PRESETS, UMT5Encoder, load_text_encoder
 from serve.models.tokenizer import UMT5Tokenizer
 from serve.pipelines.base import Pipeline, PipelineStream, ProgressFn
+from serve.pipelines.policies import NoiseController
 from serve.pipelines.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class AutoregressiveStream(PipelineStream):
         )  # fmt: skip
         self.generator = torch.Generator(device=pipeline.device).manual_seed(seed)
         self.seed = seed
+        self.noise_controller = NoiseController(pipeline.spec.runtime_defaults.get("noise_scale", 0.7))
         self.frame = 0  # absolute latent frame of the next chunk
         self._prompt_key: tuple | None = None
 
@@ -80,6 +82,7 @@ class AutoregressiveStream(PipelineStream):
         self.vae.reset()
         self.frame = 0
         self.generator.manual_seed(self.seed)
+        self.noise_controller.reset(self.noise_controller.strength)
 
     def _set_prompts(self, params: dict[str, Any]) -> None:
         prompts = [(p["text"], p.get("weight", 1.0)) for p in params.get("prompts") or []] or [("", 1.0)]
@@ -109,10 +112,16 @@ class AutoregressiveStream(PipelineStream):
             if first:  # the VAE's first call takes frame 0 alone: 1 + 4(F−1) frames → F latents
                 pixels = pixels[:, :, -(1 + 4 * (chunk - 1)) :]
             latents = self.vae.encode_chunk(pixels)
-            strength = float(params.get("noise_scale", 0.7))
-            # The first denoising pass starts at the noise level the input was mixed to.
-            steps = [strength * 1000] + [t for t in steps[1:] if t < strength * 1000]
-            x = scheduler.add_noise(latents, self._noise(latent_shape), torch.full((1, chunk), steps[0]))
+            if params.get("noise_controller", False):
+                strength, first_t = self.noise_controller.update(pixels)
+            else:
+                strength = float(params.get("noise_scale", 0.7))
+                first_t = 1000 * strength
+            # The input is mixed to the noise level `strength`; denoising starts at `first_t`, then takes the listed
+            # steps below it.
+            steps = [first_t] + [t for t in steps[1:] if t < first_t]
+            noise = self._noise(latent_shape)
+            x = (1 - strength) * latents + strength * noise
         else:
             x = self._noise(latent_shape)
 
