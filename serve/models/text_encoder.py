@@ -25,14 +25,14 @@ T5 quirks kept on purpose (they are what the weights were trained with):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from serve.models.checkpoint import load_checkpoint
 
 __all__ = [
     "UMT5_PRESETS",
@@ -229,30 +229,6 @@ class UMT5Encoder(nn.Module):
 # Loading
 
 
-@contextmanager
-def _open_checkpoint(path: Path) -> Iterator[tuple[dict[str, tuple[int, ...]], Callable[[str], Tensor]]]:
-    """Open a .pth (mmap, weights only) or .safetensors file lazily → (key → shape, key → CPU tensor).
-
-    Shapes are known before any tensor data is read, so a bad file fails before we spend RAM on it, and tensors
-    are materialised one at a time by the caller.
-    """
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 - not a Mapping
-            yield shapes, f.get_tensor
-        return
-    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    # Some exports wrap the weights; accept the common single-key wrappers, nothing fancier.
-    for wrapper in ("state_dict", "model"):
-        if set(sd) == {wrapper} and isinstance(sd[wrapper], dict):
-            sd = sd[wrapper]
-    yield {key: tuple(t.shape) for key, t in sd.items()}, sd.pop
-
-
 def load_text_encoder(
     path: str | Path,
     dtype: torch.dtype = torch.bfloat16,
@@ -262,28 +238,11 @@ def load_text_encoder(
     """Build a umT5 encoder on the meta device and assign the checkpoint's tensors into it (no double copy in RAM).
 
     Accepts Wan's ``.pth`` and ``.safetensors`` (including fp8-e4m3fn, upcast to ``dtype``). Keys and shapes are
-    checked strictly; an error names the key and the file. Returns the model in eval mode.
+    checked strictly (serve/models/checkpoint.py: CheckpointError names the key and the file). Returns the model
+    in eval mode.
     """
-    path = Path(path)
     cfg = UMT5_PRESETS[config] if isinstance(config, str) else config
     with torch.device("meta"):
         model = UMT5Encoder(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-
-    converted: dict[str, Tensor] = {}
-    with _open_checkpoint(path) as (shapes, read):
-        missing = sorted(expected.keys() - shapes.keys())
-        unexpected = sorted(shapes.keys() - expected.keys())
-        if missing:
-            raise KeyError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing in all)")
-        if unexpected:
-            raise KeyError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
-        for key, shape in expected.items():
-            if shapes[key] != tuple(shape):
-                raise ValueError(f"{path}: key {key!r} has shape {shapes[key]}, expected {tuple(shape)}")
-        # One tensor at a time: peak RAM ≈ the converted model plus one source tensor (an mmapped .pth is paged in
-        # lazily, safetensors reads each tensor on demand), never two full copies of an 11 GB file.
-        for key in expected:
-            converted[key] = read(key).to(device=device, dtype=dtype)
-    model.load_state_dict(converted, strict=True, assign=True)
+    load_checkpoint(model, path, dtype=dtype, device=device)
     return model.eval().requires_grad_(False)
