@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import struct
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,15 @@ pytestmark = pytest.mark.browser
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 OUTPUT_FRAMES = "document.getElementById('output-video').getVideoPlaybackQuality().totalVideoFrames"
+
+
+def tiny_png() -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\x00" + b"\xff\x00\x00" * 2 + b"\x00" + b"\x00\xff\x00" * 2)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +103,7 @@ def test_ui_lists_pipelines_loads_passthrough_streams_webcam_and_steers(page, se
     assert page.evaluate("document.getElementById('input-video').videoWidth") > 0
     assert page.evaluate("document.getElementById('output-video').videoWidth") == 256
     params = session_parameters(server, session_id)
+    assert params["noise_controller"] is True and params["manage_cache"] is True  # checkbox defaults from the schema
     assert params["input_mode"] == "video" and params["prompts"][0]["text"] == "A beautiful landscape"
 
     # Move the noise_scale slider with the keyboard, as a user would: focus then ArrowLeft x3 (step 0.01).
@@ -115,14 +127,26 @@ def test_ui_lists_pipelines_loads_passthrough_streams_webcam_and_steers(page, se
     deadline = time.monotonic() + 10
     while True:
         params = session_parameters(server, session_id)
-        if params["denoising_step_list"] == [800, 400] and "snowy" in str(params.get("transition") or params["prompts"]):
+        if params["denoising_step_list"] == [800, 400] and "snowy" in str(
+            params.get("transition") or params["prompts"]
+        ):
             break
         assert time.monotonic() < deadline, params
         time.sleep(0.1)
 
+    # A VACE reference image goes through the assets endpoint, then its path is sent as vace_ref_images.
+    page.set_input_files("#vace-file", files=[{"name": "ref.png", "mimeType": "image/png", "buffer": tiny_png()}])
+    deadline = time.monotonic() + 10
+    while not (refs := session_parameters(server, session_id)["vace_ref_images"]):
+        assert time.monotonic() < deadline, (page.inner_text("header"), page.console)
+        time.sleep(0.1)
+    assert refs[0].endswith(".png") and refs[0] in page.inner_text("#vace-list")
+
     page.wait_for_function("document.querySelector('[data-stat=fps_out]').textContent !== '–'", timeout=10_000)
+    page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(ARTIFACTS / "ui_1280x800.png"))
     page.set_viewport_size({"width": 420, "height": 900})
+    page.wait_for_timeout(500)
     page.screenshot(path=str(ARTIFACTS / "ui_420x900.png"), full_page=True)
     page.set_viewport_size({"width": 1280, "height": 800})
 
@@ -139,6 +163,7 @@ def test_ui_failing_load_shows_the_error(page, server: RunningServer) -> None:
     assert "not built into this server" in error or "PipelineUnavailable" in error, error
     assert "longlive" in page.inner_text("[role=alert] >> nth=0")
     ARTIFACTS.mkdir(exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(ARTIFACTS / "ui_load_error.png"))
 
 
@@ -151,5 +176,10 @@ def test_ui_text_mode_streams_without_input(page, server: RunningServer) -> None
     session_id = page.inner_text("#session-id").strip()
     wait_output_frames(page, server, 20)
     assert session_parameters(server, session_id)["input_mode"] == "text"
-    page.get_by_role("button", name="Stop stream").click()
+
+    # Unloading the pipeline stops the session: the server's stream_stopped message is shown in the alert area.
+    httpx.post(f"{server.url}/api/v1/pipeline/unload", timeout=10).raise_for_status()
+    page.wait_for_selector("#alert:not([hidden])", timeout=10_000)
+    assert "Stream stopped" in page.inner_text("#alert")
+    page.wait_for_function("!document.getElementById('start-button').disabled")
     wait_sessions_freed(server)

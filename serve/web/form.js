@@ -79,13 +79,8 @@ export function makeControl(name, rawProp, root, { mode, onChange } = {}) {
     read = () => input.checked;
     write = (v) => (input.checked = Boolean(v));
     input.addEventListener("change", changed);
-    return {
-      name,
-      row: el("div", { class: "field field-check" }, input, label, help),
-      read,
-      write,
-      input,
-    };
+    if (prop.default !== undefined) write(prop.default);
+    return { name, row: el("div", { class: "field field-check" }, input, label, help), read, write, input, prop };
   } else if (prop.type === "integer" || prop.type === "number") {
     const bounded = prop.minimum !== undefined && prop.maximum !== undefined;
     const step = prop.multipleOf || (prop.type === "integer" ? 1 : bounded ? (prop.maximum - prop.minimum) / 100 : "any");
