@@ -180,6 +180,6 @@ def test_ui_text_mode_streams_without_input(page, server: RunningServer) -> None
     # Unloading the pipeline stops the session: the server's stream_stopped message is shown in the alert area.
     httpx.post(f"{server.url}/api/v1/pipeline/unload", timeout=10).raise_for_status()
     page.wait_for_selector("#alert:not([hidden])", timeout=10_000)
-    assert "Stream stopped" in page.inner_text("#alert")
+    assert "Stream stopped: pipeline unloaded" in page.inner_text("#alert"), page.inner_text("#alert")
     page.wait_for_function("!document.getElementById('start-button').disabled")
     wait_sessions_freed(server)

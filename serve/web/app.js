@@ -413,7 +413,11 @@ function onMessage(data) {
 }
 
 function onStateChange(s) {
-  if (s === "channel-open") {
+  if (s === "channel-closed") {
+    // The server closes the channel when it ends a session; stream_stopped normally comes first.
+    alertError("Stream stopped: the server closed the connection.");
+    teardown("Stream ended.");
+  } else if (s === "channel-open") {
     info("Streaming. Parameter changes are sent live.");
     flushUpdates();
   } else if (s === "failed") {
@@ -439,14 +443,18 @@ async function startStream() {
       input_mode: source === "none" ? "text" : "video",
     };
     state.pending = {};
+    // Callbacks of a session that was already torn down (or replaced) are ignored.
+    const token = {};
+    state.token = token;
+    const live = (fn) => (arg) => state.token === token && fn(arg);
     state.session = await startSession({
       inputStream: input.stream,
       initialParameters,
-      onTrack: (stream) => {
+      onTrack: live((stream) => {
         $("output-video").srcObject = stream;
-      },
-      onMessage,
-      onStateChange,
+      }),
+      onMessage: live(onMessage),
+      onStateChange: live(onStateChange),
     });
     $("session-id").textContent = state.session.sessionId;
     $("stop-button").disabled = false;
@@ -471,6 +479,7 @@ function releaseInput() {
 function teardown(message) {
   const session = state.session;
   state.session = null;
+  state.token = null;
   if (session) session.stop();
   releaseInput();
   $("output-video").srcObject = null;
