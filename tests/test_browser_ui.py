@@ -29,6 +29,23 @@ def tiny_png() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
+def looping_webm(path: Path, frames: int = 48) -> Path:
+    """A small VP8 clip of a moving bar, made with PyAV (aiortc's dependency)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format="webm") as container:
+        stream = container.add_stream("libvpx", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 160, 128, "yuv420p"
+        for i in range(frames):
+            image = np.zeros((128, 160, 3), np.uint8)
+            image[:, (i * 3) % 160 : (i * 3) % 160 + 16] = (255, 200, 0)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     with launch_chromium() as chromium:
@@ -182,4 +199,21 @@ def test_ui_text_mode_streams_without_input(page, server: RunningServer) -> None
     page.wait_for_selector("#alert:not([hidden])", timeout=10_000)
     assert "Stream stopped: pipeline unloaded" in page.inner_text("#alert"), page.inner_text("#alert")
     page.wait_for_function("!document.getElementById('start-button').disabled")
+    wait_sessions_freed(server)
+
+
+def test_ui_streams_a_looped_video_file(page, server: RunningServer, tmp_path: Path) -> None:
+    clip = looping_webm(tmp_path / "clip.webm")
+    load_in_page(page, "passthrough", 128, 128)
+    page.wait_for_function("document.getElementById('load-state-text').textContent.includes('loaded')")
+    page.select_option("#input-source", "file")
+    page.get_by_label("Video file").set_input_files(str(clip))
+    page.get_by_role("button", name="Start stream").click()
+    page.wait_for_function("document.getElementById('session-id').textContent.length > 4", timeout=10_000)
+    session_id = page.inner_text("#session-id").strip()
+    # More output frames than the 48-frame clip holds: the file plays in a loop.
+    wait_output_frames(page, server, 72)
+    assert page.evaluate("document.getElementById('input-video').loop")
+    assert session_parameters(server, session_id)["input_mode"] == "video"
+    page.get_by_role("button", name="Stop stream").click()
     wait_sessions_freed(server)

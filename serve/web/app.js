@@ -66,7 +66,12 @@ function renderPipelines() {
     );
     const missing =
       p.missing_files && p.missing_files.length
-        ? el("small", { class: "help", text: `Missing: ${p.missing_files.join(", ")}` })
+        ? el(
+            "details",
+            { class: "help missing" },
+            el("summary", { text: `${p.missing_files.length} missing weight file(s)` }),
+            el("ul", {}, p.missing_files.map((f) => el("li", {}, el("code", { text: f })))),
+          )
         : null;
     box.append(
       el(
