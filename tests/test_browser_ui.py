@@ -159,6 +159,17 @@ def test_ui_lists_pipelines_loads_passthrough_streams_webcam_and_steers(page, se
         time.sleep(0.1)
     assert refs[0].endswith(".png") and refs[0] in page.inner_text("#vace-list")
 
+    # An update the server rejects comes back as an `error` message, shown in the alert area.
+    page.evaluate("window.wanrtUI.session.send({ noise_scale: 5 })")
+    page.wait_for_selector("#alert:not([hidden])", timeout=10_000)
+    assert "Server rejected an update" in page.inner_text("#alert") and "noise_scale" in page.inner_text("#alert")
+    # Values out of the schema's bounds are not sent; the page says why.
+    page.get_by_label("Denoising step list").fill("800, 5000")
+    page.get_by_label("Denoising step list").blur()
+    page.wait_for_function("document.getElementById('alert').textContent.includes('5000 > 1000')")
+    page.get_by_role("button", name="Dismiss error").click()
+    assert session_parameters(server, session_id)["denoising_step_list"] == [800, 400]
+
     page.wait_for_function("document.querySelector('[data-stat=fps_out]').textContent !== '–'", timeout=10_000)
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(ARTIFACTS / "ui_1280x800.png"))
@@ -171,6 +182,13 @@ def test_ui_lists_pipelines_loads_passthrough_streams_webcam_and_steers(page, se
     wait_sessions_freed(server)
     assert page.is_enabled("#start-button")
     assert page.console == [] or not any("pageerror" in line for line in page.console), page.console
+
+
+def test_ui_load_form_checks_the_schema_before_sending(page, server: RunningServer) -> None:
+    load_in_page(page, "passthrough", height=100)
+    page.wait_for_selector("#load-error:not([hidden])", timeout=5_000)
+    assert "height: 100 is not a multiple of 16" in page.inner_text("#load-error")
+    assert httpx.get(f"{server.url}/api/v1/pipeline/status").json()["status"] == "not_loaded"
 
 
 def test_ui_failing_load_shows_the_error(page, server: RunningServer) -> None:
@@ -200,6 +218,12 @@ def test_ui_text_mode_streams_without_input(page, server: RunningServer) -> None
     assert "Stream stopped: pipeline unloaded" in page.inner_text("#alert"), page.inner_text("#alert")
     page.wait_for_function("!document.getElementById('start-button').disabled")
     wait_sessions_freed(server)
+    # Starting again without a loaded pipeline says so.
+    page.get_by_role("button", name="Dismiss error").click()
+    page.get_by_role("button", name="Start stream").click()
+    page.wait_for_function("document.getElementById('alert').textContent.includes('Load a pipeline')")
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(ARTIFACTS / "ui_stream_stopped.png"))
 
 
 def test_ui_streams_a_looped_video_file(page, server: RunningServer, tmp_path: Path) -> None:

@@ -146,6 +146,9 @@ export function check(control) {
       if (bounds.type === "integer" && !Number.isInteger(x)) return `${control.name}: ${x} is not an integer`;
       if (bounds.minimum !== undefined && x < bounds.minimum) return `${control.name}: ${x} < ${bounds.minimum}`;
       if (bounds.maximum !== undefined && x > bounds.maximum) return `${control.name}: ${x} > ${bounds.maximum}`;
+      if (bounds.multipleOf && Math.abs(x / bounds.multipleOf - Math.round(x / bounds.multipleOf)) > 1e-9) {
+        return `${control.name}: ${x} is not a multiple of ${bounds.multipleOf}`;
+      }
     }
   }
   return null;
