@@ -167,6 +167,7 @@ def test_ui_lists_pipelines_loads_passthrough_streams_webcam_and_steers(page, se
     page.get_by_label("Denoising step list").fill("800, 5000")
     page.get_by_label("Denoising step list").blur()
     page.wait_for_function("document.getElementById('alert').textContent.includes('5000 > 1000')")
+    assert page.get_by_label("Denoising step list").get_attribute("aria-invalid") == "true"
     page.get_by_role("button", name="Dismiss error").click()
     assert session_parameters(server, session_id)["denoising_step_list"] == [800, 400]
 

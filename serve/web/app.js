@@ -235,6 +235,7 @@ function queueChange(name, value) {
   const control = state.runtimeControls.get(name);
   if (value === undefined && control) {
     const problem = check(control);
+    if (control.input) control.input.setAttribute("aria-invalid", problem ? "true" : "false");
     if (problem) return alertError(`Not sent: ${problem}`);
     value = control.read();
     if (value === undefined) return;
