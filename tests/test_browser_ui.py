@@ -159,6 +159,20 @@ def test_ui_lists_pipelines_loads_passthrough_streams_webcam_and_steers(page, se
         time.sleep(0.1)
     assert refs[0].endswith(".png") and refs[0] in page.inner_text("#vace-list")
 
+    # Two weighted prompts, switched at once (transition steps 0), arrive as `prompts`.
+    page.get_by_role("button", name="Add prompt").click()
+    page.get_by_label("Prompt 2", exact=True).fill("A red barn")
+    page.get_by_label("Prompt 2 weight").fill("0.5")
+    page.get_by_label("Transition steps").fill("0")
+    page.get_by_role("button", name="Apply prompts").click()
+    expected = [{"text": "A snowy mountain", "weight": 1.0}, {"text": "A red barn", "weight": 0.5}]
+    deadline = time.monotonic() + 10
+    while [
+        {"text": p["text"], "weight": p["weight"]} for p in session_parameters(server, session_id)["prompts"]
+    ] != expected:
+        assert time.monotonic() < deadline, session_parameters(server, session_id)
+        time.sleep(0.1)
+
     # An update the server rejects comes back as an `error` message, shown in the alert area.
     page.evaluate("window.wanrtUI.session.send({ noise_scale: 5 })")
     page.wait_for_selector("#alert:not([hidden])", timeout=10_000)

@@ -197,24 +197,27 @@ async function loadPipeline(event) {
   info(`Loading ${id}…`);
   try {
     await api("/pipeline/load", { method: "POST", json: { pipeline_id: id, load_params: loadParams } });
-    for (;;) {
-      const s = await api("/pipeline/status");
-      renderPipelineStatus(s);
-      if (s.status === "loaded") {
-        info(`${s.pipeline_id} loaded${s.backend ? ` (backend ${s.backend})` : ""}. Start a stream.`);
-        break;
-      }
-      if (s.status === "error" || s.status === "not_loaded") {
-        throw new Error(`Load failed: ${s.error || s.status}`);
-      }
-      await new Promise((r) => setTimeout(r, 250));
-    }
+    await waitForLoad();
   } catch (err) {
     showLoadError(err.message);
     alertError(`Could not load ${id}: ${err.message}`);
     info(`Loading ${id} failed.`);
   } finally {
     $("load-button").disabled = false;
+  }
+}
+
+/** Polls the pipeline status until it settles, showing stage and progress; throws with the server's error. */
+async function waitForLoad() {
+  for (;;) {
+    const s = await api("/pipeline/status");
+    renderPipelineStatus(s);
+    if (s.status === "loaded") {
+      info(`${s.pipeline_id} loaded${s.backend ? ` (backend ${s.backend})` : ""}. Start a stream.`);
+      return s;
+    }
+    if (s.status === "error" || s.status === "not_loaded") throw new Error(`Load failed: ${s.error || s.status}`);
+    await new Promise((r) => setTimeout(r, 250));
   }
 }
 
@@ -311,6 +314,7 @@ function renumberPrompts() {
   [...$("prompts").children].forEach((item, i) => {
     item.querySelector(".prompt-label").textContent = `Prompt ${i + 1}`;
     item.querySelector(".remove").setAttribute("aria-label", `Remove prompt ${i + 1}`);
+    item.querySelector(".prompt-weight").setAttribute("aria-label", `Prompt ${i + 1} weight`);
   });
 }
 
@@ -528,6 +532,12 @@ async function init() {
       }
     }
     info(status.status === "loaded" ? `${status.pipeline_id} is loaded.` : "Choose a pipeline and load it.");
+    if (status.status === "loading") {
+      info(`${status.pipeline_id} is loading…`);
+      waitForLoad().catch((err) => showLoadError(err.message));
+    } else if (status.status === "error" && status.error) {
+      showLoadError(`Last load failed: ${status.error}`);
+    }
   } catch (err) {
     alertError(`Could not read the pipelines: ${err.message}`);
     info("Server not reachable.");
