@@ -1,6 +1,6 @@
 // wanrt studio: choose and load a pipeline, stream webcam / file / nothing, steer prompts and parameters live.
 import { api, uploadAsset } from "./api.js";
-import { check, el, labelText, makeControl } from "./form.js";
+import { check, el, makeControl } from "./form.js";
 import { startSession } from "./stream.js";
 
 const $ = (id) => document.getElementById(id);
@@ -544,5 +544,4 @@ async function init() {
   }
 }
 
-export { labelText };
 init();
