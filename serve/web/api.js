@@ -1,0 +1,48 @@
+// Thin fetch helpers for the wanrt / Daydream Scope HTTP API (same origin as this page).
+
+export class ApiError extends Error {
+  constructor(message, status, kind) {
+    super(message);
+    this.status = status;
+    this.kind = kind;
+  }
+}
+
+export async function api(path, { method = "GET", json, body, headers = {} } = {}) {
+  const init = { method, headers: { ...headers } };
+  if (json !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(json);
+  } else if (body !== undefined) {
+    init.body = body;
+  }
+  let response;
+  try {
+    response = await fetch(`/api/v1${path}`, init);
+  } catch (err) {
+    throw new ApiError(`network error on ${method} ${path}: ${err.message}`, 0, "NetworkError");
+  }
+  if (response.status === 204) return null;
+  const text = await response.text();
+  let data = null;
+  try {
+    data = text ? JSON.parse(text) : null;
+  } catch {
+    data = null;
+  }
+  if (!response.ok) {
+    const detail = data && (data.detail || data.message) ? data.detail || data.message : text || response.statusText;
+    const kind = data && data.error ? data.error : `HTTP ${response.status}`;
+    throw new ApiError(`${kind}: ${typeof detail === "string" ? detail : JSON.stringify(detail)}`, response.status, kind);
+  }
+  return data;
+}
+
+export async function uploadAsset(file) {
+  const name = encodeURIComponent(file.name || "upload.bin");
+  return api(`/assets?filename=${name}`, {
+    method: "POST",
+    body: file,
+    headers: { "Content-Type": "application/octet-stream" },
+  });
+}
