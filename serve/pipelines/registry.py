@@ -124,8 +124,8 @@ PIPELINES: dict[str, PipelineSpec] = {
         _model_spec(
             "longlive",
             "LongLive",
-            "Wan2.1 1.3B with a 3-frame sink and 12-frame window; re-caches the KV with the new prompt on a switch "
-            "for smooth transitions. Base weights plus a merged LoRA.",
+            "Wan2.1 1.3B with a 3-frame sink and 12-frame window, for long generation with smooth prompt changes. "
+            "Base weights plus a merged LoRA.",
             base_model="Wan2.1-T2V-1.3B",
             default_mode="text",
             chunk_frames=12,
