@@ -101,3 +101,16 @@ def test_noise_controller_follows_its_formula() -> None:
     fast = torch.rand(1, 3, 4, 8, 8) * 2 - 1
     s3, _ = controller.update(fast)
     assert s3 == pytest.approx((0.8 - 0.2) * 0.9 + 0.1 * s2)  # d clamps at 1
+
+
+@pytest.mark.parametrize(
+    ("load_params", "needle"),
+    [
+        ({"backend": "tensorrt"}, "backend 'tensorrt' is not built yet"),
+        ({"quantization": "fp8_e4m3fn"}, "quantization"),
+        ({"vace_enabled": True}, "VACE"),
+    ],
+)
+def test_options_this_build_cannot_honour_are_refused_not_ignored(load_params: dict, needle: str) -> None:
+    with pytest.raises(PipelineLoadError, match=needle):
+        load(StreamDiffusionV2Pipeline, "streamdiffusionv2", random_weights=True, **load_params)

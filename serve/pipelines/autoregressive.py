@@ -160,6 +160,17 @@ class AutoregressivePipeline(Pipeline):
 
     @classmethod
     def load(cls, spec: PipelineSpec, load_params: dict[str, Any], *, report: ProgressFn, **context: Any) -> Pipeline:
+        # Never a silent fallback: what this build cannot honour yet is refused with the reason.
+        if load_params.get("backend", "auto") not in ("auto", "eager"):
+            raise PipelineLoadError(
+                f"{spec.id}: backend {load_params['backend']!r} is not built yet; use 'auto' or 'eager' (PyTorch)"
+            )
+        if load_params.get("quantization"):
+            raise PipelineLoadError(
+                f"{spec.id}: quantization {load_params['quantization']!r} is not built yet; use null"
+            )
+        if load_params.get("vace_enabled") or load_params.get("loras"):
+            raise PipelineLoadError(f"{spec.id}: VACE and user LoRAs are not built yet; load without them")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if load_params.get("random_weights"):
