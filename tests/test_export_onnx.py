@@ -1,0 +1,80 @@
+"""Exported ONNX steps under onnxruntime equal eager fp32, KV-cache and VAE-cache writes included (issue 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from build_engines.export import export_dit_step, export_vae_step
+from serve.models.autoencoder import build_model
+from serve.models.dit import DIT_CONFIGS, WanDiT
+from serve.models.kv_cache import KVCache, KVCacheSpec, RollingSinkPolicy
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[dev]')")
+pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx's exporter) is not installed")
+
+CHUNK, H, W = 3, 8, 8
+LF = (H // 2) * (W // 2)
+
+
+def rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@torch.no_grad()
+def test_dit_step_onnx_equals_eager_over_chunks_with_cache_writes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = DIT_CONFIGS["tiny"]
+    model = WanDiT(config).eval()
+    spec = KVCacheSpec(config.num_layers, 1, config.num_heads, config.head_dim, LF, 9)
+    policy = RollingSinkPolicy(spec, sink_frames=3)
+    text_k, text_v = model.text_kv(torch.randn(1, config.text_len, config.text_dim))
+    eager_cache = KVCache(spec, torch.float32)
+
+    def inputs(chunk_index: int, t: float, latents: torch.Tensor, cache_k, cache_v):
+        plan = policy.plan(chunk_index * CHUNK, CHUNK)
+        return (latents, torch.full((1, CHUNK), t), text_k, text_v, cache_k, cache_v, *plan.as_args())
+
+    example = inputs(0, 1000.0, torch.randn(1, 16, CHUNK, H, W), eager_cache.k.clone(), eager_cache.v.clone())
+    session = ort.InferenceSession(str(export_dit_step(model, example, tmp_path / "dit_step.onnx")))
+    names = [i.name for i in session.get_inputs()]
+
+    onnx_k, onnx_v = eager_cache.k.numpy().copy(), eager_cache.v.numpy().copy()
+    for chunk_index in range(5):  # past the 9-frame buffer: ring slots are overwritten
+        latents = torch.randn(1, 16, CHUNK, H, W)
+        for t in (1000.0, 750.0, 0.0):  # two denoising passes and the clean pass share the chunk's slots
+            args = inputs(chunk_index, t, latents, eager_cache.k, eager_cache.v)
+            eager = model.step(*args[:2], (text_k, text_v), eager_cache.k, eager_cache.v, *args[6:])
+            feed = {n: a.numpy() for n, a in zip(names, args, strict=True)}
+            feed["cache_k"], feed["cache_v"] = onnx_k, onnx_v
+            flow, onnx_k, onnx_v = session.run(None, feed)
+            assert rel_error(flow, eager.numpy()) <= 1e-4
+            assert rel_error(onnx_k, eager_cache.k.numpy()) <= 1e-4
+            assert rel_error(onnx_v, eager_cache.v.numpy()) <= 1e-4
+
+
+@pytest.mark.parametrize("vae_type", ["wan", "tae"])
+@torch.no_grad()
+def test_vae_chunk_steps_onnx_equal_eager_with_caches_fed_back(tmp_path: Path, vae_type: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(vae_type, "tiny").eval()
+    pixels = torch.rand(1, 3, 13, 16, 16) * 2 - 1
+    latents0, enc_caches = model.encode_first(pixels[:, :, :1])
+    _, dec_caches = model.decode_first(latents0)
+    steps = {
+        "encode": (model.encode_step, pixels[:, :, 1:5], enc_caches, [pixels[:, :, i : i + 4] for i in (5, 9)]),
+        "decode": (model.decode_step, torch.randn_like(latents0), dec_caches, [torch.randn_like(latents0)] * 2),
+    }
+    for direction, (step, example_x, caches, later_inputs) in steps.items():
+        path = export_vae_step(model, direction, (example_x, *caches), tmp_path / f"{vae_type}_{direction}.onnx")
+        session = ort.InferenceSession(str(path))
+        names = [i.name for i in session.get_inputs()]
+        eager_caches, onnx_caches = caches, [c.numpy() for c in caches]
+        for x in [example_x, *later_inputs]:
+            y, eager_caches = step(x, eager_caches)
+            outputs = session.run(None, dict(zip(names, [x.numpy(), *onnx_caches], strict=True)))
+            assert rel_error(outputs[0], y.numpy()) <= 1e-4, direction
+            onnx_caches = outputs[1:]
