@@ -14,7 +14,7 @@ from typing import Any
 
 from serve.errors import PipelineBusy, PipelineLoadError, PipelineNotLoaded, PipelineUnavailable
 from serve.pipelines.base import Pipeline
-from serve.pipelines.registry import get_spec
+from serve.pipelines.registry import PIPELINES, get_spec
 from serve.pipelines.worker import PipelineWorker
 from serve.schemas import LoadParams, PipelineStatus
 
@@ -53,7 +53,8 @@ class PipelineManager:
         spec = get_spec(pipeline_id)
         if not spec.available:
             raise PipelineUnavailable(
-                f"pipeline {pipeline_id!r} is declared but not built into this server yet; available: passthrough"
+                f"pipeline {pipeline_id!r} is declared but not built into this server yet; available: "
+                + ", ".join(pid for pid, other in PIPELINES.items() if other.available)
             )
         load_params = spec.effective_load_params(params, allow_random_weights=self.allow_random_weights)
         if self._load_task is not None and not self._load_task.done():
