@@ -40,3 +40,34 @@ def quantized_modules(model: nn.Module) -> set[str]:
             if quantizer is not None and getattr(quantizer, "is_enabled", False):
                 names.add(name)
     return names
+
+
+def standard_fp8_qdq(model):  # onnx.ModelProto -> onnx.ModelProto
+    """Rewrites ModelOpt's `trt::TRT_FP8QuantizeLinear` / `TRT_FP8DequantizeLinear` (inputs: tensor, scale) into the
+    standard ONNX `QuantizeLinear(x, scale, zero_point)` with a FLOAT8E4M3FN zero point and `DequantizeLinear(x,
+    scale)`, which TensorRT's parser and onnxruntime both read (reference/trt.md §2.1). In place; returns `model`.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    zero_point = "fp8_e4m3fn_zero_point"
+    graph.initializer.append(helper.make_tensor(zero_point, TensorProto.FLOAT8E4M3FN, [], [0.0]))
+    rewritten = []
+    for node in graph.node:
+        if node.domain == "trt" and node.op_type == "TRT_FP8QuantizeLinear":
+            node = helper.make_node("QuantizeLinear", [node.input[0], node.input[1], zero_point], list(node.output),
+                                    name=node.name)  # fmt: skip
+        elif node.domain == "trt" and node.op_type == "TRT_FP8DequantizeLinear":
+            node = helper.make_node("DequantizeLinear", [node.input[0], node.input[1]], list(node.output),
+                                    name=node.name)  # fmt: skip
+        rewritten.append(node)
+    del graph.node[:]
+    graph.node.extend(rewritten)
+    # The custom ops' inferred value_info is stale once they are standard ops; the trt opset is no longer used.
+    del graph.value_info[:]
+    kept = [o for o in model.opset_import if o.domain != "trt"]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    onnx.checker.check_model(model)
+    return model

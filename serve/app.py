@@ -61,7 +61,10 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         configure_ice(settings.webrtc)
         configure_codecs(settings.webrtc)
-        pipelines = PipelineManager(models_dir=settings.models_dir, allow_random_weights=settings.allow_random_weights)
+        pipelines = PipelineManager(
+            models_dir=settings.models_dir, engines_dir=settings.engines_dir,
+            allow_random_weights=settings.allow_random_weights,
+        )  # fmt: skip
         sessions = SessionManager(pipelines, settings.webrtc, settings.assets.directory)
         app.state.update(pipelines=pipelines, sessions=sessions, assets=AssetStore(settings.assets.directory))
         if settings.preload_pipeline:

@@ -1,12 +1,15 @@
-"""`wanrt` command line: `wanrt serve` starts the server (more subcommands come with engines and models)."""
+"""`wanrt` command line: `wanrt serve` starts the server, `wanrt engines ...` builds and checks engines."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
+from build_engines.commands import add_engines_parser
+from build_engines.commands import run as run_engines_command
 from serve.settings import CorsSettings, ServerSettings
 
 
@@ -49,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--assets-dir", type=Path, default=defaults.assets.directory)
     serve.add_argument("--max-upload-mb", type=int, default=defaults.assets.max_upload_bytes // 2**20)
     serve.add_argument("--models-dir", type=Path, default=defaults.models_dir)
+    serve.add_argument("--engines-dir", type=Path, default=defaults.engines_dir, help="env WANRT_ENGINES_DIR")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_engines_parser(commands, defaults.engines_dir, defaults.models_dir)
     return parser
 
 
@@ -62,6 +67,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         preload_pipeline=args.pipeline,
         allow_random_weights=args.allow_random_weights,
         models_dir=args.models_dir,
+        engines_dir=args.engines_dir,
         cors=CorsSettings(extra_origins=tuple(args.cors_allow_origin)),
         webrtc=dataclasses.replace(
             defaults.webrtc,
@@ -86,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
         settings = settings_from_args(args)
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    elif args.command == "engines":
+        sys.exit(run_engines_command(args))
 
 
 if __name__ == "__main__":

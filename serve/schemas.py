@@ -109,6 +109,7 @@ class PipelineStatus(Struct):
     loading_stage: str | None = None
     progress: float | None = None
     backend: str | None = None
+    backend_reason: str | None = None  # why this backend runs the step (and why better ones did not)
     random_weights: bool = False
 
 

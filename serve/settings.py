@@ -61,6 +61,8 @@ class ServerSettings:
     allow_random_weights: bool = False
     """Accept the `random_weights` load parameter (tiny config, seeded random weights) for demos and tests."""
     models_dir: Path = field(default_factory=lambda: Path.home() / ".wanrt" / "models")
+    engines_dir: Path = field(default_factory=lambda: Path.home() / ".wanrt" / "engines")
+    """Built engines and their manifests (`wanrt engines build`); an engine is used only if its manifest matches."""
     cors: CorsSettings = field(default_factory=CorsSettings)
     webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
     assets: AssetSettings = field(default_factory=AssetSettings)
@@ -76,6 +78,7 @@ class ServerSettings:
             preload_pipeline=env.get("PIPELINE") or None,
             allow_random_weights=env.get("WANRT_ALLOW_RANDOM_WEIGHTS", "") in ("1", "true", "yes"),
             models_dir=Path(env.get("WANRT_MODELS_DIR", home / "models")),
+            engines_dir=Path(env.get("WANRT_ENGINES_DIR", home / "engines")),
             webrtc=WebRTCSettings(
                 ice_servers=tuple(u for u in env.get("WANRT_ICE_SERVERS", "").split(",") if u),
                 ice_interfaces=env.get("WANRT_ICE_INTERFACES", WebRTCSettings.ice_interfaces),

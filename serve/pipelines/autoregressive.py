@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from build_engines.manifest import dit_step_key, precision_of
 from serve.errors import PipelineLoadError
 from serve.models.autoencoder import StreamingAutoencoder, make_vae
 from serve.models.dit import ROPE_MAX_POSITIONS
@@ -27,6 +28,8 @@ from serve.pipelines.base import Pipeline, PipelineStream, ProgressFn
 from serve.pipelines.policies import NoiseController
 from serve.pipelines.spec import PipelineSpec
 from serve.pipelines.weights import Models, load_weights, random_models
+from serve.runtime.backends import DiTStep, EagerStep, select_backend
+from serve.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ class AutoregressiveStream(PipelineStream):
 
     @torch.inference_mode()
     def process(self, frames: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
-        p, dit, scheduler = self.p, self.p.models.dit, self.p.scheduler
+        p, scheduler = self.p, self.p.scheduler
         chunk = p.shape.chunk_latents
         if self.frame + chunk > ROPE_MAX_POSITIONS:  # absolute RoPE positions end at 1024 frames
             self.reset()
@@ -117,13 +120,13 @@ class AutoregressiveStream(PipelineStream):
         x0 = x
         for i, t in enumerate(steps):
             timestep = torch.full((1, chunk), float(t), device=p.device)
-            flow = dit.step(x.to(p.dtype), timestep, self.text_kv.pair(), self.cache.k, self.cache.v, *plan.as_args())
+            flow = p.step(x.to(p.dtype), timestep, self.text_kv.pair(), self.cache.k, self.cache.v, *plan.as_args())
             x0 = scheduler.to_x0(x, flow.float(), timestep)
             if i + 1 < len(steps):
                 next_t = torch.full((1, chunk), float(steps[i + 1]), device=p.device)
                 x = scheduler.add_noise(x0, self._noise(latent_shape), next_t)
         clean_t = torch.zeros(1, chunk, device=p.device)
-        dit.step(x0.to(p.dtype), clean_t, self.text_kv.pair(), self.cache.k, self.cache.v, *plan.as_args())
+        p.step(x0.to(p.dtype), clean_t, self.text_kv.pair(), self.cache.k, self.cache.v, *plan.as_args())
         self.frame += chunk
 
         # 3. Decode to uint8 frames [T, H, W, 3].
@@ -140,6 +143,7 @@ class AutoregressivePipeline(Pipeline):
         self.height, self.width = load_params["height"], load_params["width"]
         self.chunk_frames = 4 * self.shape.chunk_latents
         self.random_weights = bool(load_params.get("random_weights"))
+        self.step: DiTStep = EagerStep(models.dit)  # what `process` calls; `load` swaps in the chosen backend
         self.backend = "eager"
         self.models = models
         self.device, self.dtype = device, dtype
@@ -148,10 +152,6 @@ class AutoregressivePipeline(Pipeline):
     @classmethod
     def load(cls, spec: PipelineSpec, load_params: dict[str, Any], *, report: ProgressFn, **context: Any) -> Pipeline:
         # Never a silent fallback: what this build cannot honour yet is refused with the reason.
-        if load_params.get("backend", "auto") not in ("auto", "eager"):
-            raise PipelineLoadError(
-                f"{spec.id}: backend {load_params['backend']!r} is not built yet; use 'auto' or 'eager' (PyTorch)"
-            )
         if load_params.get("quantization"):
             raise PipelineLoadError(
                 f"{spec.id}: quantization {load_params['quantization']!r} is not built yet; use null"
@@ -167,8 +167,15 @@ class AutoregressivePipeline(Pipeline):
                 spec, load_params, Path(context["models_dir"]), dit_config=cls.shape.dit_config,
                 prefer=cls.shape.checkpoint_prefer, device=device, dtype=dtype, report=report,
             )  # fmt: skip
+        report("model step backend", 0.9)
+        key = dit_step_key(spec.id, load_params["height"], load_params["width"], cls.shape.chunk_latents,
+                           cls.shape.cache_frames, models.dit.config.text_len, precision_of(dtype), "aoti")  # fmt: skip
+        engines_dir = Path(context.get("engines_dir") or ServerSettings().engines_dir)
+        step, backend, reason = select_backend(load_params.get("backend", "auto"), key, models.dit, engines_dir, device)
         report("ready", 1.0)
-        return cls(spec, load_params, models, device, dtype)
+        pipeline = cls(spec, load_params, models, device, dtype)
+        pipeline.step, pipeline.backend, pipeline.backend_reason = step, backend, reason
+        return pipeline
 
     def open_stream(self, seed: int) -> PipelineStream:
         return AutoregressiveStream(self, seed)

@@ -41,6 +41,8 @@ class Pipeline(ABC):
     chunk_frames: int
     backend: str
     """What executes the model step (`eager`, `compiled`, `tensorrt`, or `none` for passthrough)."""
+    backend_reason: str | None = None
+    """Why that backend was chosen and better ones were not (serve/runtime/backends.py); None where nothing chose."""
     random_weights: bool = False
     text_fps: float = 16.0
     """Playout rate of text-mode output (Wan's sample rate); video mode keeps the input's timestamps."""

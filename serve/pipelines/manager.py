@@ -24,8 +24,9 @@ StopSessionsFn = Callable[[str], Awaitable[None]]
 
 
 class PipelineManager:
-    def __init__(self, *, models_dir: Path, allow_random_weights: bool) -> None:
+    def __init__(self, *, models_dir: Path, allow_random_weights: bool, engines_dir: Path | None = None) -> None:
         self.models_dir = models_dir
+        self.engines_dir = engines_dir
         self.allow_random_weights = allow_random_weights
         self.pipeline: Pipeline | None = None
         self.worker: PipelineWorker | None = None
@@ -84,7 +85,7 @@ class PipelineManager:
         try:
             factory = spec.resolve_factory()
             pipeline = await asyncio.to_thread(
-                factory.load, spec, load_params, report=report, models_dir=self.models_dir
+                factory.load, spec, load_params, report=report, models_dir=self.models_dir, engines_dir=self.engines_dir
             )
         except Exception as exc:
             reason = str(exc) if isinstance(exc, PipelineLoadError) else f"{type(exc).__name__}: {exc}"
@@ -102,6 +103,7 @@ class PipelineManager:
             loading_stage="ready",
             progress=1.0,
             backend=pipeline.backend,
+            backend_reason=pipeline.backend_reason,
             random_weights=pipeline.random_weights,
         )
         log.info("pipeline=%s loaded backend=%s", pipeline_id, pipeline.backend)

@@ -1,0 +1,263 @@
+"""`wanrt engines build`: weights → (fp8 quantization) → export → TensorRT plan or AOTInductor package + manifest.
+
+The models are loaded exactly as the server loads them (same functions, same dtype), so the weight hash in the
+manifest is the one the server computes when it checks the engine. A build whose manifest already matches is
+skipped ("up to date"), which makes `make engines` cheap to re-run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from torch import Tensor
+
+from build_engines.manifest import (
+    Backend,
+    EngineKey,
+    Environment,
+    Manifest,
+    Precision,
+    dit_step_key,
+    engine_path,
+    file_hash,
+    manifest_path,
+    mismatch,
+    read_manifest,
+    utc_now,
+    weight_hash,
+)
+from serve.models.dit import WanDiT
+from serve.models.kv_cache import KVCacheSpec, RollingSinkPolicy
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+FP8_MIN_SM = 89  # fp8 tensor cores: Ada and Hopper onwards (trt.md §0.4)
+
+
+class EngineBuildError(RuntimeError):
+    """A build that cannot run here; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    pipeline: str
+    engines_dir: Path
+    models_dir: Path
+    height: int | None = None  # None: the pipeline's seed resolution
+    width: int | None = None
+    precision: Precision | None = None  # None: fp8 for TensorRT on SM89+, bf16 on other GPUs, fp32 on CPU
+    backend: Backend | None = None  # None: TensorRT where importable with a GPU, else AOTInductor
+    random_weights: bool = False
+    seed: int = 42  # the random weights' seed: the server's default `seed` load parameter
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    key: EngineKey
+    path: Path
+    status: str  # "built" or "up to date"
+    seconds: float
+
+
+def default_backend(device: torch.device) -> Backend:
+    from build_engines.manifest import tensorrt_version
+
+    return "tensorrt" if device.type == "cuda" and tensorrt_version() else "aoti"
+
+
+def default_precision(backend: Backend, env: Environment) -> Precision:
+    if env.sm is None:
+        return "fp32"
+    return "fp8" if backend == "tensorrt" and int(env.sm) >= FP8_MIN_SM else "bf16"
+
+
+def dit_step_args(model: WanDiT, key: EngineKey, device: torch.device) -> tuple[Tensor, ...]:
+    """Inputs of one step with exactly the shapes and dtypes the chunk loop passes (serve/pipelines/autoregressive.py):
+    latents, text K/V and caches in the model dtype; timestep and key bias fp32; slots and positions int64."""
+    config, dtype = model.config, DTYPES[key.precision]
+    frame_tokens = (key.height // 16) * (key.width // 16)
+    spec = KVCacheSpec(config.num_layers, 1, config.num_heads, config.head_dim, frame_tokens, key.cache_frames)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 16, key.chunk_frames, key.height // 8, key.width // 8, generator=generator)
+    context = torch.randn(1, config.text_len, config.text_dim, generator=generator)
+    with torch.no_grad():
+        text_k, text_v = model.text_kv(context.to(device, next(model.parameters()).dtype))
+    cache_shape = (spec.layers, spec.batch, spec.max_tokens, spec.heads, spec.head_dim)
+    cache_k = torch.zeros(cache_shape, dtype=dtype, device=device)
+    plan = RollingSinkPolicy(spec, sink_frames=min(3, key.cache_frames - 1), device=device).plan(0, key.chunk_frames)
+    return (
+        latents.to(device, dtype), torch.full((1, key.chunk_frames), 750.0, device=device),
+        text_k.to(dtype), text_v.to(dtype), cache_k, cache_k.clone(), *plan.as_args(),
+    )  # fmt: skip
+
+
+def tensor_specs(names: tuple[str, ...], tensors: tuple[Tensor, ...], io: str) -> dict[str, dict[str, Any]]:
+    return {
+        n: {"io": io, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        for n, t in zip(names, tensors, strict=True)
+    }
+
+
+@contextlib.contextmanager
+def stage(progress: Progress, description: str) -> Iterator[None]:
+    """One line per long stage, with a spinner and the elapsed time, left on screen when done."""
+    task = progress.add_task(description, total=1)
+    try:
+        yield
+    finally:
+        progress.update(task, completed=1)
+
+
+def load_models(request: BuildRequest, spec: Any, shape: Any, device: torch.device, dtype: torch.dtype):
+    """The same loading as `AutoregressivePipeline.load`, so the weight hash matches the server's."""
+    from serve.pipelines.weights import load_weights, random_models
+    from serve.schemas import LoadParams
+
+    params = spec.effective_load_params(
+        LoadParams(
+            height=request.height, width=request.width, seed=request.seed, random_weights=request.random_weights
+        ),
+        allow_random_weights=True,
+    )
+    if request.random_weights:
+        return random_models(params, device, seed=request.seed)
+    try:
+        return load_weights(
+            spec, params, request.models_dir, dit_config=shape.dit_config, prefer=shape.checkpoint_prefer,
+            device=device, dtype=dtype, report=lambda *_: None,
+        )  # fmt: skip
+    except Exception as exc:  # PipelineLoadError and friends: the message names the missing files
+        raise EngineBuildError(f"{exc} (or build with --random-weights)") from None
+
+
+def build_dit_step(request: BuildRequest, console: Console) -> BuildResult:
+    from serve.pipelines.registry import get_spec
+
+    spec = get_spec(request.pipeline)
+    factory = spec.resolve_factory() if spec.available else None
+    shape = getattr(factory, "shape", None)
+    if shape is None:
+        raise EngineBuildError(f"pipeline {request.pipeline!r} has no model step to build engines for")
+    request = dataclasses.replace(
+        request,
+        height=request.height or spec.load_defaults["height"],
+        width=request.width or spec.load_defaults["width"],
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = Environment.current(device)
+    backend = request.backend or default_backend(device)
+    if backend == "tensorrt":
+        from build_engines.tensorrt import TensorRTUnavailable, import_tensorrt, require_cuda
+
+        try:  # before minutes of loading and export
+            import_tensorrt()
+            require_cuda()
+        except TensorRTUnavailable as exc:
+            raise EngineBuildError(str(exc)) from None
+    precision = request.precision or default_precision(backend, env)
+    if precision == "fp8" and backend != "tensorrt":
+        raise EngineBuildError("fp8 engines are TensorRT builds (ModelOpt Q/DQ); use --backend tensorrt or bf16/fp32")
+    if precision == "fp8" and (env.sm is None or int(env.sm) < FP8_MIN_SM):
+        raise EngineBuildError(f"fp8 needs SM{FP8_MIN_SM}+ (Ada, Hopper); this is {env.describe()}")
+    if precision != "fp32" and device.type == "cpu":
+        raise EngineBuildError(f"{precision} engines are GPU engines; on CPU build fp32")
+
+    start = time.perf_counter()
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console)
+    with progress:
+        with stage(
+            progress, f"{request.pipeline}: load weights ({'random, tiny' if request.random_weights else 'files'})"
+        ):
+            models = load_models(request, spec, shape, device, DTYPES[precision])
+            model = models.dit
+            weights = weight_hash(model)
+        key = dit_step_key(request.pipeline, request.height, request.width, shape.chunk_latents, shape.cache_frames,
+                           model.config.text_len, precision, backend)  # fmt: skip
+        path = engine_path(request.engines_dir, key, env)
+        if not request.force and manifest_path(path).exists():
+            try:
+                reason = mismatch(read_manifest(manifest_path(path)), key, env, weights)
+            except ValueError as exc:
+                reason = str(exc)
+            if reason is None and path.exists() and file_hash(path) == read_manifest(manifest_path(path)).file_sha256:
+                return BuildResult(key, path, "up to date", time.perf_counter() - start)
+            console.print(f"rebuilding {path.name}: {reason or 'engine file missing or changed'}")
+        args = dit_step_args(model, key, device)
+        from build_engines.export import DIT_STEP_INPUTS, DIT_STEP_OUTPUTS, DiTStepGraph
+
+        graph = DiTStepGraph(model).eval()
+        with torch.no_grad():
+            outputs = graph(*args)  # the oracle's output shapes and dtypes, for the manifest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if backend == "aoti":
+            from build_engines.aoti import build_aoti_package
+
+            with stage(progress, f"{key.describe()}: torch.export + AOTInductor compile (minutes on a CPU)"):
+                tmp = path.with_name(path.stem + ".partial.pt2")  # AOTInductor insists on the .pt2 suffix
+                build_aoti_package(graph, args, tmp)
+                tmp.replace(path)
+        else:
+            build_tensorrt(graph, args, key, path, progress)
+    manifest = Manifest(
+        key=key, env=env, file=path.name, file_sha256=file_hash(path), weight_sha256=weights,
+        tensors={**tensor_specs(DIT_STEP_INPUTS, args, "input"), **tensor_specs(DIT_STEP_OUTPUTS, outputs, "output")},
+        built_at=utc_now(), build_s=round(time.perf_counter() - start, 1),
+        extra={"random_weights": request.random_weights, "device": str(device)},
+    )  # fmt: skip
+    manifest.write(path)
+    return BuildResult(key, path, "built", time.perf_counter() - start)
+
+
+def build_tensorrt(
+    graph: torch.nn.Module, args: tuple[Tensor, ...], key: EngineKey, path: Path, progress: Progress
+) -> None:
+    """Export the step to ONNX (through ModelOpt fp8 Q/DQ for fp8), then the TensorRT build. The ONNX and its
+    external weight data go to a temporary folder: only the plan is kept."""
+    from build_engines.export import DIT_STEP_INPUTS, DIT_STEP_OUTPUTS, export_dit_step
+    from build_engines.tensorrt import build_tensorrt_engine
+
+    work = Path(tempfile.mkdtemp(prefix="wanrt-onnx-", dir=path.parent))
+    try:
+        onnx_path = work / "dit_step.onnx"
+        if key.precision == "fp8":
+            import onnx
+
+            from build_engines.quantize import quantize_fp8, standard_fp8_qdq
+
+            with stage(progress, f"{key.describe()}: ModelOpt fp8 calibration"):
+                quantize_fp8(graph.model, lambda _: calibrate_step(graph, args))
+            with stage(progress, f"{key.describe()}: export ONNX with fp8 Q/DQ"):
+                # ModelOpt's Q/DQ symbolics live in the TorchScript exporter (see tests/test_quantize_fp8.py).
+                with torch.no_grad():
+                    names = {"input_names": list(DIT_STEP_INPUTS), "output_names": list(DIT_STEP_OUTPUTS)}
+                    torch.onnx.export(graph.eval(), args, str(onnx_path), dynamo=False, opset_version=19, **names)
+                model = standard_fp8_qdq(onnx.load(str(onnx_path)))
+                onnx.save(model, str(onnx_path), save_as_external_data=True, location="dit_step.onnx.data")
+        else:
+            with stage(progress, f"{key.describe()}: export ONNX"):
+                export_dit_step(graph.model, args, onnx_path)
+        with stage(progress, f"{key.describe()}: TensorRT build (minutes)"):
+            build_tensorrt_engine(onnx_path, path, path.parent / "timing.cache")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def calibrate_step(graph: torch.nn.Module, args: tuple[Tensor, ...]) -> None:
+    """Activation ranges from steps over random latents at the denoising timesteps the pipelines use. Real prompts
+    and video latents would give tighter ranges; this keeps the build self-contained."""
+    generator = torch.Generator(device=args[0].device).manual_seed(1)
+    with torch.no_grad():
+        for t in (1000.0, 750.0, 500.0, 250.0, 0.0):
+            latents = torch.randn(args[0].shape, generator=generator, device=args[0].device).to(args[0].dtype)
+            graph(latents, torch.full_like(args[1], t), *args[2:])

@@ -1,0 +1,218 @@
+"""One DiT step, three backends (DESIGN.md "The model step"), and the choice between them at load time.
+
+Every backend is called exactly like `WanDiT.step`:
+
+    flow = step(latents, timestep, text_kv, cache_k, cache_v, write_index, key_bias, frame_positions)
+
+with the caches updated in place, so the chunk loop does not know which one runs. `eager` is the reference;
+`compiled` runs an AOTInductor package and `tensorrt` a TensorRT plan, each used only when its manifest matches this
+machine, the toolchain, the shapes and the loaded weights (build_engines/manifest.py). Anything else is said in
+words: `auto` falls back and reports why, a forced backend that cannot be honoured fails the load with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from build_engines.manifest import (
+    Backend,
+    EngineKey,
+    Environment,
+    Manifest,
+    all_manifests,
+    engine_path,
+    file_hash,
+    mismatch,
+    weight_hash,
+    with_backend,
+)
+from serve.errors import PipelineLoadError
+from serve.models.dit import WanDiT
+
+log = logging.getLogger(__name__)
+
+ENGINE_BACKEND: dict[str, Backend] = {"compiled": "aoti", "tensorrt": "tensorrt"}
+AUTO_ORDER = ("tensorrt", "compiled")  # best first; eager is always there
+
+
+class DiTStep(Protocol):
+    def __call__(
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        text_kv: tuple[Tensor, Tensor],
+        cache_k: Tensor,
+        cache_v: Tensor,
+        write_index: Tensor,
+        key_bias: Tensor,
+        frame_positions: Tensor,
+    ) -> Tensor: ...
+
+
+class BackendUnavailable(Exception):
+    """This backend cannot run the step here; the message is the reason, for status and logs."""
+
+
+class EagerStep:
+    """`WanDiT.step` itself: any device, any dtype; the oracle for the other backends."""
+
+    def __init__(self, model: WanDiT) -> None:
+        self.model = model
+
+    def __call__(
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        text_kv: tuple[Tensor, Tensor],
+        cache_k: Tensor,
+        cache_v: Tensor,
+        write_index: Tensor,
+        key_bias: Tensor,
+        frame_positions: Tensor,
+    ) -> Tensor:
+        return self.model.step(latents, timestep, text_kv, cache_k, cache_v, write_index, key_bias, frame_positions)
+
+
+class CompiledStep:
+    """An AOTInductor package of `DiTStepGraph` (build_engines/aoti.py): caches in, updated caches out.
+
+    The package returns new caches rather than writing its inputs, so they are copied back into the stream's
+    buffers; on a GPU that is one extra cache-sized copy per step, which a build that writes in place would save.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, device: torch.device) -> None:
+        from build_engines.aoti import load_aoti_package
+
+        self.path = path
+        self.runner: Callable[..., tuple[Tensor, ...]] = load_aoti_package(path)
+        self._warm_up(manifest, device)
+
+    def _warm_up(self, manifest: Manifest, device: torch.device) -> None:
+        """One call on zero inputs of the manifest's shapes: loads the kernels now, and proves the package runs."""
+        args = [
+            torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=device)
+            for spec in manifest.tensors.values()
+            if spec["io"] == "input"
+        ]
+        self.runner(*args)
+
+    def __call__(
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        text_kv: tuple[Tensor, Tensor],
+        cache_k: Tensor,
+        cache_v: Tensor,
+        write_index: Tensor,
+        key_bias: Tensor,
+        frame_positions: Tensor,
+    ) -> Tensor:
+        flow, new_k, new_v = self.runner(
+            latents, timestep, text_kv[0], text_kv[1], cache_k, cache_v, write_index, key_bias, frame_positions
+        )
+        cache_k.copy_(new_k)
+        cache_v.copy_(new_v)
+        return flow
+
+
+def find_engine(
+    key: EngineKey, weights: Callable[[], str], engines_dir: Path, env: Environment
+) -> tuple[Path, Manifest]:
+    """The engine whose manifest matches `key` here, or BackendUnavailable naming the closest miss.
+
+    Every manifest of the same pipeline, component and backend is a candidate, wherever it lies, so an engine built
+    on another GPU or toolchain is reported as such rather than as "no engine". `weights()` hashes the loaded model
+    (seconds for 1.3B) and is called only once some engine passes every other check.
+    """
+    candidates = [
+        (path, manifest)
+        for path, manifest in all_manifests(engines_dir)
+        if isinstance(manifest, Manifest)
+        and (manifest.key.pipeline, manifest.key.component, manifest.key.backend)
+        == (key.pipeline, key.component, key.backend)
+    ]
+    if not candidates:
+        raise BackendUnavailable(
+            f"no {key.backend} engine for {key.describe()} under {engines_dir} (build it: wanrt engines build "
+            f"--pipeline {key.pipeline} --height {key.height} --width {key.width} --backend {key.backend})"
+        )
+    here = engine_path(engines_dir, key, env).parent
+    candidates.sort(key=lambda c: c[0].parent != here)  # engines for this machine and toolchain first
+    reasons = []
+    for path, manifest in candidates:
+        reason = mismatch(manifest, key, env, None) or mismatch(manifest, key, env, weights())
+        engine = path.parent / manifest.file
+        if reason is None and not engine.exists():
+            reason = f"engine file {engine} is missing"
+        elif reason is None and file_hash(engine) != manifest.file_sha256:
+            reason = f"engine file {engine} is corrupt (sha256 differs from its manifest); rebuild it"
+        if reason is None:
+            return engine, manifest
+        reasons.append(f"{path.parent / manifest.file}: {reason}")
+    reason_text = reasons[0] + (f" (and {len(reasons) - 1} other engines that do not fit)" if len(reasons) > 1 else "")
+    raise BackendUnavailable(reason_text)
+
+
+def load_backend(
+    backend: str, key: EngineKey, model: WanDiT, weights: Callable[[], str], engines_dir: Path, device: torch.device
+) -> tuple[DiTStep, str]:
+    """(step, reason it was chosen) for one named backend; BackendUnavailable with the reason otherwise."""
+    if backend == "eager":
+        return EagerStep(model), "eager PyTorch"
+    env = Environment.current(device)
+    if backend == "tensorrt":
+        from build_engines.tensorrt import TensorRTUnavailable, import_tensorrt, require_cuda
+
+        try:
+            import_tensorrt()
+            require_cuda()
+        except TensorRTUnavailable as exc:
+            raise BackendUnavailable(str(exc)) from None
+    engine, manifest = find_engine(with_backend(key, ENGINE_BACKEND[backend]), weights, engines_dir, env)
+    try:
+        if backend == "compiled":
+            step: DiTStep = CompiledStep(engine, manifest, device)
+        else:
+            from serve.runtime.tensorrt_step import TensorRTStep
+
+            step = TensorRTStep(engine, device)
+    except Exception as exc:  # a file that passed its hash but does not load is still only this backend's failure
+        raise BackendUnavailable(f"engine {engine} failed to load: {type(exc).__name__}: {exc}") from None
+    return step, f"engine {engine} matches (built {manifest.built_at})"
+
+
+def select_backend(
+    requested: str, key: EngineKey, model: WanDiT, engines_dir: Path, device: torch.device
+) -> tuple[DiTStep, str, str]:
+    """(step, backend name, reason). `auto` takes the best backend whose engine fits and says why the better ones
+    did not; a named backend is honoured or the load fails with PipelineLoadError naming the reason."""
+    hashed: list[str] = []
+
+    def weights() -> str:
+        if not hashed:
+            hashed.append(weight_hash(model))
+        return hashed[0]
+
+    order = (*AUTO_ORDER, "eager") if requested == "auto" else (requested,)
+    skipped = []
+    for backend in order:
+        try:
+            step, why = load_backend(backend, key, model, weights, engines_dir, device)
+        except BackendUnavailable as exc:
+            if requested != "auto":
+                raise PipelineLoadError(f"{key.pipeline}: backend {backend!r} cannot be used: {exc}") from None
+            skipped.append(f"{backend}: {exc}")
+            continue
+        reason = why if not skipped else f"{why}; skipped " + "; ".join(skipped)
+        log.log(
+            logging.WARNING if skipped else logging.INFO,
+            "pipeline=%s backend=%s requested=%s reason=%s", key.pipeline, backend, requested, reason,
+        )  # fmt: skip
+        return step, backend, reason
+    raise AssertionError("eager is always available")  # pragma: no cover

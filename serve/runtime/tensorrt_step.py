@@ -1,0 +1,128 @@
+"""The DiT step as a TensorRT 11 engine, replayed from a CUDA graph (reference/trt.md §1.5).
+
+Binding: every tensor address is set once per set of caller buffers and baked into a CUDA graph around
+`execute_async_v3`; each call then copies the small per-chunk inputs (latents, timestep, the cache plan) into
+persistent buffers and replays. The big buffers are the stream's own: the text K/V and the KV cache are bound where
+they live, never copied in. A cache output the engine declares aliased to its input (`get_aliased_input_tensor`, as
+TensorRT's KV-cache-update layer does) is bound to the same address, so the update is in place; an output TensorRT
+does not alias gets its own buffer and is copied back into the cache inside the same graph, since binding one
+address to a non-aliased input and output is not a documented contract.
+
+Needs TensorRT ≥ 11 and CUDA; the module imports neither at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from build_engines.export import DIT_STEP_INPUTS, DIT_STEP_OUTPUTS
+from build_engines.tensorrt import deserialize_engine, import_tensorrt
+
+log = logging.getLogger(__name__)
+
+ADDRESS_ALIGNMENT = 256  # bytes; TensorRT rejects tensor addresses that are not (NvInferRuntime.h)
+CALLER_BUFFERS = ("text_k", "text_v", "cache_k", "cache_v")  # bound where the stream keeps them
+MAX_GRAPHS = 8  # one per set of caller buffers (a session); more sessions than this re-capture
+
+
+class TensorRTStep:
+    def __init__(self, plan_path: Path, device: torch.device) -> None:
+        trt = import_tensorrt()
+        self.path = plan_path
+        self.device = device
+        self.engine = deserialize_engine(plan_path)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        if sorted(names) != sorted(DIT_STEP_INPUTS + DIT_STEP_OUTPUTS):
+            raise ValueError(f"{plan_path}: tensors {names}, expected {DIT_STEP_INPUTS + DIT_STEP_OUTPUTS}")
+        dtypes = {
+            trt.float32: torch.float32, trt.bfloat16: torch.bfloat16, trt.float16: torch.float16,
+            trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool,
+        }  # fmt: skip
+        self.shapes = {n: tuple(self.engine.get_tensor_shape(n)) for n in names}
+        self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
+        # Which input each cache output updates: TensorRT's declared alias, else the export's `<input>_out` naming.
+        self.aliased = {o: self.engine.get_aliased_input_tensor(o) for o in ("cache_k_out", "cache_v_out")}
+        self.updates = {o: self.aliased[o] or o.removesuffix("_out") for o in self.aliased}
+        self.context = self.engine.create_execution_context()
+        # Persistent buffers for everything the caller does not own; allocated once, never reallocated.
+        self.static = {
+            n: torch.zeros(self.shapes[n], dtype=self.dtypes[n], device=device)
+            for n in names
+            if n not in CALLER_BUFFERS and not (self.aliased.get(n))
+        }
+        self.graphs: OrderedDict[tuple[int, ...], torch.cuda.CUDAGraph] = OrderedDict()
+        self.capture_stream = torch.cuda.Stream(device)
+        log.info("tensorrt engine=%s aliased=%s", plan_path, {o: a for o, a in self.aliased.items() if a})
+
+    def _check(self, name: str, tensor: Tensor) -> None:
+        if tuple(tensor.shape) != self.shapes[name] or tensor.dtype != self.dtypes[name]:
+            raise ValueError(f"{name}: {tuple(tensor.shape)} {tensor.dtype}, engine wants "
+                             f"{self.shapes[name]} {self.dtypes[name]}")  # fmt: skip
+        if not tensor.is_contiguous() or tensor.data_ptr() % ADDRESS_ALIGNMENT:
+            raise ValueError(
+                f"{name}: TensorRT needs a contiguous buffer at a {ADDRESS_ALIGNMENT}-byte aligned address"
+            )
+
+    def _capture(self, caller: dict[str, Tensor]) -> torch.cuda.CUDAGraph:
+        """Bind, run once (TensorRT allocates lazily on the first run; this run is the caller's real step), capture."""
+        for name, tensor in caller.items():
+            self._check(name, tensor)
+        addresses = {
+            **{n: t.data_ptr() for n, t in self.static.items()},
+            **{n: t.data_ptr() for n, t in caller.items()},
+        }
+        for out, source in self.aliased.items():
+            if source:  # declared aliased: the output *is* the cache input's buffer
+                addresses[out] = caller[source].data_ptr()
+        for name, address in addresses.items():
+            assert address % ADDRESS_ALIGNMENT == 0, name  # torch's caching allocator hands out 512-byte blocks
+            self.context.set_tensor_address(name, address)
+        copy_back = [(self.static[o], caller[self.updates[o]]) for o, source in self.aliased.items() if not source]
+
+        def run(stream: torch.cuda.Stream) -> None:
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.path}")
+            for source, target in copy_back:
+                target.copy_(source)
+
+        stream = self.capture_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            run(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            run(stream)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        return graph
+
+    def __call__(
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        text_kv: tuple[Tensor, Tensor],
+        cache_k: Tensor,
+        cache_v: Tensor,
+        write_index: Tensor,
+        key_bias: Tensor,
+        frame_positions: Tensor,
+    ) -> Tensor:
+        """Returns the engine's persistent `flow` buffer: valid until the next call (the loop consumes it at once)."""
+        for name, value in (("latents", latents), ("timestep", timestep), ("write_index", write_index),
+                            ("key_bias", key_bias), ("frame_positions", frame_positions)):  # fmt: skip
+            self.static[name].copy_(value.view(self.shapes[name]))
+        caller = {"text_k": text_kv[0], "text_v": text_kv[1], "cache_k": cache_k, "cache_v": cache_v}
+        bound = tuple(t.data_ptr() for t in caller.values())
+        graph = self.graphs.get(bound)
+        if graph is None:
+            self.graphs[bound] = self._capture(caller)  # the capture's own first run was this call's step
+            if len(self.graphs) > MAX_GRAPHS:
+                self.graphs.popitem(last=False)
+        else:
+            self.graphs.move_to_end(bound)
+            graph.replay()
+        return self.static["flow"]
