@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 DEFAULT_PIPELINES = ("streamdiffusionv2", "longlive")  # the pipelines this build serves, at their seed resolutions
@@ -41,7 +42,9 @@ def add_engines_parser(commands: argparse._SubParsersAction, engines_dir: Path, 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    console = Console(soft_wrap=True)  # paths stay on one line, for people who copy them and tests that grep
+    # Paths stay on one line and tables unclipped, for people who copy them and for logs and tests that grep (a pipe
+    # would otherwise get rich's 80 columns).
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
     command = {"build": build, "list": list_engines, "verify": verify, "clean": clean}[args.engines_command]
     return command(args, console)
 

@@ -34,9 +34,8 @@ def import_tensorrt() -> ModuleType:
         import tensorrt
     except ImportError as exc:
         raise TensorRTUnavailable(
-            f"TensorRT is not importable here ({exc}). It cannot be installed from PyPI alone (its libs are a stub "
-            "that downloads from pypi.nvidia.com); install tensorrt-cu13 from NVIDIA's index on the GPU machine, or "
-            "build with --backend aoti"
+            f"TensorRT is not importable here ({exc}); it comes from NVIDIA's index, not PyPI (whose tensorrt libs "
+            "are stubs), and needs a GPU: use --backend aoti elsewhere"
         ) from None
     if int(str(tensorrt.__version__).split(".")[0]) < 11:
         raise TensorRTUnavailable(f"TensorRT {tensorrt.__version__} is installed; wanrt's engines need TensorRT ≥ 11")

@@ -106,7 +106,7 @@ def test_noise_controller_follows_its_formula() -> None:
 @pytest.mark.parametrize(
     ("load_params", "needle"),
     [
-        ({"backend": "tensorrt"}, "backend 'tensorrt' is not built yet"),
+        ({"backend": "tensorrt"}, "backend 'tensorrt' cannot be used"),
         ({"quantization": "fp8_e4m3fn"}, "quantization"),
         ({"vace_enabled": True}, "VACE"),
     ],

@@ -48,6 +48,7 @@ def run_server(tmp_dir: Path, *extra_args: str, startup_timeout_s: float = 30.0)
         "--ice-interfaces", "loopback",
         "--assets-dir", str(assets_dir),
         "--models-dir", str(tmp_dir / "models"),
+        "--engines-dir", str(tmp_dir / "engines"),
         *extra_args,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
