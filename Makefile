@@ -6,8 +6,9 @@ TORCH_VERSION ?= 2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
+ENGINE_ARGS ?=
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench clean engines
 
 # torch is pinned and installed first: an unpinned resolve pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -24,6 +25,13 @@ serve: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The default pipelines at their seed resolutions, for the GPU present: TensorRT where it is importable, else an
+# AOTInductor package. Without weight files (or on a CPU machine) try ENGINE_ARGS=--random-weights.
+engines: install
+	@echo "make engines: wanrt engines build $(ENGINE_ARGS) (engines dir: $${WANRT_ENGINES_DIR:-~/.wanrt/engines})"
+	$(PY) -m serve.cli engines build $(ENGINE_ARGS)
+	$(PY) -m serve.cli engines list
 
 lint: install
 	$(VENV)/bin/ruff check .

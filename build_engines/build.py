@@ -172,7 +172,13 @@ def build_dit_step(request: BuildRequest, console: Console) -> BuildResult:
         raise EngineBuildError(f"fp8 needs SM{FP8_MIN_SM}+ (Ada, Hopper); this is {env.describe()}")
     if precision != "fp32" and device.type == "cpu":
         raise EngineBuildError(f"{precision} engines are GPU engines; on CPU build fp32")
-
+    why_backend = "asked for" if request.backend else ("TensorRT + GPU present" if backend == "tensorrt" else
+                                                        "TensorRT or a GPU absent")  # fmt: skip
+    console.print(
+        f"{request.pipeline}: DiT step {request.height}x{request.width}, {backend} ({why_backend}), {precision}, "
+        f"{'random tiny weights' if request.random_weights else 'weights from ' + str(request.models_dir)}, "
+        f"on {env.describe()} → {request.engines_dir}"
+    )
     start = time.perf_counter()
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console)
     with progress:

@@ -86,14 +86,13 @@ class CompiledStep:
     buffers; on a GPU that is one extra cache-sized copy per step, which a build that writes in place would save.
     """
 
-    def __init__(self, path: Path, manifest: Manifest, device: torch.device) -> None:
+    def __init__(self, path: Path) -> None:
         from build_engines.aoti import load_aoti_package
 
         self.path = path
         self.runner: Callable[..., tuple[Tensor, ...]] = load_aoti_package(path)
-        self._warm_up(manifest, device)
 
-    def _warm_up(self, manifest: Manifest, device: torch.device) -> None:
+    def warm_up(self, manifest: Manifest, device: torch.device) -> CompiledStep:
         """One call on zero inputs of the manifest's shapes: loads the kernels now, and proves the package runs."""
         args = [
             torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=device)
@@ -101,6 +100,7 @@ class CompiledStep:
             if spec["io"] == "input"
         ]
         self.runner(*args)
+        return self
 
     def __call__(
         self,
@@ -177,7 +177,7 @@ def load_backend(
     engine, manifest = find_engine(with_backend(key, ENGINE_BACKEND[backend]), weights, engines_dir, env)
     try:
         if backend == "compiled":
-            step: DiTStep = CompiledStep(engine, manifest, device)
+            step: DiTStep = CompiledStep(engine).warm_up(manifest, device)
         else:
             from serve.runtime.tensorrt_step import TensorRTStep
 
