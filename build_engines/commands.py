@@ -106,8 +106,10 @@ def verify(args: argparse.Namespace, console) -> int:
     """Every engine: its file exists, hashes to its manifest, and loads here (where it can be loaded at all)."""
     from build_engines.manifest import Manifest, all_manifests, file_hash
 
-    problems = 0
-    for path, manifest in all_manifests(args.engines_dir):
+    problems, found = 0, all_manifests(args.engines_dir)
+    if not found:
+        console.print(f"no engines under {args.engines_dir}")
+    for path, manifest in found:
         if not isinstance(manifest, Manifest):
             console.print(f"[red]BAD[/red] {path}: {manifest}")
             problems += 1
