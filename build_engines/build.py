@@ -141,12 +141,25 @@ def load_models(request: BuildRequest, spec: Any, shape: Any, device: torch.devi
         raise EngineBuildError(f"{exc} (or build with --random-weights)") from None
 
 
-def build_dit_step(request: BuildRequest, console: Console) -> BuildResult:
+@dataclass(frozen=True)
+class Plan:
+    """What a build request resolves to on this machine."""
+
+    request: BuildRequest  # height and width filled in
+    spec: Any
+    shape: Any  # the pipeline's ChunkShape
+    device: torch.device
+    env: Environment
+    backend: Backend
+    precision: Precision
+
+
+def plan_build(request: BuildRequest) -> Plan:
+    """Defaults filled in and every choice checked before minutes of loading and export."""
     from serve.pipelines.registry import get_spec
 
     spec = get_spec(request.pipeline)
-    factory = spec.resolve_factory() if spec.available else None
-    shape = getattr(factory, "shape", None)
+    shape = getattr(spec.resolve_factory() if spec.available else None, "shape", None)
     if shape is None:
         raise EngineBuildError(f"pipeline {request.pipeline!r} has no model step to build engines for")
     request = dataclasses.replace(
@@ -160,7 +173,7 @@ def build_dit_step(request: BuildRequest, console: Console) -> BuildResult:
     if backend == "tensorrt":
         from build_engines.tensorrt import TensorRTUnavailable, import_tensorrt, require_cuda
 
-        try:  # before minutes of loading and export
+        try:
             import_tensorrt()
             require_cuda()
         except TensorRTUnavailable as exc:
@@ -172,6 +185,27 @@ def build_dit_step(request: BuildRequest, console: Console) -> BuildResult:
         raise EngineBuildError(f"fp8 needs SM{FP8_MIN_SM}+ (Ada, Hopper); this is {env.describe()}")
     if precision != "fp32" and device.type == "cpu":
         raise EngineBuildError(f"{precision} engines are GPU engines; on CPU build fp32")
+    return Plan(request, spec, shape, device, env, backend, precision)
+
+
+def stale_reason(path: Path, key: EngineKey, env: Environment, weights: str) -> str | None:
+    """None when the engine at `path` is up to date for `key`, these tools and these weights."""
+    if not manifest_path(path).exists():
+        return "not built yet"
+    try:
+        manifest = read_manifest(manifest_path(path))
+    except ValueError as exc:
+        return str(exc)
+    if reason := mismatch(manifest, key, env, weights):
+        return reason
+    if not path.exists() or file_hash(path) != manifest.file_sha256:
+        return "engine file missing or changed since its manifest"
+    return None
+
+
+def build_dit_step(request: BuildRequest, console: Console) -> BuildResult:
+    plan = plan_build(request)
+    request, env, backend, precision, device = plan.request, plan.env, plan.backend, plan.precision, plan.device
     why_backend = "asked for" if request.backend else ("TensorRT + GPU present" if backend == "tensorrt" else
                                                         "TensorRT or a GPU absent")  # fmt: skip
     console.print(
@@ -185,20 +219,17 @@ def build_dit_step(request: BuildRequest, console: Console) -> BuildResult:
         with stage(
             progress, f"{request.pipeline}: load weights ({'random, tiny' if request.random_weights else 'files'})"
         ):
-            models = load_models(request, spec, shape, device, DTYPES[precision])
+            models = load_models(request, plan.spec, plan.shape, device, DTYPES[precision])
             model = models.dit
             weights = weight_hash(model)
+        shape = plan.shape
         key = dit_step_key(request.pipeline, request.height, request.width, shape.chunk_latents, shape.cache_frames,
                            model.config.text_len, precision, backend)  # fmt: skip
         path = engine_path(request.engines_dir, key, env)
-        if not request.force and manifest_path(path).exists():
-            try:
-                reason = mismatch(read_manifest(manifest_path(path)), key, env, weights)
-            except ValueError as exc:
-                reason = str(exc)
-            if reason is None and path.exists() and file_hash(path) == read_manifest(manifest_path(path)).file_sha256:
-                return BuildResult(key, path, "up to date", time.perf_counter() - start)
-            console.print(f"rebuilding {path.name}: {reason or 'engine file missing or changed'}")
+        reason = "--force" if request.force else stale_reason(path, key, env, weights)
+        if reason is None:
+            return BuildResult(key, path, "up to date", time.perf_counter() - start)
+        console.print(f"building {path.name}: {reason}")
         args = dit_step_args(model, key, device)
         from build_engines.export import DIT_STEP_INPUTS, DIT_STEP_OUTPUTS, DiTStepGraph
 
