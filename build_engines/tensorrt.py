@@ -11,8 +11,9 @@
 - The timing cache is kept per GPU and TensorRT version next to the engines, so rebuilds reuse measured tactics.
 
 Untested on a GPU so far (none was lent); every TensorRT name used here and in serve/runtime/tensorrt_step.py was
-checked against the symbols of the tensorrt-cu13-bindings 11.4.0.106 wheel. `tensorrt` is imported lazily: machines without it (no GPU, PyPI-only installs) can import this module and get a clear
-error only when they try to build.
+checked against the symbols of the tensorrt-cu13-bindings 11.4.0.106 wheel. `tensorrt` is imported lazily:
+machines without it (no GPU, PyPI-only installs) can import this module and get a clear error only when they try to
+build.
 """
 
 from __future__ import annotations
