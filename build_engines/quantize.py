@@ -46,6 +46,10 @@ def standard_fp8_qdq(model):  # onnx.ModelProto -> onnx.ModelProto
     """Rewrites ModelOpt's `trt::TRT_FP8QuantizeLinear` / `TRT_FP8DequantizeLinear` (inputs: tensor, scale) into the
     standard ONNX `QuantizeLinear(x, scale, zero_point)` with a FLOAT8E4M3FN zero point and `DequantizeLinear(x,
     scale)`, which TensorRT's parser and onnxruntime both read (reference/trt.md §2.1). In place; returns `model`.
+
+    No casts are needed: ModelOpt emits each scale in its input's dtype (bf16 scales in a bf16 graph), as the standard
+    ops require. This is the op conversion of ModelOpt's own `FP8QuantExporter.post_process`, without its attention
+    rewrites (attention is not quantized here) and without onnx-graphsurgeon.
     """
     import onnx
     from onnx import TensorProto, helper
