@@ -199,7 +199,7 @@ def test_krea_recomputes_the_cache_from_the_anchor_and_the_last_two_latents() ->
 
 
 def test_krea_attention_bias_damps_the_context_except_the_anchor_and_one_is_no_bias() -> None:
-    stream, params = open_stream("krea-realtime-video")
+    stream, _ = open_stream("krea-realtime-video")
     policy = stream.policy
     policy.update_params({"kv_cache_attention_bias": 0.3})
     bias = policy.plan(3, 3).key_bias
