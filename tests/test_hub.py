@@ -117,6 +117,36 @@ def test_killed_download_resumes_in_the_next_run(hub: LocalHub, tmp_path: Path) 
     assert not list(models_dir.rglob("*.incomplete"))
 
 
+def test_pipelines_sharing_files_fetch_each_once(hub: LocalHub, tmp_path: Path) -> None:
+    """Two pipelines downloading at once both need the Wan VAE and text encoder: one fetches, the other waits."""
+    longlive = PIPELINES["longlive"]
+    published = {**publish(hub, SDV2), **publish(hub, longlive)}
+    runs = [Progress(), Progress()]
+    threads = [
+        threading.Thread(
+            target=download_pipeline, args=(spec, tmp_path / "models", hub.url, progress, threading.Event())
+        )
+        for spec, progress in zip((SDV2, longlive), runs, strict=True)
+    ]
+    vae = SDV2.files[1]
+    hub.stall(f"{vae.repo}/{vae.path}", after_bytes=1000)
+    threads[0].start()
+    assert hub.stalled.wait(timeout=30)  # streamdiffusionv2 is fetching the VAE ...
+    threads[1].start()
+    deadline = time.monotonic() + 30
+    while runs[1].current_file != f"{vae.repo}/{vae.path}" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # ... and longlive has reached the same file, where it waits for the lock
+    hub.release()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert [p.state for p in runs] == ["done", "done"]
+    for file, data in published.items():
+        assert file.local_path(tmp_path / "models").read_bytes() == data
+        assert len(hub.gets(file.repo, file.path)) == 1, file
+
+
 def test_verify_names_a_corrupt_and_a_missing_file_without_the_hub(hub: LocalHub, tmp_path: Path) -> None:
     publish(hub, SDV2)
     models_dir = tmp_path / "models"
