@@ -177,7 +177,8 @@ def download_models(console: Console, errors: Console, spec: PipelineSpec, model
                 bar.update(task, completed=progress.bytes_done, total=total, description=progress.current_file)
                 time.sleep(PROGRESS_REFRESH_S)
         except KeyboardInterrupt:
-            downloads.close()
+            # What is on disk is a prefix of the file whenever the thread stops, so do not wait long for it.
+            downloads.close(timeout_s=2.0)
             errors.print("stopped; run the same command again to resume")
             return 130
         progress = downloads.progress(spec.id)
