@@ -215,6 +215,18 @@ def test_models_list_names_every_file(tmp_path: Path) -> None:
     assert "missing" in out.stdout and "no files needed" in out.stdout
 
 
+def test_hub_endpoint_comes_from_flag_then_hf_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve.cli import build_parser, settings_from_args
+
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    assert settings_from_args(build_parser().parse_args(["serve"])).hub_endpoint == "https://huggingface.co"
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.example/")
+    assert settings_from_args(build_parser().parse_args(["serve"])).hub_endpoint == "http://mirror.example"
+    assert build_parser().parse_args(["models", "download", "longlive"]).endpoint == "http://mirror.example"
+    args = build_parser().parse_args(["serve", "--hub-endpoint", "http://127.0.0.1:1"])
+    assert settings_from_args(args).hub_endpoint == "http://127.0.0.1:1"
+
+
 def test_api_downloads_in_the_background_one_run_per_pipeline(hub: LocalHub, tmp_path: Path) -> None:
     published = publish(hub, SDV2, big=DIT)
     hub.stall(f"{DIT.repo}/{DIT.path}", after_bytes=CHUNK_BYTES + 2**20)
