@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -252,6 +253,12 @@ def fetch_file(remote: RemoteFile, models_dir: Path, *, on_bytes: Callable[[int]
         if resume_bytes > remote.size_bytes:
             partial.unlink()
             resume_bytes = 0
+        free_bytes = shutil.disk_usage(partial.parent).free
+        if free_bytes < remote.size_bytes - resume_bytes:  # fail now, not hours in with a half-written file
+            raise DownloadError(
+                f"{name_of(file)}: needs {remote.size_bytes - resume_bytes} more bytes in {models_dir}, "
+                f"{free_bytes} are free (--models-dir / WANRT_MODELS_DIR picks another disk)"
+            )
         log.info("download file=%s size_bytes=%d resume_from=%d", name_of(file), remote.size_bytes, resume_bytes)
         headers = build_hf_headers(token=token) if remote.same_host else {}  # never send the token to a CDN
         try:
