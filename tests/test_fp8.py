@@ -242,6 +242,15 @@ def test_fp8_gemm_path_of_the_step_stays_within_the_stated_bound(reference: WanD
         assert relative_error(run_step(model, seed), run_step(reference, seed)) <= FP8_GEMM_ERROR_BOUND
 
 
+@pytest.mark.parametrize("fp8_gemm_path", [False, True])
+def test_fp8_linear_compiles_as_one_graph_equal_to_eager(fp8_gemm_path: bool) -> None:
+    """The step is compiled once at load (fullgraph): the path choice must be a constant, not a graph break."""
+    layer = Fp8Linear.from_linear(nn.Linear(64, 128), torch.bfloat16)
+    layer.fp8_gemm = fp8_gemm_path  # True: the CUDA SM ≥ 8.9 branch, run by the CPU's `_scaled_mm`
+    x = torch.randn(2, 24, 64).bfloat16()  # [B, tokens, in]
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))  # bf16 tolerances
+
+
 @pytest.mark.gpu
 @requires_fp8_gpu
 def test_fp8_gemm_on_gpu_matches_the_dequantized_gemm() -> None:
