@@ -24,6 +24,7 @@ from torch import Tensor
 from serve.errors import PipelineLoadError
 from serve.models.autoencoder import StreamingAutoencoder, make_vae
 from serve.models.dit import ROPE_MAX_POSITIONS
+from serve.models.fp8 import store_dit_in_fp8
 from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, TextKVCache
 from serve.models.prompts import PromptTransition
 from serve.models.scheduler import FlowMatchScheduler
@@ -233,10 +234,9 @@ class AutoregressivePipeline(Pipeline):
             raise PipelineLoadError(
                 f"{spec.id}: backend {load_params['backend']!r} is not built yet; use 'auto' or 'eager' (PyTorch)"
             )
-        if load_params.get("quantization"):
-            raise PipelineLoadError(
-                f"{spec.id}: quantization {load_params['quantization']!r} is not built yet; use null"
-            )
+        quantization = load_params.get("quantization")
+        if quantization not in (None, "fp8_e4m3fn"):
+            raise PipelineLoadError(f"{spec.id}: quantization {quantization!r} is not supported; use null or fp8_e4m3fn")
         if load_params.get("vace_enabled") or load_params.get("loras"):
             raise PipelineLoadError(f"{spec.id}: VACE and user LoRAs are not built yet; load without them")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -248,6 +248,9 @@ class AutoregressivePipeline(Pipeline):
                 spec, load_params, Path(context["models_dir"]), dit_config=cls.shape.dit_config,
                 prefer=cls.shape.checkpoint_prefer, device=device, dtype=dtype, report=report,
             )  # fmt: skip
+        if quantization == "fp8_e4m3fn":  # fp8 weight storage; fp8 GEMMs where the GPU has them (serve/models/fp8.py)
+            report("fp8 weights", 0.9)
+            store_dit_in_fp8(models.dit, dtype)
         report("ready", 1.0)
         return cls(spec, load_params, models, device, dtype)
 

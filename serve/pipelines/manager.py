@@ -82,9 +82,9 @@ class PipelineManager:
             status.progress = progress
 
         try:
-            factory = spec.resolve_factory()
+            # The factory import pulls in torch and the model code (seconds): it runs on the thread, not the loop.
             pipeline = await asyncio.to_thread(
-                factory.load, spec, load_params, report=report, models_dir=self.models_dir
+                lambda: spec.resolve_factory().load(spec, load_params, report=report, models_dir=self.models_dir)
             )
         except Exception as exc:
             reason = str(exc) if isinstance(exc, PipelineLoadError) else f"{type(exc).__name__}: {exc}"
