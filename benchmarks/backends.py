@@ -79,7 +79,7 @@ def bench_dit(config: str, cases: tuple[Case, ...], device: torch.device, dtype:
                   time_ms(lambda call=call: EagerStep(model)(*call), device, warmup, iters))  # fmt: skip
         path = work / f"dit-{case.height}x{case.width}.pt2"
         _, row.build_s = timed_build(lambda path=path, args=args: build_aoti_package(DiTStepGraph(model), args, path))
-        compiled = CompiledStep(path)
+        compiled = CompiledStep(path, tuple(args[0].shape))
         row.compiled_ms = time_ms(lambda c=compiled, call=call: c(*call), device, warmup, iters)
         if device.type == "cuda" and tensorrt_version():
             row.tensorrt_ms = bench_dit_tensorrt(model, args, call, work, case, device, warmup, iters)

@@ -140,7 +140,7 @@ def _load_error(engine: Path, manifest) -> str | None:
         if manifest.key.backend == "aoti":
             from serve.runtime.backends import CompiledStep
 
-            CompiledStep(engine).warm_up(manifest, device)
+            CompiledStep(engine, tuple(manifest.tensors["latents"]["shape"])).warm_up(manifest, device)
         else:
             from build_engines.tensorrt import deserialize_engine
 

@@ -9,11 +9,27 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from fnmatch import fnmatch
 
 from torch import nn
 
 KEEP_PRECISE = ("*norm*", "*modulation*", "*time_embedding*", "*time_projection*", "*text_embedding*",
                 "*patch_embedding*", "*head*")  # fmt: skip
+
+
+def fp8_linear_names(model: nn.Module) -> list[str]:
+    """The Linears `fp8_config()` quantizes in a Wan DiT: every nn.Linear, less KEEP_PRECISE.
+
+    The one selection for both fp8 paths: this engine export and serve-time fp8 storage (serve/models/fp8.py).
+    ModelOpt matches the patterns against quantizer names (`<module>.weight_quantizer`); every pattern here is
+    `*word*`, so matching the module name selects the same modules. ModelOpt's own default exclusions (`*lm_head*`,
+    `*router*`, ...) match no Wan name; tests/test_fp8.py checks the two selections agree on the DiT.
+    """
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not any(fnmatch(name, pattern) for pattern in KEEP_PRECISE)
+    ]
 
 
 def fp8_config() -> dict:

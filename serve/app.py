@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import time
@@ -18,11 +19,13 @@ from litestar.openapi import OpenAPIConfig
 from litestar.static_files import create_static_files_router
 
 from serve.api.assets import AssetController
+from serve.api.models import ModelsController
 from serve.api.pipeline import PipelineController
 from serve.api.system import SystemController
 from serve.api.webrtc import WebRTCController
 from serve.assets import AssetStore
 from serve.errors import WanrtError
+from serve.hub import HubDownloads
 from serve.pipelines.manager import PipelineManager
 from serve.schemas import LoadParams
 from serve.settings import ServerSettings
@@ -66,13 +69,17 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
             allow_random_weights=settings.allow_random_weights,
         )  # fmt: skip
         sessions = SessionManager(pipelines, settings.webrtc, settings.assets.directory)
-        app.state.update(pipelines=pipelines, sessions=sessions, assets=AssetStore(settings.assets.directory))
+        models = HubDownloads(settings.models_dir, settings.hub_endpoint)
+        app.state.update(
+            pipelines=pipelines, sessions=sessions, assets=AssetStore(settings.assets.directory), models=models
+        )
         if settings.preload_pipeline:
             await pipelines.load(settings.preload_pipeline, LoadParams())
         try:
             yield
         finally:
             await sessions.stop_all("server shutting down")
+            await asyncio.to_thread(models.close)  # stops downloads at their next chunk; partial files stay
             await pipelines.close()
 
     return Litestar(
@@ -80,6 +87,7 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
             PipelineController,
             WebRTCController,
             AssetController,
+            ModelsController,
             SystemController,
             create_static_files_router(path="/", directories=[WEB_DIR], html_mode=True, include_in_schema=False),
         ],

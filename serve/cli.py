@@ -1,4 +1,5 @@
-"""`wanrt` command line: `wanrt serve` starts the server, `wanrt engines ...` builds and checks engines."""
+"""`wanrt` command line: `wanrt serve` starts the server; `wanrt models list|download|verify` manage weight files;
+`wanrt engines build|list|verify|clean` build and check engines."""
 
 from __future__ import annotations
 
@@ -6,11 +7,20 @@ import argparse
 import dataclasses
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from build_engines.commands import add_engines_parser
 from build_engines.commands import run as run_engines_command
 from serve.settings import CorsSettings, ServerSettings
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from serve.pipelines.spec import PipelineSpec
+
+PROGRESS_REFRESH_S = 0.1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,9 +61,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--assets-dir", type=Path, default=defaults.assets.directory)
     serve.add_argument("--max-upload-mb", type=int, default=defaults.assets.max_upload_bytes // 2**20)
-    serve.add_argument("--models-dir", type=Path, default=defaults.models_dir)
+    serve.add_argument(
+        "--models-dir", type=Path, default=defaults.models_dir, help="weight files (env WANRT_MODELS_DIR)"
+    )
+    serve.add_argument(
+        "--hub-endpoint", default=defaults.hub_endpoint, help="Hugging Face hub for downloads (env HF_ENDPOINT)"
+    )
     serve.add_argument("--engines-dir", type=Path, default=defaults.engines_dir, help="env WANRT_ENGINES_DIR")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    models = commands.add_parser("models", help="list, download and verify the pipelines' weight files")
+    actions = models.add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("list", "every pipeline's files: present or missing, and their size"),
+        ("download", "fetch a pipeline's files from the hub (resumes an interrupted download)"),
+        ("verify", "re-hash a pipeline's files against what the hub published; non-zero exit names bad files"),
+    ):
+        sub = actions.add_parser(action, help=text, description=text)
+        if action != "list":
+            sub.add_argument("pipeline", help="pipeline id, e.g. streamdiffusionv2")
+            sub.add_argument(
+                "--endpoint", default=defaults.hub_endpoint, help="hub URL (env HF_ENDPOINT; default %(default)s)"
+            )
+        sub.add_argument(
+            "--models-dir", type=Path, default=defaults.models_dir, help="env WANRT_MODELS_DIR; default %(default)s"
+        )
     add_engines_parser(commands, defaults.engines_dir, defaults.models_dir)
     return parser
 
@@ -68,6 +100,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         allow_random_weights=args.allow_random_weights,
         models_dir=args.models_dir,
         engines_dir=args.engines_dir,
+        hub_endpoint=args.hub_endpoint.rstrip("/"),
         cors=CorsSettings(extra_origins=tuple(args.cors_allow_origin)),
         webrtc=dataclasses.replace(
             defaults.webrtc,
@@ -82,8 +115,110 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     )
 
 
+def run_models(args: argparse.Namespace) -> int:
+    """`wanrt models ...`; returns the exit status (0 ok, 1 failed or bad files, 2 unknown pipeline, 130 stopped)."""
+    from rich.console import Console
+
+    from serve.errors import UnknownPipeline
+    from serve.pipelines.registry import PIPELINES, get_spec
+
+    console, errors = Console(), Console(stderr=True)
+    if args.action == "list":
+        list_models(console, list(PIPELINES.values()), args.models_dir)
+        return 0
+    try:
+        spec = get_spec(args.pipeline)
+    except UnknownPipeline as exc:
+        errors.print(f"error: {exc}", markup=False, soft_wrap=True)
+        return 2
+    endpoint = args.endpoint.rstrip("/")
+    if args.action == "download":
+        return download_models(console, errors, spec, args.models_dir, endpoint)
+    return verify_models(console, errors, spec, args.models_dir, endpoint)
+
+
+def list_models(console: Console, specs: list[PipelineSpec], models_dir: Path) -> None:
+    from rich.filesize import decimal
+    from rich.table import Table
+
+    from serve.hub import file_states
+
+    table = Table(title=f"weight files in {models_dir}")
+    for column in ("pipeline", "file", "state", "size"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for spec in specs:
+        if not spec.files:
+            table.add_row(spec.id, "(no files needed)", "", "")
+        for state in file_states(spec, models_dir):
+            label = ("verified" if state.verified else "present") if state.present else "missing"
+            size = decimal(state.size_bytes) if state.size_bytes is not None else ""
+            table.add_row(spec.id, f"{state.repo}/{state.path}", label, size)
+    console.print(table)
+
+
+def download_models(console: Console, errors: Console, spec: PipelineSpec, models_dir: Path, endpoint: str) -> int:
+    """The server's download machinery in this process; the main thread only draws the bar."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from serve.hub import HubDownloads
+
+    downloads = HubDownloads(models_dir, endpoint)
+    if not spec.files:
+        console.print(f"{spec.id} needs no weight files")
+        return 0
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(spec.id, total=None)
+        downloads.start(spec)
+        try:
+            while downloads.running(spec.id):
+                progress = downloads.progress(spec.id)
+                total = progress.bytes_total or None
+                bar.update(task, completed=progress.bytes_done, total=total, description=progress.current_file)
+                time.sleep(PROGRESS_REFRESH_S)
+        except KeyboardInterrupt:
+            # What is on disk is a prefix of the file whenever the thread stops, so do not wait long for it.
+            downloads.close(timeout_s=2.0)
+            errors.print("stopped; run the same command again to resume")
+            return 130
+        progress = downloads.progress(spec.id)
+        bar.update(task, completed=progress.bytes_done, total=progress.bytes_total or None, description=spec.id)
+    if progress.state != "done":
+        errors.print(f"error: {spec.id}: {progress.error}", markup=False, soft_wrap=True)
+        return 1
+    for file in spec.files:
+        console.print(f"ok {file.local_path(models_dir)}", markup=False, highlight=False, soft_wrap=True)
+    return 0
+
+
+def verify_models(console: Console, errors: Console, spec: PipelineSpec, models_dir: Path, endpoint: str) -> int:
+    from serve.hub import verify_pipeline
+
+    checks = verify_pipeline(spec, models_dir, endpoint)
+    for check in checks:
+        out = console if check.state == "ok" else errors
+        out.print(f"{check.state} {check.file.repo}/{check.file.path}: {check.detail}", markup=False, soft_wrap=True)
+    bad = [c for c in checks if c.state != "ok"]
+    if bad:
+        message = f"{len(bad)} of {len(checks)} files missing, corrupt or unverified"
+        hint = f"fetch them with `wanrt models download {spec.id}`"
+        errors.print(f"error: {spec.id}: {message}; {hint}", markup=False, soft_wrap=True)
+        return 1
+    console.print(f"{spec.id}: all {len(checks)} files verified", markup=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "models":
+        logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s %(message)s")
+        sys.exit(run_models(args))
     if args.command == "serve":
         import uvicorn
 

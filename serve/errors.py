@@ -67,3 +67,9 @@ class PipelineLoadError(WanrtError):
     """Loading failed (missing or corrupt weights, out of memory); reported through the status endpoint."""
 
     status_code = 500
+
+
+class DownloadError(WanrtError):
+    """Fetching weight files failed (the hub refused, lacks the file, or the transfer broke); names the file."""
+
+    status_code = 502

@@ -113,6 +113,41 @@ class PipelineStatus(Struct):
     random_weights: bool = False
 
 
+class ModelsDownloadRequest(Struct, forbid_unknown_fields=True):
+    pipeline_id: Annotated[str, Meta(max_length=64)]
+
+
+class ModelFileState(Struct):
+    repo: str
+    path: str
+    local_path: str
+    present: bool
+    size_bytes: int | None
+    verified: bool
+    """Unchanged since it was checked against the hub's hash (by a download or `wanrt models verify`)."""
+
+
+class ModelsDownloadProgress(Struct):
+    """Scope's fields (`is_downloading`, `percentage`, `current_artifact`, `error`) plus the state and byte counts."""
+
+    state: Literal["idle", "downloading", "done", "error"]
+    is_downloading: bool
+    bytes_done: int
+    bytes_total: int
+    percentage: float
+    current_artifact: str | None = None
+    """`repo/path` of the file being fetched."""
+    error: str | None = None
+
+
+class ModelsStatus(Struct):
+    pipeline_id: str
+    downloaded: bool
+    """Every file the pipeline needs is present (true for a pipeline that needs none)."""
+    files: list[ModelFileState]
+    progress: ModelsDownloadProgress
+
+
 class IceServer(Struct, omit_defaults=True):
     urls: str | list[str]
     username: str | None = None

@@ -61,15 +61,18 @@ class ServerSettings:
     allow_random_weights: bool = False
     """Accept the `random_weights` load parameter (tiny config, seeded random weights) for demos and tests."""
     models_dir: Path = field(default_factory=lambda: Path.home() / ".wanrt" / "models")
+    """Weight files, one folder per Hugging Face repo (`<repo name>/<path>`)."""
     engines_dir: Path = field(default_factory=lambda: Path.home() / ".wanrt" / "engines")
     """Built engines and their manifests (`wanrt engines build`); an engine is used only if its manifest matches."""
+    hub_endpoint: str = "https://huggingface.co"
+    """Hugging Face hub (or a mirror) that weight downloads fetch from (env HF_ENDPOINT, huggingface_hub's name)."""
     cors: CorsSettings = field(default_factory=CorsSettings)
     webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
     assets: AssetSettings = field(default_factory=AssetSettings)
 
     @classmethod
     def from_env(cls) -> ServerSettings:
-        """Defaults overridden by WANRT_* variables (and Scope's PIPELINE)."""
+        """Defaults overridden by WANRT_* variables (and Scope's PIPELINE, huggingface_hub's HF_ENDPOINT)."""
         env = os.environ
         home = Path(env.get("WANRT_HOME", Path.home() / ".wanrt"))
         return cls(
@@ -79,6 +82,7 @@ class ServerSettings:
             allow_random_weights=env.get("WANRT_ALLOW_RANDOM_WEIGHTS", "") in ("1", "true", "yes"),
             models_dir=Path(env.get("WANRT_MODELS_DIR", home / "models")),
             engines_dir=Path(env.get("WANRT_ENGINES_DIR", home / "engines")),
+            hub_endpoint=env.get("HF_ENDPOINT", cls.hub_endpoint).rstrip("/"),
             webrtc=WebRTCSettings(
                 ice_servers=tuple(u for u in env.get("WANRT_ICE_SERVERS", "").split(",") if u),
                 ice_interfaces=env.get("WANRT_ICE_INTERFACES", WebRTCSettings.ice_interfaces),

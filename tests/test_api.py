@@ -115,7 +115,6 @@ def test_unload_then_offer_says_pipeline_not_loaded(api: httpx.Client, server: R
     ("body", "status", "needle"),
     [
         ({"pipeline_id": "no-such-pipeline"}, 404, "unknown pipeline"),
-        ({"pipeline_id": "memflow"}, 501, "not built"),
         ({}, 400, "exactly one pipeline"),
         ({"pipeline_id": "passthrough", "pipeline_ids": ["passthrough"]}, 400, "exactly one pipeline"),
         ({"pipeline_id": "passthrough", "load_params": {"height": "tall"}}, 400, "Validation failed"),

@@ -105,7 +105,7 @@ def test_ui_lists_pipelines_loads_passthrough_streams_webcam_and_steers(page, se
     ARTIFACTS.mkdir(exist_ok=True)
     text = page.inner_text("#pipelines")
     assert "Passthrough" in text and "longlive" in text
-    assert "weights present" in text and "mode: video" in text and "not available" in text
+    assert "weights present" in text and "mode: video" in text and "weights missing" in text
 
     load_in_page(page, "passthrough")
     page.wait_for_function("document.getElementById('load-state-text').textContent.includes('loaded')")
@@ -209,7 +209,6 @@ def test_ui_load_form_checks_the_schema_before_sending(page, server: RunningServ
 @pytest.mark.parametrize(
     ("pipeline_id", "needle"),
     [
-        ("memflow", "not built into this server"),  # refused at once: 501
         ("longlive", "weights missing"),  # accepted, then the load ends in status `error`
     ],
 )

@@ -248,9 +248,7 @@ def test_server_reports_the_compiled_backend_and_why(engines_dir: Path, tmp_path
 
 @pytest.mark.gpu
 def test_tensorrt_step_equals_eager_over_chunks(tmp_path: Path) -> None:
-    pytest.importorskip(
-        "tensorrt", reason="TensorRT is not installed (it comes from NVIDIA's index, not PyPI)"
-    )
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (it comes from NVIDIA's index, not PyPI)")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT engines need a CUDA GPU")
     out = wanrt(*build_args(tmp_path)[:-4], "--backend", "tensorrt", "--precision", "fp32",

@@ -107,10 +107,24 @@ def test_noise_controller_follows_its_formula() -> None:
     ("load_params", "needle"),
     [
         ({"backend": "tensorrt"}, "backend 'tensorrt' cannot be used"),
-        ({"quantization": "fp8_e4m3fn"}, "quantization"),
         ({"vace_enabled": True}, "VACE"),
     ],
 )
 def test_options_this_build_cannot_honour_are_refused_not_ignored(load_params: dict, needle: str) -> None:
     with pytest.raises(PipelineLoadError, match=needle):
         load(StreamDiffusionV2Pipeline, "streamdiffusionv2", random_weights=True, **load_params)
+
+
+def test_krea_loads_with_fp8_weight_storage_by_default_and_generates() -> None:
+    from serve.models.fp8 import Fp8Linear
+    from serve.pipelines.autoregressive import KreaRealtimePipeline
+
+    spec, pipeline = load(KreaRealtimePipeline, "krea-realtime-video", height=SIZE, width=SIZE, random_weights=True)
+    assert spec.load_defaults["quantization"] == "fp8_e4m3fn"
+    block = pipeline.models.dit.blocks[0]
+    assert isinstance(block.self_attn.q, Fp8Linear) and isinstance(block.ffn[2], Fp8Linear)
+    assert not isinstance(pipeline.models.dit.head.head, Fp8Linear)  # the head stays in full precision
+    stream = pipeline.open_stream(0)
+    params = {**spec.runtime_defaults, "prompts": [{"text": "a cat", "weight": 1.0}]}
+    assert stream.process(None, params).shape == (9, SIZE, SIZE, 3)  # the first chunk decodes to 1 + 4·2 frames
+    assert stream.process(None, params).shape == (12, SIZE, SIZE, 3)

@@ -129,9 +129,14 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    """Run a Linear in its weight dtype (bf16/fp8 weights, fp32 residual stream)."""
-    return layer(x.to(layer.weight.dtype))
+def compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a Linear computes in: its weight's, unless it stores narrower weights and says so (`Fp8Linear`)."""
+    return getattr(layer, "compute_dtype", layer.weight.dtype)
+
+
+def linear(layer: nn.Module, x: Tensor) -> Tensor:
+    """Run a Linear in its compute dtype (bf16 or fp32 weights, or fp8-stored ones; fp32 residual stream)."""
+    return layer(x.to(compute_dtype(layer)))
 
 
 class Attention(nn.Module):
@@ -158,7 +163,7 @@ class Attention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
         """q [B, Lq, heads, hd], k/v [B, Lk, heads, hd], bias additive, broadcastable to [B, heads, Lq, Lk]."""
-        dtype = self.o.weight.dtype  # attention runs in the weights' dtype (bf16 on GPU, fp32 for the oracle)
+        dtype = compute_dtype(self.o)  # attention runs in the weights' dtype (bf16 on GPU, fp32 for the oracle)
         q, k, v = (t.to(dtype).transpose(1, 2) for t in (q, k, v))  # [B, heads, L, hd]
         if bias is not None:
             bias = bias.to(dtype)

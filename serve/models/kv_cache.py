@@ -76,8 +76,11 @@ class ChunkPlan:
     """What the step needs for one chunk, all on the cache's device."""
 
     write_index: Tensor  # [F·Lf] token slots the chunk's K/V go to
-    key_bias: Tensor  # [S_max] additive: 0 attend, −inf masked
-    frame_positions: Tensor  # [F] RoPE frame positions of the chunk
+    key_bias: Tensor  # [S_max] additive: 0 attend, −inf masked, log(b) damped
+    frame_positions: Tensor  # [F] RoPE frame positions of the chunk's queries (and keys, when cached rotated)
+    key_positions: Tensor | None = None
+    """[max_frames] RoPE frame position of each frame slot when keys are cached un-rotated and rotated at read time
+    (Reward Forcing's window-relative positions); None when keys are cached rotated at their absolute positions."""
 
     def as_args(self) -> tuple[Tensor, Tensor, Tensor]:
         """In the order `WanDiT.step` takes them."""

@@ -1,11 +1,13 @@
-"""The one autoregressive chunk loop every Wan pipeline runs; pipelines differ only in a `ChunkShape` and policies.
+"""The one autoregressive chunk loop every Wan pipeline runs; pipelines differ only in a `ChunkShape` and a cache
+policy (serve/pipelines/cache_policies.py).
 
-Per chunk (models.md §2): encode the input frames (video mode) → mix noise → denoise over the step list, each pass
-writing the chunk's K/V into its cache slots → a clean pass at t = 0 overwrites them with clean K/V → decode.
+Per chunk (models.md §2): conditioning (prompt, switch re-cache, transition step) → policy hook → encode the input
+frames (video mode) → mix noise → denoise over the step list, each pass writing the chunk's K/V into its cache slots
+→ a clean pass at t = 0 overwrites them with clean K/V (all but Krea) → decode → policy hook.
 
-Status of issue 3: this loop, the rolling-sink cache policy and random/real weight loading are here; the
-pipeline-specific policies (LongLive's re-cache on a prompt switch, StreamDiffusionV2's noise controller, Reward
-Forcing's EMA sink, MemFlow's memory bank, Krea's recompute with attention bias) are not built yet.
+Parameters take effect at chunk boundaries. `reset_cache` (one-shot, applied by the worker) and `manage_cache`
+(reset when `noise_scale` or `denoising_step_list` change: the cached history was made at the old noise level)
+restart the stream; the seed restarts with it, so the same seed and input give the same output again.
 """
 
 from __future__ import annotations
@@ -17,14 +19,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from build_engines.manifest import dit_step_key, precision_of
 from serve.errors import PipelineLoadError
 from serve.models.autoencoder import StreamingAutoencoder, make_vae
 from serve.models.dit import ROPE_MAX_POSITIONS
-from serve.models.kv_cache import KVCache, KVCacheSpec, RollingSinkPolicy, TextKVCache
+from serve.models.fp8 import store_dit_in_fp8
+from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, TextKVCache
+from serve.models.prompts import PromptTransition
 from serve.models.scheduler import FlowMatchScheduler
 from serve.pipelines.base import Pipeline, PipelineStream, ProgressFn
+from serve.pipelines.cache_policies import CachePolicy, EmaSinkPolicy, MemoryBankPolicy, RecomputePolicy
 from serve.pipelines.policies import NoiseController
 from serve.pipelines.spec import PipelineSpec
 from serve.pipelines.weights import Models, load_weights, random_models
@@ -41,22 +47,73 @@ class ChunkShape:
     dit_config: str
     shift: float
     chunk_latents: int  # latent frames per chunk (pixel frames = 4 × this)
-    sink_frames: int
-    cache_frames: int  # sink + ring: the frames one chunk attends, its own included
+    cache_frames: int  # frame slots of the KV cache
     checkpoint_prefer: str | None = None  # `generator_ema` for Reward Forcing
+
+
+class Conditioning:
+    """The prompt embedding of each chunk: `prompts` switch it at once, a `transition` walks it over chunks."""
+
+    def __init__(self, pipeline: AutoregressivePipeline, text_kv: TextKVCache) -> None:
+        self.p = pipeline
+        self.text_kv = text_kv
+        self.context: Tensor | None = None  # [1, text_len, text_dim] in use
+        self._prompts_key: tuple | None = None
+        self._transition_seen: dict | None = None
+        self._transition: PromptTransition | None = None
+
+    def reset(self) -> None:
+        self.__init__(self.p, self.text_kv)  # type: ignore[misc]
+
+    def _encode(self, prompts: list[dict] | None, method: str) -> Tensor:
+        pairs = [(p["text"], p.get("weight", 1.0)) for p in prompts or []] or [("", 1.0)]
+        return self.p.models.prompts.encode(pairs, method)  # type: ignore[arg-type]
+
+    def update(self, params: dict[str, Any]) -> bool:
+        """Set this chunk's embedding; True when the prompt jumped (a `prompts` change after the first chunk).
+
+        A transition changes the embedding gradually, which is what it is for, so it never counts as a jump.
+        """
+        method = params.get("prompt_interpolation_method", "linear")
+        key = (repr(params.get("prompts")), method)
+        context, jumped = self.context, False
+        if key != self._prompts_key:
+            jumped = self._prompts_key is not None
+            context = self._encode(params.get("prompts"), method)
+            self._prompts_key, self._transition = key, None
+        transition = params.get("transition")
+        if transition is not None and transition != self._transition_seen:
+            target = self._encode(transition["target_prompts"], method)
+            source = context if context is not None else target
+            method = transition.get("temporal_interpolation_method", "linear")
+            self._transition = PromptTransition(source, target, transition.get("num_steps", 4), method)
+            self._transition_seen = transition
+        if self._transition is not None:
+            context = self._transition.next()
+            if self._transition.done:
+                self._transition = None
+        if context is not self.context:
+            assert context is not None
+            self.text_kv.set(self.p.models.dit.text_kv(context.to(self.p.dtype)))
+            self.context = context
+        return jumped
 
 
 class AutoregressiveStream(PipelineStream):
     def __init__(self, pipeline: AutoregressivePipeline, seed: int) -> None:
         self.p = pipeline
         config = pipeline.models.dit.config
-        h, w = pipeline.height // 16, pipeline.width // 16
-        spec = KVCacheSpec(config.num_layers, 1, config.num_heads, config.head_dim, h * w, pipeline.shape.cache_frames)
+        self.grid = (pipeline.height // 16, pipeline.width // 16)  # tokens per latent frame: rows, columns
+        spec = KVCacheSpec(
+            config.num_layers, 1, config.num_heads, config.head_dim, self.grid[0] * self.grid[1],
+            pipeline.shape.cache_frames,
+        )  # fmt: skip
         self.cache = KVCache(spec, pipeline.dtype, pipeline.device)
         self.text_kv = TextKVCache(
             config.num_layers, 1, config.text_len, config.num_heads, config.head_dim, pipeline.dtype, pipeline.device
         )
-        self.policy = RollingSinkPolicy(spec, pipeline.shape.sink_frames, pipeline.device)
+        self.policy: CachePolicy = pipeline.make_policy(spec)
+        self.conditioning = Conditioning(pipeline, self.text_kv)
         self.vae: StreamingAutoencoder = make_vae(
             pipeline.models.vae_type, pipeline.models.vae_path, size=pipeline.models.vae_size,
             dtype=torch.float32, device=pipeline.device, seed=seed,
@@ -65,41 +122,59 @@ class AutoregressiveStream(PipelineStream):
         self.seed = seed
         self.noise_controller = NoiseController(pipeline.spec.runtime_defaults.get("noise_scale", 0.7))
         self.frame = 0  # absolute latent frame of the next chunk
-        self._prompt_key: tuple | None = None
+        self.recaches = 0  # prompt-switch re-cache passes run (LongLive, MemFlow)
+        self._noise_key: tuple | None = None
 
     def reset(self) -> None:
         self.cache.reset()
         self.vae.reset()
+        self.policy.reset()
         self.frame = 0
         self.generator.manual_seed(self.seed)
         self.noise_controller.reset(self.noise_controller.strength)
 
-    def _set_prompts(self, params: dict[str, Any]) -> None:
-        prompts = [(p["text"], p.get("weight", 1.0)) for p in params.get("prompts") or []] or [("", 1.0)]
-        key = (tuple(prompts), params.get("prompt_interpolation_method", "linear"))
-        if key != self._prompt_key:
-            context = self.p.models.prompts.encode(prompts, key[1])  # [1, text_len, text_dim]
-            self.text_kv.set(self.p.models.dit.text_kv(context.to(self.p.dtype)))
-            self._prompt_key = key
+    def run_step(self, latents: Tensor, t: float, plan: ChunkPlan) -> Tensor:
+        """One DiT step over `latents` [1, 16, F, h, w] at timestep `t`, writing K/V where `plan` says."""
+        dit = self.p.models.dit
+        timestep = torch.full((1, latents.shape[2]), float(t), device=self.p.device)
+        key_rope = None if plan.key_positions is None else dit.rope.tables(plan.key_positions, *self.grid)
+        return self.p.step(
+            latents.to(self.p.dtype), timestep, self.text_kv.pair(), self.cache.k, self.cache.v, *plan.as_args(),
+            key_rope=key_rope,
+        )  # fmt: skip
 
     def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator, device=self.p.device)
 
+    def _manage_cache(self, params: dict[str, Any]) -> None:
+        """Restart when the noise level the cached history was made at changes (Scope's `manage_cache`).
+
+        The noise controller's own per-chunk strength does not count: it moves every chunk by design.
+        """
+        key = (params.get("noise_scale"), tuple(params.get("denoising_step_list") or ()), params.get("input_mode"))
+        if self._noise_key is not None and key != self._noise_key and params.get("manage_cache", True):
+            self.reset()
+        self._noise_key = key
+
     @torch.inference_mode()
     def process(self, frames: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
-        p, scheduler = self.p, self.p.scheduler
+        p, scheduler, policy = self.p, self.p.scheduler, self.policy
         chunk = p.shape.chunk_latents
-        if self.frame + chunk > ROPE_MAX_POSITIONS:  # absolute RoPE positions end at 1024 frames
+        self._manage_cache(params)
+        if policy.absolute_positions and self.frame + chunk > ROPE_MAX_POSITIONS:  # the RoPE table ends at 1024
             self.reset()
-        self._set_prompts(params)
-        first = self.frame == 0
+        jumped = self.conditioning.update(params)
+        if jumped and self.frame > 0 and policy.recache_on_prompt_switch:
+            self._recache()
+        policy.update_params(params)
+        policy.before_chunk(self, self.frame, chunk)
         latent_shape = (1, 16, chunk, p.height // 8, p.width // 8)
         steps = scheduler.model_timesteps(params["denoising_step_list"])
 
         # 1. Start point: input latents mixed with noise (video), or noise (text).
         if frames is not None:
             pixels = torch.from_numpy(frames).to(p.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-            if first:  # the VAE's first call takes frame 0 alone: 1 + 4(F−1) frames → F latents
+            if not self.vae.encoder_started:  # the first encode takes frame 0 alone: 1 + 4(F−1) frames → F latents
                 pixels = pixels[:, :, -(1 + 4 * (chunk - 1)) :]
             latents = self.vae.encode_chunk(pixels)
             if params.get("noise_controller", False):
@@ -110,28 +185,35 @@ class AutoregressiveStream(PipelineStream):
             # The input is mixed to the noise level `strength`; denoising starts at `first_t`, then takes the listed
             # steps below it.
             steps = [first_t] + [t for t in steps[1:] if t < first_t]
-            noise = self._noise(latent_shape)
-            x = (1 - strength) * latents + strength * noise
+            x = (1 - strength) * latents + strength * self._noise(latent_shape)
         else:
             x = self._noise(latent_shape)
 
         # 2. Denoising passes, all writing this chunk's slots; then the clean pass at t = 0.
-        plan = self.policy.plan(self.frame, chunk)
+        plan = policy.plan(self.frame, chunk)
         x0 = x
         for i, t in enumerate(steps):
             timestep = torch.full((1, chunk), float(t), device=p.device)
-            flow = p.step(x.to(p.dtype), timestep, self.text_kv.pair(), self.cache.k, self.cache.v, *plan.as_args())
+            flow = self.run_step(x, t, plan)
             x0 = scheduler.to_x0(x, flow.float(), timestep)
             if i + 1 < len(steps):
                 next_t = torch.full((1, chunk), float(steps[i + 1]), device=p.device)
                 x = scheduler.add_noise(x0, self._noise(latent_shape), next_t)
-        clean_t = torch.zeros(1, chunk, device=p.device)
-        p.step(x0.to(p.dtype), clean_t, self.text_kv.pair(), self.cache.k, self.cache.v, *plan.as_args())
-        self.frame += chunk
+        if policy.clean_pass:
+            self.run_step(x0, 0.0, plan)
 
         # 3. Decode to uint8 frames [T, H, W, 3].
-        video = self.vae.decode_chunk(x0.float())  # [1, 3, T, H, W] in [-1, 1]
-        return ((video[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        video = self.vae.decode_chunk(x0.float()).clamp(-1, 1)  # [1, 3, T, H, W]
+        policy.after_chunk(self, self.frame, x0, video)
+        self.frame += chunk
+        return ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+    def _recache(self) -> None:
+        """LongLive's KV re-cache: the cached window's clean latents run once more at t = 0 with the new prompt."""
+        plan = self.policy.recache_plan(self.frame)
+        if plan is not None:
+            self.run_step(self.policy.clean_latents(self.frame), 0.0, plan)
+            self.recaches += 1
 
 
 class AutoregressivePipeline(Pipeline):
@@ -143,7 +225,7 @@ class AutoregressivePipeline(Pipeline):
         self.height, self.width = load_params["height"], load_params["width"]
         self.chunk_frames = 4 * self.shape.chunk_latents
         self.random_weights = bool(load_params.get("random_weights"))
-        self.step: DiTStep = EagerStep(models.dit)  # what `process` calls; `load` swaps in the chosen backend
+        self.step: DiTStep = EagerStep(models.dit)  # what `run_step` calls; `load` swaps in the chosen backend
         self.backend = "eager"
         self.models = models
         self.device, self.dtype = device, dtype
@@ -152,10 +234,9 @@ class AutoregressivePipeline(Pipeline):
     @classmethod
     def load(cls, spec: PipelineSpec, load_params: dict[str, Any], *, report: ProgressFn, **context: Any) -> Pipeline:
         # Never a silent fallback: what this build cannot honour yet is refused with the reason.
-        if load_params.get("quantization"):
-            raise PipelineLoadError(
-                f"{spec.id}: quantization {load_params['quantization']!r} is not built yet; use null"
-            )
+        quantization = load_params.get("quantization")
+        if quantization not in (None, "fp8_e4m3fn"):
+            raise PipelineLoadError(f"{spec.id}: quantization {quantization!r} is not supported; null or fp8_e4m3fn")
         if load_params.get("vace_enabled") or load_params.get("loras"):
             raise PipelineLoadError(f"{spec.id}: VACE and user LoRAs are not built yet; load without them")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -167,22 +248,86 @@ class AutoregressivePipeline(Pipeline):
                 spec, load_params, Path(context["models_dir"]), dit_config=cls.shape.dit_config,
                 prefer=cls.shape.checkpoint_prefer, device=device, dtype=dtype, report=report,
             )  # fmt: skip
-        report("model step backend", 0.9)
-        key = dit_step_key(spec.id, load_params["height"], load_params["width"], cls.shape.chunk_latents,
-                           cls.shape.cache_frames, models.dit.config.text_len, precision_of(dtype), "aoti")  # fmt: skip
-        engines_dir = Path(context.get("engines_dir") or ServerSettings().engines_dir)
-        step, backend, reason = select_backend(load_params.get("backend", "auto"), key, models.dit, engines_dir, device)
-        report("ready", 1.0)
+        # The backend is chosen on the weights as loaded (the hash an fp8 TensorRT engine was built from), before
+        # the eager path's own fp8 storage below.
+        report("model step backend", 0.85)
         pipeline = cls(spec, load_params, models, device, dtype)
-        pipeline.step, pipeline.backend, pipeline.backend_reason = step, backend, reason
+        key = dit_step_key(
+            spec.id, pipeline.height, pipeline.width, cls.shape.chunk_latents, cls.shape.cache_frames,
+            models.dit.config.text_len, "fp8" if quantization else precision_of(dtype), "aoti",
+        )  # fmt: skip
+        engines_dir = Path(context.get("engines_dir") or ServerSettings().engines_dir)
+        pipeline.step, pipeline.backend, pipeline.backend_reason = select_backend(
+            load_params.get("backend", "auto"), key, models.dit, engines_dir, device,
+            engines_unusable=pipeline.engines_unusable(),
+        )  # fmt: skip
+        if quantization == "fp8_e4m3fn":  # fp8 weight storage; fp8 GEMMs where the GPU has them (serve/models/fp8.py)
+            report("fp8 weights", 0.9)
+            store_dit_in_fp8(models.dit, dtype)
+        report("ready", 1.0)
         return pipeline
+
+    def engines_unusable(self) -> str | None:
+        """Why no engine can run this pipeline's chunk steps, or None. Engines cache keys rotated at absolute
+        positions; a policy whose plans carry window-relative key positions (`key_rope`) cannot use them."""
+        probe = self.make_policy(KVCacheSpec(1, 1, 1, 2, 1, self.shape.cache_frames))  # only the policy's kind matters
+        if probe.plan(0, self.shape.chunk_latents).key_positions is not None:
+            return f"{self.spec.id} re-rotates cached keys per chunk (window-relative RoPE); engines store rotated keys"
+        return None
 
     def open_stream(self, seed: int) -> PipelineStream:
         return AutoregressiveStream(self, seed)
 
+    def make_policy(self, spec: KVCacheSpec) -> CachePolicy:
+        """The pipeline's cache policy for a stream's cache of shape `spec`."""
+        raise NotImplementedError
+
+
 class StreamDiffusionV2Pipeline(AutoregressivePipeline):
-    shape = ChunkShape("wan2.1-1.3b", shift=8.0, chunk_latents=1, sink_frames=3, cache_frames=6)
+    """One latent frame per chunk, 6-frame cache with 3 sink frames, the motion-aware noise controller (Scope's
+    port: a clean pass, no stream batch)."""
+
+    shape = ChunkShape("wan2.1-1.3b", shift=8.0, chunk_latents=1, cache_frames=6)
+
+    def make_policy(self, spec: KVCacheSpec) -> CachePolicy:
+        return CachePolicy(spec, sink_frames=3, device=self.device)
 
 
 class LongLivePipeline(AutoregressivePipeline):
-    shape = ChunkShape("wan2.1-1.3b", shift=5.0, chunk_latents=3, sink_frames=3, cache_frames=12)
+    """3-frame sink + 9-frame window (12 attended), K/V re-cached with the new prompt on a prompt switch."""
+
+    shape = ChunkShape("wan2.1-1.3b", shift=5.0, chunk_latents=3, cache_frames=12)
+
+    def make_policy(self, spec: KVCacheSpec) -> CachePolicy:
+        policy = CachePolicy(spec, sink_frames=3, device=self.device)
+        policy.recache_on_prompt_switch = True
+        return policy
+
+
+class RewardForcingPipeline(AutoregressivePipeline):
+    """3-frame EMA sink (α = 0.999) + 6-frame window, keys cached un-rotated with window-relative RoPE."""
+
+    shape = ChunkShape("wan2.1-1.3b", shift=5.0, chunk_latents=3, cache_frames=9, checkpoint_prefer="generator_ema")
+
+    def make_policy(self, spec: KVCacheSpec) -> CachePolicy:
+        return EmaSinkPolicy(spec, sink_frames=3, device=self.device, alpha=0.999)
+
+
+class MemFlowPipeline(AutoregressivePipeline):
+    """LongLive plus a 3-frame memory bank, filled every third chunk and re-ranked by the prompt."""
+
+    shape = ChunkShape("wan2.1-1.3b", shift=5.0, chunk_latents=3, cache_frames=15)
+
+    def make_policy(self, spec: KVCacheSpec) -> CachePolicy:
+        return MemoryBankPolicy(spec, sink_frames=3, bank_frames=3, record_every=9, device=self.device)
+
+
+class KreaRealtimePipeline(AutoregressivePipeline):
+    """The 14B model; the cache is recomputed from 3 context frames each chunk, `kv_cache_attention_bias` damps
+    attention to the older context frames."""
+
+    shape = ChunkShape("wan2.1-14b", shift=5.0, chunk_latents=3, cache_frames=6)
+    text_fps = 24.0  # Krea's serving output rate
+
+    def make_policy(self, spec: KVCacheSpec) -> CachePolicy:
+        return RecomputePolicy(spec, context_frames=3, device=self.device)

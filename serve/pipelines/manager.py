@@ -83,9 +83,11 @@ class PipelineManager:
             status.progress = progress
 
         try:
-            factory = spec.resolve_factory()
+            # The factory import pulls in torch and the model code (seconds): it runs on the thread, not the loop.
             pipeline = await asyncio.to_thread(
-                factory.load, spec, load_params, report=report, models_dir=self.models_dir, engines_dir=self.engines_dir
+                lambda: spec.resolve_factory().load(
+                    spec, load_params, report=report, models_dir=self.models_dir, engines_dir=self.engines_dir
+                )
             )
         except Exception as exc:
             reason = str(exc) if isinstance(exc, PipelineLoadError) else f"{type(exc).__name__}: {exc}"

@@ -152,6 +152,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             steps=[1000, 750],
             files=(ModelFile("JaydenLu666/Reward-Forcing-T2V-1.3B", "rewardforcing.pt"),),
             vram_gb=20,
+            factory="serve.pipelines.autoregressive:RewardForcingPipeline",
         ),
         _model_spec(
             "memflow",
@@ -166,6 +167,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             files=(ModelFile("KlingTeam/MemFlow", "base.pt"), ModelFile("KlingTeam/MemFlow", "lora.pt")),
             vram_gb=20,
             lora=True,
+            factory="serve.pipelines.autoregressive:MemFlowPipeline",
         ),
         _model_spec(
             "krea-realtime-video",
@@ -182,6 +184,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             vram_gb=32,
             extra_runtime={"kv_cache_attention_bias": 0.3},
             quantization="fp8_e4m3fn",
+            factory="serve.pipelines.autoregressive:KreaRealtimePipeline",
         ),
     )
 }

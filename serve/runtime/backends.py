@@ -41,6 +41,9 @@ ENGINE_BACKEND: dict[str, Backend] = {"compiled": "aoti", "tensorrt": "tensorrt"
 AUTO_ORDER = ("tensorrt", "compiled")  # best first; eager is always there
 
 
+KeyRope = tuple[Tensor, Tensor] | None
+
+
 class DiTStep(Protocol):
     def __call__(
         self,
@@ -52,6 +55,7 @@ class DiTStep(Protocol):
         write_index: Tensor,
         key_bias: Tensor,
         frame_positions: Tensor,
+        key_rope: KeyRope = None,
     ) -> Tensor: ...
 
 
@@ -75,11 +79,40 @@ class EagerStep:
         write_index: Tensor,
         key_bias: Tensor,
         frame_positions: Tensor,
+        key_rope: KeyRope = None,
     ) -> Tensor:
-        return self.model.step(latents, timestep, text_kv, cache_k, cache_v, write_index, key_bias, frame_positions)
+        return self.model.step(
+            latents, timestep, text_kv, cache_k, cache_v, write_index, key_bias, frame_positions, key_rope=key_rope
+        )
 
 
-class CompiledStep:
+class EngineStep:
+    """What the engine backends share: an engine runs the one static shape it was built for, with keys cached at
+    absolute positions. Other steps of a pipeline (LongLive's re-cache over the whole window, Krea's context
+    recompute, window-relative keys) run eager, and the first of each kind says so in one log line."""
+
+    def __init__(self, path: Path, latents_shape: tuple[int, ...], fallback: EagerStep | None) -> None:
+        self.path = path
+        self.latents_shape = latents_shape
+        self.fallback = fallback
+        self._logged: set[tuple] = set()
+
+    def runs_here(self, latents: Tensor, key_rope: KeyRope) -> bool:
+        if key_rope is None and tuple(latents.shape) == self.latents_shape:
+            return True
+        kind = (tuple(latents.shape), key_rope is not None)
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.info(
+                "engine=%s built for latents %s: a step with latents %s%s runs eager", self.path.name,
+                self.latents_shape, tuple(latents.shape), " and window-relative keys" if key_rope else "",
+            )  # fmt: skip
+        if self.fallback is None:
+            raise ValueError(f"{self.path} runs latents {self.latents_shape} with absolute keys only")
+        return False
+
+
+class CompiledStep(EngineStep):
     """An AOTInductor package of `DiTStepGraph` (build_engines/aoti.py): caches in, updated caches out.
 
     The package returns new caches rather than writing its inputs, so they are copied back into the stream's
@@ -88,10 +121,10 @@ class CompiledStep:
     (torch 2.13): AOTInductor's handling of the mutated inputs costs far more than the copy. Re-measure on CUDA.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, latents_shape: tuple[int, ...], fallback: EagerStep | None = None) -> None:
         from build_engines.aoti import load_aoti_package
 
-        self.path = path
+        super().__init__(path, latents_shape, fallback)
         self.runner: Callable[..., tuple[Tensor, ...]] = load_aoti_package(path)
 
     def warm_up(self, manifest: Manifest, device: torch.device) -> CompiledStep:
@@ -114,7 +147,11 @@ class CompiledStep:
         write_index: Tensor,
         key_bias: Tensor,
         frame_positions: Tensor,
+        key_rope: KeyRope = None,
     ) -> Tensor:
+        args = (latents, timestep, text_kv, cache_k, cache_v, write_index, key_bias, frame_positions)
+        if not self.runs_here(latents, key_rope):
+            return self.fallback(*args, key_rope=key_rope)  # type: ignore[misc]
         flow, new_k, new_v = self.runner(
             latents, timestep, text_kv[0], text_kv[1], cache_k, cache_v, write_index, key_bias, frame_positions
         )
@@ -179,21 +216,28 @@ def load_backend(
     engine, manifest = find_engine(with_backend(key, ENGINE_BACKEND[backend]), weights, engines_dir, env)
     try:
         if backend == "compiled":
-            step: DiTStep = CompiledStep(engine).warm_up(manifest, device)
+            latents_shape = tuple(manifest.tensors["latents"]["shape"])
+            step: DiTStep = CompiledStep(engine, latents_shape, EagerStep(model)).warm_up(manifest, device)
         else:
             from serve.runtime.tensorrt_step import TensorRTStep
 
-            step = TensorRTStep(engine, device)
+            step = TensorRTStep(engine, device, EagerStep(model))
     except Exception as exc:  # a file that passed its hash but does not load is still only this backend's failure
         raise BackendUnavailable(f"engine {engine} failed to load: {type(exc).__name__}: {exc}") from None
     return step, f"engine {engine} matches (built {manifest.built_at})"
 
 
 def select_backend(
-    requested: str, key: EngineKey, model: WanDiT, engines_dir: Path, device: torch.device
+    requested: str,
+    key: EngineKey,
+    model: WanDiT,
+    engines_dir: Path,
+    device: torch.device,
+    engines_unusable: str | None = None,
 ) -> tuple[DiTStep, str, str]:
     """(step, backend name, reason). `auto` takes the best backend whose engine fits and says why the better ones
-    did not; a named backend is honoured or the load fails with PipelineLoadError naming the reason."""
+    did not; a named backend is honoured or the load fails with PipelineLoadError naming the reason.
+    `engines_unusable`: why this pipeline cannot run any engine at all (its own reason), or None."""
     hashed: list[str] = []
 
     def weights() -> str:
@@ -205,6 +249,8 @@ def select_backend(
     skipped = []
     for backend in order:
         try:
+            if engines_unusable and backend != "eager":
+                raise BackendUnavailable(engines_unusable)
             step, why = load_backend(backend, key, model, weights, engines_dir, device)
         except BackendUnavailable as exc:
             if requested != "auto":

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from build_engines.export import DIT_STEP_INPUTS, DIT_STEP_OUTPUTS
 from build_engines.tensorrt import deserialize_engine, import_tensorrt
+from serve.runtime.backends import EagerStep, EngineStep, KeyRope
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,9 @@ CALLER_BUFFERS = ("text_k", "text_v", "cache_k", "cache_v")  # bound where the s
 MAX_GRAPHS = 8  # one per set of caller buffers (a session); more sessions than this re-capture
 
 
-class TensorRTStep:
-    def __init__(self, plan_path: Path, device: torch.device) -> None:
+class TensorRTStep(EngineStep):
+    def __init__(self, plan_path: Path, device: torch.device, fallback: EagerStep | None = None) -> None:
         trt = import_tensorrt()
-        self.path = plan_path
         self.device = device
         self.engine = deserialize_engine(plan_path)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -44,6 +44,7 @@ class TensorRTStep:
             trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool,
         }  # fmt: skip
         self.shapes = {n: tuple(self.engine.get_tensor_shape(n)) for n in names}
+        super().__init__(plan_path, self.shapes["latents"], fallback)
         self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
         # Which input each cache output updates: TensorRT's declared alias, else the export's `<input>_out` naming.
         self.aliased = {o: self.engine.get_aliased_input_tensor(o) for o in ("cache_k_out", "cache_v_out")}
@@ -110,8 +111,13 @@ class TensorRTStep:
         write_index: Tensor,
         key_bias: Tensor,
         frame_positions: Tensor,
+        key_rope: KeyRope = None,
     ) -> Tensor:
         """Returns the engine's persistent `flow` buffer: valid until the next call (the loop consumes it at once)."""
+        if not self.runs_here(latents, key_rope):
+            return self.fallback(  # type: ignore[misc]
+                latents, timestep, text_kv, cache_k, cache_v, write_index, key_bias, frame_positions, key_rope=key_rope
+            )
         for name, value in (("latents", latents), ("timestep", timestep), ("write_index", write_index),
                             ("key_bias", key_bias), ("frame_positions", frame_positions)):  # fmt: skip
             self.static[name].copy_(value.view(self.shapes[name]))

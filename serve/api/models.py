@@ -1,0 +1,26 @@
+"""Model weights: whether a pipeline's files are downloaded, and starting their download (Scope's /models routes)."""
+
+from __future__ import annotations
+
+from litestar import Controller, Response, get, post
+from litestar.datastructures import State
+
+from serve.pipelines.registry import get_spec
+from serve.schemas import ModelsDownloadRequest, ModelsStatus
+
+
+class ModelsController(Controller):
+    path = "/api/v1/models"
+    tags = ["models"]
+
+    @get("/status")
+    async def status(self, pipeline_id: str, state: State) -> ModelsStatus:
+        """Per-file presence and the download's progress; `downloaded` is true once every file is present."""
+        return state.models.status(get_spec(pipeline_id))
+
+    @post("/download")
+    async def download(self, data: ModelsDownloadRequest, state: State) -> Response[ModelsStatus]:
+        """Starts fetching the files in the background (202); while one runs, answers its status (200). Poll /status."""
+        spec = get_spec(data.pipeline_id)
+        started = state.models.start(spec)
+        return Response(state.models.status(spec), status_code=202 if started else 200)
