@@ -213,6 +213,41 @@ def test_compiled_backend_produces_the_frames_eager_produces(engines_dir: Path) 
     assert torch.allclose(b.cache.k, a.cache.k, atol=1e-4, rtol=1e-4)  # the copied-back caches too
 
 
+def test_steps_of_another_shape_run_eager_inside_the_compiled_backend(engines_dir: Path, caplog) -> None:
+    """LongLive's re-cache and Krea's recompute run the DiT over more frames than a chunk: not the engine's shape."""
+    compiled = load_sdv2(engines_dir, "compiled")
+    model = compiled.models.dit
+    key = dataclasses.replace(wanted_key(), chunk_frames=2)
+    from build_engines.build import dit_step_args
+
+    args = dit_step_args(model, key, CPU)  # two latent frames: the engine was built for one
+    call = (args[0], args[1], (args[2], args[3]), args[4], args[5], *args[6:])
+    reference_k, reference_v = args[4].clone(), args[5].clone()
+    reference = model.step(args[0], args[1], (args[2], args[3]), reference_k, reference_v, *args[6:])
+    with caplog.at_level("INFO", logger="serve.runtime.backends"):
+        flow = compiled.step(*call)
+        compiled.step(*call)
+    assert torch.equal(flow, reference) and torch.equal(args[4], reference_k)
+    assert sum("runs eager" in r.message for r in caplog.records) == 1  # one line per kind of step, not per call
+
+
+def test_window_relative_keys_keep_reward_forcing_on_eager_with_the_reason(engines_dir: Path) -> None:
+    spec = get_spec("reward-forcing")
+    factory = spec.resolve_factory()
+
+    def load(backend: str):
+        params = spec.effective_load_params(
+            LoadParams(height=SIZE, width=SIZE, random_weights=True, backend=backend), allow_random_weights=True
+        )
+        return factory.load(spec, params, report=lambda *_: None, models_dir=Path("/nonexistent"),
+                            engines_dir=engines_dir)  # fmt: skip
+
+    pipeline = load("auto")
+    assert pipeline.backend == "eager" and "window-relative" in pipeline.backend_reason
+    with pytest.raises(PipelineLoadError, match="backend 'compiled' cannot be used: reward-forcing re-rotates"):
+        load("compiled")
+
+
 async def test_a_corrupt_engine_falls_back_to_eager_and_the_server_keeps_serving(
     engines_copy: Path, tmp_path: Path
 ) -> None:
