@@ -25,6 +25,7 @@ from rich.table import Table
 from benchmarks.model_step import PEAK_TFLOPS, Shape, step_tflop
 from benchmarks.timing import time_ms
 from serve.models.dit import DIT_CONFIGS, WanDiT
+from serve.models.fp8 import store_dit_in_fp8
 from serve.models.prompts import PromptEncoder
 from serve.models.text_encoder import UMT5_PRESETS, UMT5Encoder
 from serve.models.tokenizer import UMT5Tokenizer
@@ -77,6 +78,8 @@ def bench(pipeline_id: str, size: str, vae_type: str, device: torch.device, warm
         models = random_models(load_params, device, seed=0)
     else:
         models = real_size_models(cls.shape.dit_config, vae_type, device, dtype)
+    if load_params.get("quantization") == "fp8_e4m3fn":  # Krea's default, as a load would apply it
+        store_dit_in_fp8(models.dit, dtype)
     pipeline = cls(spec, load_params, models, device, dtype)
     params = {**spec.runtime_defaults, "prompts": [{"text": "a cat in the snow", "weight": 1.0}]}
     frames = np.random.default_rng(0).integers(0, 255, (pipeline.chunk_frames, pipeline.height, pipeline.width, 3))
