@@ -53,7 +53,7 @@ def detect_preset(
         if difference is None:
             return name
         differences[name] = difference
-    sample = "; ".join(f"{k} {list(v)}" for k, v in list(sorted(found.items()))[:4])
+    sample = "; ".join(f"{k} {list(v)}" for k, v in list(found.items())[:4])  # file order: usually the stem first
     per_candidate = " | ".join(f"{name}: {diff}" for name, diff in differences.items())
     raise CheckpointError(
         f"{path}: the {what}'s tensor shapes match none of the known configs ({', '.join(candidates)}); "
