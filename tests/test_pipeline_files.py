@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from serve.errors import PipelineLoadError
+from serve.models.dit import DIT_CONFIGS, WanDiT
 from serve.pipelines.registry import PIPELINES, get_spec
 from serve.schemas import LoadParams
 from tests.support.checkpoints import PipelineFiles, write_pipeline_files
@@ -241,3 +243,18 @@ def test_bad_files_end_in_an_error_naming_the_file_and_the_server_keeps_serving(
         write_pipeline_files(pipeline_id, models_dir)  # the module's other tests share this folder
     status = load_pipeline(server.url, pipeline_id, timeout_s=120, **LOAD_PARAMS)
     assert status["status"] == "loaded", status
+
+
+def test_files_of_different_model_sizes_are_refused_before_any_is_read(tmp_path: Path) -> None:
+    # A full-size 1.3B base next to the tiny text encoder. Its tensors are meta (shapes, no data): reading it would
+    # fail, so the error below shows the sizes were compared from the headers before anything was loaded.
+    spec = get_spec("longlive")
+    written = write_pipeline_files("longlive", tmp_path)
+    with torch.device("meta"):
+        base = WanDiT(DIT_CONFIGS["wan2.1-1.3b"]).state_dict()
+    dit_path = written.paths["models/longlive_base.pt"]
+    torch.save({"generator": {f"model.{key}": tensor for key, tensor in base.items()}}, dit_path)
+    params = spec.effective_load_params(LoadParams(**LOAD_PARAMS), allow_random_weights=False)
+    with pytest.raises(PipelineLoadError, match="different model sizes") as error:
+        spec.resolve_factory().load(spec, params, report=lambda *_: None, models_dir=tmp_path)
+    assert str(dit_path) in str(error.value) and "models_t5_umt5-xxl-enc-bf16.pth" in str(error.value)
