@@ -116,15 +116,10 @@ def _write_lora(path: Path, seed: int, written: PipelineFiles) -> None:
     config = DIT_CONFIGS["tiny"]
     generator = torch.Generator().manual_seed(seed + 100)
     tensors = {}
+    shapes = {"ffn.0": (config.ffn_dim, config.dim), "ffn.2": (config.dim, config.ffn_dim)}  # (out, in)
     for block in range(config.num_layers):
         for linear in LORA_LINEARS:
-            out_dim, in_dim = (
-                (config.ffn_dim, config.dim)
-                if linear == "ffn.0"
-                else (config.dim, config.ffn_dim)
-                if linear == "ffn.2"
-                else (config.dim, config.dim)
-            )
+            out_dim, in_dim = shapes.get(linear, (config.dim, config.dim))  # attention q, k, v, o: d → d
             a = (torch.randn(LORA_RANK, in_dim, generator=generator) * 0.05).to(DIT_DTYPE)
             b = (torch.randn(out_dim, LORA_RANK, generator=generator) * 0.05).to(DIT_DTYPE)
             key = f"blocks.{block}.{linear}"
