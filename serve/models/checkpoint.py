@@ -278,7 +278,12 @@ def read_lora(path: Path | str, expected: dict[str, Tensor], scale: float) -> di
     for name, pair in pairs.items():
         if name not in expected or set(pair) != {"lora_A", "lora_B"}:
             raise CheckpointError(f"{path}: LoRA for {name!r} does not match the model (or lacks A or B)")
-        delta = scale * pair["lora_B"] @ pair["lora_A"]
+        lora_a, lora_b = pair["lora_A"], pair["lora_B"]
+        if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_b.shape[1] != lora_a.shape[0]:  # else matmul fails unnamed
+            raise CheckpointError(
+                f"{path}: LoRA for {name}: lora_B {list(lora_b.shape)} and lora_A {list(lora_a.shape)} differ in rank"
+            )
+        delta = scale * lora_b @ lora_a
         if tuple(delta.shape) != tuple(expected[name].shape):
             raise CheckpointError(
                 f"{path}: LoRA for {name} gives {list(delta.shape)}, weight is {list(expected[name].shape)}"

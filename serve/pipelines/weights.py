@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from serve.errors import PipelineLoadError
+from serve.models.autoencoder import build_model
 from serve.models.checkpoint import CheckpointError
+from serve.models.config_detection import detect_preset
 from serve.models.dit import DIT_CONFIGS, WanDiT, load_dit
 from serve.models.prompts import PromptEncoder
 from serve.models.text_encoder import UMT5_PRESETS, UMT5Encoder, load_text_encoder
 from serve.models.tokenizer import UMT5Tokenizer
 from serve.pipelines.base import ProgressFn
 from serve.pipelines.spec import PipelineSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,9 +36,27 @@ class Models:
     vae_size: str | None
 
 
-def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Path, *, dit_config: str,
-                 prefer: str | None, device: torch.device, dtype: torch.dtype, report: ProgressFn) -> Models:  # fmt: skip
-    """The pipeline's published files from `models_dir`; errors name the file and what to do."""
+# The presets a published file may hold; which one is read from the file's shapes (serve/models/config_detection.py).
+DIT_CANDIDATES = {name: partial(WanDiT, config) for name, config in DIT_CONFIGS.items()}
+TEXT_ENCODER_CANDIDATES = {name: partial(UMT5Encoder, config) for name, config in UMT5_PRESETS.items()}
+# `vae_size` as make_vae takes it: None is the full Wan VAE, "tiny" the test size random_models uses.
+VAE_CANDIDATES: dict[str, Callable[[], nn.Module]] = {
+    "wan": partial(build_model, "wan"),
+    "tiny": partial(build_model, "wan", "tiny"),
+}
+LORA_SCALE = 1.0  # α/r for LongLive and MemFlow (rank 256, α 256, models.md §3.2); PEFT files do not carry α
+
+
+def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Path, *, prefer: str | None,
+                 device: torch.device, dtype: torch.dtype, report: ProgressFn,
+                 dit_config: str | None = None) -> Models:  # fmt: skip
+    """The pipeline's published files from `models_dir`; errors name the file and what to do.
+
+    Each model's config comes from its file's shapes, not from the pipeline: `dit_config` is only the size the
+    pipeline is published at, logged when a file holds another (StreamDiffusionV2's 14B checkpoint, tiny test files).
+    All files are identified (headers only) before any is loaded, so a wrong file fails in seconds, not after
+    minutes of reading the others.
+    """
     missing = spec.missing_files(models_dir)
     if missing:
         listed = ", ".join(str(f.local_path(models_dir)) for f in missing)
@@ -38,25 +64,56 @@ def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Pa
             f"{spec.id}: weights missing: {listed}. Place the published files there (one folder per Hugging "
             f"Face repo under {models_dir}), or load with random_weights (server flag --allow-random-weights)"
         )
-    dit_file, *rest = spec.files
-    lora = next((f for f in rest if f.path.endswith("lora.pt")), None)
-    vae_file, text_file, tokenizer_file = spec.files[-3:]
-    try:
-        report("text encoder", 0.1)
-        encoder = load_text_encoder(text_file.local_path(models_dir), dtype=dtype, device=device)
-        tokenizer = UMT5Tokenizer(tokenizer_file.local_path(models_dir))
-        report("diffusion model", 0.4)
-        dit = load_dit(
-            DIT_CONFIGS[dit_config], dit_file.local_path(models_dir), dtype=dtype, device=device,
-            prefer=prefer, lora=lora.local_path(models_dir) if lora else None,
-        )  # fmt: skip
-    except (CheckpointError, ValueError, FileNotFoundError) as exc:
-        raise PipelineLoadError(f"{spec.id}: {exc}") from None
     vae_type = load_params.get("vae_type", "wan")
     if vae_type != "wan":
         raise PipelineLoadError(f"{spec.id}: vae_type {vae_type!r} needs its weight file; only 'wan' is wired yet")
+    dit_file, *rest = spec.files
+    lora_file = next((f for f in rest if f.path.endswith("lora.pt")), None)
+    vae_file, text_file, tokenizer_file = spec.files[-3:]
+    dit_path, vae_path = dit_file.local_path(models_dir), vae_file.local_path(models_dir)
+    text_path, tokenizer_path = text_file.local_path(models_dir), tokenizer_file.local_path(models_dir)
+    try:
+        report("checking files", 0.05)
+        dit_name = detect_preset(dit_path, DIT_CANDIDATES, what="diffusion model", prefer=prefer)
+        text_name = detect_preset(text_path, TEXT_ENCODER_CANDIDATES, what="text encoder")
+        vae_name = detect_preset(vae_path, VAE_CANDIDATES, what="VAE")
+    except CheckpointError as exc:
+        raise PipelineLoadError(f"{spec.id}: {exc}") from None
+    dit_cfg, text_cfg = DIT_CONFIGS[dit_name], UMT5_PRESETS[text_name]
+    if dit_cfg.text_dim != text_cfg.dim:
+        raise PipelineLoadError(
+            f"{spec.id}: {dit_path} ({dit_name}) takes {dit_cfg.text_dim}-wide text embeddings but {text_path} "
+            f"({text_name}) makes {text_cfg.dim}-wide ones: the files are of different model sizes"
+        )
+    if dit_config is not None and dit_name != dit_config:
+        log.info("pipeline=%s dit=%s file=%s (published size %s)", spec.id, dit_name, dit_path, dit_config)
+    tokenizer = _load_tokenizer(spec, tokenizer_path, text_path, dit_cfg.text_len, text_cfg.vocab_size)
+    try:
+        report("text encoder", 0.1)
+        encoder = load_text_encoder(text_path, dtype=dtype, device=device, config=text_cfg)
+        report("diffusion model", 0.4)
+        dit = load_dit(
+            dit_cfg, dit_path, dtype=dtype, device=device, prefer=prefer,
+            lora=lora_file.local_path(models_dir) if lora_file else None, lora_scale=LORA_SCALE,
+        )  # fmt: skip
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        raise PipelineLoadError(f"{spec.id}: {exc}") from None
     prompts = PromptEncoder(tokenizer, encoder, output_dtype=dtype, output_device=device)
-    return Models(dit, prompts, vae_type, vae_file.local_path(models_dir), None)
+    vae_size = None if vae_name == "wan" else vae_name
+    log.info("pipeline=%s dit=%s text_encoder=%s vae=%s", spec.id, dit_name, text_name, vae_name)
+    return Models(dit, prompts, vae_type, vae_path, vae_size)
+
+
+def _load_tokenizer(spec: PipelineSpec, path: Path, text_path: Path, text_len: int, vocab_size: int) -> UMT5Tokenizer:
+    try:
+        tokenizer = UMT5Tokenizer(path, max_length=text_len)
+    except (RuntimeError, OSError, ValueError) as exc:  # sentencepiece raises RuntimeError/OSError on a bad file
+        raise PipelineLoadError(f"{spec.id}: {path}: not a usable SentencePiece model ({exc})") from None
+    if tokenizer.vocab_size > vocab_size:  # ids past the embedding table would fail at the first prompt
+        raise PipelineLoadError(
+            f"{spec.id}: {path} has {tokenizer.vocab_size} pieces but {text_path} embeds only {vocab_size} ids"
+        )
+    return tokenizer
 
 
 def random_models(load_params: dict[str, Any], device: torch.device, seed: int) -> Models:

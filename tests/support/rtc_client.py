@@ -14,7 +14,7 @@ import aioice.ice
 import httpx
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
-from aiortc.mediastreams import MediaStreamError
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
 
 from tests.support.frames import draw_counter, read_counter
@@ -39,6 +39,20 @@ class CounterTrack(VideoStreamTrack):
         return frame
 
 
+class StillTrack(VideoStreamTrack):
+    """30 fps camera stand-in that shows the same image in every frame: an input two sessions can share exactly."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        super().__init__()
+        self.image = np.ascontiguousarray(image)  # [H, W, 3] uint8
+
+    async def recv(self) -> VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = VideoFrame.from_ndarray(self.image, format="rgb24")
+        frame.pts, frame.time_base = pts, time_base
+        return frame
+
+
 @dataclass
 class Received:
     counter: int
@@ -58,6 +72,7 @@ class ScopeClient:
     frames: list[Received] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
     track: CounterTrack | None = None
+    input_track: MediaStreamTrack | None = None  # sent instead of a CounterTrack (e.g. a still image: same input)
 
     async def connect(self) -> str:
         async with httpx.AsyncClient(base_url=self.url, timeout=10) as http:
@@ -68,7 +83,9 @@ class ScopeClient:
             self.channel_open = asyncio.Event()
             self.channel.on("open", self.channel_open.set)
             self.channel.on("message", lambda m: self.messages.append(json.loads(m)))
-            if self.send_video:
+            if self.input_track is not None:
+                pc.addTrack(self.input_track)
+            elif self.send_video:
                 self.track = CounterTrack()
                 pc.addTrack(self.track)
             else:
