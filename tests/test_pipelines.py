@@ -46,6 +46,7 @@ def test_missing_weights_fail_naming_the_files(tmp_path: Path) -> None:
         LongLivePipeline.load(spec, params, report=lambda *_: None, models_dir=tmp_path)
     message = str(error.value)
     assert "longlive_base.pt" in message and "Wan2.1_VAE.pth" in message and str(tmp_path) in message
+    assert "wanrt models download longlive" in message
 
 
 def test_random_weights_need_the_server_flag(tmp_path: Path) -> None:

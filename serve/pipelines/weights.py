@@ -61,8 +61,8 @@ def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Pa
     if missing:
         listed = ", ".join(str(f.local_path(models_dir)) for f in missing)
         raise PipelineLoadError(
-            f"{spec.id}: weights missing: {listed}. Place the published files there (one folder per Hugging "
-            f"Face repo under {models_dir}), or load with random_weights (server flag --allow-random-weights)"
+            f"{spec.id}: weights missing: {listed}. Fetch them with `wanrt models download {spec.id}` (or POST "
+            f"/api/v1/models/download), or load with random_weights (server flag --allow-random-weights)"
         )
     vae_type = load_params.get("vae_type", "wan")
     if vae_type != "wan":
