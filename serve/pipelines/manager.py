@@ -82,13 +82,20 @@ class PipelineManager:
             status.loading_stage = stage
             status.progress = progress
 
+        loop = asyncio.get_running_loop()
+        # The factory import pulls in torch and the model code (seconds): it runs on the thread, not the loop.
+        loading = loop.run_in_executor(
+            None,
+            lambda: spec.resolve_factory().load(
+                spec, load_params, report=report, models_dir=self.models_dir, engines_dir=self.engines_dir
+            ),
+        )
         try:
-            # The factory import pulls in torch and the model code (seconds): it runs on the thread, not the loop.
-            pipeline = await asyncio.to_thread(
-                lambda: spec.resolve_factory().load(
-                    spec, load_params, report=report, models_dir=self.models_dir, engines_dir=self.engines_dir
-                )
-            )
+            pipeline = await asyncio.shield(loading)
+        except asyncio.CancelledError:
+            # Unloaded mid-load: a loading thread cannot be interrupted, so free what it builds once it is done.
+            loading.add_done_callback(lambda done: _close_when_built(loop, done))
+            raise
         except Exception as exc:
             reason = str(exc) if isinstance(exc, PipelineLoadError) else f"{type(exc).__name__}: {exc}"
             log.error("pipeline=%s load failed: %s", pipeline_id, reason)
@@ -130,3 +137,11 @@ class PipelineManager:
 
     async def close(self) -> None:
         await self.unload()
+
+
+def _close_when_built(loop: asyncio.AbstractEventLoop, done: asyncio.Future[Pipeline]) -> None:
+    if done.cancelled() or done.exception() is not None:
+        return
+    pipeline = done.result()
+    log.info("pipeline=%s finished loading after it was unloaded; freeing it", pipeline.spec.id)
+    loop.run_in_executor(None, pipeline.close)
