@@ -43,9 +43,11 @@ class DiTStepGraph(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         # The step writes its chunk's K/V in place; on copies, the writes become outputs of the graph.
         cache_k, cache_v = cache_k.clone(), cache_v.clone()
+        # TensorRT has no float64 arithmetic: the graph's time embedding is computed in float32.
         flow = self.model.step(
-            latents, timestep, (text_k, text_v), cache_k, cache_v, write_index, key_bias, frame_positions
-        )
+            latents, timestep, (text_k, text_v), cache_k, cache_v, write_index, key_bias, frame_positions,
+            sinusoid_dtype=torch.float32,
+        )  # fmt: skip
         return flow, cache_k, cache_v
 
 

@@ -56,11 +56,15 @@ DIT_CONFIGS: dict[str, DiTConfig] = {
 # -- embeddings ---------------------------------------------------------------------------------------------------
 
 
-def sinusoidal_embedding(timesteps: Tensor, dim: int) -> Tensor:
-    """[N] raw timesteps in [0, 1000] → [N, dim] float32, **cos first**, computed in float64 like the reference."""
+def sinusoidal_embedding(timesteps: Tensor, dim: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """[N] raw timesteps in [0, 1000] → [N, dim] float32, **cos first**, computed in float64 like the reference.
+
+    `dtype=torch.float32` is for exported graphs (TensorRT has no float64 arithmetic): angles up to 1000 rad then
+    carry ~6e-5 rad of rounding, far below what bf16 weights resolve; tests/test_export_onnx.py bounds the effect.
+    """
     half = dim // 2
-    omega = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=timesteps.device) / half)
-    angles = timesteps.to(torch.float64)[:, None] * omega[None, :]
+    omega = torch.pow(10000.0, -torch.arange(half, dtype=dtype, device=timesteps.device) / half)
+    angles = timesteps.to(dtype)[:, None] * omega[None, :]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
 
 
@@ -257,10 +261,10 @@ class WanDiT(nn.Module):
         keys, values = zip(*(block.cross_attn.project_kv(text) for block in self.blocks), strict=True)
         return torch.stack(keys), torch.stack(values)
 
-    def embed_time(self, timestep: Tensor) -> tuple[Tensor, Tensor]:
+    def embed_time(self, timestep: Tensor, sinusoid_dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
         """timestep [B, F] raw values → e [B, F, d], e0 [B, F, 6, d], both fp32."""
         batch, frames = timestep.shape
-        sinusoid = sinusoidal_embedding(timestep.flatten(), self.config.freq_dim)
+        sinusoid = sinusoidal_embedding(timestep.flatten(), self.config.freq_dim, sinusoid_dtype)
         layer0, layer2 = self.time_embedding[0], self.time_embedding[2]
         e = F.linear(
             F.silu(F.linear(sinusoid, layer0.weight.float(), layer0.bias.float())),
@@ -298,6 +302,7 @@ class WanDiT(nn.Module):
         key_bias: Tensor,
         frame_positions: Tensor,
         key_rope: tuple[Tensor, Tensor] | None = None,
+        sinusoid_dtype: torch.dtype = torch.float64,
     ) -> Tensor:
         """One chunk against the KV cache; returns the flow prediction [B, 16, F, H, W].
 
@@ -307,10 +312,11 @@ class WanDiT(nn.Module):
         frame_positions [F]: the chunk's RoPE frame positions (device tensor: no recompile per chunk).
         key_rope: None → keys are cached already rotated (absolute positions); or per-slot cos/sin [S, hd/2] → keys
         are cached un-rotated and rotated at read time (Reward Forcing's window-relative positions).
+        sinusoid_dtype: float64 as the reference; exported graphs pass float32 (`sinusoidal_embedding`).
         """
         x, grid = self.patchify(latents)
         cos, sin = self.rope.tables(frame_positions, grid[1], grid[2])
-        e, e0 = self.embed_time(timestep)
+        e, e0 = self.embed_time(timestep, sinusoid_dtype)
         bias = key_bias.view(-1, 1, 1, key_bias.shape[-1])  # [B or 1, 1, 1, S]: broadcast over heads and queries
 
         for layer, block in enumerate(self.blocks):
