@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build(args: argparse.Namespace, console) -> int:
-    from build_engines.build import BuildRequest, EngineBuildError, build_dit_step
+    from build_engines.build import BuildRequest, EngineBuildError, build_pipeline
 
     failed = 0
     for pipeline in args.pipeline or DEFAULT_PIPELINES:
@@ -60,12 +60,13 @@ def build(args: argparse.Namespace, console) -> int:
             seed=args.seed, force=args.force,
         )  # fmt: skip
         try:
-            result = build_dit_step(request, console)
+            results = build_pipeline(request, console)
         except EngineBuildError as exc:
             console.print(f"[red]cannot build {pipeline}[/red]: {exc}")
             failed += 1
             continue
-        console.print(f"{result.status}: {result.key.describe()} → {result.path} ({result.seconds:.1f} s)")
+        for result in results:
+            console.print(f"{result.status}: {result.key.describe()} → {result.path} ({result.seconds:.1f} s)")
     return 1 if failed else 0
 
 
@@ -95,7 +96,8 @@ def list_engines(args: argparse.Namespace, console) -> int:
         key, engine = manifest.key, path.parent / manifest.file
         size = f"{engine.stat().st_size / 2**20:.1f}" if engine.exists() else "missing"
         table.add_row(
-            str(engine.relative_to(args.engines_dir)), key.pipeline, key.component, f"{key.height}×{key.width}",
+            str(engine.relative_to(args.engines_dir)), key.pipeline,
+            key.component + (f" ({key.vae_type})" if key.vae_type else ""), f"{key.height}×{key.width}",
             key.precision, key.backend, size, manifest.built_at, _fit_here(manifest) or "fits",
         )  # fmt: skip
     console.print(table)
@@ -138,9 +140,9 @@ def _load_error(engine: Path, manifest) -> str | None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         if manifest.key.backend == "aoti":
-            from serve.runtime.backends import CompiledStep
+            from serve.runtime.backends import AotiEngine, first_input_shape
 
-            CompiledStep(engine, tuple(manifest.tensors["latents"]["shape"])).warm_up(manifest, device)
+            AotiEngine(engine, first_input_shape(manifest)).warm_up(manifest, device)
         else:
             from build_engines.tensorrt import deserialize_engine
 
