@@ -44,5 +44,8 @@ class CompiledChunkStep(AotiEngine):
     def __call__(self, x: Tensor, caches: Caches) -> tuple[Tensor, Caches]:
         if not self.runs_here(x, None):
             return self.eager(x, caches)
-        y, *new_caches = self.runner(x, *caches)
+        # The package reads its inputs with the strides it was exported with (contiguous), whatever their own: the
+        # stream's pixels are a permuted view of the camera frames, and a first call's caches may be slices of its
+        # input. `contiguous()` is a no-op for everything else.
+        y, *new_caches = self.runner(x.contiguous(), *(c.contiguous() for c in caches))
         return y, tuple(new_caches)
