@@ -312,6 +312,8 @@ async def test_a_corrupt_engine_falls_back_to_eager_and_the_server_keeps_serving
             await client.wait_frames(4, timeout_s=60)
             stats = await client.wait_message("stats")
             assert stats["backend"] == "eager" and "corrupt" in stats["backend_reason"]
+            backends = {component: choice["backend"] for component, choice in stats["backends"].items()}
+            assert backends == {"dit_step": "eager", "vae_encode": "compiled", "vae_decode": "compiled"}  # intact
         finally:
             await client.close()
         forced = load_pipeline(server.url, PIPELINE, height=SIZE, width=SIZE, random_weights=True, backend="compiled")
