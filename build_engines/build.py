@@ -61,6 +61,7 @@ class BuildRequest:
     width: int | None = None
     precision: Precision | None = None  # None: fp8 for TensorRT on SM89+, bf16 on other GPUs, fp32 on CPU
     backend: Backend | None = None  # None: TensorRT where importable with a GPU, else AOTInductor
+    vae_type: str | None = None  # None: the pipeline's default (`wan`)
     random_weights: bool = False
     seed: int = 42  # the random weights' seed: the server's default `seed` load parameter
     force: bool = False
@@ -128,12 +129,10 @@ def load_models(request: BuildRequest, spec: Any, shape: Any, device: torch.devi
     from serve.pipelines.weights import load_weights, random_models
     from serve.schemas import LoadParams
 
-    params = spec.effective_load_params(
-        LoadParams(
-            height=request.height, width=request.width, seed=request.seed, random_weights=request.random_weights
-        ),
-        allow_random_weights=True,
-    )
+    vae_type = {"vae_type": request.vae_type} if request.vae_type else {}  # unset: the pipeline's default
+    load = LoadParams(height=request.height, width=request.width, seed=request.seed,
+                      random_weights=request.random_weights, **vae_type)  # fmt: skip
+    params = spec.effective_load_params(load, allow_random_weights=True)
     if request.random_weights:
         return random_models(params, device, seed=request.seed)
     try:

@@ -27,6 +27,8 @@ def add_engines_parser(commands: argparse._SubParsersAction, engines_dir: Path, 
                        help="default: fp8 for TensorRT on SM89+, bf16 on other GPUs, fp32 on CPU")  # fmt: skip
     build.add_argument("--backend", choices=("tensorrt", "aoti"),
                        help="default: tensorrt where it is importable with a GPU, else aoti")  # fmt: skip
+    build.add_argument("--vae-type", choices=("wan", "lightvae", "tae", "lighttae"),
+                       help="the VAE whose chunk steps to build (load parameter vae_type); default: wan")  # fmt: skip
     build.add_argument("--random-weights", action="store_true",
                        help="tiny config, seeded random weights (no files needed; demos and tests)")  # fmt: skip
     build.add_argument("--seed", type=int, default=42, help="seed of the random weights (the server's default seed)")
@@ -56,8 +58,8 @@ def build(args: argparse.Namespace, console) -> int:
     for pipeline in args.pipeline or DEFAULT_PIPELINES:
         request = BuildRequest(
             pipeline=pipeline, engines_dir=args.engines_dir, models_dir=args.models_dir, height=args.height,
-            width=args.width, precision=args.precision, backend=args.backend, random_weights=args.random_weights,
-            seed=args.seed, force=args.force,
+            width=args.width, precision=args.precision, backend=args.backend, vae_type=args.vae_type,
+            random_weights=args.random_weights, seed=args.seed, force=args.force,
         )  # fmt: skip
         try:
             results = build_pipeline(request, console)

@@ -88,10 +88,10 @@ def model():
     return random_models({}, CPU, seed=SEED).dit
 
 
-def load_sdv2(engines_dir: Path, backend: str = "auto"):
+def load_sdv2(engines_dir: Path, backend: str = "auto", **load: str):
     spec = get_spec(PIPELINE)
     params = spec.effective_load_params(
-        LoadParams(height=SIZE, width=SIZE, random_weights=True, backend=backend), allow_random_weights=True
+        LoadParams(height=SIZE, width=SIZE, random_weights=True, backend=backend, **load), allow_random_weights=True
     )
     return StreamDiffusionV2Pipeline.load(
         spec, params, report=lambda *_: None, models_dir=Path("/nonexistent"), engines_dir=engines_dir
@@ -219,6 +219,26 @@ def test_unreadable_manifest_is_listed_as_such(engines_copy: Path) -> None:
 # -- the compiled backend in the pipeline and the server ------------------------------------------------------------
 
 
+def frames_equal_eager_over_chunks(eager, compiled, chunks: int) -> None:
+    """Both pipelines run `chunks` chunks of the same input: frames within 1 uint8 level, caches within 1e-4, and
+    every steady-state step on an engine (none falls back)."""
+    spec = get_spec(PIPELINE)
+    params = {**spec.runtime_defaults, "prompts": [{"text": "a cat", "weight": 1.0}]}
+    rng = np.random.default_rng(0)
+    a, b = eager.open_stream(7), compiled.open_stream(7)
+    for _ in range(chunks):
+        frames = rng.integers(0, 255, (4, SIZE, SIZE, 3), dtype=np.uint8)
+        ours, reference = b.process(frames, params), a.process(frames, params)
+        assert ours.shape == reference.shape
+        assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1  # uint8 rounding of ≈1e-6 differences
+    assert torch.allclose(b.cache.k, a.cache.k, atol=1e-4, rtol=1e-4)  # the copied-back caches too
+    # The VAE engines' returned caches, fed to the next chunk. Checked apart from the frames: with the noise mixed in,
+    # a wrong encoder cache (an input read with the wrong strides) moved no frame by more than 1 uint8 level.
+    for ours_cache, reference_cache in zip((*b.vae._enc_caches, *b.vae._dec_caches),
+                                           (*a.vae._enc_caches, *a.vae._dec_caches), strict=True):  # fmt: skip
+        assert torch.allclose(ours_cache, reference_cache, atol=1e-4, rtol=1e-4)
+
+
 def test_compiled_backend_produces_the_frames_eager_produces(engines_dir: Path, caplog) -> None:
     """DiT step and VAE chunk steps all compiled: the first chunk's VAE calls run eager (frame 0 alone), the later
     ones through the VAE engines, with the caches the engines return fed back."""
@@ -230,23 +250,22 @@ def test_compiled_backend_produces_the_frames_eager_produces(engines_dir: Path, 
     )
     assert set(eager.backends) == {"dit_step", "vae_encode", "vae_decode"}
     assert "vae_decode-wan-64x64" in compiled.backends["vae_decode"]["reason"]
-    spec = get_spec(PIPELINE)
-    params = {**spec.runtime_defaults, "prompts": [{"text": "a cat", "weight": 1.0}]}
-    rng = np.random.default_rng(0)
-    a, b = eager.open_stream(7), compiled.open_stream(7)
     with caplog.at_level("INFO", logger="serve.runtime.backends"):
-        for _ in range(5):  # past the 3 sink frames: ring slots are overwritten through the compiled step
-            frames = rng.integers(0, 255, (4, SIZE, SIZE, 3), dtype=np.uint8)
-            ours, reference = b.process(frames, params), a.process(frames, params)
-            assert ours.shape == reference.shape
-            assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1  # uint8 rounding of ≈1e-6 differences
+        frames_equal_eager_over_chunks(eager, compiled, 5)  # past the 3 sink frames: ring slots are overwritten
     assert not [r.message for r in caplog.records if "runs eager" in r.message]  # every steady step on an engine
-    assert torch.allclose(b.cache.k, a.cache.k, atol=1e-4, rtol=1e-4)  # the copied-back caches too
-    # The VAE engines' returned caches, fed to the next chunk. Checked apart from the frames: with the noise mixed in,
-    # a wrong encoder cache (an input read with the wrong strides) moved no frame by more than 1 uint8 level.
-    for ours_cache, reference_cache in zip((*b.vae._enc_caches, *b.vae._dec_caches),
-                                           (*a.vae._enc_caches, *a.vae._dec_caches), strict=True):  # fmt: skip
-        assert torch.allclose(ours_cache, reference_cache, atol=1e-4, rtol=1e-4)
+
+
+def test_vae_engines_are_built_and_chosen_per_vae_type(engines_copy: Path) -> None:
+    """`--vae-type tae` adds the TAE's chunk steps next to the Wan VAE's; the DiT engine is already up to date, and a
+    pipeline loaded with `vae_type: tae` runs the TAE engines (the Wan VAE's do not fit it)."""
+    out = wanrt(*build_args(engines_copy), "--vae-type", "tae")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "up to date: streamdiffusionv2 dit_step" in out.stdout
+    assert "built: streamdiffusionv2 vae_decode (tae)" in out.stdout
+    eager, compiled = load_sdv2(engines_copy, "eager", vae_type="tae"), load_sdv2(engines_copy, "auto", vae_type="tae")
+    assert all(choice["backend"] == "compiled" for choice in compiled.backends.values()), compiled.backends
+    assert "vae_encode-tae-64x64" in compiled.backends["vae_encode"]["reason"]
+    frames_equal_eager_over_chunks(eager, compiled, 3)
 
 
 def test_a_vae_engine_of_another_resolution_falls_back_to_eager_with_the_reason(engines_copy: Path) -> None:
