@@ -7,7 +7,7 @@ The compiled and TensorRT artifacts are built here from the same graphs `wanrt e
 (`DiTStepGraph`, `ChunkStep`), into a temporary folder: build time is reported, never timed as step time. Each
 backend runs the step exactly as the server calls it (serve/runtime/backends.py), caches included; every timing is
 a median after a warm-up with the device synchronised (benchmarks/timing.py). TensorRT columns appear only where
-TensorRT and CUDA are present; its VAE column is not built (the chunk loop runs the VAE in PyTorch).
+TensorRT and CUDA are present; its VAE column is not built here (`wanrt engines build` builds the server's).
 """
 
 from __future__ import annotations

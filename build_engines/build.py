@@ -1,4 +1,5 @@
-"""`wanrt engines build`: weights → (fp8 quantization) → export → TensorRT plan or AOTInductor package + manifest.
+"""`wanrt engines build`: weights → (fp8 quantization) → export → TensorRT plan or AOTInductor package + manifest,
+for each of a pipeline's steps: the DiT step and the VAE's steady-state encode and decode chunk steps.
 
 The models are loaded exactly as the server loads them (same functions, same dtype), so the weight hash in the
 manifest is the one the server computes when it checks the engine. A build whose manifest already matches is
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from torch import Tensor
+from torch import Tensor, nn
 
 from build_engines.manifest import (
     Backend,
@@ -33,8 +35,10 @@ from build_engines.manifest import (
     file_hash,
     manifest_path,
     mismatch,
+    precision_of,
     read_manifest,
     utc_now,
+    vae_step_key,
     weight_hash,
 )
 from serve.models.dit import WanDiT
@@ -57,6 +61,7 @@ class BuildRequest:
     width: int | None = None
     precision: Precision | None = None  # None: fp8 for TensorRT on SM89+, bf16 on other GPUs, fp32 on CPU
     backend: Backend | None = None  # None: TensorRT where importable with a GPU, else AOTInductor
+    vae_type: str | None = None  # None: the pipeline's default (`wan`)
     random_weights: bool = False
     seed: int = 42  # the random weights' seed: the server's default `seed` load parameter
     force: bool = False
@@ -124,12 +129,10 @@ def load_models(request: BuildRequest, spec: Any, shape: Any, device: torch.devi
     from serve.pipelines.weights import load_weights, random_models
     from serve.schemas import LoadParams
 
-    params = spec.effective_load_params(
-        LoadParams(
-            height=request.height, width=request.width, seed=request.seed, random_weights=request.random_weights
-        ),
-        allow_random_weights=True,
-    )
+    vae_type = {"vae_type": request.vae_type} if request.vae_type else {}  # unset: the pipeline's default
+    load = LoadParams(height=request.height, width=request.width, seed=request.seed,
+                      random_weights=request.random_weights, **vae_type)  # fmt: skip
+    params = spec.effective_load_params(load, allow_random_weights=True)
     if request.random_weights:
         return random_models(params, device, seed=request.seed)
     try:
@@ -203,70 +206,139 @@ def stale_reason(path: Path, key: EngineKey, env: Environment, weights: str) -> 
     return None
 
 
-def build_dit_step(request: BuildRequest, console: Console) -> BuildResult:
+@dataclass(frozen=True)
+class StepBuild:
+    """One component to build: its key and weight hash (enough to tell "up to date"), and how to make the graph
+    and its example inputs (only when it must be built)."""
+
+    key: EngineKey
+    weights: str
+    make: Callable[[], tuple[nn.Module, tuple[Tensor, ...], tuple[str, ...], tuple[str, ...]]]
+
+
+def dit_step_build(model: WanDiT, plan: Plan) -> StepBuild:
+    request, shape = plan.request, plan.shape
+    key = dit_step_key(request.pipeline, request.height, request.width, shape.chunk_latents, shape.cache_frames,
+                       model.config.text_len, plan.precision, plan.backend)  # type: ignore[arg-type]  # fmt: skip
+
+    def make():
+        from build_engines.export import DIT_STEP_INPUTS, DIT_STEP_OUTPUTS, DiTStepGraph
+
+        return DiTStepGraph(model).eval(), dit_step_args(model, key, plan.device), DIT_STEP_INPUTS, DIT_STEP_OUTPUTS
+
+    return StepBuild(key, weight_hash(model), make)
+
+
+def vae_step_builds(vae: nn.Module, vae_type: str, plan: Plan) -> list[StepBuild]:
+    """The VAE's steady-state encode and decode chunk steps, fp32 as the streams run them. Their caches come from
+    the first calls a stream makes: 1 + 4(F-1) pixel frames → F latents, then those F latents decoded."""
+    from build_engines.export import vae_step_names
+    from serve.models.autoencoder import ChunkStep
+    from serve.pipelines.autoregressive import VAE_DTYPE
+
+    request, chunk, weights = plan.request, plan.shape.chunk_latents, weight_hash(vae)
+    height, width = request.height, request.width
+    assert height is not None and width is not None
+
+    @functools.cache
+    def first_calls() -> dict[str, tuple[Tensor, ...]]:
+        generator = torch.Generator().manual_seed(0)
+        pixels = torch.rand(1, 3, 1 + 4 * chunk, height, width, generator=generator) * 2 - 1
+        pixels = pixels.to(plan.device, VAE_DTYPE)
+        with torch.no_grad():
+            latents, enc_caches = vae.encode_first(pixels[:, :, : 1 + 4 * (chunk - 1)])
+            _, dec_caches = vae.decode_first(latents)
+        steady = torch.rand(1, 3, 4 * chunk, height, width, generator=generator).to(plan.device, VAE_DTYPE) * 2 - 1
+        return {"encode": (steady, *enc_caches), "decode": (torch.randn_like(latents), *dec_caches)}
+
+    builds = []
+    for direction in ("encode", "decode"):
+        key = vae_step_key(request.pipeline, direction, vae_type, height, width, chunk, precision_of(VAE_DTYPE),
+                           plan.backend)  # type: ignore[arg-type]  # fmt: skip
+
+        def make(direction: str = direction):
+            args = first_calls()[direction]
+            return ChunkStep(vae, direction).eval(), args, *vae_step_names(len(args) - 1)  # type: ignore[arg-type]
+
+        builds.append(StepBuild(key, weights, make))
+    return builds
+
+
+def build_pipeline(request: BuildRequest, console: Console) -> list[BuildResult]:
+    """Every engine of a pipeline: the DiT step, then the VAE's encode and decode chunk steps; each skipped when
+    its manifest is up to date."""
     plan = plan_build(request)
     request, env, backend, precision, device = plan.request, plan.env, plan.backend, plan.precision, plan.device
     why_backend = "asked for" if request.backend else ("TensorRT + GPU present" if backend == "tensorrt" else
                                                         "TensorRT or a GPU absent")  # fmt: skip
     console.print(
-        f"{request.pipeline}: DiT step {request.height}x{request.width}, {backend} ({why_backend}), {precision}, "
+        f"{request.pipeline}: DiT step and VAE chunk steps {request.height}x{request.width}, {backend} "
+        f"({why_backend}), DiT {precision}, VAE fp32, "
         f"{'random tiny weights' if request.random_weights else 'weights from ' + str(request.models_dir)}, "
         f"on {env.describe()} → {request.engines_dir}"
     )
-    start = time.perf_counter()
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console)
     with progress:
         with stage(
             progress, f"{request.pipeline}: load weights ({'random, tiny' if request.random_weights else 'files'})"
         ):
+            from serve.pipelines.autoregressive import load_vae_model
+
             models = load_models(request, plan.spec, plan.shape, device, DTYPES[precision])
-            model = models.dit
-            weights = weight_hash(model)
-        shape = plan.shape
-        key = dit_step_key(request.pipeline, request.height, request.width, shape.chunk_latents, shape.cache_frames,
-                           model.config.text_len, precision, backend)  # fmt: skip
-        path = engine_path(request.engines_dir, key, env)
-        reason = "--force" if request.force else stale_reason(path, key, env, weights)
-        if reason is None:
-            return BuildResult(key, path, "up to date", time.perf_counter() - start)
-        console.print(f"building {path.name}: {reason}")
-        args = dit_step_args(model, key, device)
-        from build_engines.export import DIT_STEP_INPUTS, DIT_STEP_OUTPUTS, DiTStepGraph
+            vae = load_vae_model(models, device, seed=request.seed)
+            steps = [dit_step_build(models.dit, plan), *vae_step_builds(vae, models.vae_type, plan)]
+        return [build_step(step, plan, progress, console) for step in steps]
 
-        graph = DiTStepGraph(model).eval()
-        with torch.no_grad():
-            outputs = graph(*args)  # the oracle's output shapes and dtypes, for the manifest
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if backend == "aoti":
-            from build_engines.aoti import build_aoti_package
 
-            with stage(progress, f"{key.describe()}: torch.export + AOTInductor compile (minutes on a CPU)"):
-                tmp = path.with_name(path.stem + ".partial.pt2")  # AOTInductor insists on the .pt2 suffix
-                build_aoti_package(graph, args, tmp)
-                tmp.replace(path)
-        else:
-            build_tensorrt(graph, args, key, path, progress)
+def build_step(step: StepBuild, plan: Plan, progress: Progress, console: Console) -> BuildResult:
+    start = time.perf_counter()
+    key, env, device = step.key, plan.env, plan.device
+    path = engine_path(plan.request.engines_dir, key, env)
+    reason = "--force" if plan.request.force else stale_reason(path, key, env, step.weights)
+    if reason is None:
+        return BuildResult(key, path, "up to date", time.perf_counter() - start)
+    console.print(f"building {path.name}: {reason}")
+    graph, args, input_names, output_names = step.make()
+    with torch.no_grad():
+        outputs = graph(*args)  # the oracle's output shapes and dtypes, for the manifest
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if key.backend == "aoti":
+        from build_engines.aoti import build_aoti_package
+
+        with stage(progress, f"{key.describe()}: torch.export + AOTInductor compile (minutes on a CPU)"):
+            tmp = path.with_name(path.stem + ".partial.pt2")  # AOTInductor insists on the .pt2 suffix
+            build_aoti_package(graph, args, tmp)
+            tmp.replace(path)
+    else:
+        build_tensorrt(graph, args, input_names, output_names, key, path, progress)
     manifest = Manifest(
-        key=key, env=env, file=path.name, file_sha256=file_hash(path), weight_sha256=weights,
-        tensors={**tensor_specs(DIT_STEP_INPUTS, args, "input"), **tensor_specs(DIT_STEP_OUTPUTS, outputs, "output")},
+        key=key, env=env, file=path.name, file_sha256=file_hash(path), weight_sha256=step.weights,
+        tensors={**tensor_specs(input_names, args, "input"), **tensor_specs(output_names, outputs, "output")},
         built_at=utc_now(), build_s=round(time.perf_counter() - start, 1),
-        extra={"random_weights": request.random_weights, "device": str(device)},
+        extra={"random_weights": plan.request.random_weights, "device": str(device)},
     )  # fmt: skip
     manifest.write(path)
     return BuildResult(key, path, "built", time.perf_counter() - start)
 
 
 def build_tensorrt(
-    graph: torch.nn.Module, args: tuple[Tensor, ...], key: EngineKey, path: Path, progress: Progress
+    graph: torch.nn.Module,
+    args: tuple[Tensor, ...],
+    input_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+    key: EngineKey,
+    path: Path,
+    progress: Progress,
 ) -> None:
-    """Export the step to ONNX (through ModelOpt fp8 Q/DQ for fp8), then the TensorRT build. The ONNX and its
-    external weight data go to a temporary folder: only the plan is kept."""
-    from build_engines.export import DIT_STEP_INPUTS, DIT_STEP_OUTPUTS, export_dit_step
+    """Export the step to ONNX (through ModelOpt fp8 Q/DQ for an fp8 DiT step), then the TensorRT build. The ONNX and
+    its external weight data go to a temporary folder: only the plan is kept."""
+    from build_engines.export import export_onnx
     from build_engines.tensorrt import build_tensorrt_engine
 
     work = Path(tempfile.mkdtemp(prefix="wanrt-onnx-", dir=path.parent))
     try:
-        onnx_path = work / "dit_step.onnx"
+        onnx_path = work / f"{key.component}.onnx"
+        names = {"input_names": list(input_names), "output_names": list(output_names)}
         if key.precision == "fp8":
             import onnx
 
@@ -277,13 +349,12 @@ def build_tensorrt(
             with stage(progress, f"{key.describe()}: export ONNX with fp8 Q/DQ"):
                 # ModelOpt's Q/DQ symbolics live in the TorchScript exporter (see tests/test_quantize_fp8.py).
                 with torch.no_grad():
-                    names = {"input_names": list(DIT_STEP_INPUTS), "output_names": list(DIT_STEP_OUTPUTS)}
                     torch.onnx.export(graph.eval(), args, str(onnx_path), dynamo=False, opset_version=19, **names)
                 model = standard_fp8_qdq(onnx.load(str(onnx_path)))
-                onnx.save(model, str(onnx_path), save_as_external_data=True, location="dit_step.onnx.data")
+                onnx.save(model, str(onnx_path), save_as_external_data=True, location=f"{onnx_path.name}.data")
         else:
             with stage(progress, f"{key.describe()}: export ONNX"):
-                export_dit_step(graph.model, args, onnx_path)
+                export_onnx(graph, args, onnx_path, input_names, output_names)
         with stage(progress, f"{key.describe()}: TensorRT build (minutes)"):
             build_tensorrt_engine(onnx_path, path, path.parent / "timing.cache")
     finally:

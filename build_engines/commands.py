@@ -27,6 +27,8 @@ def add_engines_parser(commands: argparse._SubParsersAction, engines_dir: Path, 
                        help="default: fp8 for TensorRT on SM89+, bf16 on other GPUs, fp32 on CPU")  # fmt: skip
     build.add_argument("--backend", choices=("tensorrt", "aoti"),
                        help="default: tensorrt where it is importable with a GPU, else aoti")  # fmt: skip
+    build.add_argument("--vae-type", choices=("wan", "lightvae", "tae", "lighttae"),
+                       help="the VAE whose chunk steps to build (load parameter vae_type); default: wan")  # fmt: skip
     build.add_argument("--random-weights", action="store_true",
                        help="tiny config, seeded random weights (no files needed; demos and tests)")  # fmt: skip
     build.add_argument("--seed", type=int, default=42, help="seed of the random weights (the server's default seed)")
@@ -50,22 +52,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build(args: argparse.Namespace, console) -> int:
-    from build_engines.build import BuildRequest, EngineBuildError, build_dit_step
+    from build_engines.build import BuildRequest, EngineBuildError, build_pipeline
 
     failed = 0
     for pipeline in args.pipeline or DEFAULT_PIPELINES:
         request = BuildRequest(
             pipeline=pipeline, engines_dir=args.engines_dir, models_dir=args.models_dir, height=args.height,
-            width=args.width, precision=args.precision, backend=args.backend, random_weights=args.random_weights,
-            seed=args.seed, force=args.force,
+            width=args.width, precision=args.precision, backend=args.backend, vae_type=args.vae_type,
+            random_weights=args.random_weights, seed=args.seed, force=args.force,
         )  # fmt: skip
         try:
-            result = build_dit_step(request, console)
+            results = build_pipeline(request, console)
         except EngineBuildError as exc:
             console.print(f"[red]cannot build {pipeline}[/red]: {exc}")
             failed += 1
             continue
-        console.print(f"{result.status}: {result.key.describe()} → {result.path} ({result.seconds:.1f} s)")
+        for result in results:
+            console.print(f"{result.status}: {result.key.describe()} → {result.path} ({result.seconds:.1f} s)")
     return 1 if failed else 0
 
 
@@ -95,7 +98,8 @@ def list_engines(args: argparse.Namespace, console) -> int:
         key, engine = manifest.key, path.parent / manifest.file
         size = f"{engine.stat().st_size / 2**20:.1f}" if engine.exists() else "missing"
         table.add_row(
-            str(engine.relative_to(args.engines_dir)), key.pipeline, key.component, f"{key.height}×{key.width}",
+            str(engine.relative_to(args.engines_dir)), key.pipeline,
+            key.component + (f" ({key.vae_type})" if key.vae_type else ""), f"{key.height}×{key.width}",
             key.precision, key.backend, size, manifest.built_at, _fit_here(manifest) or "fits",
         )  # fmt: skip
     console.print(table)
@@ -138,9 +142,9 @@ def _load_error(engine: Path, manifest) -> str | None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         if manifest.key.backend == "aoti":
-            from serve.runtime.backends import CompiledStep
+            from serve.runtime.backends import AotiEngine, first_input_shape
 
-            CompiledStep(engine, tuple(manifest.tensors["latents"]["shape"])).warm_up(manifest, device)
+            AotiEngine(engine, first_input_shape(manifest)).warm_up(manifest, device)
         else:
             from build_engines.tensorrt import deserialize_engine
 

@@ -66,8 +66,13 @@ def export_dit_step(model: WanDiT, example_args: tuple[Tensor, ...], path: Path)
     return export_onnx(DiTStepGraph(model), example_args, path, DIT_STEP_INPUTS, DIT_STEP_OUTPUTS)
 
 
+def vae_step_names(caches: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Tensor names of a VAE chunk step with `caches` cache tensors: (x, cache_0, …) → (y, cache_0_out, …)."""
+    inputs = ("x", *(f"cache_{i}" for i in range(caches)))
+    outputs = ("y", *(f"cache_{i}_out" for i in range(caches)))
+    return inputs, outputs
+
+
 def export_vae_step(model: nn.Module, direction: str, example_args: tuple[Tensor, ...], path: Path) -> Path:
-    caches = len(example_args) - 1
-    inputs = ["x", *(f"cache_{i}" for i in range(caches))]
-    outputs = ["y", *(f"cache_{i}_out" for i in range(caches))]
+    inputs, outputs = vae_step_names(len(example_args) - 1)
     return export_onnx(ChunkStep(model, direction), example_args, path, inputs, outputs)  # type: ignore[arg-type]

@@ -44,15 +44,21 @@ class EngineKey:
     text_len: int
     precision: Precision
     backend: Backend
+    vae_type: str | None = None  # VAE steps only: wan, lightvae, tae, lighttae have different graphs
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        # Unset fields are left out, so the keys (and file names) of DiT engines built before `vae_type` existed
+        # stay the same.
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
     def name(self) -> str:
-        return f"{self.pipeline}-{self.component}-{self.height}x{self.width}-{self.precision}-{self.digest()}"
+        component = self.component if self.vae_type is None else f"{self.component}-{self.vae_type}"
+        return f"{self.pipeline}-{component}-{self.height}x{self.width}-{self.precision}-{self.digest()}"
 
     def describe(self) -> str:
-        return f"{self.pipeline} {self.component} {self.height}x{self.width} {self.precision} ({self.backend})"
+        component = self.component if self.vae_type is None else f"{self.component} ({self.vae_type})"
+        return f"{self.pipeline} {component} {self.height}x{self.width} {self.precision} ({self.backend})"
 
 
 def dit_step_key(
@@ -67,6 +73,22 @@ def dit_step_key(
 ) -> EngineKey:
     """The one place the DiT step's key is formed, for the builder and the server alike."""
     return EngineKey(pipeline, "dit_step", height, width, chunk_frames, cache_frames, text_len, precision, backend)
+
+
+def vae_step_key(
+    pipeline: str,
+    direction: Literal["encode", "decode"],
+    vae_type: str,
+    height: int,
+    width: int,
+    chunk_frames: int,
+    precision: Precision,
+    backend: Backend,
+) -> EngineKey:
+    """The one place a VAE steady-state chunk step's key is formed. `chunk_frames` is in latents, like the DiT's
+    (the encoder takes 4× as many pixel frames); a VAE step has no KV cache and no text."""
+    component: Component = "vae_encode" if direction == "encode" else "vae_decode"
+    return EngineKey(pipeline, component, height, width, chunk_frames, 0, 0, precision, backend, vae_type)
 
 
 def precision_of(dtype: torch.dtype) -> Precision:
@@ -234,7 +256,7 @@ def mismatch(manifest: Manifest, key: EngineKey, env: Environment, weights: str 
         return f"engine of {key_built.pipeline} {key_built.component}, wanted {key.pipeline} {key.component}"
     if (key_built.height, key_built.width) != (key.height, key.width):
         return f"shape {key_built.height}x{key_built.width} ≠ {key.height}x{key.width}"
-    for name in ("chunk_frames", "cache_frames", "text_len", "precision"):
+    for name in ("vae_type", "chunk_frames", "cache_frames", "text_len", "precision"):
         if getattr(key_built, name) != getattr(key, name):
             return f"{name} {getattr(key_built, name)} ≠ {getattr(key, name)}"
     if weights is not None and manifest.weight_sha256 != weights:

@@ -110,6 +110,7 @@ class PipelineStatus(Struct):
     progress: float | None = None
     backend: str | None = None
     backend_reason: str | None = None  # why this backend runs the step (and why better ones did not)
+    backends: dict[str, dict[str, str]] | None = None  # per component (dit_step, vae_encode, vae_decode): both of those
     random_weights: bool = False
 
 

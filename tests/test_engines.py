@@ -1,7 +1,7 @@
-"""Engines end to end on CPU (issue 4): `wanrt engines build` of a real AOTInductor package from the tiny random
-model, its manifest, `list` / `verify` / idempotence, every mismatch reason, a corrupt engine falling back while the
-server keeps serving, and the `compiled` backend producing the frames eager produces. TensorRT tests skip where
-TensorRT or CUDA is absent."""
+"""Engines end to end on CPU (issue 4): `wanrt engines build` of real AOTInductor packages from the tiny random
+model (the DiT step and the VAE's encode and decode chunk steps), their manifests, `list` / `verify` / idempotence,
+every mismatch reason, a corrupt engine falling back while the server keeps serving, and the `compiled` backends
+producing the frames eager produces. TensorRT tests skip where TensorRT or CUDA is absent."""
 
 from __future__ import annotations
 
@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from build_engines.manifest import Environment, Manifest, dit_step_key, engine_path, mismatch, read_manifest
+from build_engines.manifest import (
+    Environment,
+    Manifest,
+    dit_step_key,
+    engine_path,
+    mismatch,
+    read_manifest,
+    vae_step_key,
+)
 from serve.errors import PipelineLoadError
 from serve.pipelines.autoregressive import StreamDiffusionV2Pipeline
 from serve.pipelines.registry import get_spec
@@ -47,15 +55,22 @@ def wanted_key(backend: str = "aoti"):
     return dit_step_key(PIPELINE, SIZE, SIZE, 1, 6, 32, "fp32", backend)  # type: ignore[arg-type]
 
 
+def vae_key(direction: str, backend: str = "aoti"):
+    return vae_step_key(PIPELINE, direction, "wan", SIZE, SIZE, 1, "fp32", backend)  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="module")
 def engines_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real AOTInductor build of the tiny SDv2 step (≈1 min on a CPU), shared by the module; tests copy it."""
+    """One real AOTInductor build of the tiny SDv2 DiT step and VAE chunk steps (≈1 min on a CPU), shared by the
+    module; tests copy it."""
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("AOTInductor on CPU needs a C++ compiler (apt-get install g++)")
     folder = tmp_path_factory.mktemp("engines")
     result = wanrt(*build_args(folder))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "built: streamdiffusionv2 dit_step 64x64 fp32 (aoti)" in result.stdout
+    for direction in ("encode", "decode"):
+        assert f"built: streamdiffusionv2 vae_{direction} (wan) 64x64 fp32 (aoti)" in result.stdout
     return folder
 
 
@@ -64,8 +79,8 @@ def engines_copy(engines_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(engines_dir, tmp_path / "engines"))
 
 
-def the_engine(folder: Path) -> tuple[Path, Manifest]:
-    path = engine_path(folder, wanted_key(), Environment.current(CPU))
+def the_engine(folder: Path, key=None) -> tuple[Path, Manifest]:
+    path = engine_path(folder, key or wanted_key(), Environment.current(CPU))
     return path, read_manifest(path.with_suffix(".json"))
 
 
@@ -73,10 +88,10 @@ def model():
     return random_models({}, CPU, seed=SEED).dit
 
 
-def load_sdv2(engines_dir: Path, backend: str = "auto"):
+def load_sdv2(engines_dir: Path, backend: str = "auto", **load: str):
     spec = get_spec(PIPELINE)
     params = spec.effective_load_params(
-        LoadParams(height=SIZE, width=SIZE, random_weights=True, backend=backend), allow_random_weights=True
+        LoadParams(height=SIZE, width=SIZE, random_weights=True, backend=backend, **load), allow_random_weights=True
     )
     return StreamDiffusionV2Pipeline.load(
         spec, params, report=lambda *_: None, models_dir=Path("/nonexistent"), engines_dir=engines_dir
@@ -96,14 +111,21 @@ def test_build_writes_a_manifest_lists_it_and_skips_an_up_to_date_rebuild(engine
     listed = wanrt("engines", "list", "--engines-dir", str(engines_dir))
     assert listed.returncode == 0 and path.name[:30] in listed.stdout and "fits" in listed.stdout
 
+    for direction, x_shape in (("encode", [1, 3, 4, SIZE, SIZE]), ("decode", [1, 16, 1, SIZE // 8, SIZE // 8])):
+        vae_path, vae_manifest = the_engine(engines_dir, vae_key(direction))
+        assert vae_path.exists() and vae_manifest.key == vae_key(direction)
+        assert vae_manifest.tensors["x"] == {"io": "input", "shape": x_shape, "dtype": "float32"}
+        assert vae_manifest.weight_sha256 != manifest.weight_sha256  # the VAE's weights, not the DiT's
+        assert f"vae_{direction} (wan)" in listed.stdout
+
     again = wanrt(*build_args(engines_dir))
-    assert again.returncode == 0 and "up to date" in again.stdout, again.stdout + again.stderr
+    assert again.returncode == 0 and again.stdout.count("up to date") == 3, again.stdout + again.stderr
     assert read_manifest(path.with_suffix(".json")).built_at == manifest.built_at  # not rebuilt
 
 
 def test_verify_passes_a_good_engine_and_catches_a_corrupted_one(engines_copy: Path) -> None:
     ok = wanrt("engines", "verify", "--engines-dir", str(engines_copy))
-    assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout + ok.stderr
+    assert ok.returncode == 0 and ok.stdout.count("OK") == 3, ok.stdout + ok.stderr  # the DiT and both VAE steps
     path, _ = the_engine(engines_copy)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the package
@@ -197,20 +219,65 @@ def test_unreadable_manifest_is_listed_as_such(engines_copy: Path) -> None:
 # -- the compiled backend in the pipeline and the server ------------------------------------------------------------
 
 
-def test_compiled_backend_produces_the_frames_eager_produces(engines_dir: Path) -> None:
-    eager, compiled = load_sdv2(engines_dir, "eager"), load_sdv2(engines_dir, "auto")
-    assert (eager.backend, compiled.backend) == ("eager", "compiled")
-    assert "matches" in compiled.backend_reason and "tensorrt:" in compiled.backend_reason
+def frames_equal_eager_over_chunks(eager, compiled, chunks: int) -> None:
+    """Both pipelines run `chunks` chunks of the same input: frames within 1 uint8 level, caches within 1e-4, and
+    every steady-state step on an engine (none falls back)."""
     spec = get_spec(PIPELINE)
     params = {**spec.runtime_defaults, "prompts": [{"text": "a cat", "weight": 1.0}]}
     rng = np.random.default_rng(0)
     a, b = eager.open_stream(7), compiled.open_stream(7)
-    for _ in range(4):  # past the 3 sink frames: ring slots are overwritten through the compiled step
+    for _ in range(chunks):
         frames = rng.integers(0, 255, (4, SIZE, SIZE, 3), dtype=np.uint8)
         ours, reference = b.process(frames, params), a.process(frames, params)
         assert ours.shape == reference.shape
         assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1  # uint8 rounding of ≈1e-6 differences
     assert torch.allclose(b.cache.k, a.cache.k, atol=1e-4, rtol=1e-4)  # the copied-back caches too
+    # The VAE engines' returned caches, fed to the next chunk. Checked apart from the frames: with the noise mixed in,
+    # a wrong encoder cache (an input read with the wrong strides) moved no frame by more than 1 uint8 level.
+    for ours_cache, reference_cache in zip((*b.vae._enc_caches, *b.vae._dec_caches),
+                                           (*a.vae._enc_caches, *a.vae._dec_caches), strict=True):  # fmt: skip
+        assert torch.allclose(ours_cache, reference_cache, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_backend_produces_the_frames_eager_produces(engines_dir: Path, caplog) -> None:
+    """DiT step and VAE chunk steps all compiled: the first chunk's VAE calls run eager (frame 0 alone), the later
+    ones through the VAE engines, with the caches the engines return fed back."""
+    eager, compiled = load_sdv2(engines_dir, "eager"), load_sdv2(engines_dir, "auto")
+    assert (eager.backend, compiled.backend) == ("eager", "compiled")
+    assert "matches" in compiled.backend_reason and "tensorrt:" in compiled.backend_reason
+    assert {c: b["backend"] for c, b in compiled.backends.items()} == dict.fromkeys(
+        ("dit_step", "vae_encode", "vae_decode"), "compiled"
+    )
+    assert set(eager.backends) == {"dit_step", "vae_encode", "vae_decode"}
+    assert "vae_decode-wan-64x64" in compiled.backends["vae_decode"]["reason"]
+    with caplog.at_level("INFO", logger="serve.runtime.backends"):
+        frames_equal_eager_over_chunks(eager, compiled, 5)  # past the 3 sink frames: ring slots are overwritten
+    assert not [r.message for r in caplog.records if "runs eager" in r.message]  # every steady step on an engine
+
+
+def test_vae_engines_are_built_and_chosen_per_vae_type(engines_copy: Path) -> None:
+    """`--vae-type tae` adds the TAE's chunk steps next to the Wan VAE's; the DiT engine is already up to date, and a
+    pipeline loaded with `vae_type: tae` runs the TAE engines (the Wan VAE's do not fit it)."""
+    out = wanrt(*build_args(engines_copy), "--vae-type", "tae")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "up to date: streamdiffusionv2 dit_step" in out.stdout
+    assert "built: streamdiffusionv2 vae_decode (tae)" in out.stdout
+    eager, compiled = load_sdv2(engines_copy, "eager", vae_type="tae"), load_sdv2(engines_copy, "auto", vae_type="tae")
+    assert all(choice["backend"] == "compiled" for choice in compiled.backends.values()), compiled.backends
+    assert "vae_encode-tae-64x64" in compiled.backends["vae_encode"]["reason"]
+    frames_equal_eager_over_chunks(eager, compiled, 3)
+
+
+def test_a_vae_engine_of_another_resolution_falls_back_to_eager_with_the_reason(engines_copy: Path) -> None:
+    path, manifest = the_engine(engines_copy, vae_key("decode"))
+    dataclasses.replace(manifest, key=dataclasses.replace(manifest.key, height=128, width=128)).write(path)
+    pipeline = load_sdv2(engines_copy, "auto")
+    assert (pipeline.backend, pipeline.backends["vae_encode"]["backend"]) == ("compiled", "compiled")
+    decode = pipeline.backends["vae_decode"]
+    assert decode["backend"] == "eager" and f"shape 128x128 ≠ {SIZE}x{SIZE}" in decode["reason"]
+    assert "compiled:" in decode["reason"]
+    with pytest.raises(PipelineLoadError, match=r"backend 'compiled' cannot be used for vae_decode: .*shape 128x128"):
+        load_sdv2(engines_copy, "compiled")
 
 
 def test_steps_of_another_shape_run_eager_inside_the_compiled_backend(engines_dir: Path, caplog) -> None:
@@ -264,6 +331,8 @@ async def test_a_corrupt_engine_falls_back_to_eager_and_the_server_keeps_serving
             await client.wait_frames(4, timeout_s=60)
             stats = await client.wait_message("stats")
             assert stats["backend"] == "eager" and "corrupt" in stats["backend_reason"]
+            backends = {component: choice["backend"] for component, choice in stats["backends"].items()}
+            assert backends == {"dit_step": "eager", "vae_encode": "compiled", "vae_decode": "compiled"}  # intact
         finally:
             await client.close()
         forced = load_pipeline(server.url, PIPELINE, height=SIZE, width=SIZE, random_weights=True, backend="compiled")
@@ -276,6 +345,8 @@ def test_server_reports_the_compiled_backend_and_why(engines_dir: Path, tmp_path
         status = load_pipeline(server.url, PIPELINE, height=SIZE, width=SIZE, random_weights=True)
         assert status["status"] == "loaded" and status["backend"] == "compiled", status
         assert "matches" in status["backend_reason"]
+        assert status["backends"]["dit_step"] == {"backend": "compiled", "reason": status["backend_reason"]}
+        assert status["backends"]["vae_encode"]["backend"] == status["backends"]["vae_decode"]["backend"] == "compiled"
 
 
 # -- TensorRT (GPU machines with TensorRT 11 only) ------------------------------------------------------------------
@@ -304,3 +375,35 @@ def test_tensorrt_step_equals_eager_over_chunks(tmp_path: Path) -> None:
         ours = step(args[0], timestep, (args[2], args[3]), trt_k, trt_v, *args[6:])
         assert ((ours - reference).abs().max() / reference.abs().max()).item() <= 1e-3
         assert torch.allclose(trt_k, eager_k, atol=1e-3) and torch.allclose(trt_v, eager_v, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_tensorrt_vae_chunk_steps_equal_eager_over_chunks(tmp_path: Path) -> None:
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (it comes from NVIDIA's index, not PyPI)")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT engines need a CUDA GPU")
+    out = wanrt(*build_args(tmp_path)[:-4], "--backend", "tensorrt", "--precision", "fp32",
+                "--engines-dir", str(tmp_path))  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    cuda = torch.device("cuda")
+    from serve.pipelines.autoregressive import load_vae_model
+
+    vae = load_vae_model(random_models({}, cuda, seed=SEED), cuda, seed=SEED)
+    generator = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(1, 3, 1 + 4 * 3, SIZE, SIZE, generator=generator) * 2 - 1).to(cuda)
+    with torch.no_grad():
+        latents, enc_caches = vae.encode_first(pixels[:, :, :1])
+        _, dec_caches = vae.decode_first(latents)
+        chunks = {
+            "encode": (enc_caches, [pixels[:, :, 1 + 4 * i : 5 + 4 * i] for i in range(3)]),
+            "decode": (dec_caches, [torch.randn_like(latents) for _ in range(3)]),
+        }
+        for direction, (caches, inputs) in chunks.items():
+            step, backend, why = select_backend("tensorrt", vae_key(direction, "tensorrt"), vae, tmp_path, cuda)
+            assert backend == "tensorrt", why
+            eager_step = vae.encode_step if direction == "encode" else vae.decode_step
+            ours_caches, reference_caches = caches, caches
+            for x in inputs:  # the caches each call returns are fed to the next
+                ours, ours_caches = step(x, ours_caches)
+                reference, reference_caches = eager_step(x, reference_caches)
+                assert ((ours - reference).abs().max() / reference.abs().max()).item() <= 1e-3, direction

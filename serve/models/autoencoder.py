@@ -27,6 +27,7 @@ shapes, for torch.export / ONNX / TensorRT (issue 4).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -59,12 +60,29 @@ class StreamingModel(Protocol):
     def decode_video(self, z: Tensor) -> Tensor: ...
 
 
-class StreamingAutoencoder:
-    """Owns one stream's encoder and decoder caches around a model's functional steps (contract: module docstring)."""
+Caches = tuple[Tensor, ...]
+ChunkStepFn = Callable[[Tensor, Caches], tuple[Tensor, Caches]]
+"""A steady-state step, `(x, caches) -> (y, new_caches)`: the model's own, or an engine (serve/runtime/vae_steps.py)."""
 
-    def __init__(self, model: nn.Module, vae_type: str) -> None:
+
+class StreamingAutoencoder:
+    """Owns one stream's encoder and decoder caches around a model's functional steps (contract: module docstring).
+
+    `encode_step` / `decode_step` run the steady-state calls (default: the model's own, eager); the first call of
+    each stream always runs the model's `encode_first` / `decode_first`, whose shapes differ (frame 0 alone).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        vae_type: str,
+        encode_step: ChunkStepFn | None = None,
+        decode_step: ChunkStepFn | None = None,
+    ) -> None:
         self.model = model
         self.vae_type = vae_type
+        self.encode_step: ChunkStepFn = encode_step or model.encode_step  # type: ignore[assignment]
+        self.decode_step: ChunkStepFn = decode_step or model.decode_step  # type: ignore[assignment]
         self.latent_channels: int = model.latent_channels
         self.temporal_stride: int = model.temporal_stride  # pixel frames per latent after the first
         self.spatial_stride: int = model.spatial_stride
@@ -113,7 +131,7 @@ class StreamingAutoencoder:
         if self._enc_caches is None:
             z, self._enc_caches = self.model.encode_first(pixels)
         else:
-            z, self._enc_caches = self.model.encode_step(pixels, self._enc_caches)
+            z, self._enc_caches = self.encode_step(pixels, self._enc_caches)
         return z
 
     @torch.no_grad()
@@ -123,7 +141,7 @@ class StreamingAutoencoder:
         if self._dec_caches is None:
             x, self._dec_caches = self.model.decode_first(latents)
         else:
-            x, self._dec_caches = self.model.decode_step(latents, self._dec_caches)
+            x, self._dec_caches = self.decode_step(latents, self._dec_caches)
         return x
 
     @torch.no_grad()

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from build_engines.manifest import dit_step_key, precision_of
+from build_engines.manifest import dit_step_key, precision_of, vae_step_key
 from serve.errors import PipelineLoadError
-from serve.models.autoencoder import StreamingAutoencoder, make_vae
+from serve.models.autoencoder import ChunkStepFn, StreamingAutoencoder, make_vae
 from serve.models.dit import ROPE_MAX_POSITIONS
 from serve.models.fp8 import store_dit_in_fp8
 from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, TextKVCache
@@ -38,6 +38,15 @@ from serve.runtime.backends import DiTStep, EagerStep, select_backend
 from serve.settings import ServerSettings
 
 log = logging.getLogger(__name__)
+
+VAE_DTYPE = torch.float32  # the streams run the VAE in fp32 on every device; its engines are fp32 builds
+
+
+def load_vae_model(models: Models, device: torch.device, seed: int) -> torch.nn.Module:
+    """The VAE every stream of a pipeline runs (each stream keeps its own caches around it); the engine builder
+    loads it here too, so the weight hashes agree. Random weights follow the load seed, as the DiT's do."""
+    vae = make_vae(models.vae_type, models.vae_path, size=models.vae_size, dtype=VAE_DTYPE, device=device, seed=seed)
+    return vae.model
 
 
 @dataclass(frozen=True)
@@ -114,10 +123,9 @@ class AutoregressiveStream(PipelineStream):
         )
         self.policy: CachePolicy = pipeline.make_policy(spec)
         self.conditioning = Conditioning(pipeline, self.text_kv)
-        self.vae: StreamingAutoencoder = make_vae(
-            pipeline.models.vae_type, pipeline.models.vae_path, size=pipeline.models.vae_size,
-            dtype=torch.float32, device=pipeline.device, seed=seed,
-        )  # fmt: skip
+        self.vae = StreamingAutoencoder(
+            pipeline.vae_model, pipeline.models.vae_type, pipeline.vae_steps["encode"], pipeline.vae_steps["decode"]
+        )
         self.generator = torch.Generator(device=pipeline.device).manual_seed(seed)
         self.seed = seed
         self.noise_controller = NoiseController(pipeline.spec.runtime_defaults.get("noise_scale", 0.7))
@@ -229,6 +237,8 @@ class AutoregressivePipeline(Pipeline):
         self.backend = "eager"
         self.models = models
         self.device, self.dtype = device, dtype
+        self.vae_model = load_vae_model(models, device, seed=int(load_params.get("seed", 0)))
+        self.vae_steps: dict[str, ChunkStepFn | None] = {"encode": None, "decode": None}  # None: the model's own
         self.scheduler = FlowMatchScheduler(self.shape.shift)
 
     @classmethod
@@ -261,11 +271,25 @@ class AutoregressivePipeline(Pipeline):
             load_params.get("backend", "auto"), key, models.dit, engines_dir, device,
             engines_unusable=pipeline.engines_unusable(),
         )  # fmt: skip
+        pipeline.backends = {"dit_step": {"backend": pipeline.backend, "reason": pipeline.backend_reason}}
+        pipeline.select_vae_backends(load_params.get("backend", "auto"), engines_dir)
         if quantization == "fp8_e4m3fn":  # fp8 weight storage; fp8 GEMMs where the GPU has them (serve/models/fp8.py)
             report("fp8 weights", 0.9)
             store_dit_in_fp8(models.dit, dtype)
         report("ready", 1.0)
         return pipeline
+
+    def select_vae_backends(self, requested: str, engines_dir: Path) -> None:
+        """The VAE's steady-state chunk steps, chosen like the DiT step (the first call of a stream stays eager)."""
+        for direction in ("encode", "decode"):
+            key = vae_step_key(
+                self.spec.id, direction, self.models.vae_type, self.height, self.width, self.shape.chunk_latents,
+                precision_of(VAE_DTYPE), "aoti",
+            )  # fmt: skip
+            self.vae_steps[direction], backend, reason = select_backend(
+                requested, key, self.vae_model, engines_dir, self.device
+            )
+            self.backends[key.component] = {"backend": backend, "reason": reason}
 
     def engines_unusable(self) -> str | None:
         """Why no engine can run this pipeline's chunk steps, or None. Engines cache keys rotated at absolute

@@ -43,6 +43,9 @@ class Pipeline(ABC):
     """What executes the model step (`eager`, `compiled`, `tensorrt`, or `none` for passthrough)."""
     backend_reason: str | None = None
     """Why that backend was chosen and better ones were not (serve/runtime/backends.py); None where nothing chose."""
+    backends: dict[str, dict[str, str]] | None = None
+    """Every step component's choice, `{"dit_step" | "vae_encode" | "vae_decode": {"backend", "reason"}}`; the
+    DiT's is also `backend` / `backend_reason` above."""
     random_weights: bool = False
     text_fps: float = 16.0
     """Playout rate of text-mode output (Wan's sample rate); video mode keeps the input's timestamps."""

@@ -113,6 +113,7 @@ class PipelineManager:
             progress=1.0,
             backend=pipeline.backend,
             backend_reason=pipeline.backend_reason,
+            backends=pipeline.backends,
             random_weights=pipeline.random_weights,
         )
         log.info("pipeline=%s loaded backend=%s", pipeline_id, pipeline.backend)

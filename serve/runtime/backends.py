@@ -8,6 +8,8 @@ with the caches updated in place, so the chunk loop does not know which one runs
 `compiled` runs an AOTInductor package and `tensorrt` a TensorRT plan, each used only when its manifest matches this
 machine, the toolchain, the shapes and the loaded weights (build_engines/manifest.py). Anything else is said in
 words: `auto` falls back and reports why, a forced backend that cannot be honoured fails the load with the reason.
+The VAE's steady-state chunk steps (serve/runtime/vae_steps.py) are chosen by the same `select_backend`, with their
+own keys and step objects.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, Self
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from build_engines.manifest import (
     Backend,
@@ -59,6 +61,9 @@ class DiTStep(Protocol):
     ) -> Tensor: ...
 
 
+Step = Any  # a DiTStep, or a VAE chunk step (serve/runtime/vae_steps.py): the component decides which
+
+
 class BackendUnavailable(Exception):
     """This backend cannot run the step here; the message is the reason, for status and logs."""
 
@@ -89,45 +94,41 @@ class EagerStep:
 class EngineStep:
     """What the engine backends share: an engine runs the one static shape it was built for, with keys cached at
     absolute positions. Other steps of a pipeline (LongLive's re-cache over the whole window, Krea's context
-    recompute, window-relative keys) run eager, and the first of each kind says so in one log line."""
+    recompute, window-relative keys, a VAE chunk of another geometry) run eager, and the first of each kind says so
+    in one log line."""
 
-    def __init__(self, path: Path, latents_shape: tuple[int, ...], fallback: EagerStep | None) -> None:
+    def __init__(self, path: Path, input_shape: tuple[int, ...], fallback: Callable | None) -> None:
         self.path = path
-        self.latents_shape = latents_shape
+        self.input_shape = input_shape  # the DiT's latents, the VAE's pixels or latents
         self.fallback = fallback
         self._logged: set[tuple] = set()
 
-    def runs_here(self, latents: Tensor, key_rope: KeyRope) -> bool:
-        if key_rope is None and tuple(latents.shape) == self.latents_shape:
+    def runs_here(self, x: Tensor, key_rope: KeyRope) -> bool:
+        if key_rope is None and tuple(x.shape) == self.input_shape:
             return True
-        kind = (tuple(latents.shape), key_rope is not None)
+        kind = (tuple(x.shape), key_rope is not None)
         if kind not in self._logged:
             self._logged.add(kind)
             log.info(
-                "engine=%s built for latents %s: a step with latents %s%s runs eager", self.path.name,
-                self.latents_shape, tuple(latents.shape), " and window-relative keys" if key_rope else "",
+                "engine=%s built for input %s: a step with input %s%s runs eager", self.path.name,
+                self.input_shape, tuple(x.shape), " and window-relative keys" if key_rope else "",
             )  # fmt: skip
         if self.fallback is None:
-            raise ValueError(f"{self.path} runs latents {self.latents_shape} with absolute keys only")
+            raise ValueError(f"{self.path} runs input {self.input_shape} with absolute keys only")
         return False
 
 
-class CompiledStep(EngineStep):
-    """An AOTInductor package of `DiTStepGraph` (build_engines/aoti.py): caches in, updated caches out.
+class AotiEngine(EngineStep):
+    """An AOTInductor package (build_engines/aoti.py), loaded; subclasses call `self.runner` with their step's
+    arguments."""
 
-    The package returns new caches rather than writing its inputs, so they are copied back into the stream's
-    buffers: one cache-sized copy per step. A package of `WanDiT.step` itself, writing its cache inputs in place,
-    also works but measured 640 ms against 34 ms for this one (and 49 ms eager) on the tiny SDv2 step on CPU
-    (torch 2.13): AOTInductor's handling of the mutated inputs costs far more than the copy. Re-measure on CUDA.
-    """
-
-    def __init__(self, path: Path, latents_shape: tuple[int, ...], fallback: EagerStep | None = None) -> None:
+    def __init__(self, path: Path, input_shape: tuple[int, ...], fallback: Callable | None = None) -> None:
         from build_engines.aoti import load_aoti_package
 
-        super().__init__(path, latents_shape, fallback)
+        super().__init__(path, input_shape, fallback)
         self.runner: Callable[..., tuple[Tensor, ...]] = load_aoti_package(path)
 
-    def warm_up(self, manifest: Manifest, device: torch.device) -> CompiledStep:
+    def warm_up(self, manifest: Manifest, device: torch.device) -> Self:
         """One call on zero inputs of the manifest's shapes: loads the kernels now, and proves the package runs."""
         args = [
             torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=device)
@@ -136,6 +137,16 @@ class CompiledStep(EngineStep):
         ]
         self.runner(*args)
         return self
+
+
+class CompiledStep(AotiEngine):
+    """An AOTInductor package of `DiTStepGraph`: caches in, updated caches out.
+
+    The package returns new caches rather than writing its inputs, so they are copied back into the stream's
+    buffers: one cache-sized copy per step. A package of `WanDiT.step` itself, writing its cache inputs in place,
+    also works but measured 640 ms against 34 ms for this one (and 49 ms eager) on the tiny SDv2 step on CPU
+    (torch 2.13): AOTInductor's handling of the mutated inputs costs far more than the copy. Re-measure on CUDA.
+    """
 
     def __call__(
         self,
@@ -158,6 +169,11 @@ class CompiledStep(EngineStep):
         cache_k.copy_(new_k)
         cache_v.copy_(new_v)
         return flow
+
+
+def first_input_shape(manifest: Manifest) -> tuple[int, ...]:
+    """The shape an engine runs: its first input's (the DiT's latents, the VAE's x); `tensors` keeps argument order."""
+    return tuple(next(iter(manifest.tensors.values()))["shape"])
 
 
 def find_engine(
@@ -198,12 +214,39 @@ def find_engine(
     raise BackendUnavailable(reason_text)
 
 
+def eager_step(key: EngineKey, model: nn.Module) -> Step:
+    if key.component == "dit_step":
+        return EagerStep(model)  # type: ignore[arg-type]
+    from serve.runtime.vae_steps import EagerChunkStep
+
+    return EagerChunkStep(model, "encode" if key.component == "vae_encode" else "decode")
+
+
+def engine_step(backend: str, key: EngineKey, engine: Path, manifest: Manifest, model: nn.Module,
+                device: torch.device) -> Step:  # fmt: skip
+    """The step object of one component on one engine backend, loaded and ready."""
+    fallback = eager_step(key, model)
+    if key.component == "dit_step" and backend == "compiled":
+        return CompiledStep(engine, first_input_shape(manifest), fallback).warm_up(manifest, device)
+    if key.component == "dit_step":
+        from serve.runtime.tensorrt_step import TensorRTStep
+
+        return TensorRTStep(engine, device, fallback)  # type: ignore[arg-type]
+    if backend == "compiled":
+        from serve.runtime.vae_steps import CompiledChunkStep
+
+        return CompiledChunkStep(engine, first_input_shape(manifest), fallback).warm_up(manifest, device)  # type: ignore[arg-type]
+    from serve.runtime.tensorrt_step import TensorRTChunkStep
+
+    return TensorRTChunkStep(engine, device, fallback)  # type: ignore[arg-type]
+
+
 def load_backend(
-    backend: str, key: EngineKey, model: WanDiT, weights: Callable[[], str], engines_dir: Path, device: torch.device
-) -> tuple[DiTStep, str]:
+    backend: str, key: EngineKey, model: nn.Module, weights: Callable[[], str], engines_dir: Path, device: torch.device
+) -> tuple[Step, str]:
     """(step, reason it was chosen) for one named backend; BackendUnavailable with the reason otherwise."""
     if backend == "eager":
-        return EagerStep(model), "eager PyTorch"
+        return eager_step(key, model), "eager PyTorch"
     env = Environment.current(device)
     if backend == "tensorrt":
         from build_engines.tensorrt import TensorRTUnavailable, import_tensorrt, require_cuda
@@ -215,13 +258,7 @@ def load_backend(
             raise BackendUnavailable(str(exc)) from None
     engine, manifest = find_engine(with_backend(key, ENGINE_BACKEND[backend]), weights, engines_dir, env)
     try:
-        if backend == "compiled":
-            latents_shape = tuple(manifest.tensors["latents"]["shape"])
-            step: DiTStep = CompiledStep(engine, latents_shape, EagerStep(model)).warm_up(manifest, device)
-        else:
-            from serve.runtime.tensorrt_step import TensorRTStep
-
-            step = TensorRTStep(engine, device, EagerStep(model))
+        step = engine_step(backend, key, engine, manifest, model, device)
     except Exception as exc:  # a file that passed its hash but does not load is still only this backend's failure
         raise BackendUnavailable(f"engine {engine} failed to load: {type(exc).__name__}: {exc}") from None
     return step, f"engine {engine} matches (built {manifest.built_at})"
@@ -230,14 +267,15 @@ def load_backend(
 def select_backend(
     requested: str,
     key: EngineKey,
-    model: WanDiT,
+    model: nn.Module,
     engines_dir: Path,
     device: torch.device,
     engines_unusable: str | None = None,
-) -> tuple[DiTStep, str, str]:
-    """(step, backend name, reason). `auto` takes the best backend whose engine fits and says why the better ones
-    did not; a named backend is honoured or the load fails with PipelineLoadError naming the reason.
-    `engines_unusable`: why this pipeline cannot run any engine at all (its own reason), or None."""
+) -> tuple[Step, str, str]:
+    """(step, backend name, reason) for the component `key` names: the DiT step, or a VAE chunk step with `model`
+    the VAE. `auto` takes the best backend whose engine fits and says why the better ones did not; a named backend
+    is honoured or the load fails with PipelineLoadError naming the reason. `engines_unusable`: why this pipeline
+    cannot run any engine of this component at all (its own reason), or None."""
     hashed: list[str] = []
 
     def weights() -> str:
@@ -254,13 +292,15 @@ def select_backend(
             step, why = load_backend(backend, key, model, weights, engines_dir, device)
         except BackendUnavailable as exc:
             if requested != "auto":
-                raise PipelineLoadError(f"{key.pipeline}: backend {backend!r} cannot be used: {exc}") from None
+                where = "" if key.component == "dit_step" else f" for {key.component}"
+                raise PipelineLoadError(f"{key.pipeline}: backend {backend!r} cannot be used{where}: {exc}") from None
             skipped.append(f"{backend}: {exc}")
             continue
         reason = why if not skipped else f"{why}; skipped " + "; ".join(skipped)
         log.log(
             logging.WARNING if skipped else logging.INFO,
-            "pipeline=%s backend=%s requested=%s reason=%s", key.pipeline, backend, requested, reason,
+            "pipeline=%s component=%s backend=%s requested=%s reason=%s", key.pipeline, key.component, backend,
+            requested, reason,
         )  # fmt: skip
         return step, backend, reason
     raise AssertionError("eager is always available")  # pragma: no cover

@@ -1,4 +1,5 @@
-"""The DiT step as a TensorRT 11 engine, replayed from a CUDA graph (reference/trt.md §1.5).
+"""The DiT step as a TensorRT 11 engine, replayed from a CUDA graph (reference/trt.md §1.5), and the VAE's chunk
+steps as TensorRT engines (`TensorRTChunkStep`, at the end).
 
 Binding: every tensor address is set once per set of caller buffers and baked into a CUDA graph around
 `execute_async_v3`; each call then copies the small per-chunk inputs (latents, timestep, the cache plan) into
@@ -22,13 +23,23 @@ from torch import Tensor
 
 from build_engines.export import DIT_STEP_INPUTS, DIT_STEP_OUTPUTS
 from build_engines.tensorrt import deserialize_engine, import_tensorrt
+from serve.models.autoencoder import Caches
 from serve.runtime.backends import EagerStep, EngineStep, KeyRope
+from serve.runtime.vae_steps import EagerChunkStep
 
 log = logging.getLogger(__name__)
 
 ADDRESS_ALIGNMENT = 256  # bytes; TensorRT rejects tensor addresses that are not (NvInferRuntime.h)
 CALLER_BUFFERS = ("text_k", "text_v", "cache_k", "cache_v")  # bound where the stream keeps them
 MAX_GRAPHS = 8  # one per set of caller buffers (a session); more sessions than this re-capture
+
+
+def torch_dtypes(trt) -> dict:
+    """TensorRT's tensor dtypes → torch's."""
+    return {
+        trt.float32: torch.float32, trt.bfloat16: torch.bfloat16, trt.float16: torch.float16,
+        trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool,
+    }  # fmt: skip
 
 
 class TensorRTStep(EngineStep):
@@ -39,10 +50,7 @@ class TensorRTStep(EngineStep):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         if sorted(names) != sorted(DIT_STEP_INPUTS + DIT_STEP_OUTPUTS):
             raise ValueError(f"{plan_path}: tensors {names}, expected {DIT_STEP_INPUTS + DIT_STEP_OUTPUTS}")
-        dtypes = {
-            trt.float32: torch.float32, trt.bfloat16: torch.bfloat16, trt.float16: torch.float16,
-            trt.int64: torch.int64, trt.int32: torch.int32, trt.bool: torch.bool,
-        }  # fmt: skip
+        dtypes = torch_dtypes(trt)
         self.shapes = {n: tuple(self.engine.get_tensor_shape(n)) for n in names}
         super().__init__(plan_path, self.shapes["latents"], fallback)
         self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
@@ -132,3 +140,45 @@ class TensorRTStep(EngineStep):
             self.graphs.move_to_end(bound)
             graph.replay()
         return self.static["flow"]
+
+
+class TensorRTChunkStep(EngineStep):
+    """A VAE steady-state chunk step as a TensorRT plan: (x, cache_0, …) → (y, cache_0_out, …), the names
+    `export_vae_step` gives.
+
+    Persistent buffers for every input and output, bound once; a call copies x and the caches in, runs on the
+    current stream and returns copies of the outputs. The copies out are deliberate: one step serves every stream of
+    the pipeline, and a stream must never keep a buffer that the next stream's call overwrites. No CUDA graph yet:
+    the VAE's convolutions are large next to their launch cost; measure before adding one.
+    """
+
+    def __init__(self, plan_path: Path, device: torch.device, fallback: EagerChunkStep | None = None) -> None:
+        trt = import_tensorrt()
+        self.device = device
+        self.engine = deserialize_engine(plan_path)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.cache_names = [f"cache_{i}" for i in range(sum(n.startswith("cache_") for n in names) // 2)]
+        expected = ["x", "y", *self.cache_names, *(f"{n}_out" for n in self.cache_names)]
+        if sorted(names) != sorted(expected):
+            raise ValueError(f"{plan_path}: tensors {names}, expected {expected}")
+        dtypes = torch_dtypes(trt)
+        self.buffers = {
+            n: torch.zeros(tuple(self.engine.get_tensor_shape(n)), dtype=dtypes[self.engine.get_tensor_dtype(n)],
+                           device=device)
+            for n in names
+        }  # fmt: skip
+        super().__init__(plan_path, tuple(self.buffers["x"].shape), fallback)
+        self.context = self.engine.create_execution_context()
+        for name, buffer in self.buffers.items():
+            self.context.set_tensor_address(name, buffer.data_ptr())
+        log.info("tensorrt engine=%s caches=%d", plan_path, len(self.cache_names))
+
+    def __call__(self, x: Tensor, caches: Caches) -> tuple[Tensor, Caches]:
+        if not self.runs_here(x, None):
+            return self.fallback(x, caches)  # type: ignore[misc]
+        self.buffers["x"].copy_(x)
+        for name, cache in zip(self.cache_names, caches, strict=True):
+            self.buffers[name].copy_(cache)
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.path}")
+        return self.buffers["y"].clone(), tuple(self.buffers[f"{n}_out"].clone() for n in self.cache_names)

@@ -200,6 +200,7 @@ class PeerSession:
             "pipeline_id": self.spec.id,
             "backend": self.pipeline.backend,
             "backend_reason": self.pipeline.backend_reason,
+            "backends": self.pipeline.backends,
             "fps_in": round((frames_in - prev_in) / elapsed, 2),
             "fps_out": round((frames_out - prev_out) / elapsed, 2),
             "latency_ms": round(latencies[len(latencies) // 2], 1) if latencies else None,
