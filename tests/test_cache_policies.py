@@ -322,3 +322,15 @@ def test_every_pipeline_is_deterministic_and_a_prompt_update_changes_the_next_ch
         out_a, out_b = a.process(frames, video), b.process(frames, update)
         assert out_a.shape[1:] == (SIZE, SIZE, 3)
         assert np.array_equal(out_a, out_b) == (i < 2), f"chunk {i}"
+
+
+def test_reset_cache_restarts_the_noise_controller_too() -> None:
+    stream, params = open_stream("streamdiffusionv2")
+    rng = np.random.default_rng(2)
+    inputs = [rng.integers(0, 255, (4, SIZE, SIZE, 3), dtype=np.uint8) for _ in range(3)]
+    video = {**params, "input_mode": "video", "noise_controller": True}
+    first = stream.process(inputs[0], video)
+    for frames in inputs[1:]:  # motion moves the controller's strength away from its start
+        stream.process(frames, video)
+    stream.reset()  # what `reset_cache` does
+    assert np.array_equal(stream.process(inputs[0], video), first)

@@ -139,7 +139,7 @@ class AutoregressiveStream(PipelineStream):
         self.policy.reset()
         self.frame = 0
         self.generator.manual_seed(self.seed)
-        self.noise_controller.reset(self.noise_controller.strength)
+        self.noise_controller.reset(self.p.spec.runtime_defaults.get("noise_scale", 0.7))  # as a new stream starts
 
     def run_step(self, latents: Tensor, t: float, plan: ChunkPlan) -> Tensor:
         """One DiT step over `latents` [1, 16, F, h, w] at timestep `t`, writing K/V where `plan` says."""
