@@ -38,7 +38,12 @@ def add_engines_parser(commands: argparse._SubParsersAction, engines_dir: Path, 
     sub.add_parser("list", parents=[where], help="engines on disk, and whether each fits this machine")
     sub.add_parser("verify", parents=[where], help="re-hash every engine file against its manifest and load it")
     clean = sub.add_parser("clean", parents=[where], help="delete engines")
-    clean.add_argument("--all", action="store_true", help="every engine; default: those that do not fit this machine")
+    clean.add_argument(
+        "--all", action="store_true", help="every engine; default: this GPU's engines that no longer fit (versions)"
+    )
+    clean.add_argument(
+        "--other-gpus", action="store_true", help="also engines built for other GPUs (kept by default: a shared folder)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,11 +160,16 @@ def _load_error(engine: Path, manifest) -> str | None:
 
 
 def clean(args: argparse.Namespace, console) -> int:
-    from build_engines.manifest import Manifest, all_manifests
+    from build_engines.manifest import Environment, Manifest, all_manifests
 
-    removed = 0
+    here = Environment.current()
+    removed = kept = 0
     for path, manifest in all_manifests(args.engines_dir):
         reason = "unreadable manifest" if not isinstance(manifest, Manifest) else _fit_here(manifest)
+        other_gpu = isinstance(manifest, Manifest) and (manifest.env.gpu, manifest.env.sm) != (here.gpu, here.sm)
+        if reason and other_gpu and not (args.all or args.other_gpus):
+            kept += 1  # a folder shared between machines holds other GPUs' engines; they are not stale
+            continue
         if args.all or reason:
             targets = [path] + ([path.parent / manifest.file] if isinstance(manifest, Manifest) else [])
             for target in targets:
@@ -172,4 +182,6 @@ def clean(args: argparse.Namespace, console) -> int:
     if args.all and args.engines_dir.exists():
         shutil.rmtree(args.engines_dir)
     console.print(f"{removed} engine(s) removed from {args.engines_dir}")
+    if kept:
+        console.print(f"{kept} engine(s) for other GPUs kept (--other-gpus removes them)")
     return 0

@@ -140,7 +140,14 @@ def test_clean_removes_only_engines_that_do_not_fit_unless_all(engines_copy: Pat
     foreign.parent.mkdir(parents=True)
     env = dataclasses.replace(manifest.env, gpu="NVIDIA H100", sm="90", tensorrt="11.4.0")
     foreign.write_text(dataclasses.replace(manifest, env=env, file="x.plan").to_json())
+    stale = path.parent / "stale.json"  # this machine's, built with another torch
+    stale.write_text(
+        dataclasses.replace(manifest, env=dataclasses.replace(manifest.env, torch="0.0"), file="s").to_json()
+    )
     out = wanrt("engines", "clean", "--engines-dir", str(engines_copy))
+    assert out.returncode == 0 and "torch 0.0" in out.stdout and "1 engine(s) for other GPUs kept" in out.stdout
+    assert not stale.exists() and foreign.exists() and path.exists()  # a shared folder keeps other GPUs' engines
+    out = wanrt("engines", "clean", "--other-gpus", "--engines-dir", str(engines_copy))
     assert out.returncode == 0 and "built for sm90 NVIDIA H100, this is cpu" in out.stdout
     assert not foreign.exists() and path.exists()
     assert wanrt("engines", "clean", "--all", "--engines-dir", str(engines_copy)).returncode == 0
