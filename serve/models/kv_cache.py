@@ -87,6 +87,19 @@ class ChunkPlan:
         return self.write_index, self.key_bias, self.frame_positions
 
 
+def token_index(slots: list[int], frame_tokens: int) -> Tensor:
+    """Token positions of the given frame slots, in order."""
+    return torch.cat([torch.arange(s * frame_tokens, (s + 1) * frame_tokens) for s in slots])
+
+
+def frame_bias(max_frames: int, frame_tokens: int, bias: dict[int, float]) -> Tensor:
+    """[max_frames·Lf] additive key bias: `bias[slot]` on the listed frame slots, −inf on every other slot."""
+    per_frame = torch.full((max_frames,), float("-inf"))
+    for slot, value in bias.items():
+        per_frame[slot] = value
+    return per_frame.repeat_interleave(frame_tokens)
+
+
 class RollingSinkPolicy:
     """The first `sink_frames` frames stay forever; the rest of the buffer is a ring of the most recent frames.
 
@@ -119,10 +132,7 @@ class RollingSinkPolicy:
         if frames > self.ring_frames and first_frame + frames > self.sink_frames:
             raise ValueError(f"a chunk of {frames} frames does not fit a ring of {self.ring_frames} frames")
         slots = [self.slot_of_frame(f) for f in range(first_frame, first_frame + frames)]
-        write_index = torch.cat([torch.arange(s * lf, (s + 1) * lf) for s in slots])
-        valid = torch.zeros(self.spec.max_frames, dtype=torch.bool)
-        for frame in self.attended_frames(first_frame, frames):
-            valid[self.slot_of_frame(frame)] = True
-        key_bias = torch.zeros(self.spec.max_frames).masked_fill(~valid, float("-inf")).repeat_interleave(lf)
+        attended = {self.slot_of_frame(f): 0.0 for f in self.attended_frames(first_frame, frames)}
+        key_bias = frame_bias(self.spec.max_frames, lf, attended)
         positions = torch.arange(first_frame, first_frame + frames)
-        return ChunkPlan(write_index.to(self.device), key_bias.to(self.device), positions.to(self.device))
+        return ChunkPlan(token_index(slots, lf).to(self.device), key_bias.to(self.device), positions.to(self.device))

@@ -22,7 +22,15 @@ import torch
 from torch import Tensor
 
 from serve.models.autoencoder import StreamingAutoencoder
-from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, RollingSinkPolicy, TextKVCache
+from serve.models.kv_cache import (
+    ChunkPlan,
+    KVCache,
+    KVCacheSpec,
+    RollingSinkPolicy,
+    TextKVCache,
+    frame_bias,
+    token_index,
+)
 
 
 class ChunkRunner(Protocol):
@@ -35,19 +43,6 @@ class ChunkRunner(Protocol):
     def run_step(self, latents: Tensor, t: float, plan: ChunkPlan) -> Tensor:
         """One DiT step at timestep `t` for every frame of `latents`, writing its K/V where `plan` says."""
         ...
-
-
-def frame_bias(max_frames: int, frame_tokens: int, bias: dict[int, float]) -> Tensor:
-    """[max_frames·Lf] additive key bias: `bias[slot]` on the listed frame slots, −inf on every other slot."""
-    per_frame = torch.full((max_frames,), float("-inf"))
-    for slot, value in bias.items():
-        per_frame[slot] = value
-    return per_frame.repeat_interleave(frame_tokens)
-
-
-def token_index(slots: list[int], frame_tokens: int) -> Tensor:
-    """Token positions of the given frame slots, in order."""
-    return torch.cat([torch.arange(s * frame_tokens, (s + 1) * frame_tokens) for s in slots])
 
 
 class CachePolicy:
