@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, RollingSinkPolicy
+from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, RollingSinkPolicy, frame_bias, token_index
 from serve.pipelines.autoregressive import AutoregressiveStream
-from serve.pipelines.cache_policies import frame_bias, token_index
 from serve.pipelines.registry import get_spec
 from serve.schemas import LoadParams
 
