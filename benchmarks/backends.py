@@ -29,7 +29,7 @@ from build_engines.export import DiTStepGraph
 from build_engines.manifest import dit_step_key, tensorrt_version
 from serve.models.autoencoder import ChunkStep, build_model
 from serve.models.dit import DIT_CONFIGS, WanDiT
-from serve.runtime.backends import CompiledStep, EagerStep
+from serve.runtime.backends import CompiledStep
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def bench_dit(config: str, cases: tuple[Case, ...], device: torch.device, dtype:
         args = dit_step_args(model, key, device)
         call = (args[0], args[1], (args[2], args[3]), args[4], args[5], *args[6:])
         row = Row("DiT step", f"{config} {case.height}×{case.width} F={case.chunk_frames} K={case.cache_frames}",
-                  time_ms(lambda call=call: EagerStep(model)(*call), device, warmup, iters))  # fmt: skip
+                  time_ms(lambda call=call: model.step(*call), device, warmup, iters))  # fmt: skip
         path = work / f"dit-{case.height}x{case.width}.pt2"
         _, row.build_s = timed_build(lambda path=path, args=args: build_aoti_package(DiTStepGraph(model), args, path))
         compiled = CompiledStep(path, tuple(args[0].shape))

@@ -34,7 +34,7 @@ from serve.pipelines.cache_policies import CachePolicy, EmaSinkPolicy, MemoryBan
 from serve.pipelines.policies import NoiseController
 from serve.pipelines.spec import PipelineSpec
 from serve.pipelines.weights import Models, load_weights, random_models
-from serve.runtime.backends import DiTStep, EagerStep, select_backend
+from serve.runtime.backends import DiTStep, select_backend
 from serve.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class AutoregressivePipeline(Pipeline):
         self.height, self.width = load_params["height"], load_params["width"]
         self.chunk_frames = 4 * self.shape.chunk_latents
         self.random_weights = bool(load_params.get("random_weights"))
-        self.step: DiTStep = EagerStep(models.dit)  # what `run_step` calls; `load` swaps in the chosen backend
+        self.step: DiTStep = models.dit.step  # what `run_step` calls; `load` swaps in the chosen backend
         self.backend = "eager"
         self.models = models
         self.device, self.dtype = device, dtype

@@ -35,7 +35,6 @@ from build_engines.manifest import (
     with_backend,
 )
 from serve.errors import PipelineLoadError
-from serve.models.dit import WanDiT
 
 log = logging.getLogger(__name__)
 
@@ -66,29 +65,6 @@ Step = Any  # a DiTStep, or a VAE chunk step (serve/runtime/vae_steps.py): the c
 
 class BackendUnavailable(Exception):
     """This backend cannot run the step here; the message is the reason, for status and logs."""
-
-
-class EagerStep:
-    """`WanDiT.step` itself: any device, any dtype; the oracle for the other backends."""
-
-    def __init__(self, model: WanDiT) -> None:
-        self.model = model
-
-    def __call__(
-        self,
-        latents: Tensor,
-        timestep: Tensor,
-        text_kv: tuple[Tensor, Tensor],
-        cache_k: Tensor,
-        cache_v: Tensor,
-        write_index: Tensor,
-        key_bias: Tensor,
-        frame_positions: Tensor,
-        key_rope: KeyRope = None,
-    ) -> Tensor:
-        return self.model.step(
-            latents, timestep, text_kv, cache_k, cache_v, write_index, key_bias, frame_positions, key_rope=key_rope
-        )
 
 
 class EngineStep:
@@ -215,11 +191,10 @@ def find_engine(
 
 
 def eager_step(key: EngineKey, model: nn.Module) -> Step:
+    """The model's own step, the oracle for the engines: `WanDiT.step`, or the VAE's `encode_step` / `decode_step`."""
     if key.component == "dit_step":
-        return EagerStep(model)  # type: ignore[arg-type]
-    from serve.runtime.vae_steps import EagerChunkStep
-
-    return EagerChunkStep(model, "encode" if key.component == "vae_encode" else "decode")
+        return model.step
+    return model.encode_step if key.component == "vae_encode" else model.decode_step
 
 
 def engine_step(backend: str, key: EngineKey, engine: Path, manifest: Manifest, model: nn.Module,

@@ -23,9 +23,8 @@ from torch import Tensor
 
 from build_engines.export import DIT_STEP_INPUTS, DIT_STEP_OUTPUTS
 from build_engines.tensorrt import deserialize_engine, import_tensorrt
-from serve.models.autoencoder import Caches
-from serve.runtime.backends import EagerStep, EngineStep, KeyRope
-from serve.runtime.vae_steps import EagerChunkStep
+from serve.models.autoencoder import Caches, ChunkStepFn
+from serve.runtime.backends import DiTStep, EngineStep, KeyRope
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ def torch_dtypes(trt) -> dict:
 
 
 class TensorRTStep(EngineStep):
-    def __init__(self, plan_path: Path, device: torch.device, fallback: EagerStep | None = None) -> None:
+    def __init__(self, plan_path: Path, device: torch.device, fallback: DiTStep | None = None) -> None:
         trt = import_tensorrt()
         self.device = device
         self.engine = deserialize_engine(plan_path)
@@ -152,7 +151,7 @@ class TensorRTChunkStep(EngineStep):
     the VAE's convolutions are large next to their launch cost; measure before adding one.
     """
 
-    def __init__(self, plan_path: Path, device: torch.device, fallback: EagerChunkStep | None = None) -> None:
+    def __init__(self, plan_path: Path, device: torch.device, fallback: ChunkStepFn | None = None) -> None:
         trt = import_tensorrt()
         self.device = device
         self.engine = deserialize_engine(plan_path)

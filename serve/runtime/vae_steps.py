@@ -13,37 +13,23 @@ shape it was built for, and any other (another batch or resolution) runs eager w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from serve.models.autoencoder import Caches, ChunkStepFn
 from serve.runtime.backends import AotiEngine
-
-Direction = Literal["encode", "decode"]
-
-
-class EagerChunkStep:
-    """`model.encode_step` / `model.decode_step` itself: the oracle for the engines."""
-
-    def __init__(self, model: nn.Module, direction: Direction) -> None:
-        self.run: ChunkStepFn = model.encode_step if direction == "encode" else model.decode_step  # type: ignore[assignment]
-
-    def __call__(self, x: Tensor, caches: Caches) -> tuple[Tensor, Caches]:
-        return self.run(x, caches)
 
 
 class CompiledChunkStep(AotiEngine):
     """An AOTInductor package of `ChunkStep` (serve/models/autoencoder.py): (x, *caches) → (y, *new_caches). The
     package allocates its outputs per call, so streams sharing this step never share a cache buffer."""
 
-    def __init__(self, path: Path, input_shape: tuple[int, ...], fallback: EagerChunkStep) -> None:
+    def __init__(self, path: Path, input_shape: tuple[int, ...], fallback: ChunkStepFn) -> None:
         super().__init__(path, input_shape, fallback)
-        self.eager = fallback
 
     def __call__(self, x: Tensor, caches: Caches) -> tuple[Tensor, Caches]:
         if not self.runs_here(x, None):
-            return self.eager(x, caches)
+            return self.fallback(x, caches)  # type: ignore[misc]
         # The package reads its inputs with the strides it was exported with (contiguous), whatever their own: the
         # stream's pixels are a permuted view of the camera frames, and a first call's caches may be slices of its
         # input. `contiguous()` is a no-op for everything else.
