@@ -295,7 +295,7 @@ class AutoregressivePipeline(Pipeline):
         """Why no engine can run this pipeline's chunk steps, or None. Engines cache keys rotated at absolute
         positions; a policy whose plans carry window-relative key positions (`key_rope`) cannot use them."""
         probe = self.make_policy(KVCacheSpec(1, 1, 1, 2, 1, self.shape.cache_frames))  # only the policy's kind matters
-        if probe.plan(0, self.shape.chunk_latents).key_positions is not None:
+        if not probe.keys_rotated_at_write:
             return f"{self.spec.id} re-rotates cached keys per chunk (window-relative RoPE); engines store rotated keys"
         return None
 

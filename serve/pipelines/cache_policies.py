@@ -52,6 +52,8 @@ class CachePolicy:
     recache_on_prompt_switch = False
     absolute_positions = True
     """RoPE positions grow with the frame count, so the stream restarts before the 1024-position table ends."""
+    keys_rotated_at_write = True
+    """Keys are cached rotated; False when plans carry per-slot `key_positions` (rotated at read time)."""
 
     def __init__(self, spec: KVCacheSpec, sink_frames: int, device: torch.device | str | None = None) -> None:
         self.spec = spec
@@ -124,6 +126,7 @@ class EmaSinkPolicy(CachePolicy):
     """
 
     absolute_positions = False
+    keys_rotated_at_write = False
 
     def __init__(self, spec: KVCacheSpec, sink_frames: int, device=None, alpha: float = 0.999) -> None:
         super().__init__(spec, sink_frames, device)
