@@ -14,6 +14,7 @@ own keys and step objects.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -251,12 +252,7 @@ def select_backend(
     the VAE. `auto` takes the best backend whose engine fits and says why the better ones did not; a named backend
     is honoured or the load fails with PipelineLoadError naming the reason. `engines_unusable`: why this pipeline
     cannot run any engine of this component at all (its own reason), or None."""
-    hashed: list[str] = []
-
-    def weights() -> str:
-        if not hashed:
-            hashed.append(weight_hash(model))
-        return hashed[0]
+    weights = functools.cache(lambda: weight_hash(model))  # hashed once, and only if some engine needs the check
 
     order = (*AUTO_ORDER, "eager") if requested == "auto" else (requested,)
     skipped = []
