@@ -15,6 +15,7 @@ buffers; nothing allocates per chunk in proportion to how much has been generate
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Protocol
 
@@ -55,15 +56,14 @@ class CachePolicy:
     keys_rotated_at_write = True
     """Keys are cached rotated; False when plans carry per-slot `key_positions` (rotated at read time)."""
 
-    def __init__(self, spec: KVCacheSpec, sink_frames: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, spec: KVCacheSpec, sink_frames: int, device: torch.device | str | None = None,
+                 window_frames: int | None = None) -> None:  # fmt: skip
+        """`window_frames`: the leading slots the sink + ring use (all of them unless a subclass keeps some)."""
         self.spec = spec
         self.device = device
-        self.window = RollingSinkPolicy(spec, sink_frames, device)
+        window_spec = dataclasses.replace(spec, max_frames=window_frames or spec.max_frames)
+        self.window = RollingSinkPolicy(window_spec, sink_frames, device)
         self._clean: Tensor | None = None  # [B, 16, window slots, h, w], allocated once at the first chunk
-
-    @property
-    def max_frames(self) -> int:
-        return self.spec.max_frames
 
     def reset(self) -> None:
         """Forget per-stream state (the KV buffers themselves are cleared by the stream)."""
@@ -109,7 +109,7 @@ class CachePolicy:
         slots = [self.window.slot_of_frame(f) for f in frames]
         sink_slots = list(range(min(self.window.sink_frames, next_frame)))
         lf = self.spec.frame_tokens
-        bias = frame_bias(self.max_frames, lf, dict.fromkeys(sink_slots + slots, 0.0))
+        bias = frame_bias(self.spec.max_frames, lf, dict.fromkeys(sink_slots + slots, 0.0))
         return ChunkPlan(
             token_index(slots, lf).to(self.device), bias.to(self.device), torch.tensor(frames, device=self.device)
         )
@@ -132,13 +132,10 @@ class EmaSinkPolicy(CachePolicy):
         super().__init__(spec, sink_frames, device)
         self.alpha = alpha
 
-    def attended_frames(self, first_frame: int, frames: int) -> list[int]:
-        return self.window.attended_frames(first_frame, frames)
-
     def plan(self, first_frame: int, frames: int) -> ChunkPlan:
         plan = self.window.plan(first_frame, frames)
-        attended = self.attended_frames(first_frame, frames)  # sink first, then the window in frame order
-        key_positions = torch.zeros(self.max_frames, dtype=torch.long)
+        attended = self.window.attended_frames(first_frame, frames)  # sink first, then the window in frame order
+        key_positions = torch.zeros(self.spec.max_frames, dtype=torch.long)
         for position, frame in enumerate(attended):
             key_positions[self.window.slot_of_frame(frame)] = position
         # The queries are the chunk itself: the last `frames` positions of the attended order.
@@ -181,13 +178,9 @@ class MemoryBankPolicy(CachePolicy):
     recache_on_prompt_switch = True
 
     def __init__(self, spec: KVCacheSpec, sink_frames: int, bank_frames: int, record_every: int, device=None) -> None:
-        window_spec = KVCacheSpec(
-            spec.layers, spec.batch, spec.heads, spec.head_dim, spec.frame_tokens, spec.max_frames - bank_frames
-        )
-        super().__init__(spec, sink_frames, device)
-        self.window = RollingSinkPolicy(window_spec, sink_frames, device)
+        super().__init__(spec, sink_frames, device, window_frames=spec.max_frames - bank_frames)
         self.bank_frames = bank_frames
-        self.bank_slots = list(range(window_spec.max_frames, spec.max_frames))
+        self.bank_slots = list(range(spec.max_frames - bank_frames, spec.max_frames))
         self.record_every = record_every  # latent frames between recordings (3 chunks of 3)
         self.bank_filled = 0
         self._staged: tuple[Tensor, Tensor] | None = None
