@@ -174,11 +174,10 @@ def plan_build(request: BuildRequest) -> Plan:
     env = Environment.current(device)
     backend = request.backend or default_backend(device)
     if backend == "tensorrt":
-        from build_engines.tensorrt import TensorRTUnavailable, import_tensorrt, require_cuda
+        from build_engines.tensorrt import TensorRTUnavailable, import_tensorrt
 
         try:
             import_tensorrt()
-            require_cuda()
         except TensorRTUnavailable as exc:
             raise EngineBuildError(str(exc)) from None
     precision = request.precision or default_precision(backend, env)

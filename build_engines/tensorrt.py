@@ -32,6 +32,7 @@ class TensorRTUnavailable(RuntimeError):
 
 
 def import_tensorrt() -> ModuleType:
+    """TensorRT ≥ 11 with a CUDA device to build on or run with; TensorRTUnavailable saying which is missing."""
     try:
         import tensorrt
     except ImportError as exc:
@@ -41,14 +42,11 @@ def import_tensorrt() -> ModuleType:
         ) from None
     if int(str(tensorrt.__version__).split(".")[0]) < 11:
         raise TensorRTUnavailable(f"TensorRT {tensorrt.__version__} is installed; wanrt's engines need TensorRT ≥ 11")
-    return tensorrt
-
-
-def require_cuda() -> None:
     import torch
 
     if not torch.cuda.is_available():
         raise TensorRTUnavailable("TensorRT engines are built on the GPU that serves them; no CUDA device here")
+    return tensorrt
 
 
 def build_tensorrt_engine(
@@ -56,7 +54,6 @@ def build_tensorrt_engine(
 ) -> Path:
     """ONNX (static shapes) → serialized plan at `plan_path`; updates the timing cache. Minutes for the 1.3B step."""
     trt = import_tensorrt()
-    require_cuda()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # 0: strongly typed is the only mode in TensorRT 11
@@ -92,7 +89,6 @@ def build_tensorrt_engine(
 def deserialize_engine(plan_path: Path):  # -> trt.ICudaEngine
     """Loads a plan; raises ValueError naming the file when TensorRT rejects it (corrupt, other version or GPU)."""
     trt = import_tensorrt()
-    require_cuda()
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
     if engine is None:

@@ -225,11 +225,10 @@ def load_backend(
         return eager_step(key, model), "eager PyTorch"
     env = Environment.current(device)
     if backend == "tensorrt":
-        from build_engines.tensorrt import TensorRTUnavailable, import_tensorrt, require_cuda
+        from build_engines.tensorrt import TensorRTUnavailable, import_tensorrt
 
         try:
             import_tensorrt()
-            require_cuda()
         except TensorRTUnavailable as exc:
             raise BackendUnavailable(str(exc)) from None
     engine, manifest = find_engine(with_backend(key, ENGINE_BACKEND[backend]), weights, engines_dir, env)
