@@ -12,13 +12,22 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-Timestep = Annotated[int, Meta(ge=1, le=1000, description="Timestep in (0, 1000]")]
+Timestep = Annotated[
+    int, Meta(ge=0, le=1000, description="Timestep in [0, 1000]; the list is strictly descending, so 0 only last")
+]
 Dimension = Annotated[
     int, Meta(ge=64, le=2048, multiple_of=16, description="Pixels; a multiple of 16 (VAE stride 8 × patch 2)")
 ]
 Seed = Annotated[int, Meta(ge=0, le=2**32 - 1)]
 ShortText = Annotated[str, Meta(max_length=4096)]
 AssetPath = Annotated[str, Meta(max_length=1024)]
+WarpSteps = Annotated[
+    bool,
+    Meta(
+        description="Feed each listed step k to the model as t = 1000·shift(k/1000), the noise levels the few-step "
+        "generator was distilled at (the original repos); false feeds the raw values, as Scope does"
+    ),
+]
 
 
 class Prompt(Struct, forbid_unknown_fields=True):
@@ -51,6 +60,7 @@ class RuntimeParameters(Struct, forbid_unknown_fields=True, omit_defaults=True):
     prompt_interpolation_method: Literal["linear", "slerp"] | UnsetType = UNSET
     transition: Transition | UnsetType = UNSET
     denoising_step_list: Annotated[list[Timestep], Meta(min_length=1, max_length=8)] | UnsetType = UNSET
+    warp_denoising_steps: WarpSteps | UnsetType = UNSET
     noise_scale: Annotated[float, Meta(ge=0.0, le=1.0)] | UnsetType = UNSET
     noise_controller: bool | UnsetType = UNSET
     manage_cache: bool | UnsetType = UNSET
@@ -80,6 +90,7 @@ class LoadParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
     lora_merge_mode: Literal["permanent_merge", "runtime_peft"] | UnsetType = UNSET
     manage_cache: bool | UnsetType = UNSET
     denoising_step_list: Annotated[list[Timestep], Meta(min_length=1, max_length=8)] | UnsetType = UNSET
+    warp_denoising_steps: WarpSteps | UnsetType = UNSET
     vace_context_scale: Annotated[float, Meta(ge=0.0, le=2.0)] | UnsetType = UNSET
     backend: Literal["auto", "tensorrt", "compiled", "eager"] | UnsetType = UNSET
     random_weights: bool | UnsetType = UNSET

@@ -77,6 +77,9 @@ def test_schemas_list_every_pipeline_with_seed_defaults(api: httpx.Client) -> No
         load, runtime = schema["load_params"]["properties"], schema["runtime_params"]["properties"]
         assert (load["height"]["default"], load["width"]["default"]) == (height, width), pipeline_id
         assert runtime["denoising_step_list"]["default"] == steps
+        warped = pipeline_id != "streamdiffusionv2"  # as their original repos feed the list (models.md §2)
+        assert runtime["warp_denoising_steps"]["default"] is warped
+        assert load["warp_denoising_steps"]["default"] is warped
         assert runtime["noise_scale"]["default"] == 0.7
         assert runtime["noise_controller"]["default"] is True
         assert runtime["noise_scale"]["maximum"] == 1.0

@@ -7,57 +7,19 @@ recorded clean latents and the model itself, by a different route (fresh buffers
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, RollingSinkPolicy, frame_bias, token_index
-from serve.pipelines.autoregressive import AutoregressiveStream
-from serve.pipelines.registry import get_spec
-from serve.schemas import LoadParams
-
-SIZE = 32  # pixels → 4×4 latents → 2×2 tokens per frame
-LF = 4
-PROMPT_A = [{"text": "a cat and a dog playing in the snow", "weight": 1.0}]
-PROMPT_B = [{"text": "anime style portrait of a person", "weight": 1.0}]
+from tests.support.streams import LF, PROMPT_A, PROMPT_B, SIZE, Recorder, open_stream
 
 
 @pytest.fixture(autouse=True)
 def _inference_mode():
     with torch.inference_mode():  # the streams' tensors are inference tensors; so are the references'
         yield
-
-
-def open_stream(pipeline_id: str, seed: int = 0) -> tuple[AutoregressiveStream, dict]:
-    spec = get_spec(pipeline_id)
-    load_params = spec.effective_load_params(
-        LoadParams(height=SIZE, width=SIZE, random_weights=True, quantization=None), allow_random_weights=True
-    )
-    pipeline = spec.resolve_factory().load(spec, load_params, report=lambda *_: None, models_dir=Path("/nonexistent"))
-    params = {**spec.runtime_defaults, "input_mode": "text", "prompts": PROMPT_A}
-    stream = pipeline.open_stream(seed)
-    assert isinstance(stream, AutoregressiveStream)
-    return stream, params
-
-
-class Recorder:
-    """Wraps a stream's policy hook to keep what each chunk produced (clean latents, decoded video, cache)."""
-
-    def __init__(self, stream: AutoregressiveStream) -> None:
-        self.x0: list[torch.Tensor] = []
-        self.video: list[torch.Tensor] = []
-        self.cache_k: list[torch.Tensor] = []
-        hook = stream.policy.after_chunk
-
-        def after_chunk(run, first_frame, x0, video):
-            hook(run, first_frame, x0, video)
-            self.x0.append(x0.clone())
-            self.video.append(video.clone())
-            self.cache_k.append(run.cache.k.clone())
-
-        stream.policy.after_chunk = after_chunk  # type: ignore[method-assign]
 
 
 def slot_tokens(slots: list[int]) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -76,11 +77,28 @@ async def test_streamdiffusionv2_video_to_video_through_the_server(server: Runni
 
 
 async def test_longlive_text_to_video_through_the_server(server: RunningServer) -> None:
-    load_pipeline(server.url, "longlive", height=SIZE, width=SIZE, random_weights=True)
+    """Also: the load's `warp_denoising_steps` starts the session (raw lists here); the data channel flips it."""
+    load_pipeline(server.url, "longlive", height=SIZE, width=SIZE, random_weights=True, warp_denoising_steps=False)
     client = ScopeClient(server.url, send_video=False, initial_parameters={"input_mode": "text"})
-    await client.connect()
+    session_id = await client.connect()
+
+    async def warp_setting() -> bool:
+        async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
+            sessions = (await http.get("/api/v1/webrtc/sessions")).json()["sessions"]
+        return next(s for s in sessions if s["sessionId"] == session_id)["parameters"]["warp_denoising_steps"]
+
     try:
         frames = await client.wait_frames(12, timeout_s=90)
+        assert await warp_setting() is False
+        await client.send({"warp_denoising_steps": True})
+        for _ in range(100):
+            if await warp_setting():
+                break
+            await asyncio.sleep(0.05)
+        assert await warp_setting() is True
+        start = len(client.messages)
+        await client.send({"warp_denoising_steps": "yes"})
+        assert "warp_denoising_steps" in (await client.wait_message("error", start=start))["message"]
     finally:
         await client.close()
     assert {(f.width, f.height) for f in frames} == {(SIZE, SIZE)}

@@ -338,13 +338,16 @@ class WanDiT(nn.Module):
     # -- the oracle ----------------------------------------------------------------------------------------------
 
     def forward_full(self, latents: Tensor, timestep: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Every frame at once; mask [N, N] boolean (True = attend) or None for bidirectional attention."""
+        """Every frame at once; mask [N, N] boolean (True = attend), or float (added to the logits: 0 attend, −inf
+        masked, log(b) damped), or None for bidirectional attention."""
         x, grid = self.patchify(latents)
         frame_positions = torch.arange(grid[0], device=latents.device)
         cos, sin = self.rope.tables(frame_positions, grid[1], grid[2])
         e, e0 = self.embed_time(timestep)
         text_k, text_v = self.text_kv(context)
-        bias = None if mask is None else torch.zeros(mask.shape, device=x.device).masked_fill(~mask, float("-inf"))
+        bias = mask
+        if mask is not None and mask.dtype == torch.bool:
+            bias = torch.zeros(mask.shape, device=x.device).masked_fill(~mask, float("-inf"))
         for layer, block in enumerate(self.blocks):
 
             def self_attention(h: Tensor, block: DiTBlock = block) -> Tensor:

@@ -23,8 +23,10 @@ class FlowMatchScheduler:
     def model_timesteps(self, step_list: list[int], *, warp: bool = False) -> list[float]:
         """The t fed to the model for each entry of a `denoising_step_list`.
 
-        Scope feeds the raw values (the default). The original repos warp: entry k becomes `timesteps[1000 − k]`,
-        with 0 appended at index 1000, i.e. t = 1000·shift(k/1000).
+        `warp=True` (Self-Forcing, LongLive, Reward Forcing, MemFlow, Krea: the levels their generators were
+        distilled at): entry k becomes `timesteps[1000 − k]`, with 0 appended at index 1000, i.e.
+        t = 1000·shift(k/1000), so [1000, 750, 500, 250] at shift 5 is [1000, 937.5, 833.3, 625].
+        `warp=False` (StreamDiffusionV2's original, and Scope for every pipeline): the raw values.
         """
         if not warp:
             return [float(k) for k in step_list]

@@ -6,8 +6,14 @@ frames (video mode) → mix noise → denoise over the step list, each pass writ
 → a clean pass at t = 0 overwrites them with clean K/V (all but Krea) → decode → policy hook.
 
 Parameters take effect at chunk boundaries. `reset_cache` (one-shot, applied by the worker) and `manage_cache`
-(reset when `noise_scale` or `denoising_step_list` change: the cached history was made at the old noise level)
-restart the stream; the seed restarts with it, so the same seed and input give the same output again.
+(reset when `noise_scale`, `denoising_step_list` or `warp_denoising_steps` change: the cached history was made at the
+old noise levels) restart the stream; the seed restarts with it, so the same seed and input give the same output again.
+
+The timesteps a chunk is denoised at (models.md §2): the listed steps, warped to t = 1000·shift(k/1000) when
+`warp_denoising_steps` is on (the levels the generators were distilled at) or fed raw (Scope's behaviour). In video
+mode the encoded input is mixed with noise to σ = s (`noise_scale`, or the noise controller's strength); denoising
+starts at that level's timestep (t = 1000·s; the controller's own first step), then takes those of the listed steps
+after the first whose model timestep lies below it.
 """
 
 from __future__ import annotations
@@ -159,7 +165,10 @@ class AutoregressiveStream(PipelineStream):
 
         The noise controller's own per-chunk strength does not count: it moves every chunk by design.
         """
-        key = (params.get("noise_scale"), tuple(params.get("denoising_step_list") or ()), params.get("input_mode"))
+        key = (
+            params.get("noise_scale"), tuple(params.get("denoising_step_list") or ()),
+            params.get("warp_denoising_steps"), params.get("input_mode"),
+        )  # fmt: skip
         if self._noise_key is not None and key != self._noise_key and params.get("manage_cache", True):
             self.reset()
         self._noise_key = key
@@ -177,7 +186,7 @@ class AutoregressiveStream(PipelineStream):
         policy.update_params(params)
         policy.before_chunk(self, self.frame, chunk)
         latent_shape = (1, 16, chunk, p.height // 8, p.width // 8)
-        steps = scheduler.model_timesteps(params["denoising_step_list"])
+        steps = scheduler.model_timesteps(params["denoising_step_list"], warp=params["warp_denoising_steps"])
 
         # 1. Start point: input latents mixed with noise (video), or noise (text).
         if frames is not None:
@@ -191,7 +200,7 @@ class AutoregressiveStream(PipelineStream):
                 strength = float(params.get("noise_scale", 0.7))
                 first_t = 1000 * strength
             # The input is mixed to the noise level `strength`; denoising starts at `first_t`, then takes the listed
-            # steps below it.
+            # steps (as the model sees them: warped or raw) below it.
             steps = [first_t] + [t for t in steps[1:] if t < first_t]
             x = (1 - strength) * latents + strength * self._noise(latent_shape)
         else:

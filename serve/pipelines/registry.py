@@ -38,6 +38,7 @@ def _model_spec(
     height: int,
     width: int,
     steps: list[int],
+    warp_steps: bool,
     files: tuple[ModelFile, ...],
     vram_gb: float,
     extra_runtime: dict | None = None,
@@ -45,7 +46,9 @@ def _model_spec(
     quantization: str | None = None,
     lora: bool = False,
 ) -> PipelineSpec:
-    runtime_defaults = {**V2V_RUNTIME_DEFAULTS, "input_mode": default_mode, "denoising_step_list": steps}
+    # `warp_steps`: whether the original repo feeds its step list warped (models.md §2); the default here too.
+    step_defaults = {"denoising_step_list": steps, "warp_denoising_steps": warp_steps}
+    runtime_defaults = {**V2V_RUNTIME_DEFAULTS, "input_mode": default_mode, **step_defaults}
     runtime_defaults.update(extra_runtime or {})
     return PipelineSpec(
         id=id,
@@ -64,7 +67,7 @@ def _model_spec(
             "loras": [],
             "lora_merge_mode": "permanent_merge",
             "manage_cache": True,
-            "denoising_step_list": steps,
+            **step_defaults,
             "vace_context_scale": 1.0,
             "backend": "auto",
             "random_weights": False,
@@ -117,6 +120,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             height=320,
             width=576,
             steps=[750, 250],
+            warp_steps=False,  # its original feeds the raw list (shift 8)
             files=(ModelFile("jerryfeng/StreamDiffusionV2", "wan_causal_dmd_v2v/model.pt"),),
             vram_gb=20,
             factory="serve.pipelines.autoregressive:StreamDiffusionV2Pipeline",
@@ -132,6 +136,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             height=512,
             width=512,
             steps=[1000, 750],
+            warp_steps=True,
             files=(
                 ModelFile("Efficient-Large-Model/LongLive-1.3B", "models/longlive_base.pt"),
                 ModelFile("Efficient-Large-Model/LongLive-1.3B", "models/lora.pt"),
@@ -150,6 +155,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             height=512,
             width=512,
             steps=[1000, 750],
+            warp_steps=True,
             files=(ModelFile("JaydenLu666/Reward-Forcing-T2V-1.3B", "rewardforcing.pt"),),
             vram_gb=20,
             factory="serve.pipelines.autoregressive:RewardForcingPipeline",
@@ -164,6 +170,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             height=512,
             width=512,
             steps=[1000, 750],
+            warp_steps=True,
             files=(ModelFile("KlingTeam/MemFlow", "base.pt"), ModelFile("KlingTeam/MemFlow", "lora.pt")),
             vram_gb=20,
             lora=True,
@@ -180,6 +187,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             height=256,
             width=256,
             steps=[1000, 750],
+            warp_steps=True,
             files=(ModelFile("krea/krea-realtime-video", "krea-realtime-video-14b.safetensors"),),
             vram_gb=32,
             extra_runtime={"kv_cache_attention_bias": 0.3},

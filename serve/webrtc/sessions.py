@@ -40,8 +40,9 @@ class SessionManager:
             )
         pipeline, worker, load_params = self._pipelines.require_loaded()
         params = {**pipeline.spec.runtime_defaults}
-        if "denoising_step_list" in load_params:
-            params["denoising_step_list"] = load_params["denoising_step_list"]
+        for name in ("denoising_step_list", "warp_denoising_steps"):  # load-time values a session starts with
+            if name in load_params:
+                params[name] = load_params[name]
         if offer.initialParameters is not None:
             params.update(pipeline.spec.validate_update(offer.initialParameters, self._assets_dir))
 
