@@ -41,8 +41,10 @@ from build_engines.manifest import (
     vae_step_key,
     weight_hash,
 )
+from serve.errors import InvalidParameters, PipelineLoadError
 from serve.models.dit import WanDiT
 from serve.models.kv_cache import KVCacheSpec, RollingSinkPolicy
+from serve.pipelines.loras import LoraRequest, merge_user_loras, merged_lora_key
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 FP8_MIN_SM = 89  # fp8 tensor cores: Ada and Hopper onwards (trt.md §0.4)
@@ -65,6 +67,8 @@ class BuildRequest:
     random_weights: bool = False
     seed: int = 42  # the random weights' seed: the server's default `seed` load parameter
     force: bool = False
+    loras: tuple[tuple[str, float], ...] = ()  # user LoRAs merged into the DiT (name in lora_dir, scale)
+    lora_dir: Path | None = None  # None: lora/ in models_dir, as the server's default
 
 
 @dataclass(frozen=True)
@@ -134,14 +138,28 @@ def load_models(request: BuildRequest, spec: Any, shape: Any, device: torch.devi
                       random_weights=request.random_weights, **vae_type)  # fmt: skip
     params = spec.effective_load_params(load, allow_random_weights=True)
     if request.random_weights:
-        return random_models(params, device, seed=request.seed)
+        models = random_models(params, device, seed=request.seed)
+    else:
+        try:
+            models = load_weights(
+                spec, params, request.models_dir, dit_config=shape.dit_config, prefer=shape.checkpoint_prefer,
+                device=device, dtype=dtype, report=lambda *_: None,
+            )  # fmt: skip
+        except Exception as exc:  # PipelineLoadError and friends: the message names the missing files
+            raise EngineBuildError(f"{exc} (or build with --random-weights)") from None
     try:
-        return load_weights(
-            spec, params, request.models_dir, dit_config=shape.dit_config, prefer=shape.checkpoint_prefer,
-            device=device, dtype=dtype, report=lambda *_: None,
-        )  # fmt: skip
-    except Exception as exc:  # PipelineLoadError and friends: the message names the missing files
-        raise EngineBuildError(f"{exc} (or build with --random-weights)") from None
+        merge_user_loras(models.dit, lora_requests(request), lora_dir(request), spec.id)
+    except (InvalidParameters, PipelineLoadError) as exc:
+        raise EngineBuildError(str(exc)) from None
+    return models
+
+
+def lora_requests(request: BuildRequest) -> list[LoraRequest]:
+    return [LoraRequest(name, scale, "permanent_merge") for name, scale in request.loras]
+
+
+def lora_dir(request: BuildRequest) -> Path:
+    return request.lora_dir or request.models_dir / "lora"
 
 
 @dataclass(frozen=True)
@@ -218,7 +236,8 @@ class StepBuild:
 def dit_step_build(model: WanDiT, plan: Plan) -> StepBuild:
     request, shape = plan.request, plan.shape
     key = dit_step_key(request.pipeline, request.height, request.width, shape.chunk_latents, shape.cache_frames,
-                       model.config.text_len, plan.precision, plan.backend)  # type: ignore[arg-type]  # fmt: skip
+                       model.config.text_len, plan.precision, plan.backend,  # type: ignore[arg-type]
+                       merged_loras=merged_lora_key(lora_requests(request)))  # fmt: skip
 
     def make():
         from build_engines.export import DIT_STEP_INPUTS, DIT_STEP_OUTPUTS, DiTStepGraph

@@ -34,6 +34,10 @@ def add_engines_parser(commands: argparse._SubParsersAction, engines_dir: Path, 
     build.add_argument("--seed", type=int, default=42, help="seed of the random weights (the server's default seed)")
     build.add_argument("--models-dir", type=Path, default=models_dir)
     build.add_argument("--force", action="store_true", help="rebuild even when the manifest matches")
+    build.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]", type=lora_argument,
+                       help="merge this LoRA of the LoRA folder (repeatable; scale default 1): the engine a load with "
+                            "loras [{path: NAME, scale: SCALE, merge_mode: permanent_merge}] uses")  # fmt: skip
+    build.add_argument("--lora-dir", type=Path, default=None, help="default: lora/ in the models dir")
 
     sub.add_parser("list", parents=[where], help="engines on disk, and whether each fits this machine")
     sub.add_parser("verify", parents=[where], help="re-hash every engine file against its manifest and load it")
@@ -56,6 +60,15 @@ def run(args: argparse.Namespace) -> int:
     return command(args, console)
 
 
+def lora_argument(text: str) -> tuple[str, float]:
+    """`NAME[:SCALE]` → (name, scale)."""
+    name, _, scale = text.rpartition(":") if ":" in text else (text, "", "1")
+    try:
+        return name, float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME or NAME:SCALE, e.g. style.safetensors:0.8") from None
+
+
 def build(args: argparse.Namespace, console) -> int:
     from build_engines.build import BuildRequest, EngineBuildError, build_pipeline
 
@@ -64,7 +77,8 @@ def build(args: argparse.Namespace, console) -> int:
         request = BuildRequest(
             pipeline=pipeline, engines_dir=args.engines_dir, models_dir=args.models_dir, height=args.height,
             width=args.width, precision=args.precision, backend=args.backend, vae_type=args.vae_type,
-            random_weights=args.random_weights, seed=args.seed, force=args.force,
+            random_weights=args.random_weights, seed=args.seed, force=args.force, loras=tuple(args.lora),
+            lora_dir=args.lora_dir,
         )  # fmt: skip
         try:
             results = build_pipeline(request, console)

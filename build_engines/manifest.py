@@ -45,6 +45,7 @@ class EngineKey:
     precision: Precision
     backend: Backend
     vae_type: str | None = None  # VAE steps only: wan, lightvae, tae, lighttae have different graphs
+    merged_loras: str | None = None  # DiT steps with user LoRAs merged (`name@scale,...`): an engine of their own
 
     def digest(self) -> str:
         # Unset fields are left out, so the keys (and file names) of DiT engines built before `vae_type` existed
@@ -70,9 +71,11 @@ def dit_step_key(
     text_len: int,
     precision: Precision,
     backend: Backend,
+    merged_loras: str | None = None,
 ) -> EngineKey:
     """The one place the DiT step's key is formed, for the builder and the server alike."""
-    return EngineKey(pipeline, "dit_step", height, width, chunk_frames, cache_frames, text_len, precision, backend)
+    return EngineKey(pipeline, "dit_step", height, width, chunk_frames, cache_frames, text_len, precision, backend,
+                     merged_loras=merged_loras)  # fmt: skip
 
 
 def vae_step_key(

@@ -19,6 +19,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.static_files import create_static_files_router
 
 from serve.api.assets import AssetController
+from serve.api.loras import LoraController
 from serve.api.models import ModelsController
 from serve.api.pipeline import PipelineController
 from serve.api.system import SystemController
@@ -26,6 +27,7 @@ from serve.api.webrtc import WebRTCController
 from serve.assets import AssetStore
 from serve.errors import WanrtError
 from serve.hub import HubDownloads
+from serve.pipelines.loras import LoraCatalog
 from serve.pipelines.manager import PipelineManager
 from serve.schemas import LoadParams
 from serve.settings import ServerSettings
@@ -65,14 +67,16 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
         configure_ice(settings.webrtc)
         configure_codecs(settings.webrtc)
         pipelines = PipelineManager(
-            models_dir=settings.models_dir, engines_dir=settings.engines_dir,
+            models_dir=settings.models_dir, engines_dir=settings.engines_dir, lora_dir=settings.lora_folder,
             allow_random_weights=settings.allow_random_weights,
         )  # fmt: skip
+        loras = LoraCatalog(settings.lora_folder)
         sessions = SessionManager(pipelines, settings.webrtc, settings.assets.directory)
         models = HubDownloads(settings.models_dir, settings.hub_endpoint)
         app.state.update(
-            pipelines=pipelines, sessions=sessions, assets=AssetStore(settings.assets.directory), models=models
-        )
+            pipelines=pipelines, sessions=sessions, assets=AssetStore(settings.assets.directory), models=models,
+            loras=loras,
+        )  # fmt: skip
         if settings.preload_pipeline:
             await pipelines.load(settings.preload_pipeline, LoadParams())
         try:
@@ -81,12 +85,14 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
             await sessions.stop_all("server shutting down")
             await asyncio.to_thread(models.close)  # stops downloads at their next chunk; partial files stay
             await pipelines.close()
+            loras.close()
 
     return Litestar(
         route_handlers=[
             PipelineController,
             WebRTCController,
             AssetController,
+            LoraController,
             ModelsController,
             SystemController,
             create_static_files_router(path="/", directories=[WEB_DIR], html_mode=True, include_in_schema=False),

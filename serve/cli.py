@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--hub-endpoint", default=defaults.hub_endpoint, help="Hugging Face hub for downloads (env HF_ENDPOINT)"
     )
     serve.add_argument("--engines-dir", type=Path, default=defaults.engines_dir, help="env WANRT_ENGINES_DIR")
+    serve.add_argument(
+        "--lora-dir", type=Path, default=defaults.lora_dir,
+        help="user LoRA files (env WANRT_LORA_DIR; default: lora/ in the models dir)",
+    )  # fmt: skip
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     models = commands.add_parser("models", help="list, download and verify the pipelines' weight files")
@@ -99,6 +103,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         preload_pipeline=args.pipeline,
         allow_random_weights=args.allow_random_weights,
         models_dir=args.models_dir,
+        lora_dir=args.lora_dir,
         engines_dir=args.engines_dir,
         hub_endpoint=args.hub_endpoint.rstrip("/"),
         cors=CorsSettings(extra_origins=tuple(args.cors_allow_origin)),

@@ -115,7 +115,9 @@ class PipelineStatus(Struct):
     status: Literal["not_loaded", "loading", "loaded", "error"]
     pipeline_id: str | None = None
     load_params: dict[str, Any] | None = None
-    loaded_lora_adapters: list[str] = msgspec.field(default_factory=list)
+    loaded_lora_adapters: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    """Each LoRA in or beside the weights: path, scale, merge_mode (and rank, layers, unmatched_keys, base_model;
+    `builtin` for the pipeline's own)."""
     error: str | None = None
     loading_stage: str | None = None
     progress: float | None = None
@@ -123,6 +125,27 @@ class PipelineStatus(Struct):
     backend_reason: str | None = None  # why this backend runs the step (and why better ones did not)
     backends: dict[str, dict[str, str]] | None = None  # per component (dit_step, vae_encode, vae_decode): both of those
     random_weights: bool = False
+
+
+class LoraFileInfo(Struct):
+    name: str
+    path: str
+    """What a load's `loras[].path` takes: relative to the LoRA folder."""
+    folder: str
+    size_bytes: int
+    size_mb: float
+    rank: int | None
+    base_model: str | None
+    """The DiT it fits (`wan2.1-1.3b` for SDv2, LongLive, Reward Forcing, MemFlow; `wan2.1-14b` for Krea)."""
+    layers: int
+    sha256: str | None
+    """Computed in the background on the first listing; null until then."""
+    error: str | None = None
+    """Why the file is not a usable LoRA."""
+
+
+class LoraList(Struct):
+    lora_files: list[LoraFileInfo]
 
 
 class ModelsDownloadRequest(Struct, forbid_unknown_fields=True):

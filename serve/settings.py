@@ -62,6 +62,9 @@ class ServerSettings:
     """Accept the `random_weights` load parameter (tiny config, seeded random weights) for demos and tests."""
     models_dir: Path = field(default_factory=lambda: Path.home() / ".wanrt" / "models")
     """Weight files, one folder per Hugging Face repo (`<repo name>/<path>`)."""
+    lora_dir: Path | None = None
+    """User LoRA files (`.safetensors`, `.pt`, `.bin`; subfolders allowed); a load's `loras` name files in here.
+    None: `lora/` in `models_dir` (`lora_folder`)."""
     engines_dir: Path = field(default_factory=lambda: Path.home() / ".wanrt" / "engines")
     """Built engines and their manifests (`wanrt engines build`); an engine is used only if its manifest matches."""
     hub_endpoint: str = "https://huggingface.co"
@@ -69,6 +72,10 @@ class ServerSettings:
     cors: CorsSettings = field(default_factory=CorsSettings)
     webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
     assets: AssetSettings = field(default_factory=AssetSettings)
+
+    @property
+    def lora_folder(self) -> Path:
+        return self.lora_dir if self.lora_dir is not None else self.models_dir / "lora"
 
     @classmethod
     def from_env(cls) -> ServerSettings:
@@ -81,6 +88,7 @@ class ServerSettings:
             preload_pipeline=env.get("PIPELINE") or None,
             allow_random_weights=env.get("WANRT_ALLOW_RANDOM_WEIGHTS", "") in ("1", "true", "yes"),
             models_dir=Path(env.get("WANRT_MODELS_DIR", home / "models")),
+            lora_dir=Path(env["WANRT_LORA_DIR"]) if env.get("WANRT_LORA_DIR") else None,
             engines_dir=Path(env.get("WANRT_ENGINES_DIR", home / "engines")),
             hub_endpoint=env.get("HF_ENDPOINT", cls.hub_endpoint).rstrip("/"),
             webrtc=WebRTCSettings(

@@ -88,14 +88,15 @@ def model():
     return random_models({}, CPU, seed=SEED).dit
 
 
-def load_sdv2(engines_dir: Path, backend: str = "auto", **load: str):
+def load_sdv2(engines_dir: Path, backend: str = "auto", lora_dir: Path | None = None, **load):
     spec = get_spec(PIPELINE)
     params = spec.effective_load_params(
         LoadParams(height=SIZE, width=SIZE, random_weights=True, backend=backend, **load), allow_random_weights=True
     )
     return StreamDiffusionV2Pipeline.load(
-        spec, params, report=lambda *_: None, models_dir=Path("/nonexistent"), engines_dir=engines_dir
-    )
+        spec, params, report=lambda *_: None, models_dir=Path("/nonexistent"), engines_dir=engines_dir,
+        lora_dir=lora_dir,
+    )  # fmt: skip
 
 
 # -- the CLI --------------------------------------------------------------------------------------------------------
@@ -121,6 +122,32 @@ def test_build_writes_a_manifest_lists_it_and_skips_an_up_to_date_rebuild(engine
     again = wanrt(*build_args(engines_dir))
     assert again.returncode == 0 and again.stdout.count("up to date") == 3, again.stdout + again.stderr
     assert read_manifest(path.with_suffix(".json")).built_at == manifest.built_at  # not rebuilt
+
+
+def test_a_merged_lora_runs_on_an_engine_built_with_it(engines_copy: Path, tmp_path: Path) -> None:
+    """The merged weights are another engine: the plain one is not used for them; `--lora` builds theirs (the VAE's
+    engines are shared: up to date), which then serves the load and gives eager's frames."""
+    from tests.support.loras import block_linears, random_factors, write_lora
+
+    lora_dir = tmp_path / "loras"
+    write_lora(lora_dir, "comfy_down_up", random_factors(model(), block_linears(2), rank=2, alpha=2.0, seed=1))
+    loras = [{"path": "comfy.safetensors", "scale": 0.8}]
+    plain = load_sdv2(engines_copy, lora_dir=lora_dir, loras=loras)
+    assert plain.backends["dit_step"]["backend"] == "eager", plain.backends
+    assert plain.backends["vae_encode"]["backend"] == "compiled"
+
+    built = wanrt(*build_args(engines_copy, "--lora", "comfy.safetensors:0.8", "--lora-dir", str(lora_dir)))
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert "built: streamdiffusionv2 dit_step" in built.stdout and built.stdout.count("up to date") == 2
+    merged = load_sdv2(engines_copy, lora_dir=lora_dir, loras=loras)
+    assert merged.backends["dit_step"]["backend"] == "compiled", merged.backends
+    eager = load_sdv2(engines_copy, backend="eager", lora_dir=lora_dir, loras=loras)
+    spec = get_spec(PIPELINE)
+    params = {**spec.runtime_defaults, "input_mode": "text", "prompts": [{"text": "a cat", "weight": 1.0}]}
+    ours, reference = merged.open_stream(1), eager.open_stream(1)
+    for _ in range(2):
+        a, b = ours.process(None, params), reference.process(None, params)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
 def test_verify_passes_a_good_engine_and_catches_a_corrupted_one(engines_copy: Path) -> None:

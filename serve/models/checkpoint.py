@@ -3,7 +3,7 @@
 Layouts (models.md §1.3, §3): safetensors (single, or sharded with `*.safetensors.index.json`), `.pt/.pth` pickles
 read with `weights_only=True`; wrapper dicts `generator`, `generator_ema`, `model`, `state_dict` or flat; key
 prefixes `model.`, `_fsdp_wrapped_module.`, `model.diffusion_model.`; diffusers names; fp32, bf16 or fp8-e4m3 source
-tensors. PEFT LoRA files (`lora_A`/`lora_B`) are merged into the weights as they load.
+tensors. LoRA deltas (serve/models/lora.py reads their files) are added to the weights as they load.
 
 Memory: the module is built on the meta device, each tensor is read (safetensors reads one tensor; pickles are
 memory-mapped), converted to the target dtype and device, and assigned. A 28.6 GB checkpoint therefore needs the
@@ -204,11 +204,12 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     prefer: str | None = None,
     keep_fp32: Callable[[str], bool] = lambda name: False,
-    lora: Path | str | None = None,
-    lora_scale: float = 1.0,
+    deltas: Mapping[str, Tensor] | None = None,
     progress: bool | None = None,
 ) -> None:
     """Load strictly into `module` (ideally built on the meta device), converting each tensor as it is read.
+
+    `deltas`: fp32 tensors added to the named weights as they load (a merged LoRA, `lora.merged_weights`).
 
     Raises CheckpointError naming the file and the missing, unexpected or mis-shaped keys.
     """
@@ -217,7 +218,7 @@ def load_checkpoint(
     by_name = {names[raw]: lazy for raw, lazy in tensors.items()}
     expected = module.state_dict()
     check_keys(expected, by_name, path)
-    deltas = read_lora(lora, expected, lora_scale) if lora is not None else {}
+    deltas = deltas or {}
 
     total = sum(lazy.nbytes for lazy in by_name.values())
     show = progress if progress is not None else total >= PROGRESS_MIN_BYTES
@@ -234,7 +235,7 @@ def load_checkpoint(
             loaded[name] = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
             bar.advance(task, lazy.nbytes)
     module.load_state_dict(loaded, strict=True, assign=True)
-    log.info("loaded %s tensors=%d bytes=%d lora=%s", path, len(loaded), total, lora)
+    log.info("loaded %s tensors=%d bytes=%d lora_deltas=%d", path, len(loaded), total, len(deltas))
 
 
 def read_state_dict(path: Path | str, *, prefer: str | None = None) -> dict[str, Tensor]:
@@ -260,33 +261,3 @@ def check_keys(expected: Mapping[str, Any], found: Mapping[str, Any], path: Path
         problems.append(f"shape mismatch ({len(misshaped)}): {'; '.join(misshaped[:10])}")
     if problems:
         raise CheckpointError(f"{path}: does not match the model: " + " | ".join(problems))
-
-
-def read_lora(path: Path | str, expected: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
-    """PEFT LoRA → {weight name: scale·B·A} (fp32). `scale` is α/r (1.0 for LongLive/MemFlow: rank 256, α 256)."""
-    tensors = read_checkpoint(path)
-    pairs: dict[str, dict[str, Tensor]] = {}
-    for raw, lazy in tensors.items():
-        name = strip_prefixes(raw).replace(".default", "")
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}.weight"
-            if name.endswith(marker):
-                pairs.setdefault(name[: -len(marker)] + ".weight", {})[part] = lazy.load().float()
-    if not pairs:
-        raise CheckpointError(f"{path}: no lora_A/lora_B tensors found")
-    deltas = {}
-    for name, pair in pairs.items():
-        if name not in expected or set(pair) != {"lora_A", "lora_B"}:
-            raise CheckpointError(f"{path}: LoRA for {name!r} does not match the model (or lacks A or B)")
-        lora_a, lora_b = pair["lora_A"], pair["lora_B"]
-        if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_b.shape[1] != lora_a.shape[0]:  # else matmul fails unnamed
-            raise CheckpointError(
-                f"{path}: LoRA for {name}: lora_B {list(lora_b.shape)} and lora_A {list(lora_a.shape)} differ in rank"
-            )
-        delta = scale * lora_b @ lora_a
-        if tuple(delta.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"{path}: LoRA for {name} gives {list(delta.shape)}, weight is {list(expected[name].shape)}"
-            )
-        deltas[name] = delta
-    return deltas

@@ -135,7 +135,8 @@ class RMSNorm(nn.Module):
 
 def compute_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype a Linear computes in: its weight's, unless it stores narrower weights and says so (`Fp8Linear`)."""
-    return getattr(layer, "compute_dtype", layer.weight.dtype)
+    dtype = getattr(layer, "compute_dtype", None)  # not getattr's default: a wrapped Linear has no `.weight`
+    return dtype if dtype is not None else layer.weight.dtype
 
 
 def linear(layer: nn.Module, x: Tensor) -> Tensor:
@@ -378,14 +379,15 @@ def load_dit(
     lora=None,
     lora_scale: float = 1.0,
 ) -> WanDiT:
-    """Build on the meta device and load a checkpoint into it (serve/models/checkpoint.py), streaming."""
+    """Build on the meta device and load a checkpoint into it (serve/models/checkpoint.py), streaming; a LoRA file
+    (`lora`, e.g. LongLive's built-in one) is merged into the weights as they load, at `lora_scale`."""
     from serve.models.checkpoint import load_checkpoint
+    from serve.models.lora import match_model, merged_weights, read_lora_file
 
     with torch.device("meta"):
         model = WanDiT(config)
-    load_checkpoint(
-        model, path, dtype=dtype, device=device, prefer=prefer, keep_fp32=keep_in_fp32, lora=lora, lora_scale=lora_scale
-    )
+    deltas = merged_weights([(match_model(read_lora_file(lora), model), lora_scale)]) if lora is not None else None
+    load_checkpoint(model, path, dtype=dtype, device=device, prefer=prefer, keep_fp32=keep_in_fp32, deltas=deltas)
     model.rope = RotaryEmbedding(config.head_dim).to(device)  # non-persistent: rebuilt, never in checkpoints
     return model.eval()
 

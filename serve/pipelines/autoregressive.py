@@ -33,19 +33,34 @@ from serve.models.autoencoder import ChunkStepFn, StreamingAutoencoder, make_vae
 from serve.models.dit import ROPE_MAX_POSITIONS
 from serve.models.fp8 import store_dit_in_fp8
 from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, TextKVCache
+from serve.models.lora import RuntimeLoras
 from serve.models.prompts import PromptTransition
 from serve.models.scheduler import FlowMatchScheduler
 from serve.pipelines.base import Pipeline, PipelineStream, ProgressFn
 from serve.pipelines.cache_policies import CachePolicy, EmaSinkPolicy, MemoryBankPolicy, RecomputePolicy
+from serve.pipelines.loras import (
+    attach_runtime,
+    check_lora_scales,
+    merge_user_loras,
+    merged_lora_key,
+    requested_loras,
+)
 from serve.pipelines.policies import NoiseController
 from serve.pipelines.spec import PipelineSpec
-from serve.pipelines.weights import Models, load_weights, random_models
+from serve.pipelines.weights import LORA_SCALE, Models, load_weights, random_models
 from serve.runtime.backends import DiTStep, select_backend
 from serve.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
 VAE_DTYPE = torch.float32  # the streams run the VAE in fp32 on every device; its engines are fp32 builds
+
+
+def builtin_lora(models: Models) -> list[dict[str, Any]]:
+    """The pipeline's own LoRA (LongLive, MemFlow) as the status lists it: merged at load, first of all."""
+    if models.builtin_lora is None:
+        return []
+    return [{"path": str(models.builtin_lora), "scale": LORA_SCALE, "merge_mode": "permanent_merge", "builtin": True}]
 
 
 def load_vae_model(models: Models, device: torch.device, seed: int) -> torch.nn.Module:
@@ -138,6 +153,7 @@ class AutoregressiveStream(PipelineStream):
         self.frame = 0  # absolute latent frame of the next chunk
         self.recaches = 0  # prompt-switch re-cache passes run (LongLive, MemFlow)
         self._noise_key: tuple | None = None
+        self.lora_scales = dict(pipeline.runtime_lora_scales)  # this session's runtime LoRA scales, by path
 
     def reset(self) -> None:
         self.cache.reset()
@@ -180,6 +196,7 @@ class AutoregressiveStream(PipelineStream):
         self._manage_cache(params)
         if policy.absolute_positions and self.frame + chunk > ROPE_MAX_POSITIONS:  # the RoPE table ends at 1024
             self.reset()
+        self._apply_lora_scales(params)
         jumped = self.conditioning.update(params)
         if jumped and self.frame > 0 and policy.recache_on_prompt_switch:
             self._recache()
@@ -225,6 +242,16 @@ class AutoregressiveStream(PipelineStream):
         self.frame += chunk
         return ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
+    def _apply_lora_scales(self, params: dict[str, Any]) -> None:
+        """The session's runtime LoRA scales, set on the pipeline's shared adapters before its chunk (streams of
+        one pipeline take turns on the worker). The KV cache is kept: the history made at the old scale leaves the
+        attention window over the next chunks; `reset_cache` in the same update restarts instead."""
+        if self.p.runtime_loras is None:
+            return
+        for item in params.get("lora_scales") or ():
+            self.lora_scales[item["path"]] = item["scale"]
+        self.p.runtime_loras.set_scales(self.lora_scales)
+
     def _recache(self) -> None:
         """LongLive's KV re-cache: the cached window's clean latents run once more at t = 0 with the new prompt."""
         plan = self.policy.recache_plan(self.frame)
@@ -249,6 +276,8 @@ class AutoregressivePipeline(Pipeline):
         self.vae_model = load_vae_model(models, device, seed=int(load_params.get("seed", 0)))
         self.vae_steps: dict[str, ChunkStepFn | None] = {"encode": None, "decode": None}  # None: the model's own
         self.scheduler = FlowMatchScheduler(self.shape.shift)
+        self.runtime_lora_scales: dict[str, float] = {}  # path → load scale of each runtime_peft LoRA
+        self.runtime_loras: RuntimeLoras | None = None
 
     @classmethod
     def load(cls, spec: PipelineSpec, load_params: dict[str, Any], *, report: ProgressFn, **context: Any) -> Pipeline:
@@ -256,8 +285,8 @@ class AutoregressivePipeline(Pipeline):
         quantization = load_params.get("quantization")
         if quantization not in (None, "fp8_e4m3fn"):
             raise PipelineLoadError(f"{spec.id}: quantization {quantization!r} is not supported; null or fp8_e4m3fn")
-        if load_params.get("vace_enabled") or load_params.get("loras"):
-            raise PipelineLoadError(f"{spec.id}: VACE and user LoRAs are not built yet; load without them")
+        if load_params.get("vace_enabled"):
+            raise PipelineLoadError(f"{spec.id}: VACE is not built yet; load without it")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if load_params.get("random_weights"):
@@ -267,13 +296,20 @@ class AutoregressivePipeline(Pipeline):
                 spec, load_params, Path(context["models_dir"]), dit_config=cls.shape.dit_config,
                 prefer=cls.shape.checkpoint_prefer, device=device, dtype=dtype, report=report,
             )  # fmt: skip
-        # The backend is chosen on the weights as loaded (the hash an fp8 TensorRT engine was built from), before
-        # the eager path's own fp8 storage below.
+        lora_dir = Path(context.get("lora_dir") or ServerSettings().lora_folder)
+        if requested_loras(load_params):
+            report("LoRAs", 0.8)
+        user_loras = merge_user_loras(models.dit, requested_loras(load_params), lora_dir, spec.id)
+        # The backend is chosen on the weights as loaded and merged (the hash an fp8 TensorRT engine was built from),
+        # before the eager path's own fp8 storage below.
         report("model step backend", 0.85)
         pipeline = cls(spec, load_params, models, device, dtype)
+        pipeline.lora_adapters = (*builtin_lora(models), *user_loras.adapters)
+        pipeline.runtime_lora_scales = user_loras.runtime_scales
         key = dit_step_key(
             spec.id, pipeline.height, pipeline.width, cls.shape.chunk_latents, cls.shape.cache_frames,
             models.dit.config.text_len, "fp8" if quantization else precision_of(dtype), "aoti",
+            merged_loras=merged_lora_key(requested_loras(load_params)),
         )  # fmt: skip
         engines_dir = Path(context.get("engines_dir") or ServerSettings().engines_dir)
         pipeline.step, pipeline.backend, pipeline.backend_reason = select_backend(
@@ -285,6 +321,7 @@ class AutoregressivePipeline(Pipeline):
         if quantization == "fp8_e4m3fn":  # fp8 weight storage; fp8 GEMMs where the GPU has them (serve/models/fp8.py)
             report("fp8 weights", 0.9)
             store_dit_in_fp8(models.dit, dtype)
+        pipeline.runtime_loras = attach_runtime(models.dit, user_loras)  # beside fp8-stored weights too
         report("ready", 1.0)
         return pipeline
 
@@ -306,7 +343,12 @@ class AutoregressivePipeline(Pipeline):
         probe = self.make_policy(KVCacheSpec(1, 1, 1, 2, 1, self.shape.cache_frames))  # only the policy's kind matters
         if not probe.keys_rotated_at_write:
             return f"{self.spec.id} re-rotates cached keys per chunk (window-relative RoPE); engines store rotated keys"
+        if self.runtime_lora_scales:
+            return "runtime_peft LoRAs steer their scale per chunk; engines hold fixed weights (merge them instead)"
         return None
+
+    def check_update(self, update: dict[str, Any]) -> None:
+        check_lora_scales(update, tuple(self.runtime_lora_scales))
 
     def open_stream(self, seed: int) -> PipelineStream:
         return AutoregressiveStream(self, seed)

@@ -47,6 +47,8 @@ class Pipeline(ABC):
     """Every step component's choice, `{"dit_step" | "vae_encode" | "vae_decode": {"backend", "reason"}}`; the
     DiT's is also `backend` / `backend_reason` above."""
     random_weights: bool = False
+    lora_adapters: tuple[dict[str, Any], ...] = ()
+    """The LoRAs in the weights or beside them (path, scale, merge_mode, ...): the status' `loaded_lora_adapters`."""
     text_fps: float = 16.0
     """Playout rate of text-mode output (Wan's sample rate); video mode keeps the input's timestamps."""
 
@@ -57,6 +59,10 @@ class Pipeline(ABC):
 
     @abstractmethod
     def open_stream(self, seed: int) -> PipelineStream: ...
+
+    def check_update(self, update: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Checks of a validated runtime update that need the loaded pipeline (e.g. its LoRAs); raises
+        InvalidParameters."""
 
     def close(self) -> None:  # noqa: B027 - optional hook: pipelines without device memory have nothing to free
         """Release device memory; idempotent."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from serve.errors import PipelineBusy, PipelineLoadError, PipelineNotLoaded, PipelineUnavailable
 from serve.pipelines.base import Pipeline
+from serve.pipelines.loras import check_requests, requested_loras
 from serve.pipelines.registry import PIPELINES, get_spec
 from serve.pipelines.worker import PipelineWorker
 from serve.schemas import LoadParams, PipelineStatus
@@ -24,9 +25,11 @@ StopSessionsFn = Callable[[str], Awaitable[None]]
 
 
 class PipelineManager:
-    def __init__(self, *, models_dir: Path, allow_random_weights: bool, engines_dir: Path | None = None) -> None:
+    def __init__(self, *, models_dir: Path, allow_random_weights: bool, engines_dir: Path | None = None,
+                 lora_dir: Path | None = None) -> None:  # fmt: skip
         self.models_dir = models_dir
         self.engines_dir = engines_dir
+        self.lora_dir = lora_dir if lora_dir is not None else models_dir / "lora"
         self.allow_random_weights = allow_random_weights
         self.pipeline: Pipeline | None = None
         self.worker: PipelineWorker | None = None
@@ -58,6 +61,7 @@ class PipelineManager:
                 + ", ".join(pid for pid, other in PIPELINES.items() if other.available)
             )
         load_params = spec.effective_load_params(params, allow_random_weights=self.allow_random_weights)
+        check_requests(requested_loras(load_params), self.lora_dir)  # a bad LoRA path is a 400 now, not a load error
         if self._load_task is not None and not self._load_task.done():
             raise PipelineBusy(
                 f"pipeline {self._status.pipeline_id!r} is loading; wait for it, or POST /api/v1/pipeline/unload"
@@ -87,7 +91,12 @@ class PipelineManager:
         loading = loop.run_in_executor(
             None,
             lambda: spec.resolve_factory().load(
-                spec, load_params, report=report, models_dir=self.models_dir, engines_dir=self.engines_dir
+                spec,
+                load_params,
+                report=report,
+                models_dir=self.models_dir,
+                engines_dir=self.engines_dir,
+                lora_dir=self.lora_dir,
             ),
         )
         try:
@@ -115,6 +124,7 @@ class PipelineManager:
             backend_reason=pipeline.backend_reason,
             backends=pipeline.backends,
             random_weights=pipeline.random_weights,
+            loaded_lora_adapters=list(pipeline.lora_adapters),
         )
         log.info("pipeline=%s loaded backend=%s", pipeline_id, pipeline.backend)
 

@@ -44,7 +44,6 @@ def _model_spec(
     extra_runtime: dict | None = None,
     factory: str | None = None,
     quantization: str | None = None,
-    lora: bool = False,
 ) -> PipelineSpec:
     # `warp_steps`: whether the original repo feeds its step list warped (models.md §2); the default here too.
     step_defaults = {"denoising_step_list": steps, "warp_denoising_steps": warp_steps}
@@ -74,7 +73,7 @@ def _model_spec(
         },
         runtime_defaults=runtime_defaults,
         load_fields=MODEL_LOAD_FIELDS,
-        runtime_fields=COMMON_RUNTIME_FIELDS | set(extra_runtime or {}) | ({"lora_scales"} if lora else set()),
+        runtime_fields=COMMON_RUNTIME_FIELDS | set(extra_runtime or {}) | {"lora_scales"},
         estimated_vram_gb=vram_gb,
         supports_vace=True,
         supports_lora=True,
@@ -142,7 +141,6 @@ PIPELINES: dict[str, PipelineSpec] = {
                 ModelFile("Efficient-Large-Model/LongLive-1.3B", "models/lora.pt"),
             ),
             vram_gb=20,
-            lora=True,
             factory="serve.pipelines.autoregressive:LongLivePipeline",
         ),
         _model_spec(
@@ -173,7 +171,6 @@ PIPELINES: dict[str, PipelineSpec] = {
             warp_steps=True,
             files=(ModelFile("KlingTeam/MemFlow", "base.pt"), ModelFile("KlingTeam/MemFlow", "lora.pt")),
             vram_gb=20,
-            lora=True,
             factory="serve.pipelines.autoregressive:MemFlowPipeline",
         ),
         _model_spec(

@@ -1,12 +1,14 @@
 // wanrt studio: choose and load a pipeline, stream webcam / file / nothing, steer prompts and parameters live.
 import { api, uploadAsset } from "./api.js";
 import { check, el, makeControl } from "./form.js";
+import { readLoras, renderAdapters, renderLoraFolder } from "./loras.js";
 import { startSession } from "./stream.js";
 
 const $ = (id) => document.getElementById(id);
 
 // Runtime fields that have their own UI (or are set by the input choice) rather than a generated control.
-const CUSTOM_RUNTIME = new Set(["input_mode", "prompts", "transition", "vace_ref_images"]);
+const CUSTOM_RUNTIME = new Set(["input_mode", "prompts", "transition", "vace_ref_images", "lora_scales"]);
+const CUSTOM_LOAD = new Set(["loras"]); // the LoRA folder list (loras.js)
 const SEND_DEBOUNCE_MS = 80;
 
 const state = {
@@ -98,6 +100,7 @@ function selectPipeline(id) {
   if (radio) radio.checked = true;
   const p = state.schemas[id];
   buildLoadForm(p);
+  renderLoraFolder(p);
   buildRuntimeControls(p);
   if (!state.session) $("input-source").value = p.default_mode === "text" ? "none" : "webcam";
   updateFileField();
@@ -111,6 +114,7 @@ function buildLoadForm(p) {
   state.loadControls = [];
   const skipped = [];
   for (const [name, prop] of Object.entries(root.properties || {})) {
+    if (CUSTOM_LOAD.has(name)) continue;
     const control = makeControl(name, prop, root, { mode: "load" });
     if (!control) {
       skipped.push(name);
@@ -159,6 +163,8 @@ function readLoadParams() {
     const value = control.read();
     if (value !== undefined) params[control.name] = value;
   }
+  const loras = readLoras();
+  if (loras.length) params.loras = loras;
   return params;
 }
 
@@ -170,6 +176,7 @@ function showLoadError(message) {
 
 function renderPipelineStatus(s) {
   state.pipelineStatus = s;
+  renderAdapters(s, queueUpdate);
   const stage = s.loading_stage ? ` (${s.loading_stage})` : "";
   const who = s.pipeline_id ? `${s.pipeline_id}: ` : "";
   $("load-state-text").textContent = `${who}${s.status.replace("_", " ")}${stage}${s.backend ? ` · ${s.backend}` : ""}`;

@@ -174,7 +174,9 @@ class PeerSession:
             raise InvalidParameters(f"invalid parameters: {exc}") from None
         except msgspec.DecodeError as exc:
             raise InvalidRequest(f"not a JSON object: {exc}") from None
-        return self.spec.validate_update(params, self._assets_dir)
+        update = self.spec.validate_update(params, self._assets_dir)
+        self.pipeline.check_update(update)
+        return update
 
     def send(self, message: dict[str, Any]) -> bool:
         channel = self.channel

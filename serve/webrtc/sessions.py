@@ -44,7 +44,9 @@ class SessionManager:
             if name in load_params:
                 params[name] = load_params[name]
         if offer.initialParameters is not None:
-            params.update(pipeline.spec.validate_update(offer.initialParameters, self._assets_dir))
+            update = pipeline.spec.validate_update(offer.initialParameters, self._assets_dir)
+            pipeline.check_update(update)
+            params.update(update)
 
         session = PeerSession(
             uuid.uuid4().hex,

@@ -16,13 +16,19 @@ PROMPT_A = [{"text": "a cat and a dog playing in the snow", "weight": 1.0}]
 PROMPT_B = [{"text": "anime style portrait of a person", "weight": 1.0}]
 
 
-def open_stream(pipeline_id: str, seed: int = 0) -> tuple[AutoregressiveStream, dict]:
-    """A stream of the pipeline with seeded random weights, and its runtime defaults in text mode with PROMPT_A."""
+def open_stream(
+    pipeline_id: str, seed: int = 0, *, lora_dir: Path | None = None, **load: object
+) -> tuple[AutoregressiveStream, dict]:
+    """A stream of the pipeline with seeded random weights, and its runtime defaults in text mode with PROMPT_A.
+    `load` adds load parameters (e.g. `loras`, named inside `lora_dir`)."""
     spec = get_spec(pipeline_id)
     load_params = spec.effective_load_params(
-        LoadParams(height=SIZE, width=SIZE, random_weights=True, quantization=None), allow_random_weights=True
+        LoadParams(**{"height": SIZE, "width": SIZE, "random_weights": True, "quantization": None, **load}),  # type: ignore[arg-type]
+        allow_random_weights=True,
     )
-    pipeline = spec.resolve_factory().load(spec, load_params, report=lambda *_: None, models_dir=Path("/nonexistent"))
+    pipeline = spec.resolve_factory().load(
+        spec, load_params, report=lambda *_: None, models_dir=Path("/nonexistent"), lora_dir=lora_dir
+    )
     params = {**spec.runtime_defaults, "input_mode": "text", "prompts": PROMPT_A}
     stream = pipeline.open_stream(seed)
     assert isinstance(stream, AutoregressiveStream)
