@@ -254,7 +254,9 @@ def test_the_lora_folder_is_listed_with_rank_base_model_and_sha256(lora_server: 
         (lora_dir / "broken.safetensors").unlink()
 
 
-async def test_load_stream_and_steer_a_runtime_lora_through_the_server(lora_server: RunningServer) -> None:
+async def test_load_stream_and_steer_a_runtime_lora_through_the_server(
+    lora_server: RunningServer, lora_dir: Path
+) -> None:
     style = "styles/comfy.safetensors"
     status = load_pipeline(
         lora_server.url, "longlive", height=64, width=64, random_weights=True, lora_merge_mode="runtime_peft",
@@ -293,6 +295,14 @@ async def test_load_stream_and_steer_a_runtime_lora_through_the_server(lora_serv
         )
         assert response.status_code == 422 and needle in response.json()["detail"], response.text  # fmt: skip
         assert str(lora_server.log_path.parent) not in response.text
+    (lora_dir / "bad.safetensors").write_bytes(b"\x00" * 64)  # a file in the folder that is no safetensors
+    try:
+        status = load_pipeline(lora_server.url, "longlive", height=64, width=64, random_weights=True,
+                               loras=[{"path": "bad.safetensors"}])  # fmt: skip
+    finally:
+        (lora_dir / "bad.safetensors").unlink()
+    assert status["status"] == "error" and "bad.safetensors" in status["error"], status
+    assert str(lora_dir) not in status["error"]
     assert httpx.get(f"{lora_server.url}/health", timeout=5).status_code == 200
 
 
