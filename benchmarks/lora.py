@@ -3,23 +3,27 @@
     python -m benchmarks.lora                       # tiny config on CPU
     python -m benchmarks.lora --config wan2.1-1.3b  # on CUDA: the real 1.3B at LongLive's chunk, bf16
 
-A chunk is (steps + 1) of these steps, so the step's overhead is the chunk's. All rows run in one process, one
-after the other, on the same inputs (these machines are noisy: compare within one run). Every block Linear carries
-each adapter, as LongLive-style LoRAs do; rank is `--rank` per adapter.
+    python -m benchmarks.lora --config wan2.1-1.3b --layers 4 --height 128 --width 128 --dtype fp32   # CPU, real width
+
+A chunk is (steps + 1) of these steps, so the step's overhead is the chunk's. The rows run in one process on the
+same inputs, timed in turn round after round, each row's best round kept (these machines are noisy). Every block
+Linear carries each adapter, as LongLive-style LoRAs do; rank is `--rank` per adapter. On a CPU the tiny config's
+steps are too short to time against a busy machine: `--layers` keeps the real width with fewer blocks.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.model_step import SHAPES, Shape
+from benchmarks.model_step import SHAPES, Shape, step_tflop
 from benchmarks.timing import time_ms
 from serve.models.checkpoint import LazyTensor
-from serve.models.dit import DIT_CONFIGS, WanDiT
+from serve.models.dit import DIT_CONFIGS, DiTConfig, WanDiT
 from serve.models.kv_cache import KVCache, KVCacheSpec, RollingSinkPolicy
 from serve.models.lora import LoraAdapter, LoraLayer, attach_runtime_loras
 
@@ -44,9 +48,16 @@ def random_adapter(model: WanDiT, rank: int, seed: int) -> LoraAdapter:
     return LoraAdapter(None, layers)  # type: ignore[arg-type]
 
 
-def build_model(config_name: str, device: torch.device, dtype: torch.dtype) -> WanDiT:
+def lora_targets(config: DiTConfig) -> list[torch.nn.Linear]:
+    """The Linears of one model of `config` that the adapters sit on (built on meta: shapes only)."""
+    with torch.device("meta"):
+        model = WanDiT(config)
+    return [model.get_submodule(f"blocks.{i}.{n}") for i in range(config.num_layers) for n in BLOCK_LINEARS]
+
+
+def build_model(config: DiTConfig, device: torch.device, dtype: torch.dtype) -> WanDiT:
     torch.manual_seed(0)
-    model = WanDiT(DIT_CONFIGS[config_name]).to(device).eval()
+    model = WanDiT(config).to(device).eval()
     for name, param in model.named_parameters():  # Linears in `dtype`, the fp32 parts stay fp32 (as loaded)
         if param.dim() == 2 and "time_" not in name:
             param.data = param.data.to(dtype)
@@ -54,9 +65,9 @@ def build_model(config_name: str, device: torch.device, dtype: torch.dtype) -> W
 
 
 @torch.no_grad()
-def bench(config_name: str, shape: Shape, rank: int, device: torch.device, dtype: torch.dtype, iters: int):
-    """[(adapters, ms/step)]: a fresh model of the same weights per row, the adapters attached as one load would."""
-    config = DIT_CONFIGS[config_name]
+def bench(config: DiTConfig, shape: Shape, rank: int, device: torch.device, dtype: torch.dtype, iters: int):
+    """[(adapters, ms/step)]: one model of the same weights per row (adapters attached as one load would), timed in
+    turn, round after round, each row's best round kept: a noisy neighbour slows all rows alike or none."""
     frame_tokens = (shape.height // 16) * (shape.width // 16)
     spec = KVCacheSpec(config.num_layers, 1, config.num_heads, config.head_dim, frame_tokens, shape.cache_frames)
     cache = KVCache(spec, dtype, device)
@@ -66,17 +77,17 @@ def bench(config_name: str, shape: Shape, rank: int, device: torch.device, dtype
     latents = torch.randn(1, 16, shape.chunk_frames, shape.height // 8, shape.width // 8, device=device)
     timestep = torch.full((1, shape.chunk_frames), 750.0, device=device)
     context = torch.randn(1, config.text_len, config.text_dim, device=device)
-    rows = []
+    rows = {}
     for count in (0, 1, 4):
-        model = build_model(config_name, device, dtype)
+        model = build_model(config, device, dtype)
         if count:
-            adapters = [(f"lora{i}", random_adapter(model, rank, seed=i), 1.0) for i in range(count)]
-            attach_runtime_loras(model, adapters)
+            attach_runtime_loras(model, [(f"lora{i}", random_adapter(model, rank, seed=i), 1.0) for i in range(count)])
         args = (latents, timestep, model.text_kv(context), cache.k, cache.v, *plan.as_args())
-        label = f"{count} runtime" if count else "none (or merged)"
-        rows.append((label, time_ms(lambda model=model, args=args: model.step(*args), device, 2, iters)))
-        del model
-    return rows
+        rows[f"{count} runtime" if count else "none (or merged)"] = (model, args, [])
+    for _ in range(iters):
+        for model, args, samples in rows.values():
+            samples.append(time_ms(lambda model=model, args=args: model.step(*args), device, 1, 1))
+    return [(label, min(samples)) for label, (_, _, samples) in rows.items()]
 
 
 def main() -> None:
@@ -87,21 +98,31 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16" if cuda else "fp32")
     parser.add_argument("--rank", type=int, help="per adapter; default 32 (2 on the 64-wide tiny config: same ratio)")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--layers", type=int, help="blocks of the model (default: all)")
+    parser.add_argument("--height", type=int, help="default: 512 (128 for the tiny config)")
+    parser.add_argument("--width", type=int)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     rank = args.rank or (2 if args.config == "tiny" else 32)
     shape = SHAPES[1]  # LongLive's chunk: 3 latent frames at 512², 12 attended
-    if args.config == "tiny":
-        shape = Shape(shape.pipeline, 128, 128, shape.chunk_frames, shape.cache_frames, shape.sink_frames)
-    rows = bench(args.config, shape, rank, device, dtype, args.iters)
+    side = 128 if args.config == "tiny" else shape.height
+    shape = replace(shape, height=args.height or side, width=args.width or args.height or side)
+    config = DIT_CONFIGS[args.config]
+    config = replace(config, num_layers=args.layers or config.num_layers)
+    rows = bench(config, shape, rank, device, dtype, args.iters)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    table = Table(title=f"DiT step with runtime LoRAs: {args.config} {shape.height}×{shape.width}, rank "
-                        f"{rank}, {args.dtype}, {gpu}")  # fmt: skip
-    for column in ("adapters", "ms/step", "overhead"):
+    table = Table(title=f"DiT step with runtime LoRAs: {args.config} ({config.num_layers} blocks) {shape.height}×"
+                        f"{shape.width}, rank {rank}, {args.dtype}, {gpu}")  # fmt: skip
+    for column in ("adapters", "ms/step", "time added"):
         table.add_column(column, justify="left" if column == "adapters" else "right")
+    table.add_column("FLOP added")
     base = rows[0][1]
-    for name, ms in rows:
-        table.add_row(name, f"{ms:.2f}", f"{100 * (ms / base - 1):+.1f} %")
+    step_flop = step_tflop(config, shape) * 1e12
+    tokens = shape.chunk_frames * (shape.height // 16) * (shape.width // 16)
+    per_rank = sum(2 * tokens * (m.in_features + m.out_features) for m in lora_targets(config))  # FLOP per rank
+    for (name, ms), count in zip(rows, (0, 1, 4), strict=True):
+        added = count * rank * per_rank / step_flop
+        table.add_row(name, f"{ms:.2f}", f"{100 * (ms / base - 1):+.1f} %", f"{100 * added:+.1f} %")
     Console(width=120).print(table)
 
 
