@@ -23,12 +23,9 @@ from rich.table import Table
 from benchmarks.model_step import SHAPES, Shape, step_tflop
 from benchmarks.timing import time_ms
 from serve.models.checkpoint import LazyTensor
-from serve.models.dit import DIT_CONFIGS, DiTConfig, WanDiT
+from serve.models.dit import BLOCK_LINEARS, DIT_CONFIGS, DiTConfig, WanDiT
 from serve.models.kv_cache import KVCache, KVCacheSpec, RollingSinkPolicy
 from serve.models.lora import LoraAdapter, LoraLayer, attach_runtime_loras
-
-BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
-                 "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")  # fmt: skip
 
 
 def random_adapter(model: WanDiT, rank: int, seed: int) -> LoraAdapter:

@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROPE_MAX_POSITIONS = 1024  # the reference's table length: absolute frame positions stay below this
+# Every nn.Linear of a DiTBlock, by its name in the block: what LongLive-style LoRAs target (models.md §3.2).
+BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                 "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")  # fmt: skip
 ROPE_THETA = 10000.0
 
 
