@@ -60,7 +60,7 @@ def builtin_lora(models: Models) -> list[dict[str, Any]]:
     """The pipeline's own LoRA (LongLive, MemFlow) as the status lists it: merged at load, first of all."""
     if models.builtin_lora is None:
         return []
-    return [{"path": str(models.builtin_lora), "scale": LORA_SCALE, "merge_mode": "permanent_merge", "builtin": True}]
+    return [{"path": models.builtin_lora, "scale": LORA_SCALE, "merge_mode": "permanent_merge", "builtin": True}]
 
 
 def load_vae_model(models: Models, device: torch.device, seed: int) -> torch.nn.Module:
@@ -296,10 +296,10 @@ class AutoregressivePipeline(Pipeline):
                 spec, load_params, Path(context["models_dir"]), dit_config=cls.shape.dit_config,
                 prefer=cls.shape.checkpoint_prefer, device=device, dtype=dtype, report=report,
             )  # fmt: skip
-        lora_dir = Path(context.get("lora_dir") or ServerSettings().lora_folder)
-        if requested_loras(load_params):
+        loras, lora_dir = requested_loras(load_params), Path(context.get("lora_dir") or ServerSettings().lora_folder)
+        if loras:
             report("LoRAs", 0.8)
-        user_loras = merge_user_loras(models.dit, requested_loras(load_params), lora_dir, spec.id)
+        user_loras = merge_user_loras(models.dit, loras, lora_dir, spec.id)
         # The backend is chosen on the weights as loaded and merged (the hash an fp8 TensorRT engine was built from),
         # before the eager path's own fp8 storage below.
         report("model step backend", 0.85)
@@ -309,7 +309,7 @@ class AutoregressivePipeline(Pipeline):
         key = dit_step_key(
             spec.id, pipeline.height, pipeline.width, cls.shape.chunk_latents, cls.shape.cache_frames,
             models.dit.config.text_len, "fp8" if quantization else precision_of(dtype), "aoti",
-            merged_loras=merged_lora_key(requested_loras(load_params)),
+            merged_loras=merged_lora_key(loras),
         )  # fmt: skip
         engines_dir = Path(context.get("engines_dir") or ServerSettings().engines_dir)
         pipeline.step, pipeline.backend, pipeline.backend_reason = select_backend(

@@ -34,7 +34,7 @@ class Models:
     vae_type: str
     vae_path: Path | None
     vae_size: str | None
-    builtin_lora: Path | None = None  # the pipeline's own LoRA file (LongLive, MemFlow), merged as the DiT loaded
+    builtin_lora: str | None = None  # `repo/path` of the pipeline's own LoRA (LongLive, MemFlow), merged as it loaded
 
 
 # The presets a published file may hold; which one is read from the file's shapes (serve/models/config_detection.py).
@@ -102,7 +102,8 @@ def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Pa
     prompts = PromptEncoder(tokenizer, encoder, output_dtype=dtype, output_device=device)
     vae_size = None if vae_name == "wan" else vae_name
     log.info("pipeline=%s dit=%s text_encoder=%s vae=%s", spec.id, dit_name, text_name, vae_name)
-    return Models(dit, prompts, vae_type, vae_path, vae_size, lora_file.local_path(models_dir) if lora_file else None)
+    builtin_lora = f"{lora_file.repo}/{lora_file.path}" if lora_file else None
+    return Models(dit, prompts, vae_type, vae_path, vae_size, builtin_lora)
 
 
 def _load_tokenizer(spec: PipelineSpec, path: Path, text_path: Path, text_len: int, vocab_size: int) -> UMT5Tokenizer:
