@@ -21,12 +21,15 @@ from litestar.static_files import create_static_files_router
 from serve.api.assets import AssetController
 from serve.api.models import ModelsController
 from serve.api.pipeline import PipelineController
+from serve.api.recordings import RecordingController
+from serve.api.sessions import SessionController
 from serve.api.system import SystemController
 from serve.api.webrtc import WebRTCController
 from serve.assets import AssetStore
 from serve.errors import WanrtError
 from serve.hub import HubDownloads
 from serve.pipelines.manager import PipelineManager
+from serve.recording import RecordingStore
 from serve.schemas import LoadParams
 from serve.settings import ServerSettings
 from serve.webrtc.codecs import configure_codecs
@@ -68,17 +71,23 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
             models_dir=settings.models_dir, engines_dir=settings.engines_dir,
             allow_random_weights=settings.allow_random_weights,
         )  # fmt: skip
-        sessions = SessionManager(pipelines, settings.webrtc, settings.assets.directory)
+        recordings = RecordingStore(settings.recordings)
+        sessions = SessionManager(pipelines, settings.webrtc, settings.assets.directory, recordings)
         models = HubDownloads(settings.models_dir, settings.hub_endpoint)
         app.state.update(
-            pipelines=pipelines, sessions=sessions, assets=AssetStore(settings.assets.directory), models=models
+            pipelines=pipelines,
+            sessions=sessions,
+            assets=AssetStore(settings.assets.directory),
+            models=models,
+            recordings=recordings,
         )
         if settings.preload_pipeline:
             await pipelines.load(settings.preload_pipeline, LoadParams())
         try:
             yield
         finally:
-            await sessions.stop_all("server shutting down")
+            await sessions.stop_all("server shutting down")  # each session's recording is completed as it ends
+            await asyncio.to_thread(recordings.close)
             await asyncio.to_thread(models.close)  # stops downloads at their next chunk; partial files stay
             await pipelines.close()
 
@@ -86,6 +95,8 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
         route_handlers=[
             PipelineController,
             WebRTCController,
+            SessionController,
+            RecordingController,
             AssetController,
             ModelsController,
             SystemController,

@@ -8,8 +8,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from serve.errors import CapacityExceeded, InvalidRequest, UnknownSession
+import msgspec
+
+from serve.errors import CapacityExceeded, InvalidRequest, RecordingConflict, UnknownSession
 from serve.pipelines.manager import PipelineManager
+from serve.recording import Recorder, RecordingStore
 from serve.schemas import Answer, IceCandidate, Offer
 from serve.settings import WebRTCSettings
 from serve.webrtc.session import PeerSession
@@ -18,8 +21,11 @@ log = logging.getLogger(__name__)
 
 
 class SessionManager:
-    def __init__(self, pipelines: PipelineManager, settings: WebRTCSettings, assets_dir: Path) -> None:
+    def __init__(
+        self, pipelines: PipelineManager, settings: WebRTCSettings, assets_dir: Path, recordings: RecordingStore
+    ) -> None:
         self._pipelines = pipelines
+        self.recordings = recordings
         self._settings = settings
         self._assets_dir = assets_dir
         self._sessions: dict[str, PeerSession] = {}
@@ -42,8 +48,11 @@ class SessionManager:
         params = {**pipeline.spec.runtime_defaults}
         if "denoising_step_list" in load_params:
             params["denoising_step_list"] = load_params["denoising_step_list"]
+        record = False
         if offer.initialParameters is not None:
-            params.update(pipeline.spec.validate_update(offer.initialParameters, self._assets_dir))
+            record = offer.initialParameters.recording is True
+            runtime = msgspec.structs.replace(offer.initialParameters, recording=msgspec.UNSET)
+            params.update(pipeline.spec.validate_update(runtime, self._assets_dir))
 
         session = PeerSession(
             uuid.uuid4().hex,
@@ -53,6 +62,7 @@ class SessionManager:
             seed=int(load_params.get("seed", 42)),
             settings=self._settings,
             assets_dir=self._assets_dir,
+            recordings=self.recordings,
             on_closed=self._forget,
         )
         self._starting += 1
@@ -64,6 +74,8 @@ class SessionManager:
         finally:
             self._starting -= 1
         self._sessions[session.id] = session
+        if record:
+            session.start_recording()
         return Answer(sdp=answer.sdp, type=answer.type, sessionId=session.id)
 
     def get(self, session_id: str) -> PeerSession:
@@ -77,6 +89,20 @@ class SessionManager:
 
     async def close(self, session_id: str) -> None:
         await self.get(session_id).close()
+
+    def start_recording(self, session_id: str) -> Recorder:
+        return self.get(session_id).start_recording()
+
+    async def stop_recording(self, session_id: str) -> Recorder:
+        session = self._sessions.get(session_id)
+        if session is None:
+            if self.recordings.has_recordings(session_id):
+                raise RecordingConflict(
+                    f"session {session_id} is not recording: it ended, and that stopped its recording"
+                )
+            self.get(session_id)  # raises UnknownSession
+        assert session is not None
+        return await session.stop_recording()
 
     async def stop_all(self, reason: str) -> None:
         sessions = list(self._sessions.values())
