@@ -290,6 +290,8 @@ class RecordingStore:
         recorder = self._recorders.get(recording_id)
         if recorder is not None and recorder.active:
             raise RecordingConflict(f"recording {recording_id} is still being written; stop it first")
+        if recorder is not None and recorder.frames == 0:
+            raise UnknownRecording(f"recording {recording_id} holds no frames: the session sent none while it ran")
         path = (self.directory / f"{recording_id}.mp4").resolve()
         if path.parent != self.directory or not path.is_file():
             raise UnknownRecording(f"no recording {recording_id!r}; it was removed or never existed")

@@ -7,6 +7,8 @@ import asyncio
 import io
 import itertools
 import os
+import subprocess
+import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -282,3 +284,13 @@ async def test_a_recording_past_the_cap_on_its_own_stops_itself(tmp_path: Path) 
     assert store.active("f" * 32) is None
     with av.open(str(recorder.path)) as container:  # what was written is a playable file
         assert sum(1 for _ in container.decode(video=0)) >= 1
+
+
+def test_the_api_layer_and_the_recorder_do_not_import_torch() -> None:
+    code = (
+        "import importlib, pkgutil, sys, serve.api\n"
+        "for m in pkgutil.iter_modules(serve.api.__path__): importlib.import_module('serve.api.' + m.name)\n"
+        "import serve.recording, serve.webrtc.snapshot\n"
+        "sys.exit('torch' in sys.modules)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
