@@ -222,6 +222,9 @@ class RecordingStore:
         recorder = self._active.get(session_id)
         return recorder if recorder is not None and recorder.active else None
 
+    def active_count(self) -> int:
+        return sum(r.active for r in self._active.values())
+
     def stop(self, session_id: str) -> Recorder:
         """Asks the session's recorder to finish (join it off the event loop); 409 when it is not recording."""
         recorder = self._active.pop(session_id, None)

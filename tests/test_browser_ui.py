@@ -324,7 +324,8 @@ def test_ui_records_the_stream_and_downloads_an_mp4_of_it(page, server: RunningS
     counters = [read_counter(pixels) for _, pixels in frames]
     assert all(0 <= c < clip_frames for c in counters), counters
     steps = [(b - a) % clip_frames for a, b in itertools.pairwise(counters)]
-    assert sum(1 <= s <= 3 for s in steps) >= 0.8 * len(steps), counters  # the clip playing on, loops included
+    # The clip playing on, loops included; captureStream() repeats a frame now and then (a step of 0).
+    assert sum(s <= 3 for s in steps) >= 0.9 * len(steps) and sum(s > 0 for s in steps) >= 0.5 * len(steps), counters
     # A known frame: the clip's frame k, resized as the server resizes input, through VP8 twice and H.264.
     middle = len(frames) // 2
     expected = av.VideoFrame.from_ndarray(draw_counter(counters[middle], 240, 320), format="rgb24")
@@ -397,6 +398,11 @@ def test_ui_plots_follow_the_stats_and_backends_show_their_reasons(page, server:
         assert result["max"] >= max(result["samples"])  # the axis holds every value
     ARTIFACTS.mkdir(exist_ok=True)
     page.locator("#plots").screenshot(path=str(ARTIFACTS / "ui_plots.png"))
+
+    # An update the server rejects comes back as {"type": "error"}, and the page shows it.
+    assert page.evaluate("window.wanrtUI.session.send({noise_scale: 7})")
+    page.wait_for_selector("#alert:not([hidden])", timeout=10_000)
+    assert "Server rejected an update" in page.inner_text("#alert") and "noise_scale" in page.inner_text("#alert")
     page.get_by_role("button", name="Stop stream").click()
     wait_sessions_freed(server)
 
