@@ -269,6 +269,22 @@ async def test_a_full_recorder_queue_drops_from_the_recording_never_from_the_str
         assert sum(1 for _ in container.decode(video=0)) == recorder.frames
 
 
+async def test_a_timeline_jump_continues_the_recording_at_the_last_frame_spacing(tmp_path: Path) -> None:
+    store = RecordingStore(RecordingSettings(directory=tmp_path))
+    recorder = store.start("9" * 32)
+    # 30 fps, then the input restarts (a new track: timestamps from 0 again), then a 10 s leap (a mode switch).
+    pts = [0, 3000, 6000, 0, 3000, 903000, 906000]
+    for i, frame in enumerate(noise_frames(len(pts), 64, 64)):
+        frame.pts = pts[i]
+        recorder.offer(frame)
+        await asyncio.sleep(0.02)  # let the encoder keep up: this test is about time, not drops
+    store.stop("9" * 32)
+    await asyncio.to_thread(recorder.join)
+    assert recorder.frames == len(pts) and recorder.frames_dropped == 0
+    times = [t for t, _ in decode_mp4(recorder.path.read_bytes())]
+    assert times == pytest.approx([i / 30 for i in range(len(pts))], abs=1e-4)
+
+
 async def test_the_folder_cap_removes_the_oldest_finished_recordings_and_nothing_else(tmp_path: Path) -> None:
     folder = tmp_path / "recordings"
     folder.mkdir()

@@ -21,7 +21,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
 
-from serve.errors import InvalidParameters, InvalidRequest
+from serve.errors import InvalidParameters, InvalidRequest, RecordingConflict
 from serve.pipelines.base import Pipeline
 from serve.pipelines.spec import PipelineSpec
 from serve.pipelines.worker import FrameStamp, PipelineWorker, StreamSlot
@@ -282,7 +282,10 @@ class PeerSession:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.output.stop()
         if self._recordings.active(self.id) is not None:
-            await self.stop_recording()  # the recording outlives the session: ending it is a stop
+            # The recording outlives the session: ending it is a stop. It may have just stopped itself (at the
+            # folder's cap), which is no reason to leave the session half closed.
+            with contextlib.suppress(RecordingConflict):
+                await self.stop_recording()
         with contextlib.suppress(Exception):  # closing a half-negotiated connection may raise inside aiortc
             await self.pc.close()
         log.info("session=%s closed reason=%s", self.id, reason or "peer")
