@@ -431,11 +431,18 @@ def test_ui_download_button_fetches_missing_weights_and_load_waits_for_it(browse
             page.check("#pipeline-streamdiffusionv2")
             page.get_by_role("button", name="Download weights for streamdiffusionv2").click()
             assert hub.stalled.wait(timeout=30)
-            page.wait_for_function("document.getElementById('download-progress-streamdiffusionv2').value > 0")
+            # The page polls: wait until it shows the file the hub is holding back (the others are in by then).
+            page.wait_for_function(
+                "name => document.getElementById('download-text-streamdiffusionv2').textContent.includes(name)",
+                arg=last.path,
+            )
             assert page.is_disabled("#download-streamdiffusionv2")
             fraction = page.evaluate("document.getElementById('download-progress-streamdiffusionv2').value")
             assert 0 < fraction < 1
-            assert last.path in page.inner_text("#download-text-streamdiffusionv2")  # the file being fetched
+            entry = page.locator("#pipelines .pipeline:has(#pipeline-streamdiffusionv2)")
+            entry.scroll_into_view_if_needed()
+            ARTIFACTS.mkdir(exist_ok=True)
+            entry.screenshot(path=str(ARTIFACTS / "ui_downloading.png"))
             page.get_by_label("Height").fill("64")
             page.get_by_label("Width").fill("64")
             page.get_by_role("button", name="Load pipeline").click()
@@ -453,8 +460,8 @@ def test_ui_download_button_fetches_missing_weights_and_load_waits_for_it(browse
                 assert file.local_path(tmp_path / "models").read_bytes() == data
             assert "weights present" in page.inner_text("#pipelines .pipeline:has(#pipeline-streamdiffusionv2)")
             assert page.locator("#download-streamdiffusionv2").count() == 0
-            page.evaluate("window.scrollTo(0, 0)")
-            page.screenshot(path=str(ARTIFACTS / "ui_downloaded.png"))
+            entry.scroll_into_view_if_needed()
+            page.locator("aside").screenshot(path=str(ARTIFACTS / "ui_downloaded.png"))
             assert not errors, errors
         finally:
             context.close()

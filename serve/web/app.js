@@ -620,7 +620,7 @@ async function startStream() {
     });
     $("session-id").textContent = state.session.sessionId;
     $("stop-button").disabled = false;
-    if (initialParameters.recording) recordState("Recording from the first frame…");
+    recordState(initialParameters.recording ? "Recording from the first frame…" : "Record saves what is sent from now on.");
     renderRecordButtons();
     // The data channel may have opened (and said so) while the answer was being applied.
     if (state.session.dataChannel.readyState !== "open") info(`Session ${state.session.sessionId} started; connecting…`);
@@ -656,6 +656,8 @@ function teardown(message) {
     const id = state.recording.id;
     state.recording = null;
     settleRecording(id);
+  } else if ($("record-download").hidden) {
+    recordState("Start a stream to record it.");
   }
   renderRecordButtons();
   info(message);
