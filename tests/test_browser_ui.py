@@ -360,6 +360,7 @@ PLOTTED = """key => {
 }"""
 
 
+@pytest.mark.slow  # loads the tiny streamdiffusionv2 (several seconds on a CPU)
 def test_ui_plots_follow_the_stats_and_backends_show_their_reasons(page, server: RunningServer) -> None:
     status = load_pipeline(server.url, "streamdiffusionv2", height=64, width=64, random_weights=True)
     assert status["status"] == "loaded", status
@@ -407,6 +408,7 @@ def test_ui_plots_follow_the_stats_and_backends_show_their_reasons(page, server:
     wait_sessions_freed(server)
 
 
+@pytest.mark.slow  # loads the tiny streamdiffusionv2 (several seconds on a CPU)
 def test_ui_download_button_fetches_missing_weights_and_load_waits_for_it(browser, tmp_path: Path) -> None:
     from tests.support.checkpoints import write_pipeline_files
     from tests.support.local_hub import run_local_hub
