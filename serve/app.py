@@ -22,6 +22,8 @@ from serve.api.assets import AssetController
 from serve.api.loras import LoraController
 from serve.api.models import ModelsController
 from serve.api.pipeline import PipelineController
+from serve.api.recordings import RecordingController
+from serve.api.sessions import SessionController
 from serve.api.system import SystemController
 from serve.api.webrtc import WebRTCController
 from serve.assets import AssetStore
@@ -29,6 +31,7 @@ from serve.errors import WanrtError
 from serve.hub import HubDownloads
 from serve.pipelines.loras import LoraCatalog
 from serve.pipelines.manager import PipelineManager
+from serve.recording import RecordingStore
 from serve.schemas import LoadParams
 from serve.settings import ServerSettings
 from serve.webrtc.codecs import configure_codecs
@@ -71,18 +74,24 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
             allow_random_weights=settings.allow_random_weights,
         )  # fmt: skip
         loras = LoraCatalog(settings.lora_folder)
-        sessions = SessionManager(pipelines, settings.webrtc, settings.assets.directory)
+        recordings = RecordingStore(settings.recordings)
+        sessions = SessionManager(pipelines, settings.webrtc, settings.assets.directory, recordings)
         models = HubDownloads(settings.models_dir, settings.hub_endpoint)
         app.state.update(
-            pipelines=pipelines, sessions=sessions, assets=AssetStore(settings.assets.directory), models=models,
+            pipelines=pipelines,
+            sessions=sessions,
+            assets=AssetStore(settings.assets.directory),
+            models=models,
+            recordings=recordings,
             loras=loras,
-        )  # fmt: skip
+        )
         if settings.preload_pipeline:
             await pipelines.load(settings.preload_pipeline, LoadParams())
         try:
             yield
         finally:
-            await sessions.stop_all("server shutting down")
+            await sessions.stop_all("server shutting down")  # each session's recording is completed as it ends
+            await asyncio.to_thread(recordings.close)
             await asyncio.to_thread(models.close)  # stops downloads at their next chunk; partial files stay
             await pipelines.close()
             loras.close()
@@ -91,6 +100,8 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
         route_handlers=[
             PipelineController,
             WebRTCController,
+            SessionController,
+            RecordingController,
             AssetController,
             LoraController,
             ModelsController,

@@ -65,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--models-dir", type=Path, default=defaults.models_dir, help="weight files (env WANRT_MODELS_DIR)"
     )
     serve.add_argument(
+        "--recordings-dir",
+        type=Path,
+        default=defaults.recordings.directory,
+        help="recorded MP4 files (env WANRT_RECORDINGS_DIR; default %(default)s)",
+    )
+    serve.add_argument(
+        "--recordings-max-mb",
+        type=int,
+        default=defaults.recordings.max_bytes // 2**20,
+        help="cap on the recordings folder; the oldest are removed first (env WANRT_RECORDINGS_MAX_MB; "
+        "default %(default)s)",
+    )
+    serve.add_argument(
         "--hub-endpoint", default=defaults.hub_endpoint, help="Hugging Face hub for downloads (env HF_ENDPOINT)"
     )
     serve.add_argument("--engines-dir", type=Path, default=defaults.engines_dir, help="env WANRT_ENGINES_DIR")
@@ -116,6 +129,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         ),
         assets=dataclasses.replace(
             defaults.assets, directory=args.assets_dir, max_upload_bytes=args.max_upload_mb * 2**20
+        ),
+        recordings=dataclasses.replace(
+            defaults.recordings, directory=args.recordings_dir, max_bytes=args.recordings_max_mb * 2**20
         ),
     )
 

@@ -73,3 +73,19 @@ class DownloadError(WanrtError):
     """Fetching weight files failed (the hub refused, lacks the file, or the transfer broke); names the file."""
 
     status_code = 502
+
+
+class UnknownRecording(WanrtError):
+    status_code = 404
+
+
+class RecordingConflict(WanrtError):
+    """Start while recording, stop while not, or download while the file is still being written."""
+
+    status_code = 409
+
+
+class NoFrameYet(WanrtError):
+    """The session has not sent an output frame yet (its first chunk is still being made)."""
+
+    status_code = 409

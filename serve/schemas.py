@@ -76,6 +76,12 @@ class RuntimeParameters(Struct, forbid_unknown_fields=True, omit_defaults=True):
     last_frame_image: AssetPath | UnsetType = UNSET
 
 
+class InitialParameters(RuntimeParameters, forbid_unknown_fields=True, omit_defaults=True):
+    """An offer's `initialParameters`: any runtime parameter, plus Scope's `recording` (record from the first frame)."""
+
+    recording: bool | UnsetType = UNSET
+
+
 class LoadParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """`load_params` of a load request. Unset fields take the pipeline's defaults."""
 
@@ -196,7 +202,7 @@ class IceServers(Struct):
 class Offer(Struct, forbid_unknown_fields=True):
     sdp: Annotated[str, Meta(max_length=200_000)]
     type: str
-    initialParameters: RuntimeParameters | None = None
+    initialParameters: InitialParameters | None = None
 
 
 class Answer(Struct):
@@ -214,6 +220,43 @@ class IceCandidate(Struct, forbid_unknown_fields=True):
 
 class CandidatesRequest(Struct, forbid_unknown_fields=True):
     candidates: Annotated[list[IceCandidate], Meta(max_length=64)]
+
+
+class Recording(Struct):
+    """One recording: H.264 in MP4, the session's output frames as they were sent."""
+
+    id: str
+    """`<sessionId>-<n>`, the n-th recording of that session."""
+    sessionId: str
+    state: Literal["recording", "done", "failed"]
+    url: str
+    """Where to download it (GET)."""
+    size_bytes: int
+    started_at: float
+    """Unix time (s)."""
+    ended_at: float | None = None
+    frames: int | None = None
+    """Frames written (known for recordings made since the server started)."""
+    frames_dropped: int | None = None
+    """Frames left out of the recording because its encoder was behind (the stream kept them)."""
+    duration_s: float | None = None
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+
+
+class RecordingList(Struct):
+    recordings: list[Recording]
+    directory: str
+    total_bytes: int
+    max_bytes: int
+
+
+class RecordingStatus(Struct):
+    """Answer of start and stop (Scope answers `{status}`)."""
+
+    status: Literal["recording", "stopped"]
+    recording: Recording
 
 
 class Asset(Struct):

@@ -53,6 +53,16 @@ class AssetSettings:
 
 
 @dataclass(frozen=True)
+class RecordingSettings:
+    directory: Path = field(default_factory=lambda: Path.home() / ".wanrt" / "recordings")
+    """Recorded MP4 files live here and nowhere else."""
+    max_bytes: int = 2 * 1024**3
+    """Cap on the folder's total size; past it the oldest finished recordings are removed first."""
+    queue_frames: int = 8
+    """Frames waiting for the recorder's encoder; a frame that finds the queue full is dropped from the recording."""
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -72,6 +82,7 @@ class ServerSettings:
     cors: CorsSettings = field(default_factory=CorsSettings)
     webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
     assets: AssetSettings = field(default_factory=AssetSettings)
+    recordings: RecordingSettings = field(default_factory=RecordingSettings)
 
     @property
     def lora_folder(self) -> Path:
@@ -100,5 +111,9 @@ class ServerSettings:
             assets=AssetSettings(
                 directory=Path(env.get("WANRT_ASSETS_DIR", home / "assets")),
                 max_upload_bytes=int(env.get("WANRT_MAX_UPLOAD_MB", 50)) * 1024 * 1024,
+            ),
+            recordings=RecordingSettings(
+                directory=Path(env.get("WANRT_RECORDINGS_DIR", home / "recordings")),
+                max_bytes=int(env.get("WANRT_RECORDINGS_MAX_MB", 2048)) * 1024 * 1024,
             ),
         )

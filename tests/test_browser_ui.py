@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 import time
 import zlib
@@ -11,8 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serve.pipelines.registry import get_spec
 from tests.support.browser import launch_chromium
-from tests.support.server import RunningServer
+from tests.support.frames import draw_counter, read_counter
+from tests.support.server import RunningServer, load_pipeline, run_server
 
 pytestmark = pytest.mark.browser
 
@@ -262,3 +265,205 @@ def test_ui_streams_a_looped_video_file(page, server: RunningServer, tmp_path: P
     assert session_parameters(server, session_id)["input_mode"] == "video"
     page.get_by_role("button", name="Stop stream").click()
     wait_sessions_freed(server)
+
+
+def counter_webm(path: Path, frames: int = 90, fps: int = 30) -> Path:
+    """A VP8 clip whose frame i shows the number i in bars (tests/support/frames.py), at 320×240."""
+    import av
+
+    with av.open(str(path), "w", format="webm") as container:
+        stream = container.add_stream("libvpx", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        stream.bit_rate = 2_000_000
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(draw_counter(i, 240, 320), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def test_ui_records_the_stream_and_downloads_an_mp4_of_it(page, server: RunningServer, tmp_path: Path) -> None:
+    import av
+    import numpy as np
+
+    clip_frames = 90
+    clip = counter_webm(tmp_path / "counter.webm", clip_frames)
+    load_in_page(page, "passthrough", 192, 256)
+    page.wait_for_function("document.getElementById('load-state-text').textContent.includes('loaded')")
+    assert page.is_disabled("#record-button")  # no stream yet
+    page.select_option("#input-source", "file")
+    page.get_by_label("Video file").set_input_files(str(clip))
+    page.get_by_role("button", name="Start stream").click()
+    page.wait_for_function("document.getElementById('session-id').textContent.length > 4", timeout=10_000)
+    session_id = page.inner_text("#session-id").strip()
+    wait_output_frames(page, server, 10)
+
+    page.get_by_role("button", name="Record", exact=True).click()
+    page.wait_for_function("document.getElementById('record-state').textContent.includes('frames')", timeout=10_000)
+    shown_before = page.evaluate(OUTPUT_FRAMES)
+    wait_output_frames(page, server, shown_before + 90)  # about three seconds
+    shown = page.evaluate(OUTPUT_FRAMES) - shown_before
+    page.get_by_role("button", name="Stop recording").click()
+    page.wait_for_selector("#record-download:not([hidden])", timeout=10_000)
+    assert "Recorded" in page.inner_text("#record-state")
+    page.wait_for_selector(f"#recordings a[href='/api/v1/recordings/{session_id}-1']", timeout=10_000)
+    with page.expect_download() as download_info:
+        page.get_by_role("link", name="Download").click()
+    saved = tmp_path / "recording.mp4"
+    download_info.value.save_as(saved)
+    assert download_info.value.suggested_filename == f"wanrt-{session_id}-1.mp4"
+    listed = {r["id"]: r for r in httpx.get(f"{server.url}/api/v1/recordings").json()["recordings"]}
+    recorded = listed[f"{session_id}-1"]
+
+    with av.open(str(saved)) as container:
+        frames = [(float(f.time), f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+    assert len(frames) == recorded["frames"]
+    assert {pixels.shape for _, pixels in frames} == {(192, 256, 3)}
+    # The frames that were streamed: about as many as the page showed meanwhile, each a frame of the clip.
+    assert 0.6 * shown <= len(frames) + recorded["frames_dropped"] <= 1.4 * shown + 10, (len(frames), shown)
+    counters = [read_counter(pixels) for _, pixels in frames]
+    assert all(0 <= c < clip_frames for c in counters), counters
+    steps = [(b - a) % clip_frames for a, b in itertools.pairwise(counters)]
+    # The clip playing on, loops included; captureStream() repeats a frame now and then (a step of 0).
+    assert sum(s <= 3 for s in steps) >= 0.9 * len(steps) and sum(s > 0 for s in steps) >= 0.5 * len(steps), counters
+    # A known frame: the clip's frame k, resized as the server resizes input, through VP8 twice and H.264.
+    middle = len(frames) // 2
+    expected = av.VideoFrame.from_ndarray(draw_counter(counters[middle], 240, 320), format="rgb24")
+    expected = expected.reformat(width=256, height=192).to_ndarray(format="rgb24")
+    assert np.abs(frames[middle][1].astype(int) - expected.astype(int)).mean() < 20
+    assert frames[-1][0] > frames[0][0]
+
+    page.get_by_role("button", name="Stop stream").click()
+    wait_sessions_freed(server)
+    assert not any("pageerror" in line for line in page.console), page.console
+
+
+PLOTTED = """key => {
+  const plot = window.wanrtUI.plots[key];
+  const canvas = plot.canvas;
+  const ctx = canvas.getContext('2d');
+  const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+  const hex = plot.color.slice(1).match(/../g).map(h => parseInt(h, 16));
+  const near = (i) => Math.abs(data[i] - hex[0]) + Math.abs(data[i + 1] - hex[1]) + Math.abs(data[i + 2] - hex[2]) < 60;
+  let linePixels = 0;
+  for (let i = 0; i < data.length; i += 4) if (near(i)) linePixels++;
+  let atNewest = false;
+  if (plot.last) {
+    const ratio = canvas.width / canvas.clientWidth;
+    for (let dx = -3; dx <= 0; dx++) for (let dy = -2; dy <= 2; dy++) {
+      const x = Math.round(plot.last.x * ratio) + dx, y = Math.round(plot.last.y * ratio) + dy;
+      const inside = x >= 0 && y >= 0 && x < canvas.width && y < canvas.height;
+      if (inside && near((y * canvas.width + x) * 4)) atNewest = true;
+    }
+  }
+  return {samples: plot.samples.map(s => s.v), linePixels, atNewest, max: plot.max, last: plot.last};
+}"""
+
+
+@pytest.mark.slow  # loads the tiny streamdiffusionv2 (several seconds on a CPU)
+def test_ui_plots_follow_the_stats_and_backends_show_their_reasons(page, server: RunningServer) -> None:
+    status = load_pipeline(server.url, "streamdiffusionv2", height=64, width=64, random_weights=True)
+    assert status["status"] == "loaded", status
+    page.reload()
+    page.wait_for_selector("#load-backends li")
+    chips = page.locator("#load-backends li")
+    assert chips.count() == len(status["backends"]) == 3
+    dit = page.locator("#load-backends li", has_text="dit_step")
+    assert dit.get_attribute("title") == status["backends"]["dit_step"]["reason"]  # the reason, on hover
+    assert "eager" in dit.inner_text()
+
+    page.select_option("#input-source", "webcam")
+    page.get_by_role("button", name="Start stream").click()
+    page.wait_for_function("document.getElementById('session-id').textContent.length > 4", timeout=10_000)
+    session_id = page.inner_text("#session-id").strip()
+    page.wait_for_function("window.wanrtUI.plots.chunk_ms.samples.length >= 4", timeout=60_000)
+    page.wait_for_selector("#stream-backends li")
+    reason = page.locator("#stream-backends li", has_text="vae_decode").get_attribute("title")
+    assert reason == status["backends"]["vae_decode"]["reason"]
+
+    # The newest plotted values are the session's latest stats message, which the metrics route also reports.
+    deadline = time.monotonic() + 15
+    while True:
+        metrics = httpx.get(f"{server.url}/api/v1/sessions/{session_id}/metrics", timeout=5).json()
+        plotted = {key: page.evaluate(PLOTTED, key) for key in ("fps_out", "latency_ms", "chunk_ms", "dropped")}
+        newest = {key: plotted[key]["samples"][-1] for key in ("fps_out", "latency_ms", "chunk_ms")}
+        if newest == {key: metrics[key] for key in newest}:
+            break
+        assert time.monotonic() < deadline, (newest, metrics)
+        time.sleep(0.2)
+    assert metrics["chunk_ms"] > 0 and metrics["fps_out"] > 0
+    for key, result in plotted.items():
+        assert result["linePixels"] > 5, (key, result)  # the canvas holds a drawn line (blank: none)
+        assert result["atNewest"], (key, result)  # ending where the newest value maps to
+        assert all(v >= 0 for v in result["samples"])
+        assert result["max"] >= max(result["samples"])  # the axis holds every value
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("#plots").screenshot(path=str(ARTIFACTS / "ui_plots.png"))
+
+    # An update the server rejects comes back as {"type": "error"}, and the page shows it.
+    assert page.evaluate("window.wanrtUI.session.send({noise_scale: 7})")
+    page.wait_for_selector("#alert:not([hidden])", timeout=10_000)
+    assert "Server rejected an update" in page.inner_text("#alert") and "noise_scale" in page.inner_text("#alert")
+    page.get_by_role("button", name="Stop stream").click()
+    wait_sessions_freed(server)
+
+
+@pytest.mark.slow  # loads the tiny streamdiffusionv2 (several seconds on a CPU)
+def test_ui_download_button_fetches_missing_weights_and_load_waits_for_it(browser, tmp_path: Path) -> None:
+    from tests.support.checkpoints import write_pipeline_files
+    from tests.support.local_hub import run_local_hub
+
+    spec = get_spec("streamdiffusionv2")
+    staged = write_pipeline_files(spec.id, tmp_path / "staged")
+    with run_local_hub(tmp_path / "hub") as hub, run_server(tmp_path, "--hub-endpoint", hub.url) as own:
+        published = {}
+        for file in spec.files:
+            published[file] = staged.paths[file.path].read_bytes()
+            hub.add_file(file.repo, file.path, published[file])
+        last = spec.files[-1]  # fetched last: the others are in when it stalls, so the progress is part way
+        hub.stall(f"{last.repo}/{last.path}", after_bytes=len(published[last]) // 2)
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        try:
+            page.goto(f"{own.url}/")
+            page.wait_for_selector("#download-streamdiffusionv2")
+            assert "weights missing" in page.inner_text("#pipelines .pipeline:has(#pipeline-streamdiffusionv2)")
+            page.check("#pipeline-streamdiffusionv2")
+            page.get_by_role("button", name="Download weights for streamdiffusionv2").click()
+            assert hub.stalled.wait(timeout=30)
+            # The page polls: wait until it shows the file the hub is holding back (the others are in by then).
+            page.wait_for_function(
+                "name => document.getElementById('download-text-streamdiffusionv2').textContent.includes(name)",
+                arg=last.path,
+            )
+            assert page.is_disabled("#download-streamdiffusionv2")
+            fraction = page.evaluate("document.getElementById('download-progress-streamdiffusionv2').value")
+            assert 0 < fraction < 1
+            entry = page.locator("#pipelines .pipeline:has(#pipeline-streamdiffusionv2)")
+            entry.scroll_into_view_if_needed()
+            ARTIFACTS.mkdir(exist_ok=True)
+            entry.screenshot(path=str(ARTIFACTS / "ui_downloading.png"))
+            page.get_by_label("Height").fill("64")
+            page.get_by_label("Width").fill("64")
+            page.get_by_role("button", name="Load pipeline").click()
+            page.wait_for_function("document.getElementById('load-state-text').textContent.includes('waiting')")
+            page.wait_for_timeout(500)
+            assert httpx.get(f"{own.url}/api/v1/pipeline/status").json()["status"] == "not_loaded"  # Load waits
+
+            hub.release()
+            page.wait_for_function(
+                "document.getElementById('load-state-text').textContent.includes('streamdiffusionv2: loaded')",
+                timeout=60_000,
+            )
+            assert httpx.get(f"{own.url}/api/v1/pipeline/status").json()["status"] == "loaded"
+            for file, data in published.items():
+                assert file.local_path(tmp_path / "models").read_bytes() == data
+            assert "weights present" in page.inner_text("#pipelines .pipeline:has(#pipeline-streamdiffusionv2)")
+            assert page.locator("#download-streamdiffusionv2").count() == 0
+            entry.scroll_into_view_if_needed()
+            page.locator("aside").screenshot(path=str(ARTIFACTS / "ui_downloaded.png"))
+            assert not errors, errors
+        finally:
+            context.close()

@@ -44,6 +44,7 @@ class SystemController(Controller):
             "wanrt_frames_in_total": totals["frames_in"],
             "wanrt_frames_out_total": totals["frames_out"],
             "wanrt_frames_dropped_total": totals["frames_dropped"],
+            "wanrt_recordings_active": state.recordings.active_count(),
             "wanrt_threads": threading.active_count(),
             "wanrt_asyncio_tasks": len(asyncio.all_tasks()),
         }

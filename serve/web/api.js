@@ -10,6 +10,8 @@ export class ApiError extends Error {
 
 export async function api(path, { method = "GET", json, body, headers = {} } = {}) {
   const init = { method, headers: { ...headers } };
+  // Every POST says it is JSON, with `{}` when it has nothing to say: the server may refuse state changes without it.
+  if (method === "POST" && json === undefined && body === undefined) json = {};
   if (json !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(json);

@@ -2,6 +2,7 @@
 import { api, uploadAsset } from "./api.js";
 import { check, el, makeControl } from "./form.js";
 import { readLoras, renderAdapters, renderLoraFolder } from "./loras.js";
+import { Plot } from "./plots.js";
 import { startSession } from "./stream.js";
 
 const $ = (id) => document.getElementById(id);
@@ -10,6 +11,16 @@ const $ = (id) => document.getElementById(id);
 const CUSTOM_RUNTIME = new Set(["input_mode", "prompts", "transition", "vace_ref_images", "lora_scales"]);
 const CUSTOM_LOAD = new Set(["loras"]); // the LoRA folder list (loras.js)
 const SEND_DEBOUNCE_MS = 80;
+const DOWNLOAD_POLL_MS = 300;
+const PLOT_REDRAW_MS = 1000;
+// The plotted stats: key in the stats message (dropped is the per-second rise of `frames_dropped`), and its look.
+const PLOTS = [
+  ["fps_out", { label: "FPS out", color: "#5aa9ff" }],
+  ["latency_ms", { label: "Latency", unit: " ms", color: "#e0a43a", digits: 0 }],
+  ["chunk_ms", { label: "Chunk time", unit: " ms", color: "#3fb47a" }],
+  ["dropped", { label: "Dropped", unit: "/s", color: "#ff6b6b" }],
+];
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 const state = {
   schemas: {},
@@ -23,6 +34,10 @@ const state = {
   sendTimer: null,
   vaceRefs: [],
   pipelineStatus: null,
+  plots: {},
+  droppedBefore: null, // {t, frames} of the previous stats message
+  recording: null, // the running recording of this page's session
+  downloads: {}, // pipeline id -> promise of its weight download
 };
 window.wanrtUI = state; // for debugging from the console
 
@@ -75,6 +90,22 @@ function renderPipelines() {
             el("ul", {}, p.missing_files.map((f) => el("li", {}, el("code", { text: f })))),
           )
         : null;
+    const download =
+      !p.weights_present && p.missing_files && p.missing_files.length
+        ? el(
+            "div",
+            { class: "download" },
+            el("button", {
+              type: "button",
+              id: `download-${id}`,
+              text: "Download weights",
+              "aria-label": `Download weights for ${id}`,
+              onclick: () => downloadWeights(id).catch(() => {}),
+            }),
+            el("progress", { id: `download-progress-${id}`, max: 1, value: 0, hidden: true }),
+            el("span", { id: `download-text-${id}`, class: "help", role: "status" }),
+          )
+        : null;
     box.append(
       el(
         "div",
@@ -89,9 +120,63 @@ function renderPipelines() {
           el("span", { class: "desc", text: p.description || "" }),
           missing,
         ),
+        download,
       ),
     );
   }
+  if (state.selected && $(`pipeline-${state.selected}`)) $(`pipeline-${state.selected}`).checked = true;
+  for (const id of Object.keys(state.downloads)) {
+    if ($(`download-${id}`)) $(`download-${id}`).disabled = true;
+  }
+}
+
+// ---------------------------------------------------------------- weight downloads
+
+/** Starts (or joins) the download of a pipeline's weights; resolves once every file is present. */
+function downloadWeights(id) {
+  if (state.downloads[id]) return state.downloads[id];
+  const promise = (async () => {
+    const button = $(`download-${id}`);
+    if (button) button.disabled = true;
+    showDownload(id, { text: "Starting the download…" });
+    await api("/models/download", { method: "POST", json: { pipeline_id: id } });
+    for (;;) {
+      const s = await api(`/models/status?pipeline_id=${encodeURIComponent(id)}`);
+      const p = s.progress;
+      if (p.state === "error") throw new Error(p.error || "the download failed");
+      if (s.downloaded && p.state !== "downloading") return s;
+      const file = p.current_artifact ? ` · ${p.current_artifact}` : "";
+      showDownload(id, { fraction: p.percentage / 100, text: `${p.percentage.toFixed(0)} %${file}` });
+      await sleep(DOWNLOAD_POLL_MS);
+    }
+  })();
+  state.downloads[id] = promise;
+  promise.then(
+    async () => {
+      delete state.downloads[id];
+      info(`${id}: weights downloaded.`);
+      const { pipelines } = await api("/pipelines/schemas");
+      state.schemas = pipelines;
+      renderPipelines();
+    },
+    (err) => {
+      delete state.downloads[id];
+      alertError(`Download of ${id}'s weights failed: ${err.message}`);
+      showDownload(id, { text: `Failed: ${err.message}` });
+      if ($(`download-${id}`)) $(`download-${id}`).disabled = false;
+    },
+  );
+  return promise;
+}
+
+function showDownload(id, { fraction, text }) {
+  const progress = $(`download-progress-${id}`);
+  if (progress) {
+    progress.hidden = false;
+    if (typeof fraction === "number") progress.value = fraction;
+    else progress.removeAttribute("value");
+  }
+  if ($(`download-text-${id}`)) $(`download-text-${id}`).textContent = text;
 }
 
 function selectPipeline(id) {
@@ -180,12 +265,29 @@ function renderPipelineStatus(s) {
   const stage = s.loading_stage ? ` (${s.loading_stage})` : "";
   const who = s.pipeline_id ? `${s.pipeline_id}: ` : "";
   $("load-state-text").textContent = `${who}${s.status.replace("_", " ")}${stage}${s.backend ? ` · ${s.backend}` : ""}`;
+  renderBackends($("load-backends"), s.status === "loaded" ? s.backends : null);
   const progress = $("load-progress");
   if (s.status === "loaded") progress.value = 1;
   else if (s.status === "loading" && typeof s.progress === "number") {
     progress.value = s.progress > 1 ? s.progress / 100 : s.progress;
   } else if (s.status === "loading") progress.removeAttribute("value");
   else progress.value = 0;
+}
+
+/** One chip per component (dit_step, vae_encode, vae_decode) naming its backend; the reason shows on hover. */
+function renderBackends(list, backends) {
+  const entries = Object.entries(backends || {});
+  list.hidden = !entries.length;
+  list.replaceChildren(
+    ...entries.map(([component, b]) =>
+      el(
+        "li",
+        { class: "backend", title: b.reason || "", tabindex: 0, "aria-label": `${component}: ${b.backend}. ${b.reason || ""}` },
+        el("span", { class: "component", text: component }),
+        el("strong", { text: b.backend }),
+      ),
+    ),
+  );
 }
 
 async function loadPipeline(event) {
@@ -201,8 +303,15 @@ async function loadPipeline(event) {
     return showLoadError(err.message);
   }
   $("load-button").disabled = true;
-  info(`Loading ${id}…`);
   try {
+    if (state.downloads[id]) {
+      info(`Waiting for ${id}'s weights to download; it loads after.`);
+      $("load-state-text").textContent = `${id}: waiting for the download`;
+      await state.downloads[id].catch((err) => {
+        throw new Error(`not loaded: the download failed: ${err.message}`);
+      });
+    }
+    info(`Loading ${id}…`);
     await api("/pipeline/load", { method: "POST", json: { pipeline_id: id, load_params: loadParams } });
     await waitForLoad();
   } catch (err) {
@@ -231,7 +340,7 @@ async function waitForLoad() {
 async function unloadPipeline() {
   clearAlert();
   try {
-    await api("/pipeline/unload", { method: "POST" });
+    await api("/pipeline/unload", { method: "POST", json: {} });
     renderPipelineStatus(await api("/pipeline/status"));
     info("Pipeline unloaded.");
   } catch (err) {
@@ -418,10 +527,51 @@ function renderStats(data) {
 function resetStats() {
   for (const dd of document.querySelectorAll("[data-stat]")) dd.textContent = "–";
   $("session-id").textContent = "–";
+  renderBackends($("stream-backends"), null);
+}
+
+// ---------------------------------------------------------------- plots
+
+function setupPlots() {
+  for (const [key, options] of PLOTS) state.plots[key] = new Plot($(`plot-${key}`), options);
+  drawPlots();
+  setInterval(drawPlots, PLOT_REDRAW_MS); // the window scrolls even when no stats arrive
+  window.addEventListener("resize", drawPlots);
+}
+
+function drawPlots() {
+  const now = performance.now();
+  for (const plot of Object.values(state.plots)) plot.draw(now);
+}
+
+function clearPlots() {
+  for (const plot of Object.values(state.plots)) plot.clear();
+  state.droppedBefore = null;
+  drawPlots();
+}
+
+function plotStats(data) {
+  const now = performance.now();
+  for (const key of ["fps_out", "latency_ms", "chunk_ms"]) state.plots[key].push(now, data[key]);
+  if (typeof data.frames_dropped === "number") {
+    const before = state.droppedBefore;
+    if (before && now > before.t) {
+      state.plots.dropped.push(now, Math.max(0, data.frames_dropped - before.frames) / ((now - before.t) / 1000));
+    }
+    state.droppedBefore = { t: now, frames: data.frames_dropped };
+  }
+  drawPlots();
+}
+
+function onStats(data) {
+  renderStats(data);
+  renderBackends($("stream-backends"), data.backends);
+  plotStats(data);
+  followRecording(data.recording);
 }
 
 function onMessage(data) {
-  if (data.type === "stats") renderStats(data);
+  if (data.type === "stats") onStats(data);
   else if (data.type === "error") alertError(`Server rejected an update: ${data.message || JSON.stringify(data)}`);
   else if (data.type === "stream_stopped") {
     alertError(`Stream stopped${data.error_message ? `: ${data.error_message}` : "."}`);
@@ -459,6 +609,8 @@ async function startStream() {
       ...currentRuntimeParams(),
       input_mode: source === "none" ? "text" : "video",
     };
+    if ($("record-from-start").checked) initialParameters.recording = true;
+    clearPlots();
     state.pending = {};
     // Callbacks of a session that was already torn down (or replaced) are ignored.
     const token = {};
@@ -475,7 +627,10 @@ async function startStream() {
     });
     $("session-id").textContent = state.session.sessionId;
     $("stop-button").disabled = false;
-    info(`Session ${state.session.sessionId} started; connecting…`);
+    recordState(initialParameters.recording ? "Recording from the first frame…" : "Record saves what is sent from now on.");
+    renderRecordButtons();
+    // The data channel may have opened (and said so) while the answer was being applied.
+    if (state.session.dataChannel.readyState !== "open") info(`Session ${state.session.sessionId} started; connecting…`);
   } catch (err) {
     alertError(`Could not start the stream: ${err.message}`);
     releaseInput();
@@ -503,11 +658,126 @@ function teardown(message) {
   $("start-button").disabled = false;
   $("stop-button").disabled = true;
   resetStats();
+  if (state.recording) {
+    // Ending the session ends its recording; the file stays on the server.
+    const id = state.recording.id;
+    state.recording = null;
+    settleRecording(id);
+  } else if ($("record-download").hidden) {
+    recordState("Start a stream to record it.");
+  }
+  renderRecordButtons();
   info(message);
 }
 
 async function stopStream() {
   teardown("Stream stopped.");
+}
+
+// ---------------------------------------------------------------- recording
+
+function recordState(message) {
+  $("record-state").textContent = message;
+}
+
+function renderRecordButtons() {
+  const live = Boolean(state.session && state.session.sessionId);
+  $("record-button").disabled = !live || Boolean(state.recording);
+  $("record-stop-button").disabled = !live || !state.recording;
+}
+
+async function startRecording() {
+  const sessionId = state.session && state.session.sessionId;
+  if (!sessionId) return;
+  $("record-button").disabled = true;
+  try {
+    const { recording } = await api(`/recordings/${sessionId}/start`, { method: "POST", json: {} });
+    state.recording = recording;
+    $("record-download").hidden = true;
+    recordState(`Recording ${recording.id}…`);
+    refreshRecordings();
+  } catch (err) {
+    alertError(`Could not start recording: ${err.message}`);
+  }
+  renderRecordButtons();
+}
+
+async function stopRecording() {
+  const sessionId = state.session && state.session.sessionId;
+  if (!sessionId) return;
+  $("record-stop-button").disabled = true;
+  try {
+    const { recording } = await api(`/recordings/${sessionId}/stop`, { method: "POST", json: {} });
+    state.recording = null;
+    offerDownload(recording);
+  } catch (err) {
+    alertError(`Could not stop recording: ${err.message}`);
+  }
+  renderRecordButtons();
+  refreshRecordings();
+}
+
+/** The stats message says what the server is recording (a recording may start with the stream, or stop itself). */
+function followRecording(recording) {
+  if (recording) {
+    state.recording = { ...recording, seen: true };
+    const left = recording.frames_dropped ? `, ${recording.frames_dropped} left out (encoder behind)` : "";
+    recordState(`Recording ${recording.id}: ${recording.frames} frames${left}.`);
+  } else if (state.recording && state.recording.seen) {
+    // A stats message that went out before a Record click says null too: only one after a sighting counts.
+    const id = state.recording.id;
+    state.recording = null;
+    settleRecording(id);
+  }
+  renderRecordButtons();
+}
+
+/** Waits for a recording the server is finishing (the stream ended, or it stopped itself) and offers it. */
+async function settleRecording(id) {
+  for (let i = 0; i < 50; i++) {
+    const { recordings } = await api("/recordings").catch(() => ({ recordings: [] }));
+    const recording = recordings.find((r) => r.id === id);
+    if (recording && recording.state !== "recording") {
+      offerDownload(recording);
+      renderRecordingList(recordings);
+      return;
+    }
+    await sleep(200);
+  }
+}
+
+function offerDownload(recording) {
+  const link = $("record-download");
+  link.href = recording.url;
+  link.setAttribute("download", `wanrt-${recording.id}.mp4`);
+  link.hidden = recording.state !== "done" || !recording.frames;
+  const why = recording.error ? ` (${recording.error})` : "";
+  recordState(
+    `Recorded ${recording.id}: ${recording.frames} frames, ${recording.duration_s} s, ${megabytes(recording.size_bytes)}${why}.`,
+  );
+}
+
+function megabytes(bytes) {
+  return `${(bytes / 2 ** 20).toFixed(bytes < 2 ** 20 ? 2 : 1)} MB`;
+}
+
+async function refreshRecordings() {
+  try {
+    renderRecordingList((await api("/recordings")).recordings);
+  } catch (err) {
+    alertError(`Could not list the recordings: ${err.message}`);
+  }
+}
+
+function renderRecordingList(recordings) {
+  const items = recordings.map((r) => {
+    const when = new Date(r.started_at * 1000).toLocaleString();
+    const frames = r.frames === null || r.frames === undefined ? "" : ` · ${r.frames} frames`;
+    const detail = `${r.state} · ${megabytes(r.size_bytes)}${frames} · ${when}`;
+    const name = r.state === "done" ? el("a", { href: r.url, download: `wanrt-${r.id}.mp4`, text: r.id }) : el("code", { text: r.id });
+    return el("li", {}, name, el("span", { class: "help", text: detail }));
+  });
+  $("recordings").replaceChildren(...(items.length ? items : [el("li", { class: "help", text: "No recordings yet." })]));
 }
 
 // ---------------------------------------------------------------- start up
@@ -522,6 +792,11 @@ async function init() {
   $("apply-prompts").addEventListener("click", applyPrompts);
   $("vace-file").addEventListener("change", uploadVace);
   $("vace-clear").addEventListener("click", clearVace);
+  $("record-button").addEventListener("click", startRecording);
+  $("record-stop-button").addEventListener("click", stopRecording);
+  $("recordings-refresh").addEventListener("click", refreshRecordings);
+  setupPlots();
+  refreshRecordings();
   window.addEventListener("beforeunload", () => state.session && state.session.stop());
   addPrompt("A beautiful landscape", 1.0);
 

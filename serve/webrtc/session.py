@@ -21,10 +21,11 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
 
-from serve.errors import InvalidParameters, InvalidRequest
+from serve.errors import InvalidParameters, InvalidRequest, RecordingConflict
 from serve.pipelines.base import Pipeline
 from serve.pipelines.spec import PipelineSpec
 from serve.pipelines.worker import FrameStamp, PipelineWorker, StreamSlot
+from serve.recording import Recorder, RecordingStore
 from serve.schemas import IceCandidate, RuntimeParameters
 from serve.settings import WebRTCSettings
 from serve.webrtc.ice import parse_candidate, rtc_configuration
@@ -47,6 +48,7 @@ class PeerSession:
         seed: int,
         settings: WebRTCSettings,
         assets_dir: Path,
+        recordings: RecordingStore,
         on_closed: Callable[[PeerSession], None],
     ) -> None:
         self.id = session_id
@@ -55,6 +57,7 @@ class PeerSession:
         self.spec: PipelineSpec = pipeline.spec
         self._settings = settings
         self._assets_dir = assets_dir
+        self._recordings = recordings
         self._on_closed = on_closed
         self.pc = RTCPeerConnection(rtc_configuration(settings))
         self.channel: Any = None
@@ -142,6 +145,21 @@ class PeerSession:
     def _wake_worker(self) -> None:
         self.slot.wake()
 
+    # -- recording --------------------------------------------------------------------------------------------------
+
+    def start_recording(self) -> Recorder:
+        """Every frame sent from now on is also offered to the recorder (409 if one is running)."""
+        recorder = self._recordings.start(self.id)
+        self.output.tap = recorder.offer
+        return recorder
+
+    async def stop_recording(self) -> Recorder:
+        """Returns once the file is complete (409 if not recording)."""
+        recorder = self._recordings.stop(self.id)
+        self.output.tap = None
+        await asyncio.to_thread(recorder.join)
+        return recorder
+
     # -- data channel -----------------------------------------------------------------------------------------------
 
     def _on_datachannel(self, channel: Any) -> None:
@@ -192,6 +210,7 @@ class PeerSession:
             self.send({"type": "stats", **self.last_stats})
 
     def stats(self) -> dict[str, Any]:
+        """Rates since the previous call (the stats loop's interval) and the counters; sent as the `stats` message."""
         now = time.monotonic()
         prev_t, prev_in, prev_out = self._stats_prev
         frames_in, frames_out = self.slot.frames_in, self.output.frames_out
@@ -206,11 +225,32 @@ class PeerSession:
             "fps_in": round((frames_in - prev_in) / elapsed, 2),
             "fps_out": round((frames_out - prev_out) / elapsed, 2),
             "latency_ms": round(latencies[len(latencies) // 2], 1) if latencies else None,
-            "frames_in": frames_in,
-            "frames_out": frames_out,
+            **self.counters(),
+        }
+
+    def counters(self) -> dict[str, Any]:
+        """Totals read now (the rates need an interval, so only the stats loop computes them)."""
+        recorder = self._recordings.active(self.id)
+        return {
+            "frames_in": self.slot.frames_in,
+            "frames_out": self.output.frames_out,
             "frames_dropped": self.slot.frames_dropped + self.output.frames_dropped,
             "chunk_ms": round(self.slot.chunk_ms, 2),
             "chunks": self.slot.chunks,
+            "recording": None
+            if recorder is None
+            else {"id": recorder.id, "frames": recorder.frames, "frames_dropped": recorder.frames_dropped},
+        }
+
+    def metrics(self) -> dict[str, Any]:
+        """The latest `stats` message's rates with the counters read now (GET /api/v1/sessions/{id}/metrics)."""
+        return {
+            "sessionId": self.id,
+            "connection_state": self.pc.connectionState,
+            "created_at": self.created_at,
+            "stats_interval_s": self._settings.stats_interval_s,
+            **self.last_stats,
+            **self.counters(),
         }
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
@@ -243,6 +283,11 @@ class PeerSession:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.output.stop()
+        if self._recordings.active(self.id) is not None:
+            # The recording outlives the session: ending it is a stop. It may have just stopped itself (at the
+            # folder's cap), which is no reason to leave the session half closed.
+            with contextlib.suppress(RecordingConflict):
+                await self.stop_recording()
         with contextlib.suppress(Exception):  # closing a half-negotiated connection may raise inside aiortc
             await self.pc.close()
         log.info("session=%s closed reason=%s", self.id, reason or "peer")

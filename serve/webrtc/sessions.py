@@ -8,8 +8,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from serve.errors import CapacityExceeded, InvalidRequest, UnknownSession
+import msgspec
+
+from serve.errors import CapacityExceeded, InvalidRequest, RecordingConflict, UnknownSession
 from serve.pipelines.manager import PipelineManager
+from serve.recording import Recorder, RecordingStore
 from serve.schemas import Answer, IceCandidate, Offer
 from serve.settings import WebRTCSettings
 from serve.webrtc.session import PeerSession
@@ -18,8 +21,11 @@ log = logging.getLogger(__name__)
 
 
 class SessionManager:
-    def __init__(self, pipelines: PipelineManager, settings: WebRTCSettings, assets_dir: Path) -> None:
+    def __init__(
+        self, pipelines: PipelineManager, settings: WebRTCSettings, assets_dir: Path, recordings: RecordingStore
+    ) -> None:
         self._pipelines = pipelines
+        self.recordings = recordings
         self._settings = settings
         self._assets_dir = assets_dir
         self._sessions: dict[str, PeerSession] = {}
@@ -43,8 +49,11 @@ class SessionManager:
         for name in ("denoising_step_list", "warp_denoising_steps"):  # load-time values a session starts with
             if name in load_params:
                 params[name] = load_params[name]
+        record = False
         if offer.initialParameters is not None:
-            update = pipeline.spec.validate_update(offer.initialParameters, self._assets_dir)
+            record = offer.initialParameters.recording is True
+            runtime = msgspec.structs.replace(offer.initialParameters, recording=msgspec.UNSET)
+            update = pipeline.spec.validate_update(runtime, self._assets_dir)
             pipeline.check_update(update)
             params.update(update)
 
@@ -56,6 +65,7 @@ class SessionManager:
             seed=int(load_params.get("seed", 42)),
             settings=self._settings,
             assets_dir=self._assets_dir,
+            recordings=self.recordings,
             on_closed=self._forget,
         )
         self._starting += 1
@@ -67,6 +77,8 @@ class SessionManager:
         finally:
             self._starting -= 1
         self._sessions[session.id] = session
+        if record:
+            session.start_recording()
         return Answer(sdp=answer.sdp, type=answer.type, sessionId=session.id)
 
     def get(self, session_id: str) -> PeerSession:
@@ -80,6 +92,20 @@ class SessionManager:
 
     async def close(self, session_id: str) -> None:
         await self.get(session_id).close()
+
+    def start_recording(self, session_id: str) -> Recorder:
+        return self.get(session_id).start_recording()
+
+    async def stop_recording(self, session_id: str) -> Recorder:
+        session = self._sessions.get(session_id)
+        if session is None:
+            if self.recordings.has_recordings(session_id):
+                raise RecordingConflict(
+                    f"session {session_id} is not recording: it ended, and that stopped its recording"
+                )
+            self.get(session_id)  # raises UnknownSession
+        assert session is not None
+        return await session.stop_recording()
 
     async def stop_all(self, reason: str) -> None:
         sessions = list(self._sessions.values())

@@ -44,6 +44,8 @@ class OutputTrack(MediaStreamTrack):
         self.frames_out = 0
         self.frames_dropped = 0
         self.latencies_ms: deque[float] = deque(maxlen=240)
+        self.last_frame: VideoFrame | None = None  # the newest frame sent (headless snapshots)
+        self.tap: Callable[[VideoFrame], None] | None = None  # sees every frame sent; must not block (the recorder)
 
     def has_room(self, frames: int) -> bool:
         with self._in_flight_lock:
@@ -116,4 +118,7 @@ class OutputTrack(MediaStreamTrack):
             self.frames_out += 1
             if stamp.arrival_s is not None:
                 self.latencies_ms.append((time.monotonic() - stamp.arrival_s) * 1000)
+            self.last_frame = frame
+            if (tap := self.tap) is not None:
+                tap(frame)
             return frame

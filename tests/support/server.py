@@ -28,6 +28,7 @@ class RunningServer:
     process: subprocess.Popen
     log_path: Path
     assets_dir: Path
+    recordings_dir: Path
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -49,12 +50,13 @@ def run_server(tmp_dir: Path, *extra_args: str, startup_timeout_s: float = 30.0)
         "--assets-dir", str(assets_dir),
         "--models-dir", str(tmp_dir / "models"),
         "--engines-dir", str(tmp_dir / "engines"),
+        "--recordings-dir", str(tmp_dir / "recordings"),
         *extra_args,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log_file:
         process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, assets_dir)
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, assets_dir, tmp_dir / "recordings")
     try:
         deadline = time.monotonic() + startup_timeout_s
         while True:
