@@ -23,6 +23,35 @@ _SIGNATURES: tuple[tuple[object, str, str], ...] = (
 )
 EXTENSIONS = {ext: kind for _, kind, ext in _SIGNATURES} | {".jpeg": "image", ".mkv": "video"}
 MAX_NAME_CHARS = 100
+MAX_PATH_CHARS = 1024  # schemas.AssetPath allows no more
+MAX_COMPONENT_BYTES = 255  # NAME_MAX: the kernel answers a longer name with ENAMETOOLONG, not "no such file"
+ECHO_CHARS = 80  # how much of a client's bad path an error message repeats
+
+
+def confined_file(root: Path, path: str) -> Path | None:
+    """The regular file `path` names inside the resolved folder `root` (relative to it, or absolute inside it), or
+    None for anything else: outside it, hidden, missing, or a string no file can have (NUL, over-long parts).
+
+    The shape is checked before the filesystem sees the string, and OS errors count as "no such file", because
+    those errors carry the server's absolute paths and must never reach a reply.
+    """
+    if not path or len(path) > MAX_PATH_CHARS or "\0" in path:
+        return None
+    try:
+        if any(len(part.encode()) > MAX_COMPONENT_BYTES for part in path.split("/")):
+            return None
+        candidate = Path(path)
+        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        if not resolved.is_relative_to(root) or resolved.name.startswith(".") or not resolved.is_file():
+            return None
+    except (OSError, ValueError):  # UnicodeEncodeError (a lone surrogate) is a ValueError
+        return None
+    return resolved
+
+
+def echo(text: str) -> str:
+    """A client's string, quoted and shortened, for an error message."""
+    return repr(text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "…")
 
 
 def sniff_media(data: bytes) -> tuple[str, str]:
@@ -76,10 +105,9 @@ class AssetStore:
 
     def resolve(self, path: str) -> Path:
         """A served path: relative to the asset folder, or absolute inside it; nothing outside."""
-        candidate = Path(path)
-        resolved = (candidate if candidate.is_absolute() else self._root / candidate).resolve()
-        if not resolved.is_relative_to(self._root) or not resolved.is_file() or resolved.name.startswith("."):
-            raise UnknownAsset(f"no asset {path!r}; GET /api/v1/assets lists them")
+        resolved = confined_file(self._root, path)
+        if resolved is None:
+            raise UnknownAsset(f"no asset {echo(path)}; GET /api/v1/assets lists them")
         return resolved
 
     def _describe(self, path: Path, kind: str) -> Asset:

@@ -148,13 +148,18 @@ def test_load_rejects_non_json_body(api: httpx.Client) -> None:
         ({"sdp": "v=0", "type": "offer", "initialParameters": {"kv_cache_attention_bias": 0.5}}, 422, "not a runtime"),
         ({"sdp": "v=0", "type": "offer", "initialParameters": {"denoising_step_list": [250, 750]}}, 422, "descending"),
         ({"sdp": "v=0", "type": "offer", "initialParameters": {"vace_ref_images": ["/etc/passwd"]}}, 422, "asset"),
+        ({"sdp": "v=0", "type": "offer", "initialParameters": {"vace_ref_images": ["a\0b"]}}, 422, "asset"),
+        ({"sdp": "v=0", "type": "offer", "initialParameters": {"first_frame_image": "a" * 300}}, 422, "asset"),
+        ({"sdp": "v=0", "type": "offer", "initialParameters": {"last_frame_image": "x/" + "b" * 256}}, 422, "asset"),
     ],
 )
 def test_offer_rejects_bad_requests(
     api: httpx.Client, server: RunningServer, body: dict, status: int, needle: str
 ) -> None:
     load_pipeline(server.url, "passthrough")
-    assert needle in error_of(api.post("/api/v1/webrtc/offer", json=body), status)
+    response = api.post("/api/v1/webrtc/offer", json=body)
+    assert needle in error_of(response, status)
+    assert_no_server_path(response, server)
     assert server.metrics()["wanrt_sessions_active"] == 0  # a rejected offer leaves no half-made session
 
 
@@ -203,6 +208,20 @@ def test_upload_rejects_oversized_empty_and_nameless(api: httpx.Client) -> None:
     error_of(api.post("/api/v1/assets", params={"filename": "big.png"}, content=too_big), 413)
     error_of(api.post("/api/v1/assets", params={"filename": "empty.png"}, content=b""), 400)
     error_of(api.post("/api/v1/assets", content=png_bytes()), 400)
+
+
+def assert_no_server_path(response: httpx.Response, server: RunningServer) -> None:
+    for folder in {str(server.assets_dir.resolve()), str(server.assets_dir.resolve().parent)}:
+        assert folder not in response.text, response.text
+
+
+@pytest.mark.parametrize("path", ["a%00b.png", "a" * 300 + ".png", f"{'b' * 256}/x.png", "%ED%A0%80.png"])
+def test_asset_paths_no_file_can_have_are_404_without_server_paths(
+    api: httpx.Client, server: RunningServer, path: str
+) -> None:
+    response = api.get(f"/api/v1/assets/{path}")
+    assert "no asset" in error_of(response, 404)
+    assert_no_server_path(response, server)
 
 
 def test_assets_outside_the_folder_are_not_served(api: httpx.Client) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import signal
 from pathlib import Path
 
@@ -82,6 +83,10 @@ async def test_data_channel_update_reaches_the_pipeline_and_bad_messages_get_err
             '{"denoising_step_list": [100, 900]}',
             '{"kv_cache_attention_bias": 0.5}',
             '{"vace_ref_images": ["../../etc/passwd"]}',
+            '{"vace_ref_images": ["a\\u0000b.png"]}',  # NUL, and a component over NAME_MAX: no file can have these
+            json.dumps({"first_frame_image": "a" * 300}),
+            json.dumps({"last_frame_image": "x/" + "b" * 256}),
+            '{"prompts": ' + "[" * 5000 + "]" * 5000 + "}",  # nesting deeper than any decoder's recursion limit
             b"\x00\x01binary",
             "x" * 70000,
         ]
@@ -90,6 +95,7 @@ async def test_data_channel_update_reaches_the_pipeline_and_bad_messages_get_err
             await client.send(message)
             error = await client.wait_message("error", start=start)
             assert error["message"], message
+            assert str(server.assets_dir.resolve()) not in error["message"]
         before = len(client.frames)
         await client.wait_frames(before + 10)  # the stream goes on
         described = await session_params(server, session_id)

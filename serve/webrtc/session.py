@@ -155,11 +155,18 @@ class PeerSession:
         try:
             update = self.validate_message(message)
         except (InvalidParameters, InvalidRequest) as exc:
-            self.updates_rejected += 1
-            self.send({"type": "error", "error": type(exc).__name__, "message": str(exc)})
+            self._reject(type(exc).__name__, str(exc))
+            return
+        except Exception:  # a bug in a check must cost this message, never the session (aiortc would drop it)
+            log.exception("session=%s checking a data-channel message failed", self.id)
+            self._reject("InternalError", "the server could not check this message (it logged why); it was ignored")
             return
         self.updates_received += 1
         self.slot.update_params(update)
+
+    def _reject(self, error: str, message: str) -> None:
+        self.updates_rejected += 1
+        self.send({"type": "error", "error": error, "message": message})
 
     def validate_message(self, message: str | bytes) -> dict[str, Any]:
         if isinstance(message, bytes):
