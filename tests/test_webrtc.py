@@ -172,7 +172,7 @@ async def test_unload_stops_sessions_with_stream_stopped(server: RunningServer) 
     try:
         await client.wait_frames(3)
         async with httpx.AsyncClient(base_url=server.url) as http:
-            assert (await http.post("/api/v1/pipeline/unload")).status_code == 200
+            assert (await http.post("/api/v1/pipeline/unload", json={})).status_code == 200
         assert "unloaded" in (await client.wait_message("stream_stopped"))["error_message"]
         assert server.metrics()["wanrt_sessions_active"] == 0
     finally:
