@@ -33,6 +33,7 @@ from serve.schemas import LoadParams
 from serve.settings import ServerSettings
 from serve.webrtc.codecs import configure_codecs
 from serve.webrtc.ice import configure_ice
+from serve.webrtc.session import configure_data_channel
 from serve.webrtc.sessions import SessionManager
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         configure_ice(settings.webrtc)
         configure_codecs(settings.webrtc)
+        configure_data_channel(settings.webrtc)
         pipelines = PipelineManager(
             models_dir=settings.models_dir, engines_dir=settings.engines_dir,
             allow_random_weights=settings.allow_random_weights,

@@ -148,6 +148,7 @@ def test_load_rejects_non_json_body(api: httpx.Client) -> None:
         ({"sdp": "hello", "type": "offer"}, 400, "malformed SDP"),
         ({"sdp": "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n", "type": "offer"}, 400, "no video m-line"),
         ({"sdp": "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n", "type": "offer"}, 400, "malformed SDP"),
+        ({"sdp": "v=0\r\nm=video 9 udp 96\r\n", "type": "offer"}, 400, "missing or malformed"),  # aiortc asserts
         ({"sdp": "v=0\r\n", "type": "answer"}, 400, "type 'offer'"),
         ({"type": "offer"}, 400, "Validation failed"),
         ({"sdp": "v=0", "type": "offer", "initialParameters": {"noise_scale": 3}}, 400, "Validation failed"),

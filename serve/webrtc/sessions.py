@@ -30,10 +30,14 @@ class SessionManager:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def live(self) -> int:
+        """Sessions that hold a slot: connected, or still inside their connect timeout; not the ones closing."""
+        return sum(not session.closing for session in self._sessions.values())
+
     async def create(self, offer: Offer) -> Answer:
         if offer.type != "offer":
             raise InvalidRequest(f"expected an SDP of type 'offer', got {offer.type!r}")
-        if len(self._sessions) + self._starting >= self._settings.max_sessions:
+        if self.live() + self._starting >= self._settings.max_sessions:
             raise CapacityExceeded(
                 f"the server is at its limit of {self._settings.max_sessions} concurrent sessions; "
                 "close one (DELETE /api/v1/webrtc/offer/{sessionId}) or try again later"
