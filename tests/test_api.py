@@ -191,7 +191,9 @@ def test_assets_upload_list_and_serve(api: httpx.Client, server: RunningServer) 
     assert asset["type"] == "image" and asset["name"] == "ref_image.png"
     assert asset["path"].startswith(str(server.assets_dir.resolve()))
     assert asset["name"] in {a["name"] for a in api.get("/api/v1/assets").json()["assets"]}
-    assert api.get(f"/api/v1/assets/{asset['name']}").content == data
+    served = api.get(f"/api/v1/assets/{asset['name']}")
+    assert served.content == data and served.headers["content-type"] == "image/png"
+    assert served.headers["content-disposition"] == 'inline; filename="ref_image.png"'
 
 
 def test_upload_with_traversal_name_stays_in_assets_folder(api: httpx.Client, server: RunningServer) -> None:

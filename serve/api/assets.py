@@ -62,4 +62,11 @@ class AssetController(Controller):
 
     @get("/{path:path}")
     async def serve_asset(self, path: str, state: State) -> File:
-        return File(path=await anyio.to_thread.run_sync(state.assets.resolve, path.lstrip("/")))
+        resolved = await anyio.to_thread.run_sync(state.assets.resolve, path.lstrip("/"))
+        # Inline (an <img> or <video> shows it), named, and never sniffed: the type comes from the content check.
+        return File(
+            path=resolved,
+            filename=resolved.name,
+            content_disposition_type="inline",
+            headers={"X-Content-Type-Options": "nosniff"},
+        )
