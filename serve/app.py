@@ -28,6 +28,7 @@ from serve.api.webrtc import WebRTCController
 from serve.assets import AssetStore
 from serve.errors import InvalidRequest, WanrtError
 from serve.hub import HubDownloads
+from serve.openapi import make_openapi_true
 from serve.pipelines.manager import PipelineManager
 from serve.schemas import LoadParams
 from serve.settings import ServerSettings
@@ -106,7 +107,7 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
             await asyncio.to_thread(models.close)  # stops downloads at their next chunk; partial files stay
             await pipelines.close()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             PipelineController,
             WebRTCController,
@@ -139,6 +140,8 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
             }
         ),
     )
+    make_openapi_true(app)
+    return app
 
 
 def _version() -> str:

@@ -96,6 +96,15 @@ class LoadRequest(Struct, forbid_unknown_fields=True):
     load_params: LoadParams = msgspec.field(default_factory=LoadParams)
 
 
+class ErrorBody(Struct, omit_defaults=True):
+    """Every error reply (serve/app.py's error_response): what went wrong and what to do, and the error's kind."""
+
+    detail: str
+    error: str
+    extra: Any = None
+    """Request-validation errors only: which fields failed, as `[{message, key, source}]`."""
+
+
 class MessageResponse(Struct):
     message: str
 

@@ -12,6 +12,7 @@ from litestar.response import File
 
 from serve.access import BODY_MEDIA_TYPE_OPT
 from serve.errors import BodyTooLarge, InvalidRequest
+from serve.openapi import FILE_MEDIA_TYPES_OPT, errors
 from serve.schemas import Asset, AssetList
 
 UPLOAD_MEDIA_TYPE = "application/octet-stream"
@@ -44,6 +45,7 @@ class AssetController(Controller):
     @post(
         "/",
         status_code=200,
+        responses=errors(413, 415, 507),
         request_max_body_size=None,  # not the JSON limit: read_upload applies the upload limit
         opt={BODY_MEDIA_TYPE_OPT: UPLOAD_MEDIA_TYPE},
     )
@@ -60,7 +62,7 @@ class AssetController(Controller):
     async def list_assets(self, state: State) -> AssetList:
         return AssetList(assets=await anyio.to_thread.run_sync(state.assets.list))
 
-    @get("/{path:path}")
+    @get("/{path:path}", responses=errors(404), opt={FILE_MEDIA_TYPES_OPT: ["image/*", "video/*"]})
     async def serve_asset(self, path: str, state: State) -> File:
         resolved = await anyio.to_thread.run_sync(state.assets.resolve, path.lstrip("/"))
         # Inline (an <img> or <video> shows it), named, and never sniffed: the type comes from the content check.
