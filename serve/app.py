@@ -91,7 +91,7 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
         configure_data_channel(settings.webrtc)
         pipelines = PipelineManager(
             models_dir=settings.models_dir, engines_dir=settings.engines_dir,
-            allow_random_weights=settings.allow_random_weights,
+            allow_random_weights=settings.allow_random_weights, load_timeout_s=settings.load_timeout_s,
         )  # fmt: skip
         sessions = SessionManager(pipelines, settings.webrtc, settings.assets.directory)
         models = HubDownloads(settings.models_dir, settings.hub_endpoint)

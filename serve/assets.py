@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import re
 import time
 from pathlib import Path
 
-from serve.errors import InvalidRequest, UnknownAsset, UnsupportedMedia
+from serve.errors import InsufficientStorage, InvalidRequest, UnknownAsset, UnsupportedMedia
 from serve.schemas import Asset
 
 # (magic-byte test, media type, canonical extension). Content decides the type; the client's extension does not.
@@ -26,6 +27,8 @@ MAX_NAME_CHARS = 100
 MAX_PATH_CHARS = 1024  # schemas.AssetPath allows no more
 MAX_COMPONENT_BYTES = 255  # NAME_MAX: the kernel answers a longer name with ENAMETOOLONG, not "no such file"
 ECHO_CHARS = 80  # how much of a client's bad path an error message repeats
+# The disk is full, the user's quota is spent, or the process may not write files this large (RLIMIT_FSIZE).
+NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def confined_file(root: Path, path: str) -> Path | None:
@@ -91,8 +94,17 @@ class AssetStore:
             path = self._root / f"{stem}-{counter}{ext}"
             counter += 1
         temporary = path.with_name(f".{path.name}.part")
-        temporary.write_bytes(data)
-        temporary.replace(path)  # readers never see a half-written file
+        try:
+            temporary.write_bytes(data)
+            temporary.replace(path)  # readers never see a half-written file
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            if exc.errno in NO_ROOM_ERRNOS:
+                raise InsufficientStorage(
+                    f"the server has no room for this {len(data) / 2**20:.1f} MiB upload; free space in its asset "
+                    "folder (or ask its operator to) and upload again"
+                ) from None
+            raise
         return self._describe(path, kind)
 
     def list(self) -> list[Asset]:

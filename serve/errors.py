@@ -105,3 +105,7 @@ class InsufficientStorage(WanrtError):
     """The asset folder's disk (or the server's file-size limit) has no room for an upload."""
 
     status_code = 507
+
+
+class FrameConversionError(WanrtError):
+    """An input frame could not be turned into the pipeline's RGB frames; it ends that stream (a data-channel reply)."""

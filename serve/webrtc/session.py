@@ -22,7 +22,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription, rtcsctptransport
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
 
-from serve.errors import InvalidParameters, InvalidRequest
+from serve.errors import FrameConversionError, InvalidParameters, InvalidRequest, WanrtError
 from serve.pipelines.base import Pipeline
 from serve.pipelines.spec import PipelineSpec
 from serve.pipelines.worker import FrameStamp, PipelineWorker, StreamSlot
@@ -204,7 +204,14 @@ class PeerSession:
 
     def _to_array(self, frame: VideoFrame) -> np.ndarray:
         # Runs on the worker thread: one swscale pass converts to RGB and resizes to the loaded resolution.
-        return frame.reformat(width=self.pipeline.width, height=self.pipeline.height, format="rgb24").to_ndarray()
+        width, height = self.pipeline.width, self.pipeline.height
+        try:
+            return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+        except Exception as exc:  # av raises ValueError, OSError or its own errors
+            raise FrameConversionError(
+                f"could not convert a {frame.width}×{frame.height} {frame.format.name} input frame to {width}×{height} "
+                f"RGB ({type(exc).__name__}); the stream ends. Send a common camera format, or reload the pipeline"
+            ) from exc
 
     def _wake_worker(self) -> None:
         self.slot.wake()
@@ -294,8 +301,16 @@ class PeerSession:
             self.close_soon(None)
 
     def _on_pipeline_error(self, exc: BaseException) -> None:
-        # Called on the worker thread.
-        self._loop.call_soon_threadsafe(self.close_soon, f"pipeline error: {type(exc).__name__}: {exc}")
+        # Called on the worker thread, which logged the traceback. The client hears our own messages in full, and of
+        # anything else only its kind: exception texts may name the server's files.
+        if isinstance(exc, WanrtError):
+            reason = str(exc)
+        else:
+            reason = (
+                f"pipeline error ({type(exc).__name__}) while generating this stream; the server logged the details. "
+                "Reconnect to start a new stream"
+            )
+        self._loop.call_soon_threadsafe(self.close_soon, reason)
 
     @property
     def closing(self) -> bool:
