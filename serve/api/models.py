@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from litestar import Controller, Response, get, post
 from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
 
 from serve.openapi import errors
 from serve.pipelines.registry import get_spec
@@ -16,7 +19,7 @@ class ModelsController(Controller):
     tags = ["models"]
 
     @get("/status", responses=errors(404))
-    async def status(self, pipeline_id: str, state: State) -> ModelsStatus:
+    async def status(self, pipeline_id: Annotated[str, Parameter(max_length=64)], state: State) -> ModelsStatus:
         """Per-file presence and the download's progress; `downloaded` is true once every file is present."""
         return state.models.status(get_spec(pipeline_id))
 

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from serve.assets import echo
 from serve.errors import CapacityExceeded, InvalidRequest, UnknownSession
 from serve.pipelines.manager import PipelineManager
 from serve.schemas import Answer, IceCandidate, Offer
@@ -74,7 +75,7 @@ class SessionManager:
         try:
             return self._sessions[session_id]
         except KeyError:
-            raise UnknownSession(f"no session {session_id!r}; it ended or never existed") from None
+            raise UnknownSession(f"no session {echo(session_id)}; it ended or never existed") from None
 
     async def add_candidates(self, session_id: str, candidates: list[IceCandidate]) -> None:
         await self.get(session_id).add_candidates(candidates)
