@@ -25,7 +25,7 @@ PATH_PARAMETER = re.compile(r"\{[^}]+\}")
 
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    with run_server(tmp_path_factory.mktemp("token"), "--api-token", TOKEN) as running:
+    with run_server(tmp_path_factory.mktemp("token"), "--api-token", TOKEN, "--allowed-host", "wanrt.lan") as running:
         yield running
 
 
@@ -50,6 +50,13 @@ def test_with_a_token_every_api_route_needs_it(token_server: RunningServer) -> N
         assert http.get("/api/v1/pipeline/status", headers=bearer()).json()["status"] == "not_loaded"
         assert http.post("/api/v1/pipeline/load", json={"pipeline_id": "passthrough"}, headers=bearer()).is_success
         assert http.get("/metrics", headers=bearer()).status_code == 200
+
+
+def test_a_configured_host_name_is_answered(token_server: RunningServer) -> None:
+    port = token_server.url.rsplit(":", 1)[1]
+    for host, status in ((f"wanrt.lan:{port}", 200), ("WANRT.LAN", 200), (f"other.lan:{port}", 400)):
+        response = httpx.get(f"{token_server.url}/api/v1/pipeline/status", headers={"host": host, **bearer()})
+        assert response.status_code == status, (host, response.text)
 
 
 def test_a_browser_may_send_the_token_after_the_preflight(token_server: RunningServer) -> None:

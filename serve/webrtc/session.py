@@ -165,7 +165,7 @@ class PeerSession:
             self._check_media_section(candidate)
             try:
                 await self.pc.addIceCandidate(parsed)
-            except Exception as exc:  # e.g. an sdpMid that names no media section
+            except Exception as exc:  # aiortc parses and pairs it here; any failure means a candidate it cannot use
                 raise InvalidRequest(f"ICE candidate not accepted: {type(exc).__name__}: {exc}") from None
 
     def _check_media_section(self, candidate: IceCandidate) -> None:
