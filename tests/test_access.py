@@ -152,3 +152,20 @@ def test_an_open_bind_without_a_token_warns_and_answers_the_machine_names(tmp_pa
 def test_a_token_silences_the_warning(tmp_path: Path) -> None:
     with run_server(tmp_path, "--host", "0.0.0.0", "--api-token", TOKEN) as running:
         assert "without an API token" not in running.log()
+
+
+@pytest.mark.browser
+def test_the_browser_page_takes_the_token_from_its_address_once(token_server: RunningServer) -> None:
+    with launch_chromium() as browser:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(f"{token_server.url}/#token={TOKEN}")
+        page.wait_for_selector("#pipeline-passthrough", timeout=15_000)  # listed from an API call with the token
+        assert "token" not in page.url  # taken out of the address bar (and so out of its history)
+        page.goto(f"{token_server.url}/")
+        page.wait_for_selector("#pipeline-passthrough", timeout=15_000)  # kept in this browser's localStorage
+        context.close()
+        stranger = browser.new_context().new_page()
+        with stranger.expect_response(lambda r: "/api/v1/" in r.url) as first_call:
+            stranger.goto(f"{token_server.url}/")
+        assert first_call.value.status == 401
