@@ -7,8 +7,9 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
 ENGINE_ARGS ?=
+SOAK_MINUTES ?= 10
 
-.PHONY: install serve test lint bench clean engines
+.PHONY: install serve test lint bench soak clean engines
 
 # torch is pinned and installed first: an unpinned resolve pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -42,3 +43,8 @@ clean:
 
 bench: install
 	$(PY) -m benchmarks.serve_passthrough
+
+# Two servers for SOAK_MINUTES (a tiny random-weight model stream; a passthrough stream with sessions joining and
+# leaving): RSS, fds, threads and sessions every 30 s, and their slopes. Results go in benchmarks/RESULTS.md.
+soak: install
+	$(PY) -m benchmarks.soak --minutes $(SOAK_MINUTES)

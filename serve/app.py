@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
@@ -18,6 +19,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.static_files import create_static_files_router
 
+from serve.access import PUBLIC_OPT, RequestGate, is_loopback
 from serve.api.assets import AssetController
 from serve.api.loras import LoraController
 from serve.api.models import ModelsController
@@ -27,8 +29,9 @@ from serve.api.sessions import SessionController
 from serve.api.system import SystemController
 from serve.api.webrtc import WebRTCController
 from serve.assets import AssetStore
-from serve.errors import WanrtError
+from serve.errors import InvalidRequest, WanrtError
 from serve.hub import HubDownloads
+from serve.openapi import make_openapi_true
 from serve.pipelines.loras import LoraCatalog
 from serve.pipelines.manager import PipelineManager
 from serve.recording import RecordingStore
@@ -36,42 +39,64 @@ from serve.schemas import LoadParams
 from serve.settings import ServerSettings
 from serve.webrtc.codecs import configure_codecs
 from serve.webrtc.ice import configure_ice
+from serve.webrtc.session import configure_data_channel
 from serve.webrtc.sessions import SessionManager
 
 log = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).parent / "web"
-JSON_BODY_LIMIT_BYTES = 1_000_000
+
+
+class BoundedJsonRequest(Request):
+    """JSON bodies are already capped in bytes (`request_max_body_size`); this bounds their nesting too."""
+
+    async def json(self) -> Any:
+        try:
+            return await super().json()
+        except RecursionError:  # msgspec's decoder stops at the interpreter's recursion limit
+            raise InvalidRequest(
+                "the JSON body is nested too deeply; no request of this API nests more than a few levels"
+            ) from None
 
 
 def error_response(request: Request, exc: Exception) -> Response:
-    """Every error leaves the server as `{"detail", "error"}` JSON with its status code."""
+    """Every error leaves the server as `{"detail", "error"}` JSON with its status code, and never a traceback."""
     if isinstance(exc, WanrtError):
-        return Response({"detail": str(exc), "error": type(exc).__name__}, status_code=exc.status_code)
+        body = {"detail": str(exc), "error": type(exc).__name__}
+        return Response(body, status_code=exc.status_code, headers=exc.headers)
     if isinstance(exc, HTTPException):
         detail = exc.detail
-        if exc.status_code == 413:
-            limit_mb = request.app.state.settings.assets.max_upload_bytes / 2**20
-            detail = f"request body over the {limit_mb:g} MB limit (the server's --max-upload-mb sets it)"
+        if exc.status_code == 413:  # only JSON routes leave the limit to Litestar; uploads raise BodyTooLarge
+            limit = request.app.state.settings.limits.max_json_body_bytes
+            detail = f"JSON bodies are limited to {limit} bytes (the server's --max-json-body-bytes sets it)"
         body = {"detail": detail, "error": type(exc).__name__}
         if exc.extra:
             body["extra"] = exc.extra
-        return Response(body, status_code=exc.status_code)
+        return Response(body, status_code=exc.status_code, headers=exc.headers)  # e.g. 405's Allow
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return Response(
-        {"detail": f"internal error: {type(exc).__name__}: {exc}", "error": "InternalError"}, status_code=500
+        {"detail": "internal error; the server logged it, please report it with the time", "error": "InternalError"},
+        status_code=500,
     )
 
 
 def create_app(settings: ServerSettings | None = None) -> Litestar:
     settings = settings or ServerSettings.from_env()
+    if not is_loopback(settings.host) and settings.access.api_token is None:
+        log.warning(
+            "\n%s\nwanrt is bound to %s without an API token: anyone who can reach this address can load "
+            "pipelines, stream and upload files. Set WANRT_API_TOKEN (or --api-token) to require "
+            "'Authorization: Bearer <token>'.\n%s",
+            "!" * 100, settings.host, "!" * 100,
+        )  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         configure_ice(settings.webrtc)
         configure_codecs(settings.webrtc)
+        configure_data_channel(settings.webrtc)
         pipelines = PipelineManager(
             models_dir=settings.models_dir, engines_dir=settings.engines_dir, lora_dir=settings.lora_folder,
-            allow_random_weights=settings.allow_random_weights,
+            allow_random_weights=settings.allow_random_weights, load_timeout_s=settings.load_timeout_s,
         )  # fmt: skip
         loras = LoraCatalog(settings.lora_folder)
         recordings = RecordingStore(settings.recordings)
@@ -96,7 +121,7 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
             await pipelines.close()
             loras.close()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             PipelineController,
             WebRTCController,
@@ -106,17 +131,21 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
             LoraController,
             ModelsController,
             SystemController,
-            create_static_files_router(path="/", directories=[WEB_DIR], html_mode=True, include_in_schema=False),
+            create_static_files_router(
+                path="/", directories=[WEB_DIR], html_mode=True, include_in_schema=False, opt={PUBLIC_OPT: True}
+            ),
         ],
         lifespan=[lifespan],
+        middleware=[RequestGate(settings.access, settings.host)],
         exception_handlers={Exception: error_response},
         cors_config=CORSConfig(
             allow_origins=list(settings.cors.extra_origins),
             allow_origin_regex=settings.cors.origin_regex,
             allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
-            allow_headers=["content-type"],
+            allow_headers=["content-type", "authorization"],
         ),
-        request_max_body_size=max(settings.assets.max_upload_bytes, JSON_BODY_LIMIT_BYTES),
+        request_class=BoundedJsonRequest,
+        request_max_body_size=settings.limits.max_json_body_bytes,  # the upload route sets its own
         openapi_config=OpenAPIConfig(title="wanrt", version=_version(), path="/schema"),
         state=State(
             {
@@ -128,6 +157,8 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
             }
         ),
     )
+    make_openapi_true(app)
+    return app
 
 
 def _version() -> str:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import re
 import time
 from pathlib import Path
 
-from serve.errors import InvalidRequest, UnknownAsset, UnsupportedMedia
+from serve.errors import InsufficientStorage, InvalidRequest, UnknownAsset, UnsupportedMedia
 from serve.schemas import Asset
 
 # (magic-byte test, media type, canonical extension). Content decides the type; the client's extension does not.
@@ -23,6 +24,37 @@ _SIGNATURES: tuple[tuple[object, str, str], ...] = (
 )
 EXTENSIONS = {ext: kind for _, kind, ext in _SIGNATURES} | {".jpeg": "image", ".mkv": "video"}
 MAX_NAME_CHARS = 100
+MAX_PATH_CHARS = 1024  # schemas.AssetPath allows no more
+MAX_COMPONENT_BYTES = 255  # NAME_MAX: the kernel answers a longer name with ENAMETOOLONG, not "no such file"
+ECHO_CHARS = 80  # how much of a client's bad path an error message repeats
+# The disk is full, the user's quota is spent, or the process may not write files this large (RLIMIT_FSIZE).
+NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def confined_file(root: Path, path: str) -> Path | None:
+    """The regular file `path` names inside the resolved folder `root` (relative to it, or absolute inside it), or
+    None for anything else: outside it, hidden, missing, or a string no file can have (NUL, over-long parts).
+
+    The shape is checked before the filesystem sees the string, and OS errors count as "no such file", because
+    those errors carry the server's absolute paths and must never reach a reply.
+    """
+    if not path or len(path) > MAX_PATH_CHARS or "\0" in path:
+        return None
+    try:
+        if any(len(part.encode()) > MAX_COMPONENT_BYTES for part in path.split("/")):
+            return None
+        candidate = Path(path)
+        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        if not resolved.is_relative_to(root) or resolved.name.startswith(".") or not resolved.is_file():
+            return None
+    except (OSError, ValueError):  # UnicodeEncodeError (a lone surrogate) is a ValueError
+        return None
+    return resolved
+
+
+def echo(text: str) -> str:
+    """A client's string, quoted and shortened, for an error message."""
+    return repr(text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "…")
 
 
 def sniff_media(data: bytes) -> tuple[str, str]:
@@ -62,8 +94,17 @@ class AssetStore:
             path = self._root / f"{stem}-{counter}{ext}"
             counter += 1
         temporary = path.with_name(f".{path.name}.part")
-        temporary.write_bytes(data)
-        temporary.replace(path)  # readers never see a half-written file
+        try:
+            temporary.write_bytes(data)
+            temporary.replace(path)  # readers never see a half-written file
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            if exc.errno in NO_ROOM_ERRNOS:
+                raise InsufficientStorage(
+                    f"the server has no room for this {len(data) / 2**20:.1f} MiB upload; free space in its asset "
+                    "folder (or ask its operator to) and upload again"
+                ) from None
+            raise
         return self._describe(path, kind)
 
     def list(self) -> list[Asset]:
@@ -76,10 +117,9 @@ class AssetStore:
 
     def resolve(self, path: str) -> Path:
         """A served path: relative to the asset folder, or absolute inside it; nothing outside."""
-        candidate = Path(path)
-        resolved = (candidate if candidate.is_absolute() else self._root / candidate).resolve()
-        if not resolved.is_relative_to(self._root) or not resolved.is_file() or resolved.name.startswith("."):
-            raise UnknownAsset(f"no asset {path!r}; GET /api/v1/assets lists them")
+        resolved = confined_file(self._root, path)
+        if resolved is None:
+            raise UnknownAsset(f"no asset {echo(path)}; GET /api/v1/assets lists them")
         return resolved
 
     def _describe(self, path: Path, kind: str) -> Asset:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from build_engines.commands import add_engines_parser
 from build_engines.commands import run as run_engines_command
-from serve.settings import CorsSettings, ServerSettings
+from serve.settings import AccessSettings, CorsSettings, RequestLimits, ServerSettings
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -45,6 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ORIGIN",
         help="also admit this exact origin (repeatable); localhost and 127.0.0.1 on any port are always admitted",
     )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header is NAME (repeatable; env WANRT_ALLOWED_HOSTS, comma-separated); "
+        "localhost, loopback addresses and the bound address always are",
+    )
+    serve.add_argument(
+        "--api-token",
+        default=defaults.access.api_token,
+        help="require 'Authorization: Bearer TOKEN' on every /api/v1 route and /metrics (env WANRT_API_TOKEN, "
+        "which keeps it out of the process list)",
+    )
     serve.add_argument("--ice-server", action="append", default=[], metavar="URL", help="STUN/TURN URL (repeatable)")
     serve.add_argument(
         "--ice-interfaces",
@@ -59,8 +73,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.webrtc.peer_timeout_s,
         help="free a session whose peer stops answering ICE consent checks for this long",
     )
+    serve.add_argument(
+        "--connect-timeout-s",
+        type=float,
+        default=defaults.webrtc.connect_timeout_s,
+        help="close an offer whose peer has not connected this long after the answer (env WANRT_CONNECT_TIMEOUT_S)",
+    )
+    serve.add_argument(
+        "--load-timeout-s",
+        type=float,
+        default=defaults.load_timeout_s,
+        help="report a pipeline load still running after this long as failed (env WANRT_LOAD_TIMEOUT_S)",
+    )
     serve.add_argument("--assets-dir", type=Path, default=defaults.assets.directory)
-    serve.add_argument("--max-upload-mb", type=int, default=defaults.assets.max_upload_bytes // 2**20)
+    serve.add_argument(
+        "--max-upload-mb",
+        type=int,
+        default=defaults.assets.max_upload_bytes // 2**20,
+        help="largest upload in MiB (env WANRT_MAX_UPLOAD_MB; default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-json-body-bytes",
+        type=int,
+        default=defaults.limits.max_json_body_bytes,
+        help="largest JSON request body (env WANRT_MAX_JSON_BODY_BYTES; default %(default)s)",
+    )
     serve.add_argument(
         "--models-dir", type=Path, default=defaults.models_dir, help="weight files (env WANRT_MODELS_DIR)"
     )
@@ -114,18 +151,25 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         host=args.host,
         port=args.port,
         preload_pipeline=args.pipeline,
+        load_timeout_s=args.load_timeout_s,
         allow_random_weights=args.allow_random_weights,
         models_dir=args.models_dir,
         lora_dir=args.lora_dir,
         engines_dir=args.engines_dir,
         hub_endpoint=args.hub_endpoint.rstrip("/"),
         cors=CorsSettings(extra_origins=tuple(args.cors_allow_origin)),
+        access=AccessSettings(
+            api_token=args.api_token or None,
+            allowed_hosts=tuple(args.allowed_host) or defaults.access.allowed_hosts,
+        ),
+        limits=RequestLimits(max_json_body_bytes=args.max_json_body_bytes),
         webrtc=dataclasses.replace(
             defaults.webrtc,
             ice_servers=tuple(args.ice_server) or defaults.webrtc.ice_servers,
             ice_interfaces=args.ice_interfaces,
             max_sessions=args.max_sessions,
             peer_timeout_s=args.peer_timeout_s,
+            connect_timeout_s=args.connect_timeout_s,
         ),
         assets=dataclasses.replace(
             defaults.assets, directory=args.assets_dir, max_upload_bytes=args.max_upload_mb * 2**20

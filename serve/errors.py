@@ -5,9 +5,12 @@ Each message says what went wrong and what to do about it, because it is what an
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class WanrtError(Exception):
     status_code = 500
+    headers: ClassVar[dict[str, str]] = {}
 
 
 class InvalidRequest(WanrtError):
@@ -89,3 +92,36 @@ class NoFrameYet(WanrtError):
     """The session has not sent an output frame yet (its first chunk is still being made)."""
 
     status_code = 409
+
+
+class BodyTooLarge(WanrtError):
+    status_code = 413
+
+
+class WrongContentType(WanrtError):
+    """A state-changing request whose Content-Type is not the route's (JSON, or octet-stream for uploads)."""
+
+    status_code = 415
+
+
+class HostNotAllowed(WanrtError):
+    """The `Host` header names neither loopback, the bound address nor a configured name (DNS rebinding)."""
+
+    status_code = 400
+
+
+class Unauthorized(WanrtError):
+    """The server has an API token and the request did not carry it."""
+
+    status_code = 401
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer realm="wanrt"'}
+
+
+class InsufficientStorage(WanrtError):
+    """The asset folder's disk (or the server's file-size limit) has no room for an upload."""
+
+    status_code = 507
+
+
+class FrameConversionError(WanrtError):
+    """An input frame could not be turned into the pipeline's RGB frames; it ends that stream (a data-channel reply)."""

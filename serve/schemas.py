@@ -113,6 +113,15 @@ class LoadRequest(Struct, forbid_unknown_fields=True):
     load_params: LoadParams = msgspec.field(default_factory=LoadParams)
 
 
+class ErrorBody(Struct, omit_defaults=True):
+    """Every error reply (serve/app.py's error_response): what went wrong and what to do, and the error's kind."""
+
+    detail: str
+    error: str
+    extra: Any = None
+    """Request-validation errors only: which fields failed, as `[{message, key, source}]`."""
+
+
 class MessageResponse(Struct):
     message: str
 
@@ -199,9 +208,12 @@ class IceServers(Struct):
     iceServers: list[IceServer]
 
 
+MAX_SDP_CHARS = 32_768  # a browser's offer is 3 to 10 KB; serve/webrtc/session.py also bounds its sections
+
+
 class Offer(Struct, forbid_unknown_fields=True):
-    sdp: Annotated[str, Meta(max_length=200_000)]
-    type: str
+    sdp: Annotated[str, Meta(max_length=MAX_SDP_CHARS)]
+    type: Annotated[str, Meta(max_length=16, description="always 'offer'")]
     initialParameters: InitialParameters | None = None
 
 
@@ -213,9 +225,9 @@ class Answer(Struct):
 
 class IceCandidate(Struct, forbid_unknown_fields=True):
     candidate: Annotated[str, Meta(max_length=1024)]
-    sdpMid: str | None = None
-    sdpMLineIndex: int | None = None
-    usernameFragment: str | None = None
+    sdpMid: Annotated[str, Meta(max_length=64)] | None = None
+    sdpMLineIndex: Annotated[int, Meta(ge=0, le=1023)] | None = None
+    usernameFragment: Annotated[str, Meta(max_length=256)] | None = None
 
 
 class CandidatesRequest(Struct, forbid_unknown_fields=True):

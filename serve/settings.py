@@ -25,6 +25,26 @@ class CorsSettings:
 
 
 @dataclass(frozen=True)
+class AccessSettings:
+    """Who may drive the server. A web page the user visits must not: state-changing routes take only JSON (so a
+    cross-origin call needs the CORS preflight), a `Host` outside this list is refused (DNS rebinding), and with a
+    token every API and WebRTC route needs `Authorization: Bearer <token>`."""
+
+    api_token: str | None = None
+    """Bearer token required on every /api/v1 route and /metrics when set (`--api-token`, env WANRT_API_TOKEN)."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Names accepted in the `Host` header besides loopback names and the bound address (`--allowed-host`)."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on what one HTTP request may make the server read."""
+
+    max_json_body_bytes: int = 2**20
+    """Largest JSON body; a larger one gets 413 before any of it is decoded. Uploads have their own limit."""
+
+
+@dataclass(frozen=True)
 class WebRTCSettings:
     ice_servers: tuple[str, ...] = ()
     """STUN/TURN URLs handed to clients and used by the server. Empty: host candidates only (offline by default)."""
@@ -34,6 +54,8 @@ class WebRTCSettings:
     """Concurrent WebRTC sessions; an offer past this gets 503."""
     peer_timeout_s: float = 15.0
     """A peer that answers no ICE consent check for this long is considered gone and its session is freed."""
+    connect_timeout_s: float = 10.0
+    """An offer whose peer has not connected (ICE + DTLS) this long after the answer is closed and its slot freed."""
     max_message_bytes: int = 65536
     """Largest data-channel message accepted; larger ones get an error reply."""
     stats_interval_s: float = 1.0
@@ -48,8 +70,8 @@ class WebRTCSettings:
 class AssetSettings:
     directory: Path = field(default_factory=lambda: Path.home() / ".wanrt" / "assets")
     """Uploaded images and videos live here and nowhere else."""
-    max_upload_bytes: int = 50 * 1024 * 1024
-    """Largest accepted upload; larger bodies get 413."""
+    max_upload_bytes: int = 50 * 2**20
+    """Largest accepted upload (`--max-upload-mb` counts MiB, 2**20 bytes); larger bodies get 413."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +90,9 @@ class ServerSettings:
     port: int = 8000
     preload_pipeline: str | None = None
     """Pipeline id loaded at start (Scope's `PIPELINE` environment variable)."""
+    load_timeout_s: float = 1800.0
+    """A pipeline load still running after this long is reported as failed (its thread cannot be stopped; whatever
+    it builds later is freed), so a hung load never leaves the server "loading" for good."""
     allow_random_weights: bool = False
     """Accept the `random_weights` load parameter (tiny config, seeded random weights) for demos and tests."""
     models_dir: Path = field(default_factory=lambda: Path.home() / ".wanrt" / "models")
@@ -80,6 +105,8 @@ class ServerSettings:
     hub_endpoint: str = "https://huggingface.co"
     """Hugging Face hub (or a mirror) that weight downloads fetch from (env HF_ENDPOINT, huggingface_hub's name)."""
     cors: CorsSettings = field(default_factory=CorsSettings)
+    access: AccessSettings = field(default_factory=AccessSettings)
+    limits: RequestLimits = field(default_factory=RequestLimits)
     webrtc: WebRTCSettings = field(default_factory=WebRTCSettings)
     assets: AssetSettings = field(default_factory=AssetSettings)
     recordings: RecordingSettings = field(default_factory=RecordingSettings)
@@ -97,16 +124,25 @@ class ServerSettings:
             host=env.get("WANRT_HOST", cls.host),
             port=int(env.get("WANRT_PORT", cls.port)),
             preload_pipeline=env.get("PIPELINE") or None,
+            load_timeout_s=float(env.get("WANRT_LOAD_TIMEOUT_S", cls.load_timeout_s)),
             allow_random_weights=env.get("WANRT_ALLOW_RANDOM_WEIGHTS", "") in ("1", "true", "yes"),
             models_dir=Path(env.get("WANRT_MODELS_DIR", home / "models")),
             lora_dir=Path(env["WANRT_LORA_DIR"]) if env.get("WANRT_LORA_DIR") else None,
             engines_dir=Path(env.get("WANRT_ENGINES_DIR", home / "engines")),
             hub_endpoint=env.get("HF_ENDPOINT", cls.hub_endpoint).rstrip("/"),
+            access=AccessSettings(
+                api_token=env.get("WANRT_API_TOKEN") or None,
+                allowed_hosts=tuple(h for h in env.get("WANRT_ALLOWED_HOSTS", "").split(",") if h),
+            ),
+            limits=RequestLimits(
+                max_json_body_bytes=int(env.get("WANRT_MAX_JSON_BODY_BYTES", RequestLimits.max_json_body_bytes))
+            ),
             webrtc=WebRTCSettings(
                 ice_servers=tuple(u for u in env.get("WANRT_ICE_SERVERS", "").split(",") if u),
                 ice_interfaces=env.get("WANRT_ICE_INTERFACES", WebRTCSettings.ice_interfaces),
                 max_sessions=int(env.get("WANRT_MAX_SESSIONS", WebRTCSettings.max_sessions)),
                 peer_timeout_s=float(env.get("WANRT_PEER_TIMEOUT_S", WebRTCSettings.peer_timeout_s)),
+                connect_timeout_s=float(env.get("WANRT_CONNECT_TIMEOUT_S", WebRTCSettings.connect_timeout_s)),
             ),
             assets=AssetSettings(
                 directory=Path(env.get("WANRT_ASSETS_DIR", home / "assets")),

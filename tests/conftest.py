@@ -8,7 +8,7 @@ from tests.support.server import RunningServer, run_server
 
 PEER_TIMEOUT_S = 3.0
 MAX_SESSIONS = 4
-MAX_UPLOAD_MB = 1
+MAX_UPLOAD_MB = 2  # above the 1 MiB JSON limit, so the two limits can be told apart
 
 
 @pytest.fixture(scope="module")

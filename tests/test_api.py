@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 import zlib
 from collections.abc import Iterator
@@ -30,6 +31,11 @@ def png_bytes(width: int = 2, height: int = 2) -> bytes:
     rows = b"".join(b"\x00" + b"\x80\x40\x20" * width for _ in range(height))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def upload(api: httpx.Client, data: bytes, filename: str | None = None) -> httpx.Response:
+    params = {"filename": filename} if filename is not None else {}
+    return api.post("/api/v1/assets", params=params, content=data, headers={"content-type": "application/octet-stream"})
 
 
 @pytest.fixture
@@ -107,7 +113,7 @@ def test_load_accepts_seed_and_scope_forms(api: httpx.Client, server: RunningSer
 
 def test_unload_then_offer_says_pipeline_not_loaded(api: httpx.Client, server: RunningServer) -> None:
     load_pipeline(server.url, "passthrough")
-    assert api.post("/api/v1/pipeline/unload").status_code == 200
+    assert api.post("/api/v1/pipeline/unload", json={}).status_code == 200
     assert api.get("/api/v1/pipeline/status").json()["status"] == "not_loaded"
     detail = error_of(api.post("/api/v1/webrtc/offer", json={"sdp": "v=0\r\n", "type": "offer"}), 400)
     assert "Pipeline not loaded" in detail
@@ -145,19 +151,25 @@ def test_load_rejects_non_json_body(api: httpx.Client) -> None:
         ({"sdp": "hello", "type": "offer"}, 400, "malformed SDP"),
         ({"sdp": "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n", "type": "offer"}, 400, "no video m-line"),
         ({"sdp": "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n", "type": "offer"}, 400, "malformed SDP"),
+        ({"sdp": "v=0\r\nm=video 9 udp 96\r\n", "type": "offer"}, 400, "missing or malformed"),  # aiortc asserts
         ({"sdp": "v=0\r\n", "type": "answer"}, 400, "type 'offer'"),
         ({"type": "offer"}, 400, "Validation failed"),
         ({"sdp": "v=0", "type": "offer", "initialParameters": {"noise_scale": 3}}, 400, "Validation failed"),
         ({"sdp": "v=0", "type": "offer", "initialParameters": {"kv_cache_attention_bias": 0.5}}, 422, "not a runtime"),
         ({"sdp": "v=0", "type": "offer", "initialParameters": {"denoising_step_list": [250, 750]}}, 422, "descending"),
         ({"sdp": "v=0", "type": "offer", "initialParameters": {"vace_ref_images": ["/etc/passwd"]}}, 422, "asset"),
+        ({"sdp": "v=0", "type": "offer", "initialParameters": {"vace_ref_images": ["a\0b"]}}, 422, "asset"),
+        ({"sdp": "v=0", "type": "offer", "initialParameters": {"first_frame_image": "a" * 300}}, 422, "asset"),
+        ({"sdp": "v=0", "type": "offer", "initialParameters": {"last_frame_image": "x/" + "b" * 256}}, 422, "asset"),
     ],
 )
 def test_offer_rejects_bad_requests(
     api: httpx.Client, server: RunningServer, body: dict, status: int, needle: str
 ) -> None:
     load_pipeline(server.url, "passthrough")
-    assert needle in error_of(api.post("/api/v1/webrtc/offer", json=body), status)
+    response = api.post("/api/v1/webrtc/offer", json=body)
+    assert needle in error_of(response, status)
+    assert_no_server_path(response, server)
     assert server.metrics()["wanrt_sessions_active"] == 0  # a rejected offer leaves no half-made session
 
 
@@ -182,12 +194,14 @@ def test_assets_upload_list_and_serve(api: httpx.Client, server: RunningServer) 
     assert asset["type"] == "image" and asset["name"] == "ref_image.png"
     assert asset["path"].startswith(str(server.assets_dir.resolve()))
     assert asset["name"] in {a["name"] for a in api.get("/api/v1/assets").json()["assets"]}
-    assert api.get(f"/api/v1/assets/{asset['name']}").content == data
+    served = api.get(f"/api/v1/assets/{asset['name']}")
+    assert served.content == data and served.headers["content-type"] == "image/png"
+    assert served.headers["content-disposition"] == 'inline; filename="ref_image.png"'
 
 
 def test_upload_with_traversal_name_stays_in_assets_folder(api: httpx.Client, server: RunningServer) -> None:
     for name in ("../../escape.png", "..\\..\\escape.png", "/etc/escape.png", ".hidden.png"):
-        response = api.post("/api/v1/assets", params={"filename": name}, content=png_bytes())
+        response = upload(api, png_bytes(), name)
         assert response.status_code == 200, response.text
         path = response.json()["path"]
         assert path.startswith(str(server.assets_dir.resolve()) + "/"), path
@@ -195,17 +209,31 @@ def test_upload_with_traversal_name_stays_in_assets_folder(api: httpx.Client, se
 
 
 def test_upload_checks_content_not_extension(api: httpx.Client) -> None:
-    detail = error_of(api.post("/api/v1/assets", params={"filename": "x.png"}, content=b"#!/bin/sh\nrm -rf /\n"), 415)
+    detail = error_of(upload(api, b"#!/bin/sh\nrm -rf /\n", "x.png"), 415)
     assert "images" in detail
-    response = api.post("/api/v1/assets", params={"filename": "really-a-png.jpg"}, content=png_bytes())
+    response = upload(api, png_bytes(), "really-a-png.jpg")
     assert response.json()["name"] == "really-a-png.png"
 
 
 def test_upload_rejects_oversized_empty_and_nameless(api: httpx.Client) -> None:
     too_big = png_bytes() + b"\0" * (MAX_UPLOAD_MB * 2**20 + 1)
-    error_of(api.post("/api/v1/assets", params={"filename": "big.png"}, content=too_big), 413)
-    error_of(api.post("/api/v1/assets", params={"filename": "empty.png"}, content=b""), 400)
-    error_of(api.post("/api/v1/assets", content=png_bytes()), 400)
+    error_of(upload(api, too_big, "big.png"), 413)
+    error_of(upload(api, b"", "empty.png"), 400)
+    error_of(upload(api, png_bytes()), 400)
+
+
+def assert_no_server_path(response: httpx.Response, server: RunningServer) -> None:
+    for folder in {str(server.assets_dir.resolve()), str(server.assets_dir.resolve().parent)}:
+        assert folder not in response.text, response.text
+
+
+@pytest.mark.parametrize("path", ["a%00b.png", "a" * 300 + ".png", f"{'b' * 256}/x.png", "%ED%A0%80.png"])
+def test_asset_paths_no_file_can_have_are_404_without_server_paths(
+    api: httpx.Client, server: RunningServer, path: str
+) -> None:
+    response = api.get(f"/api/v1/assets/{path}")
+    assert "no asset" in error_of(response, 404)
+    assert_no_server_path(response, server)
 
 
 def test_assets_outside_the_folder_are_not_served(api: httpx.Client) -> None:
@@ -238,3 +266,83 @@ def test_cors_admits_only_local_origins(api: httpx.Client, origin: str, allowed:
     simple = api.get("/api/v1/pipeline/status", headers={"Origin": origin})
     for response in (preflight, simple):
         assert (response.headers.get("access-control-allow-origin") == origin) is allowed, response.headers
+
+
+def test_json_bodies_are_capped_well_below_the_upload_limit(api: httpx.Client, server: RunningServer) -> None:
+    padding = "x" * (3 * 2**19)  # 1.5 MiB: under the 2 MiB upload limit, over the 1 MiB JSON limit
+    body = {"pipeline_id": "passthrough", "load_params": {}, "pad": padding}
+    assert "JSON bodies are limited" in error_of(api.post("/api/v1/pipeline/load", json=body), 413)
+    assert upload(api, png_bytes() + b"\0" * (3 * 2**19), "big-but-allowed.png").status_code == 200
+
+
+def test_an_oversized_json_body_is_refused_before_it_is_sent(server: RunningServer) -> None:
+    """Content-Length alone decides: the server answers 413 without waiting for (or reading) the body."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            b"POST /api/v1/pipeline/load HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1572864\r\n\r\n{"  # 1.5 MiB: over the JSON limit, under the upload limit
+        )
+        reply = sock.recv(4096).decode(errors="replace")  # times out (the test fails) if the server waits
+    assert reply.startswith("HTTP/1.1 413"), reply
+
+
+@pytest.mark.parametrize("opening", ["[", '{"a":'])
+def test_deeply_nested_json_is_400(api: httpx.Client, opening: str) -> None:
+    closing = "]" if opening == "[" else "}"
+    body = '{"pipeline_id": "passthrough", "load_params": ' + opening * 5000 + "1" + closing * 5000 + "}"
+    response = api.post("/api/v1/pipeline/load", content=body, headers={"content-type": "application/json"})
+    assert "nested too deeply" in error_of(response, 400)
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "body"),
+    [
+        ("/api/v1/pipeline/load", "text/plain", b'{"pipeline_id": "passthrough"}'),
+        ("/api/v1/pipeline/load", "application/x-www-form-urlencoded", b'{"pipeline_id": "passthrough"}'),
+        ("/api/v1/pipeline/load", "multipart/form-data; boundary=x", b'{"pipeline_id": "passthrough"}'),
+        ("/api/v1/pipeline/load", None, b'{"pipeline_id": "passthrough"}'),
+        ("/api/v1/pipeline/unload", None, b""),
+        ("/api/v1/pipeline/unload", "text/plain", b""),
+        ("/api/v1/models/download", "text/plain", b'{"pipeline_id": "passthrough"}'),
+        ("/api/v1/webrtc/offer", "text/plain", b'{"sdp": "v=0", "type": "offer"}'),
+        ("/api/v1/assets?filename=a.png", "text/plain", None),
+        ("/api/v1/assets?filename=a.png", "application/json", None),
+    ],
+)
+def test_state_changing_routes_take_only_their_content_type(
+    api: httpx.Client, server: RunningServer, path: str, content_type: str | None, body: bytes | None
+) -> None:
+    """A body a web page may send cross-origin without a CORS preflight never reaches a handler."""
+    load_pipeline(server.url, "passthrough", height=128, width=128)
+    assets_before = api.get("/api/v1/assets").json()["assets"]
+    headers = {"content-type": content_type} if content_type else {}
+    response = api.post(path, content=png_bytes() if body is None else body, headers=headers)
+    assert "Content-Type" in error_of(response, 415)
+    status = api.get("/api/v1/pipeline/status").json()
+    assert status["status"] == "loaded" and status["load_params"]["height"] == 128  # not reloaded, not unloaded
+    assert api.get("/api/v1/assets").json()["assets"] == assets_before
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "localhost.evil.example", "10.1.2.3"])
+def test_a_host_header_that_names_another_server_is_refused(api: httpx.Client, host: str) -> None:
+    """DNS rebinding: a hostile name resolving to 127.0.0.1 gets the page same-origin access, with its own Host."""
+    for response in (
+        api.get("/api/v1/pipeline/status", headers={"host": host}),
+        api.post("/api/v1/pipeline/unload", json={}, headers={"host": host}),
+        api.get("/", headers={"host": host}),
+    ):
+        assert "host name" in error_of(response, 400)
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "[::1]", "LOCALHOST."])
+def test_loopback_host_names_are_answered(api: httpx.Client, server: RunningServer, host: str) -> None:
+    port = server.url.rsplit(":", 1)[1]
+    for value in (host, f"{host}:{port}"):
+        assert api.get("/api/v1/pipeline/status", headers={"host": value}).status_code == 200, value
+
+
+def test_405_says_which_methods_the_route_takes(api: httpx.Client) -> None:
+    response = api.put("/api/v1/pipeline/load", json={})
+    error_of(response, 405)
+    assert "POST" in response.headers["allow"]

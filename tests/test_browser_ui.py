@@ -71,7 +71,7 @@ def page(browser, server: RunningServer) -> Iterator[object]:
         if server.metrics()["wanrt_sessions_active"] > 0 and not page.is_closed():
             page.click("#stop-button") if page.is_enabled("#stop-button") else None
         context.close()
-        httpx.post(f"{server.url}/api/v1/pipeline/unload", timeout=10)
+        httpx.post(f"{server.url}/api/v1/pipeline/unload", json={}, timeout=10)
 
 
 def load_in_page(page, pipeline_id: str, height: int = 256, width: int = 256) -> None:
@@ -237,7 +237,7 @@ def test_ui_text_mode_streams_without_input(page, server: RunningServer) -> None
     assert session_parameters(server, session_id)["input_mode"] == "text"
 
     # Unloading the pipeline stops the session: the server's stream_stopped message is shown in the alert area.
-    httpx.post(f"{server.url}/api/v1/pipeline/unload", timeout=10).raise_for_status()
+    httpx.post(f"{server.url}/api/v1/pipeline/unload", json={}, timeout=10).raise_for_status()
     page.wait_for_selector("#alert:not([hidden])", timeout=10_000)
     assert "Stream stopped: pipeline unloaded" in page.inner_text("#alert"), page.inner_text("#alert")
     page.wait_for_function("!document.getElementById('start-button').disabled")

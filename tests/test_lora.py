@@ -204,16 +204,19 @@ def test_a_scale_change_reaches_the_next_chunk_and_runtime_equals_merged_in_the_
 
 def test_lora_paths_outside_the_folder_or_missing_are_refused(lora_dir: Path, tmp_path: Path) -> None:
     assert resolve_lora_path(lora_dir, "kohya.safetensors") == (lora_dir / "kohya.safetensors").resolve()
+    (lora_dir / "notes.txt").write_text("not a LoRA")
     for bad, needle in [
-        ("../outside.safetensors", "outside the LoRA folder"),
-        ("/etc/passwd", "outside the LoRA folder"),
-        ("missing.safetensors", "no such file"),
-        ("styles", "ends in"),
-        ("a\0b.safetensors", "not a file name"),
-        ("x" * 300 + ".safetensors", "not a file name"),
+        ("../outside.safetensors", "no such file in the LoRA folder"),
+        ("/etc/passwd", "no such file in the LoRA folder"),
+        ("missing.safetensors", "no such file in the LoRA folder"),
+        ("styles", "no such file in the LoRA folder"),  # a folder
+        ("notes.txt", "ends in"),
+        ("a\0b.safetensors", "no such file in the LoRA folder"),
+        ("x" * 300 + ".safetensors", "no such file in the LoRA folder"),
     ]:
         with pytest.raises(InvalidParameters, match=needle):
             resolve_lora_path(lora_dir, bad)
+    (lora_dir / "notes.txt").unlink()
     with pytest.raises(PipelineLoadError, match=r"kohya\.safetensors"):  # a 1.3B-shaped file on the tiny model
         wide = tmp_path / "wide"
         write_lora(wide, "kohya", {"blocks.0.self_attn.q": Factors(torch.zeros(1, 1536), torch.zeros(1536, 1), None)})
@@ -285,8 +288,8 @@ async def test_load_stream_and_steer_a_runtime_lora_through_the_server(
         await client.close()
 
     for loras, needle in [
-        ([{"path": "../escape.safetensors"}], "outside the LoRA folder"),
-        ([{"path": "nope.safetensors"}], "no such file"),
+        ([{"path": "../escape.safetensors"}], "no such file in the LoRA folder"),
+        ([{"path": "nope.safetensors"}], "no such file in the LoRA folder"),
     ]:
         response = httpx.post(
             f"{lora_server.url}/api/v1/pipeline/load",
@@ -367,4 +370,4 @@ def test_the_page_adds_a_lora_to_a_load_and_steers_its_scale_live(lora_server: R
             page.get_by_role("button", name="Stop stream").click()
         finally:
             context.close()
-            httpx.post(f"{lora_server.url}/api/v1/pipeline/unload", timeout=10)
+            httpx.post(f"{lora_server.url}/api/v1/pipeline/unload", json={}, timeout=10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import signal
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import MAX_SESSIONS
-from tests.support.rtc_client import ScopeClient
+from tests.support.rtc_client import ScopeClient, offer_sdp
 from tests.support.server import RunningServer, load_pipeline, run_server
 
 
@@ -82,14 +83,22 @@ async def test_data_channel_update_reaches_the_pipeline_and_bad_messages_get_err
             '{"denoising_step_list": [100, 900]}',
             '{"kv_cache_attention_bias": 0.5}',
             '{"vace_ref_images": ["../../etc/passwd"]}',
+            '{"vace_ref_images": ["a\\u0000b.png"]}',  # NUL, and a component over NAME_MAX: no file can have these
+            json.dumps({"first_frame_image": "a" * 300}),
+            json.dumps({"last_frame_image": "x/" + "b" * 256}),
+            '{"prompts": ' + "[" * 5000 + "]" * 5000 + "}",  # nesting deeper than any decoder's recursion limit
             b"\x00\x01binary",
             "x" * 70000,
         ]
+        with pytest.raises(ValueError, match="65536"):  # the answer's a=max-message-size holds a compliant client back
+            client.channel.send("x" * 70000)
+        client.pc.sctp._remote_max_message_size = 2**20  # ...so play one that ignores it: the server still refuses
         for message in bad_messages:
             start = len(client.messages)
             await client.send(message)
             error = await client.wait_message("error", start=start)
             assert error["message"], message
+            assert str(server.assets_dir.resolve()) not in error["message"]
         before = len(client.frames)
         await client.wait_frames(before + 10)  # the stream goes on
         described = await session_params(server, session_id)
@@ -166,7 +175,7 @@ async def test_unload_stops_sessions_with_stream_stopped(server: RunningServer) 
     try:
         await client.wait_frames(3)
         async with httpx.AsyncClient(base_url=server.url) as http:
-            assert (await http.post("/api/v1/pipeline/unload")).status_code == 200
+            assert (await http.post("/api/v1/pipeline/unload", json={})).status_code == 200
         assert "unloaded" in (await client.wait_message("stream_stopped"))["error_message"]
         assert server.metrics()["wanrt_sessions_active"] == 0
     finally:
@@ -185,3 +194,53 @@ async def test_server_shutdown_sends_stream_stopped(tmp_path: Path) -> None:
         assert "shutting down" in stopped["error_message"]
         await client.close()
         assert await asyncio.to_thread(own_server.process.wait, 15) == 0
+
+
+async def post_offer(server: RunningServer, sdp: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        return await http.post("/api/v1/webrtc/offer", json={"sdp": sdp, "type": "offer"})
+
+
+async def test_offers_too_big_to_parse_are_refused_before_aiortc_sees_them(server: RunningServer) -> None:
+    load_pipeline(server.url, "passthrough", height=128, width=128)
+    one_section = await offer_sdp()
+    video = one_section[one_section.index("m=video") :]
+    huge = one_section + "".join(video.replace("a=mid:1", f"a=mid:{i}") for i in range(2, 250))  # the 112 KB
+    response = await post_offer(server, huge)
+    assert response.status_code == 400 and "sdp" in response.text, response.text
+    response = await post_offer(server, await offer_sdp(video_sections=7))  # 8 sections, inside the byte limit
+    assert response.status_code == 400 and "media sections" in response.json()["detail"], response.text
+    lines = one_section.splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith("a=candidate:"))
+    extra = [f"a=candidate:{i} 1 udp 2130706431 127.0.0.1 {20000 + i} typ host\r\n" for i in range(40)]
+    response = await post_offer(server, "".join(lines[:at] + extra + lines[at:]))
+    assert response.status_code == 400 and "ICE candidates" in response.json()["detail"], response.text
+    assert server.metrics()["wanrt_sessions_active"] == 0
+
+
+async def test_answer_advertises_the_message_size_the_server_accepts(server: RunningServer) -> None:
+    load_pipeline(server.url, "passthrough", height=128, width=128)
+    response = await post_offer(server, await offer_sdp())
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        await http.delete(f"/api/v1/webrtc/offer/{answer['sessionId']}")
+    assert "a=max-message-size:65536" in answer["sdp"].splitlines(), answer["sdp"]
+
+
+async def test_a_candidate_for_a_media_section_the_offer_lacks_is_rejected(server: RunningServer) -> None:
+    load_pipeline(server.url, "passthrough", height=128, width=128)
+    client = ScopeClient(server.url)
+    session_id = await client.connect()
+    candidate = "candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host"
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            for where in ({"sdpMid": "7"}, {"sdpMLineIndex": 9}, {}):
+                response = await http.patch(
+                    f"/api/v1/webrtc/offer/{session_id}", json={"candidates": [{"candidate": candidate, **where}]}
+                )
+                assert response.status_code == 400 and "sdpMid" in response.json()["detail"], (where, response.text)
+        before = len(client.frames)
+        await client.wait_frames(before + 5)
+    finally:
+        await client.close()

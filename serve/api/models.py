@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from litestar import Controller, Response, get, post
 from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
 
+from serve.openapi import errors
 from serve.pipelines.registry import get_spec
 from serve.schemas import ModelsDownloadRequest, ModelsStatus
 
@@ -13,12 +18,19 @@ class ModelsController(Controller):
     path = "/api/v1/models"
     tags = ["models"]
 
-    @get("/status")
-    async def status(self, pipeline_id: str, state: State) -> ModelsStatus:
+    @get("/status", responses=errors(404))
+    async def status(self, pipeline_id: Annotated[str, Parameter(max_length=64)], state: State) -> ModelsStatus:
         """Per-file presence and the download's progress; `downloaded` is true once every file is present."""
         return state.models.status(get_spec(pipeline_id))
 
-    @post("/download")
+    @post(
+        "/download",
+        status_code=202,
+        responses={
+            200: ResponseSpec(data_container=ModelsStatus, description="A download is already running: its status"),
+            **errors(404),
+        },
+    )
     async def download(self, data: ModelsDownloadRequest, state: State) -> Response[ModelsStatus]:
         """Starts fetching the files in the background (202); while one runs, answers its status (200). Poll /status."""
         spec = get_spec(data.pipeline_id)

@@ -8,6 +8,7 @@ from litestar import Controller, get, post
 from litestar.datastructures import State
 
 from serve.errors import InvalidRequest
+from serve.openapi import errors
 from serve.pipelines.registry import PIPELINES
 from serve.schemas import LoadRequest, MessageResponse, PipelineStatus
 
@@ -16,7 +17,7 @@ class PipelineController(Controller):
     path = "/api/v1"
     tags = ["pipeline"]
 
-    @post("/pipeline/load", status_code=200)
+    @post("/pipeline/load", status_code=200, responses=errors(404, 409, 422, 501))
     async def load(self, data: LoadRequest, state: State) -> MessageResponse:
         """Starts loading; poll /pipeline/status. Takes `{pipeline_id}` (the seed) or `{pipeline_ids: [id]}` (Scope)."""
         ids = [data.pipeline_id] if isinstance(data.pipeline_id, str) else []

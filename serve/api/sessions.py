@@ -11,6 +11,7 @@ from litestar.datastructures import State
 from litestar.params import Parameter
 
 from serve.errors import NoFrameYet
+from serve.openapi import FILE_MEDIA_TYPES_OPT, errors
 from serve.webrtc.snapshot import encode_jpeg
 
 
@@ -18,7 +19,8 @@ class SessionController(Controller):
     path = "/api/v1/sessions"
     tags = ["sessions"]
 
-    @get("/{session_id:str}/frame", media_type="image/jpeg")
+    @get("/{session_id:str}/frame", media_type="image/jpeg", responses=errors(404, 409),
+         opt={FILE_MEDIA_TYPES_OPT: ["image/jpeg"]})  # fmt: skip
     async def frame(
         self, session_id: str, state: State, quality: Annotated[int, Parameter(ge=1, le=100)] = 85
     ) -> Response[bytes]:
@@ -29,7 +31,7 @@ class SessionController(Controller):
         data = await anyio.to_thread.run_sync(encode_jpeg, frame, quality)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
-    @get("/{session_id:str}/metrics")
+    @get("/{session_id:str}/metrics", responses=errors(404))
     async def metrics(self, session_id: str, state: State) -> dict[str, Any]:
         """The rates of the latest `stats` message (fps, latency) with the session's counters read now."""
         return state.sessions.get(session_id).metrics()

@@ -11,13 +11,14 @@ import anyio.to_thread
 from litestar import Controller, MediaType, get
 from litestar.datastructures import State
 
+from serve.access import PUBLIC_OPT
 from serve.runtime.hardware import probe_hardware
 
 
 class SystemController(Controller):
     tags = ["system"]
 
-    @get("/health")
+    @get("/health", opt={PUBLIC_OPT: True})
     async def health(self, state: State) -> dict[str, Any]:
         return {
             "status": "healthy",

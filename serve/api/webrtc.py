@@ -7,6 +7,7 @@ from typing import Any
 from litestar import Controller, delete, get, patch, post
 from litestar.datastructures import State
 
+from serve.openapi import errors
 from serve.schemas import Answer, CandidatesRequest, IceServer, IceServers, Offer
 
 
@@ -18,16 +19,16 @@ class WebRTCController(Controller):
     async def ice_servers(self, state: State) -> IceServers:
         return IceServers(iceServers=[IceServer(urls=url) for url in state.settings.webrtc.ice_servers])
 
-    @post("/offer", status_code=200)
+    @post("/offer", status_code=200, responses=errors(422, 503))
     async def offer(self, data: Offer, state: State) -> Answer:
         """Answers an SDP offer for the loaded pipeline; `initialParameters` apply from the first chunk."""
         return await state.sessions.create(data)
 
-    @patch("/offer/{session_id:str}", status_code=204)
+    @patch("/offer/{session_id:str}", status_code=204, responses=errors(404))
     async def add_candidates(self, session_id: str, data: CandidatesRequest, state: State) -> None:
         await state.sessions.add_candidates(session_id, data.candidates)
 
-    @delete("/offer/{session_id:str}", status_code=204)
+    @delete("/offer/{session_id:str}", status_code=204, responses=errors(404))
     async def close(self, session_id: str, state: State) -> None:
         await state.sessions.close(session_id)
 

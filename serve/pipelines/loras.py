@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from serve.assets import confined_file, echo
 from serve.errors import InvalidParameters, PipelineLoadError
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".bin")
-MAX_NAME_CHARS = 1024
 HASH_CHUNK_BYTES = 1 << 20
 
 
@@ -56,20 +56,16 @@ def merged_lora_key(requests: list[LoraRequest]) -> str | None:
 
 
 def resolve_lora_path(lora_dir: Path, name: str) -> Path:
-    """The file `name` names inside `lora_dir`; InvalidParameters for anything else, saying what is accepted."""
-    what = f"LoRA {name!r}"
-    if not name or "\0" in name or len(name) > MAX_NAME_CHARS or any(len(part) > 255 for part in Path(name).parts):
-        raise InvalidParameters(f"{what}: not a file name; give a path inside the LoRA folder (GET /api/v1/loras)")
-    root = lora_dir.resolve()
-    candidate = Path(name)
-    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
-    if not resolved.is_relative_to(root):
-        raise InvalidParameters(f"{what}: outside the LoRA folder; give a path from GET /api/v1/loras")
-    if resolved.suffix not in LORA_SUFFIXES:
-        raise InvalidParameters(f"{what}: a LoRA file ends in {', '.join(LORA_SUFFIXES)}")
-    if not resolved.is_file():
-        raise InvalidParameters(f"{what}: no such file in the LoRA folder; GET /api/v1/loras lists them")
-    return resolved
+    """The file `name` names inside `lora_dir` (serve/assets.confined_file: the one check of a client's path);
+    InvalidParameters for anything else, saying what is accepted and never where the folder is."""
+    path = confined_file(lora_dir.resolve(), name)
+    if path is None:
+        raise InvalidParameters(
+            f"LoRA {echo(name)}: no such file in the LoRA folder; give a path inside it, as GET /api/v1/loras lists"
+        )
+    if path.suffix not in LORA_SUFFIXES:
+        raise InvalidParameters(f"LoRA {echo(name)}: a LoRA file ends in {', '.join(LORA_SUFFIXES)}")
+    return path
 
 
 def check_requests(requests: list[LoraRequest], lora_dir: Path) -> None:

@@ -25,9 +25,17 @@ StopSessionsFn = Callable[[str], Awaitable[None]]
 
 
 class PipelineManager:
-    def __init__(self, *, models_dir: Path, allow_random_weights: bool, engines_dir: Path | None = None,
-                 lora_dir: Path | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        models_dir: Path,
+        allow_random_weights: bool,
+        engines_dir: Path | None = None,
+        lora_dir: Path | None = None,
+        load_timeout_s: float | None = None,
+    ) -> None:
         self.models_dir = models_dir
+        self.load_timeout_s = load_timeout_s
         self.engines_dir = engines_dir
         self.lora_dir = lora_dir if lora_dir is not None else models_dir / "lora"
         self.allow_random_weights = allow_random_weights
@@ -100,17 +108,23 @@ class PipelineManager:
             ),
         )
         try:
-            pipeline = await asyncio.shield(loading)
+            pipeline = await asyncio.wait_for(asyncio.shield(loading), self.load_timeout_s)
         except asyncio.CancelledError:
             # Unloaded mid-load: a loading thread cannot be interrupted, so free what it builds once it is done.
             loading.add_done_callback(lambda done: _close_when_built(loop, done))
             raise
+        except TimeoutError:
+            loading.add_done_callback(lambda done: _close_when_built(loop, done))
+            self._failed(
+                pipeline_id,
+                load_params,
+                f"loading did not finish within {self.load_timeout_s:g} s (stage: {status.loading_stage}); its thread "
+                "cannot be stopped and frees what it builds if it ever finishes. Load again, or another pipeline",
+            )
+            return
         except Exception as exc:
             reason = str(exc) if isinstance(exc, PipelineLoadError) else f"{type(exc).__name__}: {exc}"
-            log.error("pipeline=%s load failed: %s", pipeline_id, reason)
-            self._status = PipelineStatus(
-                status="error", pipeline_id=pipeline_id, load_params=load_params, error=reason
-            )
+            self._failed(pipeline_id, load_params, reason)
             return
         self.pipeline = pipeline
         self.worker = PipelineWorker(pipeline_id)
@@ -127,6 +141,10 @@ class PipelineManager:
             loaded_lora_adapters=list(pipeline.lora_adapters),
         )
         log.info("pipeline=%s loaded backend=%s", pipeline_id, pipeline.backend)
+
+    def _failed(self, pipeline_id: str, load_params: dict[str, Any], reason: str) -> None:
+        log.error("pipeline=%s load failed: %s", pipeline_id, reason)
+        self._status = PipelineStatus(status="error", pipeline_id=pipeline_id, load_params=load_params, error=reason)
 
     async def unload(self) -> str:
         if self._load_task is not None and not self._load_task.done():
@@ -154,5 +172,5 @@ def _close_when_built(loop: asyncio.AbstractEventLoop, done: asyncio.Future[Pipe
     if done.cancelled() or done.exception() is not None:
         return
     pipeline = done.result()
-    log.info("pipeline=%s finished loading after it was unloaded; freeing it", pipeline.spec.id)
+    log.info("pipeline=%s finished loading after it was unloaded or timed out; freeing it", pipeline.spec.id)
     loop.run_in_executor(None, pipeline.close)

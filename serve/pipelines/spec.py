@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from serve.assets import confined_file, echo
 from serve.errors import InvalidParameters, RandomWeightsNotAllowed
 from serve.schemas import LoadParams, RuntimeParameters
 
@@ -182,12 +183,10 @@ def _check_descending(steps: list[int]) -> None:
 
 
 def _check_asset_path(name: str, path: str, assets_dir: Path) -> None:
-    root = assets_dir.resolve()
-    candidate = Path(path)
-    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
-    if not resolved.is_relative_to(root) or not resolved.is_file():
+    if confined_file(assets_dir.resolve(), path) is None:
         raise InvalidParameters(
-            f"{name}: {path!r} is not an uploaded asset; upload it with POST /api/v1/assets and use the returned path"
+            f"{name}: {echo(path)} is not an uploaded asset; upload it with POST /api/v1/assets and use the returned "
+            "path"
         )
 
 

@@ -8,10 +8,21 @@ export class ApiError extends Error {
   }
 }
 
+// A server started with --api-token needs it on every call: open this page once as /#token=TOKEN and it is kept in
+// this browser's localStorage (and taken out of the address bar).
+const TOKEN_KEY = "wanrt-api-token";
+const tokenInFragment = new URLSearchParams(location.hash.slice(1)).get("token");
+if (tokenInFragment) {
+  localStorage.setItem(TOKEN_KEY, tokenInFragment);
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
 export async function api(path, { method = "GET", json, body, headers = {} } = {}) {
   const init = { method, headers: { ...headers } };
-  // Every POST says it is JSON, with `{}` when it has nothing to say: the server may refuse state changes without it.
+  // Every POST says it is JSON, with `{}` when it has nothing to say: the server refuses state changes without it.
   if (method === "POST" && json === undefined && body === undefined) json = {};
+  const token = localStorage.getItem(TOKEN_KEY);
+  if (token) init.headers.Authorization = `Bearer ${token}`;
   if (json !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(json);

@@ -340,7 +340,7 @@ async function waitForLoad() {
 async function unloadPipeline() {
   clearAlert();
   try {
-    await api("/pipeline/unload", { method: "POST", json: {} });
+    await api("/pipeline/unload", { method: "POST", json: {} }); // JSON, like every POST: see serve/access.py
     renderPipelineStatus(await api("/pipeline/status"));
     info("Pipeline unloaded.");
   } catch (err) {

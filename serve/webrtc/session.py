@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -17,11 +18,11 @@ from typing import Any
 
 import msgspec
 import numpy as np
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCSessionDescription, rtcsctptransport
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
 
-from serve.errors import InvalidParameters, InvalidRequest, RecordingConflict
+from serve.errors import FrameConversionError, InvalidParameters, InvalidRequest, RecordingConflict, WanrtError
 from serve.pipelines.base import Pipeline
 from serve.pipelines.spec import PipelineSpec
 from serve.pipelines.worker import FrameStamp, PipelineWorker, StreamSlot
@@ -35,6 +36,42 @@ log = logging.getLogger(__name__)
 
 CHANNEL_LABEL = "parameters"
 FLUSH_TIMEOUT_S = 0.5  # how long a closing session waits for its last data-channel message to leave
+# An offer is checked against these before aiortc parses it: parsing and answering cost the event loop about 2 ms
+# per media section and 0.5 ms per candidate line, and a browser's offer has 1 to 3 sections and a few candidates.
+MAX_SDP_MEDIA_SECTIONS = 4
+MAX_SDP_CANDIDATES = 32
+MAX_TRICKLED_CANDIDATES = 256  # per session, over all PATCHes
+
+
+def configure_data_channel(settings: WebRTCSettings) -> None:
+    """The answer's `a=max-message-size` is what this server accepts, so a client never sends more.
+
+    Like ICE's, aiortc's SCTP limits are module attributes, set once per process."""
+    rtcsctptransport.LOCAL_MAX_MESSAGE_SIZE = settings.max_message_bytes
+
+
+def check_offer_sdp(sdp: str) -> list[str]:
+    """The mids of the offer's media sections, in order; raises InvalidRequest for an offer too big to parse."""
+    if not sdp.lstrip().startswith("v=0"):
+        raise InvalidRequest("malformed SDP offer: an SDP starts with 'v=0'; send pc.localDescription.sdp")
+    lines = sdp.splitlines()
+    sections = [i for i, line in enumerate(lines) if line.startswith("m=")]
+    if len(sections) > MAX_SDP_MEDIA_SECTIONS:
+        raise InvalidRequest(
+            f"the offer has {len(sections)} media sections; this server takes at most {MAX_SDP_MEDIA_SECTIONS} "
+            "(one video track and the 'parameters' data channel is all a stream needs)"
+        )
+    candidates = sum(line.startswith("a=candidate:") for line in lines)
+    if candidates > MAX_SDP_CANDIDATES:
+        raise InvalidRequest(
+            f"the offer lists {candidates} ICE candidates; this server takes at most {MAX_SDP_CANDIDATES} in an "
+            "offer (trickle the rest with PATCH /api/v1/webrtc/offer/{sessionId})"
+        )
+    mids = []
+    for start, end in itertools.pairwise([*sections, len(lines)]):
+        mid = next((line[6:].strip() for line in lines[start:end] if line.startswith("a=mid:")), None)
+        mids.append(mid if mid is not None else str(len(mids)))
+    return mids
 
 
 class PeerSession:
@@ -78,6 +115,8 @@ class PeerSession:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop = asyncio.get_running_loop()
         self._closing: asyncio.Task[None] | None = None
+        self._mids: list[str] = []
+        self._candidates_added = 0
         self.updates_received = 0
         self.updates_rejected = 0
         self._stats_prev = (time.monotonic(), 0, 0)
@@ -90,12 +129,14 @@ class PeerSession:
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
         pc.on("connectionstatechange", self._on_connection_state)
-        if not sdp.lstrip().startswith("v=0"):
-            raise InvalidRequest("malformed SDP offer: an SDP starts with 'v=0'; send pc.localDescription.sdp")
+        self._mids = check_offer_sdp(sdp)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=sdp_type))
-        except Exception as exc:  # aiortc raises ValueError, KeyError, IndexError... on a bad SDP
-            raise InvalidRequest(f"malformed SDP offer: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # aiortc raises ValueError, KeyError, IndexError, AssertionError... on a bad SDP
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else "a line it needs is missing or malformed"
+            raise InvalidRequest(
+                f"malformed SDP offer ({reason}); send the browser's pc.localDescription.sdp unchanged"
+            ) from None
         if not any(t.kind == "video" for t in pc.getTransceivers()):
             raise InvalidRequest(
                 "the offer has no video m-line: add the camera track (video mode) or "
@@ -105,18 +146,44 @@ class PeerSession:
         await pc.setLocalDescription(await pc.createAnswer())  # aiortc gathers its candidates here
         self._worker.attach(self.slot)
         self._spawn(self._send_stats(), "stats")
+        self._spawn(self._close_unless_connected(), "connect-timeout")
         log.info("session=%s started pipeline=%s", self.id, self.spec.id)
         return pc.localDescription
 
+    async def _close_unless_connected(self) -> None:
+        """A peer that never completes ICE + DTLS (no usable candidate, a page that went away) frees its slot."""
+        timeout_s = self._settings.connect_timeout_s
+        await asyncio.sleep(timeout_s)
+        if self.pc.connectionState != "connected":
+            self.close_soon(f"the peer did not connect within {timeout_s:g} s (no usable ICE candidate?)")
+
     async def add_candidates(self, candidates: list[IceCandidate]) -> None:
+        self._candidates_added += len(candidates)
+        if self._candidates_added > MAX_TRICKLED_CANDIDATES:
+            raise InvalidRequest(f"a session takes at most {MAX_TRICKLED_CANDIDATES} trickled ICE candidates")
         for candidate in candidates:
             parsed = parse_candidate(candidate)
             if parsed is None:
                 continue
+            self._check_media_section(candidate)
             try:
                 await self.pc.addIceCandidate(parsed)
-            except Exception as exc:  # e.g. an sdpMid that names no media section
+            except Exception as exc:  # aiortc parses and pairs it here; any failure means a candidate it cannot use
                 raise InvalidRequest(f"ICE candidate not accepted: {type(exc).__name__}: {exc}") from None
+
+    def _check_media_section(self, candidate: IceCandidate) -> None:
+        # aiortc silently drops a candidate for a section it does not have; the client should hear it went nowhere.
+        if candidate.sdpMid is not None:
+            if candidate.sdpMid not in self._mids:
+                raise InvalidRequest(
+                    f"ICE candidate for sdpMid {candidate.sdpMid[:20]!r}, which the offer does not have "
+                    f"(its mids: {', '.join(self._mids)})"
+                )
+        elif candidate.sdpMLineIndex is None or not 0 <= candidate.sdpMLineIndex < len(self._mids):
+            raise InvalidRequest(
+                f"ICE candidate needs sdpMid (one of {', '.join(self._mids)}) or an sdpMLineIndex below "
+                f"{len(self._mids)}"
+            )
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=f"{self.id[:8]}-{name}")
@@ -140,7 +207,14 @@ class PeerSession:
 
     def _to_array(self, frame: VideoFrame) -> np.ndarray:
         # Runs on the worker thread: one swscale pass converts to RGB and resizes to the loaded resolution.
-        return frame.reformat(width=self.pipeline.width, height=self.pipeline.height, format="rgb24").to_ndarray()
+        width, height = self.pipeline.width, self.pipeline.height
+        try:
+            return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+        except Exception as exc:  # av raises ValueError, OSError or its own errors
+            raise FrameConversionError(
+                f"could not convert a {frame.width}×{frame.height} {frame.format.name} input frame to {width}×{height} "
+                f"RGB ({type(exc).__name__}); the stream ends. Send a common camera format, or reload the pipeline"
+            ) from exc
 
     def _wake_worker(self) -> None:
         self.slot.wake()
@@ -173,11 +247,18 @@ class PeerSession:
         try:
             update = self.validate_message(message)
         except (InvalidParameters, InvalidRequest) as exc:
-            self.updates_rejected += 1
-            self.send({"type": "error", "error": type(exc).__name__, "message": str(exc)})
+            self._reject(type(exc).__name__, str(exc))
+            return
+        except Exception:  # a bug in a check must cost this message, never the session (aiortc would drop it)
+            log.exception("session=%s checking a data-channel message failed", self.id)
+            self._reject("InternalError", "the server could not check this message (it logged why); it was ignored")
             return
         self.updates_received += 1
         self.slot.update_params(update)
+
+    def _reject(self, error: str, message: str) -> None:
+        self.updates_rejected += 1
+        self.send({"type": "error", "error": error, "message": message})
 
     def validate_message(self, message: str | bytes) -> dict[str, Any]:
         if isinstance(message, bytes):
@@ -262,8 +343,20 @@ class PeerSession:
             self.close_soon(None)
 
     def _on_pipeline_error(self, exc: BaseException) -> None:
-        # Called on the worker thread.
-        self._loop.call_soon_threadsafe(self.close_soon, f"pipeline error: {type(exc).__name__}: {exc}")
+        # Called on the worker thread, which logged the traceback. The client hears our own messages in full, and of
+        # anything else only its kind: exception texts may name the server's files.
+        if isinstance(exc, WanrtError):
+            reason = str(exc)
+        else:
+            reason = (
+                f"pipeline error ({type(exc).__name__}) while generating this stream; the server logged the details. "
+                "Reconnect to start a new stream"
+            )
+        self._loop.call_soon_threadsafe(self.close_soon, reason)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing is not None
 
     def close_soon(self, reason: str | None) -> None:
         if self._closing is None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from serve.assets import echo
 from serve.errors import CapacityExceeded, InvalidRequest, RecordingConflict, UnknownSession
 from serve.pipelines.manager import PipelineManager
 from serve.recording import Recorder, RecordingStore
@@ -36,10 +37,14 @@ class SessionManager:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def live(self) -> int:
+        """Sessions that hold a slot: connected, or still inside their connect timeout; not the ones closing."""
+        return sum(not session.closing for session in self._sessions.values())
+
     async def create(self, offer: Offer) -> Answer:
         if offer.type != "offer":
             raise InvalidRequest(f"expected an SDP of type 'offer', got {offer.type!r}")
-        if len(self._sessions) + self._starting >= self._settings.max_sessions:
+        if self.live() + self._starting >= self._settings.max_sessions:
             raise CapacityExceeded(
                 f"the server is at its limit of {self._settings.max_sessions} concurrent sessions; "
                 "close one (DELETE /api/v1/webrtc/offer/{sessionId}) or try again later"
@@ -85,7 +90,7 @@ class SessionManager:
         try:
             return self._sessions[session_id]
         except KeyError:
-            raise UnknownSession(f"no session {session_id!r}; it ended or never existed") from None
+            raise UnknownSession(f"no session {echo(session_id)}; it ended or never existed") from None
 
     async def add_candidates(self, session_id: str, candidates: list[IceCandidate]) -> None:
         await self.get(session_id).add_candidates(candidates)

@@ -156,3 +156,21 @@ class ScopeClient:
             await connection.close()
         if self.track is not None:
             self.track.stop()
+
+
+async def offer_sdp(video_sections: int = 1, candidates: bool = True) -> str:
+    """A real aiortc offer (video + the `parameters` data channel) whose peer is closed at once: it will never connect.
+
+    Without `candidates` its candidate lines are removed, as a browser's are before it trickles them."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.createDataChannel("parameters")
+    for _ in range(video_sections):
+        pc.addTransceiver("video", direction="sendrecv")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    if not candidates:
+        sdp = "".join(
+            line for line in sdp.splitlines(keepends=True) if not line.startswith(("a=candidate:", "a=end-of-cand"))
+        )
+    return sdp

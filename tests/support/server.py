@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +40,20 @@ class RunningServer:
 
 
 @contextmanager
-def run_server(tmp_dir: Path, *extra_args: str, startup_timeout_s: float = 30.0) -> Iterator[RunningServer]:
+def run_server(
+    tmp_dir: Path,
+    *extra_args: str,
+    startup_timeout_s: float = 30.0,
+    module: str = "serve.cli",
+    file_size_limit_bytes: int | None = None,
+) -> Iterator[RunningServer]:
+    """`module` runs the CLI (tests/support/fault_server.py adds failing pipelines first); `file_size_limit_bytes`
+    sets RLIMIT_FSIZE, so the server's writes past it fail with EFBIG as on a full disk (Python ignores SIGXFSZ)."""
     port = free_port()
     log_path = tmp_dir / f"server-{port}.log"
     assets_dir = tmp_dir / "assets"
     args = [
-        sys.executable, "-m", "serve.cli", "serve",
+        sys.executable, "-m", module, "serve",
         "--host", "127.0.0.1", "--port", str(port),
         "--ice-interfaces", "loopback",
         "--assets-dir", str(assets_dir),
@@ -55,7 +64,9 @@ def run_server(tmp_dir: Path, *extra_args: str, startup_timeout_s: float = 30.0)
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log_file:
-        process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            args, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=_limit_files(file_size_limit_bytes)
+        )
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, assets_dir, tmp_dir / "recordings")
     try:
         deadline = time.monotonic() + startup_timeout_s
@@ -78,6 +89,12 @@ def run_server(tmp_dir: Path, *extra_args: str, startup_timeout_s: float = 30.0)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _limit_files(limit_bytes: int | None) -> Callable[[], None] | None:
+    if limit_bytes is None:
+        return None
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
 
 def load_pipeline(url: str, pipeline_id: str, timeout_s: float = 60.0, **load_params: object) -> dict:
