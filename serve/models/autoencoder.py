@@ -202,6 +202,10 @@ def make_vae(
     """A streaming autoencoder: weights from `path` (strictly checked), or seeded random weights when None."""
     if path is not None:
         model = load_vae(path, vae_type, dtype=dtype, device=device, size=size)
+    elif torch.device(device).type == "meta":  # the real-size dry run: shapes only, nothing built on the host
+        with torch.device("meta"):
+            model = build_model(vae_type, size)
+        model = model.to(dtype=dtype).eval().requires_grad_(False)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -108,6 +108,49 @@ class Conditioning:
         return jumped
 
 
+class HostBridge:
+    """Where a stream's chunk loop meets the host, and the only place it does: frames in (one host→device copy per
+    chunk), frames out (one device→host copy per chunk, into pinned memory on CUDA) and the seeded noise generator.
+
+    Everything between those three stays on the device, so the chunk never waits for the GPU before its output is
+    read. On the meta device (the real-size dry run, serve/pipelines/dry_run.py) tensors have shapes but no values:
+    noise needs no generator there and frames out are zeros of the decoded shape, still counted as one copy.
+    """
+
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.device = device
+        self.seed = seed
+        self.dry = device.type == "meta"
+        self.generator = None if self.dry else torch.Generator(device=device).manual_seed(seed)
+        self.uploads = 0  # host→device frame copies so far
+        self.downloads = 0  # device→host frame copies so far
+
+    def reseed(self) -> None:
+        if self.generator is not None:
+            self.generator.manual_seed(self.seed)
+
+    def noise(self, shape: tuple[int, ...]) -> Tensor:
+        return torch.randn(shape, generator=self.generator, device=self.device)
+
+    def upload(self, frames: np.ndarray) -> Tensor:
+        """uint8 [T, H, W, 3] host frames → the same on the device (converted there, where it is cheap)."""
+        self.uploads += 1
+        return torch.from_numpy(frames).to(self.device, non_blocking=True)
+
+    def download(self, frames: Tensor) -> np.ndarray:
+        """uint8 [T, H, W, 3] device frames → a host array; the chunk's one wait for the device is here."""
+        self.downloads += 1
+        if self.dry:
+            return np.zeros(tuple(frames.shape), dtype=np.uint8)
+        if frames.device.type != "cuda":
+            return frames.cpu().numpy()
+        # Pinned memory lets the copy run as DMA; the caching host allocator reuses the block once the array dies.
+        host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+        host.copy_(frames, non_blocking=True)
+        torch.cuda.current_stream(frames.device).synchronize()
+        return host.numpy()
+
+
 class AutoregressiveStream(PipelineStream):
     def __init__(self, pipeline: AutoregressivePipeline, seed: int) -> None:
         self.p = pipeline
@@ -126,7 +169,7 @@ class AutoregressiveStream(PipelineStream):
         self.vae = StreamingAutoencoder(
             pipeline.vae_model, pipeline.models.vae_type, pipeline.vae_steps["encode"], pipeline.vae_steps["decode"]
         )
-        self.generator = torch.Generator(device=pipeline.device).manual_seed(seed)
+        self.host = HostBridge(pipeline.device, seed)
         self.seed = seed
         self.noise_controller = NoiseController(pipeline.spec.runtime_defaults.get("noise_scale", 0.7))
         self.frame = 0  # absolute latent frame of the next chunk
@@ -138,21 +181,24 @@ class AutoregressiveStream(PipelineStream):
         self.vae.reset()
         self.policy.reset()
         self.frame = 0
-        self.generator.manual_seed(self.seed)
+        self.host.reseed()
         self.noise_controller.reset(self.p.spec.runtime_defaults.get("noise_scale", 0.7))  # as a new stream starts
 
-    def run_step(self, latents: Tensor, t: float, plan: ChunkPlan) -> Tensor:
+    def timestep(self, t: float | Tensor, frames: int) -> Tensor:
+        """[1, frames] float32 on the device: a listed step (a host float) or the noise controller's (a device 0-d)."""
+        if isinstance(t, Tensor):
+            return t.float().reshape(1, 1).expand(1, frames)
+        return torch.full((1, frames), float(t), device=self.p.device)
+
+    def run_step(self, latents: Tensor, t: float | Tensor, plan: ChunkPlan) -> Tensor:
         """One DiT step over `latents` [1, 16, F, h, w] at timestep `t`, writing K/V where `plan` says."""
         dit = self.p.models.dit
-        timestep = torch.full((1, latents.shape[2]), float(t), device=self.p.device)
+        timestep = self.timestep(t, latents.shape[2])
         key_rope = None if plan.key_positions is None else dit.rope.tables(plan.key_positions, *self.grid)
         return self.p.step(
             latents.to(self.p.dtype), timestep, self.text_kv.pair(), self.cache.k, self.cache.v, *plan.as_args(),
             key_rope=key_rope,
         )  # fmt: skip
-
-    def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator, device=self.p.device)
 
     def _manage_cache(self, params: dict[str, Any]) -> None:
         """Restart when the noise level the cached history was made at changes (Scope's `manage_cache`).
@@ -180,41 +226,47 @@ class AutoregressiveStream(PipelineStream):
         steps = scheduler.model_timesteps(params["denoising_step_list"])
 
         # 1. Start point: input latents mixed with noise (video), or noise (text).
+        maybe_dropped: set[int] = set()  # passes that run only where the device says their step is kept
         if frames is not None:
-            pixels = torch.from_numpy(frames).to(p.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+            pixels = self.host.upload(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
             if not self.vae.encoder_started:  # the first encode takes frame 0 alone: 1 + 4(F−1) frames → F latents
                 pixels = pixels[:, :, -(1 + 4 * (chunk - 1)) :]
             latents = self.vae.encode_chunk(pixels)
+            strength: float | Tensor
+            first_t: float | Tensor
             if params.get("noise_controller", False):
-                strength, first_t = self.noise_controller.update(pixels)
+                strength, first_t = self.noise_controller.update(pixels)  # device tensors: no host sync
+                lowest, highest = self.noise_controller.first_timestep_bounds()
             else:
                 strength = float(params.get("noise_scale", 0.7))
-                first_t = 1000 * strength
+                first_t = lowest = highest = 1000 * strength
             # The input is mixed to the noise level `strength`; denoising starts at `first_t`, then takes the listed
-            # steps below it.
-            steps = [first_t] + [t for t in steps[1:] if t < first_t]
-            x = (1 - strength) * latents + strength * self._noise(latent_shape)
+            # steps below it. A step between the bounds of first_t may or may not be below it: its pass runs and the
+            # device keeps or discards its result (dropped steps form a prefix, so this is the same arithmetic).
+            steps = [first_t] + [t for t in steps[1:] if t < highest]
+            maybe_dropped = {i for i, t in enumerate(steps) if i > 0 and t >= lowest}
+            x = (1 - strength) * latents + strength * self.host.noise(latent_shape)
         else:
-            x = self._noise(latent_shape)
+            first_t = steps[0]
+            x = self.host.noise(latent_shape)
 
         # 2. Denoising passes, all writing this chunk's slots; then the clean pass at t = 0.
         plan = policy.plan(self.frame, chunk)
         x0 = x
         for i, t in enumerate(steps):
-            timestep = torch.full((1, chunk), float(t), device=p.device)
+            if i > 0:  # re-noise the last estimate to this pass's level
+                x = scheduler.add_noise(x0, self.host.noise(latent_shape), self.timestep(t, chunk))
             flow = self.run_step(x, t, plan)
-            x0 = scheduler.to_x0(x, flow.float(), timestep)
-            if i + 1 < len(steps):
-                next_t = torch.full((1, chunk), float(steps[i + 1]), device=p.device)
-                x = scheduler.add_noise(x0, self._noise(latent_shape), next_t)
+            estimate = scheduler.to_x0(x, flow.float(), self.timestep(t, chunk))
+            x0 = torch.where(t < first_t, estimate, x0) if i in maybe_dropped else estimate
         if policy.clean_pass:
             self.run_step(x0, 0.0, plan)
 
-        # 3. Decode to uint8 frames [T, H, W, 3].
+        # 3. Decode to uint8 frames [T, H, W, 3], converted on the device; one copy to the host.
         video = self.vae.decode_chunk(x0.float()).clamp(-1, 1)  # [1, 3, T, H, W]
         policy.after_chunk(self, self.frame, x0, video)
         self.frame += chunk
-        return ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        return self.host.download(((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8))
 
     def _recache(self) -> None:
         """LongLive's KV re-cache: the cached window's clean latents run once more at t = 0 with the new prompt."""
