@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from build_engines.manifest import dit_step_key, precision_of, vae_step_key
-from serve.errors import PipelineLoadError
+from serve.errors import PipelineLoadError, StreamOutOfMemory
 from serve.models.autoencoder import ChunkStepFn, StreamingAutoencoder, make_vae
 from serve.models.dit import ROPE_MAX_POSITIONS
 from serve.models.fp8 import store_dit_in_fp8
@@ -33,6 +33,7 @@ from serve.pipelines.base import Pipeline, PipelineStream, ProgressFn
 from serve.pipelines.cache_policies import CachePolicy, EmaSinkPolicy, MemoryBankPolicy, RecomputePolicy
 from serve.pipelines.policies import NoiseController
 from serve.pipelines.spec import PipelineSpec
+from serve.pipelines.vram import VramPlan, check_fits, measure_plan
 from serve.pipelines.weights import Models, load_weights, random_models
 from serve.runtime.backends import DiTStep, select_backend
 from serve.settings import ServerSettings
@@ -210,8 +211,27 @@ class AutoregressiveStream(PipelineStream):
             self.reset()
         self._noise_key = key
 
-    @torch.inference_mode()
     def process(self, frames: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
+        try:
+            return self._process(frames, params)
+        except torch.OutOfMemoryError as exc:
+            self.release()
+            raise StreamOutOfMemory(
+                f"out of GPU memory in a chunk of {self.p.spec.id} at {self.p.height}×{self.p.width}; the stream "
+                f"was stopped and its memory freed. Load with a smaller plan (quantization fp8_e4m3fn, vae_type "
+                f"lighttae, a lower resolution) or run fewer sessions. ({str(exc).splitlines()[0]})"
+            ) from None
+
+    def release(self) -> None:
+        """Drop this stream's device buffers (it cannot run again) and hand cached blocks back to the driver."""
+        self.cache = self.text_kv = None  # type: ignore[assignment]
+        self.vae.reset()
+        self.policy = self.conditioning = None  # type: ignore[assignment]
+        if self.p.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def _process(self, frames: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
         p, scheduler, policy = self.p, self.p.scheduler, self.policy
         chunk = p.shape.chunk_latents
         self._manage_cache(params)
@@ -276,6 +296,20 @@ class AutoregressiveStream(PipelineStream):
             self.recaches += 1
 
 
+def plan_load(pipeline_id: str, load_params: dict[str, Any], device: torch.device) -> VramPlan:
+    """The VRAM plan of this load against the GPU's free memory (serve/pipelines/vram.py); raises PipelineLoadError
+    naming need, free memory and what fits. Costs a meta-device dry run: seconds of CPU, no GPU memory."""
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    plan = measure_plan(
+        pipeline_id, load_params["height"], load_params["width"], vae_type=load_params.get("vae_type", "wan"),
+        quantization=load_params.get("quantization"),
+    )  # fmt: skip
+    plan = check_fits(plan, free_bytes)
+    log.info("pipeline=%s vram plan %.1f GB of %.1f GB free, text encoder on %s", pipeline_id, plan.total / 1e9,
+             free_bytes / 1e9, "gpu" if plan.text_encoder_on_gpu else "cpu")  # fmt: skip
+    return plan
+
+
 class AutoregressivePipeline(Pipeline):
     shape: ChunkShape
 
@@ -306,9 +340,14 @@ class AutoregressivePipeline(Pipeline):
         if load_params.get("random_weights"):
             models = random_models(load_params, device, seed=int(load_params["seed"]))
         else:
+            text_device = device
+            if device.type == "cuda":  # refuse before allocating what cannot fit; place the text encoder
+                report("memory plan", 0.02)
+                plan = plan_load(spec.id, load_params, device)
+                text_device = device if plan.text_encoder_on_gpu else torch.device("cpu")
             models = load_weights(
                 spec, load_params, Path(context["models_dir"]), dit_config=cls.shape.dit_config,
-                prefer=cls.shape.checkpoint_prefer, device=device, dtype=dtype, report=report,
+                prefer=cls.shape.checkpoint_prefer, device=device, dtype=dtype, report=report, text_device=text_device,
             )  # fmt: skip
         # The backend is chosen on the weights as loaded (the hash an fp8 TensorRT engine was built from), before
         # the eager path's own fp8 storage below.

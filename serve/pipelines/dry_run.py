@@ -58,7 +58,7 @@ def meta_models(dit_config: str, vae_type: str) -> Models:
 
 
 def dry_run_pipeline(pipeline_id: str, height: int | None = None, width: int | None = None, *, vae_type: str = "wan",
-                     quantization: str | None | type[Ellipsis] = ..., models: Models | None = None,
+                     quantization: str | object | None = ..., models: Models | None = None,
                      ) -> AutoregressivePipeline:  # fmt: skip
     """The pipeline's class at real size on meta, at its seed resolution unless given; `quantization` defaults to
     the pipeline's own (fp8 storage for Krea), as a load applies it. `models` (from `meta_models`) may be shared
