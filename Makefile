@@ -8,7 +8,7 @@ PORT ?= 8000
 SERVE_ARGS ?=
 ENGINE_ARGS ?=
 
-.PHONY: install serve test lint bench clean engines
+.PHONY: install serve test lint bench clean engines gpu-check
 
 # torch is pinned and installed first: an unpinned resolve pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -42,3 +42,11 @@ clean:
 
 bench: install
 	$(PY) -m benchmarks.serve_passthrough
+
+# The one command for a CUDA machine (≤ 8 min): writes gpu-report.md / .json to $OUT (or OUT_DIR). It runs with the
+# machine's own python3 and torch when there is no venv (a GPU machine may have no network); DRY=1 checks the script
+# on the tiny config on a CPU in seconds.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+OUT_DIR ?= $(or $(OUT),gpu-report)
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check --out $(OUT_DIR) $(if $(DRY),--dry)
