@@ -80,3 +80,25 @@ def test_steady_state_chunk_makes_no_unexpected_host_sync() -> None:
         stream.process(None, runtime)  # the download's stream synchronize is explicit, not a hidden sync
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_step_sees_the_same_cache_and_text_buffers_every_chunk() -> None:
+    """What a captured CUDA graph replays against: the KV cache and the text K/V keep their addresses through
+    prompt switches (re-cache), transitions and MemFlow's bank updates; only their contents change."""
+    from serve.pipelines.dry_run import scripted_params
+
+    spec = get_spec("memflow")  # LongLive's re-cache plus the bank's writes
+    params = spec.effective_load_params(LoadParams(height=32, width=32, random_weights=True), allow_random_weights=True)
+    pipeline = spec.resolve_factory().load(spec, params, report=lambda *_: None, models_dir=Path("/nonexistent"))
+    seen: set[tuple[int, ...]] = set()
+    eager = pipeline.step
+
+    def step(latents, timestep, text_kv, cache_k, cache_v, *rest, **kwargs):
+        seen.add(tuple(t.data_ptr() for t in (*text_kv, cache_k, cache_v)))
+        return eager(latents, timestep, text_kv, cache_k, cache_v, *rest, **kwargs)
+
+    pipeline.step = step
+    stream = pipeline.open_stream(0)
+    for chunk_params in scripted_params(spec.runtime_defaults, "text", 6):
+        stream.process(None, chunk_params)
+    assert stream.recaches == 1 and len(seen) == 1

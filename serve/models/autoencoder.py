@@ -83,6 +83,12 @@ class StreamingAutoencoder:
         self.vae_type = vae_type
         self.encode_step: ChunkStepFn = encode_step or model.encode_step  # type: ignore[assignment]
         self.decode_step: ChunkStepFn = decode_step or model.decode_step  # type: ignore[assignment]
+        # The model's own steady steps take one latent's worth per call: a chunk's output is the same (the
+        # contract's streaming equality) at about half the activation peak of a 3-latent call (7.0 → 3.9 GB for
+        # the Wan VAE's fp32 decode at 512², benchmarks/RESULTS.md "VRAM plan"). An engine runs the chunk it was
+        # built for.
+        self._encode_per_latent = encode_step is None
+        self._decode_per_latent = decode_step is None
         self.latent_channels: int = model.latent_channels
         self.temporal_stride: int = model.temporal_stride  # pixel frames per latent after the first
         self.spatial_stride: int = model.spatial_stride
@@ -130,9 +136,13 @@ class StreamingAutoencoder:
         self._check(pixels, 3, "pixels", first=self._enc_caches is None)
         if self._enc_caches is None:
             z, self._enc_caches = self.model.encode_first(pixels)
-        else:
-            z, self._enc_caches = self.encode_step(pixels, self._enc_caches)
-        return z
+            return z
+        stride = self.temporal_stride if self._encode_per_latent else pixels.shape[2]
+        parts = []
+        for start in range(0, pixels.shape[2], stride):
+            z, self._enc_caches = self.encode_step(pixels[:, :, start : start + stride], self._enc_caches)
+            parts.append(z)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     @torch.no_grad()
     def decode_chunk(self, latents: Tensor) -> Tensor:
@@ -140,9 +150,13 @@ class StreamingAutoencoder:
         self._check(latents, self.latent_channels, "latents", first=self._dec_caches is None)
         if self._dec_caches is None:
             x, self._dec_caches = self.model.decode_first(latents)
-        else:
-            x, self._dec_caches = self.decode_step(latents, self._dec_caches)
-        return x
+            return x
+        stride = 1 if self._decode_per_latent else latents.shape[2]
+        parts = []
+        for start in range(0, latents.shape[2], stride):
+            x, self._dec_caches = self.decode_step(latents[:, :, start : start + stride], self._dec_caches)
+            parts.append(x)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     @torch.no_grad()
     def encode_video(self, pixels: Tensor) -> Tensor:
