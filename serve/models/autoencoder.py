@@ -130,6 +130,13 @@ class StreamingAutoencoder:
             started = self._geometry[what]
             raise ValueError(f"{what} (B, H, W) = {geometry} but the stream started with {started}: reset() first")
 
+    @staticmethod
+    def _hand_over(caches: Caches | None) -> tuple[list[Tensor], None]:
+        """The stream's caches as a list the step consumes (vae.py `CacheIO`): each old cache is freed as soon as
+        its replacement exists. The stream holds none while the step runs; a failed step ends the stream anyway."""
+        assert caches is not None
+        return list(caches), None
+
     @torch.no_grad()
     def encode_chunk(self, pixels: Tensor) -> Tensor:
         """[B, 3, T, H, W] in [-1,1] → [B, 16, F, H/8, W/8]; T = 1 + 4k on the first call, 4k afterwards."""
@@ -140,7 +147,8 @@ class StreamingAutoencoder:
         stride = self.temporal_stride if self._encode_per_latent else pixels.shape[2]
         parts = []
         for start in range(0, pixels.shape[2], stride):
-            z, self._enc_caches = self.encode_step(pixels[:, :, start : start + stride], self._enc_caches)
+            caches, self._enc_caches = self._hand_over(self._enc_caches)
+            z, self._enc_caches = self.encode_step(pixels[:, :, start : start + stride], caches)
             parts.append(z)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
@@ -154,7 +162,8 @@ class StreamingAutoencoder:
         stride = 1 if self._decode_per_latent else latents.shape[2]
         parts = []
         for start in range(0, latents.shape[2], stride):
-            x, self._dec_caches = self.decode_step(latents[:, :, start : start + stride], self._dec_caches)
+            caches, self._dec_caches = self._hand_over(self._dec_caches)
+            x, self._dec_caches = self.decode_step(latents[:, :, start : start + stride], caches)
             parts.append(x)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
