@@ -31,12 +31,19 @@ from pathlib import Path
 from typing import Any
 
 PARTS = ("environment", "gpu_tests", "dit_step", "vae_steps", "pipelines")
-TIME_BOX_S = {"environment": 40, "gpu_tests": 90, "dit_step": 150, "vae_steps": 60, "pipelines": 130}  # 470 s
+TIME_BOX_S = {"environment": 40, "gpu_tests": 60, "dit_step": 130, "vae_steps": 50, "pipelines": 200}  # 480 s
 DRY_TIME_BOX_S = 120
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "L40S": 362.0, "4090": 165.0, "A100": 312.0}
 
 
 # -- the parts (each runs in a child process: `--part NAME`) ----------------------------------------------------------
+
+_partial_path: Path | None = None  # where a running part saves what it has so far (kept if its time box ends it)
+
+
+def save_partial(result: dict[str, Any]) -> None:
+    if _partial_path is not None:
+        _partial_path.write_text(json.dumps(result, indent=1, default=str))
 
 
 def part_environment(dry: bool) -> dict[str, Any]:
@@ -119,6 +126,8 @@ def part_dit_step(dry: bool) -> dict[str, Any]:
     tflop = step_tflop(DIT_CONFIGS[config_name], Shape("longlive", height, width, chunk, cache_frames, 3))
     model, args = _dit_inputs(config_name, height, width, chunk, cache_frames, device, dtype)
     rows: list[dict[str, Any]] = []
+    header = {"config": config_name, "shape": f"{height}×{width}, {chunk} frames, K={cache_frames}",
+              "tflop_per_step": tflop}  # fmt: skip
 
     def measure(variant: str, fn) -> None:
         started = time.perf_counter()
@@ -129,6 +138,7 @@ def part_dit_step(dry: bool) -> dict[str, Any]:
         except Exception as exc:  # each variant reports its own failure; the others still run
             rows.append({"variant": variant, "ms": None, "tflops": None, "error": f"{type(exc).__name__}: {exc}"})
         rows[-1]["setup_and_run_s"] = time.perf_counter() - started
+        save_partial({**header, "rows": rows})
 
     measure("eager", lambda: model.step(*args))
     if cuda:
@@ -142,8 +152,7 @@ def part_dit_step(dry: bool) -> dict[str, Any]:
     if cuda:
         compiled_fp8 = torch.compile(model.step, dynamic=False)
         measure("fp8 storage, compiled", lambda: compiled_fp8(*args))
-    return {"config": config_name, "shape": f"{height}×{width}, {chunk} frames, K={cache_frames}",
-            "tflop_per_step": tflop, "rows": rows}  # fmt: skip
+    return {**header, "rows": rows}
 
 
 def _graphed(step, args):
@@ -249,6 +258,7 @@ def part_pipelines(dry: bool) -> dict[str, Any]:
             row["error"] = f"{type(exc).__name__}: {exc}"
             row["traceback"] = traceback.format_exc(limit=4)
         rows.append(row)
+        save_partial({"dtype": str(dtype), "rows": rows})
     return {"dtype": str(dtype), "rows": rows}
 
 
@@ -281,9 +291,11 @@ def run_part(name: str, out: Path, dry: bool) -> dict[str, Any]:
         done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
         log = (done.stdout + done.stderr)[-4000:]
         status = "ok" if done.returncode == 0 and result_path.exists() else f"failed (exit {done.returncode})"
+        if done.returncode == 0 and not result_path.exists():
+            status = "failed (no result written)"
     except subprocess.TimeoutExpired as exc:
         log = ((exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace"))[-4000:]
-        status = f"timed out after {limit} s"
+        status = f"timed out after {limit} s (the rows it finished are kept)"
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
     return {"part": name, "status": status, "seconds": time.perf_counter() - started, "result": result,
             "log_tail": log if status != "ok" else ""}  # fmt: skip
@@ -348,8 +360,9 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     if args.part:
-        result = globals()[f"part_{args.part}"](args.dry)
-        (out / "parts" / f"{args.part}.json").write_text(json.dumps(result, indent=1, default=str))
+        global _partial_path
+        _partial_path = out / "parts" / f"{args.part}.json"
+        save_partial(globals()[f"part_{args.part}"](args.dry))
         return
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
