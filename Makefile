@@ -9,7 +9,7 @@ SERVE_ARGS ?=
 ENGINE_ARGS ?=
 SOAK_MINUTES ?= 10
 
-.PHONY: install serve test lint bench soak clean engines
+.PHONY: install serve test lint bench soak clean engines gpu-check
 
 # torch is pinned and installed first: an unpinned resolve pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -48,3 +48,11 @@ bench: install
 # leaving): RSS, fds, threads and sessions every 30 s, and their slopes. Results go in benchmarks/RESULTS.md.
 soak: install
 	$(PY) -m benchmarks.soak --minutes $(SOAK_MINUTES)
+
+# The one command for a CUDA machine (≤ 8 min): writes gpu-report.md / .json to $OUT (or OUT_DIR). It runs with the
+# machine's own python3 and torch when there is no venv (a GPU machine may have no network); DRY=1 checks the script
+# on the tiny config on a CPU in seconds.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+OUT_DIR ?= $(or $(OUT),gpu-report)
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check --out $(OUT_DIR) $(if $(DRY),--dry)

@@ -24,12 +24,13 @@ from rich.table import Table
 
 from benchmarks.model_step import PEAK_TFLOPS, Shape, step_tflop
 from benchmarks.timing import time_ms
-from serve.models.dit import DIT_CONFIGS, WanDiT
+from serve.models.dit import DIT_CONFIGS, WanDiT, keep_in_fp32
 from serve.models.fp8 import store_dit_in_fp8
 from serve.models.prompts import PromptEncoder
 from serve.models.text_encoder import UMT5_PRESETS, UMT5Encoder
 from serve.models.tokenizer import UMT5Tokenizer
 from serve.pipelines.autoregressive import AutoregressivePipeline
+from serve.pipelines.dry_run import cast_as_loaded
 from serve.pipelines.registry import PIPELINES
 from serve.pipelines.weights import Models, random_models, tiny_tokenizer_model
 from serve.schemas import LoadParams
@@ -47,8 +48,14 @@ ATTENDED_FRAMES = {  # K in models.md §7: key frames a denoising pass attends a
 def real_size_models(dit_config: str, vae_type: str, device: torch.device, dtype: torch.dtype) -> Models:
     """Random weights at the real DiT size; the text encoder is a one-layer umT5 of the real output width."""
     torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in `dtype`: a 14B model in fp32 first would need 57 GB on the way
+    try:
+        with torch.device(device):
+            dit = cast_as_loaded(WanDiT(DIT_CONFIGS[dit_config]), dtype, keep_in_fp32).eval()  # fp32 where loads are
+    finally:
+        torch.set_default_dtype(default_dtype)
     with torch.device(device):
-        dit = WanDiT(DIT_CONFIGS[dit_config]).to(dtype).eval()
         text_config = replace(UMT5_PRESETS["umt5-xxl"], vocab_size=128, num_layers=1)
         encoder = UMT5Encoder(text_config).to(dtype).eval()
     tokenizer = UMT5Tokenizer(tiny_tokenizer_model(), max_length=dit.config.text_len)

@@ -72,6 +72,11 @@ class PipelineLoadError(WanrtError):
     status_code = 500
 
 
+class StreamOutOfMemory(WanrtError):
+    """A stream's chunk ran out of GPU memory: the stream is stopped (`stream_stopped` carries this message) and its
+    buffers are freed; the loaded pipeline and the other sessions go on."""
+
+
 class DownloadError(WanrtError):
     """Fetching weight files failed (the hub refused, lacks the file, or the transfer broke); names the file."""
 

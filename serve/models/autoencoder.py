@@ -83,6 +83,12 @@ class StreamingAutoencoder:
         self.vae_type = vae_type
         self.encode_step: ChunkStepFn = encode_step or model.encode_step  # type: ignore[assignment]
         self.decode_step: ChunkStepFn = decode_step or model.decode_step  # type: ignore[assignment]
+        # The model's own steady steps take one latent's worth per call: a chunk's output is the same (the
+        # contract's streaming equality) at about half the activation peak of a 3-latent call (7.0 → 3.9 GB for
+        # the Wan VAE's fp32 decode at 512², benchmarks/RESULTS.md "VRAM plan"). An engine runs the chunk it was
+        # built for.
+        self._encode_per_latent = encode_step is None
+        self._decode_per_latent = decode_step is None
         self.latent_channels: int = model.latent_channels
         self.temporal_stride: int = model.temporal_stride  # pixel frames per latent after the first
         self.spatial_stride: int = model.spatial_stride
@@ -124,15 +130,27 @@ class StreamingAutoencoder:
             started = self._geometry[what]
             raise ValueError(f"{what} (B, H, W) = {geometry} but the stream started with {started}: reset() first")
 
+    @staticmethod
+    def _hand_over(caches: Caches | None) -> tuple[list[Tensor], None]:
+        """The stream's caches as a list the step consumes (vae.py `CacheIO`): each old cache is freed as soon as
+        its replacement exists. The stream holds none while the step runs; a failed step ends the stream anyway."""
+        assert caches is not None
+        return list(caches), None
+
     @torch.no_grad()
     def encode_chunk(self, pixels: Tensor) -> Tensor:
         """[B, 3, T, H, W] in [-1,1] → [B, 16, F, H/8, W/8]; T = 1 + 4k on the first call, 4k afterwards."""
         self._check(pixels, 3, "pixels", first=self._enc_caches is None)
         if self._enc_caches is None:
             z, self._enc_caches = self.model.encode_first(pixels)
-        else:
-            z, self._enc_caches = self.encode_step(pixels, self._enc_caches)
-        return z
+            return z
+        stride = self.temporal_stride if self._encode_per_latent else pixels.shape[2]
+        parts = []
+        for start in range(0, pixels.shape[2], stride):
+            caches, self._enc_caches = self._hand_over(self._enc_caches)
+            z, self._enc_caches = self.encode_step(pixels[:, :, start : start + stride], caches)
+            parts.append(z)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     @torch.no_grad()
     def decode_chunk(self, latents: Tensor) -> Tensor:
@@ -140,9 +158,14 @@ class StreamingAutoencoder:
         self._check(latents, self.latent_channels, "latents", first=self._dec_caches is None)
         if self._dec_caches is None:
             x, self._dec_caches = self.model.decode_first(latents)
-        else:
-            x, self._dec_caches = self.decode_step(latents, self._dec_caches)
-        return x
+            return x
+        stride = 1 if self._decode_per_latent else latents.shape[2]
+        parts = []
+        for start in range(0, latents.shape[2], stride):
+            caches, self._dec_caches = self._hand_over(self._dec_caches)
+            x, self._dec_caches = self.decode_step(latents[:, :, start : start + stride], caches)
+            parts.append(x)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     @torch.no_grad()
     def encode_video(self, pixels: Tensor) -> Tensor:
@@ -202,6 +225,10 @@ def make_vae(
     """A streaming autoencoder: weights from `path` (strictly checked), or seeded random weights when None."""
     if path is not None:
         model = load_vae(path, vae_type, dtype=dtype, device=device, size=size)
+    elif torch.device(device).type == "meta":  # the real-size dry run: shapes only, nothing built on the host
+        with torch.device("meta"):
+            model = build_model(vae_type, size)
+        model = model.to(dtype=dtype).eval().requires_grad_(False)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

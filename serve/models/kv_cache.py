@@ -82,6 +82,13 @@ class ChunkPlan:
     """[max_frames] RoPE frame position of each frame slot when keys are cached un-rotated and rotated at read time
     (Reward Forcing's window-relative positions); None when keys are cached rotated at their absolute positions."""
 
+    def to(self, device: torch.device | str | None) -> ChunkPlan:
+        """The plan on `device`: policies build plans on the host and move each once (host→device, never back)."""
+        positions = None if self.key_positions is None else self.key_positions.to(device)
+        return ChunkPlan(
+            self.write_index.to(device), self.key_bias.to(device), self.frame_positions.to(device), positions
+        )
+
     def as_args(self) -> tuple[Tensor, Tensor, Tensor]:
         """In the order `WanDiT.step` takes them."""
         return self.write_index, self.key_bias, self.frame_positions
@@ -128,6 +135,10 @@ class RollingSinkPolicy:
         return sink + list(recent)
 
     def plan(self, first_frame: int, frames: int) -> ChunkPlan:
+        return self.host_plan(first_frame, frames).to(self.device)
+
+    def host_plan(self, first_frame: int, frames: int) -> ChunkPlan:
+        """`plan` on the host, for policies that extend it before it moves."""
         lf = self.spec.frame_tokens
         if frames > self.ring_frames and first_frame + frames > self.sink_frames:
             raise ValueError(f"a chunk of {frames} frames does not fit a ring of {self.ring_frames} frames")
@@ -135,4 +146,4 @@ class RollingSinkPolicy:
         attended = {self.slot_of_frame(f): 0.0 for f in self.attended_frames(first_frame, frames)}
         key_bias = frame_bias(self.spec.max_frames, lf, attended)
         positions = torch.arange(first_frame, first_frame + frames)
-        return ChunkPlan(token_index(slots, lf).to(self.device), key_bias.to(self.device), positions.to(self.device))
+        return ChunkPlan(token_index(slots, lf), key_bias, positions)

@@ -105,9 +105,9 @@ def blend_embeddings(
         mixed += wi * ef
         target_norm += wi * ef.norm()
     norm = mixed.norm()
-    # Fully cancelling prompts leave nothing to rescale; return the (zero) mix rather than dividing by 0.
-    if norm > 0:
-        mixed = mixed * (target_norm / norm)
+    # Fully cancelling prompts leave nothing to rescale: keep the (zero) mix rather than dividing by 0. Chosen on
+    # the device, so a blend never waits for the GPU.
+    mixed = torch.where(norm > 0, mixed * (target_norm / norm.clamp_min(torch.finfo(torch.float32).tiny)), mixed)
     return mixed.to(dtype)
 
 
@@ -119,8 +119,9 @@ class PromptTransition:
     """Walks from ``source`` to ``target`` over ``num_steps`` generated chunks, one embedding per chunk.
 
     Interpolants are precomputed at ``t = linspace(0, 1, num_steps)`` (so the first chunk still sees the source and
-    the last sees exactly the target). ``num_steps`` 0 or 1, or ``‖target − source‖ < 0.01``, means an instant
-    switch: a single step that is the target. After the last step ``next()`` keeps returning the target.
+    the last sees exactly the target). ``num_steps`` 0 or 1 means an instant switch: a single step that is the
+    target. ``‖target − source‖ < 0.01`` also jumps at once: every step is the target (chosen on the device, so
+    starting a transition never waits for the GPU). After the last step ``next()`` keeps returning the target.
     """
 
     def __init__(
@@ -131,12 +132,13 @@ class PromptTransition:
         if source.shape != target.shape:
             raise ValueError(f"source {tuple(source.shape)} and target {tuple(target.shape)} differ in shape")
         self.target = target
-        delta = float((target.float() - source.float()).norm())
-        if num_steps <= 1 or delta < TRANSITION_SKIP_NORM:
+        if num_steps <= 1:
             self.steps: list[Tensor] = [target]
         else:
-            ts = torch.linspace(0.0, 1.0, num_steps).tolist()
-            self.steps = [interpolate(source, target, t, method) for t in ts[:-1]] + [target]
+            jump = (target.float() - source.float()).norm() < TRANSITION_SKIP_NORM  # a 0-d device bool
+            ts = torch.linspace(0.0, 1.0, num_steps).tolist()  # host floats
+            walk = [torch.where(jump, target, interpolate(source, target, t, method)) for t in ts[:-1]]
+            self.steps = [*walk, target]
         self._index = 0
 
     def __len__(self) -> int:

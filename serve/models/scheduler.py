@@ -19,6 +19,7 @@ class FlowMatchScheduler:
         sigmas = 1.0 - torch.arange(TRAIN_TIMESTEPS, dtype=torch.float64) / TRAIN_TIMESTEPS
         self.sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
         self.timesteps = self.sigmas * TRAIN_TIMESTEPS
+        self._device_tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def model_timesteps(self, step_list: list[int], *, warp: bool = False) -> list[float]:
         """The t fed to the model for each entry of a `denoising_step_list`.
@@ -36,9 +37,16 @@ class FlowMatchScheduler:
     def sigma(self, timestep: Tensor) -> Tensor:
         """σ of the nearest grid timestep (t = 0 maps to the last grid point, σ ≈ 0.005 at shift 5), float64."""
         t = timestep.to(torch.float64)
-        grid = self.timesteps.to(t.device)
+        grid, sigmas = self._tables_on(t.device)
         index = (t.reshape(-1, 1) - grid[None, :]).abs().argmin(dim=1)
-        return self.sigmas.to(t.device)[index].reshape(t.shape)
+        return sigmas[index].reshape(t.shape)
+
+    def _tables_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(timesteps, sigmas) on `device`, copied there once: the chunk loop's lookups stay on the device."""
+        tables = self._device_tables.get(device)
+        if tables is None:
+            tables = self._device_tables[device] = (self.timesteps.to(device), self.sigmas.to(device))
+        return tables
 
     def add_noise(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
         """timestep is per frame [B, F]; x0/noise [B, C, F, H, W]."""

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from build_engines.manifest import dit_step_key, precision_of, vae_step_key
-from serve.errors import PipelineLoadError
+from serve.errors import PipelineLoadError, StreamOutOfMemory
 from serve.models.autoencoder import ChunkStepFn, StreamingAutoencoder, make_vae
 from serve.models.dit import ROPE_MAX_POSITIONS
 from serve.models.fp8 import store_dit_in_fp8
@@ -47,6 +47,7 @@ from serve.pipelines.loras import (
 )
 from serve.pipelines.policies import NoiseController
 from serve.pipelines.spec import PipelineSpec
+from serve.pipelines.vram import VramPlan, check_fits, measure_plan
 from serve.pipelines.weights import LORA_SCALE, Models, load_weights, random_models
 from serve.runtime.backends import DiTStep, select_backend
 from serve.settings import ServerSettings
@@ -129,6 +130,49 @@ class Conditioning:
         return jumped
 
 
+class HostBridge:
+    """Where a stream's chunk loop meets the host, and the only place it does: frames in (one host→device copy per
+    chunk), frames out (one device→host copy per chunk, into pinned memory on CUDA) and the seeded noise generator.
+
+    Everything between those three stays on the device, so the chunk never waits for the GPU before its output is
+    read. On the meta device (the real-size dry run, serve/pipelines/dry_run.py) tensors have shapes but no values:
+    noise needs no generator there and frames out are zeros of the decoded shape, still counted as one copy.
+    """
+
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.device = device
+        self.seed = seed
+        self.dry = device.type == "meta"
+        self.generator = None if self.dry else torch.Generator(device=device).manual_seed(seed)
+        self.uploads = 0  # host→device frame copies so far
+        self.downloads = 0  # device→host frame copies so far
+
+    def reseed(self) -> None:
+        if self.generator is not None:
+            self.generator.manual_seed(self.seed)
+
+    def noise(self, shape: tuple[int, ...]) -> Tensor:
+        return torch.randn(shape, generator=self.generator, device=self.device)
+
+    def upload(self, frames: np.ndarray) -> Tensor:
+        """uint8 [T, H, W, 3] host frames → the same on the device (converted there, where it is cheap)."""
+        self.uploads += 1
+        return torch.from_numpy(frames).to(self.device, non_blocking=True)
+
+    def download(self, frames: Tensor) -> np.ndarray:
+        """uint8 [T, H, W, 3] device frames → a host array; the chunk's one wait for the device is here."""
+        self.downloads += 1
+        if self.dry:
+            return np.zeros(tuple(frames.shape), dtype=np.uint8)
+        if frames.device.type != "cuda":
+            return frames.cpu().numpy()
+        # Pinned memory lets the copy run as DMA; the caching host allocator reuses the block once the array dies.
+        host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+        host.copy_(frames, non_blocking=True)
+        torch.cuda.current_stream(frames.device).synchronize()
+        return host.numpy()
+
+
 class AutoregressiveStream(PipelineStream):
     def __init__(self, pipeline: AutoregressivePipeline, seed: int) -> None:
         self.p = pipeline
@@ -147,7 +191,7 @@ class AutoregressiveStream(PipelineStream):
         self.vae = StreamingAutoencoder(
             pipeline.vae_model, pipeline.models.vae_type, pipeline.vae_steps["encode"], pipeline.vae_steps["decode"]
         )
-        self.generator = torch.Generator(device=pipeline.device).manual_seed(seed)
+        self.host = HostBridge(pipeline.device, seed)
         self.seed = seed
         self.noise_controller = NoiseController(pipeline.spec.runtime_defaults.get("noise_scale", 0.7))
         self.frame = 0  # absolute latent frame of the next chunk
@@ -160,21 +204,24 @@ class AutoregressiveStream(PipelineStream):
         self.vae.reset()
         self.policy.reset()
         self.frame = 0
-        self.generator.manual_seed(self.seed)
+        self.host.reseed()
         self.noise_controller.reset(self.p.spec.runtime_defaults.get("noise_scale", 0.7))  # as a new stream starts
 
-    def run_step(self, latents: Tensor, t: float, plan: ChunkPlan) -> Tensor:
+    def timestep(self, t: float | Tensor, frames: int) -> Tensor:
+        """[1, frames] float32 on the device: a listed step (a host float) or the noise controller's (a device 0-d)."""
+        if isinstance(t, Tensor):
+            return t.float().reshape(1, 1).expand(1, frames)
+        return torch.full((1, frames), float(t), device=self.p.device)
+
+    def run_step(self, latents: Tensor, t: float | Tensor, plan: ChunkPlan) -> Tensor:
         """One DiT step over `latents` [1, 16, F, h, w] at timestep `t`, writing K/V where `plan` says."""
         dit = self.p.models.dit
-        timestep = torch.full((1, latents.shape[2]), float(t), device=self.p.device)
+        timestep = self.timestep(t, latents.shape[2])
         key_rope = None if plan.key_positions is None else dit.rope.tables(plan.key_positions, *self.grid)
         return self.p.step(
             latents.to(self.p.dtype), timestep, self.text_kv.pair(), self.cache.k, self.cache.v, *plan.as_args(),
             key_rope=key_rope,
         )  # fmt: skip
-
-    def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator, device=self.p.device)
 
     def _manage_cache(self, params: dict[str, Any]) -> None:
         """Restart when the noise level the cached history was made at changes (Scope's `manage_cache`).
@@ -189,8 +236,27 @@ class AutoregressiveStream(PipelineStream):
             self.reset()
         self._noise_key = key
 
-    @torch.inference_mode()
     def process(self, frames: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
+        try:
+            return self._process(frames, params)
+        except torch.OutOfMemoryError as exc:
+            self.release()
+            raise StreamOutOfMemory(
+                f"out of GPU memory in a chunk of {self.p.spec.id} at {self.p.height}×{self.p.width}; the stream "
+                f"was stopped and its memory freed. Load with a smaller plan (quantization fp8_e4m3fn, vae_type "
+                f"lighttae, a lower resolution) or run fewer sessions. ({str(exc).splitlines()[0]})"
+            ) from None
+
+    def release(self) -> None:
+        """Drop this stream's device buffers (it cannot run again) and hand cached blocks back to the driver."""
+        self.cache = self.text_kv = None  # type: ignore[assignment]
+        self.vae.reset()
+        self.policy = self.conditioning = None  # type: ignore[assignment]
+        if self.p.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def _process(self, frames: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
         p, scheduler, policy = self.p, self.p.scheduler, self.policy
         chunk = p.shape.chunk_latents
         self._manage_cache(params)
@@ -206,41 +272,48 @@ class AutoregressiveStream(PipelineStream):
         steps = scheduler.model_timesteps(params["denoising_step_list"], warp=params["warp_denoising_steps"])
 
         # 1. Start point: input latents mixed with noise (video), or noise (text).
+        maybe_dropped: set[int] = set()  # passes that run only where the device says their step is kept
         if frames is not None:
-            pixels = torch.from_numpy(frames).to(p.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+            pixels = self.host.upload(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
             if not self.vae.encoder_started:  # the first encode takes frame 0 alone: 1 + 4(F−1) frames → F latents
                 pixels = pixels[:, :, -(1 + 4 * (chunk - 1)) :]
             latents = self.vae.encode_chunk(pixels)
+            strength: float | Tensor
+            first_t: float | Tensor
             if params.get("noise_controller", False):
-                strength, first_t = self.noise_controller.update(pixels)
+                strength, first_t = self.noise_controller.update(pixels)  # device tensors: no host sync
+                lowest, highest = self.noise_controller.first_timestep_bounds()
             else:
                 strength = float(params.get("noise_scale", 0.7))
-                first_t = 1000 * strength
+                first_t = lowest = highest = 1000 * strength
             # The input is mixed to the noise level `strength`; denoising starts at `first_t`, then takes the listed
-            # steps (as the model sees them: warped or raw) below it.
-            steps = [first_t] + [t for t in steps[1:] if t < first_t]
-            x = (1 - strength) * latents + strength * self._noise(latent_shape)
+            # steps (as the model sees them: warped or raw) below it. A step between the bounds of first_t may or may
+            # not be below it: its pass runs and the device keeps or discards its result (dropped steps form a
+            # prefix, so this is the same arithmetic).
+            steps = [first_t] + [t for t in steps[1:] if t < highest]
+            maybe_dropped = {i for i, t in enumerate(steps) if i > 0 and t >= lowest}
+            x = (1 - strength) * latents + strength * self.host.noise(latent_shape)
         else:
-            x = self._noise(latent_shape)
+            first_t = steps[0]
+            x = self.host.noise(latent_shape)
 
         # 2. Denoising passes, all writing this chunk's slots; then the clean pass at t = 0.
         plan = policy.plan(self.frame, chunk)
         x0 = x
         for i, t in enumerate(steps):
-            timestep = torch.full((1, chunk), float(t), device=p.device)
+            if i > 0:  # re-noise the last estimate to this pass's level
+                x = scheduler.add_noise(x0, self.host.noise(latent_shape), self.timestep(t, chunk))
             flow = self.run_step(x, t, plan)
-            x0 = scheduler.to_x0(x, flow.float(), timestep)
-            if i + 1 < len(steps):
-                next_t = torch.full((1, chunk), float(steps[i + 1]), device=p.device)
-                x = scheduler.add_noise(x0, self._noise(latent_shape), next_t)
+            estimate = scheduler.to_x0(x, flow.float(), self.timestep(t, chunk))
+            x0 = torch.where(t < first_t, estimate, x0) if i in maybe_dropped else estimate
         if policy.clean_pass:
             self.run_step(x0, 0.0, plan)
 
-        # 3. Decode to uint8 frames [T, H, W, 3].
+        # 3. Decode to uint8 frames [T, H, W, 3], converted on the device; one copy to the host.
         video = self.vae.decode_chunk(x0.float()).clamp(-1, 1)  # [1, 3, T, H, W]
         policy.after_chunk(self, self.frame, x0, video)
         self.frame += chunk
-        return ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        return self.host.download(((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8))
 
     def _apply_lora_scales(self, params: dict[str, Any]) -> None:
         """The session's runtime LoRA scales, set on the pipeline's shared adapters before its chunk (streams of
@@ -258,6 +331,20 @@ class AutoregressiveStream(PipelineStream):
         if plan is not None:
             self.run_step(self.policy.clean_latents(self.frame), 0.0, plan)
             self.recaches += 1
+
+
+def plan_load(pipeline_id: str, load_params: dict[str, Any], device: torch.device) -> VramPlan:
+    """The VRAM plan of this load against the GPU's free memory (serve/pipelines/vram.py); raises PipelineLoadError
+    naming need, free memory and what fits. Costs a meta-device dry run: seconds of CPU, no GPU memory."""
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    plan = measure_plan(
+        pipeline_id, load_params["height"], load_params["width"], vae_type=load_params.get("vae_type", "wan"),
+        quantization=load_params.get("quantization"),
+    )  # fmt: skip
+    plan = check_fits(plan, free_bytes)
+    log.info("pipeline=%s vram plan %.1f GB of %.1f GB free, text encoder on %s", pipeline_id, plan.total / 1e9,
+             free_bytes / 1e9, "gpu" if plan.text_encoder_on_gpu else "cpu")  # fmt: skip
+    return plan
 
 
 class AutoregressivePipeline(Pipeline):
@@ -292,9 +379,14 @@ class AutoregressivePipeline(Pipeline):
         if load_params.get("random_weights"):
             models = random_models(load_params, device, seed=int(load_params["seed"]))
         else:
+            text_device = device
+            if device.type == "cuda":  # refuse before allocating what cannot fit; place the text encoder
+                report("memory plan", 0.02)
+                plan = plan_load(spec.id, load_params, device)
+                text_device = device if plan.text_encoder_on_gpu else torch.device("cpu")
             models = load_weights(
                 spec, load_params, Path(context["models_dir"]), dit_config=cls.shape.dit_config,
-                prefer=cls.shape.checkpoint_prefer, device=device, dtype=dtype, report=report,
+                prefer=cls.shape.checkpoint_prefer, device=device, dtype=dtype, report=report, text_device=text_device,
             )  # fmt: skip
         loras, lora_dir = requested_loras(load_params), Path(context.get("lora_dir") or ServerSettings().lora_folder)
         if loras:

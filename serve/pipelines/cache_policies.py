@@ -103,6 +103,10 @@ class CachePolicy:
     def recache_plan(self, next_frame: int) -> ChunkPlan | None:
         """One pass at t = 0 over the window's clean latents with the new prompt, at their own positions and slots,
         attending the sink and the whole window (the reference's re-cache is bidirectional in practice)."""
+        plan = self.host_recache_plan(next_frame)
+        return None if plan is None else plan.to(self.device)
+
+    def host_recache_plan(self, next_frame: int) -> ChunkPlan | None:
         frames = self.recache_frames(next_frame)
         if not frames:
             return None
@@ -110,9 +114,7 @@ class CachePolicy:
         sink_slots = list(range(min(self.window.sink_frames, next_frame)))
         lf = self.spec.frame_tokens
         bias = frame_bias(self.spec.max_frames, lf, dict.fromkeys(sink_slots + slots, 0.0))
-        return ChunkPlan(
-            token_index(slots, lf).to(self.device), bias.to(self.device), torch.tensor(frames, device=self.device)
-        )
+        return ChunkPlan(token_index(slots, lf), bias, torch.tensor(frames))
 
 
 class EmaSinkPolicy(CachePolicy):
@@ -191,20 +193,20 @@ class MemoryBankPolicy(CachePolicy):
         self._staged = None
 
     def plan(self, first_frame: int, frames: int) -> ChunkPlan:
-        plan = self.window.plan(first_frame, frames)
+        plan = self.window.host_plan(first_frame, frames)
         bank = torch.full((self.bank_frames,), float("-inf"))
         bank[: self.bank_filled] = 0.0
         lf = self.spec.frame_tokens
-        key_bias = torch.cat([plan.key_bias.cpu(), bank.repeat_interleave(lf)]).to(self.device)
-        return ChunkPlan(plan.write_index, key_bias, plan.frame_positions)
+        key_bias = torch.cat([plan.key_bias, bank.repeat_interleave(lf)])
+        return ChunkPlan(plan.write_index, key_bias, plan.frame_positions).to(self.device)
 
-    def recache_plan(self, next_frame: int) -> ChunkPlan | None:
-        plan = super().recache_plan(next_frame)
+    def host_recache_plan(self, next_frame: int) -> ChunkPlan | None:
+        plan = super().host_recache_plan(next_frame)
         if plan is None:
             return None
         bank = torch.full((self.bank_frames * self.spec.frame_tokens,), float("-inf"))
-        window_bias = plan.key_bias[: self.window.spec.max_tokens].cpu()
-        return ChunkPlan(plan.write_index, torch.cat([window_bias, bank]).to(self.device), plan.frame_positions)
+        window_bias = plan.key_bias[: self.window.spec.max_tokens]
+        return ChunkPlan(plan.write_index, torch.cat([window_bias, bank]), plan.frame_positions)
 
     def after_chunk(self, run: ChunkRunner, first_frame: int, x0: Tensor, video: Tensor) -> None:
         super().after_chunk(run, first_frame, x0, video)

@@ -50,13 +50,14 @@ LORA_SCALE = 1.0  # α/r for LongLive and MemFlow (rank 256, α 256, models.md �
 
 def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Path, *, prefer: str | None,
                  device: torch.device, dtype: torch.dtype, report: ProgressFn,
-                 dit_config: str | None = None) -> Models:  # fmt: skip
+                 dit_config: str | None = None, text_device: torch.device | None = None) -> Models:  # fmt: skip
     """The pipeline's published files from `models_dir`; errors name the file and what to do.
 
     Each model's config comes from its file's shapes, not from the pipeline: `dit_config` is only the size the
     pipeline is published at, logged when a file holds another (StreamDiffusionV2's 14B checkpoint, tiny test files).
     All files are identified (headers only) before any is loaded, so a wrong file fails in seconds, not after
-    minutes of reading the others.
+    minutes of reading the others. `text_device` is where the umT5 encoder runs (default `device`; the VRAM plan
+    puts it on the CPU when the GPU cannot hold it: serve/pipelines/vram.py); its embeddings land on `device`.
     """
     missing = spec.missing_files(models_dir)
     if missing:
@@ -91,7 +92,7 @@ def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Pa
     tokenizer = _load_tokenizer(spec, tokenizer_path, text_path, dit_cfg.text_len, text_cfg.vocab_size)
     try:
         report("text encoder", 0.1)
-        encoder = load_text_encoder(text_path, dtype=dtype, device=device, config=text_cfg)
+        encoder = load_text_encoder(text_path, dtype=dtype, device=text_device or device, config=text_cfg)
         report("diffusion model", 0.4)
         dit = load_dit(
             dit_cfg, dit_path, dtype=dtype, device=device, prefer=prefer,

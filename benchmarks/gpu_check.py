@@ -1,0 +1,381 @@
+"""One command on a CUDA machine, one report: `make gpu-check` (≤ 8 minutes).
+
+    python -m benchmarks.gpu_check [--out DIR]      # DIR defaults to $OUT, else ./gpu-report
+    python -m benchmarks.gpu_check --dry            # the same parts on the tiny config on the CPU, in seconds
+
+Parts, each in its own process with its own time box, so a crash, a CUDA error or a hang in one is reported and
+the next one runs:
+
+  environment   GPU, driver, torch, CUDA; a measured bf16 matmul rate (the peak the % columns use) and copy bandwidth
+  gpu_tests     the `gpu`-marked tests (pytest, when installed)
+  dit_step      the DiT step (1.3B, bf16): eager, compiled, CUDA graph, fp8 storage; ms, TFLOP/s, % of peak
+  vae_steps     the VAE chunk steps of every vae_type at the seed resolutions
+  pipelines     each pipeline's chunk latency and fps (video and text mode) at its seed resolution, LongLive also at
+                480×832, Krea 14B with fp8; a new stream's first frame; peak memory against the VRAM plan
+
+Writes gpu-report.json (every figure, every error) and gpu-report.md (the same as tables). Imports only the model
+side (torch, numpy, safetensors, msgspec, sentencepiece, rich): the web stack need not be installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+PARTS = ("environment", "gpu_tests", "dit_step", "vae_steps", "pipelines")
+TIME_BOX_S = {"environment": 40, "gpu_tests": 60, "dit_step": 130, "vae_steps": 50, "pipelines": 200}  # 480 s
+DRY_TIME_BOX_S = 120
+DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "L40S": 362.0, "4090": 165.0, "A100": 312.0}
+
+
+# -- the parts (each runs in a child process: `--part NAME`) ----------------------------------------------------------
+
+_partial_path: Path | None = None  # where a running part saves what it has so far (kept if its time box ends it)
+
+
+def save_partial(result: dict[str, Any]) -> None:
+    if _partial_path is not None:
+        _partial_path.write_text(json.dumps(result, indent=1, default=str))
+
+
+def part_environment(dry: bool) -> dict[str, Any]:
+    import torch
+
+    from benchmarks.timing import time_ms
+
+    cuda = torch.cuda.is_available() and not dry
+    device = torch.device("cuda" if cuda else "cpu")
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "cuda": torch.version.cuda, "device": str(device)}  # fmt: skip
+    if cuda:
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, sm=f"{props.major}.{props.minor}", memory_gb=round(props.total_memory / 1e9, 1))
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=10)  # fmt: skip
+            info["driver"] = driver.stdout.strip()
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            info["driver"] = f"unknown ({exc})"
+        info["datasheet_bf16_tflops"] = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in props.name), None)
+    n = 256 if dry else 8192
+    dtype = torch.float32 if dry else torch.bfloat16
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))  # random, never zeros (METHOD.md)
+    ms = time_ms(lambda: a @ b, device, warmup=3, iters=10)
+    info["matmul_tflops"] = 2 * n**3 / (ms / 1e3) / 1e12
+    buffer = torch.empty(2**28 if cuda else 2**22, dtype=torch.uint8, device=device).random_()
+    copy_ms = time_ms(lambda: buffer.clone(), device, warmup=2, iters=10)
+    info["copy_gb_s"] = 2 * buffer.numel() / (copy_ms / 1e3) / 1e9  # read + write
+    return info
+
+
+def part_gpu_tests(dry: bool) -> dict[str, Any]:
+    try:
+        import pytest  # noqa: F401
+    except ImportError:
+        return {"skipped": "pytest is not installed here"}
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_fp8.py",
+               "tests/test_engines.py", "tests/test_gpu.py"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIME_BOX_S["gpu_tests"] - 5)
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return {"returncode": done.returncode, "summary": lines[-1] if lines else "", "tail": lines[-30:]}
+
+
+def _dit_inputs(config_name: str, height: int, width: int, chunk: int, cache_frames: int, device, dtype):
+    import torch
+
+    from serve.models.dit import DIT_CONFIGS, WanDiT, keep_in_fp32
+    from serve.models.kv_cache import KVCache, KVCacheSpec, RollingSinkPolicy
+    from serve.pipelines.dry_run import cast_as_loaded
+
+    config = DIT_CONFIGS[config_name]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cast_as_loaded(WanDiT(config), dtype, keep_in_fp32).eval()
+    frame_tokens = (height // 16) * (width // 16)
+    spec = KVCacheSpec(config.num_layers, 1, config.num_heads, config.head_dim, frame_tokens, cache_frames)
+    cache = KVCache(spec, dtype, device)
+    plan = RollingSinkPolicy(spec, 3, device).plan(cache_frames - chunk, chunk)
+    latents = torch.randn(1, 16, chunk, height // 8, width // 8, device=device)
+    timestep = torch.full((1, chunk), 750.0, device=device)
+    with torch.inference_mode():
+        text_kv = model.text_kv(torch.randn(1, config.text_len, config.text_dim, device=device, dtype=dtype))
+    return model, (latents, timestep, text_kv, cache.k, cache.v, *plan.as_args())
+
+
+def part_dit_step(dry: bool) -> dict[str, Any]:
+    import torch
+
+    from benchmarks.model_step import Shape, step_tflop
+    from benchmarks.timing import time_ms
+    from serve.models.dit import DIT_CONFIGS
+    from serve.models.fp8 import store_dit_in_fp8
+
+    cuda = torch.cuda.is_available() and not dry
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    config_name = "wan2.1-1.3b" if cuda else "tiny"
+    height, width, chunk, cache_frames = (480, 832, 3, 12) if cuda else (64, 64, 3, 12)
+    tflop = step_tflop(DIT_CONFIGS[config_name], Shape("longlive", height, width, chunk, cache_frames, 3))
+    model, args = _dit_inputs(config_name, height, width, chunk, cache_frames, device, dtype)
+    rows: list[dict[str, Any]] = []
+    header = {"config": config_name, "shape": f"{height}×{width}, {chunk} frames, K={cache_frames}",
+              "tflop_per_step": tflop}  # fmt: skip
+
+    def measure(variant: str, fn) -> None:
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                ms = time_ms(fn, device, warmup=3 if cuda else 1, iters=10 if cuda else 2)
+            rows.append({"variant": variant, "ms": ms, "tflops": tflop / (ms / 1e3), "error": None})
+        except Exception as exc:  # each variant reports its own failure; the others still run
+            rows.append({"variant": variant, "ms": None, "tflops": None, "error": f"{type(exc).__name__}: {exc}"})
+        rows[-1]["setup_and_run_s"] = time.perf_counter() - started
+        save_partial({**header, "rows": rows})
+
+    measure("eager", lambda: model.step(*args))
+    if cuda:
+        compiled = torch.compile(model.step, dynamic=False)
+        measure("compiled (inductor)", lambda: compiled(*args))
+        measure("CUDA graph (eager step)", _graphed(model.step, args))
+        graphed = torch.compile(model.step, mode="reduce-overhead", dynamic=False)
+        measure("compiled + CUDA graphs (reduce-overhead)", lambda: graphed(*args))
+    store_dit_in_fp8(model, dtype)  # fp8 GEMMs where the GPU has them (SM ≥ 8.9), else dequantize
+    measure("fp8 storage, eager", lambda: model.step(*args))
+    if cuda:
+        compiled_fp8 = torch.compile(model.step, dynamic=False)
+        measure("fp8 storage, compiled", lambda: compiled_fp8(*args))
+    return {**header, "rows": rows}
+
+
+def _graphed(step, args):
+    """The eager step captured once in a CUDA graph over static inputs (the KV cache writes replay in place)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(2):
+            step(*args)  # warm-up outside the capture: lazy inits, cuBLAS handles
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        step(*args)
+    return graph.replay
+
+
+def part_vae_steps(dry: bool) -> dict[str, Any]:
+    import torch
+
+    from benchmarks.vae_step import bench_vae_steps
+
+    cuda = torch.cuda.is_available() and not dry
+    rows = bench_vae_steps(
+        size="real" if cuda else "tiny", device="cuda" if cuda else "cpu", dtype=torch.float32,
+        resolutions=((320, 576), (512, 512), (256, 256)) if cuda else ((32, 32),), warmup=1 if cuda else 0,
+        iters=3 if cuda else 1, decode_latents=(1, 3) if cuda else (3,),
+    )  # fmt: skip
+    return {"dtype": "fp32 (as the streams run it)",
+            "rows": [{**r.__dict__, "tflops": r.tflops} for r in rows]}  # fmt: skip
+
+
+def part_pipelines(dry: bool) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from benchmarks.pipelines import MODEL_PIPELINES, chunk_tflop, real_size_models
+    from benchmarks.timing import time_ms
+    from serve.models.fp8 import store_dit_in_fp8
+    from serve.pipelines.registry import PIPELINES
+    from serve.pipelines.weights import random_models
+    from serve.schemas import LoadParams
+
+    cuda = torch.cuda.is_available() and not dry
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    cases = [(pid, None) for pid in MODEL_PIPELINES] + ([("longlive", (480, 832))] if cuda else [])
+    rows = []
+    for pipeline_id, size in cases:
+        row: dict[str, Any] = {"pipeline": pipeline_id}
+        try:
+            spec = PIPELINES[pipeline_id]
+            cls = spec.resolve_factory()
+            given = {"random_weights": True, "vae_type": "wan" if cuda else "tae"}
+            if size:
+                given.update(height=size[0], width=size[1])
+            elif not cuda:
+                given.update(height=32, width=32)
+            load_params = spec.effective_load_params(LoadParams(**given), allow_random_weights=True)
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            started = time.perf_counter()
+            if cuda:
+                models = real_size_models(cls.shape.dit_config, load_params["vae_type"], device, dtype)
+            else:
+                models = random_models(load_params, device, seed=0)
+            if load_params.get("quantization") == "fp8_e4m3fn":
+                store_dit_in_fp8(models.dit, dtype)
+            pipeline = cls(spec, load_params, models, device, dtype)
+            row.update(size=f"{pipeline.height}×{pipeline.width}", frames=pipeline.chunk_frames,
+                       quantization=load_params.get("quantization"), build_s=time.perf_counter() - started)  # fmt: skip
+            params = {**spec.runtime_defaults, "prompts": [{"text": "a cat in the snow", "weight": 1.0}]}
+            frames = np.random.default_rng(0).integers(0, 255, (pipeline.chunk_frames, pipeline.height,
+                                                               pipeline.width, 3)).astype(np.uint8)  # fmt: skip
+            for mode, given_frames in (("video", frames), ("text", None)):
+                mode_params = {**params, "input_mode": mode}
+                stream = pipeline.open_stream(0)
+                first_started = time.perf_counter()
+                stream.process(given_frames, mode_params)  # a new stream's first chunk: its first frames out
+                row[f"{mode}_first_chunk_ms"] = (time.perf_counter() - first_started) * 1e3
+                for _ in range(2 if cuda else 0):
+                    stream.process(given_frames, mode_params)
+                ms = time_ms(lambda s=stream, g=given_frames, p=mode_params: s.process(g, p), device, 0,
+                             5 if cuda else 1)  # fmt: skip
+                row[f"{mode}_ms"], row[f"{mode}_fps"] = ms, 1e3 * pipeline.chunk_frames / ms
+                # Warm: a second new stream on the loaded pipeline (Scope's "load → first frame" once warm).
+                fresh = pipeline.open_stream(1)
+                warm_started = time.perf_counter()
+                fresh.process(given_frames, mode_params)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                row[f"{mode}_first_frame_warm_ms"] = (time.perf_counter() - warm_started) * 1e3
+                del stream, fresh
+            row["dit_tflop_per_chunk"] = chunk_tflop(pipeline, len(params["denoising_step_list"]))
+            if cuda:
+                row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+                row["plan"] = _plan_row(pipeline_id, pipeline, load_params, models)
+            pipeline.close()
+            del pipeline, models
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            row["traceback"] = traceback.format_exc(limit=4)
+        rows.append(row)
+        save_partial({"dtype": str(dtype), "rows": rows})
+    return {"dtype": str(dtype), "rows": rows}
+
+
+def _plan_row(pipeline_id: str, pipeline, load_params: dict, models) -> dict[str, Any]:
+    """The VRAM plan of the same configuration, against what was allocated. The benchmark's umT5 is one layer of
+    the real width, so the plan is compared with the encoder on the CPU plus that layer's bytes; two streams of one
+    pipeline were alive at the peak (the measured one and the warm first-frame one), the plan counts one."""
+    from serve.pipelines.vram import measure_plan
+
+    plan = measure_plan(pipeline_id, pipeline.height, pipeline.width, vae_type=load_params["vae_type"],
+                        quantization=load_params.get("quantization"))  # fmt: skip
+    encoder = sum(p.numel() * p.element_size() for p in models.prompts.encoder.parameters())
+    return {"plan_total_gb": plan.total / 1e9,
+            "plan_without_encoder_gb": (plan.with_text_encoder_on_gpu(False).total + encoder) / 1e9,
+            "per_stream_state_gb": (plan.kv_cache + plan.text_kv + plan.stream_state) / 1e9}  # fmt: skip
+
+
+# -- the driver -----------------------------------------------------------------------------------------------------
+
+
+def run_part(name: str, out: Path, dry: bool) -> dict[str, Any]:
+    """Run one part in a child process under its time box; its result, or its error, never an exception."""
+    result_path = out / "parts" / f"{name}.json"
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--part", name, "--out", str(out)] + (["--dry"] * dry)
+    limit = DRY_TIME_BOX_S if dry else TIME_BOX_S.get(name, 60)
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
+        log = (done.stdout + done.stderr)[-4000:]
+        status = "ok" if done.returncode == 0 and result_path.exists() else f"failed (exit {done.returncode})"
+        if done.returncode == 0 and not result_path.exists():
+            status = "failed (no result written)"
+    except subprocess.TimeoutExpired as exc:
+        log = ((exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(errors="replace"))[-4000:]
+        status = f"timed out after {limit} s (the rows it finished are kept)"
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    return {"part": name, "status": status, "seconds": time.perf_counter() - started, "result": result,
+            "log_tail": log if status != "ok" else ""}  # fmt: skip
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env = next((p["result"] for p in report["parts"] if p["part"] == "environment"), {})
+    peak = env.get("matmul_tflops")
+    lines = [f"# gpu-check {'(DRY: tiny config on the CPU)' if report['dry'] else ''}", "",
+             f"{report['date']}; {env.get('gpu', 'no GPU')} (SM {env.get('sm', '-')}), "
+             f"driver {env.get('driver', '-')}, torch {env.get('torch', '-')}, CUDA {env.get('cuda', '-')}; "
+             f"{report['seconds']:.0f} s in all.", "",
+             "| part | status | seconds |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {p['part']} | {p['status']} | {p['seconds']:.0f} |" for p in report["parts"]]
+    for part in report["parts"]:
+        result = part["result"]
+        lines += ["", f"## {part['part']}", ""]
+        if part["part"] == "environment" and result:
+            lines += [f"- measured matmul: {result['matmul_tflops']:.1f} TFLOP/s; copy: {result['copy_gb_s']:.0f} GB/s;"
+                      f" datasheet bf16: {result.get('datasheet_bf16_tflops')}"]  # fmt: skip
+        elif part["part"] == "dit_step" and result:
+            lines += [f"{result['config']}, {result['shape']}, {result['tflop_per_step']:.2f} TFLOP/step; % of the "
+                      "measured matmul rate", "", "| variant | ms | TFLOP/s | % of peak | error |",
+                      "|---|---|---|---|---|"]  # fmt: skip
+            for r in result["rows"]:
+                share = f"{100 * r['tflops'] / peak:.1f}" if r["tflops"] and peak else "-"
+                ms = f"{r['ms']:.2f}" if r["ms"] else "-"
+                tflops = f"{r['tflops']:.1f}" if r["tflops"] else "-"
+                lines.append(f"| {r['variant']} | {ms} | {tflops} | {share} | {r['error'] or ''} |")
+        elif part["part"] == "vae_steps" and result:
+            lines += ["| vae | H×W | step | ms | GFLOP | TFLOP/s |", "|---|---|---|---|---|---|"]
+            lines += [f"| {r['vae_type']} | {r['height']}×{r['width']} | {r['step']} | {r['ms']:.2f} | "
+                      f"{r['gflop']:.1f} | {r['tflops']:.2f} |" for r in result["rows"]]  # fmt: skip
+        elif part["part"] == "pipelines" and result:
+            lines += ["| pipeline | H×W | V2V ms | V2V fps | T2V ms | T2V fps | first frame warm ms (V2V/T2V) | "
+                      "peak GB | plan GB | error |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            for r in result["rows"]:
+
+                def num(key: str, fmt: str = ".1f", r=r) -> str:
+                    return format(r[key], fmt) if isinstance(r.get(key), (int, float)) else "-"
+
+                plan = r.get("plan", {}).get("plan_without_encoder_gb")
+                lines.append(
+                    f"| {r['pipeline']}{' (fp8)' if r.get('quantization') else ''} | {r.get('size', '-')} | "
+                    f"{num('video_ms')} | {num('video_fps')} | {num('text_ms')} | {num('text_fps')} | "
+                    f"{num('video_first_frame_warm_ms', '.0f')}/{num('text_first_frame_warm_ms', '.0f')} | "
+                    f"{num('peak_memory_gb', '.2f')} | {f'{plan:.2f}' if plan else '-'} | {r.get('error', '')} |"
+                )
+        elif part["part"] == "gpu_tests" and result:
+            lines += [f"- {result.get('summary') or result.get('skipped', '')}"]
+        if part["status"] != "ok":
+            lines += ["", "```", part["log_tail"][-2000:], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT") or "gpu-report", help="folder for the reports")
+    parser.add_argument("--dry", action="store_true", help="tiny config on the CPU: checks the script, not a GPU")
+    parser.add_argument("--parts", nargs="*", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # a child process runs one part
+    args = parser.parse_args()
+    out = Path(args.out)
+    if args.part:
+        global _partial_path
+        _partial_path = out / "parts" / f"{args.part}.json"
+        save_partial(globals()[f"part_{args.part}"](args.dry))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    parts = []
+    for name in args.parts:
+        parts.append(run_part(name, out, args.dry))
+        print(f"gpu-check {name}: {parts[-1]['status']} ({parts[-1]['seconds']:.0f} s)", flush=True)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry": args.dry,
+              "seconds": time.perf_counter() - started, "parts": parts}  # fmt: skip
+    (out / "gpu-report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "gpu-report.md").write_text(markdown(report))
+    print(f"wrote {out / 'gpu-report.md'} and {out / 'gpu-report.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The VRAM plan of a pipeline: what a load will hold on the GPU, measured on the meta device before anything is
+allocated, and the check that refuses a load that cannot fit.
+
+Parts (bytes): weights by model and dtype (exact, from the built modules), the self-attention KV cache and the text
+K/V (exact buffer sizes), the stream state the loop keeps between chunks (VAE caches, the policy's latents: what is
+still alive after a steady chunk), and the peak of activations during a steady chunk above that state. The last
+two come from a dry run of the real loop (serve/pipelines/dry_run.py) under `LiveBytes`, which counts what the ops
+allocate; the CUDA caching allocator rounds blocks up and fragments, so `FIT_MARGIN` is kept free on top.
+
+Where the umT5-XXL encoder lives (11.4 GB in bf16) is the plan's one choice, `text_encoder_on_gpu`: on the GPU a
+new prompt encodes in milliseconds; on the CPU the GPU saves those bytes and a new prompt costs seconds of CPU time
+(about 5.8 TFLOP for 512 tokens; repeated prompts come from the embedding cache). `place_text_encoder` puts it on
+the GPU when everything fits with it there, otherwise on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+from serve.errors import PipelineLoadError
+from serve.models.fp8 import Fp8Linear
+from serve.pipelines.weights import Models
+
+GB = 1e9
+FIT_MARGIN = 0.10  # of the free memory, kept for the allocator's rounding, fragmentation and the CUDA context
+
+
+@dataclass(frozen=True)
+class VramPlan:
+    pipeline: str
+    height: int
+    width: int
+    vae_type: str
+    quantization: str | None
+    weights: dict[str, int]  # "dit bf16", "dit fp32", "dit fp8", "vae fp32", ... → bytes
+    text_encoder: int  # umT5 weight bytes (not in `weights`: where they live is chosen)
+    kv_cache: int
+    text_kv: int
+    stream_state: int  # VAE caches and other state alive between chunks
+    activations: int  # peak transient bytes of a steady chunk
+    text_encoder_on_gpu: bool = True
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.weights.values()) + (self.text_encoder if self.text_encoder_on_gpu else 0)
+
+    @property
+    def total(self) -> int:
+        """Bytes on the GPU at the peak of a steady chunk, one stream."""
+        return self.weight_bytes + self.kv_cache + self.text_kv + self.stream_state + self.activations
+
+    def with_text_encoder_on_gpu(self, on_gpu: bool) -> VramPlan:
+        return dataclasses.replace(self, text_encoder_on_gpu=on_gpu)
+
+    def describe(self) -> str:
+        return (
+            f"{self.pipeline} {self.height}×{self.width} vae_type={self.vae_type} "
+            f"quantization={self.quantization or 'none'} text encoder on {'GPU' if self.text_encoder_on_gpu else 'CPU'}"
+        )
+
+
+def bytes_by_dtype(module: nn.Module, prefix: str) -> dict[str, int]:
+    """Parameter and buffer bytes of `module` by dtype, keyed `"<prefix> <dtype>"`."""
+    totals: dict[str, int] = defaultdict(int)
+    for tensor in (*module.parameters(), *module.buffers()):
+        totals[f"{prefix} {str(tensor.dtype).removeprefix('torch.')}"] += tensor.numel() * tensor.element_size()
+    return dict(totals)
+
+
+def measure_plan(pipeline_id: str, height: int | None = None, width: int | None = None, *, vae_type: str = "wan",
+                 quantization: str | object | None = ..., models: Models | None = None) -> VramPlan:  # fmt: skip
+    """The plan of one configuration, from a two-chunk dry run in the pipeline's default mode (seconds of CPU)."""
+    from serve.pipelines.dry_run import dry_run_pipeline, scripted_params, tracking
+
+    pipeline = dry_run_pipeline(pipeline_id, height, width, vae_type=vae_type, quantization=quantization,
+                                models=models)  # fmt: skip
+    stream = pipeline.open_stream(0)
+    mode = pipeline.spec.default_mode
+    frames = np.zeros((pipeline.chunk_frames, pipeline.height, pipeline.width, 3), np.uint8)
+    with tracking() as tracker:
+        first, steady = scripted_params(pipeline.spec.runtime_defaults, mode, 2)
+        stream.process(frames if mode == "video" else None, first)
+        before = tracker.live
+        tracker.reset_peak()
+        stream.process(frames if mode == "video" else None, steady)
+        activations, state = tracker.peak - before, tracker.live
+    weights = {**bytes_by_dtype(pipeline.models.dit, "dit"), **bytes_by_dtype(pipeline.vae_model, "vae")}
+    text_encoder = sum(bytes_by_dtype(pipeline.models.prompts.encoder, "").values())
+    cache = stream.cache.k.nbytes + stream.cache.v.nbytes
+    text_kv = stream.text_kv.k.nbytes + stream.text_kv.v.nbytes
+    stored_fp8 = isinstance(pipeline.models.dit.blocks[0].ffn[0], Fp8Linear)
+    return VramPlan(
+        pipeline_id, pipeline.height, pipeline.width, vae_type, "fp8_e4m3fn" if stored_fp8 else None, weights,
+        text_encoder, cache, text_kv, state, activations,
+    )  # fmt: skip
+
+
+def place_text_encoder(plan: VramPlan, free_bytes: int) -> VramPlan:
+    """The encoder on the GPU when the whole plan fits with it there, else on the CPU."""
+    on_gpu = plan.with_text_encoder_on_gpu(True)
+    return on_gpu if fits(on_gpu, free_bytes) else plan.with_text_encoder_on_gpu(False)
+
+
+def fits(plan: VramPlan, free_bytes: int) -> bool:
+    return plan.total <= free_bytes * (1 - FIT_MARGIN)
+
+
+def fit_error(plan: VramPlan, free_bytes: int, alternatives: list[VramPlan]) -> str | None:
+    """None when `plan` fits `free_bytes`; else the reason, naming the need, the free memory and what fits instead
+    (the first alternatives, in the order given, whose plans fit)."""
+    if fits(plan, free_bytes):
+        return None
+    usable = free_bytes * (1 - FIT_MARGIN)
+    fitting = [alt for alt in alternatives if fits(alt, free_bytes)]
+    message = (
+        f"{plan.describe()} needs {plan.total / GB:.1f} GB of GPU memory (weights {plan.weight_bytes / GB:.1f}, KV "
+        f"cache {plan.kv_cache / GB:.1f}, text K/V {plan.text_kv / GB:.2f}, stream state {plan.stream_state / GB:.1f}"
+        f", activations {plan.activations / GB:.1f}); {free_bytes / GB:.1f} GB are free, {usable / GB:.1f} usable "
+        f"after a {FIT_MARGIN:.0%} margin"
+    )
+    if fitting:
+        options = "; ".join(f"{alt.describe()} ({alt.total / GB:.1f} GB)" for alt in fitting[:3])
+        return f"{message}. What fits: {options}"
+    return f"{message}. No smaller configuration tried fits: free GPU memory (other processes) or use a larger GPU"
+
+
+def alternatives(plan: VramPlan) -> list[VramPlan]:
+    """Smaller configurations to suggest, cheapest change first: fp8 storage, a smaller VAE, lower resolution."""
+    candidates: list[dict] = []
+    if plan.quantization is None:
+        candidates.append({"quantization": "fp8_e4m3fn", "vae_type": plan.vae_type})
+    for vae_type in ("lighttae", "lightvae"):
+        if vae_type != plan.vae_type:
+            candidates.append({"quantization": plan.quantization or "fp8_e4m3fn", "vae_type": vae_type})
+    height, width = (plan.height * 3 // 4) // 16 * 16, (plan.width * 3 // 4) // 16 * 16
+    candidates.append({"quantization": plan.quantization or "fp8_e4m3fn", "vae_type": "lighttae", "height": height,
+                       "width": width})  # fmt: skip
+    measured = []
+    for change in candidates:
+        size = {"height": change.pop("height", plan.height), "width": change.pop("width", plan.width)}
+        alt = measure_plan(plan.pipeline, **size, **change)
+        measured.append(alt.with_text_encoder_on_gpu(False))
+    return measured
+
+
+def check_fits(plan: VramPlan, free_bytes: int) -> VramPlan:
+    """The plan with the encoder placed, or PipelineLoadError naming need, free memory and what fits."""
+    placed = place_text_encoder(plan, free_bytes)
+    if fits(placed, free_bytes):
+        return placed
+    error = fit_error(placed, free_bytes, alternatives(placed))
+    raise PipelineLoadError(f"{plan.pipeline}: does not fit this GPU: {error}")

@@ -1,0 +1,104 @@
+"""The GPU path where a CPU can check it (fp8 GEMM shapes and layouts on meta), and `gpu`-marked checks that need
+CUDA (`make gpu-check` runs those): the chunk loop on the device, the pinned frame copy, the fp8 GEMM numerics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from serve.models.dit import DIT_CONFIGS
+from serve.models.fp8 import fp8_gemm, quantize_rows
+from serve.pipelines.autoregressive import HostBridge
+from serve.pipelines.registry import get_spec
+from serve.schemas import LoadParams
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("config", ["wan2.1-1.3b", "wan2.1-14b"])
+def test_fp8_gemm_takes_every_block_linear_shape_of_the_real_models_on_meta(config: str) -> None:
+    d, f = DIT_CONFIGS[config].dim, DIT_CONFIGS[config].ffn_dim
+    tokens = 3 * 1560  # a 480×832 chunk
+    for out_features, in_features in ((d, d), (f, d), (d, f)):
+        weight, scale = quantize_rows(torch.empty(out_features, in_features, device="meta", dtype=torch.bfloat16))
+        x = torch.empty(tokens, in_features, device="meta", dtype=torch.bfloat16)
+        out = fp8_gemm(x, weight, scale, torch.bfloat16)  # `_scaled_mm`'s meta kernel checks layouts and scales
+        assert out.shape == (tokens, out_features) and out.dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="col_major"):  # the layout the transposed row-major weight avoids
+        fp8_gemm(x, weight.t().contiguous().t(), scale, torch.bfloat16)
+
+
+def test_frames_cross_to_the_host_in_one_copy_with_their_values() -> None:
+    bridge = HostBridge(torch.device("cpu"), seed=0)
+    frames = torch.arange(2 * 4 * 4 * 3, dtype=torch.uint8).view(2, 4, 4, 3)
+    out = bridge.download(frames.permute(0, 2, 1, 3))  # the loop hands a permuted view
+    assert np.array_equal(out, frames.permute(0, 2, 1, 3).numpy()) and bridge.downloads == 1
+
+
+@pytest.mark.gpu
+@cuda
+def test_pinned_download_on_cuda_returns_the_frames() -> None:
+    bridge = HostBridge(torch.device("cuda"), seed=0)
+    frames = torch.randint(0, 255, (4, 64, 64, 3), dtype=torch.uint8, device="cuda")
+    assert np.array_equal(bridge.download(frames.permute(0, 2, 1, 3)), frames.permute(0, 2, 1, 3).cpu().numpy())
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("pipeline_id", ["streamdiffusionv2", "longlive", "reward-forcing", "memflow",
+                                         "krea-realtime-video"])  # fmt: skip
+def test_every_pipeline_runs_its_chunk_loop_on_cuda(pipeline_id: str) -> None:
+    spec = get_spec(pipeline_id)
+    params = spec.effective_load_params(LoadParams(height=64, width=64, random_weights=True), allow_random_weights=True)
+    pipeline = spec.resolve_factory().load(spec, params, report=lambda *_: None, models_dir=Path("/nonexistent"))
+    assert pipeline.device.type == "cuda"
+    stream = pipeline.open_stream(0)
+    runtime = {**spec.runtime_defaults, "prompts": [{"text": "a cat", "weight": 1.0}]}
+    frames = np.random.default_rng(0).integers(0, 255, (pipeline.chunk_frames, 64, 64, 3), dtype=np.uint8)
+    for mode in ("video", "text"):
+        for _ in range(3):
+            out = stream.process(frames if mode == "video" else None, {**runtime, "input_mode": mode})
+            assert out.dtype == np.uint8 and out.shape[1:] == (64, 64, 3)
+
+
+@pytest.mark.gpu
+@cuda
+def test_steady_state_chunk_makes_no_unexpected_host_sync() -> None:
+    """CUDA's sync debug mode flags every synchronising call; a steady chunk makes exactly the frames-out wait."""
+    spec = get_spec("longlive")
+    params = spec.effective_load_params(LoadParams(height=64, width=64, random_weights=True), allow_random_weights=True)
+    pipeline = spec.resolve_factory().load(spec, params, report=lambda *_: None, models_dir=Path("/nonexistent"))
+    stream = pipeline.open_stream(0)
+    runtime = {**spec.runtime_defaults, "input_mode": "text", "prompts": [{"text": "a cat", "weight": 1.0}]}
+    for _ in range(2):
+        stream.process(None, runtime)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stream.process(None, runtime)  # the download's stream synchronize is explicit, not a hidden sync
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_step_sees_the_same_cache_and_text_buffers_every_chunk() -> None:
+    """What a captured CUDA graph replays against: the KV cache and the text K/V keep their addresses through
+    prompt switches (re-cache), transitions and MemFlow's bank updates; only their contents change."""
+    from serve.pipelines.dry_run import scripted_params
+
+    spec = get_spec("memflow")  # LongLive's re-cache plus the bank's writes
+    params = spec.effective_load_params(LoadParams(height=32, width=32, random_weights=True), allow_random_weights=True)
+    pipeline = spec.resolve_factory().load(spec, params, report=lambda *_: None, models_dir=Path("/nonexistent"))
+    seen: set[tuple[int, ...]] = set()
+    eager = pipeline.step
+
+    def step(latents, timestep, text_kv, cache_k, cache_v, *rest, **kwargs):
+        seen.add(tuple(t.data_ptr() for t in (*text_kv, cache_k, cache_v)))
+        return eager(latents, timestep, text_kv, cache_k, cache_v, *rest, **kwargs)
+
+    pipeline.step = step
+    stream = pipeline.open_stream(0)
+    for chunk_params in scripted_params(spec.runtime_defaults, "text", 6):
+        stream.process(None, chunk_params)
+    assert stream.recaches == 1 and len(seen) == 1

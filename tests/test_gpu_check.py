@@ -1,0 +1,58 @@
+"""`make gpu-check DRY=1`: the GPU report's script, run on the tiny config on the CPU so that it cannot rot, with the
+web stack made unimportable (a GPU machine may have only the model side installed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WEB_STACK = ("litestar", "aiortc", "av", "uvicorn", "httpx")
+
+
+@pytest.mark.slow
+def test_the_dry_gpu_check_runs_every_part_and_writes_both_reports(tmp_path: Path) -> None:
+    blocker = tmp_path / "no-web-stack"
+    blocker.mkdir()
+    for name in WEB_STACK:  # shadows the installed package: importing it fails the part that does
+        (blocker / f"{name}.py").write_text(f"raise ImportError('{name} must not be needed by gpu_check')\n")
+    out = tmp_path / "report"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(ROOT)])}
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--dry", "--out", str(out),
+               "--parts", "environment", "dit_step", "vae_steps", "pipelines"]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "gpu-report.json").read_text())
+    assert report["dry"] is True
+    status = {part["part"]: part["status"] for part in report["parts"]}
+    assert status == dict.fromkeys(("environment", "dit_step", "vae_steps", "pipelines"), "ok"), report
+    parts = {part["part"]: part["result"] for part in report["parts"]}
+    assert parts["environment"]["matmul_tflops"] > 0
+    assert {row["variant"] for row in parts["dit_step"]["rows"]} == {"eager", "fp8 storage, eager"}
+    assert all(row["error"] is None and row["ms"] > 0 for row in parts["dit_step"]["rows"])
+    assert {row["vae_type"] for row in parts["vae_steps"]["rows"]} == {"wan", "lightvae", "tae", "lighttae"}
+    rows = parts["pipelines"]["rows"]
+    assert [row["pipeline"] for row in rows] == [
+        "streamdiffusionv2", "longlive", "reward-forcing", "memflow", "krea-realtime-video"
+    ]  # fmt: skip
+    for row in rows:
+        assert "error" not in row, row
+        assert row["video_fps"] > 0 and row["text_fps"] > 0 and row["text_first_frame_warm_ms"] > 0
+    markdown = (out / "gpu-report.md").read_text()
+    assert "| streamdiffusionv2 | 32×32 |" in markdown and "## dit_step" in markdown
+
+
+def test_a_failing_part_is_reported_and_the_others_still_run(tmp_path: Path) -> None:
+    from benchmarks.gpu_check import markdown, run_part
+
+    failed = run_part("nonexistent_part_is_rejected", tmp_path, dry=True)  # argparse refuses it: exit 2
+    assert failed["status"].startswith("failed") and "invalid choice" in failed["log_tail"]
+    ok = run_part("environment", tmp_path, dry=True)
+    assert ok["status"] == "ok" and ok["result"]["device"] == "cpu"
+    text = markdown({"date": "today", "dry": True, "seconds": 1.0, "parts": [failed, ok]})
+    assert "| nonexistent_part_is_rejected | failed (exit 2) |" in text and "invalid choice" in text
