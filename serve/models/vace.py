@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from serve.models.checkpoint import CheckpointError, canonical_names, check_keys, load_checkpoint, read_checkpoint
+from serve.models.checkpoint import (
+    CheckpointError,
+    LazyTensor,
+    canonical_names,
+    check_keys,
+    load_checkpoint,
+    read_checkpoint,
+)
 from serve.models.dit import (
     DiTBlock,
     DiTConfig,
@@ -178,17 +185,17 @@ def is_vace_name(name: str) -> bool:
     return name.startswith(VACE_PREFIXES)
 
 
-def load_vace_branch(model: VaceWanDiT, path: Path | str, *, dtype: torch.dtype, device: torch.device | str) -> None:
-    """Fill the VACE branch from a VACE-module file (only `vace_*` keys: Kijai's / Scope's, bf16 or fp8) or a full
-    `Wan2.1-VACE-*` checkpoint (its base keys are ignored here), strictly: every VACE key present and of the model's
-    shape. A module of the other model size is refused naming the file and both shapes."""
+def vace_tensors(model: VaceWanDiT, path: Path | str) -> dict[str, LazyTensor]:
+    """The `vace_*` tensors of a VACE-module file (only `vace_*` keys: Kijai's / Scope's, bf16 or fp8) or of a full
+    `Wan2.1-VACE-*` checkpoint (its base keys are ignored), checked strictly against `model`'s branch without reading
+    any data: every key present and of the model's shape. A module of the other model size is refused naming the
+    file and both shapes (vace.md §1: a VACE module never fits a base of the other size)."""
     tensors = read_checkpoint(path)
     names = canonical_names(tensors)
     found = {names[raw]: lazy for raw, lazy in tensors.items() if is_vace_name(names[raw])}
     if not found:
         raise CheckpointError(f"{path}: no vace_* tensors: not a VACE module or a VACE checkpoint")
-    branch = model.vace_branch()
-    expected = branch.state_dict()
+    expected = model.vace_branch().state_dict()
     embedding, ours = found.get("vace_patch_embedding.weight"), expected["vace_patch_embedding.weight"]
     if embedding is not None and tuple(embedding.shape) != tuple(ours.shape):
         blocks = len({n.split(".")[1] for n in found if n.startswith("vace_blocks.")})
@@ -198,7 +205,19 @@ def load_vace_branch(model: VaceWanDiT, path: Path | str, *, dtype: torch.dtype,
             f"{model.config.dim}); a VACE module only fits a base of its own size"
         )
     check_keys(expected, found, path)
-    load_checkpoint(branch, path, dtype=dtype, device=device, keep_fp32=keep_in_fp32, select=is_vace_name)
+    return found
+
+
+def check_vace_file(path: Path | str, config: DiTConfig) -> None:
+    """`vace_tensors`' checks against a base of `config`, from the header alone (before anything is loaded)."""
+    with torch.device("meta"):
+        vace_tensors(VaceWanDiT(config), path)
+
+
+def load_vace_branch(model: VaceWanDiT, path: Path | str, *, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Fill the VACE branch from `path`, checked as `vace_tensors` says; fp8 sources are widened to `dtype`."""
+    vace_tensors(model, path)
+    load_checkpoint(model.vace_branch(), path, dtype=dtype, device=device, keep_fp32=keep_in_fp32, select=is_vace_name)
 
 
 def load_vace_dit(config: DiTConfig, path: Path | str, *, dtype: torch.dtype = torch.bfloat16,

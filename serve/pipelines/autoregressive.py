@@ -256,8 +256,8 @@ class AutoregressivePipeline(Pipeline):
         quantization = load_params.get("quantization")
         if quantization not in (None, "fp8_e4m3fn"):
             raise PipelineLoadError(f"{spec.id}: quantization {quantization!r} is not supported; null or fp8_e4m3fn")
-        if load_params.get("vace_enabled") or load_params.get("loras"):
-            raise PipelineLoadError(f"{spec.id}: VACE and user LoRAs are not built yet; load without them")
+        if load_params.get("loras"):
+            raise PipelineLoadError(f"{spec.id}: user LoRAs are not built yet; load without them")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if load_params.get("random_weights"):

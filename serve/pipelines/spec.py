@@ -6,6 +6,7 @@ without loading a model. The implementation behind a spec is imported only when 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 from dataclasses import dataclass, field
@@ -95,6 +96,8 @@ class PipelineSpec:
     supports_cache_management: bool = False
     supports_quantization: bool = False
     files: tuple[ModelFile, ...] = ()
+    vace_files: tuple[ModelFile, ...] = ()
+    """Needed only by a `vace_enabled` load (the VACE module: 1.5 GB / 6 GB), fetched only when asked for."""
     factory: str | None = None
     """`module:attribute` of the implementation, imported at load time; None while it is not built yet."""
     mode_defaults: dict[Mode, dict[str, Any]] = field(default_factory=dict)
@@ -105,6 +108,10 @@ class PipelineSpec:
 
     def missing_files(self, models_dir: Path) -> list[ModelFile]:
         return [f for f in self.files if not f.local_path(models_dir).is_file()]
+
+    def with_vace_files(self) -> PipelineSpec:
+        """This spec with the VACE files among `files` (for downloads and checks asked to include them)."""
+        return dataclasses.replace(self, files=self.files + self.vace_files)
 
     def resolve_factory(self) -> Any:
         assert self.factory is not None
