@@ -82,7 +82,7 @@ def test_vace_module_with_a_key_missing_or_no_vace_keys_is_refused(tmp_path: Pat
     state = write_vace_module(path)
     del state["vace_blocks.0.after_proj.weight"]
     save_file(state, str(path))
-    with pytest.raises(CheckpointError, match="missing keys.*vace_blocks.0.after_proj.weight"):
+    with pytest.raises(CheckpointError, match=r"missing keys.*vace_blocks\.0\.after_proj\.weight"):
         attach_vace(tiny_base(), path, dtype=torch.float32, device="cpu")
     save_file({k: v.contiguous() for k, v in tiny_dit_state(0).items()}, str(path))  # a T2V file: no vace_* keys
     with pytest.raises(CheckpointError, match="no vace_"):
@@ -96,7 +96,8 @@ def test_registry_names_the_vace_module_per_model_size_only_for_vace_loads(tmp_p
         size = "14B" if pipeline_id == "krea-realtime-video" else "1_3B"
         (vace_file,) = spec.vace_files
         assert (vace_file.repo, vace_file.path) == (
-            "daydreamlive/WanVideo_comfy", f"Wan2_1-VACE_module_{size}_bf16.safetensors"
+            "daydreamlive/WanVideo_comfy",
+            f"Wan2_1-VACE_module_{size}_bf16.safetensors",
         )
         assert vace_file not in spec.files and vace_file in spec.with_vace_files().files
     write_pipeline_files("longlive", tmp_path)

@@ -71,7 +71,7 @@ def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Pa
         if not vace_path.is_file():
             raise PipelineLoadError(
                 f"{spec.id}: vace_enabled needs the VACE module {vace_path}. Fetch it with `wanrt models download "
-                f"{spec.id} --vace` (or POST /api/v1/models/download with \"vace\": true), or load without VACE"
+                f'{spec.id} --vace` (or POST /api/v1/models/download with "vace": true), or load without VACE'
             )
     vae_type = load_params.get("vae_type", "wan")
     if vae_type != "wan":
