@@ -39,6 +39,7 @@ from serve.pipelines.base import Pipeline, PipelineStream, ProgressFn
 from serve.pipelines.cache_policies import CachePolicy, EmaSinkPolicy, MemoryBankPolicy, RecomputePolicy
 from serve.pipelines.policies import NoiseController
 from serve.pipelines.spec import PipelineSpec
+from serve.pipelines.vace_context import ChunkVace, VaceConditioner, first_call_frames
 from serve.pipelines.weights import Models, load_weights, random_models
 from serve.runtime.backends import DiTStep, select_backend
 from serve.settings import ServerSettings
@@ -69,16 +70,18 @@ class ChunkShape:
 class Conditioning:
     """The prompt embedding of each chunk: `prompts` switch it at once, a `transition` walks it over chunks."""
 
-    def __init__(self, pipeline: AutoregressivePipeline, text_kv: TextKVCache) -> None:
+    def __init__(self, pipeline: AutoregressivePipeline, text_kv: TextKVCache,
+                 vace_text_kv: TextKVCache | None = None) -> None:  # fmt: skip
         self.p = pipeline
         self.text_kv = text_kv
+        self.vace_text_kv = vace_text_kv  # the VACE blocks' cross-attention K/V, set with the main ones
         self.context: Tensor | None = None  # [1, text_len, text_dim] in use
         self._prompts_key: tuple | None = None
         self._transition_seen: dict | None = None
         self._transition: PromptTransition | None = None
 
     def reset(self) -> None:
-        self.__init__(self.p, self.text_kv)  # type: ignore[misc]
+        self.__init__(self.p, self.text_kv, self.vace_text_kv)  # type: ignore[misc]
 
     def _encode(self, prompts: list[dict] | None, method: str) -> Tensor:
         pairs = [(p["text"], p.get("weight", 1.0)) for p in prompts or []] or [("", 1.0)]
@@ -110,6 +113,8 @@ class Conditioning:
         if context is not self.context:
             assert context is not None
             self.text_kv.set(self.p.models.dit.text_kv(context.to(self.p.dtype)))
+            if self.vace_text_kv is not None:
+                self.vace_text_kv.set(self.p.models.dit.vace_text_kv(context.to(self.p.dtype)))  # type: ignore[operator]
             self.context = context
         return jumped
 
@@ -128,7 +133,18 @@ class AutoregressiveStream(PipelineStream):
             config.num_layers, 1, config.text_len, config.num_heads, config.head_dim, pipeline.dtype, pipeline.device
         )
         self.policy: CachePolicy = pipeline.make_policy(spec)
-        self.conditioning = Conditioning(pipeline, self.text_kv)
+        self.vace: VaceConditioner | None = None
+        self.vace_text_kv: TextKVCache | None = None
+        if pipeline.vace_enabled:
+            self.vace = VaceConditioner(
+                pipeline.vae_model, pipeline.models.vae_type, pipeline.height, pipeline.width,
+                pipeline.shape.chunk_latents, pipeline.device, pipeline.vae_steps["encode"],
+            )  # fmt: skip
+            self.vace_text_kv = TextKVCache(
+                len(pipeline.models.dit.vace_blocks), 1, config.text_len, config.num_heads, config.head_dim,
+                pipeline.dtype, pipeline.device,
+            )  # fmt: skip
+        self.conditioning = Conditioning(pipeline, self.text_kv, self.vace_text_kv)
         self.vae = StreamingAutoencoder(
             pipeline.vae_model, pipeline.models.vae_type, pipeline.vae_steps["encode"], pipeline.vae_steps["decode"]
         )
@@ -143,15 +159,24 @@ class AutoregressiveStream(PipelineStream):
         self.cache.reset()
         self.vae.reset()
         self.policy.reset()
+        if self.vace is not None:
+            self.vace.reset()
         self.frame = 0
         self.generator.manual_seed(self.seed)
         self.noise_controller.reset(self.p.spec.runtime_defaults.get("noise_scale", 0.7))  # as a new stream starts
 
-    def run_step(self, latents: Tensor, t: float, plan: ChunkPlan) -> Tensor:
-        """One DiT step over `latents` [1, 16, F, h, w] at timestep `t`, writing K/V where `plan` says."""
+    def run_step(self, latents: Tensor, t: float, plan: ChunkPlan, vace: ChunkVace | None = None) -> Tensor:
+        """One DiT step over `latents` [1, 16, F, h, w] at timestep `t`, writing K/V where `plan` says; with the
+        chunk's VACE inputs when given (denoising passes only: VACE never enters the KV cache, vace.md §3)."""
         dit = self.p.models.dit
         timestep = torch.full((1, latents.shape[2]), float(t), device=self.p.device)
         key_rope = None if plan.key_positions is None else dit.rope.tables(plan.key_positions, *self.grid)
+        if vace is not None:  # eager: no VACE engines are built yet
+            assert self.vace_text_kv is not None
+            return dit.step_vace(  # type: ignore[operator]
+                latents.to(self.p.dtype), timestep, self.text_kv.pair(), self.cache.k, self.cache.v,
+                *plan.as_args(), vace.context, self.vace_text_kv.pair(), vace.scale, key_rope=key_rope,
+            )  # fmt: skip
         return self.p.step(
             latents.to(self.p.dtype), timestep, self.text_kv.pair(), self.cache.k, self.cache.v, *plan.as_args(),
             key_rope=key_rope,
@@ -188,11 +213,13 @@ class AutoregressiveStream(PipelineStream):
         latent_shape = (1, 16, chunk, p.height // 8, p.width // 8)
         steps = scheduler.model_timesteps(params["denoising_step_list"], warp=params["warp_denoising_steps"])
 
-        # 1. Start point: input latents mixed with noise (video), or noise (text).
+        # 1. Start point: input latents mixed with noise (video), or noise (text, or video that went to VACE).
+        pixels = None
         if frames is not None:
             pixels = torch.from_numpy(frames).to(p.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-            if not self.vae.encoder_started:  # the first encode takes frame 0 alone: 1 + 4(F−1) frames → F latents
-                pixels = pixels[:, :, -(1 + 4 * (chunk - 1)) :]
+        vace = self.vace.chunk(pixels, params) if self.vace is not None else None
+        if pixels is not None and not (vace is not None and vace.uses_input_video):
+            pixels = first_call_frames(self.vae, pixels, chunk)  # the first encode: 1 + 4(F−1) frames → F latents
             latents = self.vae.encode_chunk(pixels)
             if params.get("noise_controller", False):
                 strength, first_t = self.noise_controller.update(pixels)
@@ -211,7 +238,7 @@ class AutoregressiveStream(PipelineStream):
         x0 = x
         for i, t in enumerate(steps):
             timestep = torch.full((1, chunk), float(t), device=p.device)
-            flow = self.run_step(x, t, plan)
+            flow = self.run_step(x, t, plan, vace)
             x0 = scheduler.to_x0(x, flow.float(), timestep)
             if i + 1 < len(steps):
                 next_t = torch.full((1, chunk), float(steps[i + 1]), device=p.device)
@@ -242,6 +269,7 @@ class AutoregressivePipeline(Pipeline):
         self.height, self.width = load_params["height"], load_params["width"]
         self.chunk_frames = 4 * self.shape.chunk_latents
         self.random_weights = bool(load_params.get("random_weights"))
+        self.vace_enabled = bool(load_params.get("vace_enabled"))
         self.step: DiTStep = models.dit.step  # what `run_step` calls; `load` swaps in the chosen backend
         self.backend = "eager"
         self.models = models
@@ -281,6 +309,9 @@ class AutoregressivePipeline(Pipeline):
             engines_unusable=pipeline.engines_unusable(),
         )  # fmt: skip
         pipeline.backends = {"dit_step": {"backend": pipeline.backend, "reason": pipeline.backend_reason}}
+        if pipeline.vace_enabled:
+            reason = "chunks with a VACE context run the eager VACE step: no VACE engines are built yet"
+            pipeline.backends["dit_step_vace"] = {"backend": "eager", "reason": reason}
         pipeline.select_vae_backends(load_params.get("backend", "auto"), engines_dir)
         if quantization == "fp8_e4m3fn":  # fp8 weight storage; fp8 GEMMs where the GPU has them (serve/models/fp8.py)
             report("fp8 weights", 0.9)

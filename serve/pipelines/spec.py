@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from serve.errors import InvalidParameters, RandomWeightsNotAllowed
+from serve.assets import sniff_media
+from serve.errors import InvalidParameters, RandomWeightsNotAllowed, UnsupportedMedia
 from serve.schemas import LoadParams, RuntimeParameters
 
 Mode = Literal["video", "text"]
@@ -144,10 +145,11 @@ class PipelineSpec:
         if "denoising_step_list" in given:
             _check_descending(given["denoising_step_list"])
         for name in ASSET_PATH_FIELDS:
-            if name in given:
-                paths = given[name] if isinstance(given[name], list) else [given[name]]
-                for path in paths:
-                    _check_asset_path(name, path, assets_dir)
+            if name in given:  # replaced by the resolved absolute paths: the pipeline reads exactly what was checked
+                if isinstance(given[name], list):
+                    given[name] = [_check_asset_path(name, path, assets_dir) for path in given[name]]
+                else:
+                    given[name] = _check_asset_path(name, given[name], assets_dir)
         return given
 
     # -- schema -----------------------------------------------------------------------------------------------------
@@ -188,7 +190,8 @@ def _check_descending(steps: list[int]) -> None:
         raise InvalidParameters(f"denoising_step_list must be strictly descending, got {steps}")
 
 
-def _check_asset_path(name: str, path: str, assets_dir: Path) -> None:
+def _check_asset_path(name: str, path: str, assets_dir: Path) -> str:
+    """The resolved path of an uploaded image; raises InvalidParameters for anything else."""
     root = assets_dir.resolve()
     candidate = Path(path)
     resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
@@ -196,6 +199,15 @@ def _check_asset_path(name: str, path: str, assets_dir: Path) -> None:
         raise InvalidParameters(
             f"{name}: {path!r} is not an uploaded asset; upload it with POST /api/v1/assets and use the returned path"
         )
+    with resolved.open("rb") as file:  # 16 bytes: the content decides, as at upload (a video is not an image)
+        head = file.read(16)
+    try:
+        kind, _ = sniff_media(head)
+    except UnsupportedMedia:
+        kind = None
+    if kind != "image":
+        raise InvalidParameters(f"{name}: {path!r} is not an image (PNG, JPEG, WebP, GIF or BMP)")
+    return str(resolved)
 
 
 def _object_schema(struct: type, fields: frozenset[str], defaults: dict[str, Any]) -> dict[str, Any]:
