@@ -26,6 +26,10 @@ def upload(server: RunningServer, image: np.ndarray, name: str = "ref.png") -> s
     return response.json()["path"]
 
 
+def mean_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
 async def first_frames(url: str, count: int, initial: dict, image: np.ndarray | None) -> np.ndarray:
     client = ScopeClient(
         url, send_video=image is not None, input_track=None if image is None else StillTrack(image),
@@ -56,12 +60,14 @@ async def test_vace_streams_with_an_uploaded_reference(server: RunningServer, pi
     plain = await first_frames(server.url, first, video, camera)
     again = await first_frames(server.url, first, video, camera)
     referenced = await first_frames(server.url, first, {**video, "vace_ref_images": [ref]}, camera)
-    assert np.array_equal(plain, again)
-    assert not np.array_equal(plain, referenced), "the reference never reached the output"
+    # The frames cross VP8 both ways, whose rate control varies a few levels between sessions on noise-like frames
+    # (random weights), so the comparison is of mean differences: the ref's effect stands far above that noise.
+    noise, effect = mean_difference(plain, again), mean_difference(plain, referenced)
+    assert effect > max(4 * noise, 2.0), (noise, effect)
 
     # T2V with references, and the seed's runtime VACE update; bad values are refused, frames keep flowing.
-    client = ScopeClient(server.url, send_video=False,
-                         initial_parameters={"input_mode": "text", "prompts": PROMPT, "vace_ref_images": [ref]})  # fmt: skip
+    text = {"input_mode": "text", "prompts": PROMPT, "vace_ref_images": [ref]}
+    client = ScopeClient(server.url, send_video=False, initial_parameters=text)
     session_id = await client.connect()
     try:
         await client.wait_frames(first, timeout_s=120)
