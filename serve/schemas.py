@@ -127,6 +127,8 @@ class PipelineStatus(Struct):
 
 class ModelsDownloadRequest(Struct, forbid_unknown_fields=True):
     pipeline_id: Annotated[str, Meta(max_length=64)]
+    vace: bool = False
+    """Also fetch the pipeline's VACE module (needed only by `vace_enabled` loads)."""
 
 
 class ModelFileState(Struct):

@@ -14,13 +14,17 @@ class ModelsController(Controller):
     tags = ["models"]
 
     @get("/status")
-    async def status(self, pipeline_id: str, state: State) -> ModelsStatus:
-        """Per-file presence and the download's progress; `downloaded` is true once every file is present."""
-        return state.models.status(get_spec(pipeline_id))
+    async def status(self, pipeline_id: str, state: State, vace: bool = False) -> ModelsStatus:
+        """Per-file presence and the download's progress; `downloaded` is true once every file is present (with
+        `vace=true`, the VACE module counts too)."""
+        spec = get_spec(pipeline_id)
+        return state.models.status(spec.with_vace_files() if vace else spec)
 
     @post("/download")
     async def download(self, data: ModelsDownloadRequest, state: State) -> Response[ModelsStatus]:
         """Starts fetching the files in the background (202); while one runs, answers its status (200). Poll /status."""
         spec = get_spec(data.pipeline_id)
+        if data.vace:
+            spec = spec.with_vace_files()
         started = state.models.start(spec)
         return Response(state.models.status(spec), status_code=202 if started else 200)
