@@ -34,6 +34,8 @@ def add_engines_parser(commands: argparse._SubParsersAction, engines_dir: Path, 
     build.add_argument("--seed", type=int, default=42, help="seed of the random weights (the server's default seed)")
     build.add_argument("--models-dir", type=Path, default=models_dir)
     build.add_argument("--force", action="store_true", help="rebuild even when the manifest matches")
+    build.add_argument("--vace", action="store_true",
+                       help="also the VACE-enabled DiT step, for vace_enabled loads")  # fmt: skip
 
     sub.add_parser("list", parents=[where], help="engines on disk, and whether each fits this machine")
     sub.add_parser("verify", parents=[where], help="re-hash every engine file against its manifest and load it")
@@ -64,7 +66,7 @@ def build(args: argparse.Namespace, console) -> int:
         request = BuildRequest(
             pipeline=pipeline, engines_dir=args.engines_dir, models_dir=args.models_dir, height=args.height,
             width=args.width, precision=args.precision, backend=args.backend, vae_type=args.vae_type,
-            random_weights=args.random_weights, seed=args.seed, force=args.force,
+            random_weights=args.random_weights, seed=args.seed, force=args.force, vace=args.vace,
         )  # fmt: skip
         try:
             results = build_pipeline(request, console)

@@ -88,6 +88,14 @@ class VaceWanDiT(WanDiT):
             model.add_vace_branch(layers)
         return model.train(base.training)
 
+    def base_part(self) -> nn.Module:
+        """The base model's modules as a module of their own (same objects): its state dict is the T2V model's, so
+        an engine of the base step built from a VACE load and one from a plain load have the same weight hash."""
+        base = nn.Module()
+        for name in BASE_PARTS:
+            setattr(base, name, getattr(self, name))
+        return base
+
     def vace_branch(self) -> nn.Module:
         """The VACE parameters as a module of their own (same objects): its state dict is a VACE-module file's."""
         branch = nn.Module()

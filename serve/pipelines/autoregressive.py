@@ -18,6 +18,7 @@ after the first whose model timestep lies below it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,9 +172,9 @@ class AutoregressiveStream(PipelineStream):
         dit = self.p.models.dit
         timestep = torch.full((1, latents.shape[2]), float(t), device=self.p.device)
         key_rope = None if plan.key_positions is None else dit.rope.tables(plan.key_positions, *self.grid)
-        if vace is not None:  # eager: no VACE engines are built yet
+        if vace is not None:
             assert self.vace_text_kv is not None
-            return dit.step_vace(  # type: ignore[operator]
+            return self.p.vace_step(  # type: ignore[operator]
                 latents.to(self.p.dtype), timestep, self.text_kv.pair(), self.cache.k, self.cache.v,
                 *plan.as_args(), vace.context, self.vace_text_kv.pair(), vace.scale, key_rope=key_rope,
             )  # fmt: skip
@@ -271,6 +272,7 @@ class AutoregressivePipeline(Pipeline):
         self.random_weights = bool(load_params.get("random_weights"))
         self.vace_enabled = bool(load_params.get("vace_enabled"))
         self.step: DiTStep = models.dit.step  # what `run_step` calls; `load` swaps in the chosen backend
+        self.vace_step = getattr(models.dit, "step_vace", None)  # the VACE-enabled step likewise (VACE loads)
         self.backend = "eager"
         self.models = models
         self.device, self.dtype = device, dtype
@@ -304,14 +306,19 @@ class AutoregressivePipeline(Pipeline):
             models.dit.config.text_len, "fp8" if quantization else precision_of(dtype), "aoti",
         )  # fmt: skip
         engines_dir = Path(context.get("engines_dir") or ServerSettings().engines_dir)
+        base = models.dit.base_part() if pipeline.vace_enabled else None  # type: ignore[operator]
         pipeline.step, pipeline.backend, pipeline.backend_reason = select_backend(
             load_params.get("backend", "auto"), key, models.dit, engines_dir, device,
-            engines_unusable=pipeline.engines_unusable(),
+            engines_unusable=pipeline.engines_unusable(), weights_of=base,
         )  # fmt: skip
         pipeline.backends = {"dit_step": {"backend": pipeline.backend, "reason": pipeline.backend_reason}}
-        if pipeline.vace_enabled:
-            reason = "chunks with a VACE context run the eager VACE step: no VACE engines are built yet"
-            pipeline.backends["dit_step_vace"] = {"backend": "eager", "reason": reason}
+        if pipeline.vace_enabled:  # chunks with a VACE context run this step (serve/models/vace.py)
+            vace_key = dataclasses.replace(key, component="dit_step_vace")
+            pipeline.vace_step, backend, reason = select_backend(
+                load_params.get("backend", "auto"), vace_key, models.dit, engines_dir, device,
+                engines_unusable=pipeline.engines_unusable(),
+            )  # fmt: skip
+            pipeline.backends["dit_step_vace"] = {"backend": backend, "reason": reason}
         pipeline.select_vae_backends(load_params.get("backend", "auto"), engines_dir)
         if quantization == "fp8_e4m3fn":  # fp8 weight storage; fp8 GEMMs where the GPU has them (serve/models/fp8.py)
             report("fp8 weights", 0.9)
