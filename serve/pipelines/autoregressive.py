@@ -239,7 +239,8 @@ class AutoregressiveStream(PipelineStream):
         x0 = x
         for i, t in enumerate(steps):
             timestep = torch.full((1, chunk), float(t), device=p.device)
-            flow = self.run_step(x, t, plan, vace)
+            # Without VACE the call is the ChunkRunner protocol's `run_step(latents, t, plan)`, unchanged.
+            flow = self.run_step(x, t, plan) if vace is None else self.run_step(x, t, plan, vace)
             x0 = scheduler.to_x0(x, flow.float(), timestep)
             if i + 1 < len(steps):
                 next_t = torch.full((1, chunk), float(steps[i + 1]), device=p.device)
