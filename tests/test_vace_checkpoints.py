@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from serve.errors import PipelineLoadError
-from serve.models.checkpoint import CheckpointError
+from serve.models.checkpoint import CheckpointError, canonical_names, read_checkpoint
 from serve.models.dit import DIT_CONFIGS, WanDiT
-from serve.models.vace import attach_vace, check_vace_file, load_vace_dit
+from serve.models.vace import attach_vace, check_vace_file, load_vace_dit, vace_file_kind
 from serve.pipelines.registry import PIPELINES, get_spec
 from serve.schemas import LoadParams
 from tests.support.checkpoints import (
@@ -49,6 +49,7 @@ def test_full_vace_checkpoint_loads_strictly(tmp_path: Path, diffusers: bool) ->
     # The same file as the VACE source of a separately loaded base: only its vace_* part is taken.
     attached = attach_vace(tiny_base(1), tmp_path / "Wan2.1-VACE-1.3B", dtype=torch.float32, device="cpu")
     assert_state(attached, state)
+    assert vace_file_kind(canonical_names(read_checkpoint(tmp_path / "Wan2.1-VACE-1.3B")).values()) == "full"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8_e4m3fn"])
@@ -56,6 +57,7 @@ def test_vace_module_file_loads_onto_a_base(tmp_path: Path, dtype: torch.dtype) 
     path = tmp_path / f"Wan2_1-VACE_module_1_3B_{'bf16' if dtype == torch.bfloat16 else 'fp8_e4m3fn'}.safetensors"
     written = write_vace_module(path, seed=2, dtype=dtype)
     assert all(name.startswith(("vace_blocks.", "vace_patch_embedding.")) for name in load_file(str(path)))
+    assert vace_file_kind(load_file(str(path))) == "module"  # vace.md §2: Kijai's detection
     base = tiny_base()
     model = attach_vace(base, path, dtype=torch.float32, device="cpu")
     assert_state(model, written)  # fp8 values widened exactly
@@ -87,6 +89,7 @@ def test_vace_module_with_a_key_missing_or_no_vace_keys_is_refused(tmp_path: Pat
     save_file({k: v.contiguous() for k, v in tiny_dit_state(0).items()}, str(path))  # a T2V file: no vace_* keys
     with pytest.raises(CheckpointError, match="no vace_"):
         attach_vace(tiny_base(), path, dtype=torch.float32, device="cpu")
+    assert vace_file_kind(load_file(str(path))) is None
 
 
 def test_registry_names_the_vace_module_per_model_size_only_for_vace_loads(tmp_path: Path) -> None:

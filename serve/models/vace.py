@@ -15,6 +15,8 @@ the KV cache. The scale is a device scalar, so changing it recompiles nothing; a
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -38,6 +40,8 @@ from serve.models.dit import (
     keep_in_fp32,
     linear,
 )
+
+log = logging.getLogger(__name__)
 
 VACE_IN_DIM = 96  # 16 inactive latent + 16 reactive latent + 64 mask (8×8 pixel-unshuffle) channels
 VACE_PREFIXES = ("vace_patch_embedding.", "vace_blocks.")
@@ -193,6 +197,15 @@ def is_vace_name(name: str) -> bool:
     return name.startswith(VACE_PREFIXES)
 
 
+def vace_file_kind(names: Iterable[str]) -> str | None:
+    """`module` (a VACE-module file: Kijai's rule, `vace_blocks.0.after_proj.weight` without `patch_embedding.weight`),
+    `full` (a whole VACE checkpoint), or None (no VACE branch), from canonical tensor names."""
+    names = set(names)
+    if "vace_blocks.0.after_proj.weight" not in names:
+        return None
+    return "full" if "patch_embedding.weight" in names else "module"
+
+
 def vace_tensors(model: VaceWanDiT, path: Path | str) -> dict[str, LazyTensor]:
     """The `vace_*` tensors of a VACE-module file (only `vace_*` keys: Kijai's / Scope's, bf16 or fp8) or of a full
     `Wan2.1-VACE-*` checkpoint (its base keys are ignored), checked strictly against `model`'s branch without reading
@@ -213,6 +226,7 @@ def vace_tensors(model: VaceWanDiT, path: Path | str) -> dict[str, LazyTensor]:
             f"{model.config.dim}); a VACE module only fits a base of its own size"
         )
     check_keys(expected, found, path)
+    log.info("vace file=%s kind=%s tensors=%d", path, vace_file_kind(names.values()), len(found))
     return found
 
 
