@@ -42,6 +42,7 @@ from serve.pipelines.policies import NoiseController
 from serve.pipelines.spec import PipelineSpec
 from serve.pipelines.vace_context import ChunkVace, VaceConditioner, first_call_frames
 from serve.pipelines.weights import Models, load_weights, random_models
+from serve.pipelines.worker import ONE_SHOT_FIELDS
 from serve.runtime.backends import DiTStep, select_backend
 from serve.settings import ServerSettings
 
@@ -219,6 +220,8 @@ class AutoregressiveStream(PipelineStream):
         if frames is not None:
             pixels = torch.from_numpy(frames).to(p.device).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
         vace = self.vace.chunk(pixels, params) if self.vace is not None else None
+        if self.vace is None and any(params.get(name) for name in ONE_SHOT_FIELDS):
+            log.warning("pipeline=%s: VACE images sent to a load without vace_enabled: ignored", p.spec.id)
         if pixels is not None and not (vace is not None and vace.uses_input_video):
             pixels = first_call_frames(self.vae, pixels, chunk)  # the first encode: 1 + 4(F−1) frames → F latents
             latents = self.vae.encode_chunk(pixels)
