@@ -25,7 +25,9 @@ V2V_RUNTIME_DEFAULTS = {
     "noise_controller": True,
     "manage_cache": True,
     "paused": False,
-    "vace_enabled": False,
+    # The session switch: on by default, as the seed's table says, so that a VACE load conditions every session that
+    # does not turn it off (a load without VACE ignores it). Sessions start with the load's value (webrtc/sessions.py).
+    "vace_enabled": True,
     "vace_use_input_video": True,
     "vace_ref_images": [],
     "vace_context_scale": 1.0,
