@@ -44,6 +44,7 @@ from build_engines.manifest import (
 from serve.errors import InvalidParameters, PipelineLoadError
 from serve.models.dit import WanDiT
 from serve.models.kv_cache import KVCacheSpec, RollingSinkPolicy
+from serve.models.vace import VaceWanDiT
 from serve.pipelines.loras import LoraRequest, merge_user_loras, merged_lora_key
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
@@ -69,6 +70,7 @@ class BuildRequest:
     force: bool = False
     loras: tuple[tuple[str, float], ...] = ()  # user LoRAs merged into the DiT (name in lora_dir, scale)
     lora_dir: Path | None = None  # None: lora/ in models_dir, as the server's default
+    vace: bool = False  # also the VACE-enabled DiT step (`dit_step_vace`), from a `vace_enabled` load
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ def load_models(request: BuildRequest, spec: Any, shape: Any, device: torch.devi
 
     vae_type = {"vae_type": request.vae_type} if request.vae_type else {}  # unset: the pipeline's default
     load = LoadParams(height=request.height, width=request.width, seed=request.seed,
-                      random_weights=request.random_weights, **vae_type)  # fmt: skip
+                      random_weights=request.random_weights, vace_enabled=request.vace, **vae_type)  # fmt: skip
     params = spec.effective_load_params(load, allow_random_weights=True)
     if request.random_weights:
         models = random_models(params, device, seed=request.seed)
@@ -244,6 +246,33 @@ def dit_step_build(model: WanDiT, plan: Plan) -> StepBuild:
 
         return DiTStepGraph(model).eval(), dit_step_args(model, key, plan.device), DIT_STEP_INPUTS, DIT_STEP_OUTPUTS
 
+    base = model.base_part() if isinstance(model, VaceWanDiT) else model  # the base step's weights only
+    return StepBuild(key, weight_hash(base), make)
+
+
+def vace_step_build(model: VaceWanDiT, plan: Plan) -> StepBuild:
+    """The VACE-enabled step: the base step's inputs plus the chunk's context [1, 96, F, h, w], the VACE blocks'
+    text K/V and the scale (an input: every scale runs on the one engine)."""
+    request, shape = plan.request, plan.shape
+    key = dit_step_key(request.pipeline, request.height, request.width, shape.chunk_latents, shape.cache_frames,
+                       model.config.text_len, plan.precision, plan.backend, "dit_step_vace")  # type: ignore[arg-type]  # fmt: skip
+
+    def make():
+        from build_engines.export import DIT_STEP_OUTPUTS, VACE_STEP_INPUTS, VaceStepGraph
+        from serve.models.vace import VACE_IN_DIM
+
+        args = dit_step_args(model, key, plan.device)
+        dtype = DTYPES[key.precision]
+        context = torch.randn(
+            1, model.config.text_len, model.config.text_dim, generator=torch.Generator().manual_seed(1)
+        )
+        with torch.no_grad():
+            vace_k, vace_v = model.vace_text_kv(context.to(plan.device, next(model.parameters()).dtype))
+        vace_context = torch.zeros(1, VACE_IN_DIM, *args[0].shape[2:], device=plan.device, dtype=torch.float32)
+        scale = torch.ones((), device=plan.device)
+        vace_args = (*args, vace_context, vace_k.to(dtype), vace_v.to(dtype), scale)
+        return VaceStepGraph(model).eval(), vace_args, VACE_STEP_INPUTS, DIT_STEP_OUTPUTS
+
     return StepBuild(key, weight_hash(model), make)
 
 
@@ -305,6 +334,8 @@ def build_pipeline(request: BuildRequest, console: Console) -> list[BuildResult]
             models = load_models(request, plan.spec, plan.shape, device, DTYPES[precision])
             vae = load_vae_model(models, device, seed=request.seed)
             steps = [dit_step_build(models.dit, plan), *vae_step_builds(vae, models.vae_type, plan)]
+            if request.vace:
+                steps.insert(1, vace_step_build(models.dit, plan))  # type: ignore[arg-type]
         return [build_step(step, plan, progress, console) for step in steps]
 
 

@@ -38,6 +38,8 @@ def add_engines_parser(commands: argparse._SubParsersAction, engines_dir: Path, 
                        help="merge this LoRA of the LoRA folder (repeatable; scale default 1): the engine a load with "
                             "loras [{path: NAME, scale: SCALE, merge_mode: permanent_merge}] uses")  # fmt: skip
     build.add_argument("--lora-dir", type=Path, default=None, help="default: lora/ in the models dir")
+    build.add_argument("--vace", action="store_true",
+                       help="also the VACE-enabled DiT step, for vace_enabled loads")  # fmt: skip
 
     sub.add_parser("list", parents=[where], help="engines on disk, and whether each fits this machine")
     sub.add_parser("verify", parents=[where], help="re-hash every engine file against its manifest and load it")
@@ -78,7 +80,7 @@ def build(args: argparse.Namespace, console) -> int:
             pipeline=pipeline, engines_dir=args.engines_dir, models_dir=args.models_dir, height=args.height,
             width=args.width, precision=args.precision, backend=args.backend, vae_type=args.vae_type,
             random_weights=args.random_weights, seed=args.seed, force=args.force, loras=tuple(args.lora),
-            lora_dir=args.lora_dir,
+            lora_dir=args.lora_dir, vace=args.vace,
         )  # fmt: skip
         try:
             results = build_pipeline(request, console)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from serve.models.autoencoder import ChunkStep
 from serve.models.dit import WanDiT
+from serve.models.vace import VaceWanDiT
 
 DIT_STEP_INPUTS = (
     "latents", "timestep", "text_k", "text_v", "cache_k", "cache_v", "write_index", "key_bias", "frame_positions",
@@ -51,6 +52,30 @@ class DiTStepGraph(nn.Module):
         return flow, cache_k, cache_v
 
 
+VACE_STEP_INPUTS = (*DIT_STEP_INPUTS, "vace_context", "vace_text_k", "vace_text_v", "vace_scale")
+
+
+class VaceStepGraph(nn.Module):
+    """`VaceWanDiT.step_vace` as a pure function: the base step's inputs plus the chunk's VACE context, the VACE
+    blocks' text K/V and the context scale (an input, so a new scale needs no new engine) → (flow, cache_k',
+    cache_v')."""
+
+    def __init__(self, model: VaceWanDiT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, latents: Tensor, timestep: Tensor, text_k: Tensor, text_v: Tensor, cache_k: Tensor,
+                cache_v: Tensor, write_index: Tensor, key_bias: Tensor, frame_positions: Tensor,
+                vace_context: Tensor, vace_text_k: Tensor, vace_text_v: Tensor,
+                vace_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        cache_k, cache_v = cache_k.clone(), cache_v.clone()
+        flow = self.model.step_vace(
+            latents, timestep, (text_k, text_v), cache_k, cache_v, write_index, key_bias, frame_positions,
+            vace_context, (vace_text_k, vace_text_v), vace_scale, sinusoid_dtype=torch.float32,
+        )  # fmt: skip
+        return flow, cache_k, cache_v
+
+
 def export_onnx(module: nn.Module, args: tuple[Tensor, ...], path: Path, input_names, output_names) -> Path:
     """torch.export → ONNX (opset chosen by the exporter), static shapes from `args`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,6 +89,10 @@ def export_onnx(module: nn.Module, args: tuple[Tensor, ...], path: Path, input_n
 
 def export_dit_step(model: WanDiT, example_args: tuple[Tensor, ...], path: Path) -> Path:
     return export_onnx(DiTStepGraph(model), example_args, path, DIT_STEP_INPUTS, DIT_STEP_OUTPUTS)
+
+
+def export_vace_step(model: VaceWanDiT, example_args: tuple[Tensor, ...], path: Path) -> Path:
+    return export_onnx(VaceStepGraph(model), example_args, path, VACE_STEP_INPUTS, DIT_STEP_OUTPUTS)
 
 
 def vae_step_names(caches: int) -> tuple[tuple[str, ...], tuple[str, ...]]:

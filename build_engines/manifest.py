@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-Component = Literal["dit_step", "vae_encode", "vae_decode"]
+Component = Literal["dit_step", "dit_step_vace", "vae_encode", "vae_decode"]
 Precision = Literal["fp8", "bf16", "fp32"]
 Backend = Literal["tensorrt", "aoti"]
 ENGINE_SUFFIX: dict[str, str] = {"aoti": ".pt2", "tensorrt": ".plan"}
@@ -71,10 +71,12 @@ def dit_step_key(
     text_len: int,
     precision: Precision,
     backend: Backend,
+    component: Component = "dit_step",
     merged_loras: str | None = None,
 ) -> EngineKey:
-    """The one place the DiT step's key is formed, for the builder and the server alike."""
-    return EngineKey(pipeline, "dit_step", height, width, chunk_frames, cache_frames, text_len, precision, backend,
+    """The one place the DiT step's key is formed, for the builder and the server alike (`dit_step_vace`: the
+    VACE-enabled step, serve/models/vace.py)."""
+    return EngineKey(pipeline, component, height, width, chunk_frames, cache_frames, text_len, precision, backend,
                      merged_loras=merged_loras)  # fmt: skip
 
 

@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--endpoint", default=defaults.hub_endpoint, help="hub URL (env HF_ENDPOINT; default %(default)s)"
             )
+            sub.add_argument("--vace", action="store_true", help="include the VACE module (for vace_enabled loads)")
         sub.add_argument(
             "--models-dir", type=Path, default=defaults.models_dir, help="env WANRT_MODELS_DIR; default %(default)s"
         )
@@ -197,6 +198,8 @@ def run_models(args: argparse.Namespace) -> int:
         errors.print(f"error: {exc}", markup=False, soft_wrap=True)
         return 2
     endpoint = args.endpoint.rstrip("/")
+    if args.vace:
+        spec = spec.with_vace_files()
     if args.action == "download":
         return download_models(console, errors, spec, args.models_dir, endpoint)
     return verify_models(console, errors, spec, args.models_dir, endpoint)

@@ -68,12 +68,35 @@ class RuntimeParameters(Struct, forbid_unknown_fields=True, omit_defaults=True):
     kv_cache_attention_bias: Annotated[float, Meta(ge=0.01, le=1.0)] | UnsetType = UNSET
     paused: bool | UnsetType = UNSET
     lora_scales: Annotated[list[LoraScale], Meta(max_length=16)] | UnsetType = UNSET
-    vace_enabled: bool | UnsetType = UNSET
-    vace_use_input_video: bool | UnsetType = UNSET
-    vace_ref_images: Annotated[list[AssetPath], Meta(max_length=8)] | UnsetType = UNSET
-    vace_context_scale: Annotated[float, Meta(ge=0.0, le=2.0)] | UnsetType = UNSET
-    first_frame_image: AssetPath | UnsetType = UNSET
-    last_frame_image: AssetPath | UnsetType = UNSET
+    vace_enabled: (
+        Annotated[
+            bool, Meta(description="VACE for this session (needs a vace_enabled load; sessions start with the load's)")
+        ]
+        | UnsetType
+    ) = UNSET
+    vace_use_input_video: (
+        Annotated[bool, Meta(description="With VACE, the camera is the VACE control and latents start from noise")]
+        | UnsetType
+    ) = UNSET
+    vace_ref_images: (
+        Annotated[
+            list[AssetPath],
+            Meta(max_length=8, description="Uploaded image paths (POST /api/v1/assets); one-shot: the next chunk"),
+        ]
+        | UnsetType
+    ) = UNSET
+    vace_context_scale: (
+        Annotated[float, Meta(ge=0.0, le=2.0, description="Multiplies the VACE hints; applied from the next chunk")]
+        | UnsetType
+    ) = UNSET
+    first_frame_image: (
+        Annotated[AssetPath, Meta(description="Uploaded image kept as the next chunk's first latent frame (one-shot)")]
+        | UnsetType
+    ) = UNSET
+    last_frame_image: (
+        Annotated[AssetPath, Meta(description="Uploaded image kept as the next chunk's last latent frame (one-shot)")]
+        | UnsetType
+    ) = UNSET
 
 
 class InitialParameters(RuntimeParameters, forbid_unknown_fields=True, omit_defaults=True):
@@ -165,6 +188,8 @@ class LoraList(Struct):
 
 class ModelsDownloadRequest(Struct, forbid_unknown_fields=True):
     pipeline_id: Annotated[str, Meta(max_length=64)]
+    vace: bool = False
+    """Also fetch the pipeline's VACE module (needed only by `vace_enabled` loads)."""
 
 
 class ModelFileState(Struct):

@@ -25,6 +25,7 @@ def test_vendored_seed_code_is_the_seed_verbatim() -> None:
     blocks = re.findall(r"```javascript\n(.*?)```", SEED.read_text(), re.S)
     assert (E2E / "seed_client.js").read_text() == blocks[0]
     assert (E2E / "seed_stop.js").read_text() in blocks
+    assert (E2E / "seed_upload.js").read_text() in blocks
     assert API_BASE_LINE in blocks[0]
 
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from build_engines.export import export_dit_step, export_vae_step
+from build_engines.export import export_dit_step, export_vace_step, export_vae_step
 from serve.models.autoencoder import build_model
 from serve.models.dit import DIT_CONFIGS, WanDiT
 from serve.models.kv_cache import KVCache, KVCacheSpec, RollingSinkPolicy
+from serve.models.vace import VACE_IN_DIM, VaceWanDiT
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[dev]')")
 pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx's exporter) is not installed")
@@ -93,3 +94,41 @@ def test_vae_chunk_steps_onnx_equal_eager_with_caches_fed_back(tmp_path: Path, v
             outputs = session.run(None, dict(zip(names, [x.numpy(), *onnx_caches], strict=True)))
             assert rel_error(outputs[0], y.numpy()) <= 1e-4, direction
             onnx_caches = outputs[1:]
+
+
+@torch.no_grad()
+def test_vace_step_onnx_equals_eager_with_the_scale_as_an_input(tmp_path: Path) -> None:
+    """The VACE-enabled step exports with its fixed-shape context; one graph serves every scale (0 included)."""
+    torch.manual_seed(1)
+    config = DIT_CONFIGS["tiny"]
+    model = VaceWanDiT(config).eval()
+    spec = KVCacheSpec(config.num_layers, 1, config.num_heads, config.head_dim, LF, 9)
+    policy = RollingSinkPolicy(spec, sink_frames=3)
+    context = torch.randn(1, config.text_len, config.text_dim)
+    text_k, text_v = model.text_kv(context)
+    vace_k, vace_v = model.vace_text_kv(context)
+    eager_cache = KVCache(spec, torch.float32)
+
+    def inputs(chunk_index: int, t: float, latents, vace_context, scale: float, cache_k, cache_v):
+        plan = policy.plan(chunk_index * CHUNK, CHUNK)
+        return (latents, torch.full((1, CHUNK), t), text_k, text_v, cache_k, cache_v, *plan.as_args(),
+                vace_context, vace_k, vace_v, torch.tensor(scale))  # fmt: skip
+
+    example = inputs(0, 1000.0, torch.randn(1, 16, CHUNK, H, W), torch.randn(1, VACE_IN_DIM, CHUNK, H, W), 1.0,
+                     eager_cache.k.clone(), eager_cache.v.clone())  # fmt: skip
+    path = export_vace_step(model, example, tmp_path / "dit_step_vace.onnx")
+    assert "DOUBLE" not in float64_uses(path)
+    session = ort.InferenceSession(str(path))
+    names = [i.name for i in session.get_inputs()]
+    onnx_k, onnx_v = eager_cache.k.numpy().copy(), eager_cache.v.numpy().copy()
+    for chunk_index, scale in enumerate((1.0, 0.0, 1.7)):
+        latents, vace_context = torch.randn(1, 16, CHUNK, H, W), torch.randn(1, VACE_IN_DIM, CHUNK, H, W)
+        for t in (1000.0, 750.0):
+            args = inputs(chunk_index, t, latents, vace_context, scale, eager_cache.k, eager_cache.v)
+            eager = model.step_vace(*args[:2], (text_k, text_v), eager_cache.k, eager_cache.v, *args[6:9],
+                                    vace_context, (vace_k, vace_v), args[12])  # fmt: skip
+            feed = {n: a.numpy() for n, a in zip(names, args, strict=True)}
+            feed["cache_k"], feed["cache_v"] = onnx_k, onnx_v
+            flow, onnx_k, onnx_v = session.run(None, feed)
+            assert rel_error(flow, eager.numpy()) <= 1e-4, scale
+            assert rel_error(onnx_k, eager_cache.k.numpy()) <= 1e-4

@@ -19,9 +19,13 @@ class ModelsController(Controller):
     tags = ["models"]
 
     @get("/status", responses=errors(404))
-    async def status(self, pipeline_id: Annotated[str, Parameter(max_length=64)], state: State) -> ModelsStatus:
-        """Per-file presence and the download's progress; `downloaded` is true once every file is present."""
-        return state.models.status(get_spec(pipeline_id))
+    async def status(
+        self, pipeline_id: Annotated[str, Parameter(max_length=64)], state: State, vace: bool = False
+    ) -> ModelsStatus:
+        """Per-file presence and the download's progress; `downloaded` is true once every file is present (with
+        `vace=true`, the VACE module counts too)."""
+        spec = get_spec(pipeline_id)
+        return state.models.status(spec.with_vace_files() if vace else spec)
 
     @post(
         "/download",
@@ -34,5 +38,7 @@ class ModelsController(Controller):
     async def download(self, data: ModelsDownloadRequest, state: State) -> Response[ModelsStatus]:
         """Starts fetching the files in the background (202); while one runs, answers its status (200). Poll /status."""
         spec = get_spec(data.pipeline_id)
+        if data.vace:
+            spec = spec.with_vace_files()
         started = state.models.start(spec)
         return Response(state.models.status(spec), status_code=202 if started else 200)

@@ -176,6 +176,8 @@ def strip_prefixes(name: str) -> str:
 
 
 def diffusers_to_wan(name: str) -> str:
+    if name.startswith("vace_blocks."):  # diffusers' WanVACETransformer3DModel: before/after_proj are proj_in/out
+        name = name.replace(".proj_in.", ".before_proj.").replace(".proj_out.", ".after_proj.")
     if name == "scale_shift_table":
         return "head.modulation"
     if name.endswith(".scale_shift_table"):
@@ -206,16 +208,18 @@ def load_checkpoint(
     keep_fp32: Callable[[str], bool] = lambda name: False,
     deltas: Mapping[str, Tensor] | None = None,
     progress: bool | None = None,
+    select: Callable[[str], bool] | None = None,
 ) -> None:
     """Load strictly into `module` (ideally built on the meta device), converting each tensor as it is read.
 
     `deltas`: fp32 tensors added to the named weights as they load (a merged LoRA, `lora.merged_weights`).
-
-    Raises CheckpointError naming the file and the missing, unexpected or mis-shaped keys.
+    `select`: only the tensors whose (canonical) name it accepts are read, e.g. the `vace_*` part of a full VACE
+    checkpoint; strictness then applies to those. Raises CheckpointError naming the file and the missing,
+    unexpected or mis-shaped keys.
     """
     tensors = read_checkpoint(path, prefer=prefer)
     names = canonical_names(tensors)
-    by_name = {names[raw]: lazy for raw, lazy in tensors.items()}
+    by_name = {names[raw]: lazy for raw, lazy in tensors.items() if select is None or select(names[raw])}
     expected = module.state_dict()
     check_keys(expected, by_name, path)
     deltas = deltas or {}

@@ -16,6 +16,7 @@ attended; per-frame timesteps. The time embedding, norms and modulation arithmet
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,9 @@ ROPE_MAX_POSITIONS = 1024  # the reference's table length: absolute frame positi
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                  "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")  # fmt: skip
 ROPE_THETA = 10000.0
+
+HintsFn = Callable[[Tensor, Tensor, tuple[int, int, int]], dict[int, Tensor]]
+"""(patch-embedded tokens x, e0, token grid) → {main layer: residual added after that block}: the VACE hints."""
 
 
 @dataclass(frozen=True)
@@ -318,10 +322,21 @@ class WanDiT(nn.Module):
         are cached un-rotated and rotated at read time (Reward Forcing's window-relative positions).
         sinusoid_dtype: float64 as the reference; exported graphs pass float32 (`sinusoidal_embedding`).
         """
+        return self._cached_step(
+            latents, timestep, text_kv, cache_k, cache_v, write_index, key_bias, frame_positions, key_rope,
+            sinusoid_dtype, hints=None,
+        )  # fmt: skip
+
+    def _cached_step(self, latents: Tensor, timestep: Tensor, text_kv: tuple[Tensor, Tensor], cache_k: Tensor,
+                     cache_v: Tensor, write_index: Tensor, key_bias: Tensor, frame_positions: Tensor,
+                     key_rope: tuple[Tensor, Tensor] | None, sinusoid_dtype: torch.dtype,
+                     hints: HintsFn | None) -> Tensor:  # fmt: skip
+        """`step`'s body; `hints` (the VACE branch, serve/models/vace.py) adds residuals after some blocks."""
         x, grid = self.patchify(latents)
         cos, sin = self.rope.tables(frame_positions, grid[1], grid[2])
         e, e0 = self.embed_time(timestep, sinusoid_dtype)
         bias = key_bias.view(-1, 1, 1, key_bias.shape[-1])  # [B or 1, 1, 1, S]: broadcast over heads and queries
+        residuals = hints(x, e0, grid) if hints is not None else {}
 
         for layer, block in enumerate(self.blocks):
 
@@ -337,18 +352,22 @@ class WanDiT(nn.Module):
                 return attention.attend(q, keys, cache_v[layer], bias)
 
             x = block(x, e0, grid[0], self_attention, (text_kv[0][layer], text_kv[1][layer]))
+            if layer in residuals:
+                x = x + residuals[layer]
         return self.unpatchify(self.head(x, e, grid[0]), grid)
 
     # -- the oracle ----------------------------------------------------------------------------------------------
 
-    def forward_full(self, latents: Tensor, timestep: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward_full(self, latents: Tensor, timestep: Tensor, context: Tensor, mask: Tensor | None = None,
+                     hints: HintsFn | None = None) -> Tensor:  # fmt: skip
         """Every frame at once; mask [N, N] boolean (True = attend), or float (added to the logits: 0 attend, −inf
-        masked, log(b) damped), or None for bidirectional attention."""
+        masked, log(b) damped), or None for bidirectional attention. `hints` as in `_cached_step`."""
         x, grid = self.patchify(latents)
         frame_positions = torch.arange(grid[0], device=latents.device)
         cos, sin = self.rope.tables(frame_positions, grid[1], grid[2])
         e, e0 = self.embed_time(timestep)
         text_k, text_v = self.text_kv(context)
+        residuals = hints(x, e0, grid) if hints is not None else {}
         bias = mask
         if mask is not None and mask.dtype == torch.bool:
             bias = torch.zeros(mask.shape, device=x.device).masked_fill(~mask, float("-inf"))
@@ -361,6 +380,8 @@ class WanDiT(nn.Module):
                 return attention.attend(q, apply_rope(k, cos, sin), v, bias)
 
             x = block(x, e0, grid[0], self_attention, (text_k[layer], text_v[layer]))
+            if layer in residuals:
+                x = x + residuals[layer]
         return self.unpatchify(self.head(x, e, grid[0]), grid)
 
 

@@ -18,6 +18,7 @@ after the first whose model timestep lies below it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +48,10 @@ from serve.pipelines.loras import (
 )
 from serve.pipelines.policies import NoiseController
 from serve.pipelines.spec import PipelineSpec
+from serve.pipelines.vace_context import ChunkVace, VaceConditioner, first_call_frames
 from serve.pipelines.vram import VramPlan, check_fits, measure_plan
 from serve.pipelines.weights import LORA_SCALE, Models, load_weights, random_models
+from serve.pipelines.worker import ONE_SHOT_FIELDS
 from serve.runtime.backends import DiTStep, select_backend
 from serve.settings import ServerSettings
 
@@ -85,16 +88,18 @@ class ChunkShape:
 class Conditioning:
     """The prompt embedding of each chunk: `prompts` switch it at once, a `transition` walks it over chunks."""
 
-    def __init__(self, pipeline: AutoregressivePipeline, text_kv: TextKVCache) -> None:
+    def __init__(self, pipeline: AutoregressivePipeline, text_kv: TextKVCache,
+                 vace_text_kv: TextKVCache | None = None) -> None:  # fmt: skip
         self.p = pipeline
         self.text_kv = text_kv
+        self.vace_text_kv = vace_text_kv  # the VACE blocks' cross-attention K/V, set with the main ones
         self.context: Tensor | None = None  # [1, text_len, text_dim] in use
         self._prompts_key: tuple | None = None
         self._transition_seen: dict | None = None
         self._transition: PromptTransition | None = None
 
     def reset(self) -> None:
-        self.__init__(self.p, self.text_kv)  # type: ignore[misc]
+        self.__init__(self.p, self.text_kv, self.vace_text_kv)  # type: ignore[misc]
 
     def _encode(self, prompts: list[dict] | None, method: str) -> Tensor:
         pairs = [(p["text"], p.get("weight", 1.0)) for p in prompts or []] or [("", 1.0)]
@@ -126,6 +131,8 @@ class Conditioning:
         if context is not self.context:
             assert context is not None
             self.text_kv.set(self.p.models.dit.text_kv(context.to(self.p.dtype)))
+            if self.vace_text_kv is not None:
+                self.vace_text_kv.set(self.p.models.dit.vace_text_kv(context.to(self.p.dtype)))  # type: ignore[operator]
             self.context = context
         return jumped
 
@@ -187,7 +194,18 @@ class AutoregressiveStream(PipelineStream):
             config.num_layers, 1, config.text_len, config.num_heads, config.head_dim, pipeline.dtype, pipeline.device
         )
         self.policy: CachePolicy = pipeline.make_policy(spec)
-        self.conditioning = Conditioning(pipeline, self.text_kv)
+        self.vace: VaceConditioner | None = None
+        self.vace_text_kv: TextKVCache | None = None
+        if pipeline.vace_enabled:
+            self.vace = VaceConditioner(
+                pipeline.vae_model, pipeline.models.vae_type, pipeline.height, pipeline.width,
+                pipeline.shape.chunk_latents, pipeline.device, pipeline.vae_steps["encode"],
+            )  # fmt: skip
+            self.vace_text_kv = TextKVCache(
+                len(pipeline.models.dit.vace_blocks), 1, config.text_len, config.num_heads, config.head_dim,
+                pipeline.dtype, pipeline.device,
+            )  # fmt: skip
+        self.conditioning = Conditioning(pipeline, self.text_kv, self.vace_text_kv)
         self.vae = StreamingAutoencoder(
             pipeline.vae_model, pipeline.models.vae_type, pipeline.vae_steps["encode"], pipeline.vae_steps["decode"]
         )
@@ -203,6 +221,8 @@ class AutoregressiveStream(PipelineStream):
         self.cache.reset()
         self.vae.reset()
         self.policy.reset()
+        if self.vace is not None:
+            self.vace.reset()
         self.frame = 0
         self.host.reseed()
         self.noise_controller.reset(self.p.spec.runtime_defaults.get("noise_scale", 0.7))  # as a new stream starts
@@ -213,11 +233,18 @@ class AutoregressiveStream(PipelineStream):
             return t.float().reshape(1, 1).expand(1, frames)
         return torch.full((1, frames), float(t), device=self.p.device)
 
-    def run_step(self, latents: Tensor, t: float | Tensor, plan: ChunkPlan) -> Tensor:
-        """One DiT step over `latents` [1, 16, F, h, w] at timestep `t`, writing K/V where `plan` says."""
+    def run_step(self, latents: Tensor, t: float | Tensor, plan: ChunkPlan, vace: ChunkVace | None = None) -> Tensor:
+        """One DiT step over `latents` [1, 16, F, h, w] at timestep `t`, writing K/V where `plan` says; with the
+        chunk's VACE inputs when given (denoising passes only: VACE never enters the KV cache, vace.md §3)."""
         dit = self.p.models.dit
         timestep = self.timestep(t, latents.shape[2])
         key_rope = None if plan.key_positions is None else dit.rope.tables(plan.key_positions, *self.grid)
+        if vace is not None:
+            assert self.vace_text_kv is not None
+            return self.p.vace_step(  # type: ignore[operator]
+                latents.to(self.p.dtype), timestep, self.text_kv.pair(), self.cache.k, self.cache.v,
+                *plan.as_args(), vace.context, self.vace_text_kv.pair(), vace.scale, key_rope=key_rope,
+            )  # fmt: skip
         return self.p.step(
             latents.to(self.p.dtype), timestep, self.text_kv.pair(), self.cache.k, self.cache.v, *plan.as_args(),
             key_rope=key_rope,
@@ -271,12 +298,16 @@ class AutoregressiveStream(PipelineStream):
         latent_shape = (1, 16, chunk, p.height // 8, p.width // 8)
         steps = scheduler.model_timesteps(params["denoising_step_list"], warp=params["warp_denoising_steps"])
 
-        # 1. Start point: input latents mixed with noise (video), or noise (text).
+        # 1. Start point: input latents mixed with noise (video), or noise (text, or video that went to VACE).
         maybe_dropped: set[int] = set()  # passes that run only where the device says their step is kept
+        pixels = None
         if frames is not None:
             pixels = self.host.upload(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-            if not self.vae.encoder_started:  # the first encode takes frame 0 alone: 1 + 4(F−1) frames → F latents
-                pixels = pixels[:, :, -(1 + 4 * (chunk - 1)) :]
+        vace = self.vace.chunk(pixels, params) if self.vace is not None else None
+        if self.vace is None and any(params.get(name) for name in ONE_SHOT_FIELDS):
+            log.warning("pipeline=%s: VACE images sent to a load without vace_enabled: ignored", p.spec.id)
+        if pixels is not None and not (vace is not None and vace.uses_input_video):
+            pixels = first_call_frames(self.vae, pixels, chunk)  # the first encode: 1 + 4(F−1) frames → F latents
             latents = self.vae.encode_chunk(pixels)
             strength: float | Tensor
             first_t: float | Tensor
@@ -303,7 +334,8 @@ class AutoregressiveStream(PipelineStream):
         for i, t in enumerate(steps):
             if i > 0:  # re-noise the last estimate to this pass's level
                 x = scheduler.add_noise(x0, self.host.noise(latent_shape), self.timestep(t, chunk))
-            flow = self.run_step(x, t, plan)
+            # Without VACE the call is the ChunkRunner protocol's `run_step(latents, t, plan)`, unchanged.
+            flow = self.run_step(x, t, plan) if vace is None else self.run_step(x, t, plan, vace)
             estimate = scheduler.to_x0(x, flow.float(), self.timestep(t, chunk))
             x0 = torch.where(t < first_t, estimate, x0) if i in maybe_dropped else estimate
         if policy.clean_pass:
@@ -356,7 +388,9 @@ class AutoregressivePipeline(Pipeline):
         self.height, self.width = load_params["height"], load_params["width"]
         self.chunk_frames = 4 * self.shape.chunk_latents
         self.random_weights = bool(load_params.get("random_weights"))
+        self.vace_enabled = bool(load_params.get("vace_enabled"))
         self.step: DiTStep = models.dit.step  # what `run_step` calls; `load` swaps in the chosen backend
+        self.vace_step = getattr(models.dit, "step_vace", None)  # the VACE-enabled step likewise (VACE loads)
         self.backend = "eager"
         self.models = models
         self.device, self.dtype = device, dtype
@@ -372,8 +406,6 @@ class AutoregressivePipeline(Pipeline):
         quantization = load_params.get("quantization")
         if quantization not in (None, "fp8_e4m3fn"):
             raise PipelineLoadError(f"{spec.id}: quantization {quantization!r} is not supported; null or fp8_e4m3fn")
-        if load_params.get("vace_enabled"):
-            raise PipelineLoadError(f"{spec.id}: VACE is not built yet; load without it")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if load_params.get("random_weights"):
@@ -404,11 +436,19 @@ class AutoregressivePipeline(Pipeline):
             merged_loras=merged_lora_key(loras),
         )  # fmt: skip
         engines_dir = Path(context.get("engines_dir") or ServerSettings().engines_dir)
+        base = models.dit.base_part() if pipeline.vace_enabled else None  # type: ignore[operator]
         pipeline.step, pipeline.backend, pipeline.backend_reason = select_backend(
             load_params.get("backend", "auto"), key, models.dit, engines_dir, device,
-            engines_unusable=pipeline.engines_unusable(),
+            engines_unusable=pipeline.engines_unusable(), weights_of=base,
         )  # fmt: skip
         pipeline.backends = {"dit_step": {"backend": pipeline.backend, "reason": pipeline.backend_reason}}
+        if pipeline.vace_enabled:  # chunks with a VACE context run this step (serve/models/vace.py)
+            vace_key = dataclasses.replace(key, component="dit_step_vace")
+            pipeline.vace_step, backend, reason = select_backend(
+                load_params.get("backend", "auto"), vace_key, models.dit, engines_dir, device,
+                engines_unusable=pipeline.engines_unusable(),
+            )  # fmt: skip
+            pipeline.backends["dit_step_vace"] = {"backend": backend, "reason": reason}
         pipeline.select_vae_backends(load_params.get("backend", "auto"), engines_dir)
         if quantization == "fp8_e4m3fn":  # fp8 weight storage; fp8 GEMMs where the GPU has them (serve/models/fp8.py)
             report("fp8 weights", 0.9)

@@ -12,6 +12,11 @@ SHARED_FILES = (
     ModelFile(WAN_1_3B, "models_t5_umt5-xxl-enc-bf16.pth"),
     ModelFile(WAN_1_3B, "google/umt5-xxl/spiece.model"),
 )
+# Kijai's VACE-module files (vace_* keys only, bf16) as Scope downloads them (vace.md §2): the 1.3B module for the
+# four 1.3B pipelines, the 14B one for Krea. Needed only with `vace_enabled`.
+VACE_REPO = "daydreamlive/WanVideo_comfy"
+VACE_1_3B = ModelFile(VACE_REPO, "Wan2_1-VACE_module_1_3B_bf16.safetensors")
+VACE_14B = ModelFile(VACE_REPO, "Wan2_1-VACE_module_14B_bf16.safetensors")
 V2V_RUNTIME_DEFAULTS = {
     "input_mode": "video",
     "prompts": [],
@@ -20,7 +25,9 @@ V2V_RUNTIME_DEFAULTS = {
     "noise_controller": True,
     "manage_cache": True,
     "paused": False,
-    "vace_enabled": False,
+    # The session switch: on by default, as the seed's table says, so that a VACE load conditions every session that
+    # does not turn it off (a load without VACE ignores it). Sessions start with the load's value (webrtc/sessions.py).
+    "vace_enabled": True,
     "vace_use_input_video": True,
     "vace_ref_images": [],
     "vace_context_scale": 1.0,
@@ -44,6 +51,7 @@ def _model_spec(
     extra_runtime: dict | None = None,
     factory: str | None = None,
     quantization: str | None = None,
+    vace_file: ModelFile = VACE_1_3B,
 ) -> PipelineSpec:
     # `warp_steps`: whether the original repo feeds its step list warped (models.md §2); the default here too.
     step_defaults = {"denoising_step_list": steps, "warp_denoising_steps": warp_steps}
@@ -80,6 +88,7 @@ def _model_spec(
         supports_cache_management=True,
         supports_quantization=True,
         files=files + SHARED_FILES,
+        vace_files=(vace_file,),
         factory=factory,
         mode_defaults={
             "video": {"height": height, "width": width, "denoising_step_list": steps, "noise_scale": 0.7},
@@ -189,6 +198,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             vram_gb=32,
             extra_runtime={"kv_cache_attention_bias": 0.3},
             quantization="fp8_e4m3fn",
+            vace_file=VACE_14B,
             factory="serve.pipelines.autoregressive:KreaRealtimePipeline",
         ),
     )

@@ -6,6 +6,7 @@ without loading a model. The implementation behind a spec is imported only when 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 from dataclasses import dataclass, field
@@ -14,8 +15,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from serve.assets import confined_file, echo
-from serve.errors import InvalidParameters, RandomWeightsNotAllowed
+from serve.assets import confined_file, echo, sniff_media
+from serve.errors import InvalidParameters, RandomWeightsNotAllowed, UnsupportedMedia
 from serve.schemas import LoadParams, RuntimeParameters
 
 Mode = Literal["video", "text"]
@@ -96,6 +97,8 @@ class PipelineSpec:
     supports_cache_management: bool = False
     supports_quantization: bool = False
     files: tuple[ModelFile, ...] = ()
+    vace_files: tuple[ModelFile, ...] = ()
+    """Needed only by a `vace_enabled` load (the VACE module: 1.5 GB / 6 GB), fetched only when asked for."""
     factory: str | None = None
     """`module:attribute` of the implementation, imported at load time; None while it is not built yet."""
     mode_defaults: dict[Mode, dict[str, Any]] = field(default_factory=dict)
@@ -106,6 +109,10 @@ class PipelineSpec:
 
     def missing_files(self, models_dir: Path) -> list[ModelFile]:
         return [f for f in self.files if not f.local_path(models_dir).is_file()]
+
+    def with_vace_files(self) -> PipelineSpec:
+        """This spec with the VACE files among `files` (for downloads and checks asked to include them)."""
+        return dataclasses.replace(self, files=self.files + self.vace_files)
 
     def resolve_factory(self) -> Any:
         assert self.factory is not None
@@ -138,10 +145,11 @@ class PipelineSpec:
         if "denoising_step_list" in given:
             _check_descending(given["denoising_step_list"])
         for name in ASSET_PATH_FIELDS:
-            if name in given:
-                paths = given[name] if isinstance(given[name], list) else [given[name]]
-                for path in paths:
-                    _check_asset_path(name, path, assets_dir)
+            if name in given:  # replaced by the resolved absolute paths: the pipeline reads exactly what was checked
+                if isinstance(given[name], list):
+                    given[name] = [_check_asset_path(name, path, assets_dir) for path in given[name]]
+                else:
+                    given[name] = _check_asset_path(name, given[name], assets_dir)
         return given
 
     # -- schema -----------------------------------------------------------------------------------------------------
@@ -182,12 +190,24 @@ def _check_descending(steps: list[int]) -> None:
         raise InvalidParameters(f"denoising_step_list must be strictly descending, got {steps}")
 
 
-def _check_asset_path(name: str, path: str, assets_dir: Path) -> None:
-    if confined_file(assets_dir.resolve(), path) is None:
+def _check_asset_path(name: str, path: str, assets_dir: Path) -> str:
+    """The resolved path of an uploaded image (serve/assets.confined_file: the one check of a client's path);
+    raises InvalidParameters for anything else."""
+    resolved = confined_file(assets_dir.resolve(), path)
+    if resolved is None:
         raise InvalidParameters(
             f"{name}: {echo(path)} is not an uploaded asset; upload it with POST /api/v1/assets and use the returned "
             "path"
         )
+    with resolved.open("rb") as file:  # 16 bytes: the content decides, as at upload (a video is not an image)
+        head = file.read(16)
+    try:
+        kind, _ = sniff_media(head)
+    except UnsupportedMedia:
+        kind = None
+    if kind != "image":
+        raise InvalidParameters(f"{name}: {echo(path)} is not an image (PNG, JPEG, WebP, GIF or BMP)")
+    return str(resolved)
 
 
 def _object_schema(struct: type, fields: frozenset[str], defaults: dict[str, Any]) -> dict[str, Any]:

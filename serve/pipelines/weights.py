@@ -21,6 +21,7 @@ from serve.models.dit import DIT_CONFIGS, WanDiT, load_dit
 from serve.models.prompts import PromptEncoder
 from serve.models.text_encoder import UMT5_PRESETS, UMT5Encoder, load_text_encoder
 from serve.models.tokenizer import UMT5Tokenizer
+from serve.models.vace import attach_vace, check_vace_file
 from serve.pipelines.base import ProgressFn
 from serve.pipelines.spec import PipelineSpec
 
@@ -66,6 +67,14 @@ def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Pa
             f"{spec.id}: weights missing: {listed}. Fetch them with `wanrt models download {spec.id}` (or POST "
             f"/api/v1/models/download), or load with random_weights (server flag --allow-random-weights)"
         )
+    vace_path = None
+    if load_params.get("vace_enabled"):
+        vace_path = spec.vace_files[0].local_path(models_dir)
+        if not vace_path.is_file():
+            raise PipelineLoadError(
+                f"{spec.id}: vace_enabled needs the VACE module {vace_path}. Fetch it with `wanrt models download "
+                f'{spec.id} --vace` (or POST /api/v1/models/download with "vace": true), or load without VACE'
+            )
     vae_type = load_params.get("vae_type", "wan")
     if vae_type != "wan":
         raise PipelineLoadError(f"{spec.id}: vae_type {vae_type!r} needs its weight file; only 'wan' is wired yet")
@@ -79,6 +88,8 @@ def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Pa
         dit_name = detect_preset(dit_path, DIT_CANDIDATES, what="diffusion model", prefer=prefer)
         text_name = detect_preset(text_path, TEXT_ENCODER_CANDIDATES, what="text encoder")
         vae_name = detect_preset(vae_path, VAE_CANDIDATES, what="VAE")
+        if vace_path is not None:
+            check_vace_file(vace_path, DIT_CONFIGS[dit_name])
     except CheckpointError as exc:
         raise PipelineLoadError(f"{spec.id}: {exc}") from None
     dit_cfg, text_cfg = DIT_CONFIGS[dit_name], UMT5_PRESETS[text_name]
@@ -98,6 +109,9 @@ def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Pa
             dit_cfg, dit_path, dtype=dtype, device=device, prefer=prefer,
             lora=lora_file.local_path(models_dir) if lora_file else None, lora_scale=LORA_SCALE,
         )  # fmt: skip
+        if vace_path is not None:
+            report("VACE module", 0.8)
+            dit = attach_vace(dit, vace_path, dtype=dtype, device=device)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         raise PipelineLoadError(f"{spec.id}: {exc}") from None
     prompts = PromptEncoder(tokenizer, encoder, output_dtype=dtype, output_device=device)
@@ -129,6 +143,8 @@ def random_models(load_params: dict[str, Any], device: torch.device, seed: int) 
         torch.manual_seed(seed)
         dit = WanDiT(DIT_CONFIGS["tiny"]).to(device).eval()
         encoder = UMT5Encoder(UMT5_PRESETS["tiny"]).to(device).eval()
+    if load_params.get("vace_enabled"):  # after the others: their weights stay those of a load without VACE
+        dit = attach_vace(dit, None, dtype=torch.float32, device=device, seed=seed + 1)
     tokenizer = UMT5Tokenizer(tiny_tokenizer_model(), max_length=dit.config.text_len)
     prompts = PromptEncoder(tokenizer, encoder, output_dtype=torch.float32, output_device=device)
     return Models(dit, prompts, load_params.get("vae_type", "wan"), None, "tiny")

@@ -26,6 +26,9 @@ from serve.pipelines.base import PipelineStream
 log = logging.getLogger(__name__)
 
 VIDEO_TIME_BASE = Fraction(1, 90000)  # RTP video clock
+ONE_SHOT_FIELDS = ("vace_ref_images", "first_frame_image", "last_frame_image")
+"""Given to exactly one chunk, the next after they are sent (Scope pops them once a chunk has its parameters); an
+unchanged value sent again conditions one more chunk."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,10 @@ class StreamSlot:
         self._inputs: deque[tuple[Any, FrameStamp]] = deque(maxlen=chunk_frames)
         self._params = dict(params)  # effective; replaced only at chunk boundaries
         self._pending: dict[str, Any] = {}
+        # The initial parameters' one-shot values go to the first chunk only; `_sent_once` keeps the last value of
+        # each as sent, for `params` (what the session reports), never for a chunk.
+        self._sent_once = {name: self._params.pop(name) for name in ONE_SHOT_FIELDS if name in self._params}
+        self._pending.update({name: value for name, value in self._sent_once.items() if value})
         self._convert = convert
         self._emit = emit
         self._output_has_room = output_has_room
@@ -101,7 +108,7 @@ class StreamSlot:
     @property
     def params(self) -> dict[str, Any]:
         with self._lock:
-            return {**self._params, **self._pending}
+            return {**self._params, **self._sent_once, **self._pending}
 
     # -- worker side ------------------------------------------------------------------------------------------------
 
@@ -119,11 +126,13 @@ class StreamSlot:
     def run_chunk(self) -> None:
         with self._lock:
             reset = self._pending.pop("reset_cache", False)
-            if self._pending:
+            once = {name: self._pending.pop(name) for name in ONE_SHOT_FIELDS if name in self._pending}
+            self._sent_once.update(once)
+            if self._pending or once:
                 self._params.update(self._pending)
                 self.updates_applied += 1
                 self._pending.clear()
-            params = self._params
+            params = {**self._params, **once} if once else self._params
             taken = list(self._inputs) if params.get("input_mode", "video") == "video" else []
             self._inputs.clear()
         try:

@@ -148,6 +148,38 @@ class CompiledStep(AotiEngine):
         return flow
 
 
+class CompiledVaceStep(AotiEngine):
+    """An AOTInductor package of `VaceStepGraph` (build_engines/export.py), called like `VaceWanDiT.step_vace`;
+    caches copied back as in `CompiledStep`."""
+
+    def __call__(
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        text_kv: tuple[Tensor, Tensor],
+        cache_k: Tensor,
+        cache_v: Tensor,
+        write_index: Tensor,
+        key_bias: Tensor,
+        frame_positions: Tensor,
+        vace_context: Tensor,
+        vace_text_kv: tuple[Tensor, Tensor],
+        vace_scale: Tensor,
+        key_rope: KeyRope = None,
+    ) -> Tensor:
+        args = (latents, timestep, text_kv, cache_k, cache_v, write_index, key_bias, frame_positions, vace_context,
+                vace_text_kv, vace_scale)  # fmt: skip
+        if not self.runs_here(latents, key_rope):
+            return self.fallback(*args, key_rope=key_rope)  # type: ignore[misc]
+        flow, new_k, new_v = self.runner(
+            latents, timestep, text_kv[0], text_kv[1], cache_k, cache_v, write_index, key_bias, frame_positions,
+            vace_context, vace_text_kv[0], vace_text_kv[1], vace_scale,
+        )  # fmt: skip
+        cache_k.copy_(new_k)
+        cache_v.copy_(new_v)
+        return flow
+
+
 def first_input_shape(manifest: Manifest) -> tuple[int, ...]:
     """The shape an engine runs: its first input's (the DiT's latents, the VAE's x); `tensors` keeps argument order."""
     return tuple(next(iter(manifest.tensors.values()))["shape"])
@@ -195,6 +227,8 @@ def eager_step(key: EngineKey, model: nn.Module) -> Step:
     """The model's own step, the oracle for the engines: `WanDiT.step`, or the VAE's `encode_step` / `decode_step`."""
     if key.component == "dit_step":
         return model.step
+    if key.component == "dit_step_vace":
+        return model.step_vace
     return model.encode_step if key.component == "vae_encode" else model.decode_step
 
 
@@ -202,6 +236,10 @@ def engine_step(backend: str, key: EngineKey, engine: Path, manifest: Manifest, 
                 device: torch.device) -> Step:  # fmt: skip
     """The step object of one component on one engine backend, loaded and ready."""
     fallback = eager_step(key, model)
+    if key.component == "dit_step_vace":
+        if backend != "compiled":
+            raise BackendUnavailable("the TensorRT runtime of the VACE step is not written yet (the build is)")
+        return CompiledVaceStep(engine, first_input_shape(manifest), fallback).warm_up(manifest, device)
     if key.component == "dit_step" and backend == "compiled":
         return CompiledStep(engine, first_input_shape(manifest), fallback).warm_up(manifest, device)
     if key.component == "dit_step":
@@ -246,12 +284,16 @@ def select_backend(
     engines_dir: Path,
     device: torch.device,
     engines_unusable: str | None = None,
+    weights_of: nn.Module | None = None,
 ) -> tuple[Step, str, str]:
     """(step, backend name, reason) for the component `key` names: the DiT step, or a VAE chunk step with `model`
     the VAE. `auto` takes the best backend whose engine fits and says why the better ones did not; a named backend
     is honoured or the load fails with PipelineLoadError naming the reason. `engines_unusable`: why this pipeline
-    cannot run any engine of this component at all (its own reason), or None."""
-    weights = functools.cache(lambda: weight_hash(model))  # hashed once, and only if some engine needs the check
+    cannot run any engine of this component at all (its own reason), or None. `weights_of`: the module whose weights
+    the engine must match, when not all of `model` (the base step of a VACE model: `VaceWanDiT.base_part()`)."""
+    weights = functools.cache(
+        lambda: weight_hash(weights_of if weights_of is not None else model)
+    )  # hashed once, and only if some engine needs the check
 
     order = (*AUTO_ORDER, "eager") if requested == "auto" else (requested,)
     skipped = []

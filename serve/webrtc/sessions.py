@@ -51,7 +51,8 @@ class SessionManager:
             )
         pipeline, worker, load_params = self._pipelines.require_loaded()
         params = {**pipeline.spec.runtime_defaults}
-        for name in ("denoising_step_list", "warp_denoising_steps"):  # load-time values a session starts with
+        # Load-time values a session starts with.
+        for name in ("denoising_step_list", "warp_denoising_steps", "vace_enabled", "vace_context_scale"):
             if name in load_params:
                 params[name] = load_params[name]
         record = False

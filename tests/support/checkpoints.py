@@ -13,6 +13,11 @@ Layouts written, by the file name the registry declares:
     Wan2.1_VAE.pth                         {"<vae key>": fp32}                        (flat, as published)
     models_t5_umt5-xxl-enc-bf16.pth        {"<umt5 key>": bf16}                       (flat, as published)
     google/umt5-xxl/spiece.model           a small SentencePiece model with <pad>=0, </s>=1
+    Wan2_1-VACE_module_*_bf16.safetensors  {"vace_patch_embedding.*", "vace_blocks.*": bf16}  (Kijai's VACE module,
+                                           only with `vace=True`; `write_vace_module` also writes the fp8_e4m3fn one)
+
+`write_full_vace_checkpoint` writes the `Wan-AI/Wan2.1-VACE-*` layout (T2V keys + vace_* keys in one flat
+`diffusion_pytorch_model.safetensors`, plus config.json), in Wan's names or diffusers'.
 
 The dtypes of the distilled `.pt` files are not published anywhere we could read; bf16 (the training param_dtype,
 models.md §1.1) is assumed. The loader converts any float dtype, so this choice changes nothing it checks.
@@ -20,6 +25,7 @@ models.md §1.1) is assumed. The loader converts any float dtype, so this choice
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,8 +36,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from serve.models.autoencoder import build_model
-from serve.models.dit import DIT_CONFIGS, WanDiT
+from serve.models.dit import DIT_CONFIGS, DiTConfig, WanDiT
 from serve.models.text_encoder import UMT5_PRESETS, UMT5Encoder
+from serve.models.vace import VaceWanDiT
 from serve.pipelines.registry import get_spec
 from serve.pipelines.weights import tiny_tokenizer_model
 
@@ -53,12 +60,15 @@ class PipelineFiles:
     paths: dict[str, Path] = field(default_factory=dict)  # registry file path → local path
     dit: dict[str, Tensor] = field(default_factory=dict)  # Wan key → the tensor the pipeline must run (pre-LoRA)
     lora: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # Wan weight key → (A [r, in], B [out, r])
+    vace: dict[str, Tensor] = field(default_factory=dict)  # vace_* key → tensor as written
 
 
-def write_pipeline_files(pipeline_id: str, models_dir: Path, seed: int = 0) -> PipelineFiles:
-    """Writes every file the registry declares for `pipeline_id` at its `ModelFile.local_path` under models_dir."""
+def write_pipeline_files(pipeline_id: str, models_dir: Path, seed: int = 0, *, vace: bool = False) -> PipelineFiles:
+    """Writes every file the registry declares for `pipeline_id` at its `ModelFile.local_path` under models_dir
+    (with `vace`, its VACE module too)."""
     written = PipelineFiles()
-    for model_file in get_spec(pipeline_id).files:
+    spec = get_spec(pipeline_id)
+    for model_file in spec.with_vace_files().files if vace else spec.files:
         path = model_file.local_path(models_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = _writer_for(model_file.path)
@@ -75,6 +85,8 @@ def _writer_for(file_path: str) -> Callable[[Path, int, PipelineFiles], None]:
         return _write_generator_and_ema
     if name == "lora.pt":
         return _write_lora
+    if name.startswith("Wan2_1-VACE_module_"):
+        return _write_vace_module_file
     if name.endswith(".safetensors"):
         return _write_flat_safetensors
     writers = {
@@ -150,3 +162,77 @@ def _write_text_encoder(path: Path, seed: int, written: PipelineFiles) -> None:
 
 def _write_tokenizer(path: Path, seed: int, written: PipelineFiles) -> None:
     shutil.copyfile(tiny_tokenizer_model(), path)
+
+
+# -- VACE ---------------------------------------------------------------------------------------------------------
+
+
+def tiny_vace_state(seed: int, config: DiTConfig | None = None, dtype: torch.dtype = DIT_DTYPE) -> dict[str, Tensor]:
+    """The vace_* tensors of a VACE branch for a base of `config` (default tiny), seeded, in `dtype`."""
+    config = config or DIT_CONFIGS["tiny"]
+    with torch.device("meta"):
+        base = WanDiT(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 400)
+        model = VaceWanDiT.around(base, device="cpu")
+        for tensor in model.vace_branch().parameters():  # away from the default init, so every tensor matters
+            tensor.data.normal_(0, 0.1)
+    state = model.vace_branch().state_dict()
+    return {name: tensor.detach().float().to(dtype).clone() for name, tensor in state.items()}
+
+
+def write_vace_module(path: Path, seed: int = 0, *, dtype: torch.dtype = DIT_DTYPE,
+                      config: DiTConfig | None = None) -> dict[str, Tensor]:  # fmt: skip
+    """Kijai's `Wan2_1-VACE_module_*` layout: only the vace_* keys, flat safetensors, bf16 or float8_e4m3fn."""
+    state = tiny_vace_state(seed, config, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(path))
+    return state
+
+
+def _write_vace_module_file(path: Path, seed: int, written: PipelineFiles) -> None:
+    written.vace = write_vace_module(path, seed)
+
+
+# diffusers' names for the Wan keys (convert_wan_to_diffusers.py), used to write diffusers-layout files.
+WAN_TO_DIFFUSERS = (
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("head.head.", "proj_out."),
+    ("self_attn.o.", "attn1.to_out.0."),
+    ("cross_attn.o.", "attn2.to_out.0."),
+    ("self_attn.norm_", "attn1.norm_"),
+    ("cross_attn.norm_", "attn2.norm_"),
+    ("self_attn.", "attn1.to_"),
+    ("cross_attn.", "attn2.to_"),
+    ("ffn.0.", "ffn.net.0.proj."),
+    ("ffn.2.", "ffn.net.2."),
+    ("norm3.", "norm2."),
+    ("before_proj.", "proj_in."),
+    ("after_proj.", "proj_out."),
+)
+
+
+def wan_to_diffusers(name: str) -> str:
+    if name == "head.modulation":
+        return "scale_shift_table"
+    if name.endswith(".modulation"):
+        return name[: -len("modulation")] + "scale_shift_table"
+    for old, new in WAN_TO_DIFFUSERS:
+        if name.startswith(old) or f".{old}" in name:
+            return name.replace(old, new, 1)
+    return name
+
+
+def write_full_vace_checkpoint(folder: Path, seed: int = 0, *, diffusers: bool = False) -> dict[str, Tensor]:
+    """`Wan-AI/Wan2.1-VACE-*` at the tiny size: T2V keys + vace_* keys in one file; returns them by Wan name."""
+    state = {**tiny_dit_state(seed), **tiny_vace_state(seed)}
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {name: wan_to_diffusers(name) if diffusers else name for name in state}
+    save_file({names[n]: t.contiguous() for n, t in state.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+    model_type = {"_class_name": "WanVACETransformer3DModel"} if diffusers else {"model_type": "vace"}
+    (folder / "config.json").write_text(json.dumps({**model_type, "vace_in_dim": 96}))
+    return state

@@ -1,0 +1,178 @@
+"""Each chunk's VACE context: the fixed-shape [1, 96, F, h, w] input of `VaceWanDiT.step_vace` (serve/models/vace.py),
+one context frame per latent frame of the chunk, built from what the session sent (vace.md §3).
+
+Channels per frame: 16 inactive latent | 16 reactive latent | 64 mask (the 8×8 pixel-unshuffled mask; 1 = generate,
+0 = keep). What fills frame i:
+
+- input video (`vace_use_input_video`, the default with VACE on, video mode): the camera frames are the control,
+  mask 1 everywhere, so inactive = VAE(frames·0) and reactive = VAE(frames), each through its own streaming VAE
+  caches (separate from the noisy-latent path's, and from each other: TAE's memory would leak between them). The
+  latents then start from noise; the camera does not enter them.
+- reference images (`vace_ref_images`, R2V): each is cropped to fill the loaded resolution (no letterbox), encoded
+  alone as one latent, and takes a frame of its own as `[16 ref | 80 zeros]` (Scope's R2V layout): ref k on frame
+  k, at most F of them (StreamDiffusionV2's 1-frame chunks take the first only). Frames without a ref keep their
+  input-video context, or zeros.
+- first / last frame (`first_frame_image` / `last_frame_image`, FFLF): the image is encoded alone and kept
+  (mask 0) on the chunk's first / last latent frame: `[16 image | 16 VAE(gray) | 64 zeros]`; the chunk's other
+  frames are generated (mask 1) from their input video, or from VAE(gray) when there is none. An FFLF image wins
+  its frame over a ref.
+
+Where this deviates from Scope, and why:
+- Alignment. Scope prepends refs to the conditioning frames and lets block 0 cut the context to the chunk's length,
+  so with refs and video each latent frame gets the previous frame's control and the last is dropped, and its first
+  chunk cuts 4 latents to 3. Here every frame's context is built at its own index, and the first chunk's control is
+  encoded from the same trailing 1 + 4(F−1) camera frames as the V2V path, giving exactly F latents.
+- Multiple refs: Scope stacks them in time and encodes them as one video (2-4 refs make one latent); here each ref
+  is its own latent on its own frame.
+- Refs and FFLF images are one-shot, as Scope's (the worker hands them to exactly one chunk, serve/pipelines/worker.py):
+  they condition the next chunk after they are sent, and their effect lasts through the generated frames in the
+  KV cache. `vace_context_scale` and the input video apply to every chunk.
+- A reference that cannot be decoded is logged and skipped for that chunk; the stream goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+from torch import Tensor
+
+from serve.models.autoencoder import ChunkStepFn, StreamingAutoencoder
+from serve.models.vace import VACE_IN_DIM
+
+log = logging.getLogger(__name__)
+
+LATENT_CHANNELS = 16
+CACHED_IMAGES = 4  # encoded refs kept per stream: re-sending a ref costs no decode or encode
+
+
+@dataclass(frozen=True)
+class ChunkVace:
+    """One chunk's VACE inputs, as `step_vace` takes them."""
+
+    context: Tensor  # [1, 96, F, h, w]
+    scale: Tensor  # 0-d, on the device
+    uses_input_video: bool  # the camera went into the context, so the latents start from noise
+
+
+def read_image(path: str | Path, height: int, width: int) -> np.ndarray:
+    """An image file as [height, width, 3] uint8, scaled and centre-cropped to fill (Scope's R2V fit)."""
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+    src_h, src_w = frame.height, frame.width
+    scale = max(height / src_h, width / src_w)
+    fit_h, fit_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
+    rgb = frame.reformat(width=fit_w, height=fit_h, format="rgb24").to_ndarray()
+    top, left = (fit_h - height) // 2, (fit_w - width) // 2
+    return np.ascontiguousarray(rgb[top : top + height, left : left + width])
+
+
+def first_call_frames(vae: StreamingAutoencoder, pixels: Tensor, chunk_latents: int) -> Tensor:
+    """The frames an encode call of `vae` takes: a stream's first call takes frame 0 alone for latent 0, so of a
+    chunk's 4F frames it encodes the trailing 1 + 4(F−1); later calls take all 4F."""
+    return pixels if vae.encoder_started else pixels[:, :, -(1 + 4 * (chunk_latents - 1)) :]
+
+
+class VaceConditioner:
+    """Per stream: the input-video VAE streams, the encoded images, and the scale tensor."""
+
+    def __init__(self, vae_model: torch.nn.Module, vae_type: str, height: int, width: int, chunk_latents: int,
+                 device: torch.device, encode_step: ChunkStepFn | None = None) -> None:  # fmt: skip
+        self.vae_model = vae_model
+        self.inactive = StreamingAutoencoder(vae_model, vae_type, encode_step)
+        self.reactive = StreamingAutoencoder(vae_model, vae_type, encode_step)
+        self.height, self.width = height, width
+        self.chunk_latents = chunk_latents
+        self.device = device
+        self.scale = torch.ones((), device=device)
+        self._images: OrderedDict[tuple[str, int], Tensor] = OrderedDict()
+        self._gray: Tensor | None = None
+
+    def reset(self) -> None:
+        self.inactive.reset()
+        self.reactive.reset()
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return self.height // 8, self.width // 8
+
+    def _encode_still(self, pixels: Tensor) -> Tensor:
+        """[1, 3, H, W] in [-1, 1] → [1, 16, h, w]: one frame encoded alone (no stream state)."""
+        dtype = next(self.vae_model.parameters()).dtype
+        return self.vae_model.encode_video(pixels[:, :, None].to(dtype))[:, :, 0].float()
+
+    def encode_image(self, path: str) -> Tensor:
+        """[1, 16, h, w] latent of an image file (cached by path and modification time)."""
+        key = (path, Path(path).stat().st_mtime_ns)
+        if key not in self._images:
+            rgb = read_image(path, self.height, self.width)
+            pixels = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1
+            self._images[key] = self._encode_still(pixels)
+            while len(self._images) > CACHED_IMAGES:
+                self._images.popitem(last=False)
+        self._images.move_to_end(key)
+        return self._images[key]
+
+    def gray(self) -> Tensor:
+        """VAE(0): the latent of an all-zero (mid-gray) frame, what `frames·m` encodes to where nothing is given."""
+        if self._gray is None:
+            self._gray = self._encode_still(torch.zeros(1, 3, self.height, self.width, device=self.device))
+        return self._gray
+
+    def _image_or_none(self, field: str, path: str) -> Tensor | None:
+        try:
+            return self.encode_image(path)
+        except (OSError, av.error.FFmpegError, StopIteration, ValueError) as exc:
+            log.error("%s: %s cannot be decoded (%s): skipped", field, path, exc)
+            return None
+
+    def chunk(self, pixels: Tensor | None, params: dict[str, Any]) -> ChunkVace | None:
+        """This chunk's context, or None when the session gave VACE nothing for it (the base step runs).
+
+        `pixels`: the chunk's camera frames [1, 3, 4F, H, W] in [-1, 1], or None in text mode.
+        """
+        if params.get("vace_enabled") is False:
+            return None
+        frames = self.chunk_latents
+        use_video = pixels is not None and params.get("vace_use_input_video", True) is not False
+        encoded = (self._image_or_none("vace_ref_images", path) for path in params.get("vace_ref_images") or ())
+        refs = [ref for ref in encoded if ref is not None]
+        fflf = {}
+        for index, field in ((0, "first_frame_image"), (frames - 1, "last_frame_image")):
+            if params.get(field) and index not in fflf:
+                image = self._image_or_none(field, params[field])
+                if image is not None:
+                    fflf[index] = image
+        if not (use_video or refs or fflf):
+            return None
+
+        context = torch.zeros(1, VACE_IN_DIM, frames, *self.latent_shape, device=self.device)
+        if use_video:
+            assert pixels is not None
+            inactive = first_call_frames(self.inactive, torch.zeros_like(pixels), frames)
+            reactive = first_call_frames(self.reactive, pixels, frames)
+            context[:, :LATENT_CHANNELS] = self.inactive.encode_chunk(inactive)
+            context[:, LATENT_CHANNELS : 2 * LATENT_CHANNELS] = self.reactive.encode_chunk(reactive)
+            context[:, 2 * LATENT_CHANNELS :] = 1.0
+        elif fflf:  # FFLF without video: the frames between the kept ones are generated from gray
+            context[:, : 2 * LATENT_CHANNELS] = self.gray()[:, :, None].repeat(1, 2, frames, 1, 1)
+            context[:, 2 * LATENT_CHANNELS :] = 1.0
+        free = [f for f in range(frames) if f not in fflf]
+        if len(refs) > len(free):
+            log.warning("vace_ref_images: %d refs for %d free latent frames; using the first %d", len(refs),
+                        len(free), len(free))  # fmt: skip
+        for frame, ref in zip(free, refs, strict=False):
+            context[:, :, frame] = 0.0
+            context[:, :LATENT_CHANNELS, frame] = ref
+        for frame, image in fflf.items():
+            context[:, :LATENT_CHANNELS, frame] = image
+            context[:, LATENT_CHANNELS : 2 * LATENT_CHANNELS, frame] = self.gray()
+            context[:, 2 * LATENT_CHANNELS :, frame] = 0.0
+        self.scale.fill_(float(params.get("vace_context_scale", 1.0)))
+        return ChunkVace(context, self.scale, use_video)

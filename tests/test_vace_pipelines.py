@@ -1,0 +1,201 @@
+"""VACE conditioning in the five pipelines (tiny config, seeded random weights): each latent frame gets the context
+frame it should, the one chunk loop runs the VACE step where it should, and Krea's fp8 storage stays bounded."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from serve.models.autoencoder import make_vae
+from serve.models.fp8 import Fp8Linear, store_dit_in_fp8
+from serve.models.kv_cache import KVCache, KVCacheSpec, RollingSinkPolicy
+from serve.models.vace import VACE_IN_DIM, VaceWanDiT
+from serve.pipelines.registry import get_spec
+from serve.pipelines.vace_context import VaceConditioner, read_image
+from serve.schemas import LoadParams
+from tests.support.images import gradient, write_png
+
+SIZE = 32
+MODEL_PIPELINES = ["streamdiffusionv2", "longlive", "reward-forcing", "memflow", "krea-realtime-video"]
+PROMPT = [{"text": "a cat", "weight": 1.0}]
+VACE_FP8_ERROR_BOUND = 0.025  # relative L2 error of the fp8-stored VACE step against fp32 (test below)
+
+
+def pixels(frames: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+
+
+def camera(count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (count, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def vae() -> torch.nn.Module:
+    return make_vae("wan", size="tiny", seed=3).model
+
+
+def conditioner(vae: torch.nn.Module, chunk_latents: int = 3) -> VaceConditioner:
+    return VaceConditioner(vae, "wan", SIZE, SIZE, chunk_latents, torch.device("cpu"))
+
+
+def still_latent(vae: torch.nn.Module, image: np.ndarray) -> torch.Tensor:
+    return vae.encode_video(pixels(image[None]))[:, :, 0]
+
+
+def test_read_image_crops_to_fill_without_letterbox(tmp_path: Path) -> None:
+    image = np.zeros((32, 64, 3), np.uint8)
+    image[:, :16] = (255, 0, 0)  # left quarter red, right quarter blue: cropped away
+    image[:, 16:48] = (0, 255, 0)
+    image[:, 48:] = (0, 0, 255)
+    fitted = read_image(write_png(tmp_path / "wide.png", image), 16, 16)
+    assert fitted.shape == (16, 16, 3)
+    # Only the green middle survives (no red or blue band), and no black bars: filled, not letterboxed.
+    assert fitted[..., [0, 2]].max() <= 2 and fitted[..., 1].min() >= 230
+    tall = read_image(write_png(tmp_path / "tall.png", image.transpose(1, 0, 2)), 8, 24)
+    assert tall.shape == (8, 24, 3)
+
+
+@torch.no_grad()
+def test_each_latent_frame_gets_its_own_input_video_frame_and_refs_take_their_own_frames(
+    vae: torch.nn.Module, tmp_path: Path
+) -> None:
+    """Against the whole-clip encode: chunk c's context frame i holds the reactive latent of clip latent 3c + i, with
+    or without a ref (Scope shifts them by one when a ref is prepended, and cuts its first chunk from 4 to 3)."""
+    video = camera(24, seed=0)
+    clip = vae.encode_video(pixels(video[3:]))  # 21 frames → 6 latents: the stream's first chunk takes 9 of 12
+    gray = vae.encode_video(torch.zeros(1, 3, 21, SIZE, SIZE))  # inactive = frames·(1 − 1)
+    ref_image = gradient(SIZE, SIZE, seed=4)
+    ref_path = write_png(tmp_path / "ref.png", ref_image)
+    ref = still_latent(vae, ref_image)
+
+    plain, with_ref = conditioner(vae), conditioner(vae)
+    params = {"vace_context_scale": 0.5}
+    for c in range(2):
+        chunk = pixels(video[12 * c : 12 * (c + 1)])
+        a = plain.chunk(chunk, params)
+        b = with_ref.chunk(chunk, {**params, "vace_ref_images": [str(ref_path)]} if c == 1 else params)
+        assert a is not None and b is not None and a.uses_input_video
+        assert a.context.shape == (1, VACE_IN_DIM, 3, SIZE // 8, SIZE // 8) and a.scale.item() == 0.5
+        expected = clip[:, :, 3 * c : 3 * c + 3]
+        torch.testing.assert_close(a.context[:, 16:32], expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.context[:, :16], gray[:, :, 3 * c : 3 * c + 3], atol=1e-5, rtol=1e-4)
+        assert (a.context[:, 32:] == 1).all()  # mask: generate everywhere
+        if c == 0:
+            torch.testing.assert_close(b.context, a.context, atol=0, rtol=0)
+            continue
+        # The ref takes frame 0 as [16 ref | 80 zeros]; frames 1 and 2 keep their own video latents.
+        torch.testing.assert_close(b.context[:, :16, 0], ref, atol=1e-5, rtol=1e-4)
+        assert (b.context[:, 16:, 0] == 0).all()
+        torch.testing.assert_close(b.context[:, :, 1:], a.context[:, :, 1:], atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_refs_without_video_and_first_last_frames(vae: torch.nn.Module, tmp_path: Path) -> None:
+    images = [gradient(SIZE, SIZE, seed=s) for s in (1, 2, 3)]
+    paths = [str(write_png(tmp_path / f"i{k}.png", image)) for k, image in enumerate(images)]
+    latents = [still_latent(vae, image) for image in images]
+    vace = conditioner(vae)
+    assert vace.chunk(None, {}) is None  # nothing given: the base step runs
+
+    r2v = vace.chunk(None, {"vace_ref_images": paths[:2]})
+    assert r2v is not None and not r2v.uses_input_video
+    for frame in (0, 1):  # one ref per frame, in order
+        torch.testing.assert_close(r2v.context[:, :16, frame], latents[frame], atol=1e-5, rtol=1e-4)
+    assert (r2v.context[:, 16:, :2] == 0).all() and (r2v.context[:, :, 2] == 0).all()
+
+    fflf = vace.chunk(None, {"first_frame_image": paths[0], "last_frame_image": paths[1]})
+    assert fflf is not None
+    gray = still_latent(vae, np.full((SIZE, SIZE, 3), 127.5))
+    torch.testing.assert_close(fflf.context[:, :16, 0], latents[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fflf.context[:, :16, 2], latents[1], atol=1e-5, rtol=1e-4)
+    assert (fflf.context[:, 32:, 0] == 0).all() and (fflf.context[:, 32:, 2] == 0).all()  # kept
+    assert (fflf.context[:, 32:, 1] == 1).all()  # generated, from gray
+    torch.testing.assert_close(fflf.context[:, :16, 1], gray, atol=1e-4, rtol=1e-3)
+
+    sdv2 = conditioner(vae, chunk_latents=1).chunk(None, {"vace_ref_images": paths})
+    assert sdv2 is not None and sdv2.context.shape[2] == 1  # one frame: the first ref only
+    torch.testing.assert_close(sdv2.context[:, :16, 0], latents[0], atol=1e-5, rtol=1e-4)
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    assert vace.chunk(None, {"vace_ref_images": [str(tmp_path / "broken.png")]}) is None  # skipped, no raise
+    assert vace.chunk(None, {"vace_enabled": False, "vace_ref_images": paths}) is None
+
+
+def load(pipeline_id: str, **params):
+    spec = get_spec(pipeline_id)
+    load_params = spec.effective_load_params(
+        LoadParams(height=SIZE, width=SIZE, random_weights=True, **params), allow_random_weights=True
+    )
+    return spec, spec.resolve_factory().load(spec, load_params, report=lambda *_: None, models_dir=Path("/none"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline_id", MODEL_PIPELINES)
+def test_vace_streams_in_every_pipeline(pipeline_id: str, tmp_path: Path) -> None:
+    """- input video at scale 0 is the text-mode stream bit for bit (the latents start from the same noise and the
+    VACE step at scale 0 is the base step), and at scale 1 it follows the camera;
+    - a ref changes the chunk it is given to, and the next chunk without it runs no VACE context (one-shot)."""
+    spec, pipeline = load(pipeline_id, vace_enabled=True)
+    assert pipeline.backends["dit_step_vace"]["backend"] == "eager"
+    params = {**spec.runtime_defaults, "vace_enabled": True, "input_mode": "video", "prompts": PROMPT}
+    chunk = pipeline.chunk_frames
+    text = pipeline.open_stream(5)
+    text_out = [text.process(None, {**params, "input_mode": "text"}) for _ in range(2)]
+    zero, one, other = (pipeline.open_stream(5) for _ in range(3))
+    zero_out = [zero.process(camera(chunk, c), {**params, "vace_context_scale": 0.0}) for c in range(2)]
+    one_out = [one.process(camera(chunk, c), params) for c in range(2)]
+    other_out = [other.process(camera(chunk, c + 10), params) for c in range(2)]
+    for a, b in zip(zero_out, text_out, strict=True):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(one_out[1], text_out[1]) and not np.array_equal(one_out[1], other_out[1])
+
+    ref = str(write_png(tmp_path / "ref.png", gradient(SIZE, SIZE, seed=7)))
+    plain, referenced = pipeline.open_stream(6), pipeline.open_stream(6)
+    text_params = {**params, "input_mode": "text"}
+    assert not np.array_equal(
+        plain.process(None, text_params), referenced.process(None, {**text_params, "vace_ref_images": [ref]})
+    )
+    assert referenced.vace is not None and referenced.vace.chunk(None, text_params) is None
+    assert referenced.process(None, text_params).shape[0] == chunk  # the stream goes on
+
+
+def test_krea_vace_with_fp8_weight_storage_stays_within_the_bound() -> None:
+    """Scope calls VACE incompatible with fp8; here the VACE blocks' Linears are stored in fp8 like the main ones
+    (the one selection, build_engines.quantize.fp8_linear_names), and the VACE step stays within a stated bound of
+    fp32. Measured on the tiny model, seeds 0-3: 1.45-1.60 % relative (the base step: 0.45-0.61 %, bound 1.5 %,
+    tests/test_fp8.py): the hints add the VACE block's own 12 fp8 Linears on top of the main path's, so the bound
+    here is 2.5 %."""
+    from tests.test_fp8 import relative_error
+
+    _, pipeline = load("krea-realtime-video", vace_enabled=True)  # fp8_e4m3fn is Krea's default
+    block = pipeline.models.dit.vace_blocks[0]
+    assert all(isinstance(layer, Fp8Linear) for layer in (block.self_attn.q, block.before_proj, block.after_proj))
+
+    torch.manual_seed(0)
+    reference = VaceWanDiT(pipeline.models.dit.config).eval()
+    quantized = copy.deepcopy(reference)
+    store_dit_in_fp8(quantized, torch.float32)
+    config = reference.config
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 16, 3, 8, 8, generator=generator)
+    context = torch.randn(1, config.text_len, config.text_dim, generator=generator)
+    vace_context = torch.randn(1, VACE_IN_DIM, 3, 8, 8, generator=generator)
+    timestep = torch.full((1, 3), 750.0)
+    spec_kv = KVCacheSpec(config.num_layers, 1, config.num_heads, config.head_dim, 16, 6)
+    plan = RollingSinkPolicy(spec_kv, sink_frames=3).plan(0, 3)
+
+    def run(model: VaceWanDiT) -> torch.Tensor:
+        cache = KVCache(spec_kv, torch.float32)
+        with torch.no_grad():
+            return model.step_vace(
+                latents, timestep, model.text_kv(context), cache.k, cache.v, *plan.as_args(), vace_context,
+                model.vace_text_kv(context), torch.tensor(1.0),
+            )  # fmt: skip
+
+    exact, approx = run(reference), run(quantized)
+    error = relative_error(approx, exact)
+    assert 0 < error <= VACE_FP8_ERROR_BOUND, error
