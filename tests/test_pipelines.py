@@ -12,7 +12,7 @@ import pytest
 from serve.errors import PipelineLoadError
 from serve.pipelines.autoregressive import LongLivePipeline, StreamDiffusionV2Pipeline
 from serve.pipelines.registry import get_spec
-from serve.schemas import LoadParams, LoraFile
+from serve.schemas import LoadParams
 from tests.support.rtc_client import ScopeClient
 from tests.support.server import RunningServer, load_pipeline, run_server
 
@@ -126,7 +126,6 @@ def test_noise_controller_follows_its_formula() -> None:
     ("load_params", "needle"),
     [
         ({"backend": "tensorrt"}, "backend 'tensorrt' cannot be used"),
-        ({"loras": [LoraFile(path="style.safetensors")]}, "user LoRAs"),
     ],
 )
 def test_options_this_build_cannot_honour_are_refused_not_ignored(load_params: dict, needle: str) -> None:
