@@ -12,6 +12,8 @@ the next one runs:
   vae_steps     the VAE chunk steps of every vae_type at the seed resolutions
   pipelines     each pipeline's chunk latency and fps (video and text mode) at its seed resolution, LongLive also at
                 480×832, Krea 14B with fp8; a new stream's first frame; peak memory against the VRAM plan
+  adapters      what a runtime LoRA (0 / 1 / 4 adapters, rank 32) and VACE add to the 1.3B DiT step, with the FLOP
+                each adds (benchmarks/lora.py, benchmarks/vace_step.py)
 
 Writes gpu-report.json (every figure, every error) and gpu-report.md (the same as tables). Imports only the model
 side (torch, numpy, safetensors, msgspec, sentencepiece, rich): the web stack need not be installed.
@@ -30,8 +32,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-PARTS = ("environment", "gpu_tests", "dit_step", "vae_steps", "pipelines")
-TIME_BOX_S = {"environment": 40, "gpu_tests": 60, "dit_step": 130, "vae_steps": 50, "pipelines": 200}  # 480 s
+PARTS = ("environment", "gpu_tests", "dit_step", "vae_steps", "pipelines", "adapters")
+TIME_BOX_S = {"environment": 30, "gpu_tests": 50, "dit_step": 130, "vae_steps": 50, "pipelines": 180,
+              "adapters": 40}  # 480 s  # fmt: skip
 DRY_TIME_BOX_S = 120
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "L40S": 362.0, "4090": 165.0, "A100": 312.0}
 
@@ -279,6 +282,40 @@ def _plan_row(pipeline_id: str, pipeline, load_params: dict, models) -> dict[str
 # -- the driver -----------------------------------------------------------------------------------------------------
 
 
+def part_adapters(dry: bool) -> dict[str, Any]:
+    import dataclasses
+
+    import torch
+
+    from benchmarks.lora import bench as bench_lora
+    from benchmarks.lora import lora_targets
+    from benchmarks.model_step import SHAPES, step_tflop
+    from benchmarks.vace_step import bench_steps
+    from serve.models.dit import DIT_CONFIGS
+
+    cuda = torch.cuda.is_available() and not dry
+    device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+    config_name = "wan2.1-1.3b" if cuda else "tiny"
+    config, rank = DIT_CONFIGS[config_name], 32 if cuda else 2
+    shape = SHAPES[1] if cuda else dataclasses.replace(SHAPES[1], height=32, width=32)
+    tokens = shape.chunk_frames * (shape.height // 16) * (shape.width // 16)
+    flop_per_rank = sum(2 * tokens * (m.in_features + m.out_features) for m in lora_targets(config))
+    result: dict[str, Any] = {"config": config_name, "shape": f"{shape.height}×{shape.width}", "lora_rank": rank}
+    lora_rows = bench_lora(config, shape, rank, device, dtype, iters=10 if cuda else 1)
+    step_flop = step_tflop(config, shape) * 1e12
+    result["lora"] = [
+        {"adapters": label, "ms": ms, "flop_added": count * rank * flop_per_rank / step_flop}
+        for (label, ms), count in zip(lora_rows, (0, 1, 4), strict=True)
+    ]
+    save_partial(result)
+    result["vace"] = [
+        {"shape": s.pipeline, "base_ms": base, "vace_ms": vace, "flop_added": vace_flop / base_flop}
+        for s, base, vace, base_flop, vace_flop in bench_steps(config_name, device, dtype, 1 if cuda else 0,
+                                                               5 if cuda else 1)
+    ]  # fmt: skip
+    return result
+
+
 def run_part(name: str, out: Path, dry: bool) -> dict[str, Any]:
     """Run one part in a child process under its time box; its result, or its error, never an exception."""
     result_path = out / "parts" / f"{name}.json"
@@ -344,6 +381,16 @@ def markdown(report: dict[str, Any]) -> str:
                     f"{num('video_first_frame_warm_ms', '.0f')}/{num('text_first_frame_warm_ms', '.0f')} | "
                     f"{num('peak_memory_gb', '.2f')} | {f'{plan:.2f}' if plan else '-'} | {r.get('error', '')} |"
                 )
+        elif part["part"] == "adapters" and result:
+            lines += [f"{result['config']} DiT step at {result['shape']}; runtime LoRA rank {result['lora_rank']}", "",
+                      "| adapters | ms | time added | FLOP added |", "|---|---|---|---|"]  # fmt: skip
+            base = result["lora"][0]["ms"]
+            lines += [f"| {r['adapters']} | {r['ms']:.2f} | {100 * (r['ms'] / base - 1):+.1f} % | "
+                      f"{100 * r['flop_added']:+.1f} % |" for r in result["lora"]]  # fmt: skip
+            lines += ["", "| VACE at | base ms | VACE ms | time added | FLOP added |", "|---|---|---|---|---|"]
+            lines += [f"| {r['shape']} | {r['base_ms']:.2f} | {r['vace_ms']:.2f} | "
+                      f"{100 * (r['vace_ms'] / r['base_ms'] - 1):+.1f} % | {100 * r['flop_added']:+.1f} % |"
+                      for r in result.get("vace", [])]  # fmt: skip
         elif part["part"] == "gpu_tests" and result:
             lines += [f"- {result.get('summary') or result.get('skipped', '')}"]
         if part["status"] != "ok":

@@ -24,13 +24,13 @@ def test_the_dry_gpu_check_runs_every_part_and_writes_both_reports(tmp_path: Pat
     out = tmp_path / "report"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(ROOT)])}
     command = [sys.executable, "-m", "benchmarks.gpu_check", "--dry", "--out", str(out),
-               "--parts", "environment", "dit_step", "vae_steps", "pipelines"]  # fmt: skip
+               "--parts", "environment", "dit_step", "vae_steps", "pipelines", "adapters"]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "gpu-report.json").read_text())
     assert report["dry"] is True
     status = {part["part"]: part["status"] for part in report["parts"]}
-    assert status == dict.fromkeys(("environment", "dit_step", "vae_steps", "pipelines"), "ok"), report
+    assert status == dict.fromkeys(("environment", "dit_step", "vae_steps", "pipelines", "adapters"), "ok"), report
     parts = {part["part"]: part["result"] for part in report["parts"]}
     assert parts["environment"]["matmul_tflops"] > 0
     assert {row["variant"] for row in parts["dit_step"]["rows"]} == {"eager", "fp8 storage, eager"}
@@ -43,6 +43,10 @@ def test_the_dry_gpu_check_runs_every_part_and_writes_both_reports(tmp_path: Pat
     for row in rows:
         assert "error" not in row, row
         assert row["video_fps"] > 0 and row["text_fps"] > 0 and row["text_first_frame_warm_ms"] > 0
+    adapters = parts["adapters"]
+    assert [row["adapters"] for row in adapters["lora"]] == ["none (or merged)", "1 runtime", "4 runtime"]
+    assert all(row["ms"] > 0 for row in adapters["lora"]) and adapters["lora"][2]["flop_added"] > 0
+    assert adapters["vace"] and all(row["vace_ms"] > 0 for row in adapters["vace"])
     markdown = (out / "gpu-report.md").read_text()
     assert "| streamdiffusionv2 | 32×32 |" in markdown and "## dit_step" in markdown
 

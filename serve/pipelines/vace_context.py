@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import torch
 from torch import Tensor
@@ -62,9 +61,15 @@ class ChunkVace:
 
 
 def read_image(path: str | Path, height: int, width: int) -> np.ndarray:
-    """An image file as [height, width, 3] uint8, scaled and centre-cropped to fill (Scope's R2V fit)."""
-    with av.open(str(path)) as container:
-        frame = next(container.decode(video=0))
+    """An image file as [height, width, 3] uint8, scaled and centre-cropped to fill (Scope's R2V fit); ValueError
+    when it does not decode. PyAV is imported here: the model side runs without the media stack (make gpu-check)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            frame = next(container.decode(video=0))
+    except av.error.FFmpegError as exc:
+        raise ValueError(f"not a decodable image ({exc})") from None
     src_h, src_w = frame.height, frame.width
     scale = max(height / src_h, width / src_w)
     fit_h, fit_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
@@ -128,7 +133,7 @@ class VaceConditioner:
     def _image_or_none(self, field: str, path: str) -> Tensor | None:
         try:
             return self.encode_image(path)
-        except (OSError, av.error.FFmpegError, StopIteration, ValueError) as exc:
+        except (OSError, StopIteration, ValueError) as exc:
             log.error("%s: %s cannot be decoded (%s): skipped", field, path, exc)
             return None
 
