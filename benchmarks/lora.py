@@ -20,11 +20,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.model_step import SHAPES, Shape, step_tflop
+from benchmarks.model_step import SHAPES, Shape, step_inputs, step_tflop
 from benchmarks.timing import time_ms
 from serve.models.checkpoint import LazyTensor
 from serve.models.dit import BLOCK_LINEARS, DIT_CONFIGS, DiTConfig, WanDiT
-from serve.models.kv_cache import KVCache, KVCacheSpec, RollingSinkPolicy
 from serve.models.lora import LoraAdapter, LoraLayer, attach_runtime_loras
 
 
@@ -65,21 +64,13 @@ def build_model(config: DiTConfig, device: torch.device, dtype: torch.dtype) -> 
 def bench(config: DiTConfig, shape: Shape, rank: int, device: torch.device, dtype: torch.dtype, iters: int):
     """[(adapters, ms/step)]: one model of the same weights per row (adapters attached as one load would), timed in
     turn, round after round, each row's best round kept: a noisy neighbour slows all rows alike or none."""
-    frame_tokens = (shape.height // 16) * (shape.width // 16)
-    spec = KVCacheSpec(config.num_layers, 1, config.num_heads, config.head_dim, frame_tokens, shape.cache_frames)
-    cache = KVCache(spec, dtype, device)
-    plan = RollingSinkPolicy(spec, shape.sink_frames, device).plan(
-        shape.cache_frames - shape.chunk_frames, shape.chunk_frames
-    )
-    latents = torch.randn(1, 16, shape.chunk_frames, shape.height // 8, shape.width // 8, device=device)
-    timestep = torch.full((1, shape.chunk_frames), 750.0, device=device)
-    context = torch.randn(1, config.text_len, config.text_dim, device=device)
+    inputs = step_inputs(config, shape, device, dtype)
     rows = {}
     for count in (0, 1, 4):
         model = build_model(config, device, dtype)
         if count:
             attach_runtime_loras(model, [(f"lora{i}", random_adapter(model, rank, seed=i), 1.0) for i in range(count)])
-        args = (latents, timestep, model.text_kv(context), cache.k, cache.v, *plan.as_args())
+        args = inputs.args(model.text_kv(inputs.context))
         rows[f"{count} runtime" if count else "none (or merged)"] = (model, args, [])
     for _ in range(iters):
         for model, args, samples in rows.values():

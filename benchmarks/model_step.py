@@ -20,7 +20,7 @@ from rich.table import Table
 from benchmarks.timing import time_ms
 from benchmarks.vae_step import bench_vae_steps, print_table
 from serve.models.dit import DIT_CONFIGS, DiTConfig, WanDiT
-from serve.models.kv_cache import KVCache, KVCacheSpec, RollingSinkPolicy
+from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, RollingSinkPolicy
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0}  # dense bf16, for the % of bound column
 
@@ -40,6 +40,35 @@ SHAPES = (
     Shape("longlive / reward-forcing / memflow", 512, 512, 3, 12, 3),
     Shape("krea-realtime-video", 256, 256, 3, 6, 3),
 )
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What one DiT step of `shape` takes besides the model: a full static KV cache with its steady-state plan (the
+    chunk attends every cache frame), the chunk's latents at t = 750, and a text context."""
+
+    cache: KVCache
+    plan: ChunkPlan
+    latents: torch.Tensor
+    timestep: torch.Tensor
+    context: torch.Tensor
+
+    def args(self, text_kv: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+        return (self.latents, self.timestep, text_kv, self.cache.k, self.cache.v, *self.plan.as_args())
+
+
+def step_inputs(config: DiTConfig, shape: Shape, device: torch.device, dtype: torch.dtype) -> StepInputs:
+    frame_tokens = (shape.height // 16) * (shape.width // 16)
+    spec = KVCacheSpec(config.num_layers, 1, config.num_heads, config.head_dim, frame_tokens, shape.cache_frames)
+    plan = RollingSinkPolicy(spec, shape.sink_frames, device).plan(
+        shape.cache_frames - shape.chunk_frames, shape.chunk_frames
+    )
+    return StepInputs(
+        KVCache(spec, dtype, device), plan,
+        torch.randn(1, 16, shape.chunk_frames, shape.height // 8, shape.width // 8, device=device),
+        torch.full((1, shape.chunk_frames), 750.0, device=device),
+        torch.randn(1, config.text_len, config.text_dim, device=device),
+    )  # fmt: skip
 
 
 def step_tflop(config: DiTConfig, shape: Shape) -> float:
@@ -62,16 +91,8 @@ def bench_dit(config_name: str, device: torch.device, dtype: torch.dtype, warmup
             param.data = param.data.to(dtype)
     rows = []
     for shape in SHAPES:
-        frame_tokens = (shape.height // 16) * (shape.width // 16)
-        spec = KVCacheSpec(config.num_layers, 1, config.num_heads, config.head_dim, frame_tokens, shape.cache_frames)
-        cache = KVCache(spec, dtype, device)
-        plan = RollingSinkPolicy(spec, shape.sink_frames, device).plan(
-            shape.cache_frames - shape.chunk_frames, shape.chunk_frames
-        )
-        latents = torch.randn(1, 16, shape.chunk_frames, shape.height // 8, shape.width // 8, device=device)
-        timestep = torch.full((1, shape.chunk_frames), 750.0, device=device)
-        text_kv = model.text_kv(torch.randn(1, config.text_len, config.text_dim, device=device))
-        args = (latents, timestep, text_kv, cache.k, cache.v, *plan.as_args())
+        inputs = step_inputs(config, shape, device, dtype)
+        args = inputs.args(model.text_kv(inputs.context))
         ms = time_ms(lambda args=args: model.step(*args), device, warmup, iters)
         tflop = step_tflop(config, shape)
         rows.append((shape, ms, tflop))

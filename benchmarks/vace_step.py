@@ -20,10 +20,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.model_step import SHAPES, Shape, step_tflop
+from benchmarks.model_step import SHAPES, Shape, step_inputs, step_tflop
 from benchmarks.timing import time_ms
 from serve.models.dit import DIT_CONFIGS, DiTConfig
-from serve.models.kv_cache import KVCache, KVCacheSpec, RollingSinkPolicy
 from serve.models.vace import VACE_IN_DIM, VaceWanDiT, vace_layers
 
 
@@ -46,18 +45,10 @@ def bench_steps(config_name: str, device: torch.device, dtype: torch.dtype, warm
     rows = []
     scale = torch.tensor(1.0, device=device)
     for shape in SHAPES:
-        frame_tokens = (shape.height // 16) * (shape.width // 16)
-        spec = KVCacheSpec(config.num_layers, 1, config.num_heads, config.head_dim, frame_tokens, shape.cache_frames)
-        cache = KVCache(spec, dtype, device)
-        plan = RollingSinkPolicy(spec, shape.sink_frames, device).plan(
-            shape.cache_frames - shape.chunk_frames, shape.chunk_frames
-        )
-        latents = torch.randn(1, 16, shape.chunk_frames, shape.height // 8, shape.width // 8, device=device)
-        vace_context = torch.randn(1, VACE_IN_DIM, *latents.shape[2:], device=device)
-        timestep = torch.full((1, shape.chunk_frames), 750.0, device=device)
-        context = torch.randn(1, config.text_len, config.text_dim, device=device)
-        text_kv, vace_kv = model.text_kv(context), model.vace_text_kv(context)
-        args = (latents, timestep, text_kv, cache.k, cache.v, *plan.as_args())
+        inputs = step_inputs(config, shape, device, dtype)
+        vace_context = torch.randn(1, VACE_IN_DIM, *inputs.latents.shape[2:], device=device)
+        vace_kv = model.vace_text_kv(inputs.context)
+        args = inputs.args(model.text_kv(inputs.context))
         base_ms = time_ms(lambda args=args: model.step(*args), device, warmup, iters)
         vace_ms = time_ms(
             lambda args=args, c=vace_context, kv=vace_kv: model.step_vace(*args, c, kv, scale), device, warmup, iters

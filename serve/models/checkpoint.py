@@ -165,11 +165,12 @@ _SAFETENSORS_DTYPES = {
 # -- naming -------------------------------------------------------------------------------------------------------
 
 
-def strip_prefixes(name: str) -> str:
+def strip_prefixes(name: str, prefixes: tuple[str, ...] = PREFIXES) -> str:
+    """`name` without any of `prefixes`, however nested (`model.diffusion_model.model.x` → `x`)."""
     changed = True
     while changed:
         changed = False
-        for prefix in PREFIXES:
+        for prefix in prefixes:
             if name.startswith(prefix):
                 name, changed = name[len(prefix) :], True
     return name

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from serve.models.checkpoint import CheckpointError, LazyTensor, diffusers_to_wan, read_checkpoint
+from serve.models.checkpoint import CheckpointError, LazyTensor, diffusers_to_wan, read_checkpoint, strip_prefixes
 from serve.models.dit import DIT_CONFIGS, compute_dtype
 
 log = logging.getLogger(__name__)
@@ -95,12 +95,7 @@ def linear_name(key: str) -> tuple[str, str] | None:
     if found is None:
         return None
     name, part = found
-    changed = True
-    while changed:
-        changed = False
-        for prefix in LORA_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix) :], True
+    name = strip_prefixes(name, LORA_PREFIXES)
     if name.startswith(KOHYA_PREFIX):
         name = name[len(KOHYA_PREFIX) :]
         for i, word in enumerate(KOHYA_WORDS):
