@@ -467,3 +467,47 @@ def test_ui_download_button_fetches_missing_weights_and_load_waits_for_it(browse
             assert not errors, errors
         finally:
             context.close()
+
+
+def test_ui_vace_reference_and_context_scale_reach_a_vace_load_and_frames_keep_coming(
+    page, server: RunningServer
+) -> None:
+    """A VACE load from the page (LongLive, tiny random weights): a reference uploaded from the page and the context
+    scale slider reach the session, and the server keeps sending frames. The frames are counted at the server:
+    Chromium stops counting a video scrolled out of view, which the controls below it do."""
+    from tests.test_api import png_bytes
+
+    page.check("#pipeline-longlive")
+    page.get_by_label("Height").fill("64")
+    page.get_by_label("Width").fill("64")
+    page.get_by_label("Random weights").check()
+    page.locator("#load-fields").get_by_label("Vace enabled").check()
+    page.get_by_role("button", name="Load pipeline").click()
+    page.wait_for_function("document.getElementById('load-state-text').textContent.includes('loaded')", timeout=90_000)
+    assert httpx.get(f"{server.url}/api/v1/pipeline/status", timeout=5).json()["load_params"]["vace_enabled"] is True
+    page.select_option("#input-source", "none")
+    page.get_by_role("button", name="Start stream").click()
+    page.wait_for_function("document.getElementById('session-id').textContent.length > 4", timeout=30_000)
+    session_id = page.inner_text("#session-id").strip()
+
+    def frames_out() -> int:
+        sessions = httpx.get(f"{server.url}/api/v1/webrtc/sessions", timeout=5).json()["sessions"]
+        return next(s for s in sessions if s["sessionId"] == session_id)["stats"].get("frames_out") or 0
+
+    page.set_input_files(
+        "#vace-file", files=[{"name": "ref.png", "mimeType": "image/png", "buffer": png_bytes(64, 64)}]
+    )
+    page.locator("#runtime-fields").get_by_label("Vace context scale").fill("1.5")
+    deadline = time.monotonic() + 30
+    while True:
+        params = session_parameters(server, session_id)
+        if params.get("vace_ref_images") and params.get("vace_context_scale") == 1.5:
+            break
+        assert time.monotonic() < deadline, params
+        time.sleep(0.1)
+    assert params["vace_ref_images"][0].endswith(".png")
+    before = frames_out()
+    deadline = time.monotonic() + 60
+    while frames_out() < before + 24:  # two more chunks after the reference conditioned one
+        assert time.monotonic() < deadline, f"frames_out stuck at {frames_out()}; server:\n{server.log()[-2000:]}"
+        time.sleep(0.2)
