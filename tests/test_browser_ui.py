@@ -111,7 +111,7 @@ def test_ui_lists_pipelines_loads_passthrough_streams_webcam_and_steers(page, se
     assert "weights present" in text and "mode: video" in text and "weights missing" in text
 
     load_in_page(page, "passthrough")
-    page.wait_for_function("document.getElementById('load-state-text').textContent.includes('loaded')")
+    page.wait_for_function("document.getElementById('load-state-text').textContent.includes(': loaded')")
     status = httpx.get(f"{server.url}/api/v1/pipeline/status").json()
     assert status["status"] == "loaded" and status["load_params"]["height"] == 256
 
@@ -228,7 +228,7 @@ def test_ui_failing_load_shows_the_error(page, server: RunningServer, pipeline_i
 
 def test_ui_text_mode_streams_without_input(page, server: RunningServer) -> None:
     load_in_page(page, "passthrough", 128, 128)
-    page.wait_for_function("document.getElementById('load-state-text').textContent.includes('loaded')")
+    page.wait_for_function("document.getElementById('load-state-text').textContent.includes(': loaded')")
     page.select_option("#input-source", "none")
     page.get_by_role("button", name="Start stream").click()
     page.wait_for_function("document.getElementById('session-id').textContent.length > 4", timeout=10_000)
@@ -253,7 +253,7 @@ def test_ui_text_mode_streams_without_input(page, server: RunningServer) -> None
 def test_ui_streams_a_looped_video_file(page, server: RunningServer, tmp_path: Path) -> None:
     clip = looping_webm(tmp_path / "clip.webm")
     load_in_page(page, "passthrough", 128, 128)
-    page.wait_for_function("document.getElementById('load-state-text').textContent.includes('loaded')")
+    page.wait_for_function("document.getElementById('load-state-text').textContent.includes(': loaded')")
     page.select_option("#input-source", "file")
     page.get_by_label("Video file").set_input_files(str(clip))
     page.get_by_role("button", name="Start stream").click()
@@ -289,7 +289,7 @@ def test_ui_records_the_stream_and_downloads_an_mp4_of_it(page, server: RunningS
     clip_frames = 90
     clip = counter_webm(tmp_path / "counter.webm", clip_frames)
     load_in_page(page, "passthrough", 192, 256)
-    page.wait_for_function("document.getElementById('load-state-text').textContent.includes('loaded')")
+    page.wait_for_function("document.getElementById('load-state-text').textContent.includes(': loaded')")
     assert page.is_disabled("#record-button")  # no stream yet
     page.select_option("#input-source", "file")
     page.get_by_label("Video file").set_input_files(str(clip))
@@ -483,7 +483,10 @@ def test_ui_vace_reference_and_context_scale_reach_a_vace_load_and_frames_keep_c
     page.get_by_label("Random weights").check()
     page.locator("#load-fields").get_by_label("Vace enabled").check()
     page.get_by_role("button", name="Load pipeline").click()
-    page.wait_for_function("document.getElementById('load-state-text').textContent.includes('loaded')", timeout=90_000)
+    # "longlive: loaded": the text starts as "not loaded", which a plain 'loaded' would match at once
+    page.wait_for_function(
+        "document.getElementById('load-state-text').textContent.includes(': loaded')", timeout=90_000
+    )
     assert httpx.get(f"{server.url}/api/v1/pipeline/status", timeout=5).json()["load_params"]["vace_enabled"] is True
     page.select_option("#input-source", "none")
     page.get_by_role("button", name="Start stream").click()
