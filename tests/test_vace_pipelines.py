@@ -138,7 +138,7 @@ def load(pipeline_id: str, **params):
 def test_vace_streams_in_every_pipeline(pipeline_id: str, tmp_path: Path) -> None:
     """- input video at scale 0 is the text-mode stream bit for bit (the latents start from the same noise and the
     VACE step at scale 0 is the base step), and at scale 1 it follows the camera;
-    - a ref changes the chunk it is given to, and the next chunk without it runs no VACE context (one-shot)."""
+    - a ref changes the chunk it is given to, and a chunk whose parameters hold none runs no VACE context."""
     spec, pipeline = load(pipeline_id, vace_enabled=True)
     assert pipeline.backends["dit_step_vace"]["backend"] == "eager"
     params = {**spec.runtime_defaults, "vace_enabled": True, "input_mode": "video", "prompts": PROMPT}

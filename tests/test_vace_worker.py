@@ -1,5 +1,6 @@
-"""One-shot parameters in the worker: a reference (or an FFLF image) reaches exactly one chunk, the next after it was
-sent (Scope pops them once a chunk has its parameters); the session still reports what was sent."""
+"""VACE images in the worker: a first/last frame image reaches exactly one chunk, the next after it was sent (Scope
+pops them once a chunk has its parameters); references hold for every chunk until replaced; the session reports what
+was sent."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def wait_chunks(stream: RecordingStream, count: int, timeout_s: float = 10) -> N
         time.sleep(0.005)
 
 
-def test_refs_and_fflf_images_condition_exactly_one_chunk() -> None:
+def test_fflf_images_condition_exactly_one_chunk_and_references_hold_until_replaced() -> None:
     worker = PipelineWorker("test")
     try:
         stream, sink = RecordingStream(), Sink()
@@ -35,13 +36,13 @@ def test_refs_and_fflf_images_condition_exactly_one_chunk() -> None:
         wait_chunks(stream, 3)
         push_chunk(slot, 6, 2)
         wait_chunks(stream, 4)
-        slot.update_params({"vace_ref_images": ["/b.png"]})  # the same value again: one more chunk
+        slot.update_params({"vace_ref_images": [], "first_frame_image": "/f.png"})  # the same image: one more chunk
         push_chunk(slot, 8, 2)
         wait_chunks(stream, 5)
         seen = [params for _, params in stream.seen]
-        assert [p.get("vace_ref_images") for p in seen] == [["/a.png"], None, ["/b.png"], None, ["/b.png"]]
-        assert [p.get("first_frame_image") for p in seen] == [None, None, "/f.png", None, None]
+        assert [p.get("vace_ref_images") for p in seen] == [["/a.png"], ["/a.png"], ["/b.png"], ["/b.png"], []]
+        assert [p.get("first_frame_image") for p in seen] == [None, None, "/f.png", None, "/f.png"]
         assert all(p["vace_context_scale"] == 1.5 for p in seen)  # not one-shot: every chunk
-        assert slot.params["vace_ref_images"] == ["/b.png"] and slot.params["first_frame_image"] == "/f.png"
+        assert slot.params["vace_ref_images"] == [] and slot.params["first_frame_image"] == "/f.png"
     finally:
         worker.close()

@@ -51,7 +51,7 @@ from serve.pipelines.spec import PipelineSpec
 from serve.pipelines.vace_context import ChunkVace, VaceConditioner, first_call_frames
 from serve.pipelines.vram import VramPlan, check_fits, measure_plan
 from serve.pipelines.weights import LORA_SCALE, Models, load_weights, random_models
-from serve.pipelines.worker import ONE_SHOT_FIELDS
+from serve.pipelines.worker import VACE_IMAGE_FIELDS
 from serve.runtime.backends import DiTStep, select_backend
 from serve.settings import ServerSettings
 
@@ -216,6 +216,7 @@ class AutoregressiveStream(PipelineStream):
         self.recaches = 0  # prompt-switch re-cache passes run (LongLive, MemFlow)
         self._noise_key: tuple | None = None
         self.lora_scales = dict(pipeline.runtime_lora_scales)  # this session's runtime LoRA scales, by path
+        self._vace_ignored = False  # said once that this load has no VACE for the images sent
 
     def reset(self) -> None:
         self.cache.reset()
@@ -304,8 +305,9 @@ class AutoregressiveStream(PipelineStream):
         if frames is not None:
             pixels = self.host.upload(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
         vace = self.vace.chunk(pixels, params) if self.vace is not None else None
-        if self.vace is None and any(params.get(name) for name in ONE_SHOT_FIELDS):
+        if self.vace is None and not self._vace_ignored and any(params.get(name) for name in VACE_IMAGE_FIELDS):
             log.warning("pipeline=%s: VACE images sent to a load without vace_enabled: ignored", p.spec.id)
+            self._vace_ignored = True  # once per stream: references stay in the parameters
         if pixels is not None and not (vace is not None and vace.uses_input_video):
             pixels = first_call_frames(self.vae, pixels, chunk)  # the first encode: 1 + 4(F−1) frames → F latents
             latents = self.vae.encode_chunk(pixels)

@@ -24,9 +24,11 @@ Where this deviates from Scope, and why:
   encoded from the same trailing 1 + 4(F−1) camera frames as the V2V path, giving exactly F latents.
 - Multiple refs: Scope stacks them in time and encodes them as one video (2-4 refs make one latent); here each ref
   is its own latent on its own frame.
-- Refs and FFLF images are one-shot, as Scope's (the worker hands them to exactly one chunk, serve/pipelines/worker.py):
-  they condition the next chunk after they are sent, and their effect lasts through the generated frames in the
-  KV cache. `vace_context_scale` and the input video apply to every chunk.
+- How long a reference holds. Scope's are one-shot (one chunk, then only what the KV cache keeps of it), so a
+  reference fades within a few chunks; a user who sends one expects it to hold. Here `vace_ref_images` conditions
+  every chunk until a new list (or `[]`) replaces it; each file is encoded once (cached by path and modification
+  time). FFLF images stay one-shot (the worker hands them to exactly one chunk, serve/pipelines/worker.py): a first
+  or last frame is a boundary of one chunk. `vace_context_scale` and the input video apply to every chunk.
 - A reference that cannot be decoded is logged and skipped for that chunk; the stream goes on.
 """
 

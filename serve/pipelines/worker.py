@@ -26,9 +26,11 @@ from serve.pipelines.base import PipelineStream
 log = logging.getLogger(__name__)
 
 VIDEO_TIME_BASE = Fraction(1, 90000)  # RTP video clock
-ONE_SHOT_FIELDS = ("vace_ref_images", "first_frame_image", "last_frame_image")
-"""Given to exactly one chunk, the next after they are sent (Scope pops them once a chunk has its parameters); an
-unchanged value sent again conditions one more chunk."""
+ONE_SHOT_FIELDS = ("first_frame_image", "last_frame_image")
+"""Given to exactly one chunk, the next after they are sent (Scope pops them once a chunk has its parameters): a first
+or last frame is a boundary of one chunk; an unchanged value sent again conditions one more chunk. References
+(`vace_ref_images`) are not one-shot here: they hold for every chunk until a new list (or `[]`) replaces them."""
+VACE_IMAGE_FIELDS = ("vace_ref_images", *ONE_SHOT_FIELDS)
 
 
 @dataclass(frozen=True)
