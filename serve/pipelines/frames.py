@@ -1,0 +1,70 @@
+"""Input frames as their decoded YUV planes, and their one trip to the device.
+
+The session reads each decoded frame's planes without converting it (serve/webrtc/planes.py); a chunk of them
+reaches a pipeline whose `frame_input` is "yuv" as a `YuvChunk`. `upload_yuv` packs the chunk's planes into one
+(pinned, on CUDA) host buffer, copies it to the device once, and runs the colour kernel per frame there
+(kernels/colour.py: YUV → RGB, resize to the loaded resolution, normalise to [-1, 1]). On a CPU there is no copy at
+all: the kernel reads the decoder's buffers in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kernels.colour import Colour, yuv420_to_rgb
+
+
+@dataclass(frozen=True)
+class YuvFrame:
+    """One decoded 4:2:0 frame: views of the decoder's planes (rows may be padded; NV12's U and V are strided views
+    of its interleaved plane). `owner` keeps the decoder's buffers alive while the views are in use."""
+
+    y: np.ndarray  # [h, w] uint8
+    u: np.ndarray  # [ceil(h/2), ceil(w/2)] uint8
+    v: np.ndarray  # [ceil(h/2), ceil(w/2)] uint8
+    colour: Colour
+    owner: object = None
+
+
+@dataclass(frozen=True)
+class YuvChunk:
+    frames: tuple[YuvFrame, ...]
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+def upload_yuv(chunk: YuvChunk, device: torch.device, height: int, width: int) -> Tensor:
+    """[T, 3, height, width] float32 in [-1, 1] on `device`: one host→device copy for the whole chunk."""
+    planes = [[torch.from_numpy(plane) for plane in (f.y, f.u, f.v)] for f in chunk.frames]
+    if device.type != "cpu":
+        planes = _to_device(planes, device)
+    out = torch.empty((len(chunk), 3, height, width), dtype=torch.float32, device=device)
+    for index, (frame, (y, u, v)) in enumerate(zip(chunk.frames, planes, strict=True)):
+        yuv420_to_rgb(y, u, v, frame.colour, out[index])
+    return out
+
+
+def _to_device(planes: list[list[Tensor]], device: torch.device) -> list[list[Tensor]]:
+    """Every plane of the chunk packed (rows compacted) into one host buffer, pinned on CUDA, and copied once."""
+    sizes = [plane.numel() for frame in planes for plane in frame]
+    staging = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    offset, views = 0, []
+    for frame in planes:
+        for plane in frame:
+            view = staging[offset : offset + plane.numel()].view(plane.shape)
+            view.copy_(plane)  # one host memcpy per plane: the decoder's padded rows become packed ones
+            views.append((offset, plane.shape))
+            offset += plane.numel()
+    on_device = staging.to(device, non_blocking=True)  # the caching host allocator keeps `staging` until it is done
+    flat = [on_device[start : start + shape.numel()].view(shape) for start, shape in views]
+    return [flat[i : i + 3] for i in range(0, len(flat), 3)]
+
+
+def to_uint8_frames(pixels: Tensor) -> Tensor:
+    """[T, 3, H, W] in [-1, 1] → uint8 [T, H, W, 3], as the pipelines' output is quantised."""
+    return ((pixels + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

@@ -1,0 +1,49 @@
+"""A decoded `av.VideoFrame` read as its YUV planes, without a CPU colour conversion (serve/pipelines/frames.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from av import VideoFrame
+
+from kernels.colour import Colour
+from serve.errors import FrameConversionError
+from serve.pipelines.frames import YuvFrame
+
+log = logging.getLogger(__name__)
+
+_said: set[str] = set()
+
+
+def _plane(frame: VideoFrame, index: int, columns: int) -> np.ndarray:
+    """Plane `index` as a [rows, columns] view: the buffer is `line_size` bytes a row, of which `columns` are used."""
+    plane = frame.planes[index]
+    return np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :columns]
+
+
+def read_planes(frame: VideoFrame) -> YuvFrame:
+    """yuv420p (what aiortc's software decoders give) and nv12 (NVDEC's layout) are read in place; any other
+    format is converted to yuv420p first by swscale, said once per format."""
+    name = frame.format.name
+    if name not in ("yuv420p", "yuvj420p", "nv12"):
+        if name not in _said:
+            _said.add(name)
+            log.warning("input frames are %s, not yuv420p or nv12: converting them to yuv420p on the CPU", name)
+        try:
+            frame = frame.reformat(format="yuv420p")
+        except Exception as exc:  # av raises ValueError, OSError or its own errors
+            raise FrameConversionError(
+                f"could not read a {frame.width}×{frame.height} {name} input frame as YUV 4:2:0 "
+                f"({type(exc).__name__}); the stream ends. Send a common camera format"
+            ) from exc
+        name = "yuv420p"
+    chroma_w = (frame.width + 1) // 2
+    colour = Colour.of_frame(frame.colorspace, frame.color_range)
+    if name == "yuvj420p":  # the deprecated JPEG-range format says so by its name, whatever its range tag says
+        colour = Colour(colour.matrix, True)
+    y = _plane(frame, 0, frame.width)
+    if name == "nv12":
+        uv = _plane(frame, 1, 2 * chroma_w)
+        return YuvFrame(y, uv[:, 0::2], uv[:, 1::2], colour, frame)
+    return YuvFrame(y, _plane(frame, 1, chroma_w), _plane(frame, 2, chroma_w), colour, frame)
