@@ -149,7 +149,7 @@ def use_triton(device: torch.device) -> bool:
 
 
 def yuv420_to_rgb(y: Tensor, u: Tensor, v: Tensor, colour: Colour, out: Tensor) -> Tensor:
-    """Writes float32 [3, H, W] in [-1, 1] into `out` (a view is fine: e.g. one frame of the chunk's [1, 3, T, H, W])."""
+    """Writes float32 [3, H, W] in [-1, 1] into `out` (a view is fine: one frame of a chunk's [1, 3, T, H, W])."""
     if use_triton(out.device):
         from kernels import triton_colour
 

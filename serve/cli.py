@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-sessions", type=int, default=defaults.webrtc.max_sessions)
     serve.add_argument(
+        "--frame-path",
+        choices=["auto", "device", "host"],
+        default=defaults.webrtc.frame_path,
+        help="auto: YUV planes converted on the pipeline's GPU (swscale on a CPU), H.264 by NVENC/libx264 straight "
+        "to RTP; device: YUV planes even on a CPU; host: swscale RGB and aiortc's own encoders (the old path)",
+    )
+    serve.add_argument(
         "--peer-timeout-s",
         type=float,
         default=defaults.webrtc.peer_timeout_s,
@@ -169,6 +176,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             ice_servers=tuple(args.ice_server) or defaults.webrtc.ice_servers,
             ice_interfaces=args.ice_interfaces,
             max_sessions=args.max_sessions,
+            frame_path=args.frame_path,
             peer_timeout_s=args.peer_timeout_s,
             connect_timeout_s=args.connect_timeout_s,
         ),

@@ -64,6 +64,14 @@ class WebRTCSettings:
     """Video bitrate before the receiver's bandwidth estimate arrives."""
     max_bitrate_kbps: int = 4000
     """Upper bound of the video bitrate (aiortc's own cap is 1.5 Mb/s for VP8)."""
+    frame_path: str = "auto"
+    """`auto`: input frames go to a pipeline on a GPU as YUV planes, converted there (kernels/colour.py); on a CPU
+    swscale converts them (the host is the device there, and swscale's SIMD converter is 10-15× faster than the
+    torch reference: benchmarks/RESULTS.md). H.264, when negotiated, is encoded by our encoder (NVENC, or libx264)
+    whose packets aiortc sends as they are. `device`: YUV planes even on a CPU (tests run the plumbing so).
+    `host`: the old path (swscale RGB, aiortc's own encoders), kept for comparison (benchmarks/serve_passthrough)."""
+    x264_preset: str = "superfast"
+    """libx264's preset on the H.264 packet path without NVENC (ultrafast, superfast, veryfast, ...)."""
 
 
 @dataclass(frozen=True)

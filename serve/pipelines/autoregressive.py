@@ -39,6 +39,7 @@ from serve.models.prompts import PromptTransition
 from serve.models.scheduler import FlowMatchScheduler
 from serve.pipelines.base import Pipeline, PipelineStream, ProgressFn
 from serve.pipelines.cache_policies import CachePolicy, EmaSinkPolicy, MemoryBankPolicy, RecomputePolicy
+from serve.pipelines.frames import YuvChunk, upload_yuv
 from serve.pipelines.loras import (
     attach_runtime,
     check_lora_scales,
@@ -161,10 +162,16 @@ class HostBridge:
     def noise(self, shape: tuple[int, ...]) -> Tensor:
         return torch.randn(shape, generator=self.generator, device=self.device)
 
-    def upload(self, frames: np.ndarray) -> Tensor:
-        """uint8 [T, H, W, 3] host frames → the same on the device (converted there, where it is cheap)."""
+    def upload(self, frames: np.ndarray | YuvChunk, height: int, width: int) -> Tensor:
+        """Host frames → [1, 3, T, height, width] float32 in [-1, 1] on the device, converted there: uint8 RGB
+        [T, H, W, 3] (swscale's, at the loaded size), or a chunk of decoded YUV planes (kernels/colour.py)."""
         self.uploads += 1
-        return torch.from_numpy(frames).to(self.device, non_blocking=True)
+        if isinstance(frames, YuvChunk):
+            if self.dry:
+                return torch.empty((1, 3, len(frames), height, width), device=self.device)
+            return upload_yuv(frames, self.device, height, width).permute(1, 0, 2, 3)[None]
+        pixels = torch.from_numpy(frames).to(self.device, non_blocking=True)
+        return pixels.permute(3, 0, 1, 2)[None].float() / 127.5 - 1
 
     def download(self, frames: Tensor) -> np.ndarray:
         """uint8 [T, H, W, 3] device frames → a host array; the chunk's one wait for the device is here."""
@@ -264,7 +271,7 @@ class AutoregressiveStream(PipelineStream):
             self.reset()
         self._noise_key = key
 
-    def process(self, frames: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
+    def process(self, frames: np.ndarray | YuvChunk | None, params: dict[str, Any]) -> np.ndarray:
         try:
             return self._process(frames, params)
         except torch.OutOfMemoryError as exc:
@@ -284,7 +291,7 @@ class AutoregressiveStream(PipelineStream):
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def _process(self, frames: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
+    def _process(self, frames: np.ndarray | YuvChunk | None, params: dict[str, Any]) -> np.ndarray:
         p, scheduler, policy = self.p, self.p.scheduler, self.policy
         chunk = p.shape.chunk_latents
         self._manage_cache(params)
@@ -303,7 +310,7 @@ class AutoregressiveStream(PipelineStream):
         maybe_dropped: set[int] = set()  # passes that run only where the device says their step is kept
         pixels = None
         if frames is not None:
-            pixels = self.host.upload(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+            pixels = self.host.upload(frames, p.height, p.width)
         vace = self.vace.chunk(pixels, params) if self.vace is not None else None
         if self.vace is None and not self._vace_ignored and any(params.get(name) for name in VACE_IMAGE_FIELDS):
             log.warning("pipeline=%s: VACE images sent to a load without vace_enabled: ignored", p.spec.id)
@@ -383,6 +390,7 @@ def plan_load(pipeline_id: str, load_params: dict[str, Any], device: torch.devic
 
 class AutoregressivePipeline(Pipeline):
     shape: ChunkShape
+    frame_input = "yuv"  # input planes converted on the device (HostBridge.upload)
 
     def __init__(self, spec: PipelineSpec, load_params: dict[str, Any], models: Models, device: torch.device,
                  dtype: torch.dtype) -> None:  # fmt: skip

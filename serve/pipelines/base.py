@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from serve.pipelines.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    from serve.pipelines.frames import YuvChunk
 
 ProgressFn = Callable[[str, float], None]
 """`report(stage, fraction_done)`: called by a loading pipeline; thread-safe, cheap."""
@@ -23,8 +26,9 @@ class PipelineStream(ABC):
     """Per-session generation state (caches, noise generator, prompt state)."""
 
     @abstractmethod
-    def process(self, frames: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
-        """One chunk. `frames` is `[T, H, W, 3]` uint8 with T = chunk_frames, or None in text mode.
+    def process(self, frames: np.ndarray | YuvChunk | None, params: dict[str, Any]) -> np.ndarray:
+        """One chunk. `frames` is `[T, H, W, 3]` uint8 with T = chunk_frames (a `YuvChunk` of T frames where the
+        pipeline's `frame_input` is "yuv"), or None in text mode.
 
         `params` is the complete effective parameter set for this chunk (defaults + every update so far); it changes
         only between chunks. Returns `[T', H, W, 3]` uint8 output frames.
@@ -49,6 +53,9 @@ class Pipeline(ABC):
     random_weights: bool = False
     lora_adapters: tuple[dict[str, Any], ...] = ()
     """The LoRAs in the weights or beside them (path, scale, merge_mode, ...): the status' `loaded_lora_adapters`."""
+    frame_input: str = "rgb"
+    """What `process` takes in video mode: "rgb" (uint8 [T, H, W, 3] at the loaded size, converted by swscale on the
+    host) or "yuv" (a serve/pipelines/frames.py `YuvChunk` of decoded planes, converted on the device)."""
     text_fps: float = 16.0
     """Playout rate of text-mode output (Wan's sample rate); video mode keeps the input's timestamps."""
 

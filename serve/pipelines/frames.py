@@ -9,6 +9,8 @@ all: the kernel reads the decoder's buffers in place.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,9 +46,22 @@ def upload_yuv(chunk: YuvChunk, device: torch.device, height: int, width: int) -
     if device.type != "cpu":
         planes = _to_device(planes, device)
     out = torch.empty((len(chunk), 3, height, width), dtype=torch.float32, device=device)
-    for index, (frame, (y, u, v)) in enumerate(zip(chunk.frames, planes, strict=True)):
-        yuv420_to_rgb(y, u, v, frame.colour, out[index])
+    with one_host_thread() if device.type == "cpu" else contextlib.nullcontext():
+        for index, (frame, (y, u, v)) in enumerate(zip(chunk.frames, planes, strict=True)):
+            yuv420_to_rgb(y, u, v, frame.colour, out[index])
     return out
+
+
+@contextlib.contextmanager
+def one_host_thread() -> Iterator[None]:
+    """Frame-sized CPU ops on one thread: with torch's intra-op threads spinning beside aiortc's decoder and encoder
+    threads on two cores, a 128×128 frame took 218 ms instead of 1.8 ms (measured, benchmarks/RESULTS.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _to_device(planes: list[list[Tensor]], device: torch.device) -> list[list[Tensor]]:

@@ -1,25 +1,33 @@
-"""The passthrough pipeline: input frames come back unchanged (the frame path already resized them to the loaded
-resolution). It exercises the whole chunk loop, WebRTC to WebRTC, without a model."""
+"""The passthrough pipeline: input frames come back unchanged, resized to the loaded resolution (by the frame path's
+colour kernel, on the CPU). It exercises the whole chunk loop, WebRTC to WebRTC, without a model."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import torch
 
 from serve.pipelines.base import Pipeline, PipelineStream, ProgressFn
+from serve.pipelines.frames import YuvChunk, one_host_thread, to_uint8_frames, upload_yuv
 from serve.pipelines.spec import PipelineSpec
+
+CPU = torch.device("cpu")
 
 
 class PassthroughStream(PipelineStream):
     def __init__(self, height: int, width: int, chunk_frames: int) -> None:
+        self.height, self.width = height, width
         self.chunk_frames = chunk_frames
         self.frame_index = 0
         # Text mode draws a diagonal gradient that scrolls one pixel per frame: cheap, and visibly alive.
         ys, xs = np.mgrid[0:height, 0:width]
         self._pattern = np.stack([(xs + ys) % 256, (2 * ys) % 256, (255 - xs) % 256], axis=-1).astype(np.uint8)
 
-    def process(self, frames: np.ndarray | None, params: dict[str, Any]) -> np.ndarray:
+    def process(self, frames: np.ndarray | YuvChunk | None, params: dict[str, Any]) -> np.ndarray:
+        if isinstance(frames, YuvChunk):  # converted and resized where a model pipeline would: on its device (CPU)
+            with one_host_thread():
+                frames = to_uint8_frames(upload_yuv(frames, CPU, self.height, self.width)).numpy()
         if frames is not None:
             self.frame_index += len(frames)
             return frames
@@ -33,6 +41,7 @@ class PassthroughStream(PipelineStream):
 
 class PassthroughPipeline(Pipeline):
     backend = "none"
+    frame_input = "yuv"
     text_fps = 30.0
 
     def __init__(self, spec: PipelineSpec, height: int, width: int, chunk_frames: int) -> None:

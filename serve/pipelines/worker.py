@@ -56,11 +56,12 @@ class StreamSlot:
         chunk_frames: int,
         params: dict[str, Any],
         *,
-        convert: Callable[[Any], np.ndarray],
+        convert: Callable[[Any], Any],
         emit: EmitFn,
         output_has_room: Callable[[], bool],
         on_error: Callable[[BaseException], None],
         text_fps: float,
+        collate: Callable[[list[Any]], Any] = np.stack,
     ) -> None:
         self._lock = worker.condition
         self._worker = worker
@@ -74,7 +75,8 @@ class StreamSlot:
         # each as sent, for `params` (what the session reports), never for a chunk.
         self._sent_once = {name: self._params.pop(name) for name in ONE_SHOT_FIELDS if name in self._params}
         self._pending.update({name: value for name, value in self._sent_once.items() if value})
-        self._convert = convert
+        self._convert = convert  # one input payload → what `collate` takes (runs on the worker thread)
+        self._collate = collate  # the chunk's converted payloads → what the stream's `process` takes
         self._emit = emit
         self._output_has_room = output_has_room
         self._on_error = on_error
@@ -140,7 +142,7 @@ class StreamSlot:
         try:
             if reset:
                 self.stream.reset()
-            frames = np.stack([self._convert(payload) for payload, _ in taken]) if taken else None
+            frames = self._collate([self._convert(payload) for payload, _ in taken]) if taken else None
             started = time.perf_counter()
             out = self.stream.process(frames, params)
             elapsed_ms = (time.perf_counter() - started) * 1000

@@ -1,4 +1,4 @@
-"""Software video codec settings for aiortc's encoders.
+"""Codec plumbing: aiortc's software encoder settings, and the H.264 packet path's hooks on its sender.
 
 aiortc caps VP8 at 1.5 Mb/s and starts it at 0.5 Mb/s, which smears generated 512×512 video; the receiver's REMB
 estimate still steers the bitrate inside these bounds. Like ICE, these are module attributes, set once per process.
@@ -6,6 +6,10 @@ estimate still steers the bitrate inside these bounds. Like ICE, these are modul
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from aiortc import RTCRtpTransceiver
 from aiortc.codecs import h264, vpx
 
 from serve.settings import WebRTCSettings
@@ -16,3 +20,27 @@ def configure_codecs(settings: WebRTCSettings) -> None:
         codec.MAX_BITRATE = settings.max_bitrate_kbps * 1000
         codec.DEFAULT_BITRATE = min(settings.start_bitrate_kbps * 1000, codec.MAX_BITRATE)
         codec.MIN_BITRATE = min(codec.MIN_BITRATE, codec.DEFAULT_BITRATE)
+
+
+def sending_codec(transceiver: RTCRtpTransceiver) -> str | None:
+    """The mimeType the sender will use once negotiated: the first common codec, in the offer's order (aiortc answers
+    in the remote's order, so a browser's VP8-first offer gets VP8, and `setCodecPreferences` with H.264 first gets
+    H.264)."""
+    codecs = [c for c in transceiver._codecs if not c.mimeType.lower().endswith("/rtx")]
+    return codecs[0].mimeType if codecs else None
+
+
+def hook_sender(transceiver: RTCRtpTransceiver, request_keyframe: Callable[[], None]) -> Callable[[], int | None]:
+    """Route the sender's PLI/FIR to `request_keyframe`, and return a reader of its receiver bitrate estimate.
+
+    With pre-encoded packets aiortc's PLI/FIR handling only sets a private flag its pack path ignores, and REMB
+    sets `target_bitrate` on its own (unused) H264Encoder; both are read through aiortc 1.16's internals here, and
+    tests/test_packet_path.py checks that they still work."""
+    sender = transceiver.sender
+    sender._send_keyframe = request_keyframe  # type: ignore[method-assign]  # the method RTCP PLI and FIR call
+
+    def bitrate() -> int | None:
+        unused: Any = getattr(sender, "_RTCRtpSender__encoder", None)  # created at the first packet
+        return getattr(unused, "target_bitrate", None)
+
+    return bitrate

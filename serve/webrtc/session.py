@@ -18,18 +18,23 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import torch
 from aiortc import RTCPeerConnection, RTCSessionDescription, rtcsctptransport
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
 
 from serve.errors import FrameConversionError, InvalidParameters, InvalidRequest, RecordingConflict, WanrtError
 from serve.pipelines.base import Pipeline
+from serve.pipelines.frames import YuvChunk, YuvFrame
 from serve.pipelines.spec import PipelineSpec
 from serve.pipelines.worker import FrameStamp, PipelineWorker, StreamSlot
 from serve.recording import Recorder, RecordingStore
 from serve.schemas import IceCandidate, RuntimeParameters
 from serve.settings import WebRTCSettings
+from serve.webrtc.codecs import hook_sender, sending_codec
+from serve.webrtc.encoders import make_encoder
 from serve.webrtc.ice import parse_candidate, rtc_configuration
+from serve.webrtc.planes import read_planes
 from serve.webrtc.tracks import OutputTrack
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,14 @@ FLUSH_TIMEOUT_S = 0.5  # how long a closing session waits for its last data-chan
 MAX_SDP_MEDIA_SECTIONS = 4
 MAX_SDP_CANDIDATES = 32
 MAX_TRICKLED_CANDIDATES = 256  # per session, over all PATCHes
+
+
+def pipeline_device(pipeline: Pipeline) -> torch.device:
+    return getattr(pipeline, "device", None) or torch.device("cpu")  # passthrough has none: it runs on the host
+
+
+def collate_yuv(frames: list[YuvFrame]) -> YuvChunk:
+    return YuvChunk(tuple(frames))
 
 
 def configure_data_channel(settings: WebRTCSettings) -> None:
@@ -99,13 +112,19 @@ class PeerSession:
         self.pc = RTCPeerConnection(rtc_configuration(settings))
         self.channel: Any = None
         self.output = OutputTrack(capacity_frames=2 * pipeline.chunk_frames, on_drained=self._wake_worker)
+        self.output_codec: str | None = None
+        yuv_input = pipeline.frame_input == "yuv" and (
+            settings.frame_path == "device"
+            or (settings.frame_path == "auto" and pipeline_device(pipeline).type != "cpu")
+        )  # decoded planes, converted on the pipeline's device; else swscale RGB (`_to_array`)
         self.slot = StreamSlot(
             worker,
             session_id,
             pipeline.open_stream(seed=seed),
             pipeline.chunk_frames,
             params,
-            convert=self._to_array,
+            convert=read_planes if yuv_input else self._to_array,
+            collate=collate_yuv if yuv_input else np.stack,
             emit=self.output.push_threadsafe,
             output_has_room=lambda: self.output.has_room(pipeline.chunk_frames),
             on_error=self._on_pipeline_error,
@@ -143,12 +162,28 @@ class PeerSession:
                 "pc.addTransceiver('video') (text mode) before createOffer()"
             )
         pc.addTrack(self.output)  # fills the offered video transceiver: sendrecv with a camera, sendonly without
+        self._choose_output_path()
         await pc.setLocalDescription(await pc.createAnswer())  # aiortc gathers its candidates here
         self._worker.attach(self.slot)
         self._spawn(self._send_stats(), "stats")
         self._spawn(self._close_unless_connected(), "connect-timeout")
         log.info("session=%s started pipeline=%s", self.id, self.spec.id)
         return pc.localDescription
+
+    def _choose_output_path(self) -> None:
+        """H.264 negotiated (and the device frame path on): our encoder, packets straight to aiortc's packetizer.
+        VP8: aiortc's own encoder, from frames."""
+        transceiver = next(t for t in self.pc.getTransceivers() if t.sender.track is self.output)
+        codec = sending_codec(transceiver)
+        self.output_codec = codec
+        if self._settings.frame_path == "host" or codec != "video/H264":
+            log.info("session=%s output codec=%s encoder=aiortc", self.id, codec)
+            return
+        encoder = make_encoder(
+            pipeline_device(self.pipeline), self._settings.start_bitrate_kbps * 1000, self._settings.x264_preset
+        )
+        self.output.use_encoder(encoder, hook_sender(transceiver, self.output.request_keyframe))
+        log.info("session=%s output codec=%s encoder=%s", self.id, codec, encoder.name)
 
     async def _close_unless_connected(self) -> None:
         """A peer that never completes ICE + DTLS (no usable candidate, a page that went away) frees its slot."""
@@ -316,11 +351,23 @@ class PeerSession:
             "frames_in": self.slot.frames_in,
             "frames_out": self.output.frames_out,
             "frames_dropped": self.slot.frames_dropped + self.output.frames_dropped,
+            "video": self.video_counters(),
             "chunk_ms": round(self.slot.chunk_ms, 2),
             "chunks": self.slot.chunks,
             "recording": None
             if recorder is None
             else {"id": recorder.id, "frames": recorder.frames, "frames_dropped": recorder.frames_dropped},
+        }
+
+    def video_counters(self) -> dict[str, Any]:
+        """The outgoing video: its codec, who encodes it (`aiortc` for its own encoders), IDRs and PLI/FIRs."""
+        encoder = self.output.encoder
+        return {
+            "codec": self.output_codec,
+            "encoder": "aiortc" if encoder is None else encoder.name,
+            "keyframes": None if encoder is None else encoder.keyframes,
+            "keyframes_requested": self.output.keyframes_requested,
+            "bitrate_bps": None if encoder is None else encoder.target_bitrate,
         }
 
     def metrics(self) -> dict[str, Any]:

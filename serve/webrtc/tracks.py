@@ -1,4 +1,10 @@
-"""The outgoing video track: frames from the pipeline worker, played out at the pace of their timestamps."""
+"""The outgoing video track: frames from the pipeline worker, played out at the pace of their timestamps.
+
+Two ways out: `av.VideoFrame`s that aiortc encodes itself (VP8, and the `--frame-path host` fallback), or, once
+`use_encoder` is called (H.264 negotiated), `av.Packet`s from our own encoder (serve/webrtc/encoders.py), which
+aiortc packetizes as they are. Then a keyframe request (`request_keyframe`, the sender's PLI/FIR) makes the next
+frame encoded an IDR, and `bitrate_source` (the receiver's REMB estimate) steers the encoder's bitrate.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from av import VideoFrame
+from av import Packet, VideoFrame
 
 from serve.pipelines.worker import FrameStamp
+from serve.webrtc.encoders import DeviceFrame, PacketEncoder
 
 MAX_AHEAD_S = 1.0  # a frame due further ahead than this means the timeline jumped (new input, mode switch)
 
@@ -33,7 +41,7 @@ class OutputTrack(MediaStreamTrack):
         super().__init__()
         self._loop = asyncio.get_running_loop()
         self._capacity = capacity_frames
-        self._frames: deque[tuple[VideoFrame, FrameStamp, int]] = deque()  # (frame, stamp, batch number)
+        self._frames: deque[tuple[Any, FrameStamp, int]] = deque()  # (frame, stamp, batch number)
         self._batches = 0
         self._ready = asyncio.Event()
         self._on_drained = on_drained
@@ -44,21 +52,43 @@ class OutputTrack(MediaStreamTrack):
         self.frames_out = 0
         self.frames_dropped = 0
         self.latencies_ms: deque[float] = deque(maxlen=240)
-        self.last_frame: VideoFrame | None = None  # the newest frame sent (headless snapshots)
+        self._last_frame: VideoFrame | DeviceFrame | None = None  # the newest frame sent (headless snapshots)
         self.tap: Callable[[VideoFrame], None] | None = None  # sees every frame sent; must not block (the recorder)
+        self.encoder: PacketEncoder | None = None
+        self.bitrate_source: Callable[[], int | None] | None = None
+        self._keyframe_requested = False
+        self.keyframes_requested = 0
+
+    def use_encoder(self, encoder: PacketEncoder, bitrate_source: Callable[[], int | None] | None = None) -> None:
+        """Send packets from `encoder` from now on (call before the worker produces frames)."""
+        self.encoder = encoder
+        self.bitrate_source = bitrate_source
+
+    def request_keyframe(self) -> None:
+        """On the event loop (the sender's PLI/FIR): the next frame encoded is an IDR."""
+        self._keyframe_requested = True
+        self.keyframes_requested += 1
+
+    @property
+    def last_frame(self) -> VideoFrame | None:
+        frame = self._last_frame
+        return frame.to_video_frame() if isinstance(frame, DeviceFrame) else frame
 
     def has_room(self, frames: int) -> bool:
         with self._in_flight_lock:
             return self._in_flight + frames <= self._capacity
 
     def push_threadsafe(self, frames: np.ndarray, stamps: list[FrameStamp]) -> None:
-        """Called on the worker thread: the av frames are built here, off the event loop."""
-        items = []
-        for array, stamp in zip(frames, stamps, strict=True):
-            frame = VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
-            frame.pts = stamp.pts
-            frame.time_base = stamp.time_base
-            items.append((frame, stamp))
+        """Called on the worker thread: the av frames (or the encoder's NV12 inputs) are built here, off the loop."""
+        if self.encoder is not None:
+            items = list(zip(self.encoder.prepare(frames, stamps), stamps, strict=True))
+        else:
+            items = []
+            for array, stamp in zip(frames, stamps, strict=True):
+                frame = VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+                frame.pts = stamp.pts
+                frame.time_base = stamp.time_base
+                items.append((frame, stamp))
         with self._in_flight_lock:
             self._in_flight += len(items)
         self._loop.call_soon_threadsafe(self._append, items)
@@ -79,10 +109,6 @@ class OutputTrack(MediaStreamTrack):
         if self._on_drained is not None:
             self._on_drained()
 
-    def stop(self) -> None:
-        super().stop()
-        self._ready.set()  # wake a waiting recv() so it sees the track ended
-
     def _due(self, media_s: float, stamp: FrameStamp, batch: int, now: float) -> float:
         if self._last is None:
             return now
@@ -96,7 +122,30 @@ class OutputTrack(MediaStreamTrack):
             return now
         return due
 
-    async def recv(self) -> VideoFrame:
+    async def recv(self) -> VideoFrame | Packet:
+        while True:
+            frame = await self._next_frame()
+            if self.encoder is None:
+                return frame
+            packet = await self._encode(frame)
+            if packet is not None:
+                return packet
+
+    async def _encode(self, frame: Any) -> Packet | None:
+        encoder = self.encoder
+        assert encoder is not None
+        if self.bitrate_source is not None and (bitrate := self.bitrate_source()):
+            encoder.target_bitrate = bitrate
+        keyframe, self._keyframe_requested = self._keyframe_requested, False
+        return await self._loop.run_in_executor(None, encoder.encode, frame, keyframe)
+
+    def stop(self) -> None:
+        super().stop()
+        self._ready.set()  # wake a waiting recv() so it sees the track ended
+        if self.encoder is not None:
+            self.encoder.close()
+
+    async def _next_frame(self) -> Any:
         while True:
             if self.readyState != "live":
                 raise MediaStreamError
@@ -118,7 +167,7 @@ class OutputTrack(MediaStreamTrack):
             self.frames_out += 1
             if stamp.arrival_s is not None:
                 self.latencies_ms.append((time.monotonic() - stamp.arrival_s) * 1000)
-            self.last_frame = frame
+            self._last_frame = frame
             if (tap := self.tap) is not None:
-                tap(frame)
+                tap(frame.to_video_frame() if isinstance(frame, DeviceFrame) else frame)
             return frame

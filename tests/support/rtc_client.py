@@ -13,7 +13,7 @@ from typing import Any
 import aioice.ice
 import httpx
 import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
 
@@ -60,6 +60,7 @@ class Received:
     height: int
     at: float
     pixels: np.ndarray | None = None
+    key_frame: bool = False
 
 
 @dataclass
@@ -73,6 +74,7 @@ class ScopeClient:
     messages: list[dict[str, Any]] = field(default_factory=list)
     track: CounterTrack | None = None
     input_track: MediaStreamTrack | None = None  # sent instead of a CounterTrack (e.g. a still image: same input)
+    codec: str | None = None  # e.g. "video/H264": offered alone (with its RTX), as setCodecPreferences does
 
     async def connect(self) -> str:
         async with httpx.AsyncClient(base_url=self.url, timeout=10) as http:
@@ -90,6 +92,12 @@ class ScopeClient:
                 pc.addTrack(self.track)
             else:
                 pc.addTransceiver("video", direction="recvonly")
+            if self.codec is not None:
+                capabilities = RTCRtpSender.getCapabilities("video").codecs
+                preferred = [c for c in capabilities if c.mimeType in (self.codec, "video/rtx")]
+                for transceiver in pc.getTransceivers():
+                    if transceiver.kind == "video":
+                        transceiver.setCodecPreferences(preferred)
             pc.on("track", lambda track: asyncio.ensure_future(self._receive(track)))
             await pc.setLocalDescription(await pc.createOffer())
             body: dict[str, Any] = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
@@ -119,9 +127,10 @@ class ScopeClient:
             rgb = frame.to_ndarray(format="rgb24")
             self.frames.append(
                 Received(
-                    read_counter(rgb), frame.width, frame.height, time.monotonic(), rgb if self.keep_pixels else None
+                    read_counter(rgb), frame.width, frame.height, time.monotonic(), rgb if self.keep_pixels else None,
+                    frame.key_frame,
                 )
-            )
+            )  # fmt: skip
 
     async def wait_frames(self, count: int, timeout_s: float = 20.0) -> list[Received]:
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,237 @@
+"""H.264 encoders whose `av.Packet`s aiortc packetizes as they are (its pre-encoded path, reference/trt.md §6).
+
+A track that returns `av.Packet`s from `recv()` makes aiortc's RTCRtpSender skip its own encoder and call
+`H264Encoder.pack` (NAL split, STAP-A / FU-A). Two things the sender then no longer does, the output track does
+(serve/webrtc/tracks.py, serve/webrtc/codecs.py): a PLI/FIR forces an IDR here, and the receiver's REMB estimate
+(which aiortc still writes on its unused encoder) becomes `target_bitrate` here.
+
+- `X264Encoder`: PyAV's libx264 on the CPU. Measured here at 512×512 on the camera-like scene: `superfast` 1.9 ms a
+  frame, against 4.4 ms for aiortc's VP8 and 13 ms for aiortc's own libx264 (preset medium), each with its RGB →
+  YUV conversion (benchmarks/RESULTS.md).
+- `NvencEncoder`: NVENC through PyNvVideoCodec, fed NV12 straight from device memory (CUDA only; imported lazily,
+  because its import fails without the NVENC driver library).
+Both write Constrained Baseline (what aiortc offers: profile-level-id 42e01f / 42001f), no B-frames, SPS/PPS before
+every IDR, and VUI colour tags matching kernels/colour.py's RGB → NV12 conversion (BT.601 limited).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from fractions import Fraction
+from typing import Any
+
+import av
+import numpy as np
+import torch
+from av import VideoFrame
+
+from kernels.colour import BT601_LIMITED, rgb_to_nv12
+from serve.pipelines.worker import FrameStamp
+
+log = logging.getLogger(__name__)
+
+KEYFRAME_INTERVAL_S = 10  # an IDR at least this often, for a receiver whose PLI got lost
+FRAME_RATE_HINT = 30  # rate control's frame-rate assumption; timestamps still come from the frames
+BITRATE_STEP = 0.1  # retune the encoder when the target moves by more than this fraction (as aiortc does)
+
+
+NAL_IDR, NAL_SPS, NAL_PPS = 5, 7, 8
+
+
+def nal_types(data: bytes) -> list[int]:
+    """The nal_unit_type of each NAL unit of an Annex B access unit (after each 00 00 01 start code)."""
+    types, start = [], data.find(b"\x00\x00\x01")
+    while start != -1 and start + 3 < len(data):
+        types.append(data[start + 3] & 0x1F)
+        start = data.find(b"\x00\x00\x01", start + 3)
+    return types
+
+
+class DeviceFrame:
+    """An NV12 frame in device memory [H + H/2, W], with the timestamp fields the output track paces by."""
+
+    def __init__(self, nv12: torch.Tensor, pts: int, time_base: Fraction) -> None:
+        self.nv12, self.pts, self.time_base = nv12, pts, time_base
+
+    def to_video_frame(self) -> VideoFrame:
+        """A host copy, for the snapshot and the recorder only (never on the encoding path)."""
+        frame = VideoFrame.from_ndarray(self.nv12.cpu().numpy(), format="nv12")
+        frame.pts, frame.time_base = self.pts, self.time_base
+        return frame
+
+
+class PacketEncoder(ABC):
+    """One stream's encoder. `prepare` runs on the pipeline worker (conversion on the device the frames are on);
+    `encode` runs in a thread-pool executor, one frame at a time, in playout order."""
+
+    name: str
+
+    def __init__(self, bitrate_bps: int) -> None:
+        self.target_bitrate = bitrate_bps  # set by the output track from the receiver's estimate
+        self.frames = 0
+        self.keyframes = 0
+
+    @abstractmethod
+    def prepare(self, frames: np.ndarray | torch.Tensor, stamps: list[FrameStamp]) -> list[Any]:
+        """uint8 RGB [T, H, W, 3] (host or device) → one encoder input a frame, carrying `pts` and `time_base`."""
+
+    @abstractmethod
+    def _encode(self, frame: Any, keyframe: bool) -> bytes | None:
+        """One frame → one H.264 access unit in Annex B (None while the encoder holds it back)."""
+
+    def encode(self, frame: Any, keyframe: bool) -> av.Packet | None:
+        data = self._encode(frame, keyframe)
+        self.frames += 1
+        if not data:
+            return None
+        packet = av.Packet(data)
+        packet.pts, packet.time_base = frame.pts, frame.time_base
+        if NAL_IDR in nal_types(data):
+            self.keyframes += 1
+        return packet
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the encoder; idempotent."""
+
+
+class X264Encoder(PacketEncoder):
+    name = "libx264"
+
+    def __init__(self, bitrate_bps: int, preset: str = "superfast") -> None:
+        super().__init__(bitrate_bps)
+        self.preset = preset
+        self._codec: Any = None
+
+    def prepare(self, frames: np.ndarray | torch.Tensor, stamps: list[FrameStamp]) -> list[VideoFrame]:
+        """Host frames: swscale converts them (on a CPU it is several times faster than the torch reference).
+        Device frames: the kernel converts them there, and only NV12 (half the bytes of RGB) comes to the host."""
+        out = []
+        for image, stamp in zip(frames, stamps, strict=True):
+            if isinstance(image, np.ndarray):
+                rgb = VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+                frame = rgb.reformat(format="nv12", dst_colorspace="ITU601", dst_color_range="MPEG")
+            else:
+                frame = VideoFrame.from_ndarray(rgb_to_nv12(image, BT601_LIMITED).cpu().numpy(), format="nv12")
+            frame.pts, frame.time_base = stamp.pts, stamp.time_base
+            out.append(frame)
+        return out
+
+    def _open(self, frame: VideoFrame) -> Any:
+        codec = av.CodecContext.create("libx264", "w")
+        codec.width, codec.height, codec.pix_fmt = frame.width, frame.height, "nv12"
+        codec.time_base = frame.time_base
+        codec.framerate = Fraction(FRAME_RATE_HINT, 1)
+        codec.bit_rate = self.target_bitrate
+        codec.thread_count = 1  # one core per stream at most: many streams share two cores better than slices do
+        kbps = self.target_bitrate // 1000
+        codec.options = {
+            "preset": self.preset,
+            "tune": "zerolatency",
+            "level": "31",
+            "forced-idr": "1",  # a forced keyframe is an IDR, which a browser can start from
+            "g": str(KEYFRAME_INTERVAL_S * FRAME_RATE_HINT),
+            "x264-params": (
+                f"bframes=0:scenecut=0:repeat-headers=1:vbv-maxrate={kbps}:vbv-bufsize={kbps // 2}"
+                ":colorprim=smpte170m:transfer=smpte170m:colormatrix=smpte170m:range=tv"
+            ),
+        }
+        codec.profile = "Baseline"  # x264's baseline is Constrained Baseline (no FMO/ASO/redundant slices)
+        return codec
+
+    def _encode(self, frame: VideoFrame, keyframe: bool) -> bytes | None:
+        codec = self._codec
+        if codec is not None and (frame.width, frame.height) != (codec.width, codec.height):
+            codec = None  # a new resolution (a reload): a new stream of IDR + headers
+        if codec is None:
+            codec = self._codec = self._open(frame)
+        elif abs(self.target_bitrate - codec.bit_rate) > BITRATE_STEP * codec.bit_rate:
+            codec.bit_rate = self.target_bitrate  # libx264 reconfigures its rate control live, without an IDR
+        frame.pict_type = av.video.frame.PictureType.I if keyframe else av.video.frame.PictureType.NONE
+        return b"".join(bytes(packet) for packet in codec.encode(frame)) or None
+
+    def close(self) -> None:
+        self._codec = None
+
+
+class NvencEncoder(PacketEncoder):
+    """NVENC via PyNvVideoCodec: NV12 from device memory, no host copy of the frame.
+
+    Written against PyNvVideoCodec 2.2's documented API (reference/perf-and-zero-copy.md B4); exercised only by the
+    gpu-marked tests (tests/test_packet_path.py)."""
+
+    name = "nvenc"
+
+    def __init__(self, bitrate_bps: int, device: torch.device) -> None:
+        super().__init__(bitrate_bps)
+        import PyNvVideoCodec as nvc
+
+        self._nvc = nvc
+        self.device = device
+        self._encoder: Any = None
+        self._size: tuple[int, int] | None = None
+        self._bitrate = bitrate_bps
+
+    def prepare(self, frames: np.ndarray | torch.Tensor, stamps: list[FrameStamp]) -> list[DeviceFrame]:
+        rgb = torch.from_numpy(frames).to(self.device, non_blocking=True) if isinstance(frames, np.ndarray) else frames
+        return [
+            DeviceFrame(rgb_to_nv12(image, BT601_LIMITED), stamp.pts, stamp.time_base)
+            for image, stamp in zip(rgb, stamps, strict=True)
+        ]
+
+    def _open(self, height: int, width: int) -> Any:
+        stream = torch.cuda.current_stream(self.device)
+        return self._nvc.CreateEncoder(
+            width, height, "NV12", False,  # usecpuinputbuffer=False: frames come as CUDA arrays
+            codec="h264", profile="baseline", preset="P1", tuning_info="ultra_low_latency", rc="cbr",
+            bitrate=self._bitrate, fps=FRAME_RATE_HINT, gop=KEYFRAME_INTERVAL_S * FRAME_RATE_HINT,
+            idrperiod=KEYFRAME_INTERVAL_S * FRAME_RATE_HINT, bf=0, repeatspspps=1,
+            vbvbufsize=self._bitrate // 2, colorspace="bt601", cudastream=stream.cuda_stream,
+        )  # fmt: skip
+
+    def _encode(self, frame: DeviceFrame, keyframe: bool) -> bytes | None:
+        height, width = frame.nv12.shape[0] * 2 // 3, frame.nv12.shape[1]
+        if self._encoder is None or self._size != (height, width):
+            self._encoder, self._size = self._open(height, width), (height, width)
+        elif abs(self.target_bitrate - self._bitrate) > BITRATE_STEP * self._bitrate:
+            params = self._encoder.GetEncodeReconfigureParams()
+            params.averageBitrate = self._bitrate = self.target_bitrate
+            self._encoder.Reconfigure(params)
+        torch.cuda.current_stream(self.device).synchronize()  # the conversion kernel wrote the frame on our stream
+        if keyframe:
+            pic = self._nvc.NV_ENC_PIC_PARAMS()
+            flags = self._nvc.NV_ENC_PIC_FLAGS
+            pic.encodePicFlags = int(flags.FORCEIDR) | int(flags.OUTPUT_SPSPPS)
+            data = self._encoder.Encode(frame.nv12, pic)
+        else:
+            data = self._encoder.Encode(frame.nv12)
+        return bytes(data) if data else None
+
+    def close(self) -> None:
+        if self._encoder is not None:
+            self._encoder.EndEncode()
+            self._encoder = None
+
+
+_said: set[str] = set()
+
+
+def make_encoder(device: torch.device, bitrate_bps: int, x264_preset: str) -> PacketEncoder:
+    """NVENC where the pipeline's device is a CUDA GPU with NVENC, else libx264; one log line says which and why."""
+    reason = "the pipeline runs on the CPU"
+    if device.type == "cuda":
+        try:
+            encoder: PacketEncoder = NvencEncoder(bitrate_bps, device)
+        except Exception as exc:  # ImportError without the wheel; RuntimeError without libnvidia-encode
+            reason = f"NVENC unavailable ({type(exc).__name__}: {exc})"
+        else:
+            _say("h264 encoder=nvenc")
+            return encoder
+    _say(f"h264 encoder=libx264 preset={x264_preset} ({reason})")
+    return X264Encoder(bitrate_bps, x264_preset)
+
+
+def _say(line: str) -> None:
+    if line not in _said:
+        _said.add(line)
+        log.info(line)

@@ -1,0 +1,136 @@
+"""The H.264 packet path: our encoder's `av.Packet`s go straight into aiortc's packetizer (serve/webrtc/encoders.py,
+serve/webrtc/tracks.py, serve/webrtc/codecs.py), with PLI → IDR and the receiver's bitrate estimate applied."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from fractions import Fraction
+
+import av
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from serve.pipelines.worker import FrameStamp
+from serve.webrtc.encoders import NAL_IDR, NAL_PPS, NAL_SPS, X264Encoder, nal_types
+from tests.support.rtc_client import ScopeClient
+from tests.support.scenes import textured_scene
+from tests.support.server import RunningServer, load_pipeline, run_server
+
+SIZE = 128
+FRAME_INTERVAL_S = 1 / 30
+
+
+def encode_scene(encoder: X264Encoder, count: int, keyframe_at: set[int]) -> list[av.Packet]:
+    images = np.stack([textured_scene(i, SIZE, SIZE) for i in range(count)])
+    stamps = [FrameStamp(3000 * i, Fraction(1, 90000), None) for i in range(count)]
+    frames = encoder.prepare(images, stamps)
+    packets = [encoder.encode(frame, i in keyframe_at) for i, frame in enumerate(frames)]
+    assert all(p is not None for p in packets), "zerolatency: one access unit out per frame in, none held back"
+    return packets  # type: ignore[return-value]
+
+
+def test_x264_writes_baseline_idr_with_headers_and_601_vui() -> None:
+    encoder = X264Encoder(1_000_000)
+    packets = encode_scene(encoder, 12, keyframe_at={7})
+    types = [nal_types(bytes(p)) for p in packets]
+    idr = [i for i, t in enumerate(types) if NAL_IDR in t]
+    assert idr == [0, 7], types  # the first frame and the requested one; no periodic IDRs in between
+    for i in idr:
+        assert {NAL_SPS, NAL_PPS} <= set(types[i])  # SPS/PPS in band before every IDR: a browser can join there
+    sps = bytes(packets[0]).split(b"\x00\x00\x01")[1]  # the first NAL unit (x264 writes the SPS first)
+    assert sps[0] & 0x1F == NAL_SPS and sps[1] == 66 and sps[2] & 0x40  # profile_idc Baseline, constraint_set1
+    assert [p.pts for p in packets] == [3000 * i for i in range(12)]  # no reordering: no B-frames
+    decoder = av.CodecContext.create("h264", "r")
+    decoded = [frame for p in packets for frame in decoder.decode(av.Packet(bytes(p)))]
+    assert decoded[0].colorspace == 6 and decoded[0].color_range == 1  # VUI: SMPTE 170M (BT.601), limited range
+    error = np.abs(decoded[5].to_ndarray(format="rgb24").astype(int) - textured_scene(5, SIZE, SIZE)).mean()
+    assert error < 12, error  # the picture made it through the conversion and the codec
+
+
+def test_x264_follows_the_target_bitrate() -> None:
+    low, high = X264Encoder(300_000), X264Encoder(300_000)
+    high.target_bitrate = 3_000_000  # as the output track sets it from the receiver's estimate
+    sizes = {name: sum(p.size for p in encode_scene(e, 30, set())[1:]) for name, e in (("low", low), ("high", high))}
+    assert sizes["high"] > 2 * sizes["low"], sizes
+
+
+@pytest.fixture(scope="module")
+def passthrough(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """`--frame-path device`: input planes through kernels/colour.py even on this CPU, so the whole path runs."""
+    with run_server(tmp_path_factory.mktemp("server"), "--frame-path", "device") as server:
+        status = load_pipeline(server.url, "passthrough", height=SIZE, width=SIZE)
+        assert status["status"] == "loaded", status
+        yield server
+
+
+async def test_h264_packets_stream_to_an_aiortc_client_and_pli_gives_an_idr(passthrough: RunningServer) -> None:
+    client = ScopeClient(passthrough.url, initial_parameters={"input_mode": "video"}, codec="video/H264")
+    await client.connect()
+    try:
+        frames = await client.wait_frames(45)
+        video = httpx.get(f"{passthrough.url}/api/v1/sessions/{client.session_id}/metrics").json()["video"]
+        assert video["codec"] == "video/H264" and video["encoder"] == "libx264", video
+        assert all((f.width, f.height) == (SIZE, SIZE) for f in frames)
+        counters = [f.counter for f in frames[5:]]
+        assert counters == sorted(counters), counters  # in order
+        assert counters[-1] - counters[0] <= len(counters) + 3, counters  # and nearly all of them
+        assert client.track.sent - counters[-1] < 15  # the content is the input's, recent
+
+        # A PLI from the receiver: the next frame encoded is an IDR.
+        before = len(client.frames)
+        assert not any(f.key_frame for f in client.frames[before - 30 : before]), "IDRs without a request"
+        receiver = client.pc.getReceivers()[0]
+        ssrc = receiver.getSynchronizationSources()[0].source
+        sent_at = time.monotonic()
+        await receiver._send_rtcp_pli(ssrc)
+        await client.wait_frames(before + 6)
+        after = client.frames[before:]
+        keyframe = next(i for i, f in enumerate(after) if f.key_frame)
+        # Frame 0 may have been encoded before the PLI landed; the one after it is the IDR (one frame interval).
+        assert keyframe <= 1, [f.key_frame for f in after]
+        assert after[keyframe].at - sent_at < 3 * FRAME_INTERVAL_S + 0.1
+        metrics = httpx.get(f"{passthrough.url}/api/v1/sessions/{client.session_id}/metrics").json()["video"]
+        assert metrics["keyframes_requested"] >= 1 and metrics["keyframes"] >= 2
+        # aiortc's receiver sends REMB: its estimate replaced the start bitrate on our encoder.
+        deadline = time.monotonic() + 5
+        while metrics["bitrate_bps"] == 1_500_000:
+            assert time.monotonic() < deadline, metrics
+            await asyncio.sleep(0.2)
+            metrics = httpx.get(f"{passthrough.url}/api/v1/sessions/{client.session_id}/metrics").json()["video"]
+    finally:
+        await client.close()
+
+
+async def test_vp8_stays_the_default_and_aiortc_encodes_it(passthrough: RunningServer) -> None:
+    client = ScopeClient(passthrough.url, initial_parameters={"input_mode": "video"})  # offers VP8 first
+    await client.connect()
+    try:
+        frames = await client.wait_frames(10)
+        video = httpx.get(f"{passthrough.url}/api/v1/sessions/{client.session_id}/metrics").json()["video"]
+        assert video["codec"] == "video/VP8" and video["encoder"] == "aiortc", video
+        assert (frames[-1].width, frames[-1].height) == (SIZE, SIZE)
+    finally:
+        await client.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NVENC needs a CUDA GPU (and PyNvVideoCodec)")
+def test_nvenc_encodes_device_frames_with_idr_on_request() -> None:
+    from serve.webrtc.encoders import NvencEncoder
+
+    pytest.importorskip("PyNvVideoCodec", reason="PyNvVideoCodec is not installed (pip install pynvvideocodec)")
+    encoder = NvencEncoder(1_000_000, torch.device("cuda"))
+    images = torch.from_numpy(np.stack([textured_scene(i, SIZE, SIZE) for i in range(10)])).cuda()
+    stamps = [FrameStamp(3000 * i, Fraction(1, 90000), None) for i in range(10)]
+    frames = encoder.prepare(images, stamps)
+    packets = [encoder.encode(frame, i == 6) for i, frame in enumerate(frames)]
+    types = [nal_types(bytes(p)) if p is not None else [] for p in packets]
+    assert NAL_IDR in types[0] and NAL_IDR in types[6] and {NAL_SPS, NAL_PPS} <= set(types[6]), types
+    decoder = av.CodecContext.create("h264", "r")
+    decoded = [f for p in packets if p is not None for f in decoder.decode(av.Packet(bytes(p)))]
+    assert len(decoded) >= 8
+    encoder.close()
