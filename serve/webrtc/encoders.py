@@ -25,6 +25,7 @@ import av
 import numpy as np
 import torch
 from av import VideoFrame
+from av.video.reformatter import VideoReformatter
 
 from kernels.colour import BT601_LIMITED, rgb_to_nv12
 from serve.pipelines.worker import FrameStamp
@@ -102,6 +103,9 @@ class X264Encoder(PacketEncoder):
         super().__init__(bitrate_bps)
         self.preset = preset
         self._codec: Any = None
+        # One swscale context for the stream, one thread: a fresh frame's own reformatter builds a context and a
+        # thread pool per call, which profiling showed as a large share of the path's CPU (benchmarks/RESULTS.md).
+        self._reformatter = VideoReformatter()
 
     def prepare(self, frames: np.ndarray | torch.Tensor, stamps: list[FrameStamp]) -> list[VideoFrame]:
         """Host frames: swscale converts them (on a CPU it is several times faster than the torch reference).
@@ -110,7 +114,9 @@ class X264Encoder(PacketEncoder):
         for image, stamp in zip(frames, stamps, strict=True):
             if isinstance(image, np.ndarray):
                 rgb = VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-                frame = rgb.reformat(format="nv12", dst_colorspace="ITU601", dst_color_range="MPEG")
+                frame = self._reformatter.reformat(
+                    rgb, format="nv12", dst_colorspace="ITU601", dst_color_range="MPEG", threads=1
+                )
             else:
                 frame = VideoFrame.from_ndarray(rgb_to_nv12(image, BT601_LIMITED).cpu().numpy(), format="nv12")
             frame.pts, frame.time_base = stamp.pts, stamp.time_base

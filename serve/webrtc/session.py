@@ -22,6 +22,7 @@ import torch
 from aiortc import RTCPeerConnection, RTCSessionDescription, rtcsctptransport
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
+from av.video.reformatter import VideoReformatter
 
 from serve.errors import FrameConversionError, InvalidParameters, InvalidRequest, RecordingConflict, WanrtError
 from serve.pipelines.base import Pipeline
@@ -113,6 +114,7 @@ class PeerSession:
         self.channel: Any = None
         self.output = OutputTrack(capacity_frames=2 * pipeline.chunk_frames, on_drained=self._wake_worker)
         self.output_codec: str | None = None
+        self._reformatter = None if settings.frame_path == "host" else VideoReformatter()
         yuv_input = pipeline.frame_input == "yuv" and (
             settings.frame_path == "device"
             or (settings.frame_path == "auto" and pipeline_device(pipeline).type != "cpu")
@@ -241,10 +243,14 @@ class PeerSession:
             self.slot.push_input(frame, FrameStamp(frame.pts, frame.time_base, time.monotonic()))
 
     def _to_array(self, frame: VideoFrame) -> np.ndarray:
-        # Runs on the worker thread: one swscale pass converts to RGB and resizes to the loaded resolution.
+        # Runs on the worker thread: one swscale pass converts to RGB and resizes to the loaded resolution. The new
+        # frame paths keep one single-threaded swscale context per session (a frame's own builds a context and a
+        # thread pool per call); `--frame-path host` keeps the old per-frame one, for comparison.
         width, height = self.pipeline.width, self.pipeline.height
         try:
-            return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+            if self._reformatter is None:
+                return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+            return self._reformatter.reformat(frame, width, height, "rgb24", threads=1).to_ndarray()
         except Exception as exc:  # av raises ValueError, OSError or its own errors
             raise FrameConversionError(
                 f"could not convert a {frame.width}×{frame.height} {frame.format.name} input frame to {width}×{height} "

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,7 @@ class ScopeClient:
     track: CounterTrack | None = None
     input_track: MediaStreamTrack | None = None  # sent instead of a CounterTrack (e.g. a still image: same input)
     codec: str | None = None  # e.g. "video/H264": offered alone (with its RTX), as setCodecPreferences does
+    read_index: Callable[[np.ndarray], int] = read_counter  # a received frame's index, from its pixels
 
     async def connect(self) -> str:
         async with httpx.AsyncClient(base_url=self.url, timeout=10) as http:
@@ -127,8 +129,8 @@ class ScopeClient:
             rgb = frame.to_ndarray(format="rgb24")
             self.frames.append(
                 Received(
-                    read_counter(rgb), frame.width, frame.height, time.monotonic(), rgb if self.keep_pixels else None,
-                    frame.key_frame,
+                    self.read_index(rgb), frame.width, frame.height, time.monotonic(),
+                    rgb if self.keep_pixels else None, frame.key_frame,
                 )
             )  # fmt: skip
 
