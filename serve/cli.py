@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-sessions", type=int, default=defaults.webrtc.max_sessions)
     serve.add_argument(
+        "--nvdec", action="store_true", help="decode incoming H.264 with NVDEC, frames kept on the GPU (CUDA only)"
+    )
+    serve.add_argument(
         "--frame-path",
         choices=["auto", "device", "host"],
         default=defaults.webrtc.frame_path,
@@ -177,6 +180,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             ice_interfaces=args.ice_interfaces,
             max_sessions=args.max_sessions,
             frame_path=args.frame_path,
+            nvdec=args.nvdec,
             peer_timeout_s=args.peer_timeout_s,
             connect_timeout_s=args.connect_timeout_s,
         ),

@@ -70,6 +70,8 @@ class WebRTCSettings:
     torch reference: benchmarks/RESULTS.md). H.264, when negotiated, is encoded by our encoder (NVENC, or libx264)
     whose packets aiortc sends as they are. `device`: YUV planes even on a CPU (tests run the plumbing so).
     `host`: the old path (swscale RGB, aiortc's own encoders), kept for comparison (benchmarks/serve_passthrough)."""
+    nvdec: bool = False
+    """Decode incoming H.264 with NVDEC (serve/webrtc/nvdec.py): frames stay on the GPU. CUDA machines only."""
     x264_preset: str = "superfast"
     """libx264's preset on the H.264 packet path without NVENC (ultrafast, superfast, veryfast, ...)."""
 

@@ -134,3 +134,41 @@ def test_nvenc_encodes_device_frames_with_idr_on_request() -> None:
     decoded = [f for p in packets if p is not None for f in decoder.decode(av.Packet(bytes(p)))]
     assert len(decoded) >= 8
     encoder.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NVDEC needs a CUDA GPU")
+def test_nvdec_frames_stay_on_the_device_and_convert_like_software() -> None:
+    from serve.pipelines.frames import YuvChunk, upload_yuv
+    from serve.webrtc.nvdec import NvdecH264Decoder
+    from serve.webrtc.planes import read_planes
+
+    packets = encode_scene(X264Encoder(1_000_000), 6, set())
+    hardware, software = NvdecH264Decoder(), av.CodecContext.create("h264", "r")
+    for packet in packets:
+        for on_gpu, on_cpu in zip(hardware.codec.decode(av.Packet(bytes(packet))),
+                                  software.decode(av.Packet(bytes(packet))), strict=True):  # fmt: skip
+            planes = read_planes(on_gpu)
+            assert isinstance(planes.y, torch.Tensor) and planes.y.is_cuda
+            device = upload_yuv(YuvChunk((planes,)), torch.device("cuda"), SIZE, SIZE)
+            host = upload_yuv(YuvChunk((read_planes(on_cpu),)), torch.device("cpu"), SIZE, SIZE)
+            assert (device.cpu() - host).abs().max() * 127.5 <= 2.0  # NVDEC and libavcodec decode alike
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled Triton kernels need a CUDA GPU")
+def test_compiled_colour_kernels_equal_their_references_on_cuda() -> None:
+    from kernels import triton_colour
+    from kernels.colour import Colour, rgb_to_nv12, rgb_to_nv12_reference, yuv420_to_rgb, yuv420_to_rgb_reference
+
+    assert triton_colour.unavailable_reason() is None
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 256, (481, 641), dtype=torch.uint8, generator=generator).cuda()
+    uv = torch.randint(0, 256, (241, 642), dtype=torch.uint8, generator=generator).cuda()
+    for colour in (Colour(), Colour("bt709", True)):
+        out = torch.empty((3, 512, 512), device="cuda")
+        yuv420_to_rgb(y, uv[:, 0::2], uv[:, 1::2], colour, out)
+        reference = yuv420_to_rgb_reference(y, uv[:, 0::2], uv[:, 1::2], colour, 512, 512)
+        torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    rgb = torch.randint(0, 256, (480, 832, 3), dtype=torch.uint8, generator=generator).cuda()
+    assert (rgb_to_nv12(rgb).int() - rgb_to_nv12_reference(rgb).int()).abs().max() <= 1

@@ -25,9 +25,9 @@ class YuvFrame:
     """One decoded 4:2:0 frame: views of the decoder's planes (rows may be padded; NV12's U and V are strided views
     of its interleaved plane). `owner` keeps the decoder's buffers alive while the views are in use."""
 
-    y: np.ndarray  # [h, w] uint8
-    u: np.ndarray  # [ceil(h/2), ceil(w/2)] uint8
-    v: np.ndarray  # [ceil(h/2), ceil(w/2)] uint8
+    y: np.ndarray | Tensor  # [h, w] uint8; a CUDA tensor when NVDEC decoded the frame (serve/webrtc/nvdec.py)
+    u: np.ndarray | Tensor  # [ceil(h/2), ceil(w/2)] uint8
+    v: np.ndarray | Tensor  # [ceil(h/2), ceil(w/2)] uint8
     colour: Colour
     owner: object = None
 
@@ -42,9 +42,12 @@ class YuvChunk:
 
 def upload_yuv(chunk: YuvChunk, device: torch.device, height: int, width: int) -> Tensor:
     """[T, 3, height, width] float32 in [-1, 1] on `device`: one host→device copy for the whole chunk."""
-    planes = [[torch.from_numpy(plane) for plane in (f.y, f.u, f.v)] for f in chunk.frames]
-    if device.type != "cpu":
-        planes = _to_device(planes, device)
+    if all(isinstance(f.y, Tensor) and f.y.device == device for f in chunk.frames):
+        planes = [[f.y, f.u, f.v] for f in chunk.frames]  # NVDEC's frames: already there, no copy at all
+    else:
+        planes = [[_host(plane) for plane in (f.y, f.u, f.v)] for f in chunk.frames]
+        if device.type != "cpu":
+            planes = _to_device(planes, device)
     out = torch.empty((len(chunk), 3, height, width), dtype=torch.float32, device=device)
     with one_host_thread() if device.type == "cpu" else contextlib.nullcontext():
         for index, (frame, (y, u, v)) in enumerate(zip(chunk.frames, planes, strict=True)):
@@ -62,6 +65,10 @@ def one_host_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _host(plane: np.ndarray | Tensor) -> Tensor:
+    return torch.from_numpy(plane) if isinstance(plane, np.ndarray) else plane.cpu()
 
 
 def _to_device(planes: list[list[Tensor]], device: torch.device) -> list[list[Tensor]]:

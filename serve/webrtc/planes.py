@@ -26,6 +26,8 @@ def read_planes(frame: VideoFrame) -> YuvFrame:
     """yuv420p (what aiortc's software decoders give) and nv12 (NVDEC's layout) are read in place; any other
     format is converted to yuv420p first by swscale, said once per format."""
     name = frame.format.name
+    if name == "cuda":  # NVDEC (serve/webrtc/nvdec.py): the planes stay in device memory
+        return _device_planes(frame)
     if name not in ("yuv420p", "yuvj420p", "nv12"):
         if name not in _said:
             _said.add(name)
@@ -47,3 +49,14 @@ def read_planes(frame: VideoFrame) -> YuvFrame:
         uv = _plane(frame, 1, 2 * chroma_w)
         return YuvFrame(y, uv[:, 0::2], uv[:, 1::2], colour, frame)
     return YuvFrame(y, _plane(frame, 1, chroma_w), _plane(frame, 2, chroma_w), colour, frame)
+
+
+def _device_planes(frame: VideoFrame) -> YuvFrame:
+    """A CUDA frame's NV12 planes as torch CUDA tensors through DLPack (PyAV 18: the decoder must be done with it,
+    which `decode` returning it means; stream None as its DLPack export requires)."""
+    import torch
+
+    y = torch.from_dlpack(frame.planes[0])  # [h, w] uint8 (its pitch is the tensor's row stride)
+    uv = torch.from_dlpack(frame.planes[1])  # [h/2, w] uint8: U, V interleaved
+    colour = Colour.of_frame(frame.colorspace, frame.color_range)
+    return YuvFrame(y, uv[:, 0::2], uv[:, 1::2], colour, frame)  # type: ignore[arg-type]
