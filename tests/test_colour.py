@@ -187,3 +187,25 @@ def off_by_at_most_one(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_nv12_needs_even_sizes() -> None:
     with pytest.raises(ValueError, match="even frame size"):
         rgb_to_nv12_reference(torch.zeros((5, 8, 3), dtype=torch.uint8))
+
+
+def test_model_stream_takes_yuv_chunks_as_it_takes_swscale_rgb(frames) -> None:
+    """The model pipelines' one upload (HostBridge.upload): a YuvChunk becomes the same [1, 3, T, H, W] pixels as
+    swscale's RGB of the same frames (within its truncation), and a chunk of planes runs through `process`."""
+    from serve.pipelines.autoregressive import HostBridge
+    from tests.support.streams import SIZE, open_stream
+
+    stream, params = open_stream("streamdiffusionv2")
+    chunk_frames = stream.p.chunk_frames
+    decoded = (frames["even"] * chunk_frames)[:chunk_frames]
+    for frame in decoded:
+        frame.colorspace, frame.color_range = 2, 0
+    chunk = YuvChunk(tuple(read_planes(f) for f in decoded))
+    rgb = np.stack([f.to_ndarray(format="rgb24") for f in decoded])  # at the source size: colour only
+    bridge = HostBridge(torch.device("cpu"), seed=0)
+    planes = bridge.upload(chunk, decoded[0].height, decoded[0].width)
+    swscale = bridge.upload(rgb, decoded[0].height, decoded[0].width)
+    assert planes.shape == swscale.shape == (1, 3, chunk_frames, decoded[0].height, decoded[0].width)
+    assert (planes - swscale).abs().max() * 127.5 <= 3.0 and bridge.uploads == 2
+    out = stream.process(chunk, {**params, "input_mode": "video"})
+    assert out.shape[1:] == (SIZE, SIZE, 3) and out.dtype == np.uint8
