@@ -187,13 +187,17 @@ class NvencEncoder(PacketEncoder):
 
     def _open(self, height: int, width: int) -> Any:
         stream = torch.cuda.current_stream(self.device)
+        gop = KEYFRAME_INTERVAL_S * FRAME_RATE_HINT
+        config = {  # the sample configs spell every value as a string
+            "codec": "h264", "profile": "baseline", "preset": "P1", "tuning_info": "ultra_low_latency", "rc": "cbr",
+            "bitrate": self._bitrate, "fps": FRAME_RATE_HINT, "gop": gop, "idrperiod": gop, "bf": 0,
+            "repeatspspps": 1, "vbvbufsize": self._bitrate // 2,
+        }  # fmt: skip
+        # usecpuinputbuffer=False: frames come as CUDA arrays. NVENC's default VUI is unspecified colour, which
+        # decoders read as BT.601 limited, the matrix the conversion used [unverified on a GPU].
         return self._nvc.CreateEncoder(
-            width, height, "NV12", False,  # usecpuinputbuffer=False: frames come as CUDA arrays
-            codec="h264", profile="baseline", preset="P1", tuning_info="ultra_low_latency", rc="cbr",
-            bitrate=self._bitrate, fps=FRAME_RATE_HINT, gop=KEYFRAME_INTERVAL_S * FRAME_RATE_HINT,
-            idrperiod=KEYFRAME_INTERVAL_S * FRAME_RATE_HINT, bf=0, repeatspspps=1,
-            vbvbufsize=self._bitrate // 2, colorspace="bt601", cudastream=stream.cuda_stream,
-        )  # fmt: skip
+            width, height, "NV12", False, cudastream=stream.cuda_stream, **{k: str(v) for k, v in config.items()}
+        )
 
     def _encode(self, frame: DeviceFrame, keyframe: bool) -> bytes | None:
         height, width = frame.nv12.shape[0] * 2 // 3, frame.nv12.shape[1]
@@ -211,12 +215,23 @@ class NvencEncoder(PacketEncoder):
             data = self._encoder.Encode(frame.nv12, pic)
         else:
             data = self._encoder.Encode(frame.nv12)
-        return bytes(data) if data else None
+        return _bitstream(data) or None
 
     def close(self) -> None:
         if self._encoder is not None:
             self._encoder.EndEncode()
             self._encoder = None
+
+
+def _bitstream(out: Any) -> bytes:
+    """Encode's result as bytes: bytes-like, or (with picture params) a list of packets with a `data` field."""
+    if isinstance(out, bytes | bytearray | memoryview):
+        return bytes(out)
+    if isinstance(out, list | tuple):
+        return b"".join(_bitstream(item) for item in out)
+    if isinstance(out, dict):
+        return _bitstream(out["data"])
+    return bytes(getattr(out, "data", out))
 
 
 _said: set[str] = set()
