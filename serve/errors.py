@@ -54,6 +54,12 @@ class UnknownSession(WanrtError):
     status_code = 404
 
 
+class SessionGone(WanrtError):
+    """A cluster session whose worker died: its stream ended with the worker, and nothing of it can be reached."""
+
+    status_code = 410
+
+
 class UnknownAsset(WanrtError):
     status_code = 404
 

@@ -311,3 +311,34 @@ class AssetList(Struct):
 def params_to_dict(params: Struct) -> dict[str, Any]:
     """The fields that were set, as plain JSON-able values."""
     return msgspec.to_builtins(params)
+
+
+class ClusterWorker(Struct):
+    """One wanrt worker of a cluster (a Ray actor that owns one GPU, or a CPU seat), as GET /api/v1/cluster lists it."""
+
+    name: str
+    """The actor's name; the ids of its sessions start with it (`<name>.<uuid>`)."""
+    state: Literal["alive", "unreachable", "gone"]
+    """`unreachable`: its last call timed out (no new sessions go there); `gone`: its actor died or left."""
+    node_id: str | None = None
+    node_ip: str | None = None
+    gpus: list[str] = msgspec.field(default_factory=list)
+    """The accelerator ids Ray gave the actor; empty for a CPU seat."""
+    pid: int | None = None
+    pipeline: PipelineStatus | None = None
+    seats: int = 0
+    """Sessions it takes at once (its --max-sessions)."""
+    sessions: list[str] = msgspec.field(default_factory=list)
+    """Its live session ids."""
+    lost_sessions: list[str] = msgspec.field(default_factory=list)
+    """The sessions it held when it went: their streams ended with it."""
+    error: str | None = None
+    """Why it is unreachable or gone."""
+    last_seen: float | None = None
+    """Unix time of its last answer to the front."""
+
+
+class ClusterStatus(Struct):
+    pipeline_id: str | None
+    """The pipeline new offers get (the last load's)."""
+    workers: list[ClusterWorker]

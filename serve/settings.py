@@ -85,6 +85,20 @@ class RecordingSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """How a cluster front (`wanrt cluster serve`) finds and watches its Ray workers (serve/cluster/front.py)."""
+
+    address: str = "auto"
+    """Ray cluster address (`--address`, env RAY_ADDRESS): `auto` joins the cluster of this machine's `ray start`."""
+    poll_interval_s: float = 1.0
+    """How often every worker is asked for its summary; a dead worker is noticed within this (or at its next call)."""
+    call_timeout_s: float = 10.0
+    """A worker that does not answer a summary in this long is `unreachable` and gets no new sessions."""
+    placement_max_age_s: float = 0.25
+    """An offer is placed on summaries at most this old (fresher ones are fetched first)."""
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000

@@ -1,0 +1,196 @@
+"""The cluster: `wanrt cluster serve` in front of `wanrt cluster worker` actors on a real local Ray cluster.
+
+One Ray head per module (in this process), two worker actors with one seat each from one `wanrt cluster worker`,
+and the front as a subprocess; aiortc clients (tests/support/rtc_client.py) stream through it. The tests run in
+order and share the cluster: each leaves every seat free, except where it says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.cluster import RunningWorker, local_ray, start_worker
+from tests.support.rtc_client import ScopeClient
+from tests.support.server import RunningServer, load_pipeline, run_server
+
+pytest.importorskip("ray", reason="the cluster extra is not installed (pip install -e '.[cluster]')")
+
+pytestmark = pytest.mark.slow
+PASSTHROUGH = {"height": 64, "width": 64}
+TINY_MODEL = ("streamdiffusionv2", {"height": 64, "width": 64, "random_weights": True})
+
+
+@dataclass
+class Cluster:
+    address: str
+    tmp_dir: Path
+    front: RunningServer
+    workers: RunningWorker
+
+    def state(self) -> dict:
+        return httpx.get(f"{self.front.url}/api/v1/cluster", timeout=10).json()
+
+    def worker(self, name: str) -> dict:
+        return next(w for w in self.state()["workers"] if w["name"] == name)
+
+    def wait(self, predicate, what: str, timeout_s: float = 20.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while not predicate(state := self.state()):
+            assert time.monotonic() < deadline, f"{what}: {state}"
+            time.sleep(0.1)
+        return state
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp_dir = tmp_path_factory.mktemp("cluster")
+    with local_ray() as address:
+        workers = start_worker(
+            tmp_dir, address, 2, "--max-sessions", "1", "--allow-random-weights", "--peer-timeout-s", "3"
+        )
+        try:
+            with run_server(
+                tmp_dir, "--poll-interval-s", "0.5", command=("cluster", "serve", "--address", address)
+            ) as front:
+                yield Cluster(address, tmp_dir, front, workers)
+        finally:
+            workers.stop()
+
+
+def owner(session_id: str) -> str:
+    return session_id.rpartition(".")[0]
+
+
+async def test_offers_land_on_different_workers_and_signalling_reaches_the_owner(cluster: Cluster) -> None:
+    assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
+    clients = [ScopeClient(cluster.front.url) for _ in range(2)]
+    ids = [await client.connect() for client in clients]  # each PATCHes its candidates through the front: 204
+    assert {owner(i) for i in ids} == set(cluster.workers.names), ids  # one seat each: one session per worker
+    for client in clients:
+        frames = await client.wait_frames(5)
+        assert frames[-1].width == 64
+    # Both seats are taken: the next offer is refused with the single server's error.
+    async with httpx.AsyncClient(base_url=cluster.front.url, timeout=10) as http:
+        from tests.support.rtc_client import offer_sdp
+
+        response = await http.post("/api/v1/webrtc/offer", json={"sdp": await offer_sdp(), "type": "offer"})
+        assert response.status_code == 503 and response.json()["error"] == "CapacityExceeded", response.text
+        listed = {s["sessionId"]: s["worker"] for s in (await http.get("/api/v1/webrtc/sessions")).json()["sessions"]}
+        assert listed == {i: owner(i) for i in ids}
+        metrics = (await http.get(f"/api/v1/sessions/{ids[0]}/metrics")).json()
+        assert metrics["sessionId"] == ids[0] and metrics["worker"] == owner(ids[0])
+        # A data-channel update goes straight to the owner (media and data never pass the front).
+        await clients[1].send({"noise_scale": 0.25})
+        deadline = time.monotonic() + 10
+        while True:
+            sessions = (await http.get("/api/v1/webrtc/sessions")).json()["sessions"]
+            if next(s for s in sessions if s["sessionId"] == ids[1])["parameters"].get("noise_scale") == 0.25:
+                break
+            assert time.monotonic() < deadline, sessions
+            await asyncio.sleep(0.1)
+        for session_id in ids:
+            assert (await http.delete(f"/api/v1/webrtc/offer/{session_id}")).status_code == 204
+            again = await http.delete(f"/api/v1/webrtc/offer/{session_id}")
+            assert again.status_code == 404 and again.json()["error"] == "UnknownSession"
+        unknown = await http.patch("/api/v1/webrtc/offer/nobody.abc", json={"candidates": []})
+        assert unknown.status_code == 404
+    for client in clients:
+        await client.close()
+    cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "seats not freed")
+
+
+async def test_twenty_connect_disconnect_cycles_leave_every_seat_free(cluster: Cluster) -> None:
+    placed = []
+    for _ in range(20):
+        client = ScopeClient(cluster.front.url)
+        placed.append(owner(await client.connect()))
+        await client.wait_frames(1)
+        await client.close()
+        # The worker frees the seat when the peer closes: the front sees it by its next summary.
+        cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "a seat stayed taken", timeout_s=10)
+    assert set(placed) <= set(cluster.workers.names)
+    state = cluster.state()
+    assert [w["sessions"] for w in state["workers"]] == [[], []]
+    metrics = cluster.front.metrics()
+    assert metrics["wanrt_sessions_active"] == 0 and metrics["wanrt_cluster_workers_alive"] == 2
+
+
+async def test_tiny_model_loads_on_an_idle_worker_and_streams(cluster: Cluster) -> None:
+    pipeline_id, params = TINY_MODEL
+    status = load_pipeline(cluster.front.url, pipeline_id, timeout_s=120, **params)
+    assert status["status"] == "loaded", status
+    state = cluster.state()
+    loaded = [w["name"] for w in state["workers"] if w["pipeline"]["pipeline_id"] == pipeline_id]
+    assert len(loaded) == 1 and state["pipeline_id"] == pipeline_id  # the other worker keeps passthrough, warm
+    client = ScopeClient(cluster.front.url)
+    session_id = await client.connect()
+    assert owner(session_id) == loaded[0]  # placed where it is warm
+    frames = await client.wait_frames(4, timeout_s=60)
+    assert (frames[0].width, frames[0].height) == (64, 64)
+    await client.close()
+    cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "seat not freed")
+
+
+async def test_killed_worker_is_gone_and_offers_go_to_live_workers(cluster: Cluster) -> None:
+    assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
+    clients = [ScopeClient(cluster.front.url) for _ in range(2)]
+    ids = [await client.connect() for client in clients]
+    for client in clients:
+        await client.wait_frames(2)
+    victim, survivor = owner(ids[0]), owner(ids[1])
+    os.kill(cluster.worker(victim)["pid"], signal.SIGKILL)  # the GPU process crashes
+
+    state = cluster.wait(lambda s: any(w["state"] == "gone" for w in s["workers"]), "the dead worker is not gone")
+    dead = next(w for w in state["workers"] if w["name"] == victim)
+    assert dead["state"] == "gone" and dead["lost_sessions"] == [ids[0]] and dead["error"]
+    async with httpx.AsyncClient(base_url=cluster.front.url, timeout=10) as http:
+        for response in (
+            await http.patch(f"/api/v1/webrtc/offer/{ids[0]}", json={"candidates": []}),
+            await http.delete(f"/api/v1/webrtc/offer/{ids[0]}"),
+            await http.get(f"/api/v1/sessions/{ids[0]}/metrics"),
+        ):
+            assert response.status_code == 410, response.text
+            assert response.json()["error"] == "SessionGone" and victim in response.json()["detail"]
+        # The other worker's session is untouched.
+        assert (await http.get(f"/api/v1/sessions/{ids[1]}/metrics")).status_code == 200
+    count = len(clients[1].frames)
+    await clients[1].wait_frames(count + 3)
+    await clients[1].close()
+    cluster.wait(lambda s: not cluster.worker(survivor)["sessions"], "survivor seat not freed")
+
+    client = ScopeClient(cluster.front.url)
+    assert owner(await client.connect()) == survivor  # never the gone worker
+    await client.wait_frames(2)
+    await client.close()
+    await clients[0].close()
+
+
+async def test_joining_worker_takes_new_sessions_and_a_stopping_one_says_stream_stopped(cluster: Cluster) -> None:
+    joined = start_worker(cluster.tmp_dir, cluster.address, 1, "--max-sessions", "1")
+    try:
+        (name,) = joined.names
+        cluster.wait(lambda s: any(w["name"] == name and w["state"] == "alive" for w in s["workers"]), "no join")
+        cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "seats not free")
+        first, second = ScopeClient(cluster.front.url), ScopeClient(cluster.front.url)
+        on_old = owner(await first.connect())  # warm (passthrough loaded) beats the newcomer, which is cold
+        assert on_old != name
+        assert owner(await second.connect()) == name  # the warm one is full: the newcomer loads and takes it
+        await second.wait_frames(2)
+        # Stopping a worker (Ctrl-C): its sessions' data channels still work, so they hear why the stream ended.
+        assert joined.stop() == 0
+        stopped = await second.wait_message("stream_stopped")
+        assert "shutting down" in stopped["error_message"]
+        cluster.wait(lambda s: cluster.worker(name)["state"] == "gone", "stopped worker not gone")
+        await first.close()
+        await second.close()
+    finally:
+        joined.stop()
