@@ -12,15 +12,18 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.support.browser import launch_chromium, static_server
 from tests.support.cluster import RunningWorker, local_ray, start_worker
-from tests.support.rtc_client import ScopeClient
+from tests.support.rtc_client import ScopeClient, offer_sdp
 from tests.support.server import RunningServer, load_pipeline, run_server
+from tests.test_browser_seed import API_BASE_LINE, E2E
 
 pytest.importorskip("ray", reason="the cluster extra is not installed (pip install -e '.[cluster]')")
 
@@ -80,8 +83,6 @@ async def test_offers_land_on_different_workers_and_signalling_reaches_the_owner
         assert frames[-1].width == 64
     # Both seats are taken: the next offer is refused with the single server's error.
     async with httpx.AsyncClient(base_url=cluster.front.url, timeout=10) as http:
-        from tests.support.rtc_client import offer_sdp
-
         response = await http.post("/api/v1/webrtc/offer", json={"sdp": await offer_sdp(), "type": "offer"})
         assert response.status_code == 503 and response.json()["error"] == "CapacityExceeded", response.text
         listed = {s["sessionId"]: s["worker"] for s in (await http.get("/api/v1/webrtc/sessions")).json()["sessions"]}
@@ -122,6 +123,54 @@ async def test_twenty_connect_disconnect_cycles_leave_every_seat_free(cluster: C
     assert [w["sessions"] for w in state["workers"]] == [[], []]
     metrics = cluster.front.metrics()
     assert metrics["wanrt_sessions_active"] == 0 and metrics["wanrt_cluster_workers_alive"] == 2
+
+
+@pytest.mark.browser
+def test_seed_client_in_chromium_streams_through_the_cluster(cluster: Cluster) -> None:
+    """The seed's JavaScript, unchanged but for API_BASE, against the cluster front: signalling goes through the
+    front, media and the data channel to the worker the answer names."""
+
+    def point_at_front(name: str, body: bytes) -> bytes:
+        if name != "seed_client.js":
+            return body
+        return body.replace(API_BASE_LINE.encode(), f'const API_BASE = "{cluster.front.url}";'.encode())
+
+    with static_server(E2E, point_at_front) as page_origin, launch_chromium() as browser:
+        page = browser.new_page()
+        page.goto(f"{page_origin}/seed_page.html")
+        status = page.evaluate("seedFlow.load('passthrough', {height: 64, width: 64})")
+        assert status["status"] == "loaded"
+        session_id = page.evaluate("seedFlow.start('passthrough', {noise_scale: 0.7})")
+        assert owner(session_id) in cluster.workers.names
+        deadline = time.monotonic() + 30
+        while (output := page.evaluate("seedFlow.outputFrames()"))["frames"] < 10:
+            assert time.monotonic() < deadline, f"output {output}; front:\n{cluster.front.log()[-2000:]}"
+            time.sleep(0.2)
+        assert (output["width"], output["height"]) == (64, 64)
+        page.evaluate("seedFlow.send({ noise_scale: 0.5 })")
+        deadline = time.monotonic() + 10
+        while True:
+            sessions = httpx.get(f"{cluster.front.url}/api/v1/webrtc/sessions").json()["sessions"]
+            if next(s for s in sessions if s["sessionId"] == session_id)["parameters"]["noise_scale"] == 0.5:
+                break
+            assert time.monotonic() < deadline, sessions
+            time.sleep(0.1)
+        page.wait_for_function("window.messages.some((m) => m.type === 'stats')", timeout=10_000)
+
+        async def aiortc_beside() -> str:  # an aiortc client beside the browser's session: the other worker
+            client = ScopeClient(cluster.front.url)
+            try:
+                other = await client.connect()
+                await client.wait_frames(2)
+                return other
+            finally:
+                await client.close()
+
+        with ThreadPoolExecutor(1) as thread:  # Playwright's sync API holds this thread's event loop
+            other = thread.submit(asyncio.run, aiortc_beside()).result(timeout=60)
+        assert {owner(other), owner(session_id)} == set(cluster.workers.names)
+        page.evaluate("seedFlow.stop()")
+    cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "the seed's stopStream freed no seat")
 
 
 async def test_tiny_model_loads_on_an_idle_worker_and_streams(cluster: Cluster) -> None:
