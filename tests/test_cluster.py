@@ -104,6 +104,12 @@ async def test_offers_land_on_different_workers_and_signalling_reaches_the_owner
             assert again.status_code == 404 and again.json()["error"] == "UnknownSession"
         unknown = await http.patch("/api/v1/webrtc/offer/nobody.abc", json={"candidates": []})
         assert unknown.status_code == 404
+        # The same contract, declared: the cluster route and the gone-worker answer are in the front's OpenAPI.
+        paths = (await http.get("/schema/openapi.json")).json()["paths"]
+        assert "200" in paths["/api/v1/cluster"]["get"]["responses"]
+        assert "410" in paths["/api/v1/webrtc/offer/{session_id}"]["patch"]["responses"]
+        local_only = await http.get("/api/v1/loras")  # one machine's folders: said, not a bare 404
+        assert local_only.status_code == 501 and local_only.json()["error"] == "NotOnClusterFront"
     for client in clients:
         await client.close()
     cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "seats not freed")
@@ -243,3 +249,13 @@ async def test_joining_worker_takes_new_sessions_and_a_stopping_one_says_stream_
         await second.close()
     finally:
         joined.stop()
+
+
+async def test_unload_frees_every_worker_and_offers_then_need_a_load(cluster: Cluster) -> None:
+    async with httpx.AsyncClient(base_url=cluster.front.url, timeout=10) as http:
+        assert (await http.post("/api/v1/pipeline/unload", json={})).status_code == 200
+        assert (await http.get("/api/v1/pipeline/status")).json()["status"] == "not_loaded"
+        response = await http.post("/api/v1/webrtc/offer", json={"sdp": await offer_sdp(), "type": "offer"})
+        assert response.status_code == 400 and response.json()["error"] == "PipelineNotLoaded"
+    state = cluster.state()
+    assert all(w["pipeline"]["status"] == "not_loaded" for w in state["workers"] if w["state"] == "alive")

@@ -13,6 +13,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from serve.cluster.names import NAMESPACE, worker_name
 from serve.cluster.worker import WanrtWorker
+from serve.schemas import LoadParams
 from serve.settings import ClusterSettings, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,11 @@ def run_worker(args: argparse.Namespace, settings: ServerSettings) -> int:
         print(f"worker {summary.name} ready: node {node_id[:8]} gpus {summary.gpus or 'none (CPU seat)'} "
               f"seats {summary.seats} pid {summary.pid}", flush=True)  # fmt: skip
 
+    if settings.preload_pipeline:  # `--pipeline`: warm from the start (the load runs on in each actor)
+        for name, actor in actors:
+            reply = ray.get(actor.call.remote("load", settings.preload_pipeline, LoadParams()))
+            if reply.error is not None:
+                log.error("worker=%s cannot load %s: %s", name, settings.preload_pipeline, reply.detail)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -28,7 +28,7 @@ from litestar import Litestar
 from ray.exceptions import ActorDiedError, RayActorError
 
 from serve import errors
-from serve.api.cluster import ClusterController
+from serve.api.cluster import ClusterController, LocalOnlyController
 from serve.api.pipeline import PipelineController
 from serve.api.sessions import SessionController
 from serve.api.system import SystemController
@@ -58,6 +58,7 @@ CLUSTER_CONTROLLERS: list[type] = [
     SessionController,
     SystemController,
     ClusterController,
+    LocalOnlyController,
 ]
 
 
