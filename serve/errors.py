@@ -60,6 +60,12 @@ class SessionGone(WanrtError):
     status_code = 410
 
 
+class WorkerUnavailable(WanrtError):
+    """A cluster worker did not answer in time (busy or cut off); it gets no new sessions until it answers again."""
+
+    status_code = 503
+
+
 class NotOnClusterFront(WanrtError):
     """A route of `wanrt serve` that reads one machine's own folders (assets, LoRAs, weights, recordings), asked of a
     cluster front, which has none of its workers' folders."""

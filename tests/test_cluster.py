@@ -251,6 +251,24 @@ async def test_joining_worker_takes_new_sessions_and_a_stopping_one_says_stream_
         joined.stop()
 
 
+async def test_a_second_front_adopts_the_workers_pipeline_and_routes_the_same_sessions(cluster: Cluster) -> None:
+    """Fronts keep no state of their own: a new one (or a restarted one) offers on the pipeline the workers have
+    loaded, and a session placed through one front is reached through the other by its id."""
+    command = ("cluster", "serve", "--address", cluster.address)
+    with run_server(cluster.tmp_dir, "--poll-interval-s", "0.5", command=command) as second:
+        status = httpx.get(f"{second.url}/api/v1/pipeline/status", timeout=10).json()
+        assert status["status"] == "loaded" and status["pipeline_id"] == "passthrough", status
+        client = ScopeClient(second.url)
+        session_id = await client.connect()
+        await client.wait_frames(2)
+        async with httpx.AsyncClient(base_url=cluster.front.url, timeout=10) as http:
+            metrics = await http.get(f"/api/v1/sessions/{session_id}/metrics")
+            assert metrics.status_code == 200 and metrics.json()["connection_state"] == "connected"
+            assert (await http.delete(f"/api/v1/webrtc/offer/{session_id}")).status_code == 204
+        await client.close()
+    cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "seat not freed")
+
+
 async def test_unload_frees_every_worker_and_offers_then_need_a_load(cluster: Cluster) -> None:
     async with httpx.AsyncClient(base_url=cluster.front.url, timeout=10) as http:
         assert (await http.post("/api/v1/pipeline/unload", json={})).status_code == 200

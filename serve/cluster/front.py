@@ -44,6 +44,7 @@ from serve.errors import (
     SessionGone,
     UnknownSession,
     WanrtError,
+    WorkerUnavailable,
 )
 from serve.pipelines.registry import get_spec
 from serve.schemas import Answer, ClusterStatus, ClusterWorker, IceCandidate, LoadParams, Offer, PipelineStatus
@@ -63,7 +64,7 @@ CLUSTER_CONTROLLERS: list[type] = [
 
 
 class WorkerGone(Exception):
-    """A call found its worker dead (or unreachable); the caller decides what that means for its request."""
+    """A call found its worker dead; the caller decides what that means for its request."""
 
 
 @dataclass(frozen=True)
@@ -190,13 +191,14 @@ class ClusterServing:
         if view.info.state == "gone":
             raise WorkerGone(view.info.error)
         try:
-            reply: Reply = await view.handle.call.remote(method, *args)
+            reply: Reply = await asyncio.wait_for(view.handle.call.remote(method, *args), self.settings.call_timeout_s)
         except ActorDiedError as exc:
             self._mark_gone(view, _died(exc))
             raise WorkerGone(view.info.error) from None
-        except RayActorError as exc:
-            view.info.state, view.info.error = "unreachable", f"a call failed ({type(exc).__name__})"
-            raise WorkerGone(view.info.error) from None
+        except (RayActorError, TimeoutError) as exc:  # ActorUnavailableError, or no answer: it may come back
+            view.info.state = "unreachable"
+            view.info.error = f"no answer to {method} in {self.settings.call_timeout_s:g} s ({type(exc).__name__})"
+            raise WorkerUnavailable(f"worker {view.name} is unreachable: {view.info.error}; try again") from None
         if reply.error is None:
             return reply.value
         raise _error_class(reply.error)(reply.detail)
@@ -229,16 +231,37 @@ class ClusterServing:
             try:
                 message = await self._call(view, "load", pipeline_id, params)
             except WorkerGone as exc:
-                raise CapacityExceeded(f"worker {name} went away while loading ({exc}); load again") from None
+                raise WorkerUnavailable(f"worker {name} went away while loading ({exc}); load again") from None
             view.info.pipeline = await self._call(view, "status")
         self._wanted = wanted
         return f"{message} (on {name}; other workers load it when an offer needs them)"
 
+    def _adopt(self) -> Wanted | None:
+        """The pipeline new offers get. Without a load through this front (it restarted, or the workers were started
+        with --pipeline), the one pipeline the live workers have loaded, if they agree on one."""
+        if self._wanted is not None:
+            return self._wanted
+        loaded = {
+            (status.pipeline_id, msgspec.json.encode(status.load_params, order="sorted"))
+            for view in self._views()
+            if view.usable and (status := view.info.pipeline) is not None and status.status == "loaded"
+        }
+        if len(loaded) != 1:
+            return None
+        ((pipeline_id, params_json),) = loaded
+        try:
+            effective = msgspec.json.decode(params_json)
+            self._wanted = Wanted(pipeline_id, msgspec.convert(effective, LoadParams), effective)
+        except (msgspec.ValidationError, WanrtError):
+            return None
+        log.info("adopted pipeline=%s: every live worker that has one has loaded it", pipeline_id)
+        return self._wanted
+
     async def status(self) -> PipelineStatus:
-        wanted = self._wanted
+        await self.refresh(max_age_s=self.settings.placement_max_age_s)
+        wanted = self._adopt()
         if wanted is None:
             return PipelineStatus(status="not_loaded")
-        await self.refresh(max_age_s=self.settings.placement_max_age_s)
         statuses = [view.info.pipeline for view in self._views() if view.usable and wanted.matches(view.info.pipeline)]
         for state in ("loaded", "loading", "error"):
             for status in statuses:
@@ -254,7 +277,7 @@ class ClusterServing:
         for view in self._views():
             status = view.info.pipeline
             if view.usable and status is not None and status.status != "not_loaded":
-                with contextlib.suppress(WorkerGone):
+                with contextlib.suppress(WorkerGone, WorkerUnavailable):
                     await self._call(view, "unload")
                     names.append(view.name)
         await self.refresh()
@@ -280,13 +303,13 @@ class ClusterServing:
     # -- sessions -----------------------------------------------------------------------------------------------
 
     async def create_session(self, offer: Offer) -> Answer:
-        wanted = self._wanted
+        await self.refresh(max_age_s=self.settings.placement_max_age_s)
+        wanted = self._adopt()
         if wanted is None:
             raise PipelineNotLoaded(
                 "Pipeline not loaded: POST /api/v1/pipeline/load and wait for GET /api/v1/pipeline/status to say "
                 "'loaded' before sending an offer"
             )
-        await self.refresh(max_age_s=self.settings.placement_max_age_s)
         tried: set[str] = set()
         failures: list[str] = []
         while (view := self._place(wanted, tried)) is not None:
@@ -296,7 +319,7 @@ class ClusterServing:
                 if view.readiness(wanted) != 0:
                     await self._ensure_loaded(view, wanted)
                 answer: Answer = await self._call(view, "create_session", offer)
-            except (WorkerGone, CapacityExceeded, PipelineLoadError, errors.PipelineBusy) as exc:
+            except (WorkerGone, WorkerUnavailable, CapacityExceeded, PipelineLoadError, errors.PipelineBusy) as exc:
                 failures.append(f"{view.name}: {exc}")  # another worker may take it
                 continue
             finally:
