@@ -5,10 +5,11 @@
 Two setups serve `passthrough` at 64×64 on this machine, over loopback:
 - `wanrt serve`: the single server;
 - `wanrt cluster serve` in front of `wanrt cluster worker --cpu-workers N` on a local Ray head (in this process).
-For each: `--sessions` aiortc clients one after another, each timed from its offer POST to the answer and to its
-first decoded output frame (then closed); and `--offers` offers that never connect, sent 8 at a time and deleted as
-soon as they are answered, for the placement rate (offer → answer, the front's placement plus the worker's aiortc
-answer). The cold start (a worker loading the pipeline on its first offer) is excluded: every worker is warmed first.
+For each: `--sessions` aiortc clients one after another, each timed from its offer POST to the end of its
+signalling (answer applied, candidates PATCHed) and to its first decoded output frame (then closed); and `--offers`
+offers that never connect, sent 8 at a time and deleted as soon as they are answered, for the placement rate
+(offer → answer: the front's placement plus the worker's aiortc answer). The cold start (a worker loading the
+pipeline on its first offer) is excluded: every worker is warmed first.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ CONCURRENT_OFFERS = 8
 
 
 async def first_frames(url: str, sessions: int) -> tuple[list[float], list[float]]:
-    """Per session: offer → answer (ms) and offer → first output frame (ms)."""
+    """Per session: offer → answer applied and candidates PATCHed (ms), and offer → first output frame (ms)."""
     answers, firsts = [], []
     for _ in range(sessions):
         client = ScopeClient(url)
@@ -115,7 +116,7 @@ def main() -> None:
                 workers.stop()
 
     table = Table(title=f"offer → first frame and placement, passthrough 64×64, loopback ({args.sessions} sessions)")
-    for column in ("setup", "offer→answer p50 ms", "offer→first frame p50 ms", "max ms", "offers placed /s"):
+    for column in ("setup", "offer→signalled p50 ms", "offer→first frame p50 ms", "max ms", "offers placed /s"):
         table.add_column(column, justify="left" if column == "setup" else "right")
     for name, r in results.items():
         table.add_row(name, f"{r['answer_p50_ms']:.1f}", f"{r['first_frame_p50_ms']:.1f}",
@@ -123,7 +124,7 @@ def main() -> None:
     single, cluster = results["wanrt serve"], results[f"cluster front, {args.workers} workers"]
     table.caption = (
         f"cluster front adds {cluster['first_frame_p50_ms'] - single['first_frame_p50_ms']:+.1f} ms to the first frame "
-        f"(p50), {cluster['answer_p50_ms'] - single['answer_p50_ms']:+.1f} ms to the answer"
+        f"(p50), {cluster['answer_p50_ms'] - single['answer_p50_ms']:+.1f} ms to the signalling (offer + PATCH)"
     )
     Console().print(table)
 
