@@ -49,6 +49,22 @@ async def first_frames(url: str, sessions: int) -> tuple[list[float], list[float
     return answers, firsts
 
 
+async def patch_ms(url: str, calls: int = 50) -> float:
+    """p50 of an empty trickle PATCH on a live session: the front's per-call cost, alone."""
+    client = ScopeClient(url)
+    session_id = await client.connect()
+    times = []
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        for _ in range(calls):
+            start = time.monotonic()
+            response = await http.patch(f"/api/v1/webrtc/offer/{session_id}", json={"candidates": []})
+            times.append((time.monotonic() - start) * 1e3)
+            assert response.status_code == 204, response.text
+    await client.close()
+    await asyncio.sleep(0.3)
+    return statistics.median(times)
+
+
 async def placement_rate(url: str, offers: int) -> float:
     """Offers answered per second, CONCURRENT_OFFERS in flight, each deleted once answered."""
     sdp = await offer_sdp()
@@ -81,8 +97,10 @@ async def measure(url: str, sessions: int, offers: int) -> dict[str, float]:
         await client.close()
     await asyncio.sleep(1.0)
     answers, firsts = await first_frames(url, sessions)
+    patch = await patch_ms(url)
     rate = await placement_rate(url, offers)
     return {
+        "patch_p50_ms": patch,
         "answer_p50_ms": statistics.median(answers),
         "first_frame_p50_ms": statistics.median(firsts),
         "first_frame_max_ms": max(firsts),
@@ -116,11 +134,19 @@ def main() -> None:
                 workers.stop()
 
     table = Table(title=f"offer → first frame and placement, passthrough 64×64, loopback ({args.sessions} sessions)")
-    for column in ("setup", "offer→signalled p50 ms", "offer→first frame p50 ms", "max ms", "offers placed /s"):
+    columns = (
+        "setup",
+        "offer→signalled p50 ms",
+        "offer→first frame p50 ms",
+        "max ms",
+        "PATCH p50 ms",
+        "offers placed /s",
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column == "setup" else "right")
     for name, r in results.items():
-        table.add_row(name, f"{r['answer_p50_ms']:.1f}", f"{r['first_frame_p50_ms']:.1f}",
-                      f"{r['first_frame_max_ms']:.1f}", f"{r['offers_per_s']:.1f}")  # fmt: skip
+        keys = ("answer_p50_ms", "first_frame_p50_ms", "first_frame_max_ms", "patch_p50_ms", "offers_per_s")
+        table.add_row(name, *(f"{r[key]:.1f}" for key in keys))
     single, cluster = results["wanrt serve"], results[f"cluster front, {args.workers} workers"]
     table.caption = (
         f"cluster front adds {cluster['first_frame_p50_ms'] - single['first_frame_p50_ms']:+.1f} ms to the first frame "
