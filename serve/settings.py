@@ -92,8 +92,10 @@ class ClusterSettings:
     """Ray cluster address (`--address`, env RAY_ADDRESS): `auto` joins the cluster of this machine's `ray start`."""
     poll_interval_s: float = 1.0
     """How often every worker is asked for its summary; a dead worker is noticed within this (or at its next call)."""
+    summary_timeout_s: float = 2.0
+    """A worker that does not answer its summary in this long is `unreachable` and gets no new sessions."""
     call_timeout_s: float = 10.0
-    """A worker that does not answer a summary in this long is `unreachable` and gets no new sessions."""
+    """A call (offer, PATCH, load...) a worker has not answered in this long gets 503 and marks it `unreachable`."""
     placement_max_age_s: float = 0.25
     """An offer is placed on summaries at most this old (fresher ones are fetched first)."""
 

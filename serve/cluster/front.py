@@ -143,7 +143,12 @@ class ClusterServing:
                 log.exception("cluster refresh failed")
 
     async def refresh(self, max_age_s: float = 0.0) -> None:
-        """Finds joined workers and asks every known one for its summary (unless the last round is fresh enough)."""
+        """Finds joined workers and asks every known one for its summary (unless the last round is fresh enough).
+
+        With `max_age_s`, a round already under way is not waited for: a request is placed on the summaries there
+        are (a worker refuses an offer past its seats itself), rather than held up by a worker slow to answer."""
+        if max_age_s > 0 and self._refresh_lock.locked():
+            return
         async with self._refresh_lock:
             if time.monotonic() - self._refreshed_at < max_age_s:
                 return
@@ -158,7 +163,7 @@ class ClusterServing:
     async def _discover(self, name: str, replaces: WorkerView | None) -> None:
         try:
             handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
-            info = await asyncio.wait_for(handle.summary.remote(), self.settings.call_timeout_s)
+            info = await asyncio.wait_for(handle.summary.remote(), self.settings.summary_timeout_s)
         except (ValueError, RayActorError, TimeoutError):  # gone again before it answered: the next round retries
             return
         info.last_seen = time.time()
@@ -168,7 +173,7 @@ class ClusterServing:
 
     async def _update(self, view: WorkerView) -> None:
         try:
-            info = await asyncio.wait_for(view.handle.summary.remote(), self.settings.call_timeout_s)
+            info = await asyncio.wait_for(view.handle.summary.remote(), self.settings.summary_timeout_s)
         except ActorDiedError as exc:
             self._mark_gone(view, _died(exc))
             return
