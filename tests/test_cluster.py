@@ -195,6 +195,21 @@ async def test_tiny_model_loads_on_an_idle_worker_and_streams(cluster: Cluster) 
     cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "seat not freed")
 
 
+async def test_a_worker_cut_off_gets_no_sessions_until_it_answers_again(cluster: Cluster) -> None:
+    assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
+    warm = next(w for w in cluster.state()["workers"] if w["pipeline"]["pipeline_id"] == "passthrough")
+    os.kill(warm["pid"], signal.SIGSTOP)  # alive to Ray, silent to the front: a hung process, a cut link
+    try:
+        cluster.wait(lambda s: cluster.worker(warm["name"])["state"] == "unreachable", "stopped worker reachable")
+        client = ScopeClient(cluster.front.url)
+        assert owner(await client.connect()) != warm["name"]  # the other worker loads passthrough and takes it
+        await client.wait_frames(2)
+        await client.close()
+    finally:
+        os.kill(warm["pid"], signal.SIGCONT)
+    cluster.wait(lambda s: all(w["state"] == "alive" and not w["sessions"] for w in s["workers"]), "not back")
+
+
 async def test_killed_worker_is_gone_and_offers_go_to_live_workers(cluster: Cluster) -> None:
     assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
     clients = [ScopeClient(cluster.front.url) for _ in range(2)]
