@@ -245,23 +245,29 @@ async def test_killed_worker_is_gone_and_offers_go_to_live_workers(cluster: Clus
 
 
 async def test_joining_worker_takes_new_sessions_and_a_stopping_one_says_stream_stopped(cluster: Cluster) -> None:
-    joined = start_worker(cluster.tmp_dir, cluster.address, 1, "--max-sessions", "1")
+    # --pipeline preloads passthrough at its default size, which is not the 64×64 the last load asked for.
+    joined = start_worker(cluster.tmp_dir, cluster.address, 1, "--max-sessions", "1", "--pipeline", "passthrough")
     try:
         (name,) = joined.names
         cluster.wait(lambda s: any(w["name"] == name and w["state"] == "alive" for w in s["workers"]), "no join")
-        cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "seats not free")
-        first, second = ScopeClient(cluster.front.url), ScopeClient(cluster.front.url)
-        on_old = owner(await first.connect())  # warm (passthrough loaded) beats the newcomer, which is cold
-        assert on_old != name
-        assert owner(await second.connect()) == name  # the warm one is full: the newcomer loads and takes it
+        preloaded = cluster.worker(name)["pipeline"]
+        assert preloaded["pipeline_id"] == "passthrough" and preloaded["load_params"]["height"] != 64, preloaded
+        assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
+        alive = [w["name"] for w in cluster.state()["workers"] if w["state"] == "alive"]
+        # One seat per worker: as many sessions as live workers fill them all, so one lands on the newcomer, which
+        # loads the asked size first (a warm worker is preferred while it has a seat).
+        clients = [ScopeClient(cluster.front.url) for _ in alive]
+        placed = {owner(await client.connect()): client for client in clients}
+        assert set(placed) == set(alive)
+        second = placed[name]
         await second.wait_frames(2)
         # Stopping a worker (Ctrl-C): its sessions' data channels still work, so they hear why the stream ended.
         assert joined.stop() == 0
         stopped = await second.wait_message("stream_stopped")
         assert "shutting down" in stopped["error_message"]
         cluster.wait(lambda s: cluster.worker(name)["state"] == "gone", "stopped worker not gone")
-        await first.close()
-        await second.close()
+        for client in clients:
+            await client.close()
     finally:
         joined.stop()
 

@@ -43,12 +43,13 @@ def run_worker(args: argparse.Namespace, settings: ServerSettings) -> int:
         "max_concurrency": 1000,  # asyncio actor: signalling calls of all its sessions interleave on one loop
         "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
     }
+    actor_class = ray.remote(WanrtWorker)
     actors, index = [], 0
     while len(actors) < count and index < MAX_WORKERS_PER_NODE:
         name = worker_name(node_id, index)
         index += 1
         try:
-            actor = ray.remote(WanrtWorker).options(name=name, **options).remote(name, settings)
+            actor = actor_class.options(name=name, **options).remote(name, settings)
         except ValueError:  # the name is taken: another `wanrt cluster worker` on this node holds that index
             continue
         actors.append((name, actor))
