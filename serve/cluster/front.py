@@ -167,6 +167,8 @@ class ClusterServing:
         except (ValueError, RayActorError, TimeoutError):  # gone again before it answered: the next round retries
             return
         info.last_seen = time.time()
+        if replaces is not None:  # the dead actor's sessions stay lost under its successor's name
+            info.lost_sessions = replaces.info.lost_sessions
         self.workers[name] = WorkerView(name, handle, info)
         log.info("worker=%s %s node=%s gpus=%s seats=%d", name, "rejoined" if replaces else "joined",
                  (info.node_id or "")[:8], info.gpus, info.seats)  # fmt: skip
@@ -357,13 +359,16 @@ class ClusterServing:
 
     async def _on_owner(self, session_id: str, method: str, *args: Any) -> Any:
         view = self._owner(session_id)
-        try:
-            return await self._call(view, method, session_id, *args)
-        except WorkerGone:
-            raise SessionGone(
-                f"session {session_id} was on worker {view.name}, which is gone ({view.info.error}); its stream "
-                "ended with it. Make a new offer: it goes to a live worker"
-            ) from None
+        if session_id not in view.info.lost_sessions:
+            try:
+                return await self._call(view, method, session_id, *args)
+            except WorkerGone:
+                pass
+        raise SessionGone(
+            f"session {session_id} was on worker {view.name}, whose actor is gone "
+            f"({view.info.error or 'a new actor has replaced it'}); its stream ended with it. Make a new offer: it "
+            "goes to a live worker"
+        )
 
     async def add_candidates(self, session_id: str, candidates: list[IceCandidate]) -> None:
         await self._on_owner(session_id, "add_candidates", candidates)
