@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.support.browser import launch_chromium, static_server
@@ -73,6 +74,10 @@ def owner(session_id: str) -> str:
     return session_id.rpartition(".")[0]
 
 
+def udp_ports(pid: int) -> set[int]:
+    return {c.laddr.port for c in psutil.Process(pid).net_connections(kind="udp")}
+
+
 async def test_offers_land_on_different_workers_and_signalling_reaches_the_owner(cluster: Cluster) -> None:
     assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
     clients = [ScopeClient(cluster.front.url) for _ in range(2)]
@@ -81,6 +86,13 @@ async def test_offers_land_on_different_workers_and_signalling_reaches_the_owner
     for client in clients:
         frames = await client.wait_frames(5)
         assert frames[-1].width == 64
+    # Media never passes the front: the answer's candidates are UDP ports of the owning worker's own process.
+    for session_id, client in zip(ids, clients, strict=True):
+        ports = {int(line.split()[5]) for line in client.pc.remoteDescription.sdp.splitlines()
+                 if line.startswith("a=candidate:")}  # fmt: skip
+        worker_ports = udp_ports(cluster.worker(owner(session_id))["pid"])
+        assert ports and ports <= worker_ports, (ports, worker_ports)
+        assert not ports & udp_ports(cluster.front.process.pid)
     # Both seats are taken: the next offer is refused with the single server's error.
     async with httpx.AsyncClient(base_url=cluster.front.url, timeout=10) as http:
         response = await http.post("/api/v1/webrtc/offer", json={"sdp": await offer_sdp(), "type": "offer"})

@@ -67,7 +67,7 @@ def run_worker(args: argparse.Namespace, settings: ServerSettings) -> int:
 
     def start(name: str) -> Any:
         """Raises ValueError while the name is taken (another process's actor, or a dead one not yet released)."""
-        actor = actor_class.options(name=name, **options).remote(name, settings)
+        actor = actor_class.options(name=name, **options).remote(name, settings, args.log_level.upper())
         if settings.preload_pipeline:  # `--pipeline`: warm from the start (the load runs on in the actor)
             actor.call.remote("load", settings.preload_pipeline, LoadParams())
         return actor

@@ -59,8 +59,9 @@ class Reply:
 class WanrtWorker:
     """Created by `wanrt cluster worker` (serve/cluster/commands.py) with `num_gpus=1`, or as a CPU seat."""
 
-    def __init__(self, name: str, settings: ServerSettings) -> None:
-        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    def __init__(self, name: str, settings: ServerSettings, log_level: str = "INFO") -> None:
+        # Ray sends the actor's output to `wanrt cluster worker`, which prints it with the actor's pid.
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
         # ICE, codec and SCTP settings are module attributes: this actor's process is its own, so they are its own.
         configure_ice(settings.webrtc)
         configure_codecs(settings.webrtc)
