@@ -116,6 +116,10 @@ async def test_offers_land_on_different_workers_and_signalling_reaches_the_owner
             assert again.status_code == 404 and again.json()["error"] == "UnknownSession"
         unknown = await http.patch("/api/v1/webrtc/offer/nobody.abc", json={"candidates": []})
         assert unknown.status_code == 404
+        # A worker's error crosses Ray as the single server raises it: same status, same JSON, no traceback.
+        bad = await http.post("/api/v1/webrtc/offer", json={"sdp": "v=0\r\nnot an offer\r\n", "type": "offer"})
+        assert bad.status_code == 400 and bad.json()["error"] == "InvalidRequest", bad.text
+        assert "Traceback" not in bad.text and "ray" not in bad.json()["detail"].lower()
         # The same contract, declared: the cluster route and the gone-worker answer are in the front's OpenAPI.
         paths = (await http.get("/schema/openapi.json")).json()["paths"]
         assert "200" in paths["/api/v1/cluster"]["get"]["responses"]
