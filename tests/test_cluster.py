@@ -25,6 +25,7 @@ from tests.support.cluster import RunningWorker, local_ray, start_worker
 from tests.support.rtc_client import ScopeClient, offer_sdp
 from tests.support.server import RunningServer, load_pipeline, run_server
 from tests.test_browser_seed import API_BASE_LINE, E2E
+from tests.test_browser_ui import OUTPUT_FRAMES, load_in_page
 
 pytest.importorskip("ray", reason="the cluster extra is not installed (pip install -e '.[cluster]')")
 
@@ -150,7 +151,7 @@ async def test_twenty_connect_disconnect_cycles_leave_every_seat_free(cluster: C
 @pytest.mark.browser
 def test_seed_client_in_chromium_streams_through_the_cluster(cluster: Cluster) -> None:
     """The seed's JavaScript, unchanged but for API_BASE, against the cluster front: signalling goes through the
-    front, media and the data channel to the worker the answer names."""
+    front, media and the data channel to the worker the answer names. Then the server's own page, from the front."""
 
     def point_at_front(name: str, body: bytes) -> bytes:
         if name != "seed_client.js":
@@ -192,6 +193,23 @@ def test_seed_client_in_chromium_streams_through_the_cluster(cluster: Cluster) -
             other = thread.submit(asyncio.run, aiortc_beside()).result(timeout=60)
         assert {owner(other), owner(session_id)} == set(cluster.workers.names)
         page.evaluate("seedFlow.stop()")
+        cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "the seed's stopStream freed no seat")
+
+        # The server's own page, served by the front: load, stream the webcam, stop.
+        ui = browser.new_page()
+        ui.goto(f"{cluster.front.url}/")
+        ui.wait_for_selector("#pipeline-passthrough")
+        load_in_page(ui, "passthrough", height=64, width=64)
+        ui.wait_for_function("document.getElementById('load-state-text').textContent.includes(': loaded')")
+        ui.select_option("#input-source", "webcam")
+        ui.get_by_role("button", name="Start stream").click()
+        ui.wait_for_function("document.getElementById('session-id').textContent.length > 4", timeout=10_000)
+        assert owner(ui.inner_text("#session-id").strip()) in cluster.workers.names
+        deadline = time.monotonic() + 30
+        while ui.evaluate(OUTPUT_FRAMES) < 10:
+            assert time.monotonic() < deadline, ui.inner_text("header")
+            time.sleep(0.2)
+        ui.get_by_role("button", name="Stop stream").click()
     cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "the seed's stopStream freed no seat")
 
 
