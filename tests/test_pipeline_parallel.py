@@ -137,4 +137,4 @@ def test_blocks_split_contiguously_and_rebalance_toward_the_slow_stage() -> None
         split_blocks(2, 3)
     # Stage 0 spends 40 ms beyond its blocks (VAE): blocks move off it.
     suggested = balanced_split([10 * 7 + 40, 80, 80, 70], ((0, 7), (7, 15), (15, 23), (23, 30)))
-    assert [end - start for start, end in suggested][0] < 7 and suggested[-1][1] == 30
+    assert suggested[0][1] - suggested[0][0] < 7 and suggested[-1][1] == 30
