@@ -9,6 +9,7 @@ Only one torch.distributed group can live in a process, so each test loads, chec
 from __future__ import annotations
 
 import dataclasses
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,25 @@ def test_blocks_split_contiguously_and_rebalance_toward_the_slow_stage() -> None
     # Stage 0 spends 40 ms beyond its blocks (VAE): blocks move off it.
     suggested = balanced_split([10 * 7 + 40, 80, 80, 70], ((0, 7), (7, 15), (15, 23), (23, 30)))
     assert suggested[0][1] - suggested[0][0] < 7 and suggested[-1][1] == 30
+
+
+def test_streams_share_the_stages_each_with_its_own_caches() -> None:
+    """Two sessions of one pipeline take turns on the stages (as on the worker); each equals its one-process twin,
+    and a stream that is gone frees its caches."""
+    single, spec = load(StreamDiffusionV2Pipeline, "streamdiffusionv2")
+    staged, _ = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="cpu:2")
+    params = {**spec.runtime_defaults, "input_mode": "text", "prompts": PROMPT_A}
+    try:
+        assert staged.stages is not None
+        twins = [(single.open_stream(seed), staged.open_stream(seed)) for seed in (1, 2)]
+        for _ in range(2):
+            for want, got in twins:
+                assert np.array_equal(got.process(None, params), want.process(None, params))
+        assert len(staged.stages.local.streams) == 2
+        del twins, want, got
+        gc.collect()
+        assert not staged.stages.local.streams
+        stream = staged.open_stream(3)  # the stages take the CLOSEs, then the new stream
+        stream.process(None, params)
+    finally:
+        staged.close()

@@ -167,12 +167,17 @@ class StageBlocks:
 # -- the spawned ranks ----------------------------------------------------------------------------------------------
 
 
+def bound_device(device: str) -> torch.device | None:
+    """The device an NCCL group binds to (each rank's own GPU, whatever thread calls); gloo binds none."""
+    return torch.device(device) if device.startswith("cuda") else None
+
+
 def _init_group(spec: StageSpec) -> None:
     store = dist.TCPStore("127.0.0.1", spec.store_port, spec.ranks, is_master=False)
     from datetime import timedelta
 
     dist.init_process_group(spec.backend, store=store, rank=spec.rank, world_size=spec.ranks,
-                            timeout=timedelta(seconds=OP_TIMEOUT_S))  # fmt: skip
+                            timeout=timedelta(seconds=OP_TIMEOUT_S), device_id=bound_device(spec.device))  # fmt: skip
 
 
 def stage_main(spec: StageSpec, ready: Any) -> None:
@@ -290,7 +295,8 @@ class StageDriver:
         self._lock = threading.Lock()  # the stream-id counter and the queue, from any thread
         # Host copy of the last step's stage ms (pinned on CUDA, so the copy to it never waits for the device).
         self._times = torch.zeros(gpus.ranks, dtype=torch.float64, pin_memory=self.device.type == "cuda")
-        self._times_device = torch.zeros(gpus.ranks, dtype=torch.float64, device=self.device)
+        self._times_out = torch.zeros(gpus.ranks, dtype=torch.float64, device=self.device)  # rank 0's, sent on
+        self._times_device = torch.zeros(gpus.ranks, dtype=torch.float64, device=self.device)  # every stage's
         self._header = torch.zeros(HEADER, dtype=torch.long)
         self.steps = 0
         self._closed = False
@@ -342,7 +348,8 @@ class StageDriver:
             if error is not None:
                 raise PipelineLoadError(f"pipeline-parallel load failed: {error}")
         dist.init_process_group(self.gpus.backend, store=store, rank=0, world_size=self.gpus.ranks,
-                                timeout=timedelta(seconds=OP_TIMEOUT_S))  # fmt: skip
+                                timeout=timedelta(seconds=OP_TIMEOUT_S),
+                                device_id=bound_device(self.gpus.devices[0]))  # fmt: skip
         self._store = store  # the group's rendezvous lives as long as the group
         log.info("pipeline-parallel ranks=%d backend=%s blocks=%s", self.gpus.ranks, self.gpus.backend,
                  [end - start for start, end in self.layers])  # fmt: skip
@@ -426,8 +433,8 @@ class StageDriver:
             works.append(dist.isend(e.contiguous(), last))
             started = time.perf_counter()
             x = self.local.run(stream, x, e0, plan)
-            self._times_device[0] = (time.perf_counter() - started) * 1000  # launch time on CUDA: a lower bound
-            works += [dist.isend(x.contiguous(), 1), dist.isend(self._times_device, 1)]
+            self._times_out[0] = (time.perf_counter() - started) * 1000  # launch time on CUDA: a lower bound
+            works += [dist.isend(x.contiguous(), 1), dist.isend(self._times_out, 1)]
             out = torch.empty(1, x.shape[1], dit.head.head.out_features, device=self.device)
             replies = [dist.irecv(out, last), dist.irecv(self._times_device, last)]
             self._wait(works + replies, "during a chunk")
