@@ -72,6 +72,14 @@ async def test_a_dead_stage_stops_the_stream_and_the_pipeline_reloads(staged_ser
         await client.wait_frames(4, timeout_s=30)
     finally:
         await client.close()
+    # A stage that dies with no stream running is noticed by the status too.
+    (pid,) = stage_pids(staged_server.process.pid)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (status := httpx.get(f"{staged_server.url}/api/v1/pipeline/status", timeout=5).json())["status"] != "error":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+    assert "pipeline stage 1" in status["error"], status
 
 
 def test_a_malformed_gpus_list_is_refused_at_the_request(staged_server: RunningServer) -> None:

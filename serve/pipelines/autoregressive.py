@@ -570,7 +570,7 @@ class AutoregressivePipeline(Pipeline):
         return None
 
     def failure(self) -> str | None:
-        return self.stages.failure if self.stages is not None else None
+        return self.stages.poll_failure() if self.stages is not None else None
 
     def close(self) -> None:
         if self.stages is not None:

@@ -382,12 +382,17 @@ class StageDriver:
         )
 
     def check_alive(self, when: str) -> None:
-        if self.failure is not None:
-            raise StageFailed(self.failure)
-        for rank, process in enumerate(self.processes, start=1):
-            if not process.is_alive():
-                self.failure = self._death(rank, when)
-                raise StageFailed(self.failure)
+        if self.poll_failure(when) is not None:
+            raise StageFailed(self.failure)  # type: ignore[arg-type]
+
+    def poll_failure(self, when: str = "while idle") -> str | None:
+        """Why the stages cannot run any more, or None; notices a stage that died between commands. Any thread."""
+        if self.failure is None and not self._closed:
+            for rank, process in enumerate(self.processes, start=1):
+                if not process.is_alive():
+                    self.failure = self._death(rank, when)
+                    break
+        return self.failure
 
     # -- streams ------------------------------------------------------------------------------------------------
 
@@ -512,7 +517,8 @@ class StageDriver:
                 self.check_alive(when)
             except StageFailed:
                 raise StageFailed(self.failure) from None  # type: ignore[arg-type]
-            self.failure = f"pipeline stage communication failed {when} ({exc}); the pipeline must be reloaded"
+            log.error("pipeline-parallel: message failed %s: %s", when, exc)  # names addresses: for the log only
+            self.failure = f"pipeline stage communication failed {when}; the pipeline must be reloaded"
             raise StageFailed(self.failure) from None
 
 
