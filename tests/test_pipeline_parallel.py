@@ -28,6 +28,7 @@ from serve.pipelines.autoregressive import (
 from serve.pipelines.placement import balanced_split, parse_gpus, split_blocks
 from serve.pipelines.registry import get_spec
 from serve.schemas import LoadParams
+from tests.support.checkpoints import write_pipeline_files
 from tests.support.streams import PROMPT_A, PROMPT_B, SIZE
 
 pytestmark = pytest.mark.slow
@@ -159,5 +160,32 @@ def test_streams_share_the_stages_each_with_its_own_caches() -> None:
         assert not staged.stages.local.streams
         stream = staged.open_stream(3)  # the stages take the CLOSEs, then the new stream
         stream.process(None, params)
+    finally:
+        staged.close()
+
+
+def test_stages_load_their_blocks_from_the_checkpoint_with_the_builtin_lora(tmp_path: Path) -> None:
+    """Real files (synthetic, Wan's names): each stage reads only its blocks' keys and merges LongLive's LoRA into
+    them as it loads; the stream equals the one-process load of the same files."""
+    write_pipeline_files("longlive", tmp_path)
+    spec = get_spec("longlive")
+
+    def load_files(**extra: object) -> LongLivePipeline:
+        params = spec.effective_load_params(
+            LoadParams(height=SIZE, width=SIZE, quantization=None, **extra),  # type: ignore[arg-type]
+            allow_random_weights=False,
+        )
+        return LongLivePipeline.load(spec, params, report=lambda *_: None, models_dir=tmp_path)  # type: ignore[return-value]
+
+    single = load_files()
+    expected = run_scenario(single.open_stream(seed=3), spec, whole_cache)
+    staged = load_files(gpus="cpu:2")
+    try:
+        assert staged.stages is not None and staged.lora_adapters[0]["builtin"]
+        stream = staged.open_stream(seed=3)
+        got = run_scenario(stream, spec, lambda s: staged.stages.fetch_cache(s.stream_id))
+        for chunk, ((frames, k, v), (want_frames, want_k, want_v)) in enumerate(zip(got, expected, strict=True)):
+            assert np.array_equal(frames, want_frames), f"chunk {chunk}: frames differ"
+            assert torch.equal(k, want_k) and torch.equal(v, want_v), f"chunk {chunk}: KV caches differ"
     finally:
         staged.close()
