@@ -297,7 +297,6 @@ class StageDriver:
         self._times = torch.zeros(gpus.ranks, dtype=torch.float64, pin_memory=self.device.type == "cuda")
         self._times_out = torch.zeros(gpus.ranks, dtype=torch.float64, device=self.device)  # rank 0's, sent on
         self._times_device = torch.zeros(gpus.ranks, dtype=torch.float64, device=self.device)  # every stage's
-        self._header = torch.zeros(HEADER, dtype=torch.long)
         self.steps = 0
         self._closed = False
 
@@ -491,9 +490,10 @@ class StageDriver:
         self._send_header(op, stream, a, b, c)
 
     def _send_header(self, op: int, stream: int, a: int, b: int, c: int) -> None:
-        header = self._header
-        header[:5] = torch.tensor([op, stream, a, b, c])
-        device_header = header.to(self.device)
+        header = torch.tensor([op, stream, a, b, c, 0, 0, 0])
+        if self.device.type == "cuda":  # pinned and non-blocking: a pageable copy would wait for the GPU's queue
+            header = header.pin_memory()
+        device_header = header.to(self.device, non_blocking=True)
         self._wait([dist.isend(device_header, rank) for rank in range(1, self.gpus.ranks)], "taking a command")
 
     def _wait(self, works: list[Any], when: str) -> None:
