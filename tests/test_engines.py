@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -31,24 +29,13 @@ from serve.pipelines.registry import get_spec
 from serve.pipelines.weights import random_models
 from serve.runtime.backends import select_backend
 from serve.schemas import LoadParams
+from tests.support.engines import PIPELINE, SEED, SIZE, build_args, wanrt
 from tests.support.rtc_client import ScopeClient
 from tests.support.server import load_pipeline, run_server
 
 pytestmark = pytest.mark.slow
 
-SIZE = 64
-PIPELINE = "streamdiffusionv2"
-SEED = 42  # the server's default seed, so random weights hash the same at build and at load
 CPU = torch.device("cpu")
-
-
-def wanrt(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serve.cli", *args], capture_output=True, text=True, timeout=600)
-
-
-def build_args(engines_dir: Path, *extra: str) -> list[str]:
-    return ["engines", "build", "--pipeline", PIPELINE, "--height", str(SIZE), "--width", str(SIZE),
-            "--random-weights", "--backend", "aoti", "--engines-dir", str(engines_dir), *extra]  # fmt: skip
 
 
 def wanted_key(backend: str = "aoti"):
@@ -60,18 +47,9 @@ def vae_key(direction: str, backend: str = "aoti"):
 
 
 @pytest.fixture(scope="module")
-def engines_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real AOTInductor build of the tiny SDv2 DiT step and VAE chunk steps (≈1 min on a CPU), shared by the
-    module; tests copy it."""
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        pytest.skip("AOTInductor on CPU needs a C++ compiler (apt-get install g++)")
-    folder = tmp_path_factory.mktemp("engines")
-    result = wanrt(*build_args(folder))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "built: streamdiffusionv2 dit_step 64x64 fp32 (aoti)" in result.stdout
-    for direction in ("encode", "decode"):
-        assert f"built: streamdiffusionv2 vae_{direction} (wan) 64x64 fp32 (aoti)" in result.stdout
-    return folder
+def engines_dir(tiny_engines: Path) -> Path:
+    """The session's tiny engines (tests/support/engines.py); tests that change them copy them."""
+    return tiny_engines
 
 
 @pytest.fixture
