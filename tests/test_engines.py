@@ -419,3 +419,30 @@ def test_tensorrt_vae_chunk_steps_equal_eager_over_chunks(tmp_path: Path) -> Non
                 ours, ours_caches = step(x, ours_caches)
                 reference, reference_caches = eager_step(x, reference_caches)
                 assert ((ours - reference).abs().max() / reference.abs().max()).item() <= 1e-3, direction
+
+
+@pytest.mark.gpu
+def test_an_fp8_aoti_step_runs_scaled_mm_and_matches_the_fp8_eager_stream(tmp_path: Path) -> None:
+    """`--backend aoti --precision fp8` on SM ≥ 8.9: the served fp8 path (fp8 block weights, `torch._scaled_mm`)
+    compiled into the package, chosen by an fp8 load, giving the frames the fp8 eager stream gives."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 GEMMs need a CUDA GPU with SM ≥ 8.9")
+    out = wanrt(*build_args(tmp_path), "--precision", "fp8")
+    assert out.returncode == 0, out.stdout + out.stderr
+    eager = load_sdv2(tmp_path, "eager", quantization="fp8_e4m3fn")
+    compiled = load_sdv2(tmp_path, "compiled", quantization="fp8_e4m3fn")
+    assert compiled.backend == "compiled", compiled.backend_reason
+    params = {**get_spec(PIPELINE).runtime_defaults, "prompts": [{"text": "a cat", "weight": 1.0}]}
+    rng = np.random.default_rng(0)
+    a, b = eager.open_stream(7), compiled.open_stream(7)
+    for _ in range(3):
+        frames = rng.integers(0, 255, (4, SIZE, SIZE, 3), dtype=np.uint8)
+        ours, reference = b.process(frames, params), a.process(frames, params)
+        assert np.abs(ours.astype(int) - reference.astype(int)).mean() <= 2.0  # bf16 + fp8 rounding, two compilers
+
+
+def test_fp8_engines_need_a_gpu_with_fp8_tensor_cores(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without a GPU")
+    out = wanrt(*build_args(tmp_path), "--precision", "fp8")
+    assert out.returncode != 0 and "fp8 needs SM89+" in out.stdout + out.stderr, out.stdout + out.stderr
