@@ -56,6 +56,7 @@ from serve.pipelines.vram import VramPlan, check_fits, measure_plan
 from serve.pipelines.weights import LORA_SCALE, Models, dit_files, load_weights, random_models
 from serve.pipelines.worker import VACE_IMAGE_FIELDS
 from serve.runtime.backends import DiTStep, select_backend
+from serve.runtime.cuda_step import DIT_STEP_PERSISTENT, VACE_STEP_PERSISTENT, on_cuda
 from serve.runtime.stages import CheckpointWeights, RandomWeights, StageDriver, check_visible
 from serve.settings import ServerSettings
 
@@ -511,13 +512,19 @@ class AutoregressivePipeline(Pipeline):
             load_params.get("backend", "auto"), key, models.dit, engines_dir, device,
             engines_unusable=pipeline.engines_unusable(), weights_of=base,
         )  # fmt: skip
+        requested = load_params.get("backend", "auto")
+        steady = (1, 16, cls.shape.chunk_latents, pipeline.height // 8, pipeline.width // 8)  # a chunk's latents
+        pipeline.step, on_gpu = on_cuda(pipeline.step, pipeline.backend, requested, steady, DIT_STEP_PERSISTENT, device)
+        pipeline.backend_reason += f"; {on_gpu}" if on_gpu else ""
         pipeline.backends = {"dit_step": {"backend": pipeline.backend, "reason": pipeline.backend_reason}}
         if pipeline.vace_enabled:  # chunks with a VACE context run this step (serve/models/vace.py)
             vace_key = dataclasses.replace(key, component="dit_step_vace")
             pipeline.vace_step, backend, reason = select_backend(
-                load_params.get("backend", "auto"), vace_key, models.dit, engines_dir, device,
-                engines_unusable=pipeline.engines_unusable(),
+                requested, vace_key, models.dit, engines_dir, device, engines_unusable=pipeline.engines_unusable(),
             )  # fmt: skip
+            pipeline.vace_step, on_gpu = on_cuda(pipeline.vace_step, backend, requested, steady, VACE_STEP_PERSISTENT,
+                                                 device)  # fmt: skip
+            reason += f"; {on_gpu}" if on_gpu else ""
             pipeline.backends["dit_step_vace"] = {"backend": backend, "reason": reason}
         pipeline.select_vae_backends(load_params.get("backend", "auto"), engines_dir)
         if quantization == "fp8_e4m3fn":  # fp8 weight storage; fp8 GEMMs where the GPU has them (serve/models/fp8.py)
