@@ -104,6 +104,7 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
         pipelines = PipelineManager(
             models_dir=settings.models_dir, engines_dir=settings.engines_dir, lora_dir=settings.lora_folder,
             allow_random_weights=settings.allow_random_weights, load_timeout_s=settings.load_timeout_s,
+            default_gpus=settings.gpus,
         )  # fmt: skip
         loras = LoraCatalog(settings.lora_folder)
         recordings = RecordingStore(settings.recordings)

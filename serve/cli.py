@@ -173,7 +173,23 @@ def add_server_options(serve: argparse.ArgumentParser, defaults: ServerSettings)
         "--lora-dir", type=Path, default=defaults.lora_dir,
         help="user LoRA files (env WANRT_LORA_DIR; default: lora/ in the models dir)",
     )  # fmt: skip
+    serve.add_argument(
+        "--gpus", type=gpus_argument, default=defaults.gpus, metavar="IDS",
+        help="split each load's DiT over these GPUs, one pipeline stage each (e.g. 0,1,2,3; cpu:N for N CPU ranks, "
+        "for tests); a load's own `gpus` parameter overrides it (env WANRT_GPUS; default: one device)",
+    )  # fmt: skip
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def gpus_argument(text: str) -> str:
+    """`--gpus`, checked as the load parameter is (serve/pipelines/placement.py): argparse reports the reason."""
+    from serve.errors import InvalidParameters
+    from serve.pipelines.placement import parse_gpus
+
+    try:
+        return parse_gpus(text).spelled()
+    except InvalidParameters as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -185,6 +201,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         preload_pipeline=args.pipeline,
         load_timeout_s=args.load_timeout_s,
         allow_random_weights=args.allow_random_weights,
+        gpus=args.gpus,
         models_dir=args.models_dir,
         lora_dir=args.lora_dir,
         engines_dir=args.engines_dir,

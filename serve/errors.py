@@ -96,6 +96,11 @@ class StreamOutOfMemory(WanrtError):
     buffers are freed; the loaded pipeline and the other sessions go on."""
 
 
+class StageFailed(WanrtError):
+    """A pipeline-parallel stage process died or stopped answering: the stream is stopped (`stream_stopped` carries
+    this message), the pipeline's status turns to `error`, and a new load replaces it; the server goes on."""
+
+
 class DownloadError(WanrtError):
     """Fetching weight files failed (the hub refused, lacks the file, or the transfer broke); names the file."""
 

@@ -109,6 +109,9 @@ class ServerSettings:
     load_timeout_s: float = 1800.0
     """A pipeline load still running after this long is reported as failed (its thread cannot be stopped; whatever
     it builds later is freed), so a hung load never leaves the server "loading" for good."""
+    gpus: str | None = None
+    """Devices a load splits its DiT over, one pipeline stage each (`0,1,2,3`, or `cpu:N` CPU ranks for tests);
+    the default of the `gpus` load parameter. None: one device."""
     allow_random_weights: bool = False
     """Accept the `random_weights` load parameter (tiny config, seeded random weights) for demos and tests."""
     models_dir: Path = field(default_factory=lambda: Path.home() / ".wanrt" / "models")
@@ -142,6 +145,7 @@ class ServerSettings:
             preload_pipeline=env.get("PIPELINE") or None,
             load_timeout_s=float(env.get("WANRT_LOAD_TIMEOUT_S", cls.load_timeout_s)),
             allow_random_weights=env.get("WANRT_ALLOW_RANDOM_WEIGHTS", "") in ("1", "true", "yes"),
+            gpus=env.get("WANRT_GPUS") or None,
             models_dir=Path(env.get("WANRT_MODELS_DIR", home / "models")),
             lora_dir=Path(env["WANRT_LORA_DIR"]) if env.get("WANRT_LORA_DIR") else None,
             engines_dir=Path(env.get("WANRT_ENGINES_DIR", home / "engines")),

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.support.engines import build_tiny_engines
 from tests.support.server import RunningServer, run_server
 
 PEER_TIMEOUT_S = 3.0
@@ -22,3 +24,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         "--allow-random-weights",
     ) as running:  # fmt: skip
         yield running
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDv2 engines, built once per session (≈1 min) for every module that needs them; copy to change."""
+    return build_tiny_engines(tmp_path_factory.mktemp("tiny-engines"))

@@ -70,6 +70,7 @@ class WanrtWorker:
         self.pipelines = PipelineManager(
             models_dir=settings.models_dir, engines_dir=settings.engines_dir, lora_dir=settings.lora_folder,
             allow_random_weights=settings.allow_random_weights, load_timeout_s=settings.load_timeout_s,
+            default_gpus=settings.gpus,
         )  # fmt: skip
         self.recordings = RecordingStore(settings.recordings)
         self.sessions = SessionManager(
