@@ -11,12 +11,13 @@ SOAK_MINUTES ?= 10
 
 .PHONY: install serve test lint bench soak clean engines gpu-check
 
-# torch is pinned and installed first: an unpinned resolve pulls a multi-GB CUDA build.
+# torch is pinned and installed first: an unpinned resolve pulls a multi-GB CUDA build. The cluster extra (Ray) is
+# installed too, so `make test` runs the cluster tests; `wanrt serve` itself never imports Ray.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,cluster]'
 	touch $@
 
 install: $(VENV)/.installed

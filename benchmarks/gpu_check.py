@@ -8,7 +8,10 @@ the next one runs:
 
   environment   GPU, driver, torch, CUDA; a measured bf16 matmul rate (the peak the % columns use) and copy bandwidth
   gpu_tests     the `gpu`-marked tests (pytest, when installed)
-  dit_step      the DiT step (1.3B, bf16): eager, compiled, CUDA graph, fp8 storage; ms, TFLOP/s, % of peak
+  dit_step      the DiT step (1.3B, bf16): eager, compiled, CUDA graph (the served one), fp8 storage; ms, TFLOP/s,
+                % of peak
+  attention     each SDPA kernel (cuDNN, flash, memory-efficient, math) on the step's self- and cross-attention
+                shapes: the measured order for serve/runtime/cuda_step.py `attention_backends`
   vae_steps     the VAE chunk steps of every vae_type at the seed resolutions
   pipelines     each pipeline's chunk latency and fps (video and text mode) at its seed resolution, LongLive also at
                 480×832, Krea 14B with fp8; a new stream's first frame; peak memory against the VRAM plan
@@ -32,8 +35,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-PARTS = ("environment", "gpu_tests", "dit_step", "vae_steps", "pipelines", "adapters")
-TIME_BOX_S = {"environment": 30, "gpu_tests": 50, "dit_step": 130, "vae_steps": 50, "pipelines": 180,
+PARTS = ("environment", "gpu_tests", "dit_step", "attention", "vae_steps", "pipelines", "adapters")
+TIME_BOX_S = {"environment": 30, "gpu_tests": 50, "dit_step": 120, "attention": 20, "vae_steps": 50, "pipelines": 170,
               "adapters": 40}  # 480 s  # fmt: skip
 DRY_TIME_BOX_S = 120
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "L40S": 362.0, "4090": 165.0, "A100": 312.0}
@@ -145,9 +148,12 @@ def part_dit_step(dry: bool) -> dict[str, Any]:
 
     measure("eager", lambda: model.step(*args))
     if cuda:
+        from serve.runtime.cuda_step import DIT_STEP_PERSISTENT, CudaStep
+
         compiled = torch.compile(model.step, dynamic=False)
         measure("compiled (inductor)", lambda: compiled(*args))
-        measure("CUDA graph (eager step)", _graphed(model.step, args))
+        served = CudaStep(model.step, tuple(args[0].shape), DIT_STEP_PERSISTENT, device)  # what `auto` serves
+        measure(f"CUDA graph (eager step, as served: {served.attention_words})", lambda: served(*args))
         graphed = torch.compile(model.step, mode="reduce-overhead", dynamic=False)
         measure("compiled + CUDA graphs (reduce-overhead)", lambda: graphed(*args))
     store_dit_in_fp8(model, dtype)  # fp8 GEMMs where the GPU has them (SM ≥ 8.9), else dequantize
@@ -155,23 +161,46 @@ def part_dit_step(dry: bool) -> dict[str, Any]:
     if cuda:
         compiled_fp8 = torch.compile(model.step, dynamic=False)
         measure("fp8 storage, compiled", lambda: compiled_fp8(*args))
+        served_fp8 = CudaStep(model.step, tuple(args[0].shape), DIT_STEP_PERSISTENT, device)
+        measure("fp8 storage, CUDA graph (as served)", lambda: served_fp8(*args))
     return {**header, "rows": rows}
 
 
-def _graphed(step, args):
-    """The eager step captured once in a CUDA graph over static inputs (the KV cache writes replay in place)."""
+def part_attention(dry: bool) -> dict[str, Any]:
+    """Each SDPA kernel alone on the DiT step's attention shapes (1.3B: 12 heads × 128; LongLive at 480×832: a
+    3-frame chunk of 1560 tokens per frame against a 12-frame window, with the additive key bias; and against the
+    512 text tokens, no mask). A kernel that refuses the call (flash takes no additive mask) reports why."""
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.inference_mode():
-        for _ in range(2):
-            step(*args)  # warm-up outside the capture: lazy inits, cuBLAS handles
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.inference_mode():
-        step(*args)
-    return graph.replay
+    from benchmarks.timing import time_ms
+
+    cuda = torch.cuda.is_available() and not dry
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    heads, head_dim, tokens = (12, 128, 1560) if cuda else (2, 32, 16)
+    shapes = {"self (bias)": (3 * tokens, 12 * tokens, True), "cross": (3 * tokens, 512 if cuda else 8, False)}
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.MATH] if cuda else [SDPBackend.MATH]  # fmt: skip
+    rows = []
+    for label, (queries, keys, masked) in shapes.items():
+        q = torch.randn(1, heads, queries, head_dim, device=device, dtype=dtype)
+        k, v = (torch.randn(1, heads, keys, head_dim, device=device, dtype=dtype) for _ in range(2))
+        bias = torch.zeros(1, 1, 1, keys, device=device, dtype=dtype) if masked else None
+        flop = 4 * heads * queries * keys * head_dim
+        for backend in backends:
+            try:
+                with sdpa_kernel([backend]), torch.inference_mode():
+                    ms = time_ms(lambda: scaled_dot_product_attention(q, k, v, attn_mask=bias), device,  # noqa: B023
+                                 warmup=2 if cuda else 0, iters=10 if cuda else 1)  # fmt: skip
+                rows.append({"attention": label, "kernel": backend.name, "ms": ms, "tflops": flop / ms / 1e9,
+                             "error": None})  # fmt: skip
+            except RuntimeError as exc:
+                rows.append({"attention": label, "kernel": backend.name, "ms": None, "tflops": None,
+                             "error": str(exc).splitlines()[0][:160]})  # fmt: skip
+            save_partial({"rows": rows})
+    return {"heads": heads, "head_dim": head_dim, "tokens_per_frame": tokens, "rows": rows}
 
 
 def part_vae_steps(dry: bool) -> dict[str, Any]:
@@ -362,6 +391,12 @@ def markdown(report: dict[str, Any]) -> str:
                 ms = f"{r['ms']:.2f}" if r["ms"] else "-"
                 tflops = f"{r['tflops']:.1f}" if r["tflops"] else "-"
                 lines.append(f"| {r['variant']} | {ms} | {tflops} | {share} | {r['error'] or ''} |")
+        elif part["part"] == "attention" and result:
+            lines += [f"{result['heads']} heads × {result['head_dim']}, {result['tokens_per_frame']} tokens per frame",
+                      "", "| attention | kernel | ms | TFLOP/s | error |", "|---|---|---|---|---|"]  # fmt: skip
+            for r in result["rows"]:
+                timing = f"{r['ms']:.3f} | {r['tflops']:.1f} |" if r["ms"] else "- | - |"
+                lines.append(f"| {r['attention']} | {r['kernel']} | {timing} {r['error'] or ''} |")
         elif part["part"] == "vae_steps" and result:
             lines += ["| vae | H×W | step | ms | GFLOP | TFLOP/s |", "|---|---|---|---|---|---|"]
             lines += [f"| {r['vae_type']} | {r['height']}×{r['width']} | {r['step']} | {r['ms']:.2f} | "

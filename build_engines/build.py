@@ -43,6 +43,7 @@ from build_engines.manifest import (
 )
 from serve.errors import InvalidParameters, PipelineLoadError
 from serve.models.dit import WanDiT
+from serve.models.fp8 import Fp8Linear, store_dit_in_fp8
 from serve.models.kv_cache import KVCacheSpec, RollingSinkPolicy
 from serve.models.vace import VaceWanDiT
 from serve.pipelines.loras import LoraRequest, merge_user_loras, merged_lora_key
@@ -201,8 +202,6 @@ def plan_build(request: BuildRequest) -> Plan:
         except TensorRTUnavailable as exc:
             raise EngineBuildError(str(exc)) from None
     precision = request.precision or default_precision(backend, env)
-    if precision == "fp8" and backend != "tensorrt":
-        raise EngineBuildError("fp8 engines are TensorRT builds (ModelOpt Q/DQ); use --backend tensorrt or bf16/fp32")
     if precision == "fp8" and (env.sm is None or int(env.sm) < FP8_MIN_SM):
         raise EngineBuildError(f"fp8 needs SM{FP8_MIN_SM}+ (Ada, Hopper); this is {env.describe()}")
     if precision != "fp32" and device.type == "cpu":
@@ -244,10 +243,21 @@ def dit_step_build(model: WanDiT, plan: Plan) -> StepBuild:
     def make():
         from build_engines.export import DIT_STEP_INPUTS, DIT_STEP_OUTPUTS, DiTStepGraph
 
+        store_fp8_for_aoti(model, plan)
         return DiTStepGraph(model).eval(), dit_step_args(model, key, plan.device), DIT_STEP_INPUTS, DIT_STEP_OUTPUTS
 
     base = model.base_part() if isinstance(model, VaceWanDiT) else model  # the base step's weights only
     return StepBuild(key, weight_hash(base), make)
+
+
+def store_fp8_for_aoti(model: WanDiT, plan: Plan) -> None:
+    """An fp8 AOTInductor step is the served fp8 path compiled: block Linears stored fp8 with per-row scales
+    (serve/models/fp8.py), their GEMMs `torch._scaled_mm` with per-token activation scales (SM ≥ 8.9, checked by
+    `plan_build`), exported into the package. TensorRT's fp8 is ModelOpt's calibrated Q/DQ instead (`build_tensorrt`).
+    Runs once, after every step's weight hash was taken from the weights as loaded (what the server hashes)."""
+    if plan.precision != "fp8" or plan.backend != "aoti" or any(isinstance(m, Fp8Linear) for m in model.modules()):
+        return
+    store_dit_in_fp8(model, torch.bfloat16)
 
 
 def vace_step_build(model: VaceWanDiT, plan: Plan) -> StepBuild:
@@ -271,6 +281,7 @@ def vace_step_build(model: VaceWanDiT, plan: Plan) -> StepBuild:
         vace_context = torch.zeros(1, VACE_IN_DIM, *args[0].shape[2:], device=plan.device, dtype=torch.float32)
         scale = torch.ones((), device=plan.device)
         vace_args = (*args, vace_context, vace_k.to(dtype), vace_v.to(dtype), scale)
+        store_fp8_for_aoti(model, plan)
         return VaceStepGraph(model).eval(), vace_args, VACE_STEP_INPUTS, DIT_STEP_OUTPUTS
 
     return StepBuild(key, weight_hash(model), make)

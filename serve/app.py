@@ -6,8 +6,8 @@ import asyncio
 import logging
 import subprocess
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from serve.pipelines.loras import LoraCatalog
 from serve.pipelines.manager import PipelineManager
 from serve.recording import RecordingStore
 from serve.schemas import LoadParams
+from serve.serving import LocalServing
 from serve.settings import ServerSettings
 from serve.webrtc.codecs import configure_codecs
 from serve.webrtc.ice import configure_ice
@@ -80,15 +81,21 @@ def error_response(request: Request, exc: Exception) -> Response:
     )
 
 
+LOCAL_CONTROLLERS: list[type] = [
+    PipelineController,
+    WebRTCController,
+    SessionController,
+    RecordingController,
+    AssetController,
+    LoraController,
+    ModelsController,
+    SystemController,
+]
+
+
 def create_app(settings: ServerSettings | None = None) -> Litestar:
+    """The single-machine server: one pipeline manager and its sessions in this process (`wanrt serve`)."""
     settings = settings or ServerSettings.from_env()
-    if not is_loopback(settings.host) and settings.access.api_token is None:
-        log.warning(
-            "\n%s\nwanrt is bound to %s without an API token: anyone who can reach this address can load "
-            "pipelines, stream and upload files. Set WANRT_API_TOKEN (or --api-token) to require "
-            "'Authorization: Bearer <token>'.\n%s",
-            "!" * 100, settings.host, "!" * 100,
-        )  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -100,12 +107,14 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
         pipelines = PipelineManager(
             models_dir=settings.models_dir, engines_dir=settings.engines_dir, lora_dir=settings.lora_folder,
             allow_random_weights=settings.allow_random_weights, load_timeout_s=settings.load_timeout_s,
+            default_gpus=settings.gpus,
         )  # fmt: skip
         loras = LoraCatalog(settings.lora_folder)
         recordings = RecordingStore(settings.recordings)
         sessions = SessionManager(pipelines, settings.webrtc, settings.assets.directory, recordings)
         models = HubDownloads(settings.models_dir, settings.hub_endpoint)
         app.state.update(
+            serving=LocalServing(pipelines, sessions, recordings),
             pipelines=pipelines,
             sessions=sessions,
             assets=AssetStore(settings.assets.directory),
@@ -124,16 +133,27 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
             await pipelines.close()
             loras.close()
 
+    return build_app(settings, lifespan, LOCAL_CONTROLLERS)
+
+
+def build_app(
+    settings: ServerSettings,
+    lifespan: Callable[[Litestar], AbstractAsyncContextManager[None]],
+    controllers: list[type],
+) -> Litestar:
+    """What every wanrt HTTP front shares: error handling, the request gate, CORS, OpenAPI and the browser UI.
+
+    `lifespan` puts a `Serving` on `app.state.serving` (and whatever else its `controllers` read)."""
+    if not is_loopback(settings.host) and settings.access.api_token is None:
+        log.warning(
+            "\n%s\nwanrt is bound to %s without an API token: anyone who can reach this address can load "
+            "pipelines, stream and upload files. Set WANRT_API_TOKEN (or --api-token) to require "
+            "'Authorization: Bearer <token>'.\n%s",
+            "!" * 100, settings.host, "!" * 100,
+        )  # fmt: skip
     app = Litestar(
         route_handlers=[
-            PipelineController,
-            WebRTCController,
-            SessionController,
-            RecordingController,
-            AssetController,
-            LoraController,
-            ModelsController,
-            SystemController,
+            *controllers,
             create_static_files_router(
                 path="/", directories=[WEB_DIR], html_mode=True, include_in_schema=False, opt={PUBLIC_OPT: True}
             ),

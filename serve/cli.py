@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,56 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="start the HTTP + WebRTC server")
+    add_server_options(serve, defaults)
+
+    cluster = commands.add_parser(
+        "cluster", help="many sessions on many GPUs: Ray workers and the HTTP front (pip install 'wanrt[cluster]')"
+    )
+    roles = cluster.add_subparsers(dest="role", required=True)
+    for role, text in (
+        ("worker", "start one worker actor per GPU of this machine in the Ray cluster, and hold them until stopped"),
+        ("serve", "serve the /api/v1 API and the UI, placing each session on a worker of the Ray cluster"),
+    ):
+        sub = roles.add_parser(role, help=text, description=text)
+        sub.add_argument(
+            "--address", default=os.environ.get("RAY_ADDRESS", "auto"),
+            help="Ray cluster address (env RAY_ADDRESS; default %(default)s: the `ray start` of this machine)",
+        )  # fmt: skip
+        add_server_options(sub, defaults)
+        if role == "worker":
+            sub.add_argument(
+                "--cpu-workers", type=int, default=0, metavar="N",
+                help="start N CPU seats instead of one worker per GPU (machines without a GPU: development, tests)",
+            )  # fmt: skip
+        else:
+            sub.add_argument(
+                "--poll-interval-s", type=float, default=1.0,
+                help="how often the front asks every worker for its state (a dead worker is noticed within this)",
+            )  # fmt: skip
+
+    models = commands.add_parser("models", help="list, download and verify the pipelines' weight files")
+    actions = models.add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("list", "every pipeline's files: present or missing, and their size"),
+        ("download", "fetch a pipeline's files from the hub (resumes an interrupted download)"),
+        ("verify", "re-hash a pipeline's files against what the hub published; non-zero exit names bad files"),
+    ):
+        sub = actions.add_parser(action, help=text, description=text)
+        if action != "list":
+            sub.add_argument("pipeline", help="pipeline id, e.g. streamdiffusionv2")
+            sub.add_argument(
+                "--endpoint", default=defaults.hub_endpoint, help="hub URL (env HF_ENDPOINT; default %(default)s)"
+            )
+            sub.add_argument("--vace", action="store_true", help="include the VACE module (for vace_enabled loads)")
+        sub.add_argument(
+            "--models-dir", type=Path, default=defaults.models_dir, help="env WANRT_MODELS_DIR; default %(default)s"
+        )
+    add_engines_parser(commands, defaults.engines_dir, defaults.models_dir)
+    return parser
+
+
+def add_server_options(serve: argparse.ArgumentParser, defaults: ServerSettings) -> None:
+    """What `wanrt serve` takes; a cluster worker and a cluster front take the same (each uses its part)."""
     serve.add_argument("--host", default=defaults.host, help="bind address (env WANRT_HOST; default %(default)s)")
     serve.add_argument("--port", type=int, default=defaults.port, help="port (env WANRT_PORT; default %(default)s)")
     serve.add_argument("--pipeline", default=defaults.preload_pipeline, help="pipeline to load at start (env PIPELINE)")
@@ -132,27 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-dir", type=Path, default=defaults.lora_dir,
         help="user LoRA files (env WANRT_LORA_DIR; default: lora/ in the models dir)",
     )  # fmt: skip
+    serve.add_argument(
+        "--gpus", type=gpus_argument, default=defaults.gpus, metavar="IDS",
+        help="split each load's DiT over these GPUs, one pipeline stage each (e.g. 0,1,2,3; cpu:N for N CPU ranks, "
+        "for tests); a load's own `gpus` parameter overrides it (env WANRT_GPUS; default: one device)",
+    )  # fmt: skip
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
-    models = commands.add_parser("models", help="list, download and verify the pipelines' weight files")
-    actions = models.add_subparsers(dest="action", required=True)
-    for action, text in (
-        ("list", "every pipeline's files: present or missing, and their size"),
-        ("download", "fetch a pipeline's files from the hub (resumes an interrupted download)"),
-        ("verify", "re-hash a pipeline's files against what the hub published; non-zero exit names bad files"),
-    ):
-        sub = actions.add_parser(action, help=text, description=text)
-        if action != "list":
-            sub.add_argument("pipeline", help="pipeline id, e.g. streamdiffusionv2")
-            sub.add_argument(
-                "--endpoint", default=defaults.hub_endpoint, help="hub URL (env HF_ENDPOINT; default %(default)s)"
-            )
-            sub.add_argument("--vace", action="store_true", help="include the VACE module (for vace_enabled loads)")
-        sub.add_argument(
-            "--models-dir", type=Path, default=defaults.models_dir, help="env WANRT_MODELS_DIR; default %(default)s"
-        )
-    add_engines_parser(commands, defaults.engines_dir, defaults.models_dir)
-    return parser
+
+def gpus_argument(text: str) -> str:
+    """`--gpus`, checked as the load parameter is (serve/pipelines/placement.py): argparse reports the reason."""
+    from serve.errors import InvalidParameters
+    from serve.pipelines.placement import parse_gpus
+
+    try:
+        return parse_gpus(text).spelled()
+    except InvalidParameters as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -164,6 +211,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         preload_pipeline=args.pipeline,
         load_timeout_s=args.load_timeout_s,
         allow_random_weights=args.allow_random_weights,
+        gpus=args.gpus,
         models_dir=args.models_dir,
         lora_dir=args.lora_dir,
         engines_dir=args.engines_dir,
@@ -309,6 +357,12 @@ def main(argv: list[str] | None = None) -> None:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
     elif args.command == "engines":
         sys.exit(run_engines_command(args))
+    elif args.command == "cluster":
+        from serve.cluster.commands import run_front, run_worker  # Ray: only for these commands
+
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        run = run_worker if args.role == "worker" else run_front
+        sys.exit(run(args, settings_from_args(args)))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,25 @@ class UnknownSession(WanrtError):
     status_code = 404
 
 
+class SessionGone(WanrtError):
+    """A cluster session whose worker died: its stream ended with the worker, and nothing of it can be reached."""
+
+    status_code = 410
+
+
+class WorkerUnavailable(WanrtError):
+    """A cluster worker did not answer in time (busy or cut off); it gets no new sessions until it answers again."""
+
+    status_code = 503
+
+
+class NotOnClusterFront(WanrtError):
+    """A route of `wanrt serve` that reads one machine's own folders (assets, LoRAs, weights, recordings), asked of a
+    cluster front, which has none of its workers' folders."""
+
+    status_code = 501
+
+
 class UnknownAsset(WanrtError):
     status_code = 404
 
@@ -75,6 +94,11 @@ class PipelineLoadError(WanrtError):
 class StreamOutOfMemory(WanrtError):
     """A stream's chunk ran out of GPU memory: the stream is stopped (`stream_stopped` carries this message) and its
     buffers are freed; the loaded pipeline and the other sessions go on."""
+
+
+class StageFailed(WanrtError):
+    """A pipeline-parallel stage process died or stopped answering: the stream is stopped (`stream_stopped` carries
+    this message), the pipeline's status turns to `error`, and a new load replaces it; the server goes on."""
 
 
 class DownloadError(WanrtError):

@@ -34,12 +34,13 @@ WHY = {
     404: "What the request names does not exist",
     409: "The request conflicts with the current state: a pipeline is loading; a recording already runs, none runs, "
     "or it is still being written; no frame was sent yet",
+    410: "Cluster front only: the session's worker is gone (it died or left), and its stream ended with it",
     413: "The body is over the limit (JSON: --max-json-body-bytes; uploads: --max-upload-mb)",
     415: "The Content-Type is not the route's (application/json; uploads: application/octet-stream), or the upload "
     "is neither an image nor a video",
     422: "The parameters parse but are not valid for the pipeline",
     501: "The pipeline is declared but not part of this build",
-    503: "Every session slot is taken",
+    503: "Every session slot is taken (a cluster front: no live worker has a free seat, or none is free to load)",
     507: "The asset folder has no room for the upload",
 }
 

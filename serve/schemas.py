@@ -19,6 +19,8 @@ Dimension = Annotated[
     int, Meta(ge=64, le=2048, multiple_of=16, description="Pixels; a multiple of 16 (VAE stride 8 × patch 2)")
 ]
 Seed = Annotated[int, Meta(ge=0, le=2**32 - 1)]
+GPUS_PATTERN = r"^(cpu:[1-8]|[0-9]{1,2}(,[0-9]{1,2}){0,15})$"
+"""`gpus`: CUDA device ids separated by commas, or `cpu:N` (serve/pipelines/placement.py parses it)."""
 ShortText = Annotated[str, Meta(max_length=4096)]
 AssetPath = Annotated[str, Meta(max_length=1024)]
 WarpSteps = Annotated[
@@ -124,6 +126,9 @@ class LoadParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
     backend: Literal["auto", "tensorrt", "compiled", "eager"] | UnsetType = UNSET
     random_weights: bool | UnsetType = UNSET
     chunk_size: Annotated[int, Meta(ge=1, le=16)] | UnsetType = UNSET
+    gpus: Annotated[str, Meta(pattern=GPUS_PATTERN, max_length=64)] | UnsetType = UNSET
+    """Devices to split the DiT over, one pipeline stage each: CUDA ids `0,1,2,3`, or `cpu:N` CPU ranks (tests,
+    development). One entry is a one-device load. Unset: the server's `--gpus`, else the one default device."""
 
 
 class LoadRequest(Struct, forbid_unknown_fields=True):
@@ -163,6 +168,9 @@ class PipelineStatus(Struct):
     backend_reason: str | None = None  # why this backend runs the step (and why better ones did not)
     backends: dict[str, dict[str, str]] | None = None  # per component (dit_step, vae_encode, vae_decode): both of those
     random_weights: bool = False
+    pipeline_parallel: dict[str, Any] | None = None
+    """How the DiT is placed when the load named several devices: stages, devices, blocks_per_stage, stage_ms (the
+    last chunk's, per stage), suggested_blocks_per_stage; or one stage and the reason it could not be split."""
 
 
 class LoraFileInfo(Struct):
@@ -311,3 +319,34 @@ class AssetList(Struct):
 def params_to_dict(params: Struct) -> dict[str, Any]:
     """The fields that were set, as plain JSON-able values."""
     return msgspec.to_builtins(params)
+
+
+class ClusterWorker(Struct):
+    """One wanrt worker of a cluster (a Ray actor that owns one GPU, or a CPU seat), as GET /api/v1/cluster lists it."""
+
+    name: str
+    """The actor's name; the ids of its sessions start with it (`<name>.<uuid>`)."""
+    state: Literal["alive", "unreachable", "gone"]
+    """`unreachable`: its last call timed out (no new sessions go there); `gone`: its actor died or left."""
+    node_id: str | None = None
+    node_ip: str | None = None
+    gpus: list[str] = msgspec.field(default_factory=list)
+    """The accelerator ids Ray gave the actor; empty for a CPU seat."""
+    pid: int | None = None
+    pipeline: PipelineStatus | None = None
+    seats: int = 0
+    """Sessions it takes at once (its --max-sessions)."""
+    sessions: list[str] = msgspec.field(default_factory=list)
+    """Its live session ids."""
+    lost_sessions: list[str] = msgspec.field(default_factory=list)
+    """The sessions it held when it went: their streams ended with it."""
+    error: str | None = None
+    """Why it is unreachable or gone."""
+    last_seen: float | None = None
+    """Unix time of its last answer to the front."""
+
+
+class ClusterStatus(Struct):
+    pipeline_id: str | None
+    """The pipeline new offers get (the last load's)."""
+    workers: list[ClusterWorker]

@@ -95,6 +95,22 @@ class RecordingSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """How a cluster front (`wanrt cluster serve`) finds and watches its Ray workers (serve/cluster/front.py)."""
+
+    address: str = "auto"
+    """Ray cluster address (`--address`, env RAY_ADDRESS): `auto` joins the cluster of this machine's `ray start`."""
+    poll_interval_s: float = 1.0
+    """How often every worker is asked for its summary; a dead worker is noticed within this (or at its next call)."""
+    summary_timeout_s: float = 2.0
+    """A worker that does not answer its summary in this long is `unreachable` and gets no new sessions."""
+    call_timeout_s: float = 10.0
+    """A call (offer, PATCH, load...) a worker has not answered in this long gets 503 and marks it `unreachable`."""
+    placement_max_age_s: float = 0.25
+    """An offer is placed on summaries at most this old (fresher ones are fetched first)."""
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -103,6 +119,9 @@ class ServerSettings:
     load_timeout_s: float = 1800.0
     """A pipeline load still running after this long is reported as failed (its thread cannot be stopped; whatever
     it builds later is freed), so a hung load never leaves the server "loading" for good."""
+    gpus: str | None = None
+    """Devices a load splits its DiT over, one pipeline stage each (`0,1,2,3`, or `cpu:N` CPU ranks for tests);
+    the default of the `gpus` load parameter. None: one device."""
     allow_random_weights: bool = False
     """Accept the `random_weights` load parameter (tiny config, seeded random weights) for demos and tests."""
     models_dir: Path = field(default_factory=lambda: Path.home() / ".wanrt" / "models")
@@ -136,6 +155,7 @@ class ServerSettings:
             preload_pipeline=env.get("PIPELINE") or None,
             load_timeout_s=float(env.get("WANRT_LOAD_TIMEOUT_S", cls.load_timeout_s)),
             allow_random_weights=env.get("WANRT_ALLOW_RANDOM_WEIGHTS", "") in ("1", "true", "yes"),
+            gpus=env.get("WANRT_GPUS") or None,
             models_dir=Path(env.get("WANRT_MODELS_DIR", home / "models")),
             lora_dir=Path(env["WANRT_LORA_DIR"]) if env.get("WANRT_LORA_DIR") else None,
             engines_dir=Path(env.get("WANRT_ENGINES_DIR", home / "engines")),

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 # Triton's interpreter runs the kernels/ kernels on CPU tensors (tests/test_colour.py). Triton reads this when it is
 # first imported, so it is set here, before any test module imports it, and only where no GPU could compile them.
@@ -10,6 +11,7 @@ if not os.path.exists("/dev/nvidiactl"):
 
 import pytest
 
+from tests.support.engines import build_tiny_engines
 from tests.support.server import RunningServer, run_server
 
 PEER_TIMEOUT_S = 3.0
@@ -28,3 +30,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         "--allow-random-weights",
     ) as running:  # fmt: skip
         yield running
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDv2 engines, built once per session (≈1 min) for every module that needs them; copy to change."""
+    return build_tiny_engines(tmp_path_factory.mktemp("tiny-engines"))

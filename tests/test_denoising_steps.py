@@ -10,8 +10,8 @@ clean pass leaves in the cache), fresh noise between steps drawn in the stream's
 
 from __future__ import annotations
 
-import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,45 +249,48 @@ def test_changing_the_setting_mid_stream_restarts_like_a_step_list_change() -> N
     assert stream.frame == 6
 
 
-# -- the raw setting is today's behaviour, bit for bit --------------------------------------------------------------
+# -- the raw setting is the behaviour from before the setting --------------------------------------------------------
 
-# sha256 (first 16 hex) of each chunk's uint8 frames, recorded at commit 726ef25 (before `warp_denoising_steps`
-# existed: every list was fed raw) with torch 2.13.0+cpu: 32×32, seed 3, three chunks, PROMPT_B from the third,
-# video frames from numpy's default_rng(0), noise controller off.
-RAW_OUTPUTS_TORCH = "2.13.0+cpu"
-RAW_OUTPUTS = {
-    "streamdiffusionv2/text": ["df42bd69243e5eb7", "0c863c1b982a5335", "bb63615eb1262ab9"],
-    "streamdiffusionv2/video": ["1c05956b3fdf6184", "563cd0fcf8c0fa00", "26da710cb8366bce"],
-    "longlive/text": ["88759392fc807b0e", "b0a251c279865034", "59d42ef6001a729c"],
-    "longlive/video": ["a18192219bf08621", "f2be54746bc5b51e", "bd6a4bd891062b7c"],
-    "reward-forcing/text": ["88759392fc807b0e", "b0a251c279865034", "8acc36a0ed3a9762"],
-    "reward-forcing/video": ["a18192219bf08621", "f2be54746bc5b51e", "bcf7be68ef77b886"],
-    "memflow/text": ["88759392fc807b0e", "e2448d17f87a085a", "4bfe5d4af67962fe"],
-    "memflow/video": ["a18192219bf08621", "f9e138b2129edb02", "774e888377655ab6"],
-    "krea-realtime-video/text": ["63ba2113aae119d7", "f0d6cb7f216dcf38", "a15cd27dd7191542"],
-    "krea-realtime-video/video": ["7e7dd761251d297f", "e5d8f40a37c9131b", "760692b008253a70"],
-}
+# Each chunk's uint8 frames as commit 726ef25 gave them (before `warp_denoising_steps` existed: every list was fed
+# raw), torch 2.13.0+cpu: 32×32, seed 3, three chunks, PROMPT_B from the third, video frames from numpy's
+# default_rng(0), noise controller off. Compared within a bound, not by hash: CPU float kernels differ between
+# machines (AVX-512 or not, thread count, oneDNN on or off) by a rounding step in a few pixels. Measured on one
+# machine, 726ef25 and the raw setting agree bit for bit; 1 thread without oneDNN against 2 threads with it moves at
+# most 1 level in at most 0.02% of the pixels; the warped sampler moves tens of levels almost everywhere.
+RAW_OUTPUTS = Path(__file__).parent / "data" / "raw_outputs_726ef25.npz"
+CASES = [f"{p}/{m}" for p in ("streamdiffusionv2", "longlive", "reward-forcing", "memflow", "krea-realtime-video")
+         for m in ("text", "video")]  # fmt: skip
 
 
-def chunk_hashes(pipeline_id: str, mode: str, **params) -> list[str]:
+def chunk_frames(pipeline_id: str, mode: str, **params) -> list[np.ndarray]:
     stream, defaults = open_stream(pipeline_id, seed=SEED)
     rng = np.random.default_rng(0)
-    hashes = []
+    chunks = []
     for c in range(3):
         update = {**defaults, **params, **({"prompts": PROMPT_B} if c == 2 else {})}
         frames = None
         if mode == "video":
             update.update(input_mode="video", noise_controller=False, noise_scale=0.7)
             frames = rng.integers(0, 256, size=(stream.p.chunk_frames, SIZE, SIZE, 3), dtype=np.uint8)
-        out = stream.process(frames, update)
-        hashes.append(hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest()[:16])
-    return hashes
+        chunks.append(stream.process(frames, update))
+    return chunks
 
 
-@pytest.mark.skipif(torch.__version__ != RAW_OUTPUTS_TORCH, reason=f"outputs recorded with torch {RAW_OUTPUTS_TORCH}")
-@pytest.mark.parametrize("case", sorted(RAW_OUTPUTS))
+def level_difference(ours: np.ndarray, recorded: np.ndarray) -> tuple[int, float]:
+    """(largest difference in levels, share of the values that differ at all)."""
+    difference = np.abs(ours.astype(int) - recorded.astype(int))
+    return int(difference.max()), float((difference > 0).mean())
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_the_raw_setting_reproduces_the_outputs_from_before_the_setting(case: str) -> None:
     pipeline_id, mode = case.split("/")
-    assert chunk_hashes(pipeline_id, mode, warp_denoising_steps=False) == RAW_OUTPUTS[case]
+    with np.load(RAW_OUTPUTS) as recorded:
+        before = [recorded[f"{case}/{c}"] for c in range(3)]
+    for chunk, (ours, then) in enumerate(zip(chunk_frames(pipeline_id, mode, warp_denoising_steps=False), before,
+                                             strict=True)):  # fmt: skip
+        largest, share = level_difference(ours, then)
+        assert largest <= 2 and share <= 0.005, f"chunk {chunk}: up to {largest} levels in {share:.2%} of values"
     if mode == "text" and pipeline_id != "streamdiffusionv2":  # their default (warped) is another sampler
-        assert chunk_hashes(pipeline_id, mode) != RAW_OUTPUTS[case]
+        largest, share = level_difference(chunk_frames(pipeline_id, mode)[1], before[1])
+        assert share > 0.5, f"the warped sampler left {share:.0%} of the values as the raw one made them"

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -31,24 +29,13 @@ from serve.pipelines.registry import get_spec
 from serve.pipelines.weights import random_models
 from serve.runtime.backends import select_backend
 from serve.schemas import LoadParams
+from tests.support.engines import PIPELINE, SEED, SIZE, build_args, wanrt
 from tests.support.rtc_client import ScopeClient
 from tests.support.server import load_pipeline, run_server
 
 pytestmark = pytest.mark.slow
 
-SIZE = 64
-PIPELINE = "streamdiffusionv2"
-SEED = 42  # the server's default seed, so random weights hash the same at build and at load
 CPU = torch.device("cpu")
-
-
-def wanrt(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serve.cli", *args], capture_output=True, text=True, timeout=600)
-
-
-def build_args(engines_dir: Path, *extra: str) -> list[str]:
-    return ["engines", "build", "--pipeline", PIPELINE, "--height", str(SIZE), "--width", str(SIZE),
-            "--random-weights", "--backend", "aoti", "--engines-dir", str(engines_dir), *extra]  # fmt: skip
 
 
 def wanted_key(backend: str = "aoti"):
@@ -60,18 +47,9 @@ def vae_key(direction: str, backend: str = "aoti"):
 
 
 @pytest.fixture(scope="module")
-def engines_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real AOTInductor build of the tiny SDv2 DiT step and VAE chunk steps (≈1 min on a CPU), shared by the
-    module; tests copy it."""
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        pytest.skip("AOTInductor on CPU needs a C++ compiler (apt-get install g++)")
-    folder = tmp_path_factory.mktemp("engines")
-    result = wanrt(*build_args(folder))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "built: streamdiffusionv2 dit_step 64x64 fp32 (aoti)" in result.stdout
-    for direction in ("encode", "decode"):
-        assert f"built: streamdiffusionv2 vae_{direction} (wan) 64x64 fp32 (aoti)" in result.stdout
-    return folder
+def engines_dir(tiny_engines: Path) -> Path:
+    """The session's tiny engines (tests/support/engines.py); tests that change them copy them."""
+    return tiny_engines
 
 
 @pytest.fixture
@@ -441,3 +419,30 @@ def test_tensorrt_vae_chunk_steps_equal_eager_over_chunks(tmp_path: Path) -> Non
                 ours, ours_caches = step(x, ours_caches)
                 reference, reference_caches = eager_step(x, reference_caches)
                 assert ((ours - reference).abs().max() / reference.abs().max()).item() <= 1e-3, direction
+
+
+@pytest.mark.gpu
+def test_an_fp8_aoti_step_runs_scaled_mm_and_matches_the_fp8_eager_stream(tmp_path: Path) -> None:
+    """`--backend aoti --precision fp8` on SM ≥ 8.9: the served fp8 path (fp8 block weights, `torch._scaled_mm`)
+    compiled into the package, chosen by an fp8 load, giving the frames the fp8 eager stream gives."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 GEMMs need a CUDA GPU with SM ≥ 8.9")
+    out = wanrt(*build_args(tmp_path), "--precision", "fp8")
+    assert out.returncode == 0, out.stdout + out.stderr
+    eager = load_sdv2(tmp_path, "eager", quantization="fp8_e4m3fn")
+    compiled = load_sdv2(tmp_path, "compiled", quantization="fp8_e4m3fn")
+    assert compiled.backend == "compiled", compiled.backend_reason
+    params = {**get_spec(PIPELINE).runtime_defaults, "prompts": [{"text": "a cat", "weight": 1.0}]}
+    rng = np.random.default_rng(0)
+    a, b = eager.open_stream(7), compiled.open_stream(7)
+    for _ in range(3):
+        frames = rng.integers(0, 255, (4, SIZE, SIZE, 3), dtype=np.uint8)
+        ours, reference = b.process(frames, params), a.process(frames, params)
+        assert np.abs(ours.astype(int) - reference.astype(int)).mean() <= 2.0  # bf16 + fp8 rounding, two compilers
+
+
+def test_fp8_engines_need_a_gpu_with_fp8_tensor_cores(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without a GPU")
+    out = wanrt(*build_args(tmp_path), "--precision", "fp8")
+    assert out.returncode != 0 and "fp8 needs SM89+" in out.stdout + out.stderr, out.stdout + out.stderr

@@ -102,3 +102,39 @@ def test_the_step_sees_the_same_cache_and_text_buffers_every_chunk() -> None:
     for chunk_params in scripted_params(spec.runtime_defaults, "text", 6):
         stream.process(None, chunk_params)
     assert stream.recaches == 1 and len(seen) == 1
+
+
+GRAPHED_CASES = [
+    ("streamdiffusionv2", "video", False), ("longlive", "text", False), ("krea-realtime-video", "text", False),
+    ("reward-forcing", "video", False), ("longlive", "video", True),
+]  # fmt: skip
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize(("pipeline_id", "mode", "vace"), GRAPHED_CASES)
+def test_cuda_graph_replay_equals_the_ungraphed_stream(pipeline_id: str, mode: str, vace: bool) -> None:
+    """`auto` replays the steady chunk from a CUDA graph (serve/runtime/cuda_step.py); `eager` by name does not.
+    Same kernels, same order: the frames and the KV cache agree through a prompt switch (re-cache, ungraphed) and
+    Krea's recompute, and the graph really replayed."""
+    from serve.pipelines.dry_run import scripted_params
+    from serve.runtime.cuda_step import CudaStep
+
+    spec = get_spec(pipeline_id)
+    streams, steps = [], []
+    for backend in ("eager", "auto"):
+        params = spec.effective_load_params(
+            LoadParams(height=64, width=64, random_weights=True, backend=backend, vace_enabled=vace),
+            allow_random_weights=True,
+        )
+        pipeline = spec.resolve_factory().load(spec, params, report=lambda *_: None, models_dir=Path("/nonexistent"))
+        step = pipeline.vace_step if vace else pipeline.step
+        assert isinstance(step, CudaStep) and step.graphs_wanted == (backend == "auto"), pipeline.backends
+        streams.append(pipeline.open_stream(0))
+        steps.append(step)
+    frames = np.random.default_rng(0).integers(0, 255, (streams[0].p.chunk_frames, 64, 64, 3), dtype=np.uint8)
+    for chunk_params in scripted_params({**spec.runtime_defaults, "vace_enabled": vace}, mode, 6):
+        reference, ours = (s.process(frames if mode == "video" else None, chunk_params) for s in streams)
+        assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1
+    assert steps[1].failed is None and steps[1].replays > 0
+    assert torch.allclose(streams[1].cache.k.float(), streams[0].cache.k.float(), atol=1e-2)

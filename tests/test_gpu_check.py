@@ -24,17 +24,21 @@ def test_the_dry_gpu_check_runs_every_part_and_writes_both_reports(tmp_path: Pat
     out = tmp_path / "report"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(ROOT)])}
     command = [sys.executable, "-m", "benchmarks.gpu_check", "--dry", "--out", str(out),
-               "--parts", "environment", "dit_step", "vae_steps", "pipelines", "adapters"]  # fmt: skip
+               "--parts", "environment", "dit_step", "attention", "vae_steps", "pipelines", "adapters"]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "gpu-report.json").read_text())
     assert report["dry"] is True
     status = {part["part"]: part["status"] for part in report["parts"]}
-    assert status == dict.fromkeys(("environment", "dit_step", "vae_steps", "pipelines", "adapters"), "ok"), report
+    assert status == dict.fromkeys(("environment", "dit_step", "attention", "vae_steps", "pipelines", "adapters"),
+                                   "ok"), report  # fmt: skip
     parts = {part["part"]: part["result"] for part in report["parts"]}
     assert parts["environment"]["matmul_tflops"] > 0
     assert {row["variant"] for row in parts["dit_step"]["rows"]} == {"eager", "fp8 storage, eager"}
     assert all(row["error"] is None and row["ms"] > 0 for row in parts["dit_step"]["rows"])
+    assert [(row["attention"], row["kernel"]) for row in parts["attention"]["rows"]] == [
+        ("self (bias)", "MATH"), ("cross", "MATH")
+    ] and all(row["ms"] > 0 for row in parts["attention"]["rows"])  # fmt: skip
     assert {row["vae_type"] for row in parts["vae_steps"]["rows"]} == {"wan", "lightvae", "tae", "lighttae"}
     rows = parts["pipelines"]["rows"]
     assert [row["pipeline"] for row in rows] == [
@@ -48,7 +52,7 @@ def test_the_dry_gpu_check_runs_every_part_and_writes_both_reports(tmp_path: Pat
     assert all(row["ms"] > 0 for row in adapters["lora"]) and adapters["lora"][2]["flop_added"] > 0
     assert adapters["vace"] and all(row["vace_ms"] > 0 for row in adapters["vace"])
     markdown = (out / "gpu-report.md").read_text()
-    assert "| streamdiffusionv2 | 32×32 |" in markdown and "## dit_step" in markdown
+    assert "| streamdiffusionv2 | 32×32 |" in markdown and "## dit_step" in markdown and "| cross | MATH |" in markdown
 
 
 def test_a_failing_part_is_reported_and_the_others_still_run(tmp_path: Path) -> None:

@@ -13,20 +13,19 @@ import torch
 from serve.pipelines.autoregressive import StreamDiffusionV2Pipeline
 from serve.pipelines.registry import get_spec
 from serve.schemas import LoadParams
-from tests.test_engines import PIPELINE, SIZE, build_args, wanrt
+from tests.support.engines import PIPELINE, SIZE, build_args, wanrt
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def engines_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        pytest.skip("AOTInductor on CPU needs a C++ compiler (apt-get install g++)")
-    folder = tmp_path_factory.mktemp("vace-engines")
+def engines_dir(tiny_engines: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's tiny engines plus the VACE step: `--vace` builds only what is missing."""
+    folder = Path(shutil.copytree(tiny_engines, tmp_path_factory.mktemp("vace-engines") / "engines"))
     result = wanrt(*build_args(folder, "--vace"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "built: streamdiffusionv2 dit_step_vace 64x64 fp32 (aoti)" in result.stdout, result.stdout
-    assert "built: streamdiffusionv2 dit_step 64x64 fp32 (aoti)" in result.stdout
+    assert result.stdout.count("up to date") == 3  # the base step and the VAE's two: reused, not rebuilt
     return folder
 
 
@@ -60,3 +59,28 @@ def test_vace_engine_is_chosen_and_equals_eager(engines_dir: Path, caplog: pytes
             assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1
     assert not [r.message for r in caplog.records if "runs eager" in r.message]  # every VACE step on the engine
     assert torch.allclose(b.cache.k, a.cache.k, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_tensorrt_vace_engine_is_chosen_and_equals_eager(tmp_path: Path) -> None:
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (it comes from NVIDIA's index, not PyPI)")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT engines need a CUDA GPU")
+    args = build_args(tmp_path, "--vace", "--precision", "fp32")
+    args[args.index("aoti")] = "tensorrt"
+    result = wanrt(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    eager, engine = load(tmp_path, "eager", True), load(tmp_path, "tensorrt", True)
+    assert engine.backends["dit_step_vace"]["backend"] == "tensorrt", engine.backends
+
+    spec = get_spec(PIPELINE)
+    params = {**spec.runtime_defaults, "vace_enabled": True, "prompts": [{"text": "a cat", "weight": 1.0}]}
+    rng = np.random.default_rng(0)
+    a, b = eager.open_stream(7), engine.open_stream(7)
+    for chunk in range(4):  # the first call captures the CUDA graph, the next ones replay it with new inputs
+        frames = rng.integers(0, 255, (4, SIZE, SIZE, 3), dtype=np.uint8)
+        step = {**params, "vace_context_scale": (1.0, 0.0, 1.7, 1.0)[chunk]}
+        ours, reference = b.process(frames, step), a.process(frames, step)
+        assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 2
+    assert torch.allclose(b.cache.k, a.cache.k, atol=1e-3, rtol=1e-3)

@@ -17,7 +17,7 @@ class PipelineController(Controller):
     path = "/api/v1"
     tags = ["pipeline"]
 
-    @post("/pipeline/load", status_code=200, responses=errors(404, 409, 422, 501))
+    @post("/pipeline/load", status_code=200, responses=errors(404, 409, 422, 501, 503))
     async def load(self, data: LoadRequest, state: State) -> MessageResponse:
         """Starts loading; poll /pipeline/status. Takes `{pipeline_id}` (the seed) or `{pipeline_ids: [id]}` (Scope)."""
         ids = [data.pipeline_id] if isinstance(data.pipeline_id, str) else []
@@ -27,16 +27,16 @@ class PipelineController(Controller):
                 "give exactly one pipeline: {'pipeline_id': ID} or {'pipeline_ids': [ID]} "
                 "(preprocessor pipelines are not supported)"
             )
-        return MessageResponse(message=await state.pipelines.load(ids[0], data.load_params))
+        return MessageResponse(message=await state.serving.load(ids[0], data.load_params))
 
     @get("/pipeline/status")
     async def status(self, state: State) -> PipelineStatus:
-        return state.pipelines.status()
+        return await state.serving.status()
 
     @post("/pipeline/unload", status_code=200)
     async def unload(self, state: State) -> MessageResponse:
         """Stops every session (they get `stream_stopped`) and frees the pipeline."""
-        return MessageResponse(message=await state.pipelines.unload())
+        return MessageResponse(message=await state.serving.unload())
 
     @get("/pipelines/schemas")
     async def schemas(self, state: State) -> dict[str, Any]:

@@ -37,15 +37,8 @@ class SystemController(Controller):
     @get("/metrics", media_type=MediaType.TEXT)
     async def metrics(self, state: State) -> str:
         """Prometheus text format."""
-        totals = state.sessions.totals()
-        status = state.pipelines.status()
         lines = {
-            "wanrt_sessions_active": len(state.sessions),
-            "wanrt_pipeline_loaded": int(status.status == "loaded"),
-            "wanrt_frames_in_total": totals["frames_in"],
-            "wanrt_frames_out_total": totals["frames_out"],
-            "wanrt_frames_dropped_total": totals["frames_dropped"],
-            "wanrt_recordings_active": state.recordings.active_count(),
+            **await state.serving.gauges(),
             "wanrt_threads": threading.active_count(),
             "wanrt_asyncio_tasks": len(asyncio.all_tasks()),
         }

@@ -22,17 +22,17 @@ class WebRTCController(Controller):
     @post("/offer", status_code=200, responses=errors(422, 503))
     async def offer(self, data: Offer, state: State) -> Answer:
         """Answers an SDP offer for the loaded pipeline; `initialParameters` apply from the first chunk."""
-        return await state.sessions.create(data)
+        return await state.serving.create_session(data)
 
-    @patch("/offer/{session_id:str}", status_code=204, responses=errors(404))
+    @patch("/offer/{session_id:str}", status_code=204, responses=errors(404, 410))
     async def add_candidates(self, session_id: str, data: CandidatesRequest, state: State) -> None:
-        await state.sessions.add_candidates(session_id, data.candidates)
+        await state.serving.add_candidates(session_id, data.candidates)
 
-    @delete("/offer/{session_id:str}", status_code=204, responses=errors(404))
+    @delete("/offer/{session_id:str}", status_code=204, responses=errors(404, 410))
     async def close(self, session_id: str, state: State) -> None:
-        await state.sessions.close(session_id)
+        await state.serving.close_session(session_id)
 
     @get("/sessions")
     async def sessions(self, state: State) -> dict[str, Any]:
         """For operators: every live session with its parameters and latest stats."""
-        return {"sessions": state.sessions.describe(), "max_sessions": state.settings.webrtc.max_sessions}
+        return {"sessions": await state.serving.describe_sessions(), "max_sessions": state.serving.max_sessions}

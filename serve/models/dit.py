@@ -16,7 +16,7 @@ attended; per-frame timesteps. The time embedding, norms and modulation arithmet
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -239,6 +239,39 @@ class Head(nn.Module):
         return linear(self.head, h.view(batch, tokens, dim)).float()
 
 
+def run_blocks(blocks: Iterable[tuple[int, DiTBlock]], x: Tensor, e0: Tensor, frames: int, rope: tuple[Tensor, Tensor],
+               key_bias: Tensor, text_kv: tuple[Tensor, Tensor], cache_k: Tensor, cache_v: Tensor,
+               write_index: Tensor, key_rope: tuple[Tensor, Tensor] | None,
+               residuals: dict[int, Tensor] | None = None) -> Tensor:  # fmt: skip
+    """The cached step's block loop over `(layer, block)` pairs; `layer` indexes `text_kv`, the caches and
+    `residuals`. The whole model passes all its blocks; a pipeline stage (serve/runtime/stages.py) passes its own,
+    numbered from 0 against caches that hold only its layers, so both run the same arithmetic.
+
+    x [B, N, d] fp32; e0 [B, F, 6, d]; rope the queries' cos/sin [N, hd/2]; key_bias [S] or [B, S] additive;
+    text_kv, cache_k, cache_v [layers, B, ·, heads, hd]; write_index [N] token slots.
+    """
+    cos, sin = rope
+    bias = key_bias.view(-1, 1, 1, key_bias.shape[-1])  # [B or 1, 1, 1, S]: broadcast over heads and queries
+    residuals = residuals or {}
+    for layer, block in blocks:
+
+        def self_attention(h: Tensor, layer: int = layer, block: DiTBlock = block) -> Tensor:
+            attention = block.self_attn
+            q = apply_rope(attention.project_q(h), cos, sin)
+            k, v = attention.project_kv(h)
+            if key_rope is None:
+                k = apply_rope(k, cos, sin)
+            cache_k[layer].index_copy_(1, write_index, k.to(cache_k.dtype))
+            cache_v[layer].index_copy_(1, write_index, v.to(cache_v.dtype))
+            keys = cache_k[layer] if key_rope is None else apply_rope(cache_k[layer], *key_rope)
+            return attention.attend(q, keys, cache_v[layer], bias)
+
+        x = block(x, e0, frames, self_attention, (text_kv[0][layer], text_kv[1][layer]))
+        if layer in residuals:
+            x = x + residuals[layer]
+    return x
+
+
 # -- model --------------------------------------------------------------------------------------------------------
 
 
@@ -335,25 +368,11 @@ class WanDiT(nn.Module):
         x, grid = self.patchify(latents)
         cos, sin = self.rope.tables(frame_positions, grid[1], grid[2])
         e, e0 = self.embed_time(timestep, sinusoid_dtype)
-        bias = key_bias.view(-1, 1, 1, key_bias.shape[-1])  # [B or 1, 1, 1, S]: broadcast over heads and queries
         residuals = hints(x, e0, grid) if hints is not None else {}
-
-        for layer, block in enumerate(self.blocks):
-
-            def self_attention(h: Tensor, layer: int = layer, block: DiTBlock = block) -> Tensor:
-                attention = block.self_attn
-                q = apply_rope(attention.project_q(h), cos, sin)
-                k, v = attention.project_kv(h)
-                if key_rope is None:
-                    k = apply_rope(k, cos, sin)
-                cache_k[layer].index_copy_(1, write_index, k.to(cache_k.dtype))
-                cache_v[layer].index_copy_(1, write_index, v.to(cache_v.dtype))
-                keys = cache_k[layer] if key_rope is None else apply_rope(cache_k[layer], *key_rope)
-                return attention.attend(q, keys, cache_v[layer], bias)
-
-            x = block(x, e0, grid[0], self_attention, (text_kv[0][layer], text_kv[1][layer]))
-            if layer in residuals:
-                x = x + residuals[layer]
+        x = run_blocks(
+            enumerate(self.blocks), x, e0, grid[0], (cos, sin), key_bias, text_kv, cache_k, cache_v, write_index,
+            key_rope, residuals,
+        )  # fmt: skip
         return self.unpatchify(self.head(x, e, grid[0]), grid)
 
     # -- the oracle ----------------------------------------------------------------------------------------------

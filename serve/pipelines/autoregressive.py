@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from torch import Tensor
 from build_engines.manifest import dit_step_key, precision_of, vae_step_key
 from serve.errors import PipelineLoadError, StreamOutOfMemory
 from serve.models.autoencoder import ChunkStepFn, StreamingAutoencoder, make_vae
-from serve.models.dit import ROPE_MAX_POSITIONS
+from serve.models.dit import DIT_CONFIGS, ROPE_MAX_POSITIONS, DiTConfig
 from serve.models.fp8 import store_dit_in_fp8
 from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, TextKVCache
 from serve.models.lora import RuntimeLoras
@@ -47,13 +49,16 @@ from serve.pipelines.loras import (
     merged_lora_key,
     requested_loras,
 )
+from serve.pipelines.placement import Gpus, parse_gpus, split_blocks
 from serve.pipelines.policies import NoiseController
 from serve.pipelines.spec import PipelineSpec
 from serve.pipelines.vace_context import ChunkVace, VaceConditioner, first_call_frames
 from serve.pipelines.vram import VramPlan, check_fits, measure_plan
-from serve.pipelines.weights import LORA_SCALE, Models, load_weights, random_models
+from serve.pipelines.weights import LORA_SCALE, Models, dit_files, load_weights, random_models
 from serve.pipelines.worker import VACE_IMAGE_FIELDS
 from serve.runtime.backends import DiTStep, select_backend
+from serve.runtime.cuda_step import DIT_STEP_PERSISTENT, VACE_STEP_PERSISTENT, on_cuda
+from serve.runtime.stages import CheckpointWeights, RandomWeights, StageDriver, check_visible
 from serve.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -90,17 +95,20 @@ class Conditioning:
     """The prompt embedding of each chunk: `prompts` switch it at once, a `transition` walks it over chunks."""
 
     def __init__(self, pipeline: AutoregressivePipeline, text_kv: TextKVCache,
-                 vace_text_kv: TextKVCache | None = None) -> None:  # fmt: skip
+                 vace_text_kv: TextKVCache | None = None,
+                 set_text: Callable[[Tensor], None] | None = None) -> None:  # fmt: skip
         self.p = pipeline
         self.text_kv = text_kv
         self.vace_text_kv = vace_text_kv  # the VACE blocks' cross-attention K/V, set with the main ones
+        # context [1, text_len, text_dim] → the cross-attention K/V; a pipeline-parallel stream sets every stage's
+        self.set_text = set_text or (lambda context: text_kv.set(pipeline.models.dit.text_kv(context)))
         self.context: Tensor | None = None  # [1, text_len, text_dim] in use
         self._prompts_key: tuple | None = None
         self._transition_seen: dict | None = None
         self._transition: PromptTransition | None = None
 
     def reset(self) -> None:
-        self.__init__(self.p, self.text_kv, self.vace_text_kv)  # type: ignore[misc]
+        self.__init__(self.p, self.text_kv, self.vace_text_kv, self.set_text)  # type: ignore[misc]
 
     def _encode(self, prompts: list[dict] | None, method: str) -> Tensor:
         pairs = [(p["text"], p.get("weight", 1.0)) for p in prompts or []] or [("", 1.0)]
@@ -131,7 +139,7 @@ class Conditioning:
                 self._transition = None
         if context is not self.context:
             assert context is not None
-            self.text_kv.set(self.p.models.dit.text_kv(context.to(self.p.dtype)))
+            self.set_text(context.to(self.p.dtype))
             if self.vace_text_kv is not None:
                 self.vace_text_kv.set(self.p.models.dit.vace_text_kv(context.to(self.p.dtype)))  # type: ignore[operator]
             self.context = context
@@ -196,10 +204,7 @@ class AutoregressiveStream(PipelineStream):
             config.num_layers, 1, config.num_heads, config.head_dim, self.grid[0] * self.grid[1],
             pipeline.shape.cache_frames,
         )  # fmt: skip
-        self.cache = KVCache(spec, pipeline.dtype, pipeline.device)
-        self.text_kv = TextKVCache(
-            config.num_layers, 1, config.text_len, config.num_heads, config.head_dim, pipeline.dtype, pipeline.device
-        )
+        self.cache, self.text_kv = self.buffers(spec)
         self.policy: CachePolicy = pipeline.make_policy(spec)
         self.vace: VaceConditioner | None = None
         self.vace_text_kv: TextKVCache | None = None
@@ -212,7 +217,7 @@ class AutoregressiveStream(PipelineStream):
                 len(pipeline.models.dit.vace_blocks), 1, config.text_len, config.num_heads, config.head_dim,
                 pipeline.dtype, pipeline.device,
             )  # fmt: skip
-        self.conditioning = Conditioning(pipeline, self.text_kv, self.vace_text_kv)
+        self.conditioning = Conditioning(pipeline, self.text_kv, self.vace_text_kv, self.text_setter())
         self.vae = StreamingAutoencoder(
             pipeline.vae_model, pipeline.models.vae_type, pipeline.vae_steps["encode"], pipeline.vae_steps["decode"]
         )
@@ -225,6 +230,18 @@ class AutoregressiveStream(PipelineStream):
         self.lora_scales = dict(pipeline.runtime_lora_scales)  # this session's runtime LoRA scales, by path
         self._vace_ignored = False  # said once that this load has no VACE for the images sent
 
+    def buffers(self, spec: KVCacheSpec) -> tuple[KVCache, TextKVCache]:
+        """The stream's KV cache and prompt K/V, every layer's (a pipeline-parallel stream keeps rank 0's here)."""
+        config, p = self.p.models.dit.config, self.p
+        text_kv = TextKVCache(config.num_layers, 1, config.text_len, config.num_heads, config.head_dim, p.dtype,
+                              p.device)  # fmt: skip
+        return KVCache(spec, p.dtype, p.device), text_kv
+
+    def text_setter(self) -> Callable[[Tensor], None] | None:
+        """How a new prompt embedding becomes cross-attention K/V; None: the whole model's, on this device."""
+        return None
+
+    @torch.inference_mode()  # the worker calls it between chunks, and policies' buffers are inference tensors
     def reset(self) -> None:
         self.cache.reset()
         self.vae.reset()
@@ -374,6 +391,41 @@ class AutoregressiveStream(PipelineStream):
             self.recaches += 1
 
 
+class StagedStream(AutoregressiveStream):
+    """A stream whose DiT blocks run on pipeline stages (serve/runtime/stages.py). The chunk loop and the policy
+    are the one-device ones: only the step, the prompt K/V and the cache reset go through the stage driver, and the
+    stream's own `cache` holds rank 0's layers. Only policies that never touch the cache between steps run here
+    (`CachePolicy.pipeline_parallel`)."""
+
+    def buffers(self, spec: KVCacheSpec) -> tuple[KVCache, TextKVCache]:
+        stages = self.p.stages
+        assert stages is not None
+        self.stream_id, caches = stages.open(self.grid, spec.max_frames)
+        weakref.finalize(self, stages.forget, self.stream_id)  # the stages free its caches before their next command
+        return caches.cache, caches.text_kv
+
+    def text_setter(self) -> Callable[[Tensor], None]:
+        stages = self.p.stages
+        assert stages is not None
+        return lambda context: stages.set_text(self.stream_id, context)
+
+    def reset(self) -> None:
+        super().reset()
+        assert self.p.stages is not None
+        self.p.stages.reset(self.stream_id)
+
+    def run_step(self, latents: Tensor, t: float | Tensor, plan: ChunkPlan, vace: ChunkVace | None = None) -> Tensor:
+        assert vace is None and plan.key_positions is None  # refused at load (`pipeline_parallel_refusal`)
+        assert self.p.stages is not None
+        timestep = self.timestep(t, latents.shape[2])
+        return self.p.stages.step(self.stream_id, latents.to(self.p.dtype), timestep, plan)
+
+    def release(self) -> None:
+        super().release()
+        assert self.p.stages is not None
+        self.p.stages.forget(self.stream_id)
+
+
 def plan_load(pipeline_id: str, load_params: dict[str, Any], device: torch.device) -> VramPlan:
     """The VRAM plan of this load against the GPU's free memory (serve/pipelines/vram.py); raises PipelineLoadError
     naming need, free memory and what fits. Costs a meta-device dry run: seconds of CPU, no GPU memory."""
@@ -391,6 +443,12 @@ def plan_load(pipeline_id: str, load_params: dict[str, Any], device: torch.devic
 class AutoregressivePipeline(Pipeline):
     shape: ChunkShape
     frame_input = "yuv"  # input planes converted on the device (HostBridge.upload)
+    random_dit_config: DiTConfig = DIT_CONFIGS["tiny"]
+    """The DiT `random_weights` loads build (tests with pipeline stages use a deeper tiny one)."""
+    stages: StageDriver | None = None
+    """The pipeline-parallel stages when the load split the DiT over several devices (`gpus`)."""
+    placement_reason: str | None = None
+    """Why a load given several devices runs on one."""
 
     def __init__(self, spec: PipelineSpec, load_params: dict[str, Any], models: Models, device: torch.device,
                  dtype: torch.dtype) -> None:  # fmt: skip
@@ -416,10 +474,13 @@ class AutoregressivePipeline(Pipeline):
         quantization = load_params.get("quantization")
         if quantization not in (None, "fp8_e4m3fn"):
             raise PipelineLoadError(f"{spec.id}: quantization {quantization!r} is not supported; null or fp8_e4m3fn")
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        gpus = parse_gpus(load_params["gpus"]) if load_params.get("gpus") else None
+        if gpus is not None:
+            check_visible(gpus)
+        device = torch.device(gpus.devices[0] if gpus else "cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if load_params.get("random_weights"):
-            models = random_models(load_params, device, seed=int(load_params["seed"]))
+            models = random_models(load_params, device, seed=int(load_params["seed"]), dit_config=cls.random_dit_config)
         else:
             text_device = device
             if device.type == "cuda":  # refuse before allocating what cannot fit; place the text encoder
@@ -439,6 +500,14 @@ class AutoregressivePipeline(Pipeline):
         report("model step backend", 0.85)
         pipeline = cls(spec, load_params, models, device, dtype)
         pipeline.lora_adapters = (*builtin_lora(models), *user_loras.adapters)
+        if gpus is not None and gpus.ranks > 1:
+            pipeline.placement_reason = pipeline.pipeline_parallel_refusal(load_params)
+            if pipeline.placement_reason is None:
+                engines_dir = Path(context.get("engines_dir") or ServerSettings().engines_dir)
+                pipeline.start_stages(gpus, load_params, Path(context.get("models_dir") or "."), engines_dir, report)
+                return pipeline
+            log.warning("pipeline=%s gpus=%s runs on %s alone: %s", spec.id, gpus.spelled(), device,
+                        pipeline.placement_reason)  # fmt: skip
         pipeline.runtime_lora_scales = user_loras.runtime_scales
         key = dit_step_key(
             spec.id, pipeline.height, pipeline.width, cls.shape.chunk_latents, cls.shape.cache_frames,
@@ -451,13 +520,19 @@ class AutoregressivePipeline(Pipeline):
             load_params.get("backend", "auto"), key, models.dit, engines_dir, device,
             engines_unusable=pipeline.engines_unusable(), weights_of=base,
         )  # fmt: skip
+        requested = load_params.get("backend", "auto")
+        steady = (1, 16, cls.shape.chunk_latents, pipeline.height // 8, pipeline.width // 8)  # a chunk's latents
+        pipeline.step, on_gpu = on_cuda(pipeline.step, pipeline.backend, requested, steady, DIT_STEP_PERSISTENT, device)
+        pipeline.backend_reason += f"; {on_gpu}" if on_gpu else ""
         pipeline.backends = {"dit_step": {"backend": pipeline.backend, "reason": pipeline.backend_reason}}
         if pipeline.vace_enabled:  # chunks with a VACE context run this step (serve/models/vace.py)
             vace_key = dataclasses.replace(key, component="dit_step_vace")
             pipeline.vace_step, backend, reason = select_backend(
-                load_params.get("backend", "auto"), vace_key, models.dit, engines_dir, device,
-                engines_unusable=pipeline.engines_unusable(),
+                requested, vace_key, models.dit, engines_dir, device, engines_unusable=pipeline.engines_unusable(),
             )  # fmt: skip
+            pipeline.vace_step, on_gpu = on_cuda(pipeline.vace_step, backend, requested, steady, VACE_STEP_PERSISTENT,
+                                                 device)  # fmt: skip
+            reason += f"; {on_gpu}" if on_gpu else ""
             pipeline.backends["dit_step_vace"] = {"backend": backend, "reason": reason}
         pipeline.select_vae_backends(load_params.get("backend", "auto"), engines_dir)
         if quantization == "fp8_e4m3fn":  # fp8 weight storage; fp8 GEMMs where the GPU has them (serve/models/fp8.py)
@@ -466,6 +541,55 @@ class AutoregressivePipeline(Pipeline):
         pipeline.runtime_loras = attach_runtime(models.dit, user_loras)  # beside fp8-stored weights too
         report("ready", 1.0)
         return pipeline
+
+    def pipeline_parallel_refusal(self, load_params: dict[str, Any]) -> str | None:
+        """Why this load cannot split its DiT over stages (it then runs on the first device), or None."""
+        probe = self.make_policy(KVCacheSpec(1, 1, 1, 2, 1, self.shape.cache_frames))  # only the policy's kind matters
+        if probe.pipeline_parallel is not None:
+            return f"{self.spec.id} cannot be pipelined: {probe.pipeline_parallel}"
+        if self.vace_enabled:
+            return "vace_enabled loads are not pipelined yet (the VACE branch adds hints inside the blocks)"
+        if requested_loras(load_params):
+            return "user LoRAs are not pipelined yet (the stages load the published weights only)"
+        if load_params.get("quantization"):
+            return "fp8 quantization is not pipelined yet (the stages keep the load dtype)"
+        if load_params.get("backend", "auto") not in ("auto", "eager"):
+            return f"backend {load_params['backend']!r} is a whole-model engine; pipeline stages run the eager step"
+        return None
+
+    def start_stages(self, gpus: Gpus, load_params: dict[str, Any], models_dir: Path, engines_dir: Path,
+                     report: ProgressFn) -> None:  # fmt: skip
+        """Split the DiT's blocks over `gpus` and spawn the stages; rank 0 (here) keeps only its own blocks."""
+        report("pipeline stages", 0.9)
+        dit = self.models.dit
+        layers = split_blocks(dit.config.num_layers, gpus.ranks)
+        weights: RandomWeights | CheckpointWeights
+        if self.random_weights:
+            weights = RandomWeights(int(load_params["seed"]))
+        else:
+            dit_file, lora_file = dit_files(self.spec)
+            lora = lora_file.local_path(models_dir) if lora_file else None
+            weights = CheckpointWeights(dit_file.local_path(models_dir), self.shape.checkpoint_prefer, lora, LORA_SCALE)
+        self.stages = StageDriver.start(gpus, layers, dit, self.dtype, weights)
+        self.backend = "eager"
+        self.backend_reason = "pipeline-parallel stages run the eager step (engines are built for the whole model)"
+        self.backends = {"dit_step": {"backend": self.backend, "reason": self.backend_reason}}
+        self.select_vae_backends(load_params.get("backend", "auto"), engines_dir)
+        report("ready", 1.0)
+
+    def placement(self) -> dict[str, Any] | None:
+        if self.stages is not None:
+            return self.stages.placement()
+        if self.placement_reason is not None:
+            return {"stages": 1, "devices": [str(self.device)], "reason": self.placement_reason}
+        return None
+
+    def failure(self) -> str | None:
+        return self.stages.poll_failure() if self.stages is not None else None
+
+    def close(self) -> None:
+        if self.stages is not None:
+            self.stages.close()
 
     def select_vae_backends(self, requested: str, engines_dir: Path) -> None:
         """The VAE's steady-state chunk steps, chosen like the DiT step (the first call of a stream stays eager)."""
@@ -493,6 +617,9 @@ class AutoregressivePipeline(Pipeline):
         check_lora_scales(update, tuple(self.runtime_lora_scales))
 
     def open_stream(self, seed: int) -> PipelineStream:
+        if self.stages is not None:
+            self.stages.check_alive("before a stream opened")
+            return StagedStream(self, seed)
         return AutoregressiveStream(self, seed)
 
     def make_policy(self, spec: KVCacheSpec) -> CachePolicy:

@@ -71,5 +71,13 @@ class Pipeline(ABC):
         """Checks of a validated runtime update that need the loaded pipeline (e.g. its LoRAs); raises
         InvalidParameters."""
 
+    def placement(self) -> dict[str, Any] | None:
+        """How the model is placed over devices (pipeline stages), for the status and `stats`; None: one device."""
+        return None
+
+    def failure(self) -> str | None:
+        """Why the loaded pipeline can no longer run (a pipeline stage died), or None. Any thread; cheap."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook: pipelines without device memory have nothing to free
         """Release device memory; idempotent."""

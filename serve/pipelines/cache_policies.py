@@ -55,6 +55,9 @@ class CachePolicy:
     """RoPE positions grow with the frame count, so the stream restarts before the 1024-position table ends."""
     keys_rotated_at_write = True
     """Keys are cached rotated; False when plans carry per-slot `key_positions` (rotated at read time)."""
+    pipeline_parallel: str | None = None
+    """Why the policy cannot run with its DiT split over stages, or None. A stage holds only its layers' caches, so
+    a policy that reads or writes the cache itself between steps (not through `run_step`) cannot be split."""
 
     def __init__(self, spec: KVCacheSpec, sink_frames: int, device: torch.device | str | None = None,
                  window_frames: int | None = None) -> None:  # fmt: skip
@@ -129,6 +132,10 @@ class EmaSinkPolicy(CachePolicy):
 
     absolute_positions = False
     keys_rotated_at_write = False
+    pipeline_parallel = (
+        "its EMA sink folds every layer's evicted K/V into the sink between chunks, and its keys are re-rotated "
+        "per chunk; a stage holds only its own layers"
+    )
 
     def __init__(self, spec: KVCacheSpec, sink_frames: int, device=None, alpha: float = 0.999) -> None:
         super().__init__(spec, sink_frames, device)
@@ -178,6 +185,10 @@ class MemoryBankPolicy(CachePolicy):
     """
 
     recache_on_prompt_switch = True
+    pipeline_parallel = (
+        "its memory bank copies every layer's K/V between chunks and ranks the frames against the prompt's keys of "
+        "every layer; a stage holds only its own layers"
+    )
 
     def __init__(self, spec: KVCacheSpec, sink_frames: int, bank_frames: int, record_every: int, device=None) -> None:
         super().__init__(spec, sink_frames, device, window_frames=spec.max_frames - bank_frames)
@@ -261,6 +272,11 @@ class RecomputePolicy(CachePolicy):
 
     clean_pass = False
     absolute_positions = False
+    pipeline_parallel = (
+        "it clears the whole cache itself before every chunk (then a context pass), which would reach only rank "
+        "0's layers; and that context comes from the previous chunk's decoded output, so a stream batch would have "
+        "no chunks to overlap"
+    )
 
     def __init__(self, spec: KVCacheSpec, context_frames: int, device=None) -> None:
         self.spec = spec

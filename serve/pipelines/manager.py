@@ -15,6 +15,7 @@ from typing import Any
 from serve.errors import PipelineBusy, PipelineLoadError, PipelineNotLoaded, PipelineUnavailable
 from serve.pipelines.base import Pipeline
 from serve.pipelines.loras import check_requests, requested_loras
+from serve.pipelines.placement import parse_gpus
 from serve.pipelines.registry import PIPELINES, get_spec
 from serve.pipelines.worker import PipelineWorker
 from serve.schemas import LoadParams, PipelineStatus
@@ -33,8 +34,10 @@ class PipelineManager:
         engines_dir: Path | None = None,
         lora_dir: Path | None = None,
         load_timeout_s: float | None = None,
+        default_gpus: str | None = None,
     ) -> None:
         self.models_dir = models_dir
+        self.default_gpus = default_gpus  # `--gpus`: loads that do not name their devices get these
         self.load_timeout_s = load_timeout_s
         self.engines_dir = engines_dir
         self.lora_dir = lora_dir if lora_dir is not None else models_dir / "lora"
@@ -50,9 +53,21 @@ class PipelineManager:
         self._stop_sessions.append(stop_sessions)
 
     def status(self) -> PipelineStatus:
+        pipeline, status = self.pipeline, self._status
+        if pipeline is not None and status.status == "loaded":
+            failure = pipeline.failure()
+            if failure is not None:  # a pipeline stage died: its streams were stopped; a new load replaces it
+                log.error("pipeline=%s failed: %s", status.pipeline_id, failure)
+                self._status = PipelineStatus(
+                    status="error", pipeline_id=status.pipeline_id, load_params=status.load_params, error=failure,
+                    pipeline_parallel=pipeline.placement(),
+                )  # fmt: skip
+            else:
+                status.pipeline_parallel = pipeline.placement()  # per-stage times move with every chunk
         return self._status
 
     def require_loaded(self) -> tuple[Pipeline, PipelineWorker, dict[str, Any]]:
+        self.status()
         if self.pipeline is None or self.worker is None or self._status.status != "loaded":
             raise PipelineNotLoaded(
                 "Pipeline not loaded: POST /api/v1/pipeline/load and wait for GET /api/v1/pipeline/status to say "
@@ -69,6 +84,10 @@ class PipelineManager:
                 + ", ".join(pid for pid, other in PIPELINES.items() if other.available)
             )
         load_params = spec.effective_load_params(params, allow_random_weights=self.allow_random_weights)
+        if "gpus" in spec.load_fields and "gpus" not in load_params and self.default_gpus:
+            load_params["gpus"] = self.default_gpus
+        if "gpus" in load_params:
+            parse_gpus(load_params["gpus"])  # a malformed list is a 400 now; a missing GPU fails the load
         check_requests(requested_loras(load_params), self.lora_dir)  # a bad LoRA path is a 400 now, not a load error
         if self._load_task is not None and not self._load_task.done():
             raise PipelineBusy(
@@ -139,6 +158,7 @@ class PipelineManager:
             backends=pipeline.backends,
             random_weights=pipeline.random_weights,
             loaded_lora_adapters=list(pipeline.lora_adapters),
+            pipeline_parallel=pipeline.placement(),
         )
         log.info("pipeline=%s loaded backend=%s", pipeline_id, pipeline.backend)
 

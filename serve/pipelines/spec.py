@@ -56,6 +56,7 @@ MODEL_LOAD_FIELDS = frozenset(
         "loras",
         "lora_merge_mode",
         "manage_cache",
+        "gpus",
         "denoising_step_list",
         "warp_denoising_steps",
         "vace_context_scale",

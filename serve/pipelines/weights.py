@@ -17,13 +17,13 @@ from serve.errors import PipelineLoadError
 from serve.models.autoencoder import build_model
 from serve.models.checkpoint import CheckpointError
 from serve.models.config_detection import detect_preset
-from serve.models.dit import DIT_CONFIGS, WanDiT, load_dit
+from serve.models.dit import DIT_CONFIGS, DiTConfig, WanDiT, load_dit
 from serve.models.prompts import PromptEncoder
 from serve.models.text_encoder import UMT5_PRESETS, UMT5Encoder, load_text_encoder
 from serve.models.tokenizer import UMT5Tokenizer
 from serve.models.vace import attach_vace, check_vace_file
 from serve.pipelines.base import ProgressFn
-from serve.pipelines.spec import PipelineSpec
+from serve.pipelines.spec import ModelFile, PipelineSpec
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Pa
     vae_type = load_params.get("vae_type", "wan")
     if vae_type != "wan":
         raise PipelineLoadError(f"{spec.id}: vae_type {vae_type!r} needs its weight file; only 'wan' is wired yet")
-    dit_file, *rest = spec.files
-    lora_file = next((f for f in rest if f.path.endswith("lora.pt")), None)
+    dit_file, lora_file = dit_files(spec)
     vae_file, text_file, tokenizer_file = spec.files[-3:]
     dit_path, vae_path = dit_file.local_path(models_dir), vae_file.local_path(models_dir)
     text_path, tokenizer_path = text_file.local_path(models_dir), tokenizer_file.local_path(models_dir)
@@ -121,6 +120,12 @@ def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Pa
     return Models(dit, prompts, vae_type, vae_path, vae_size, builtin_lora)
 
 
+def dit_files(spec: PipelineSpec) -> tuple[ModelFile, ModelFile | None]:
+    """The pipeline's DiT checkpoint and its built-in LoRA (LongLive, MemFlow), if it has one."""
+    dit_file, *rest = spec.files
+    return dit_file, next((f for f in rest if f.path.endswith("lora.pt")), None)
+
+
 def _load_tokenizer(spec: PipelineSpec, path: Path, text_path: Path, text_len: int, vocab_size: int) -> UMT5Tokenizer:
     try:
         tokenizer = UMT5Tokenizer(path, max_length=text_len)
@@ -133,15 +138,24 @@ def _load_tokenizer(spec: PipelineSpec, path: Path, text_path: Path, text_len: i
     return tokenizer
 
 
-def random_models(load_params: dict[str, Any], device: torch.device, seed: int) -> Models:
+def random_dit(seed: int, config: DiTConfig = DIT_CONFIGS["tiny"]) -> WanDiT:
+    """The DiT `random_models` builds for `seed`, alone (on the CPU): what a pipeline stage takes its blocks from."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return WanDiT(config).eval()
+
+
+def random_models(load_params: dict[str, Any], device: torch.device, seed: int,
+                  dit_config: DiTConfig = DIT_CONFIGS["tiny"]) -> Models:  # fmt: skip
     """The `tiny` configs with seeded random weights (the `random_weights` load parameter): demos and tests.
 
     The tokenizer is a small SentencePiece model trained here on a fixed corpus, since no tokenizer file ships with
-    random weights; it is deterministic, so the same prompt always gives the same ids.
+    random weights; it is deterministic, so the same prompt always gives the same ids. `dit_config` other than
+    `tiny` is for tests that need more blocks (pipeline stages).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        dit = WanDiT(DIT_CONFIGS["tiny"]).to(device).eval()
+        dit = WanDiT(dit_config).to(device).eval()  # first from the seed: `random_dit` makes the same weights
         encoder = UMT5Encoder(UMT5_PRESETS["tiny"]).to(device).eval()
     if load_params.get("vace_enabled"):  # after the others: their weights stay those of a load without VACE
         dit = attach_vace(dit, None, dtype=torch.float32, device=device, seed=seed + 1)

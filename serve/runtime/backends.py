@@ -236,16 +236,14 @@ def engine_step(backend: str, key: EngineKey, engine: Path, manifest: Manifest, 
                 device: torch.device) -> Step:  # fmt: skip
     """The step object of one component on one engine backend, loaded and ready."""
     fallback = eager_step(key, model)
-    if key.component == "dit_step_vace":
-        if backend != "compiled":
-            raise BackendUnavailable("the TensorRT runtime of the VACE step is not written yet (the build is)")
-        return CompiledVaceStep(engine, first_input_shape(manifest), fallback).warm_up(manifest, device)
-    if key.component == "dit_step" and backend == "compiled":
-        return CompiledStep(engine, first_input_shape(manifest), fallback).warm_up(manifest, device)
-    if key.component == "dit_step":
-        from serve.runtime.tensorrt_step import TensorRTStep
+    if key.component in ("dit_step", "dit_step_vace") and backend == "compiled":
+        compiled = CompiledStep if key.component == "dit_step" else CompiledVaceStep
+        return compiled(engine, first_input_shape(manifest), fallback).warm_up(manifest, device)
+    if key.component in ("dit_step", "dit_step_vace"):
+        from serve.runtime.tensorrt_step import TensorRTStep, TensorRTVaceStep
 
-        return TensorRTStep(engine, device, fallback)  # type: ignore[arg-type]
+        tensorrt = TensorRTStep if key.component == "dit_step" else TensorRTVaceStep
+        return tensorrt(engine, device, fallback)  # type: ignore[arg-type]
     if backend == "compiled":
         from serve.runtime.vae_steps import CompiledChunkStep
 

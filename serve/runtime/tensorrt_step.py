@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from build_engines.export import DIT_STEP_INPUTS, DIT_STEP_OUTPUTS
+from build_engines.export import DIT_STEP_INPUTS, DIT_STEP_OUTPUTS, VACE_STEP_INPUTS
 from build_engines.tensorrt import deserialize_engine, import_tensorrt
 from serve.models.autoencoder import Caches, ChunkStepFn
 from serve.runtime.backends import DiTStep, EngineStep, KeyRope
@@ -29,7 +29,9 @@ from serve.runtime.backends import DiTStep, EngineStep, KeyRope
 log = logging.getLogger(__name__)
 
 ADDRESS_ALIGNMENT = 256  # bytes; TensorRT rejects tensor addresses that are not (NvInferRuntime.h)
-CALLER_BUFFERS = ("text_k", "text_v", "cache_k", "cache_v")  # bound where the stream keeps them
+# Bound where the stream keeps them (per prompt or per stream, never per chunk): the text K/V of the main and the
+# VACE blocks, and the KV cache.
+CALLER_BUFFERS = ("text_k", "text_v", "cache_k", "cache_v", "vace_text_k", "vace_text_v")
 MAX_GRAPHS = 8  # one per set of caller buffers (a session); more sessions than this re-capture
 
 
@@ -42,13 +44,17 @@ def torch_dtypes(trt) -> dict:
 
 
 class TensorRTStep(EngineStep):
+    """`WanDiT.step` as a TensorRT plan of `DiTStepGraph` (build_engines/export.py)."""
+
+    INPUTS = DIT_STEP_INPUTS
+
     def __init__(self, plan_path: Path, device: torch.device, fallback: DiTStep | None = None) -> None:
         trt = import_tensorrt()
         self.device = device
         self.engine = deserialize_engine(plan_path)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        if sorted(names) != sorted(DIT_STEP_INPUTS + DIT_STEP_OUTPUTS):
-            raise ValueError(f"{plan_path}: tensors {names}, expected {DIT_STEP_INPUTS + DIT_STEP_OUTPUTS}")
+        if sorted(names) != sorted(self.INPUTS + DIT_STEP_OUTPUTS):
+            raise ValueError(f"{plan_path}: tensors {names}, expected {self.INPUTS + DIT_STEP_OUTPUTS}")
         dtypes = torch_dtypes(trt)
         self.shapes = {n: tuple(self.engine.get_tensor_shape(n)) for n in names}
         super().__init__(plan_path, self.shapes["latents"], fallback)
@@ -108,6 +114,23 @@ class TensorRTStep(EngineStep):
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return graph
 
+    def run(self, per_chunk: dict[str, Tensor], caller: dict[str, Tensor]) -> Tensor:
+        """Copy the per-chunk inputs into their persistent buffers, then replay the graph captured for these caller
+        buffers (capturing it on their first call). Returns the engine's persistent `flow` buffer: valid until the
+        next call (the loop consumes it at once)."""
+        for name, value in per_chunk.items():
+            self.static[name].copy_(value.view(self.shapes[name]))
+        bound = tuple(t.data_ptr() for t in caller.values())
+        graph = self.graphs.get(bound)
+        if graph is None:
+            self.graphs[bound] = self._capture(caller)  # the capture's own first run was this call's step
+            if len(self.graphs) > MAX_GRAPHS:
+                self.graphs.popitem(last=False)
+        else:
+            self.graphs.move_to_end(bound)
+            graph.replay()
+        return self.static["flow"]
+
     def __call__(
         self,
         latents: Tensor,
@@ -120,25 +143,48 @@ class TensorRTStep(EngineStep):
         frame_positions: Tensor,
         key_rope: KeyRope = None,
     ) -> Tensor:
-        """Returns the engine's persistent `flow` buffer: valid until the next call (the loop consumes it at once)."""
         if not self.runs_here(latents, key_rope):
             return self.fallback(  # type: ignore[misc]
                 latents, timestep, text_kv, cache_k, cache_v, write_index, key_bias, frame_positions, key_rope=key_rope
             )
-        for name, value in (("latents", latents), ("timestep", timestep), ("write_index", write_index),
-                            ("key_bias", key_bias), ("frame_positions", frame_positions)):  # fmt: skip
-            self.static[name].copy_(value.view(self.shapes[name]))
-        caller = {"text_k": text_kv[0], "text_v": text_kv[1], "cache_k": cache_k, "cache_v": cache_v}
-        bound = tuple(t.data_ptr() for t in caller.values())
-        graph = self.graphs.get(bound)
-        if graph is None:
-            self.graphs[bound] = self._capture(caller)  # the capture's own first run was this call's step
-            if len(self.graphs) > MAX_GRAPHS:
-                self.graphs.popitem(last=False)
-        else:
-            self.graphs.move_to_end(bound)
-            graph.replay()
-        return self.static["flow"]
+        per_chunk = {"latents": latents, "timestep": timestep, "write_index": write_index, "key_bias": key_bias,
+                     "frame_positions": frame_positions}  # fmt: skip
+        return self.run(per_chunk, {"text_k": text_kv[0], "text_v": text_kv[1], "cache_k": cache_k, "cache_v": cache_v})
+
+
+class TensorRTVaceStep(TensorRTStep):
+    """`VaceWanDiT.step_vace` as a TensorRT plan of `VaceStepGraph`: the base step's binding, plus the chunk's VACE
+    context and scale copied in like the latents, and the VACE blocks' text K/V bound where the stream keeps them
+    (set once per prompt, like the main text K/V)."""
+
+    INPUTS = VACE_STEP_INPUTS
+
+    def __call__(  # type: ignore[override]
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        text_kv: tuple[Tensor, Tensor],
+        cache_k: Tensor,
+        cache_v: Tensor,
+        write_index: Tensor,
+        key_bias: Tensor,
+        frame_positions: Tensor,
+        vace_context: Tensor,
+        vace_text_kv: tuple[Tensor, Tensor],
+        vace_scale: Tensor,
+        key_rope: KeyRope = None,
+    ) -> Tensor:
+        if not self.runs_here(latents, key_rope):
+            return self.fallback(  # type: ignore[misc]
+                latents, timestep, text_kv, cache_k, cache_v, write_index, key_bias, frame_positions, vace_context,
+                vace_text_kv, vace_scale, key_rope=key_rope,
+            )  # fmt: skip
+        per_chunk = {"latents": latents, "timestep": timestep, "write_index": write_index, "key_bias": key_bias,
+                     "frame_positions": frame_positions, "vace_context": vace_context,
+                     "vace_scale": vace_scale}  # fmt: skip
+        caller = {"text_k": text_kv[0], "text_v": text_kv[1], "cache_k": cache_k, "cache_v": cache_v,
+                  "vace_text_k": vace_text_kv[0], "vace_text_v": vace_text_kv[1]}  # fmt: skip
+        return self.run(per_chunk, caller)
 
 
 class TensorRTChunkStep(EngineStep):

@@ -348,6 +348,7 @@ class PeerSession:
             "fps_out": round((frames_out - prev_out) / elapsed, 2),
             "latency_ms": round(latencies[len(latencies) // 2], 1) if latencies else None,
             **self.counters(),
+            **({"pipeline_parallel": placement} if (placement := self.pipeline.placement()) is not None else {}),
         }
 
     def counters(self) -> dict[str, Any]:

@@ -23,9 +23,18 @@ log = logging.getLogger(__name__)
 
 class SessionManager:
     def __init__(
-        self, pipelines: PipelineManager, settings: WebRTCSettings, assets_dir: Path, recordings: RecordingStore
+        self,
+        pipelines: PipelineManager,
+        settings: WebRTCSettings,
+        assets_dir: Path,
+        recordings: RecordingStore,
+        *,
+        session_prefix: str = "",
     ) -> None:
         self._pipelines = pipelines
+        # A cluster worker's session ids start with its actor's name ("<actor>.<uuid>"), so the cluster front finds
+        # the owner of a PATCH or DELETE from the id alone (serve/cluster/names.py).
+        self._session_prefix = session_prefix
         self.recordings = recordings
         self._settings = settings
         self._assets_dir = assets_dir
@@ -33,6 +42,10 @@ class SessionManager:
         self._starting = 0  # offers being negotiated count against the limit too
         self._closed_totals = {"frames_in": 0, "frames_out": 0, "frames_dropped": 0}
         pipelines.on_unload(self.stop_all)
+
+    @property
+    def max_sessions(self) -> int:
+        return self._settings.max_sessions
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -64,7 +77,7 @@ class SessionManager:
             params.update(update)
 
         session = PeerSession(
-            uuid.uuid4().hex,
+            self._session_prefix + uuid.uuid4().hex,
             pipeline,
             worker,
             params,

@@ -46,14 +46,16 @@ def run_server(
     startup_timeout_s: float = 30.0,
     module: str = "serve.cli",
     file_size_limit_bytes: int | None = None,
+    command: tuple[str, ...] = ("serve",),
 ) -> Iterator[RunningServer]:
     """`module` runs the CLI (tests/support/fault_server.py adds failing pipelines first); `file_size_limit_bytes`
-    sets RLIMIT_FSIZE, so the server's writes past it fail with EFBIG as on a full disk (Python ignores SIGXFSZ)."""
+    sets RLIMIT_FSIZE, so the server's writes past it fail with EFBIG as on a full disk (Python ignores SIGXFSZ);
+    `command` is the CLI command that serves HTTP (`cluster serve --address ...` for a cluster front)."""
     port = free_port()
     log_path = tmp_dir / f"server-{port}.log"
     assets_dir = tmp_dir / "assets"
     args = [
-        sys.executable, "-m", module, "serve",
+        sys.executable, "-m", module, *command,
         "--host", "127.0.0.1", "--port", str(port),
         "--ice-interfaces", "loopback",
         "--assets-dir", str(assets_dir),

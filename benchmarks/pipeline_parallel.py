@@ -1,0 +1,179 @@
+"""Pipeline-parallel stages (serve/runtime/stages.py): chunk latency and throughput over 1, 2 and 3 ranks, the cost of
+one activation hop, and by formula the real-size speed-up.
+
+    python -m benchmarks.pipeline_parallel                  # CPU ranks (gloo), tiny DiT with 6 blocks
+    python -m benchmarks.pipeline_parallel --gpus 0,1,2,3   # CUDA ranks (nccl), same tiny model
+
+1. Chunks: StreamDiffusionV2's loop (text mode, 2 denoising steps + the clean pass = 3 DiT steps per chunk) with
+   random weights, on one rank and split over 2 and 3; median chunk ms after a warm-up, and chunks/s.
+2. Hop: one activation sent rank 0 → rank 1 and back (ping-pong, half the round trip), at the tiny size and at the
+   real 1.3B SDv2 size [1, 720, 1536] (one 320×576 latent frame, fp32 residual stream as the stages send it).
+3. Formula (printed with its assumptions): the real-size throughput speed-up on P GPUs, with and without the stream
+   batch, from a one-GPU chunk time split into fixed work (VAE, embeddings, head) and per-block work, and a hop cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing
+import statistics
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.table import Table
+
+from serve.models.dit import DIT_CONFIGS
+from serve.pipelines.autoregressive import StreamDiffusionV2Pipeline
+from serve.pipelines.registry import get_spec
+from serve.runtime.stages import free_port
+from serve.schemas import LoadParams
+
+SIZE = 64  # pixels: 4×4 latent tokens per frame
+BENCH_DIT = dataclasses.replace(DIT_CONFIGS["tiny"], num_layers=6)
+REAL_ACTIVATION = (1, 720, 1536)  # SDv2 1.3B at 320×576: one latent frame's tokens × d
+
+
+class BenchStreamDiffusionV2(StreamDiffusionV2Pipeline):
+    random_dit_config = BENCH_DIT
+
+
+def chunk_times(gpus: str | None, chunks: int, warmup: int) -> tuple[float, dict | None]:
+    """Median chunk ms of a text-mode SDv2 stream on `gpus` (None: one device), and the placement."""
+    spec = get_spec("streamdiffusionv2")
+    extra = {"gpus": gpus} if gpus else {}
+    params = spec.effective_load_params(
+        LoadParams(height=SIZE, width=SIZE, random_weights=True, **extra), allow_random_weights=True
+    )
+    pipeline = BenchStreamDiffusionV2.load(spec, params, report=lambda *_: None, models_dir=Path("/nonexistent"))
+    try:
+        stream = pipeline.open_stream(seed=0)
+        run = {**spec.runtime_defaults, "input_mode": "text", "prompts": [{"text": "a cat", "weight": 1.0}]}
+        samples = []
+        for i in range(warmup + chunks):
+            started = time.perf_counter()
+            stream.process(None, run)  # ends in the chunk's one device→host copy: synchronised
+            if i >= warmup:
+                samples.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(samples), pipeline.placement()
+    finally:
+        pipeline.close()
+
+
+def _echo(port: int, device: str, shapes: list[tuple[int, ...]], iters: int) -> None:
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=False)
+    dist.init_process_group("gloo" if device == "cpu" else "nccl", store=store, rank=1, world_size=2,
+                            timeout=timedelta(seconds=60))  # fmt: skip
+    for shape in shapes:
+        buffer = torch.empty(shape, device=device)
+        for _ in range(iters + 2):
+            dist.recv(buffer, 0)
+            dist.send(buffer, 0)
+    dist.destroy_process_group()
+
+
+def hop_ms(devices: tuple[str, str], shapes: list[tuple[int, ...]], iters: int = 20) -> list[float]:
+    """Half the median round trip of each shape (fp32), rank 0 ⇄ rank 1."""
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)
+    child = multiprocessing.get_context("spawn").Process(target=_echo, args=(port, devices[1], shapes, iters))
+    child.start()
+    dist.init_process_group("gloo" if devices[0] == "cpu" else "nccl", store=store, rank=0, world_size=2,
+                            timeout=timedelta(seconds=60))  # fmt: skip
+    results = []
+    try:
+        for shape in shapes:
+            buffer = torch.randn(shape, device=devices[0])
+            samples = []
+            for i in range(iters + 2):
+                started = time.perf_counter()
+                dist.send(buffer, 1)
+                dist.recv(buffer, 1)
+                if buffer.is_cuda:
+                    torch.cuda.synchronize(buffer.device)
+                if i >= 2:
+                    samples.append((time.perf_counter() - started) * 1e3 / 2)
+            results.append(statistics.median(samples))
+    finally:
+        dist.destroy_process_group()
+        child.join(30)
+    return results
+
+
+def speedup(one_gpu_chunk_ms: float, fixed_fraction: float, blocks: int, ranks: int, hop: float, steps: int,
+            stream_batch: bool) -> float:  # fmt: skip
+    """Throughput speed-up on `ranks` GPUs. One GPU: T = F + B (F fixed: VAE, embeddings, head; B: the blocks).
+
+    Without stream batch every DiT step still crosses all stages one after the other: T_P = T + steps·P·hop, so
+    the speed-up is T / T_P (< 1: the split buys memory, not speed). With stream batch each micro-step keeps every
+    stage busy on a different chunk and one chunk leaves per micro-step: T_P = max_s(stage time) + hop, where the
+    blocks are rebalanced so that the stages carrying F (the first encodes, the last decodes) hold fewer blocks; the
+    best split is bounded below by T/P and by the larger half of F (encode or decode cannot be split).
+    """
+    if ranks == 1:
+        return 1.0
+    fixed = fixed_fraction * one_gpu_chunk_ms
+    if not stream_batch:
+        return one_gpu_chunk_ms / (one_gpu_chunk_ms + steps * ranks * hop)
+    per_block = (one_gpu_chunk_ms - fixed) / blocks
+    stage = max(one_gpu_chunk_ms / ranks, fixed / 2 + per_block)
+    return one_gpu_chunk_ms / (stage + hop)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", default=None, help="CUDA ids (e.g. 0,1,2); default CPU ranks")
+    parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    console = Console()
+    ids = args.gpus.split(",") if args.gpus else None
+
+    table = Table(title=f"SDv2 chunk over pipeline stages (tiny, {BENCH_DIT.num_layers} blocks, {SIZE}×{SIZE})")
+    for column in ("ranks", "backend", "blocks per stage", "chunk ms", "chunks/s", "fps", "stage ms (last chunk)"):
+        table.add_column(column)
+    one = None
+    for ranks in (1, 2, 3):
+        gpus = (",".join(ids[:ranks]) if ids else f"cpu:{ranks}") if ranks > 1 else (ids[0] if ids else None)
+        if ids and ranks > len(ids):
+            break
+        ms, placed = chunk_times(gpus, args.chunks, args.warmup)
+        one = one or ms
+        blocks = placed["blocks_per_stage"] if placed and "blocks_per_stage" in placed else [BENCH_DIT.num_layers]
+        stage_ms = ", ".join(f"{t:.1f}" for t in placed["stage_ms"]) if placed and placed.get("stage_ms") else "-"
+        backend = placed["backend"] if placed and "backend" in placed else "-"
+        table.add_row(str(ranks), backend, str(blocks), f"{ms:.1f}", f"{1e3 / ms:.2f}", f"{4e3 / ms:.1f}", stage_ms)
+    console.print(table)
+
+    devices = ("cpu", "cpu") if not ids or len(ids) < 2 else (f"cuda:{ids[0]}", f"cuda:{ids[1]}")
+    tiny = (1, 3 * 16, BENCH_DIT.dim)  # what the stages send at this size (x per DiT step)
+    hops = hop_ms(devices, [tiny, REAL_ACTIVATION])
+    table = Table(title=f"one activation hop rank 0 → rank 1 ({devices[0]} ⇄ {devices[1]}, fp32)")
+    for column in ("shape", "MB", "ms", "GB/s"):
+        table.add_column(column)
+    for shape, ms in zip((tiny, REAL_ACTIVATION), hops, strict=True):
+        mb = torch.Size(shape).numel() * 4 / 1e6
+        table.add_row(str(list(shape)), f"{mb:.3f}", f"{ms:.3f}", f"{mb / ms:.2f}")
+    console.print(table)
+
+    # Real size by formula: SDv2 1.3B 512², 1-step, one H100: 26.2 FPS (scale.md §1) → 4 frames per chunk.
+    one_gpu = 4 / 26.2 * 1e3
+    table = Table(title="expected real-size throughput speed-up (formula; SDv2 1.3B, 30 blocks, VAE ≈ 30 %)")
+    for column in ("GPUs", "hop ms", "plain PP (landed)", "stream batch (not landed)"):
+        table.add_column(column)
+    for hop in (0.05, 2.0):  # NVLink bandwidth bound for 4.4 MB; the paper's implied PP cost per step
+        for ranks in (1, 2, 3, 4):
+            plain = speedup(one_gpu, 0.3, 30, ranks, hop, steps=2, stream_batch=False)
+            batched = speedup(one_gpu, 0.3, 30, ranks, hop, steps=2, stream_batch=True)
+            table.add_row(str(ranks), f"{hop:g}", f"{plain:.2f}×", f"{batched:.2f}×")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,459 @@
+"""The cluster front: the same `/api/v1` (and the same UI) as `wanrt serve`, with its `Serving` placed on Ray actors.
+
+State lives on the workers. The front keeps only what it can rebuild by asking them: a view of each worker (its last
+summary) and the pipeline the last load named. Routing needs no table: a session id names its worker
+(serve/cluster/names.py).
+
+Placement of an offer: the pipeline is the last load's. Among live workers with a free seat, a worker that has it
+loaded (the fewest sessions first) beats one loading it, which beats an idle worker that must load it first; a worker
+with sessions of another pipeline is never reloaded under them. A worker that dies is marked gone: its sessions' ids
+then answer 410 (their streams ended with the worker, and the front has no channel to those clients), and new
+offers go elsewhere. A worker that joins is found by the next poll and takes new sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import ray
+from litestar import Litestar
+from ray.exceptions import ActorDiedError, RayActorError
+
+from serve import errors
+from serve.api.cluster import ClusterController, LocalOnlyController
+from serve.api.pipeline import PipelineController
+from serve.api.sessions import SessionController
+from serve.api.system import SystemController
+from serve.api.webrtc import WebRTCController
+from serve.assets import echo
+from serve.cluster.names import NAMESPACE, WORKER_PREFIX, owner_of
+from serve.cluster.worker import Reply
+from serve.errors import (
+    CapacityExceeded,
+    PipelineLoadError,
+    PipelineNotLoaded,
+    PipelineUnavailable,
+    SessionGone,
+    UnknownSession,
+    WanrtError,
+    WorkerUnavailable,
+)
+from serve.pipelines.registry import get_spec
+from serve.schemas import Answer, ClusterStatus, ClusterWorker, IceCandidate, LoadParams, Offer, PipelineStatus
+from serve.settings import ClusterSettings, ServerSettings
+
+log = logging.getLogger(__name__)
+
+LOAD_POLL_S = 0.05
+CLUSTER_CONTROLLERS: list[type] = [
+    PipelineController,
+    WebRTCController,
+    SessionController,
+    SystemController,
+    ClusterController,
+    LocalOnlyController,
+]
+
+
+class WorkerGone(Exception):
+    """A call found its worker dead; the caller decides what that means for its request."""
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """The pipeline new offers get: the last load's id and parameters, and the effective parameters a worker's
+    status reports for them (what "has it loaded" compares)."""
+
+    pipeline_id: str
+    params: LoadParams
+    effective: dict[str, Any]
+
+    def matches(self, status: PipelineStatus | None) -> bool:
+        return status is not None and status.pipeline_id == self.pipeline_id and status.load_params == self.effective
+
+
+@dataclass
+class WorkerView:
+    name: str
+    handle: Any
+    info: ClusterWorker
+    pending: int = 0
+    """Offers being placed on it right now: they count against its seats before its summary shows them."""
+    load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def usable(self) -> bool:
+        return self.info.state == "alive"
+
+    @property
+    def free_seats(self) -> int:
+        return self.info.seats - len(self.info.sessions) - self.pending
+
+    def readiness(self, wanted: Wanted) -> int:
+        """0: loaded with the wanted pipeline; 1: loading it; 2: idle, can load it; 3: cannot take it."""
+        status = self.info.pipeline
+        if wanted.matches(status):
+            if status.status == "loaded":
+                return 0
+            if status.status == "loading":
+                return 1
+        return 2 if not self.info.sessions and self.pending == 0 else 3
+
+
+class ClusterServing:
+    def __init__(self, settings: ClusterSettings, load_timeout_s: float) -> None:
+        self.settings = settings
+        self.load_timeout_s = load_timeout_s
+        self.workers: dict[str, WorkerView] = {}
+        self._wanted: Wanted | None = None
+        self._refreshed_at = 0.0
+        self._refresh_lock = asyncio.Lock()
+        self._poller: asyncio.Task[None] | None = None
+
+    @property
+    def max_sessions(self) -> int:
+        return sum(view.info.seats for view in self.workers.values() if view.usable)
+
+    # -- the worker views ---------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._poller = asyncio.create_task(self._poll(), name="cluster-poll")
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # a GCS hiccup must not end the polling: the next round tries again
+                log.exception("cluster refresh failed")
+
+    async def refresh(self, max_age_s: float = 0.0) -> None:
+        """Finds joined workers and asks every known one for its summary (unless the last round is fresh enough).
+
+        With `max_age_s`, a round already under way is not waited for: a request is placed on the summaries there
+        are (a worker refuses an offer past its seats itself), rather than held up by a worker slow to answer."""
+        if max_age_s > 0 and self._refresh_lock.locked():
+            return
+        async with self._refresh_lock:
+            if time.monotonic() - self._refreshed_at < max_age_s:
+                return
+            names = await asyncio.to_thread(_worker_names)
+            for name in names:
+                view = self.workers.get(name)
+                if view is None or view.info.state == "gone":  # joined, or a new actor under a dead one's name
+                    await self._discover(name, replaces=view)
+            await asyncio.gather(*(self._update(view) for view in self.workers.values() if view.info.state != "gone"))
+            self._refreshed_at = time.monotonic()
+
+    async def _discover(self, name: str, replaces: WorkerView | None) -> None:
+        try:
+            handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
+            info = await asyncio.wait_for(handle.summary.remote(), self.settings.summary_timeout_s)
+        except (ValueError, RayActorError, TimeoutError):  # gone again before it answered: the next round retries
+            return
+        info.last_seen = time.time()
+        if replaces is not None:  # the dead actor's sessions stay lost under its successor's name
+            info.lost_sessions = replaces.info.lost_sessions
+        self.workers[name] = WorkerView(name, handle, info)
+        log.info("worker=%s %s node=%s gpus=%s seats=%d", name, "rejoined" if replaces else "joined",
+                 (info.node_id or "")[:8], info.gpus, info.seats)  # fmt: skip
+
+    async def _update(self, view: WorkerView) -> None:
+        try:
+            info = await asyncio.wait_for(view.handle.summary.remote(), self.settings.summary_timeout_s)
+        except ActorDiedError as exc:
+            self._mark_gone(view, _died(exc))
+            return
+        except (RayActorError, TimeoutError) as exc:  # ActorUnavailableError: it may come back
+            view.info.state, view.info.error = "unreachable", f"no answer to its summary ({type(exc).__name__})"
+            return
+        info.last_seen = time.time()
+        info.lost_sessions = view.info.lost_sessions
+        view.info = info
+
+    def _mark_gone(self, view: WorkerView, reason: str) -> None:
+        if view.info.state == "gone":
+            return
+        lost = [*view.info.lost_sessions, *view.info.sessions]
+        view.info = msgspec.structs.replace(view.info, state="gone", sessions=[], lost_sessions=lost, error=reason)
+        log.warning("worker=%s gone (%s); its sessions ended: %s", view.name, reason, ", ".join(lost) or "none")
+
+    async def _call(self, view: WorkerView, method: str, *args: Any) -> Any:
+        """The worker's answer, or its error raised as the single server raises it; WorkerGone if it is dead."""
+        if view.info.state == "gone":
+            raise WorkerGone(view.info.error)
+        try:
+            reply: Reply = await asyncio.wait_for(view.handle.call.remote(method, *args), self.settings.call_timeout_s)
+        except ActorDiedError as exc:
+            self._mark_gone(view, _died(exc))
+            raise WorkerGone(view.info.error) from None
+        except (RayActorError, TimeoutError) as exc:  # ActorUnavailableError, or no answer: it may come back
+            view.info.state = "unreachable"
+            view.info.error = f"no answer to {method} in {self.settings.call_timeout_s:g} s ({type(exc).__name__})"
+            raise WorkerUnavailable(f"worker {view.name} is unreachable: {view.info.error}; try again") from None
+        if reply.error is None:
+            return reply.value
+        raise _error_class(reply.error)(reply.detail)
+
+    def _views(self) -> list[WorkerView]:
+        return [view for _, view in sorted(self.workers.items())]
+
+    # -- pipelines ----------------------------------------------------------------------------------------------
+
+    async def load(self, pipeline_id: str, params: LoadParams) -> str:
+        spec = get_spec(pipeline_id)
+        if not spec.available:
+            raise PipelineUnavailable(f"pipeline {pipeline_id!r} is declared but not built into this server yet")
+        # Each worker enforces its own --allow-random-weights; here the effective parameters are only a comparison key.
+        wanted = Wanted(pipeline_id, params, spec.effective_load_params(params, allow_random_weights=True))
+        await self.refresh(max_age_s=self.settings.placement_max_age_s)
+        ready = sorted((view.readiness(wanted), view.name) for view in self._views() if view.usable)
+        if not ready or ready[0][0] == 3:
+            raise CapacityExceeded(
+                f"no worker can load {pipeline_id!r} now: {len(ready)} live worker(s), each streaming another "
+                "pipeline (loading would stop those sessions). Try again when one is free, or add a worker"
+            )
+        readiness, name = ready[0]
+        if readiness < 2:
+            self._wanted = wanted
+            state = "loaded" if readiness == 0 else "loading"
+            return f"pipeline {pipeline_id!r} is {state} on {name}; new offers go there"
+        view = self.workers[name]
+        async with view.load_lock:
+            try:
+                message = await self._call(view, "load", pipeline_id, params)
+            except WorkerGone as exc:
+                raise WorkerUnavailable(f"worker {name} went away while loading ({exc}); load again") from None
+            view.info.pipeline = await self._call(view, "status")
+        self._wanted = wanted
+        return f"{message} (on {name}; other workers load it when an offer needs them)"
+
+    def _adopt(self) -> Wanted | None:
+        """The pipeline new offers get. Without a load through this front (it restarted, or the workers were started
+        with --pipeline), the one pipeline the live workers have loaded, if they agree on one."""
+        if self._wanted is not None:
+            return self._wanted
+        loaded = {
+            (status.pipeline_id, msgspec.json.encode(status.load_params, order="sorted"))
+            for view in self._views()
+            if view.usable and (status := view.info.pipeline) is not None and status.status == "loaded"
+        }
+        if len(loaded) != 1:
+            return None
+        ((pipeline_id, params_json),) = loaded
+        try:
+            effective = msgspec.json.decode(params_json)
+            self._wanted = Wanted(pipeline_id, msgspec.convert(effective, LoadParams), effective)
+        except (msgspec.ValidationError, WanrtError):
+            return None
+        log.info("adopted pipeline=%s: every live worker that has one has loaded it", pipeline_id)
+        return self._wanted
+
+    async def status(self) -> PipelineStatus:
+        await self.refresh(max_age_s=self.settings.placement_max_age_s)
+        wanted = self._adopt()
+        if wanted is None:
+            return PipelineStatus(status="not_loaded")
+        statuses = [view.info.pipeline for view in self._views() if view.usable and wanted.matches(view.info.pipeline)]
+        for state in ("loaded", "loading", "error"):
+            for status in statuses:
+                if status is not None and status.status == state:
+                    return status
+        # The workers that had it left or dropped it: a load puts it on an idle worker again.
+        return PipelineStatus(status="not_loaded", pipeline_id=wanted.pipeline_id)
+
+    async def unload(self) -> str:
+        """Frees the pipeline on every worker that has one (their sessions get `stream_stopped`)."""
+        self._wanted = None
+        names = []
+        for view in self._views():
+            status = view.info.pipeline
+            if view.usable and status is not None and status.status != "not_loaded":
+                with contextlib.suppress(WorkerGone, WorkerUnavailable):
+                    await self._call(view, "unload")
+                    names.append(view.name)
+        await self.refresh()
+        return f"unloaded on {', '.join(names)}" if names else "nothing was loaded"
+
+    async def _ensure_loaded(self, view: WorkerView, wanted: Wanted) -> None:
+        async with view.load_lock:
+            status: PipelineStatus = await self._call(view, "status")
+            if not (wanted.matches(status) and status.status in ("loaded", "loading")):
+                log.info("worker=%s loading %s for an offer", view.name, wanted.pipeline_id)
+                await self._call(view, "load", wanted.pipeline_id, wanted.params)
+            deadline = time.monotonic() + self.load_timeout_s
+            while True:
+                status = view.info.pipeline = await self._call(view, "status")
+                if status.status == "loaded" and wanted.matches(status):
+                    return
+                if status.status != "loading" or not wanted.matches(status) or time.monotonic() > deadline:
+                    raise PipelineLoadError(
+                        f"worker {view.name} could not load {wanted.pipeline_id!r}: {status.error or status.status}"
+                    )
+                await asyncio.sleep(LOAD_POLL_S)
+
+    # -- sessions -----------------------------------------------------------------------------------------------
+
+    async def create_session(self, offer: Offer) -> Answer:
+        await self.refresh(max_age_s=self.settings.placement_max_age_s)
+        wanted = self._adopt()
+        if wanted is None:
+            raise PipelineNotLoaded(
+                "Pipeline not loaded: POST /api/v1/pipeline/load and wait for GET /api/v1/pipeline/status to say "
+                "'loaded' before sending an offer"
+            )
+        tried: set[str] = set()
+        failures: list[str] = []
+        while (view := self._place(wanted, tried)) is not None:
+            tried.add(view.name)
+            view.pending += 1
+            try:
+                if view.readiness(wanted) != 0:
+                    await self._ensure_loaded(view, wanted)
+                answer: Answer = await self._call(view, "create_session", offer)
+            except (WorkerGone, WorkerUnavailable, CapacityExceeded, PipelineLoadError, errors.PipelineBusy) as exc:
+                failures.append(f"{view.name}: {exc}")  # another worker may take it
+                continue
+            finally:
+                view.pending -= 1
+            view.info.sessions.append(answer.sessionId)  # until its next summary says so itself
+            log.info("session=%s placed on worker=%s", answer.sessionId, view.name)
+            return answer
+        alive = sum(view.usable for view in self.workers.values())
+        raise CapacityExceeded(
+            f"no worker has a free seat for {wanted.pipeline_id!r} ({alive} live worker(s), {self.max_sessions} "
+            "seats); close a session (DELETE /api/v1/webrtc/offer/{sessionId}), try again later, or add a worker"
+            + (f". Tried: {'; '.join(failures)}" if failures else "")
+        )
+
+    def _place(self, wanted: Wanted, tried: set[str]) -> WorkerView | None:
+        candidates = [
+            (view.readiness(wanted), len(view.info.sessions) + view.pending, view.name)
+            for view in self._views()
+            if view.usable and view.name not in tried and view.free_seats > 0
+        ]
+        candidates = [c for c in candidates if c[0] < 3]
+        return self.workers[min(candidates)[2]] if candidates else None
+
+    def _owner(self, session_id: str) -> WorkerView:
+        name = owner_of(session_id)
+        view = self.workers.get(name) if name is not None else None
+        if view is None:
+            raise UnknownSession(f"no session {echo(session_id)}; it ended or never existed")
+        return view
+
+    async def _on_owner(self, session_id: str, method: str, *args: Any) -> Any:
+        view = self._owner(session_id)
+        if session_id not in view.info.lost_sessions:
+            try:
+                return await self._call(view, method, session_id, *args)
+            except WorkerGone:
+                pass
+        raise SessionGone(
+            f"session {session_id} was on worker {view.name}, whose actor is gone "
+            f"({view.info.error or 'a new actor has replaced it'}); its stream ended with it. Make a new offer: it "
+            "goes to a live worker"
+        )
+
+    async def add_candidates(self, session_id: str, candidates: list[IceCandidate]) -> None:
+        await self._on_owner(session_id, "add_candidates", candidates)
+
+    async def close_session(self, session_id: str) -> None:
+        view = self._owner(session_id)
+        await self._on_owner(session_id, "close_session")
+        with contextlib.suppress(ValueError):
+            view.info.sessions.remove(session_id)
+
+    async def session_frame(self, session_id: str, quality: int) -> bytes:
+        return await self._on_owner(session_id, "session_frame", quality)
+
+    async def session_metrics(self, session_id: str) -> dict[str, Any]:
+        return {**await self._on_owner(session_id, "session_metrics"), "worker": owner_of(session_id)}
+
+    async def describe_sessions(self) -> list[dict[str, Any]]:
+        described = await self._gather("describe_sessions")
+        return [{**session, "worker": name} for name, sessions in described for session in sessions]
+
+    async def gauges(self) -> dict[str, float]:
+        gauges: dict[str, float] = {}
+        for _, worker_gauges in await self._gather("gauges"):
+            for key, value in worker_gauges.items():
+                gauges[key] = gauges.get(key, 0) + value
+        states = [view.info.state for view in self.workers.values()]
+        for state in ("alive", "unreachable", "gone"):
+            gauges[f"wanrt_cluster_workers_{state}"] = states.count(state)
+        return gauges
+
+    async def _gather(self, method: str) -> list[tuple[str, Any]]:
+        views = [view for view in self._views() if view.usable]
+        results = await asyncio.gather(*(self._call(view, method) for view in views), return_exceptions=True)
+        return [(view.name, result) for view, result in zip(views, results, strict=True) if not _failed(result)]
+
+    async def cluster(self) -> ClusterStatus:
+        await self.refresh()
+        wanted = self._wanted
+        return ClusterStatus(
+            pipeline_id=wanted.pipeline_id if wanted else None, workers=[view.info for view in self._views()]
+        )
+
+
+def _failed(result: Any) -> bool:
+    if isinstance(result, WorkerGone | WanrtError):
+        return True
+    if isinstance(result, BaseException):
+        raise result
+    return False
+
+
+def _worker_names() -> set[str]:
+    return {name for name in ray.util.list_named_actors() if name.startswith(WORKER_PREFIX)}
+
+
+def _died(exc: ActorDiedError) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else "it died"
+    return f"its actor died: {first[:200]}"
+
+
+def _error_class(name: str) -> type[WanrtError]:
+    cls = getattr(errors, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, WanrtError) else WanrtError
+
+
+def connect(address: str) -> None:
+    """Joins the Ray cluster as a driver of the wanrt namespace (once per process)."""
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+
+
+def create_cluster_app(settings: ServerSettings, cluster: ClusterSettings) -> Litestar:
+    """`wanrt cluster serve`: the single server's controllers, on a `ClusterServing`."""
+    from serve.app import build_app
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await asyncio.to_thread(connect, cluster.address)
+        serving = ClusterServing(cluster, settings.load_timeout_s)
+        await serving.start()
+        app.state.update(serving=serving)
+        log.info("cluster front on ray=%s workers=%s", cluster.address, ", ".join(serving.workers) or "none yet")
+        try:
+            yield
+        finally:
+            await serving.close()
+
+    return build_app(settings, lifespan, CLUSTER_CONTROLLERS)

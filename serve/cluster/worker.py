@@ -1,0 +1,118 @@
+"""A cluster worker: today's single-GPU server (pipeline manager, its worker thread, its WebRTC sessions) as a Ray
+actor, one per GPU (or per CPU seat on a machine without one).
+
+The actor answers the `Serving` calls of the HTTP API (serve/serving.py) through one method, `call`, and reports
+itself through `summary`. Its peer connections live in its own process, so the answer SDP carries this process's own
+ICE candidates and the media flows between the browser and this actor, never through the front. Errors cross Ray as
+a `Reply` naming the error class, so the front raises the same error the single server would (same status, same
+JSON), without Ray's traceback text.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from serve.cluster.names import session_prefix
+from serve.errors import InvalidRequest, WanrtError
+from serve.pipelines.manager import PipelineManager
+from serve.recording import RecordingStore
+from serve.schemas import ClusterWorker
+from serve.serving import LocalServing
+from serve.settings import ServerSettings
+from serve.webrtc.codecs import configure_codecs
+from serve.webrtc.ice import configure_ice
+from serve.webrtc.nvdec import install_nvdec
+from serve.webrtc.session import configure_data_channel
+from serve.webrtc.sessions import SessionManager
+
+log = logging.getLogger(__name__)
+
+CALLS = frozenset(
+    {
+        "load",
+        "status",
+        "unload",
+        "create_session",
+        "add_candidates",
+        "close_session",
+        "describe_sessions",
+        "session_frame",
+        "session_metrics",
+        "gauges",
+    }
+)
+"""The `Serving` methods a front may call on a worker."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    value: Any = None
+    error: str | None = None
+    """The WanrtError subclass's name (serve/errors.py), when the call failed."""
+    detail: str = ""
+
+
+class WanrtWorker:
+    """Created by `wanrt cluster worker` (serve/cluster/commands.py) with `num_gpus=1`, or as a CPU seat."""
+
+    def __init__(self, name: str, settings: ServerSettings, log_level: str = "INFO") -> None:
+        # Ray sends the actor's output to `wanrt cluster worker`, which prints it with the actor's pid.
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        # ICE, codec and SCTP settings are module attributes: this actor's process is its own, so they are its own.
+        configure_ice(settings.webrtc)
+        configure_codecs(settings.webrtc)
+        if settings.webrtc.nvdec:
+            install_nvdec()
+        configure_data_channel(settings.webrtc)
+        self.name = name
+        self.pipelines = PipelineManager(
+            models_dir=settings.models_dir, engines_dir=settings.engines_dir, lora_dir=settings.lora_folder,
+            allow_random_weights=settings.allow_random_weights, load_timeout_s=settings.load_timeout_s,
+            default_gpus=settings.gpus,
+        )  # fmt: skip
+        self.recordings = RecordingStore(settings.recordings)
+        self.sessions = SessionManager(
+            self.pipelines,
+            settings.webrtc,
+            settings.assets.directory,
+            self.recordings,
+            session_prefix=session_prefix(name),
+        )
+        self.serving = LocalServing(self.pipelines, self.sessions, self.recordings)
+        context = ray.get_runtime_context()
+        self.node_id = context.get_node_id()
+        self.gpus = [str(gpu) for gpu in context.get_accelerator_ids().get("GPU", [])]
+        log.info("worker=%s started node=%s gpus=%s pid=%d", name, self.node_id[:8], self.gpus, os.getpid())
+
+    async def call(self, method: str, *args: Any) -> Reply:
+        if method not in CALLS:
+            return Reply(error=InvalidRequest.__name__, detail=f"a worker has no call {method!r}")
+        try:
+            return Reply(value=await getattr(self.serving, method)(*args))
+        except WanrtError as exc:
+            return Reply(error=type(exc).__name__, detail=str(exc))
+
+    async def summary(self) -> ClusterWorker:
+        return ClusterWorker(
+            name=self.name,
+            state="alive",
+            node_id=self.node_id,
+            node_ip=ray.util.get_node_ip_address(),
+            gpus=self.gpus,
+            pid=os.getpid(),
+            pipeline=self.pipelines.status(),
+            seats=self.sessions.max_sessions,
+            sessions=[s["sessionId"] for s in self.sessions.describe()],
+        )
+
+    async def shutdown(self, reason: str) -> None:
+        """Ends every session with `stream_stopped` (its data channel still works) and frees the pipeline."""
+        log.info("worker=%s stopping: %s", self.name, reason)
+        await self.sessions.stop_all(reason)
+        await self.pipelines.close()
+        self.recordings.close()

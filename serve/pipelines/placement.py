@@ -1,0 +1,86 @@
+"""Where a pipeline runs: the `gpus` setting parsed, and the DiT's blocks split over ranks in contiguous stages.
+
+Torch-free, so the HTTP side checks the syntax of `gpus` at request time; whether the named GPUs exist is checked by
+the load (serve/runtime/stages.py), which reports a missing one in the pipeline status.
+
+`gpus` is a comma-separated list of CUDA device ids (`0,1,2,3`: one rank per GPU, NCCL), or `cpu:N` (N ranks on the
+CPU, gloo: the same code path, for tests and development). One entry (`0`, `cpu:1`) is an ordinary one-device load.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from serve.errors import InvalidParameters
+from serve.schemas import GPUS_PATTERN
+
+MAX_CPU_RANKS = 8
+
+
+@dataclass(frozen=True)
+class Gpus:
+    """The ranks of a load: `devices[r]` is rank r's torch device (`cuda:3`, or `cpu` for every CPU rank)."""
+
+    devices: tuple[str, ...]
+
+    @property
+    def ranks(self) -> int:
+        return len(self.devices)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.devices[0] == "cpu"
+
+    @property
+    def backend(self) -> str:
+        """The torch.distributed backend: the only thing that differs between CPU and GPU ranks."""
+        return "gloo" if self.on_cpu else "nccl"
+
+    def spelled(self) -> str:
+        return f"cpu:{self.ranks}" if self.on_cpu else ",".join(d.removeprefix("cuda:") for d in self.devices)
+
+
+def parse_gpus(text: str) -> Gpus:
+    """`0,1,2,3` or `cpu:2` → Gpus; raises InvalidParameters naming what is wrong (400 at the load request)."""
+    if not re.fullmatch(GPUS_PATTERN, text):
+        raise InvalidParameters(
+            f"gpus {text!r}: give CUDA device ids separated by commas (e.g. '0,1,2,3') or 'cpu:N' for N CPU ranks "
+            f"(1 ≤ N ≤ {MAX_CPU_RANKS}, gloo; for tests and development)"
+        )
+    if text.startswith("cpu:"):
+        return Gpus(("cpu",) * int(text.removeprefix("cpu:")))
+    ids = [int(part) for part in text.split(",")]
+    if len(set(ids)) != len(ids):
+        raise InvalidParameters(f"gpus {text!r}: each GPU may appear once (one rank per GPU)")
+    return Gpus(tuple(f"cuda:{i}" for i in ids))
+
+
+def split_blocks(num_layers: int, ranks: int) -> tuple[tuple[int, int], ...]:
+    """Contiguous [start, end) block ranges, one per rank, as even as the count allows. The remainder goes to the
+    middle ranks first: rank 0 also embeds and runs the VAE, the last rank the head (scale.md §1: SDv2's scheduler
+    moves blocks off those two for the same reason)."""
+    if ranks > num_layers:
+        raise InvalidParameters(f"{ranks} pipeline stages need at least {ranks} DiT blocks; the model has {num_layers}")
+    counts = [num_layers // ranks] * ranks
+    order = sorted(range(ranks), key=lambda r: (r in (0, ranks - 1), r))  # middle ranks, then the ends
+    for r in order[: num_layers % ranks]:
+        counts[r] += 1
+    starts = [sum(counts[:r]) for r in range(ranks)]
+    return tuple((start, start + count) for start, count in zip(starts, counts, strict=True))
+
+
+def balanced_split(stage_ms: list[float], blocks: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """The split that would even out measured stage times: each stage's time minus its blocks' share is its fixed
+    cost (embedding, VAE, head, transfers); blocks are then placed greedily so that fixed + blocks·per-block is as
+    even as possible. Reported in the placement as `suggested_blocks`; moving weights live is not built yet."""
+    counts = [end - start for start, end in blocks]
+    total_blocks = sum(counts)
+    per_block = min(ms / count for ms, count in zip(stage_ms, counts, strict=True) if count) if any(counts) else 0.0
+    fixed = [max(ms - count * per_block, 0.0) for ms, count in zip(stage_ms, counts, strict=True)]
+    new = [1] * len(blocks)  # every stage keeps at least one block
+    for _ in range(total_blocks - len(blocks)):
+        r = min(range(len(blocks)), key=lambda i: fixed[i] + (new[i] + 1) * per_block)
+        new[r] += 1
+    starts = [sum(new[:r]) for r in range(len(new))]
+    return tuple((start, start + count) for start, count in zip(starts, new, strict=True))

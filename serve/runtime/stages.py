@@ -1,0 +1,532 @@
+"""Pipeline parallelism: the DiT's blocks split over ranks in contiguous stages, each chunk's activations passed rank
+to rank with torch.distributed point-to-point. gloo on CPU ranks, nccl on GPUs: the same code, only the backend name
+differs (scale.md §1).
+
+Rank 0 is the pipeline's worker thread in the server process. It embeds (patches, time, prompt), runs its own
+blocks and drives the other ranks. Ranks 1..N−1 are processes spawned at load (`stage_main`), one per device. Each
+holds only its blocks' weights and, per stream, only those layers' KV caches: no replica of the whole model, and no
+cache moved off to the CPU. The last rank runs the head and sends the flow prediction back to rank 0, where the one
+chunk loop goes on (scheduler, noise, VAE). Policies never see ranks: the stream's `run_step` calls
+`StageDriver.step` with the DiT step's own arguments.
+
+Protocol. Every message is sent by its sender in one fixed order, so NCCL's tag-less matching (scale.md §1) pairs
+them as gloo's tags do:
+  header int64[8] = (op, stream, a, b, c, 0, 0, 0)                           rank 0 → every stage
+  OPEN   a, b = token grid (rows, columns), c = cache frame slots: the stream's caches on each stage
+  TEXT   then the embedded prompt [1, text_len, d]                          rank 0 → every stage
+  STEP   a = latent frames F; then write_index [F·Lf], key_bias [S], frame_positions [F], e0 [1, F, 6, d]
+         rank 0 → every stage (and e [1, F, d] → the last); x [1, N, d] rank r → r+1 with the stage times
+         float64[ranks]; the last rank → rank 0: head output [1, N, 64] and the times
+  RESET / CLOSE: the stream's caches;  FETCH: every stage → rank 0 its K and V (tests);  STOP: exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from serve.errors import PipelineLoadError, StageFailed
+from serve.models.dit import DiTBlock, DiTConfig, Head, RotaryEmbedding, WanDiT, keep_in_fp32, run_blocks
+from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, TextKVCache
+from serve.pipelines.placement import Gpus, balanced_split
+
+log = logging.getLogger(__name__)
+
+HEADER = 8
+OPEN, TEXT, STEP, RESET, CLOSE, FETCH, STOP = range(1, 8)
+READY_TIMEOUT_S = 300.0  # a stage that has not loaded its blocks by then fails the load
+REAP_S = 2.0  # after a failed message, how long rank 0 waits for the dead stage to be reaped (to name it)
+OP_TIMEOUT_S = 120.0  # torch.distributed's own timeout: a hung (not dead) stage raises after this
+
+
+@dataclass(frozen=True)
+class RandomWeights:
+    seed: int
+
+
+@dataclass(frozen=True)
+class CheckpointWeights:
+    path: Path
+    prefer: str | None
+    lora: Path | None
+    lora_scale: float
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a spawned stage process needs to build its part (picklable: it crosses the spawn)."""
+
+    rank: int
+    ranks: int
+    device: str
+    backend: str
+    store_port: int
+    config: DiTConfig
+    layers: tuple[int, int]  # [start, end) of the model's blocks
+    dtype: torch.dtype
+    weights: RandomWeights | CheckpointWeights
+    threads: int  # torch CPU threads: the same as rank 0's, so CPU arithmetic matches the one-process stream
+
+
+class StageModel(nn.Module):
+    """One stage's blocks under Wan's names (`blocks.{i}`, a ModuleDict keyed by the model's block index, so a
+    checkpoint's keys load into it unchanged) and, on the last stage, the head."""
+
+    def __init__(self, config: DiTConfig, layers: tuple[int, int], last: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.blocks = nn.ModuleDict({str(i): DiTBlock(config) for i in range(*layers)})
+        self.head = Head(config) if last else None
+        self.rope = RotaryEmbedding(config.head_dim)
+
+
+def build_stage_model(spec: StageSpec) -> StageModel:
+    """The stage's weights only: from the seeded random DiT (tiny; built whole on the CPU, then cut), or read from
+    the checkpoint with only this stage's keys selected (the built-in LoRA merged as they load)."""
+    last = spec.rank == spec.ranks - 1
+    if isinstance(spec.weights, RandomWeights):
+        from serve.pipelines.weights import random_dit
+
+        whole = random_dit(spec.weights.seed, spec.config)
+        stage = StageModel(spec.config, spec.layers, last)
+        for i in range(*spec.layers):
+            stage.blocks[str(i)] = whole.blocks[i]
+        stage.head = whole.head if last else None
+        return stage.to(device=spec.device, dtype=spec.dtype).eval()
+    from serve.models.checkpoint import load_checkpoint
+    from serve.models.lora import match_model, merged_weights, read_lora_file
+
+    with torch.device("meta"):
+        stage = StageModel(spec.config, spec.layers, last)
+    names = set(stage.state_dict())
+    weights = spec.weights
+    deltas = None
+    if weights.lora is not None:
+        deltas = merged_weights([(match_model(read_lora_file(weights.lora), stage), weights.lora_scale)])
+    load_checkpoint(stage, weights.path, dtype=spec.dtype, device=spec.device, prefer=weights.prefer,
+                    keep_fp32=keep_in_fp32, deltas=deltas, select=names.__contains__)  # fmt: skip
+    stage.rope = RotaryEmbedding(spec.config.head_dim).to(spec.device)
+    return stage.eval()
+
+
+class StreamCaches:
+    """One stream's KV and prompt K/V on one stage: its layers only, allocated once at OPEN."""
+
+    def __init__(self, config: DiTConfig, layers: int, grid: tuple[int, int], cache_frames: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:  # fmt: skip
+        spec = KVCacheSpec(layers, 1, config.num_heads, config.head_dim, grid[0] * grid[1], cache_frames)
+        self.grid = grid
+        self.cache = KVCache(spec, dtype, device)
+        self.text_kv = TextKVCache(layers, 1, config.text_len, config.num_heads, config.head_dim, dtype, device)
+
+
+class StageBlocks:
+    """A stage's compute, the same on rank 0 and on the spawned ranks: its blocks (numbered from 0 against caches
+    holding only its layers) and the per-stream caches."""
+
+    def __init__(self, config: DiTConfig, blocks: list[DiTBlock], rope: RotaryEmbedding, dtype: torch.dtype,
+                 device: torch.device | str) -> None:  # fmt: skip
+        self.config, self.blocks, self.rope = config, blocks, rope
+        self.dtype, self.device = dtype, device
+        self.streams: dict[int, StreamCaches] = {}
+
+    def open(self, stream: int, grid: tuple[int, int], cache_frames: int) -> StreamCaches:
+        caches = StreamCaches(self.config, len(self.blocks), grid, cache_frames, self.dtype, self.device)
+        self.streams[stream] = caches
+        return caches
+
+    def set_text(self, stream: int, text: Tensor) -> None:
+        """text [1, text_len, d]: the embedded prompt → this stage's cross-attention K/V."""
+        if not self.blocks:
+            return
+        keys, values = zip(*(block.cross_attn.project_kv(text) for block in self.blocks), strict=True)
+        self.streams[stream].text_kv.set((torch.stack(keys), torch.stack(values)))
+
+    def run(self, stream: int, x: Tensor, e0: Tensor, plan: ChunkPlan) -> Tensor:
+        caches = self.streams[stream]
+        rope = self.rope.tables(plan.frame_positions, *caches.grid)
+        return run_blocks(
+            enumerate(self.blocks), x, e0, e0.shape[1], rope, plan.key_bias, caches.text_kv.pair(), caches.cache.k,
+            caches.cache.v, plan.write_index, None,
+        )  # fmt: skip
+
+
+# -- the spawned ranks ----------------------------------------------------------------------------------------------
+
+
+def bound_device(device: str) -> torch.device | None:
+    """The device an NCCL group binds to (each rank's own GPU, whatever thread calls); gloo binds none."""
+    return torch.device(device) if device.startswith("cuda") else None
+
+
+def _init_group(spec: StageSpec) -> None:
+    store = dist.TCPStore("127.0.0.1", spec.store_port, spec.ranks, is_master=False)
+    from datetime import timedelta
+
+    dist.init_process_group(spec.backend, store=store, rank=spec.rank, world_size=spec.ranks,
+                            timeout=timedelta(seconds=OP_TIMEOUT_S), device_id=bound_device(spec.device))  # fmt: skip
+
+
+def stage_main(spec: StageSpec, ready: Any) -> None:
+    """A spawned stage: build its part, say so on `ready`, join the group, then serve rank 0's commands until STOP
+    (or until rank 0 is gone: a failed receive ends the process)."""
+    logging.basicConfig(level=logging.INFO, format=f"stage{spec.rank} %(levelname)s %(message)s")
+    torch.set_num_threads(spec.threads)
+    try:
+        if spec.device.startswith("cuda"):
+            torch.cuda.set_device(spec.device)
+        stage = build_stage_model(spec)
+    except Exception as exc:  # reported to rank 0, which fails the load with it
+        ready.send(f"stage {spec.rank} on {spec.device}: {type(exc).__name__}: {exc}")
+        return
+    ready.send(None)
+    _init_group(spec)
+    try:
+        with torch.inference_mode():
+            _serve(spec, stage)
+    finally:
+        dist.destroy_process_group()
+
+
+def _serve(spec: StageSpec, model: StageModel) -> None:
+    device, config, rank, last = spec.device, spec.config, spec.rank, spec.rank == spec.ranks - 1
+    blocks = StageBlocks(config, list(model.blocks.values()), model.rope, spec.dtype, device)
+    header = torch.zeros(HEADER, dtype=torch.long, device=device)
+    while True:
+        dist.recv(header, 0)
+        op, stream, a, b, c = header[:5].tolist()  # this process's own host: the wait is its job
+        if op == STOP:
+            return
+        if op == OPEN:
+            blocks.open(stream, (a, b), c)
+        elif op == CLOSE:
+            blocks.streams.pop(stream, None)
+        elif op == RESET:
+            blocks.streams[stream].cache.reset()
+        elif op == TEXT:
+            text = torch.empty(1, config.text_len, config.dim, dtype=spec.dtype, device=device)
+            dist.recv(text, 0)
+            blocks.set_text(stream, text)
+        elif op == FETCH:
+            caches = blocks.streams[stream].cache
+            dist.send(caches.k.contiguous(), 0)
+            dist.send(caches.v.contiguous(), 0)
+        elif op == STEP:
+            plan, e0, e = _recv_step_inputs(blocks.streams[stream], config, a, device, last)
+            tokens = a * blocks.streams[stream].grid[0] * blocks.streams[stream].grid[1]
+            x = torch.empty(1, tokens, config.dim, device=device)
+            times = torch.empty(spec.ranks, dtype=torch.float64, device=device)
+            dist.recv(x, rank - 1)
+            dist.recv(times, rank - 1)
+            started = time.perf_counter()
+            x = blocks.run(stream, x, e0, plan)
+            if last:
+                assert model.head is not None and e is not None
+                x = model.head(x, e, a)  # [1, N, 64]
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)  # the stage's own time, for the placement's per-stage ms
+            times[rank] = (time.perf_counter() - started) * 1000
+            dist.send(x.contiguous(), 0 if last else rank + 1)
+            dist.send(times, 0 if last else rank + 1)
+
+
+def _recv_step_inputs(caches: StreamCaches, config: DiTConfig, frames: int, device: str,
+                      last: bool) -> tuple[ChunkPlan, Tensor, Tensor | None]:  # fmt: skip
+    tokens = frames * caches.grid[0] * caches.grid[1]
+    write_index = torch.empty(tokens, dtype=torch.long, device=device)
+    key_bias = torch.empty(caches.cache.spec.max_tokens, dtype=torch.float32, device=device)
+    positions = torch.empty(frames, dtype=torch.long, device=device)
+    e0 = torch.empty(1, frames, 6, config.dim, device=device)
+    for tensor in (write_index, key_bias, positions, e0):
+        dist.recv(tensor, 0)
+    e = None
+    if last:
+        e = torch.empty(1, frames, config.dim, device=device)
+        dist.recv(e, 0)
+    return ChunkPlan(write_index, key_bias, positions), e0, e
+
+
+def check_visible(gpus: Gpus) -> None:
+    """Every CUDA device `gpus` names exists here; raises PipelineLoadError naming the one that does not."""
+    if gpus.on_cpu:
+        return
+    visible = torch.cuda.device_count()
+    if not visible:
+        raise PipelineLoadError(f"gpus {gpus.spelled()}: no CUDA device is visible here; use cpu:N for CPU ranks")
+    for device in gpus.devices:
+        if int(device.removeprefix("cuda:")) >= visible:
+            raise PipelineLoadError(
+                f"gpus {gpus.spelled()}: {device} does not exist; {visible} CUDA device(s) are visible "
+                f"(ids 0..{visible - 1})"
+            )
+
+
+# -- rank 0 ---------------------------------------------------------------------------------------------------------
+
+
+class StageDriver:
+    """Rank 0: its own blocks on the loaded `dit` (the blocks it does not own are dropped), the spawned stages, and
+    the commands. Every call that talks to the stages runs on the pipeline's worker thread; what other threads
+    ask for (a stream opened on the event loop, a stream gone) is queued and sent before the next command."""
+
+    def __init__(self, gpus: Gpus, layers: tuple[tuple[int, int], ...], dit: WanDiT, dtype: torch.dtype) -> None:
+        self.gpus, self.layers, self.dit, self.dtype = gpus, layers, dit, dtype
+        self.device = torch.device(gpus.devices[0])
+        self.config = dit.config
+        start, end = layers[0]
+        self.local = StageBlocks(self.config, [dit.blocks[i] for i in range(start, end)], dit.rope, dtype, self.device)
+        self.processes: list[Any] = []
+        self.failure: str | None = None
+        self._pending: deque[tuple[int, int, tuple[int, int], int]] = deque()  # (op, stream, grid, frames)
+        self._next_stream = 0
+        self._lock = threading.Lock()  # the stream-id counter and the queue, from any thread
+        # Host copy of the last step's stage ms (pinned on CUDA, so the copy to it never waits for the device).
+        self._times = torch.zeros(gpus.ranks, dtype=torch.float64, pin_memory=self.device.type == "cuda")
+        self._times_out = torch.zeros(gpus.ranks, dtype=torch.float64, device=self.device)  # rank 0's, sent on
+        self._times_device = torch.zeros(gpus.ranks, dtype=torch.float64, device=self.device)  # every stage's
+        self.steps = 0
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, gpus: Gpus, layers: tuple[tuple[int, int], ...], dit: WanDiT, dtype: torch.dtype,
+              weights: RandomWeights | CheckpointWeights) -> StageDriver:  # fmt: skip
+        """Spawn ranks 1..N−1, wait until each has built its blocks, join the group; raises PipelineLoadError."""
+        driver = cls(gpus, layers, dit, dtype)
+        try:
+            driver._spawn(weights)
+        except BaseException:
+            driver.close()
+            raise
+        for i in range(len(dit.blocks)):  # rank 0 keeps only its own blocks' weights
+            if not layers[0][0] <= i < layers[0][1]:
+                dit.blocks[i] = nn.Module()
+        if driver.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return driver
+
+    def _spawn(self, weights: RandomWeights | CheckpointWeights) -> None:
+        from datetime import timedelta
+
+        store = dist.TCPStore("127.0.0.1", 0, self.gpus.ranks, is_master=True, wait_for_workers=False)
+        context = multiprocessing.get_context("spawn")
+        pipes = []
+        for rank in range(1, self.gpus.ranks):
+            spec = StageSpec(
+                rank, self.gpus.ranks, self.gpus.devices[rank], self.gpus.backend, store.port, self.config,
+                self.layers[rank], self.dtype, weights, torch.get_num_threads(),
+            )  # fmt: skip
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(target=stage_main, args=(spec, send), name=f"wanrt-stage{rank}", daemon=True)
+            process.start()
+            send.close()
+            self.processes.append(process)
+            pipes.append(receive)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for rank, pipe in enumerate(pipes, start=1):
+            while not pipe.poll(0.05):
+                if not self.processes[rank - 1].is_alive():
+                    raise PipelineLoadError(self._death(rank, "while building its blocks"))
+                if time.monotonic() > deadline:
+                    raise PipelineLoadError(f"stage {rank} did not build its blocks within {READY_TIMEOUT_S:g} s")
+            error = pipe.recv()
+            if error is not None:
+                raise PipelineLoadError(f"pipeline-parallel load failed: {error}")
+        dist.init_process_group(self.gpus.backend, store=store, rank=0, world_size=self.gpus.ranks,
+                                timeout=timedelta(seconds=OP_TIMEOUT_S),
+                                device_id=bound_device(self.gpus.devices[0]))  # fmt: skip
+        self._store = store  # the group's rendezvous lives as long as the group
+        log.info("pipeline-parallel ranks=%d backend=%s blocks=%s", self.gpus.ranks, self.gpus.backend,
+                 [end - start for start, end in self.layers])  # fmt: skip
+
+    def close(self) -> None:
+        """Stop the stages (politely, then by force) and leave the group; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if dist.is_initialized():
+            if self.failure is None:
+                try:
+                    self._command(STOP, 0)
+                except Exception:  # a stage already gone: the terminate below ends the rest
+                    log.warning("pipeline-parallel: a stage did not take STOP; terminating the stages")
+            for process in self.processes:
+                process.join(5.0)
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(5.0)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _death(self, rank: int, when: str) -> str:
+        process = self.processes[rank - 1]
+        return (
+            f"pipeline stage {rank} on {self.gpus.devices[rank]} (pid {process.pid}) died {when} (exit code "
+            f"{process.exitcode}); the pipeline must be reloaded"
+        )
+
+    def check_alive(self, when: str) -> None:
+        if self.poll_failure(when) is not None:
+            raise StageFailed(self.failure)  # type: ignore[arg-type]
+
+    def poll_failure(self, when: str = "while idle") -> str | None:
+        """Why the stages cannot run any more, or None; notices a stage that died between commands. Any thread."""
+        if self.failure is None and not self._closed:
+            for rank, process in enumerate(self.processes, start=1):
+                if not process.is_alive():
+                    self.failure = self._death(rank, when)
+                    break
+        return self.failure
+
+    # -- streams ------------------------------------------------------------------------------------------------
+
+    def open(self, grid: tuple[int, int], cache_frames: int) -> tuple[int, StreamCaches]:
+        """A new stream's id and its rank-0 caches; the stages allocate theirs before the next command. Any thread."""
+        with self._lock:
+            stream = self._next_stream
+            self._next_stream += 1
+            self._pending.append((OPEN, stream, grid, cache_frames))
+        return stream, self.local.open(stream, grid, cache_frames)
+
+    def forget(self, stream: int) -> None:
+        """The stream is gone (its object was collected): free its caches everywhere. Any thread."""
+        self.local.streams.pop(stream, None)
+        with self._lock:
+            self._pending.append((CLOSE, stream, (0, 0), 0))
+
+    def reset(self, stream: int) -> None:
+        self.local.streams[stream].cache.reset()
+        with self._talking("while resetting a cache"):
+            self._command(RESET, stream)
+
+    def set_text(self, stream: int, context: Tensor) -> None:
+        """context [1, text_len, text_dim] → every stage's cross-attention K/V for its blocks."""
+        text = self.dit.embed_text(context.to(self.dtype)).to(self.dtype).contiguous()  # [1, text_len, d]
+        with self._talking("while taking a prompt"):
+            self._command(TEXT, stream)
+            works = [dist.isend(text, rank) for rank in range(1, self.gpus.ranks)]
+            self.local.set_text(stream, text)
+            self._wait(works, "while taking a prompt")
+
+    def step(self, stream: int, latents: Tensor, timestep: Tensor, plan: ChunkPlan) -> Tensor:
+        """The DiT step over the stages: latents [1, 16, F, H, W] → flow [1, 16, F, H, W]; each stage writes its
+        layers' K/V where `plan` says."""
+        dit, frames = self.dit, latents.shape[2]
+        x, grid = dit.patchify(latents)  # [1, N, d]
+        e, e0 = dit.embed_time(timestep)
+        last = self.gpus.ranks - 1
+        with self._talking("during a chunk"):
+            self._command(STEP, stream, frames)
+            inputs = (plan.write_index, plan.key_bias.float().contiguous(), plan.frame_positions, e0.contiguous())
+            works = [dist.isend(t, rank) for rank in range(1, self.gpus.ranks) for t in inputs]
+            works.append(dist.isend(e.contiguous(), last))
+            started = time.perf_counter()
+            x = self.local.run(stream, x, e0, plan)
+            self._times_out[0] = (time.perf_counter() - started) * 1000  # launch time on CUDA: a lower bound
+            works += [dist.isend(x.contiguous(), 1), dist.isend(self._times_out, 1)]
+            out = torch.empty(1, x.shape[1], dit.head.head.out_features, device=self.device)
+            replies = [dist.irecv(out, last), dist.irecv(self._times_device, last)]
+            self._wait(works + replies, "during a chunk")
+        self._times.copy_(self._times_device, non_blocking=True)  # read by `placement`, never waited for here
+        self.steps += 1
+        return dit.unpatchify(out, grid)
+
+    def fetch_cache(self, stream: int) -> tuple[Tensor, Tensor]:
+        """Every layer's K and V of a stream, gathered on rank 0 in layer order (tests compare them)."""
+        ks, vs = [self.local.streams[stream].cache.k], [self.local.streams[stream].cache.v]
+        with self._talking("sending its cache"):
+            self._command(FETCH, stream)
+            for rank in range(1, self.gpus.ranks):
+                layers = self.layers[rank][1] - self.layers[rank][0]
+                shape = (layers, *ks[0].shape[1:])
+                k, v = (torch.empty(shape, dtype=ks[0].dtype, device=self.device) for _ in range(2))
+                self._wait([dist.irecv(k, rank)], "sending its cache")
+                self._wait([dist.irecv(v, rank)], "sending its cache")
+                ks.append(k)
+                vs.append(v)
+        return torch.cat(ks), torch.cat(vs)
+
+    # -- placement ----------------------------------------------------------------------------------------------
+
+    def placement(self) -> dict[str, Any]:
+        """How the pipeline is placed, for the status and the `stats` messages."""
+        blocks = [end - start for start, end in self.layers]
+        stage_ms = [round(float(ms), 3) for ms in self._times.tolist()]
+        placed: dict[str, Any] = {
+            "stages": self.gpus.ranks,
+            "backend": self.gpus.backend,
+            "devices": list(self.gpus.devices),
+            "blocks_per_stage": blocks,
+            "stage_ms": stage_ms if self.steps else None,
+            "stream_batch": False,
+        }
+        if self.steps:
+            suggested = balanced_split(stage_ms, self.layers)
+            placed["suggested_blocks_per_stage"] = [end - start for start, end in suggested]
+        return placed
+
+    # -- messages -----------------------------------------------------------------------------------------------
+
+    def _command(self, op: int, stream: int, a: int = 0, b: int = 0, c: int = 0) -> None:
+        while self._pending:
+            with self._lock:
+                queued, queued_stream, grid, frames = self._pending.popleft()
+            self._send_header(queued, queued_stream, grid[0], grid[1], frames)
+        self._send_header(op, stream, a, b, c)
+
+    def _send_header(self, op: int, stream: int, a: int, b: int, c: int) -> None:
+        header = torch.tensor([op, stream, a, b, c, 0, 0, 0])
+        if self.device.type == "cuda":  # pinned and non-blocking: a pageable copy would wait for the GPU's queue
+            header = header.pin_memory()
+        device_header = header.to(self.device, non_blocking=True)
+        self._wait([dist.isend(device_header, rank) for rank in range(1, self.gpus.ranks)], "taking a command")
+
+    def _wait(self, works: list[Any], when: str) -> None:
+        for work in works:
+            work.wait()
+
+    @contextmanager
+    def _talking(self, when: str) -> Iterator[None]:
+        """Messages to and from the stages; a stage that died ends them with StageFailed. gloo raises at once on
+        rank 0 when a peer's connection closes, and a dead middle stage makes the ranks after it fail their receive
+        and exit, so rank 0 hears of any death without waiting for a timeout (a hung stage: OP_TIMEOUT_S). Under
+        NCCL the watchdog's timeout ends the wait."""
+        self.check_alive(when)
+        try:
+            yield
+        except RuntimeError as exc:
+            deadline = time.monotonic() + REAP_S  # let the dead one be reaped, so the message names it
+            while all(p.is_alive() for p in self.processes) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            try:
+                self.check_alive(when)
+            except StageFailed:
+                raise StageFailed(self.failure) from None  # type: ignore[arg-type]
+            log.error("pipeline-parallel: message failed %s: %s", when, exc)  # names addresses: for the log only
+            self.failure = f"pipeline stage communication failed {when}; the pipeline must be reloaded"
+            raise StageFailed(self.failure) from None
+
+
+StepFn = Callable[[int, Tensor, Tensor, ChunkPlan], Tensor]
+
+
+def free_port() -> int:
+    """An ephemeral loopback port (benchmarks' hop measurements)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,95 @@
+"""The seam between the HTTP API and what serves it: the pipeline and WebRTC controllers call a `Serving`.
+
+Two implementations exist. `LocalServing` (here) is the single-GPU server: one pipeline manager and one session
+manager in this process. `ClusterServing` (serve/cluster/front.py) places the same calls on Ray actors, each of which
+owns a `LocalServing` of its own, so a worker is today's server behind a different front. The controllers cannot
+tell them apart, which is what keeps the `/api/v1` contract the same for both.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio.to_thread
+
+from serve.errors import NoFrameYet
+from serve.schemas import Answer, IceCandidate, LoadParams, Offer, PipelineStatus
+
+if TYPE_CHECKING:
+    from serve.pipelines.manager import PipelineManager
+    from serve.recording import RecordingStore
+    from serve.webrtc.sessions import SessionManager
+
+
+class Serving(Protocol):
+    max_sessions: int
+    """Sessions this server takes at once (a cluster: the seats of its live workers)."""
+
+    async def load(self, pipeline_id: str, params: LoadParams) -> str: ...
+    async def status(self) -> PipelineStatus: ...
+    async def unload(self) -> str: ...
+    async def create_session(self, offer: Offer) -> Answer: ...
+    async def add_candidates(self, session_id: str, candidates: list[IceCandidate]) -> None: ...
+    async def close_session(self, session_id: str) -> None: ...
+    async def describe_sessions(self) -> list[dict[str, Any]]: ...
+    async def session_frame(self, session_id: str, quality: int) -> bytes:
+        """The session's newest output frame as JPEG; NoFrameYet (409) before its first."""
+        ...
+
+    async def session_metrics(self, session_id: str) -> dict[str, Any]: ...
+    async def gauges(self) -> dict[str, float]:
+        """The serving side of GET /metrics (Prometheus names, no process gauges)."""
+        ...
+
+
+class LocalServing:
+    """Today's server: the calls go to this process's pipeline manager and session manager."""
+
+    def __init__(self, pipelines: PipelineManager, sessions: SessionManager, recordings: RecordingStore) -> None:
+        self.pipelines = pipelines
+        self.sessions = sessions
+        self.recordings = recordings
+        self.max_sessions = sessions.max_sessions
+
+    async def load(self, pipeline_id: str, params: LoadParams) -> str:
+        return await self.pipelines.load(pipeline_id, params)
+
+    async def status(self) -> PipelineStatus:
+        return self.pipelines.status()
+
+    async def unload(self) -> str:
+        return await self.pipelines.unload()
+
+    async def create_session(self, offer: Offer) -> Answer:
+        return await self.sessions.create(offer)
+
+    async def add_candidates(self, session_id: str, candidates: list[IceCandidate]) -> None:
+        await self.sessions.add_candidates(session_id, candidates)
+
+    async def close_session(self, session_id: str) -> None:
+        await self.sessions.close(session_id)
+
+    async def describe_sessions(self) -> list[dict[str, Any]]:
+        return self.sessions.describe()
+
+    async def session_frame(self, session_id: str, quality: int) -> bytes:
+        from serve.webrtc.snapshot import encode_jpeg  # PyAV: only where a frame is encoded
+
+        frame = self.sessions.get(session_id).output.last_frame
+        if frame is None:
+            raise NoFrameYet(f"session {session_id} has not sent a frame yet; try again once its stream runs")
+        return await anyio.to_thread.run_sync(encode_jpeg, frame, quality)
+
+    async def session_metrics(self, session_id: str) -> dict[str, Any]:
+        return self.sessions.get(session_id).metrics()
+
+    async def gauges(self) -> dict[str, float]:
+        totals = self.sessions.totals()
+        return {
+            "wanrt_sessions_active": len(self.sessions),
+            "wanrt_pipeline_loaded": int(self.pipelines.status().status == "loaded"),
+            "wanrt_frames_in_total": totals["frames_in"],
+            "wanrt_frames_out_total": totals["frames_out"],
+            "wanrt_frames_dropped_total": totals["frames_dropped"],
+            "wanrt_recordings_active": self.recordings.active_count(),
+        }

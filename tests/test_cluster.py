@@ -1,0 +1,345 @@
+"""The cluster: `wanrt cluster serve` in front of `wanrt cluster worker` actors on a real local Ray cluster.
+
+One Ray head per module (in this process), two worker actors with one seat each from one `wanrt cluster worker`,
+and the front as a subprocess; aiortc clients (tests/support/rtc_client.py) stream through it. The tests run in
+order and share the cluster: each leaves every seat free, except where it says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.support.browser import launch_chromium, static_server
+from tests.support.cluster import RunningWorker, local_ray, start_worker
+from tests.support.rtc_client import ScopeClient, offer_sdp
+from tests.support.server import RunningServer, load_pipeline, run_server
+from tests.test_browser_seed import API_BASE_LINE, E2E
+from tests.test_browser_ui import OUTPUT_FRAMES, load_in_page
+
+pytest.importorskip("ray", reason="the cluster extra is not installed (pip install -e '.[cluster]')")
+
+pytestmark = pytest.mark.slow
+PASSTHROUGH = {"height": 64, "width": 64}
+TINY_MODEL = ("streamdiffusionv2", {"height": 64, "width": 64, "random_weights": True})
+
+
+@dataclass
+class Cluster:
+    address: str
+    tmp_dir: Path
+    front: RunningServer
+    workers: RunningWorker
+
+    def state(self) -> dict:
+        return httpx.get(f"{self.front.url}/api/v1/cluster", timeout=10).json()
+
+    def worker(self, name: str) -> dict:
+        return next(w for w in self.state()["workers"] if w["name"] == name)
+
+    def wait(self, predicate, what: str, timeout_s: float = 20.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while not predicate(state := self.state()):
+            assert time.monotonic() < deadline, f"{what}: {state}"
+            time.sleep(0.1)
+        return state
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp_dir = tmp_path_factory.mktemp("cluster")
+    with local_ray() as address:
+        workers = start_worker(
+            tmp_dir, address, 2, "--max-sessions", "1", "--allow-random-weights", "--peer-timeout-s", "3"
+        )
+        try:
+            with run_server(
+                tmp_dir, "--poll-interval-s", "0.5", command=("cluster", "serve", "--address", address)
+            ) as front:
+                yield Cluster(address, tmp_dir, front, workers)
+        finally:
+            workers.stop()
+
+
+def owner(session_id: str) -> str:
+    return session_id.rpartition(".")[0]
+
+
+def udp_ports(pid: int) -> set[int]:
+    return {c.laddr.port for c in psutil.Process(pid).net_connections(kind="udp")}
+
+
+async def test_offers_land_on_different_workers_and_signalling_reaches_the_owner(cluster: Cluster) -> None:
+    assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
+    clients = [ScopeClient(cluster.front.url) for _ in range(2)]
+    ids = [await client.connect() for client in clients]  # each PATCHes its candidates through the front: 204
+    assert {owner(i) for i in ids} == set(cluster.workers.names), ids  # one seat each: one session per worker
+    for client in clients:
+        frames = await client.wait_frames(5)
+        assert frames[-1].width == 64
+    # Media never passes the front: the answer's candidates are UDP ports of the owning worker's own process.
+    for session_id, client in zip(ids, clients, strict=True):
+        ports = {int(line.split()[5]) for line in client.pc.remoteDescription.sdp.splitlines()
+                 if line.startswith("a=candidate:")}  # fmt: skip
+        worker_ports = udp_ports(cluster.worker(owner(session_id))["pid"])
+        assert ports and ports <= worker_ports, (ports, worker_ports)
+        assert not ports & udp_ports(cluster.front.process.pid)
+    # Both seats are taken: the next offer is refused with the single server's error.
+    async with httpx.AsyncClient(base_url=cluster.front.url, timeout=10) as http:
+        response = await http.post("/api/v1/webrtc/offer", json={"sdp": await offer_sdp(), "type": "offer"})
+        assert response.status_code == 503 and response.json()["error"] == "CapacityExceeded", response.text
+        listed = {s["sessionId"]: s["worker"] for s in (await http.get("/api/v1/webrtc/sessions")).json()["sessions"]}
+        assert listed == {i: owner(i) for i in ids}
+        metrics = (await http.get(f"/api/v1/sessions/{ids[0]}/metrics")).json()
+        assert metrics["sessionId"] == ids[0] and metrics["worker"] == owner(ids[0])
+        # A data-channel update goes straight to the owner (media and data never pass the front).
+        await clients[1].send({"noise_scale": 0.25})
+        deadline = time.monotonic() + 10
+        while True:
+            sessions = (await http.get("/api/v1/webrtc/sessions")).json()["sessions"]
+            if next(s for s in sessions if s["sessionId"] == ids[1])["parameters"].get("noise_scale") == 0.25:
+                break
+            assert time.monotonic() < deadline, sessions
+            await asyncio.sleep(0.1)
+        for session_id in ids:
+            assert (await http.delete(f"/api/v1/webrtc/offer/{session_id}")).status_code == 204
+            again = await http.delete(f"/api/v1/webrtc/offer/{session_id}")
+            assert again.status_code == 404 and again.json()["error"] == "UnknownSession"
+        unknown = await http.patch("/api/v1/webrtc/offer/nobody.abc", json={"candidates": []})
+        assert unknown.status_code == 404
+        # A worker's error crosses Ray as the single server raises it: same status, same JSON, no traceback.
+        bad = await http.post("/api/v1/webrtc/offer", json={"sdp": "v=0\r\nnot an offer\r\n", "type": "offer"})
+        assert bad.status_code == 400 and bad.json()["error"] == "InvalidRequest", bad.text
+        assert "Traceback" not in bad.text and "ray" not in bad.json()["detail"].lower()
+        # The same contract, declared: the cluster route and the gone-worker answer are in the front's OpenAPI.
+        paths = (await http.get("/schema/openapi.json")).json()["paths"]
+        assert "200" in paths["/api/v1/cluster"]["get"]["responses"]
+        assert "410" in paths["/api/v1/webrtc/offer/{session_id}"]["patch"]["responses"]
+        local_only = await http.get("/api/v1/loras")  # one machine's folders: said, not a bare 404
+        assert local_only.status_code == 501 and local_only.json()["error"] == "NotOnClusterFront"
+    for client in clients:
+        await client.close()
+    cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "seats not freed")
+
+
+async def test_twenty_connect_disconnect_cycles_leave_every_seat_free(cluster: Cluster) -> None:
+    placed = []
+    for _ in range(20):
+        client = ScopeClient(cluster.front.url)
+        placed.append(owner(await client.connect()))
+        await client.wait_frames(1)
+        await client.close()
+        # The worker frees the seat when the peer closes: the front sees it by its next summary.
+        cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "a seat stayed taken", timeout_s=10)
+    assert set(placed) <= set(cluster.workers.names)
+    state = cluster.state()
+    assert [w["sessions"] for w in state["workers"]] == [[], []]
+    metrics = cluster.front.metrics()
+    assert metrics["wanrt_sessions_active"] == 0 and metrics["wanrt_cluster_workers_alive"] == 2
+
+
+@pytest.mark.browser
+def test_seed_client_in_chromium_streams_through_the_cluster(cluster: Cluster) -> None:
+    """The seed's JavaScript, unchanged but for API_BASE, against the cluster front: signalling goes through the
+    front, media and the data channel to the worker the answer names. Then the server's own page, from the front."""
+
+    def point_at_front(name: str, body: bytes) -> bytes:
+        if name != "seed_client.js":
+            return body
+        return body.replace(API_BASE_LINE.encode(), f'const API_BASE = "{cluster.front.url}";'.encode())
+
+    with static_server(E2E, point_at_front) as page_origin, launch_chromium() as browser:
+        page = browser.new_page()
+        page.goto(f"{page_origin}/seed_page.html")
+        status = page.evaluate("seedFlow.load('passthrough', {height: 64, width: 64})")
+        assert status["status"] == "loaded"
+        session_id = page.evaluate("seedFlow.start('passthrough', {noise_scale: 0.7})")
+        assert owner(session_id) in cluster.workers.names
+        deadline = time.monotonic() + 30
+        while (output := page.evaluate("seedFlow.outputFrames()"))["frames"] < 10:
+            assert time.monotonic() < deadline, f"output {output}; front:\n{cluster.front.log()[-2000:]}"
+            time.sleep(0.2)
+        assert (output["width"], output["height"]) == (64, 64)
+        page.evaluate("seedFlow.send({ noise_scale: 0.5 })")
+        deadline = time.monotonic() + 10
+        while True:
+            sessions = httpx.get(f"{cluster.front.url}/api/v1/webrtc/sessions").json()["sessions"]
+            if next(s for s in sessions if s["sessionId"] == session_id)["parameters"]["noise_scale"] == 0.5:
+                break
+            assert time.monotonic() < deadline, sessions
+            time.sleep(0.1)
+        page.wait_for_function("window.messages.some((m) => m.type === 'stats')", timeout=10_000)
+
+        async def aiortc_beside() -> str:  # an aiortc client beside the browser's session: the other worker
+            client = ScopeClient(cluster.front.url)
+            try:
+                other = await client.connect()
+                await client.wait_frames(2)
+                return other
+            finally:
+                await client.close()
+
+        with ThreadPoolExecutor(1) as thread:  # Playwright's sync API holds this thread's event loop
+            other = thread.submit(asyncio.run, aiortc_beside()).result(timeout=60)
+        assert {owner(other), owner(session_id)} == set(cluster.workers.names)
+        page.evaluate("seedFlow.stop()")
+        cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "the seed's stopStream freed no seat")
+
+        # The server's own page, served by the front: load, stream the webcam, stop.
+        ui = browser.new_page()
+        ui.goto(f"{cluster.front.url}/")
+        ui.wait_for_selector("#pipeline-passthrough")
+        load_in_page(ui, "passthrough", height=64, width=64)
+        ui.wait_for_function("document.getElementById('load-state-text').textContent.includes(': loaded')")
+        ui.select_option("#input-source", "webcam")
+        ui.get_by_role("button", name="Start stream").click()
+        ui.wait_for_function("document.getElementById('session-id').textContent.length > 4", timeout=10_000)
+        assert owner(ui.inner_text("#session-id").strip()) in cluster.workers.names
+        deadline = time.monotonic() + 30
+        while ui.evaluate(OUTPUT_FRAMES) < 10:
+            assert time.monotonic() < deadline, ui.inner_text("header")
+            time.sleep(0.2)
+        ui.get_by_role("button", name="Stop stream").click()
+    cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "the seed's stopStream freed no seat")
+
+
+async def test_tiny_model_loads_on_an_idle_worker_and_streams(cluster: Cluster) -> None:
+    pipeline_id, params = TINY_MODEL
+    status = load_pipeline(cluster.front.url, pipeline_id, timeout_s=120, **params)
+    assert status["status"] == "loaded", status
+    state = cluster.state()
+    loaded = [w["name"] for w in state["workers"] if w["pipeline"]["pipeline_id"] == pipeline_id]
+    assert len(loaded) == 1 and state["pipeline_id"] == pipeline_id  # the other worker keeps passthrough, warm
+    client = ScopeClient(cluster.front.url)
+    session_id = await client.connect()
+    assert owner(session_id) == loaded[0]  # placed where it is warm
+    frames = await client.wait_frames(4, timeout_s=60)
+    assert (frames[0].width, frames[0].height) == (64, 64)
+    await client.close()
+    cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "seat not freed")
+
+
+async def test_a_worker_cut_off_gets_no_sessions_until_it_answers_again(cluster: Cluster) -> None:
+    assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
+    warm = next(w for w in cluster.state()["workers"] if w["pipeline"]["pipeline_id"] == "passthrough")
+    os.kill(warm["pid"], signal.SIGSTOP)  # alive to Ray, silent to the front: a hung process, a cut link
+    try:
+        cluster.wait(lambda s: cluster.worker(warm["name"])["state"] == "unreachable", "stopped worker reachable")
+        client = ScopeClient(cluster.front.url)
+        assert owner(await client.connect()) != warm["name"]  # the other worker loads passthrough and takes it
+        await client.wait_frames(2)
+        await client.close()
+    finally:
+        os.kill(warm["pid"], signal.SIGCONT)
+    cluster.wait(lambda s: all(w["state"] == "alive" and not w["sessions"] for w in s["workers"]), "not back")
+
+
+async def test_killed_worker_is_gone_and_offers_go_to_live_workers(cluster: Cluster) -> None:
+    assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
+    clients = [ScopeClient(cluster.front.url) for _ in range(2)]
+    ids = [await client.connect() for client in clients]
+    for client in clients:
+        await client.wait_frames(2)
+    victim, survivor = owner(ids[0]), owner(ids[1])
+    old_pid = cluster.worker(victim)["pid"]
+    os.kill(old_pid, signal.SIGKILL)  # the GPU process crashes
+
+    # The front marks it gone with its session; then `wanrt cluster worker` starts a new actor under its name.
+    cluster.wait(lambda s: ids[0] in cluster.worker(victim)["lost_sessions"], "the dead worker's session not lost")
+    async with httpx.AsyncClient(base_url=cluster.front.url, timeout=10) as http:
+        for response in (
+            await http.patch(f"/api/v1/webrtc/offer/{ids[0]}", json={"candidates": []}),
+            await http.delete(f"/api/v1/webrtc/offer/{ids[0]}"),
+            await http.get(f"/api/v1/sessions/{ids[0]}/metrics"),
+        ):
+            assert response.status_code == 410, response.text
+            assert response.json()["error"] == "SessionGone" and victim in response.json()["detail"]
+        # The other worker's session is untouched.
+        assert (await http.get(f"/api/v1/sessions/{ids[1]}/metrics")).status_code == 200
+    count = len(clients[1].frames)
+    await clients[1].wait_frames(count + 3)
+    await clients[1].close()
+    cluster.wait(lambda s: not cluster.worker(survivor)["sessions"], "survivor seat not freed")
+
+    client = ScopeClient(cluster.front.url)
+    assert owner(await client.connect()) == survivor  # the live, warm one (the dead one or its cold successor: not)
+    await client.wait_frames(2)
+    await client.close()
+    await clients[0].close()
+    # The successor answers under the dead one's name, and the old session stays gone.
+    state = cluster.wait(
+        lambda s: cluster.worker(victim)["state"] == "alive" and cluster.worker(victim)["pid"] != old_pid,
+        "no new actor took the dead worker's name",
+        timeout_s=30,
+    )
+    successor = next(w for w in state["workers"] if w["name"] == victim)
+    assert successor["lost_sessions"] == [ids[0]] and not successor["sessions"]
+    async with httpx.AsyncClient(base_url=cluster.front.url, timeout=10) as http:
+        response = await http.delete(f"/api/v1/webrtc/offer/{ids[0]}")
+        assert response.status_code == 410, response.text
+
+
+async def test_joining_worker_takes_new_sessions_and_a_stopping_one_says_stream_stopped(cluster: Cluster) -> None:
+    # --pipeline preloads passthrough at its default size, which is not the 64×64 the last load asked for.
+    joined = start_worker(cluster.tmp_dir, cluster.address, 1, "--max-sessions", "1", "--pipeline", "passthrough")
+    try:
+        (name,) = joined.names
+        cluster.wait(lambda s: any(w["name"] == name and w["state"] == "alive" for w in s["workers"]), "no join")
+        preloaded = cluster.worker(name)["pipeline"]
+        assert preloaded["pipeline_id"] == "passthrough" and preloaded["load_params"]["height"] != 64, preloaded
+        assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
+        alive = [w["name"] for w in cluster.state()["workers"] if w["state"] == "alive"]
+        # One seat per worker: as many sessions as live workers fill them all, so one lands on the newcomer, which
+        # loads the asked size first (a warm worker is preferred while it has a seat).
+        clients = [ScopeClient(cluster.front.url) for _ in alive]
+        placed = {owner(await client.connect()): client for client in clients}
+        assert set(placed) == set(alive)
+        second = placed[name]
+        await second.wait_frames(2)
+        # Stopping a worker (Ctrl-C): its sessions' data channels still work, so they hear why the stream ended.
+        assert joined.stop() == 0
+        stopped = await second.wait_message("stream_stopped")
+        assert "shutting down" in stopped["error_message"]
+        cluster.wait(lambda s: cluster.worker(name)["state"] == "gone", "stopped worker not gone")
+        for client in clients:
+            await client.close()
+    finally:
+        joined.stop()
+
+
+async def test_a_second_front_adopts_the_workers_pipeline_and_routes_the_same_sessions(cluster: Cluster) -> None:
+    """Fronts keep no state of their own: a new one (or a restarted one) offers on the pipeline the workers have
+    loaded, and a session placed through one front is reached through the other by its id."""
+    command = ("cluster", "serve", "--address", cluster.address)
+    with run_server(cluster.tmp_dir, "--poll-interval-s", "0.5", command=command) as second:
+        status = httpx.get(f"{second.url}/api/v1/pipeline/status", timeout=10).json()
+        assert status["status"] == "loaded" and status["pipeline_id"] == "passthrough", status
+        client = ScopeClient(second.url)
+        session_id = await client.connect()
+        await client.wait_frames(2)
+        async with httpx.AsyncClient(base_url=cluster.front.url, timeout=10) as http:
+            metrics = await http.get(f"/api/v1/sessions/{session_id}/metrics")
+            assert metrics.status_code == 200 and metrics.json()["connection_state"] == "connected"
+            assert (await http.delete(f"/api/v1/webrtc/offer/{session_id}")).status_code == 204
+        await client.close()
+    cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "seat not freed")
+
+
+async def test_unload_frees_every_worker_and_offers_then_need_a_load(cluster: Cluster) -> None:
+    async with httpx.AsyncClient(base_url=cluster.front.url, timeout=10) as http:
+        assert (await http.post("/api/v1/pipeline/unload", json={})).status_code == 200
+        assert (await http.get("/api/v1/pipeline/status")).json()["status"] == "not_loaded"
+        response = await http.post("/api/v1/webrtc/offer", json={"sdp": await offer_sdp(), "type": "offer"})
+        assert response.status_code == 400 and response.json()["error"] == "PipelineNotLoaded"
+    state = cluster.state()
+    assert all(w["pipeline"]["status"] == "not_loaded" for w in state["workers"] if w["state"] == "alive")

@@ -1,0 +1,190 @@
+"""Pipeline parallelism on CPU ranks (gloo: the code path NCCL runs, but the backend name): the pipelined stream's
+frames, clean latents and KV caches equal the one-process stream's, chunk by chunk, through a prompt switch (LongLive
+re-caches) and `reset_cache`; placement and refusals. The dead-stage path through a real server is in
+tests/test_pipeline_parallel_server.py.
+
+Only one torch.distributed group can live in a process, so each test loads, checks and closes its own stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from serve.errors import InvalidParameters
+from serve.models.dit import DIT_CONFIGS
+from serve.pipelines.autoregressive import (
+    AutoregressiveStream,
+    LongLivePipeline,
+    RewardForcingPipeline,
+    StagedStream,
+    StreamDiffusionV2Pipeline,
+)
+from serve.pipelines.placement import balanced_split, parse_gpus, split_blocks
+from serve.pipelines.registry import get_spec
+from serve.schemas import LoadParams
+from tests.support.checkpoints import write_pipeline_files
+from tests.support.streams import PROMPT_A, PROMPT_B, SIZE
+
+pytestmark = pytest.mark.slow
+DEEP_TINY = dataclasses.replace(DIT_CONFIGS["tiny"], num_layers=4)  # 3 stages of [1, 2, 1] blocks
+
+
+class DeepStreamDiffusionV2(StreamDiffusionV2Pipeline):
+    random_dit_config = DEEP_TINY
+
+
+class DeepLongLive(LongLivePipeline):
+    random_dit_config = DEEP_TINY
+
+
+def load(cls, pipeline_id: str, **load: object):
+    spec = get_spec(pipeline_id)
+    params = spec.effective_load_params(
+        LoadParams(height=SIZE, width=SIZE, random_weights=True, quantization=None, **load),  # type: ignore[arg-type]
+        allow_random_weights=True,
+    )
+    return cls.load(spec, params, report=lambda *_: None, models_dir=Path("/nonexistent")), spec
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread here and so in every stage (they take rank 0's count): on this 2-core machine three
+    processes of two spinning OpenMP threads each would mostly wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_scenario(stream: AutoregressiveStream, spec, fetch) -> list[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Four chunks: two on prompt A, a switch to B (LongLive re-caches its window), then reset_cache and one more.
+    After each: the frames and every layer's K and V."""
+    params = {**spec.runtime_defaults, "input_mode": "text", "prompts": PROMPT_A}
+    out = []
+    for chunk in range(4):
+        if chunk == 2:
+            params = {**params, "prompts": PROMPT_B}
+        if chunk == 3:
+            stream.reset()
+        frames = stream.process(None, params)
+        out.append((frames, *fetch(stream)))
+    return out
+
+
+def whole_cache(stream: AutoregressiveStream) -> tuple[torch.Tensor, torch.Tensor]:
+    return stream.cache.k.clone(), stream.cache.v.clone()
+
+
+@pytest.mark.parametrize(
+    ("cls", "pipeline_id", "ranks"),
+    [
+        (StreamDiffusionV2Pipeline, "streamdiffusionv2", 2),
+        (DeepStreamDiffusionV2, "streamdiffusionv2", 3),
+        (DeepLongLive, "longlive", 3),  # LongLive on 2 ranks: the checkpoint-file test below
+    ],
+)
+def test_pipelined_stream_equals_the_one_process_stream(cls, pipeline_id: str, ranks: int) -> None:
+    single, spec = load(cls, pipeline_id)
+    expected = run_scenario(single.open_stream(seed=7), spec, whole_cache)
+    staged, _ = load(cls, pipeline_id, gpus=f"cpu:{ranks}")
+    try:
+        assert staged.stages is not None
+        stream = staged.open_stream(seed=7)
+        assert isinstance(stream, StagedStream)
+        # Rank 0 holds only its blocks' weights and its layers' caches.
+        owned = staged.stages.layers[0][1] - staged.stages.layers[0][0]
+        assert stream.cache.k.shape[0] == owned
+        assert sum(1 for block in staged.models.dit.blocks if list(block.parameters())) == owned
+        got = run_scenario(stream, spec, lambda s: staged.stages.fetch_cache(s.stream_id))
+        if pipeline_id == "longlive":
+            assert stream.recaches == 1
+        for chunk, ((frames, k, v), (want_frames, want_k, want_v)) in enumerate(zip(got, expected, strict=True)):
+            assert np.array_equal(frames, want_frames), f"chunk {chunk}: frames differ"
+            assert torch.equal(k, want_k) and torch.equal(v, want_v), f"chunk {chunk}: KV caches differ"
+        placed = staged.placement()
+        assert placed is not None
+        assert placed["stages"] == ranks and placed["backend"] == "gloo"
+        assert sum(placed["blocks_per_stage"]) == staged.models.dit.config.num_layers
+        assert len(placed["stage_ms"]) == ranks and all(ms > 0 for ms in placed["stage_ms"])
+    finally:
+        staged.close()
+
+
+def test_a_policy_that_cannot_be_pipelined_runs_on_one_device_and_says_why() -> None:
+    pipeline, _ = load(RewardForcingPipeline, "reward-forcing", gpus="cpu:2")
+    assert pipeline.stages is None
+    placed = pipeline.placement()
+    assert placed is not None and placed["stages"] == 1 and "EMA sink" in placed["reason"]
+
+
+def test_gpus_are_parsed_and_bad_lists_refused() -> None:
+    assert parse_gpus("0,1,2,3").devices == ("cuda:0", "cuda:1", "cuda:2", "cuda:3")
+    assert parse_gpus("cpu:3").devices == ("cpu",) * 3 and parse_gpus("cpu:3").backend == "gloo"
+    for bad in ("0,0", "a,b", "cpu:0", "cpu:9", "", "0,,1"):
+        with pytest.raises(InvalidParameters):
+            parse_gpus(bad)
+
+
+def test_blocks_split_contiguously_and_rebalance_toward_the_slow_stage() -> None:
+    assert split_blocks(30, 4) == ((0, 7), (7, 15), (15, 23), (23, 30))
+    assert split_blocks(4, 3) == ((0, 1), (1, 3), (3, 4))
+    with pytest.raises(InvalidParameters):
+        split_blocks(2, 3)
+    # Stage 0 spends 40 ms beyond its blocks (VAE): blocks move off it.
+    suggested = balanced_split([10 * 7 + 40, 80, 80, 70], ((0, 7), (7, 15), (15, 23), (23, 30)))
+    assert suggested[0][1] - suggested[0][0] < 7 and suggested[-1][1] == 30
+
+
+def test_streams_share_the_stages_each_with_its_own_caches() -> None:
+    """Two sessions of one pipeline take turns on the stages (as on the worker); each equals its one-process twin,
+    and a stream that is gone frees its caches."""
+    single, spec = load(StreamDiffusionV2Pipeline, "streamdiffusionv2")
+    staged, _ = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="cpu:2")
+    params = {**spec.runtime_defaults, "input_mode": "text", "prompts": PROMPT_A}
+    try:
+        assert staged.stages is not None
+        twins = [(single.open_stream(seed), staged.open_stream(seed)) for seed in (1, 2)]
+        for _ in range(2):
+            for want, got in twins:
+                assert np.array_equal(got.process(None, params), want.process(None, params))
+        assert len(staged.stages.local.streams) == 2
+        del twins, want, got
+        gc.collect()
+        assert not staged.stages.local.streams
+        stream = staged.open_stream(3)  # the stages take the CLOSEs, then the new stream
+        stream.process(None, params)
+    finally:
+        staged.close()
+
+
+def test_stages_load_their_blocks_from_the_checkpoint_with_the_builtin_lora(tmp_path: Path) -> None:
+    """Real files (synthetic, Wan's names): each stage reads only its blocks' keys and merges LongLive's LoRA into
+    them as it loads; the stream equals the one-process load of the same files."""
+    write_pipeline_files("longlive", tmp_path)
+    spec = get_spec("longlive")
+
+    def load_files(**extra: object) -> LongLivePipeline:
+        params = spec.effective_load_params(
+            LoadParams(height=SIZE, width=SIZE, quantization=None, **extra),  # type: ignore[arg-type]
+            allow_random_weights=False,
+        )
+        return LongLivePipeline.load(spec, params, report=lambda *_: None, models_dir=tmp_path)  # type: ignore[return-value]
+
+    single = load_files()
+    expected = run_scenario(single.open_stream(seed=3), spec, whole_cache)
+    staged = load_files(gpus="cpu:2")
+    try:
+        assert staged.stages is not None and staged.lora_adapters[0]["builtin"]
+        stream = staged.open_stream(seed=3)
+        got = run_scenario(stream, spec, lambda s: staged.stages.fetch_cache(s.stream_id))
+        for chunk, ((frames, k, v), (want_frames, want_k, want_v)) in enumerate(zip(got, expected, strict=True)):
+            assert np.array_equal(frames, want_frames), f"chunk {chunk}: frames differ"
+            assert torch.equal(k, want_k) and torch.equal(v, want_v), f"chunk {chunk}: KV caches differ"
+    finally:
+        staged.close()

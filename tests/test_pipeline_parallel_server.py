@@ -1,0 +1,125 @@
+"""Pipeline stages through a real server (`wanrt serve --gpus cpu:2`) and an aiortc client: the status and the
+`stats` messages say how the DiT is placed; a stage process killed mid-stream ends the stream with `stream_stopped`
+and a reason, the pipeline's status turns to `error`, a new load works and streams again, and a malformed `gpus` is
+a 400. The NCCL path (several CUDA GPUs) is the `gpu`-marked test at the end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from tests.support.rtc_client import ScopeClient, offer_sdp
+from tests.support.server import RunningServer, load_pipeline, run_server
+
+pytestmark = pytest.mark.slow
+SIZE = 64  # the wire's smallest
+
+
+@pytest.fixture(scope="module")
+def staged_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    with run_server(tmp_path_factory.mktemp("pp"), "--allow-random-weights", "--gpus", "cpu:2") as running:
+        yield running
+
+
+def stage_pids(server_pid: int) -> list[int]:
+    """The server's spawned stage processes (multiprocessing's spawn children), found through /proc."""
+    children = [
+        pid for task in Path(f"/proc/{server_pid}/task").iterdir() for pid in (task / "children").read_text().split()
+    ]
+    pids = []
+    for pid in map(int, children):  # each thread lists its own children: the stages come from a loading thread
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"spawn_main" in cmdline:
+            pids.append(pid)
+    return pids
+
+
+async def test_a_dead_stage_stops_the_stream_and_the_pipeline_reloads(staged_server: RunningServer) -> None:
+    status = load_pipeline(staged_server.url, "streamdiffusionv2", height=SIZE, width=SIZE, random_weights=True)
+    assert status["status"] == "loaded", status
+    placed = status["pipeline_parallel"]
+    assert placed["stages"] == 2 and placed["backend"] == "gloo" and placed["blocks_per_stage"] == [1, 1]
+    client = ScopeClient(staged_server.url, initial_parameters={"input_mode": "text"})
+    await client.connect()
+    try:
+        await client.wait_frames(8, timeout_s=30)
+        stats = await client.wait_message("stats")
+        assert stats["pipeline_parallel"]["stages"] == 2 and len(stats["pipeline_parallel"]["stage_ms"]) == 2
+        (pid,) = stage_pids(staged_server.process.pid)
+        os.kill(pid, signal.SIGKILL)  # the stage process we had the server spawn
+        stopped = await client.wait_message("stream_stopped", timeout_s=20)
+    finally:
+        await client.close()
+    assert "pipeline stage 1" in stopped["error_message"] and "reloaded" in stopped["error_message"], stopped
+    status = httpx.get(f"{staged_server.url}/api/v1/pipeline/status", timeout=5).json()
+    assert status["status"] == "error" and "pipeline stage 1" in status["error"], status
+    offer = httpx.post(f"{staged_server.url}/api/v1/webrtc/offer", json={"sdp": await offer_sdp(), "type": "offer"},
+                       timeout=5)  # fmt: skip
+    assert offer.status_code == 400 and "not loaded" in offer.text, offer.text  # no new stream on a failed pipeline
+
+    status = load_pipeline(staged_server.url, "streamdiffusionv2", height=SIZE, width=SIZE, random_weights=True)
+    assert status["status"] == "loaded" and status["pipeline_parallel"]["stages"] == 2, status
+    client = ScopeClient(staged_server.url, initial_parameters={"input_mode": "text"})
+    await client.connect()
+    try:
+        await client.wait_frames(4, timeout_s=30)
+    finally:
+        await client.close()
+    # A stage that dies with no stream running is noticed by the status too.
+    (pid,) = stage_pids(staged_server.process.pid)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (status := httpx.get(f"{staged_server.url}/api/v1/pipeline/status", timeout=5).json())["status"] != "error":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+    assert "pipeline stage 1" in status["error"], status
+
+
+def test_a_malformed_gpus_list_is_refused_at_the_request(staged_server: RunningServer) -> None:
+    for gpus in ("0,0", "cpu:99", "gpu0"):
+        response = httpx.post(
+            f"{staged_server.url}/api/v1/pipeline/load",
+            json={"pipeline_id": "streamdiffusionv2", "load_params": {"gpus": gpus, "random_weights": True}},
+            timeout=10,
+        )
+        assert response.status_code in (400, 422) and "gpus" in response.text, response.text  # schema / value
+
+
+def test_a_gpu_that_does_not_exist_fails_the_load_naming_it(staged_server: RunningServer) -> None:
+    status = load_pipeline(staged_server.url, "streamdiffusionv2", height=SIZE, width=SIZE, random_weights=True,
+                           gpus="0,1")  # fmt: skip
+    assert status["status"] == "error" and "gpus 0,1" in status["error"], status
+
+
+@pytest.mark.gpu
+def test_nccl_stages_equal_the_one_gpu_stream() -> None:
+    """The same equality as tests/test_pipeline_parallel.py, on two CUDA GPUs with NCCL (bf16: equal bits, since
+    each stage runs the one-GPU arithmetic on its own device)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs for NCCL stages; {torch.cuda.device_count()} visible")
+    from serve.pipelines.autoregressive import StreamDiffusionV2Pipeline
+    from tests.test_pipeline_parallel import load, run_scenario, whole_cache
+
+    single, spec = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="0")
+    expected = run_scenario(single.open_stream(seed=7), spec, whole_cache)
+    staged, _ = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="0,1")
+    try:
+        assert staged.stages is not None and staged.placement()["backend"] == "nccl"
+        started = time.perf_counter()
+        got = run_scenario(staged.open_stream(seed=7), spec, lambda s: staged.stages.fetch_cache(s.stream_id))
+        assert time.perf_counter() - started < 60
+        for (frames, k, v), (want_frames, want_k, want_v) in zip(got, expected, strict=True):
+            assert (
+                (frames == want_frames).all()
+                and torch.equal(k.cpu(), want_k.cpu())
+                and torch.equal(v.cpu(), want_v.cpu())
+            )
+    finally:
+        staged.close()
