@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import httpx
@@ -172,3 +173,18 @@ def test_compiled_colour_kernels_equal_their_references_on_cuda() -> None:
         torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
     rgb = torch.randint(0, 256, (480, 832, 3), dtype=torch.uint8, generator=generator).cuda()
     assert (rgb_to_nv12(rgb).int() - rgb_to_nv12_reference(rgb).int()).abs().max() <= 1
+
+
+async def test_host_frame_path_keeps_aiortcs_own_encoders(tmp_path: Path) -> None:
+    """`--frame-path host` (the old path, the benchmark's baseline): H.264 asked for, aiortc encodes it from frames."""
+    with run_server(tmp_path, "--frame-path", "host") as server:
+        assert load_pipeline(server.url, "passthrough", height=SIZE, width=SIZE)["status"] == "loaded"
+        client = ScopeClient(server.url, initial_parameters={"input_mode": "video"}, codec="video/H264")
+        await client.connect()
+        try:
+            frames = await client.wait_frames(10)
+            video = httpx.get(f"{server.url}/api/v1/sessions/{client.session_id}/metrics").json()["video"]
+            assert video["codec"] == "video/H264" and video["encoder"] == "aiortc", video
+            assert (frames[-1].width, frames[-1].height) == (SIZE, SIZE)
+        finally:
+            await client.close()
