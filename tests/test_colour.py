@@ -209,3 +209,6 @@ def test_model_stream_takes_yuv_chunks_as_it_takes_swscale_rgb(frames) -> None:
     assert (planes - swscale).abs().max() * 127.5 <= 3.0 and bridge.uploads == 2
     out = stream.process(chunk, {**params, "input_mode": "video"})
     assert out.shape[1:] == (SIZE, SIZE, 3) and out.dtype == np.uint8
+    stream.keep_output_on_device = True  # as a session with NVENC sets it: the frames stay where they were made
+    kept = stream.process(chunk, {**params, "input_mode": "video"})
+    assert isinstance(kept, torch.Tensor) and kept.shape[1:] == (SIZE, SIZE, 3) and kept.dtype == torch.uint8

@@ -59,6 +59,19 @@ def test_x264_follows_the_target_bitrate() -> None:
     assert sizes["high"] > 2 * sizes["low"], sizes
 
 
+def test_x264_takes_device_frames_as_it_takes_host_arrays() -> None:
+    """Host arrays go through swscale, tensors through kernels/colour.py (NVENC's path, here on the CPU): the same
+    luma within a level; chroma close (swscale's downsampling filter is wider than our 2×2 mean)."""
+    images = np.stack([textured_scene(i, SIZE, SIZE) for i in range(2)])
+    stamps = [FrameStamp(3000 * i, Fraction(1, 90000), None) for i in range(2)]
+    encoder = X264Encoder(1_000_000)
+    for host, device in zip(encoder.prepare(images, stamps), encoder.prepare(torch.from_numpy(images), stamps),
+                            strict=True):  # fmt: skip
+        assert host.format.name == device.format.name == "nv12" and host.pts == device.pts
+        difference = np.abs(host.to_ndarray().astype(int) - device.to_ndarray().astype(int))
+        assert difference[:SIZE].max() <= 1 and difference[SIZE:].mean() < 1.0 and difference[SIZE:].max() <= 8
+
+
 @pytest.fixture(scope="module")
 def passthrough(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """`--frame-path device`: input planes through kernels/colour.py even on this CPU, so the whole path runs."""

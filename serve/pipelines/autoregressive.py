@@ -371,7 +371,10 @@ class AutoregressiveStream(PipelineStream):
         video = self.vae.decode_chunk(x0.float()).clamp(-1, 1)  # [1, 3, T, H, W]
         policy.after_chunk(self, self.frame, x0, video)
         self.frame += chunk
-        return self.host.download(((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8))
+        frames_out = ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8)
+        if self.keep_output_on_device and not self.host.dry:
+            return frames_out  # type: ignore[return-value]  # the encoder converts and encodes it on the device
+        return self.host.download(frames_out)
 
     def _apply_lora_scales(self, params: dict[str, Any]) -> None:
         """The session's runtime LoRA scales, set on the pipeline's shared adapters before its chunk (streams of

@@ -25,6 +25,10 @@ ProgressFn = Callable[[str, float], None]
 class PipelineStream(ABC):
     """Per-session generation state (caches, noise generator, prompt state)."""
 
+    keep_output_on_device = False
+    """Set by a session whose encoder reads device memory (NVENC): `process` may then return the uint8
+    [T', H, W, 3] frames as a device tensor instead of copying them to the host."""
+
     @abstractmethod
     def process(self, frames: np.ndarray | YuvChunk | None, params: dict[str, Any]) -> np.ndarray:
         """One chunk. `frames` is `[T, H, W, 3]` uint8 with T = chunk_frames (a `YuvChunk` of T frames where the

@@ -54,6 +54,11 @@ class DeviceFrame:
 
     def __init__(self, nv12: torch.Tensor, pts: int, time_base: Fraction) -> None:
         self.nv12, self.pts, self.time_base = nv12, pts, time_base
+        # Recorded on the worker's stream after the conversion; the encoder thread waits on it, not on a whole
+        # stream it does not own.
+        self.ready = torch.cuda.Event() if nv12.is_cuda else None
+        if self.ready is not None:
+            self.ready.record(torch.cuda.current_stream(nv12.device))
 
     def to_video_frame(self) -> VideoFrame:
         """A host copy, for the snapshot and the recorder only (never on the encoding path)."""
@@ -67,6 +72,7 @@ class PacketEncoder(ABC):
     `encode` runs in a thread-pool executor, one frame at a time, in playout order."""
 
     name: str
+    reads_device_memory = False  # True: `prepare` takes the pipeline's device tensors as they are
 
     def __init__(self, bitrate_bps: int) -> None:
         self.target_bitrate = bitrate_bps  # set by the output track from the receiver's estimate
@@ -167,6 +173,7 @@ class NvencEncoder(PacketEncoder):
     gpu-marked tests (tests/test_packet_path.py)."""
 
     name = "nvenc"
+    reads_device_memory = True
 
     def __init__(self, bitrate_bps: int, device: torch.device) -> None:
         super().__init__(bitrate_bps)
@@ -207,7 +214,8 @@ class NvencEncoder(PacketEncoder):
             params = self._encoder.GetEncodeReconfigureParams()
             params.averageBitrate = self._bitrate = self.target_bitrate
             self._encoder.Reconfigure(params)
-        torch.cuda.current_stream(self.device).synchronize()  # the conversion kernel wrote the frame on our stream
+        if frame.ready is not None:
+            frame.ready.synchronize()  # the conversion kernel has written the frame
         if keyframe:
             pic = self._nvc.NV_ENC_PIC_PARAMS()
             flags = self._nvc.NV_ENC_PIC_FLAGS

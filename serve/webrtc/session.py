@@ -185,6 +185,8 @@ class PeerSession:
             pipeline_device(self.pipeline), self._settings.start_bitrate_kbps * 1000, self._settings.x264_preset
         )
         self.output.use_encoder(encoder, hook_sender(transceiver, self.output.request_keyframe))
+        # NVENC reads device memory: the pipeline's output frames need not come to the host at all.
+        self.slot.stream.keep_output_on_device = encoder.reads_device_memory
         log.info("session=%s output codec=%s encoder=%s", self.id, codec, encoder.name)
 
     async def _close_unless_connected(self) -> None:
