@@ -1,0 +1,61 @@
+"""The stream batch in one process (serve/pipelines/stream_batch.py): each chunk gets the plain loop's denoising
+(the same timesteps), chunks come out in entry order after the pipe fills, prompt switches and resets drain the
+pipe, and policies that cannot stream-batch say why. The staged stream batch against this one-process schedule is
+in tests/test_pipeline_parallel.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serve.errors import InvalidParameters
+from tests.support.streams import PROMPT_B, open_stream
+
+
+def run(stream, params: dict, chunks: int, frames: bool) -> list[np.ndarray]:
+    out = []
+    for chunk in range(chunks):
+        if chunk == 5:
+            params = {**params, "prompts": PROMPT_B}
+        shape = (stream.p.chunk_frames, stream.p.height, stream.p.width, 3)
+        video = np.random.default_rng(chunk).integers(0, 256, shape, dtype=np.uint8) if frames else None
+        out.append(stream.process(video, params))
+    return out
+
+
+@pytest.mark.parametrize(("pipeline_id", "mode"), [("streamdiffusionv2", "video"), ("longlive", "text")])
+def test_each_chunk_gets_the_plain_loops_timesteps_in_order(pipeline_id: str, mode: str) -> None:
+    plain, params = open_stream(pipeline_id, seed=3)
+    batched, _ = open_stream(pipeline_id, seed=3, stream_batch=True)
+    params = {**params, "input_mode": mode}
+    assert batched.p.stream_batch_rows == len(params["denoising_step_list"]) + 1
+    want = run(plain, params, 8, frames=mode == "video")
+    got = run(batched, params, 8, frames=mode == "video")
+    steps = batched.p.stream_batch_rows - 1
+    # Fill: S calls give no frames; then one chunk per call, and the switch at chunk 5 drains the pipe (the chunks in
+    # flight come out with that call) before the new prompt applies.
+    assert [len(frames) for frames in got[:steps]] == [0] * steps
+    assert len(got[5]) == sum(len(frames) for frames in want[3:5])  # chunks 3 and 4 drained with the switch
+    assert len(got[6]) == 0  # refilling
+    came_out = [frame for frame, _ in batched.denoised]
+    assert came_out == sorted(came_out) and came_out == [frame for frame, _ in plain.denoised][: len(came_out)]
+    for (frame, plain_steps), (_, batch_steps) in zip(plain.denoised, batched.denoised, strict=False):
+        assert [float(t) for t in batch_steps] == [float(t) for t in plain_steps], f"chunk at frame {frame}"
+    assert sum(len(frames) for frames in got) == sum(len(frames) for frames in want[: len(came_out)])
+    if pipeline_id == "longlive":
+        assert batched.recaches == plain.recaches == 1
+    assert all(frames.dtype == np.uint8 for frames in got)
+
+
+def test_a_policy_that_cannot_stream_batch_runs_without_it_and_says_why() -> None:
+    stream, _ = open_stream("reward-forcing", stream_batch=True)
+    assert stream.p.stream_batch_rows == 0
+    placed = stream.p.placement()
+    assert placed is not None and placed["stream_batch"] is False and "EMA sink" in placed["stream_batch_reason"]
+
+
+def test_a_step_list_longer_than_the_batch_is_refused() -> None:
+    stream, _ = open_stream("streamdiffusionv2", stream_batch=True)
+    with pytest.raises(InvalidParameters, match="stream batch has rows for 2"):
+        stream.p.check_update({"denoising_step_list": [1000, 750, 500]})
+    stream.p.check_update({"denoising_step_list": [700]})  # fewer steps ride the rows
