@@ -190,7 +190,7 @@ def test_stages_load_their_blocks_from_the_checkpoint_with_the_builtin_lora(tmp_
         staged.close()
 
 
-def stream_batch_scenario(stream: AutoregressiveStream, spec, fetch) -> list[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+def stream_batch_scenario(stream: AutoregressiveStream, spec, fetch) -> list[tuple[np.ndarray, torch.Tensor, ...]]:
     """Nine chunks through the stream batch: seven on prompt A (the pipe fills, then runs full), a switch to B (the
     pipe drains, LongLive re-caches), then reset_cache (drained again). After each: the frames out and the K/V."""
     params = {**spec.runtime_defaults, "input_mode": "text", "prompts": PROMPT_A}
