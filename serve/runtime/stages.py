@@ -301,6 +301,9 @@ class StageDriver:
         self._times = torch.zeros(gpus.ranks, dtype=torch.float64, pin_memory=self.device.type == "cuda")
         self.steps = 0
         self._closed = False
+        # Submitted steps not yet collected, held here too: a stream that is gone with steps in flight (a stream
+        # batch) has them waited for before its CLOSE goes out, so no posted receive is ever dropped.
+        self._outstanding: list[PendingStep] = []
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -452,12 +455,15 @@ class StageDriver:
             works += [dist.isend(x, 1), dist.isend(times_out, 1)]
             out = torch.empty(x.shape[0], x.shape[1], dit.head.head.out_features, device=self.device)
             works += [dist.irecv(out, last), dist.irecv(times, last)]
-        return PendingStep(works, out, times, grid, (inputs, e, x, times_out))
+        pending = PendingStep(stream, works, out, times, grid, (inputs, e, x, times_out))
+        self._outstanding.append(pending)
+        return pending
 
     def collect(self, pending: PendingStep) -> Tensor:
         """The flow [B, 16, F, H, W] of a submitted step, once the last stage has sent it."""
         with self._talking("during a chunk"):
             self._wait(pending.works, "during a chunk")
+        self._outstanding.remove(pending)
         self._times.copy_(pending.times, non_blocking=True)  # read by `placement`, never waited for here
         self.steps += 1
         return self.dit.unpatchify(pending.out, pending.grid)
@@ -501,6 +507,10 @@ class StageDriver:
         while self._pending:
             with self._lock:
                 queued, queued_stream, grid, frames = self._pending.popleft()
+            if queued == CLOSE:  # the stream's steps still in flight complete first (their buffers stay alive)
+                gone = [step for step in self._outstanding if step.stream == queued_stream]
+                self._wait([work for step in gone for work in step.works], "closing a stream")
+                self._outstanding = [step for step in self._outstanding if step.stream != queued_stream]
             self._send_header(queued, queued_stream, grid[0], grid[1], frames)
         self._send_header(op, stream, a, b, c)
 
@@ -545,6 +555,7 @@ class PendingStep:
     """A submitted DiT step: its outstanding messages, where the flow and the stage times arrive, and the tensors
     its sends read from (kept alive until they complete)."""
 
+    stream: int
     works: list[Any]
     out: Tensor  # [B, N, 64]
     times: Tensor  # float64[ranks]
