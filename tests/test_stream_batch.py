@@ -5,11 +5,14 @@ in tests/test_pipeline_parallel.py."""
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
 from serve.errors import InvalidParameters
-from tests.support.streams import PROMPT_B, open_stream
+from serve.pipelines.worker import FrameStamp, PipelineWorker, StreamSlot
+from tests.support.streams import PROMPT_B, SIZE, open_stream
 
 
 def run(stream, params: dict, chunks: int, frames: bool) -> list[np.ndarray]:
@@ -59,3 +62,31 @@ def test_a_step_list_longer_than_the_batch_is_refused() -> None:
     with pytest.raises(InvalidParameters, match="stream batch has rows for 2"):
         stream.p.check_update({"denoising_step_list": [1000, 750, 500]})
     stream.p.check_update({"denoising_step_list": [700]})  # fewer steps ride the rows
+
+
+def test_frames_keep_their_own_inputs_timestamps_through_the_pipe() -> None:
+    """Through the worker: a chunk's frames come out S calls after its inputs went in, stamped with those inputs'
+    timestamps (not the inputs of the call they came out of), the drain at a prompt switch included."""
+    stream, params = open_stream("streamdiffusionv2", seed=1, stream_batch=True)
+    worker, out, errors = PipelineWorker("stream-batch-test"), [], []
+    slot = StreamSlot(
+        worker, "test", stream, stream.p.chunk_frames, {**params, "input_mode": "video"},
+        convert=lambda index: np.full((SIZE, SIZE, 3), index, np.uint8),
+        emit=lambda frames, stamps: out.append((len(frames), [stamp.pts for stamp in stamps])),
+        output_has_room=lambda: True, on_error=errors.append, text_fps=30,
+    )  # fmt: skip
+    try:
+        index = 0
+        for chunk in range(6):
+            if chunk == 4:
+                slot.update_params({"prompts": PROMPT_B})  # the pipe drains: chunks 2 and 3 come out together
+            for _ in range(stream.p.chunk_frames):
+                slot.push_input(index, FrameStamp(index * 3000, Fraction(1, 90000), None))
+                index += 1
+            slot.run_chunk()
+    finally:
+        worker.close()
+    assert not errors
+    assert [count for count, _ in out] == [0, 0, 1, 4, 8, 0]  # the first chunk decodes to 1 frame (causal VAE)
+    pts = [p for _, stamps in out for p in stamps]
+    assert pts == [3000 * i for i in [3, *range(4, 16)]]  # chunk 0's newest input, then chunks 1–3's own inputs

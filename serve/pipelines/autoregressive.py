@@ -242,6 +242,10 @@ class AutoregressiveStream(PipelineStream):
         self.lora_scales = dict(pipeline.runtime_lora_scales)  # this session's runtime LoRA scales, by path
         self._vace_ignored = False  # said once that this load has no VACE for the images sent
 
+    @property
+    def chunks_in_flight(self) -> int:
+        return self.schedule.in_flight
+
     def buffers(self, spec: KVCacheSpec) -> tuple[KVCache, TextKVCache]:
         """The stream's KV cache and prompt K/V, every layer's (a pipeline-parallel stream keeps rank 0's here)."""
         config, p = self.p.models.dit.config, self.p

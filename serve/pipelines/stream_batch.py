@@ -111,6 +111,10 @@ class PlainSchedule:
     def busy(self) -> bool:
         return False
 
+    @property
+    def in_flight(self) -> int:
+        return 0
+
     def advance(self, run: StepRunner, chunk: ChunkInFlight | None) -> list[ChunkInFlight]:
         if chunk is None:
             return []
@@ -172,8 +176,13 @@ class StreamBatch:
         self.slot_frames: dict[int, int] = {}  # window slot → the frame whose clean K/V it holds (host bookkeeping)
 
     @property
+    def in_flight(self) -> int:
+        """Chunks entered whose clean latents have not come out yet."""
+        return sum(chunk is not None for lane in self._lanes for chunk in lane.rows[: self.steps])
+
+    @property
     def busy(self) -> bool:
-        return any(chunk is not None for lane in self._lanes for chunk in lane.rows[: self.steps])
+        return self.in_flight > 0
 
     def advance(self, run: StepRunner, chunk: ChunkInFlight | None) -> list[ChunkInFlight]:
         """One micro-step with `chunk` entering row 0 (None: nothing enters, while draining); returns the chunk whose
