@@ -33,6 +33,9 @@ depend only on the micro-step D before it, which has left the last stage by then
   chunks), or the cleared cache. The pipe then refills; the first chunk after a jump sees the history right up to
   its predecessor, as in the plain loop.
 
+Unlike SDv2, which keeps one KV cache per batch row (scale.md §1), the rows here share one cache: the clean K/V the
+clean row writes serve every row at once, and a denoising pass's own K/V never enter the history.
+
 One device and N stages run this same schedule with the same D, so a one-process stream with `lanes` = N is the
 oracle for the staged one (tests/test_pipeline_parallel.py). Only policies whose whole cache use is `plan` plus the
 clean pass can run it (`CachePolicy.stream_batch`).
@@ -285,11 +288,18 @@ class StreamBatch:
                          **dict.fromkeys(scratch, 0.0)})  # fmt: skip
             self._check_held(history)
         plan = ChunkPlan(
-            torch.stack([token_index(slots, self.lf) for slots in write]),  # [rows, F·Lf]
-            torch.stack([frame_bias(self.total_frames, self.lf, b) for b in bias]),  # [rows, S]
-            torch.tensor(positions),  # [rows, F]
-        ).to(self.device)
+            self._to_device(torch.stack([token_index(slots, self.lf) for slots in write])),  # [rows, F·Lf]
+            self._to_device(torch.stack([frame_bias(self.total_frames, self.lf, b) for b in bias])),  # [rows, S]
+            self._to_device(torch.tensor(positions)),  # [rows, F]
+        )
         return torch.cat(latents), torch.cat(timesteps), plan
+
+    def _to_device(self, host: Tensor) -> Tensor:
+        """Host → device without waiting for the device: from pinned memory on CUDA (a pageable copy would wait for
+        the queue, and so for the micro-step before)."""
+        if torch.device(self.device).type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _history(self) -> list[int]:
         """The clean frames a denoising row attends: the sink and the ring below the frontier, one chunk fewer."""
