@@ -3,7 +3,10 @@ policy (serve/pipelines/cache_policies.py).
 
 Per chunk (models.md §2): conditioning (prompt, switch re-cache, transition step) → policy hook → encode the input
 frames (video mode) → mix noise → denoise over the step list, each pass writing the chunk's K/V into its cache slots
-→ a clean pass at t = 0 overwrites them with clean K/V (all but Krea) → decode → policy hook.
+→ a clean pass at t = 0 overwrites them with clean K/V (all but Krea) → decode → policy hook. The schedule
+(serve/pipelines/stream_batch.py) runs the denoise and clean passes: chunk after chunk (`PlainSchedule`), or with a
+`stream_batch` load as the stream batch (`StreamBatch`: the passes of consecutive chunks as one batch, so a chunk
+comes out a few calls after it went in, and restarts and prompt jumps drain the chunks in flight first).
 
 Parameters take effect at chunk boundaries. `reset_cache` (one-shot, applied by the worker) and `manage_cache`
 (reset when `noise_scale`, `denoising_step_list` or `warp_denoising_steps` change: the cached history was made at the
