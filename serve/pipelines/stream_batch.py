@@ -26,7 +26,8 @@ depend only on the micro-step D before it, which has left the last stage by then
   of the plain loop). Its history therefore lags: pass j of chunk c sees clean chunks up to c − (S − j)·D, because
   the later ones are still in flight. The clean pass never lags. Writes at a micro-step go to distinct slots, and a
   clean write evicts only a frame below every row's attended range (checked on the host against `slot_frames`).
-- Prompt K/V: one per stream, shared by the rows. A transition moves it for every row at the micro-step it is set.
+- Prompt K/V: one per stream, shared by the rows. A transition moves it for every row at the micro-step it is set
+  (runtime LoRA scales likewise); a prompt jump drains first (below), so no chunk sees two prompts.
 - Drains. A prompt jump, `reset_cache`, `manage_cache` and the RoPE-table restart first drain the pipe: micro-steps
   with no chunk entering run until every chunk in flight has had its clean pass (their frames come out with this
   call), and only then does the change apply: the new prompt (LongLive's re-cache over the window of now-clean
