@@ -13,6 +13,7 @@ import pytest
 from serve.errors import InvalidParameters
 from serve.pipelines.worker import FrameStamp, PipelineWorker, StreamSlot
 from tests.support.streams import PROMPT_B, SIZE, open_stream
+from tests.test_pipeline_parallel import one_thread  # noqa: F401 - autouse: one torch thread (2 spinning ones crawl here)
 
 
 def run(stream, params: dict, chunks: int, frames: bool) -> list[np.ndarray]:
