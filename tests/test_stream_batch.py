@@ -27,12 +27,19 @@ def run(stream, params: dict, chunks: int, frames: bool) -> list[np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize(("pipeline_id", "mode"), [("streamdiffusionv2", "video"), ("longlive", "text")])
-def test_each_chunk_gets_the_plain_loops_timesteps_in_order(pipeline_id: str, mode: str) -> None:
+@pytest.mark.parametrize(
+    ("pipeline_id", "mode", "steps"),
+    [
+        ("streamdiffusionv2", "video", None),  # the noise controller: device-side first steps, maybe-dropped passes
+        ("streamdiffusionv2", "text", [500]),  # fewer steps than the load's rows: they ride the rows with no effect
+        ("longlive", "text", None),  # LongLive's re-cache after the drain
+    ],
+)
+def test_each_chunk_gets_the_plain_loops_timesteps_in_order(pipeline_id: str, mode: str, steps: list | None) -> None:
     plain, params = open_stream(pipeline_id, seed=3)
     batched, _ = open_stream(pipeline_id, seed=3, stream_batch=True)
-    params = {**params, "input_mode": mode}
     assert batched.p.stream_batch_rows == len(params["denoising_step_list"]) + 1
+    params = {**params, "input_mode": mode, **({"denoising_step_list": steps} if steps else {})}
     want = run(plain, params, 8, frames=mode == "video")
     got = run(batched, params, 8, frames=mode == "video")
     steps = batched.p.stream_batch_rows - 1
