@@ -30,9 +30,12 @@ def staged_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
 
 def stage_pids(server_pid: int) -> list[int]:
     """The server's spawned stage processes (multiprocessing's spawn children), found through /proc."""
-    children = [
-        pid for task in Path(f"/proc/{server_pid}/task").iterdir() for pid in (task / "children").read_text().split()
-    ]
+    children = []
+    for task in Path(f"/proc/{server_pid}/task").iterdir():
+        try:
+            children += (task / "children").read_text().split()
+        except FileNotFoundError:  # a thread that ended while we listed them
+            continue
     pids = []
     for pid in map(int, children):  # each thread lists its own children: the stages come from a loading thread
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")

@@ -445,9 +445,9 @@ class StageDriver:
         times_out = torch.zeros(self.gpus.ranks, dtype=torch.float64, device=self.device)  # rank 0's, sent on
         times = torch.zeros(self.gpus.ranks, dtype=torch.float64, device=self.device)  # every stage's
         with self._talking("during a chunk"):
-            self._command(STEP, stream, frames, rows)
+            *header_works, header = self._command(STEP, stream, frames, rows, wait=False)
             inputs = (plan.write_index, plan.key_bias.float().contiguous(), plan.frame_positions, e0.contiguous())
-            works = [dist.isend(t, rank) for rank in range(1, self.gpus.ranks) for t in inputs]
+            works = [*header_works, *(dist.isend(t, rank) for rank in range(1, self.gpus.ranks) for t in inputs)]
             works.append(dist.isend(e.contiguous(), last))
             started = time.perf_counter()
             x = self.local.run(stream, x, e0, plan).contiguous()
@@ -455,7 +455,7 @@ class StageDriver:
             works += [dist.isend(x, 1), dist.isend(times_out, 1)]
             out = torch.empty(x.shape[0], x.shape[1], dit.head.head.out_features, device=self.device)
             works += [dist.irecv(out, last), dist.irecv(times, last)]
-        pending = PendingStep(stream, works, out, times, grid, (inputs, e, x, times_out))
+        pending = PendingStep(stream, works, out, times, grid, (header, inputs, e, x, times_out))
         self._outstanding.append(pending)
         return pending
 
@@ -503,7 +503,9 @@ class StageDriver:
 
     # -- messages -----------------------------------------------------------------------------------------------
 
-    def _command(self, op: int, stream: int, a: int = 0, b: int = 0, c: int = 0) -> None:
+    def _command(self, op: int, stream: int, a: int = 0, b: int = 0, c: int = 0, wait: bool = True) -> list[Any]:
+        """Send the queued commands, then this one; `wait=False` returns this header's sends unwaited (with the
+        header tensor), for a STEP whose messages complete at `collect`."""
         while self._pending:
             with self._lock:
                 queued, queued_stream, grid, frames = self._pending.popleft()
@@ -512,14 +514,20 @@ class StageDriver:
                 self._wait([work for step in gone for work in step.works], "closing a stream")
                 self._outstanding = [step for step in self._outstanding if step.stream != queued_stream]
             self._send_header(queued, queued_stream, grid[0], grid[1], frames)
-        self._send_header(op, stream, a, b, c)
+        return self._send_header(op, stream, a, b, c, wait)
 
-    def _send_header(self, op: int, stream: int, a: int, b: int, c: int) -> None:
+    def _send_header(self, op: int, stream: int, a: int, b: int, c: int, wait: bool = True) -> list[Any]:
         header = torch.tensor([op, stream, a, b, c, 0, 0, 0])
         if self.device.type == "cuda":  # pinned and non-blocking: a pageable copy would wait for the GPU's queue
             header = header.pin_memory()
         device_header = header.to(self.device, non_blocking=True)
-        self._wait([dist.isend(device_header, rank) for rank in range(1, self.gpus.ranks)], "taking a command")
+        works = [dist.isend(device_header, rank) for rank in range(1, self.gpus.ranks)]
+        if wait:
+            self._wait(works, "taking a command")
+            return []
+        # Unwaited: under NCCL a wait orders rank 0's compute stream after this send, which on the last rank's pair
+        # queues behind the receive of the previous micro-step's flow, so rank 0 could not run ahead.
+        return [*works, device_header]
 
     def _wait(self, works: list[Any], when: str) -> None:
         for work in works:
