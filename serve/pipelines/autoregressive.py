@@ -478,13 +478,14 @@ class StagedStream(AutoregressiveStream):
         self.p.stages.forget(self.stream_id)
 
 
-def plan_load(pipeline_id: str, load_params: dict[str, Any], device: torch.device) -> VramPlan:
+def plan_load(pipeline_id: str, load_params: dict[str, Any], device: torch.device, rows: int = 0) -> VramPlan:
     """The VRAM plan of this load against the GPU's free memory (serve/pipelines/vram.py); raises PipelineLoadError
-    naming need, free memory and what fits. Costs a meta-device dry run: seconds of CPU, no GPU memory."""
+    naming need, free memory and what fits. Costs a meta-device dry run: seconds of CPU, no GPU memory. `rows`: the
+    stream batch's, counted as asked for (a policy that cannot run it only makes the plan an upper bound)."""
     free_bytes, _ = torch.cuda.mem_get_info(device)
     plan = measure_plan(
         pipeline_id, load_params["height"], load_params["width"], vae_type=load_params.get("vae_type", "wan"),
-        quantization=load_params.get("quantization"),
+        quantization=load_params.get("quantization"), stream_batch_rows=rows,
     )  # fmt: skip
     plan = check_fits(plan, free_bytes)
     log.info("pipeline=%s vram plan %.1f GB of %.1f GB free, text encoder on %s", pipeline_id, plan.total / 1e9,
@@ -542,7 +543,8 @@ class AutoregressivePipeline(Pipeline):
             text_device = device
             if device.type == "cuda":  # refuse before allocating what cannot fit; place the text encoder
                 report("memory plan", 0.02)
-                plan = plan_load(spec.id, load_params, device)
+                steps = load_params.get("denoising_step_list") or spec.runtime_defaults["denoising_step_list"]
+                plan = plan_load(spec.id, load_params, device, len(steps) + 1 if load_params.get("stream_batch") else 0)
                 text_device = device if plan.text_encoder_on_gpu else torch.device("cpu")
             models = load_weights(
                 spec, load_params, Path(context["models_dir"]), dit_config=cls.shape.dit_config,
