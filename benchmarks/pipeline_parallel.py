@@ -5,11 +5,14 @@ one activation hop, and by formula the real-size speed-up.
     python -m benchmarks.pipeline_parallel --gpus 0,1,2,3   # CUDA ranks (nccl), same tiny model
 
 1. Chunks: StreamDiffusionV2's loop (text mode, 2 denoising steps + the clean pass = 3 DiT steps per chunk) with
-   random weights, on one rank and split over 2 and 3; median chunk ms after a warm-up, and chunks/s.
+   random weights, on one rank and split over 2 and 3, each without and with the stream batch (3 rows, one lane per
+   rank: serve/pipelines/stream_batch.py); median ms per chunk out after a warm-up (for the stream batch, after
+   the pipe has filled), chunks/s, and the latency in calls from a chunk going in to its frames coming out.
 2. Hop: one activation sent rank 0 → rank 1 and back (ping-pong, half the round trip), at the tiny size and at the
    real 1.3B SDv2 size [1, 720, 1536] (one 320×576 latent frame, fp32 residual stream as the stages send it).
 3. Formula (printed with its assumptions): the real-size throughput speed-up on P GPUs, with and without the stream
-   batch, from a one-GPU chunk time split into fixed work (VAE, embeddings, head) and per-block work, and a hop cost.
+   batch, from a one-GPU chunk time split into fixed work (VAE, embeddings, the loop: all on rank 0 as built) and
+   per-block work, and a hop cost per row.
 """
 
 from __future__ import annotations
@@ -42,10 +45,13 @@ class BenchStreamDiffusionV2(StreamDiffusionV2Pipeline):
     random_dit_config = BENCH_DIT
 
 
-def chunk_times(gpus: str | None, chunks: int, warmup: int) -> tuple[float, dict | None]:
-    """Median chunk ms of a text-mode SDv2 stream on `gpus` (None: one device), and the placement."""
+def chunk_times(gpus: str | None, chunks: int, warmup: int, stream_batch: bool) -> tuple[float, int, dict | None]:
+    """Median ms per chunk out of a text-mode SDv2 stream on `gpus` (None: one device), the calls a chunk takes from
+    going in to coming out, and the placement."""
     spec = get_spec("streamdiffusionv2")
-    extra = {"gpus": gpus} if gpus else {}
+    extra: dict = {"gpus": gpus} if gpus else {}
+    if stream_batch:
+        extra["stream_batch"] = True
     params = spec.effective_load_params(
         LoadParams(height=SIZE, width=SIZE, random_weights=True, **extra), allow_random_weights=True
     )
@@ -53,13 +59,17 @@ def chunk_times(gpus: str | None, chunks: int, warmup: int) -> tuple[float, dict
     try:
         stream = pipeline.open_stream(seed=0)
         run = {**spec.runtime_defaults, "input_mode": "text", "prompts": [{"text": "a cat", "weight": 1.0}]}
-        samples = []
-        for i in range(warmup + chunks):
+        samples, first_out = [], None
+        fill = max(pipeline.stream_batch_rows - 1, 0) * pipeline.stream_lanes  # calls before the first chunk is out
+        for i in range(warmup + fill + chunks):
             started = time.perf_counter()
-            stream.process(None, run)  # ends in the chunk's one device→host copy: synchronised
-            if i >= warmup:
+            frames = stream.process(None, run)  # ends in the chunk's one device→host copy: synchronised
+            first_out = i if first_out is None and len(frames) else first_out
+            if i >= warmup + fill:
+                assert len(frames) == 4  # one chunk per call once the pipe is full
                 samples.append((time.perf_counter() - started) * 1e3)
-        return statistics.median(samples), pipeline.placement()
+        assert first_out == fill
+        return statistics.median(samples), fill + 1, pipeline.placement()
     finally:
         pipeline.close()
 
@@ -105,14 +115,16 @@ def hop_ms(devices: tuple[str, str], shapes: list[tuple[int, ...]], iters: int =
 
 
 def speedup(one_gpu_chunk_ms: float, fixed_fraction: float, blocks: int, ranks: int, hop: float, steps: int,
-            stream_batch: bool) -> float:  # fmt: skip
-    """Throughput speed-up on `ranks` GPUs. One GPU: T = F + B (F fixed: VAE, embeddings, head; B: the blocks).
+            stream_batch: bool, fixed_split: bool = False) -> float:  # fmt: skip
+    """Throughput speed-up on `ranks` GPUs. One GPU: T = F + B (F fixed: VAE, embeddings, the loop; B: the blocks).
 
     Without stream batch every DiT step still crosses all stages one after the other: T_P = T + steps·P·hop, so
     the speed-up is T / T_P (< 1: the split buys memory, not speed). With stream batch each micro-step keeps every
-    stage busy on a different chunk and one chunk leaves per micro-step: T_P = max_s(stage time) + hop, where the
-    blocks are rebalanced so that the stages carrying F (the first encodes, the last decodes) hold fewer blocks; the
-    best split is bounded below by T/P and by the larger half of F (encode or decode cannot be split).
+    stage busy on a different chunk (steps + 1 rows: the clean pass is a row) and one chunk leaves per micro-step:
+    T_P = max_s(stage time) + (steps + 1)·hop (a micro-step's activations are one row per pass), with the blocks
+    rebalanced off the stage that carries F. As built, all of F is on rank 0 (the loop, the VAE encode and decode),
+    so the best split is bounded below by T/P and by F + one block; `fixed_split`: F split between the first stage
+    (encode) and the last (decode), SDv2's layout, bounded by F/2 + one block.
     """
     if ranks == 1:
         return 1.0
@@ -120,8 +132,8 @@ def speedup(one_gpu_chunk_ms: float, fixed_fraction: float, blocks: int, ranks: 
     if not stream_batch:
         return one_gpu_chunk_ms / (one_gpu_chunk_ms + steps * ranks * hop)
     per_block = (one_gpu_chunk_ms - fixed) / blocks
-    stage = max(one_gpu_chunk_ms / ranks, fixed / 2 + per_block)
-    return one_gpu_chunk_ms / (stage + hop)
+    stage = max(one_gpu_chunk_ms / ranks, (fixed / 2 if fixed_split else fixed) + per_block)
+    return one_gpu_chunk_ms / (stage + (steps + 1) * hop)
 
 
 def main() -> None:
@@ -136,19 +148,21 @@ def main() -> None:
     ids = args.gpus.split(",") if args.gpus else None
 
     table = Table(title=f"SDv2 chunk over pipeline stages (tiny, {BENCH_DIT.num_layers} blocks, {SIZE}×{SIZE})")
-    for column in ("ranks", "backend", "blocks per stage", "chunk ms", "chunks/s", "fps", "stage ms (last chunk)"):
+    columns = ("ranks", "stream batch", "backend", "blocks per stage", "ms per chunk out", "chunks/s", "fps",
+               "latency (calls in → out)", "stage ms (last step)")  # fmt: skip
+    for column in columns:
         table.add_column(column)
-    one = None
     for ranks in (1, 2, 3):
         gpus = (",".join(ids[:ranks]) if ids else f"cpu:{ranks}") if ranks > 1 else (ids[0] if ids else None)
         if ids and ranks > len(ids):
             break
-        ms, placed = chunk_times(gpus, args.chunks, args.warmup)
-        one = one or ms
-        blocks = placed["blocks_per_stage"] if placed and "blocks_per_stage" in placed else [BENCH_DIT.num_layers]
-        stage_ms = ", ".join(f"{t:.1f}" for t in placed["stage_ms"]) if placed and placed.get("stage_ms") else "-"
-        backend = placed["backend"] if placed and "backend" in placed else "-"
-        table.add_row(str(ranks), backend, str(blocks), f"{ms:.1f}", f"{1e3 / ms:.2f}", f"{4e3 / ms:.1f}", stage_ms)
+        for batched in (False, True):
+            ms, latency, placed = chunk_times(gpus, args.chunks, args.warmup, batched)
+            blocks = placed["blocks_per_stage"] if placed and "blocks_per_stage" in placed else [BENCH_DIT.num_layers]
+            stage_ms = ", ".join(f"{t:.1f}" for t in placed["stage_ms"]) if placed and placed.get("stage_ms") else "-"
+            backend = placed["backend"] if placed and "backend" in placed else "-"
+            table.add_row(str(ranks), "on" if batched else "off", backend, str(blocks), f"{ms:.1f}", f"{1e3 / ms:.2f}",
+                          f"{4e3 / ms:.1f}", str(latency), stage_ms)  # fmt: skip
     console.print(table)
 
     devices = ("cpu", "cpu") if not ids or len(ids) < 2 else (f"cuda:{ids[0]}", f"cuda:{ids[1]}")
@@ -164,14 +178,16 @@ def main() -> None:
 
     # Real size by formula: SDv2 1.3B 512², 1-step, one H100: 26.2 FPS (scale.md §1) → 4 frames per chunk.
     one_gpu = 4 / 26.2 * 1e3
-    table = Table(title="expected real-size throughput speed-up (formula; SDv2 1.3B, 30 blocks, VAE ≈ 30 %)")
-    for column in ("GPUs", "hop ms", "plain PP (landed)", "stream batch (not landed)"):
+    table = Table(title="expected real-size throughput speed-up (formula; SDv2 1.3B, 30 blocks, fixed work ≈ 30 %)")
+    for column in ("GPUs", "hop ms per row", "plain PP", "stream batch (F on rank 0, as built)",
+                   "stream batch (F split encode/decode)"):  # fmt: skip
         table.add_column(column)
     for hop in (0.05, 2.0):  # NVLink bandwidth bound for 4.4 MB; the paper's implied PP cost per step
         for ranks in (1, 2, 3, 4):
             plain = speedup(one_gpu, 0.3, 30, ranks, hop, steps=2, stream_batch=False)
-            batched = speedup(one_gpu, 0.3, 30, ranks, hop, steps=2, stream_batch=True)
-            table.add_row(str(ranks), f"{hop:g}", f"{plain:.2f}×", f"{batched:.2f}×")
+            built = speedup(one_gpu, 0.3, 30, ranks, hop, steps=2, stream_batch=True)
+            split = speedup(one_gpu, 0.3, 30, ranks, hop, steps=2, stream_batch=True, fixed_split=True)
+            table.add_row(str(ranks), f"{hop:g}", f"{plain:.2f}×", f"{built:.2f}×", f"{split:.2f}×")
     console.print(table)
 
 

@@ -129,6 +129,10 @@ class LoadParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
     gpus: Annotated[str, Meta(pattern=GPUS_PATTERN, max_length=64)] | UnsetType = UNSET
     """Devices to split the DiT over, one pipeline stage each: CUDA ids `0,1,2,3`, or `cpu:N` CPU ranks (tests,
     development). One entry is a one-device load. Unset: the server's `--gpus`, else the one default device."""
+    stream_batch: bool | UnsetType = UNSET
+    """Run consecutive chunks' denoising steps as one batch (one chunk per step, plus its clean pass), so every
+    pipeline stage is busy every micro-step; frames come out S·stages chunks later. Pipelines whose cache policy
+    cannot do it run without it and say why in `pipeline_parallel.stream_batch_reason`. Default off."""
 
 
 class LoadRequest(Struct, forbid_unknown_fields=True):
@@ -170,7 +174,8 @@ class PipelineStatus(Struct):
     random_weights: bool = False
     pipeline_parallel: dict[str, Any] | None = None
     """How the DiT is placed when the load named several devices: stages, devices, blocks_per_stage, stage_ms (the
-    last chunk's, per stage), suggested_blocks_per_stage; or one stage and the reason it could not be split."""
+    last chunk's, per stage), suggested_blocks_per_stage; or one stage and the reason it could not be split. Also
+    stream_batch ({rows, lanes}, or false) and stream_batch_reason when a `stream_batch` load runs without it."""
 
 
 class LoraFileInfo(Struct):

@@ -188,3 +188,63 @@ def test_stages_load_their_blocks_from_the_checkpoint_with_the_builtin_lora(tmp_
             assert torch.equal(k, want_k) and torch.equal(v, want_v), f"chunk {chunk}: KV caches differ"
     finally:
         staged.close()
+
+
+def stream_batch_scenario(stream: AutoregressiveStream, spec, fetch) -> list[tuple[np.ndarray, torch.Tensor, ...]]:
+    """Nine chunks through the stream batch: seven on prompt A (the pipe fills, then runs full), a switch to B (the
+    pipe drains, LongLive re-caches), then reset_cache (drained again). After each: the frames out and the K/V."""
+    params = {**spec.runtime_defaults, "input_mode": "text", "prompts": PROMPT_A}
+    out = []
+    for chunk in range(9):
+        if chunk == 7:
+            params = {**params, "prompts": PROMPT_B}
+        if chunk == 8:
+            stream.reset()
+        out.append((stream.process(None, params), *fetch(stream)))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("cls", "pipeline_id", "ranks"),
+    [
+        (StreamDiffusionV2Pipeline, "streamdiffusionv2", 2),
+        (DeepStreamDiffusionV2, "streamdiffusionv2", 3),
+        (DeepLongLive, "longlive", 2),
+    ],
+)
+def test_staged_stream_batch_equals_the_one_process_stream_batch(cls, pipeline_id: str, ranks: int) -> None:
+    """The oracle runs the same schedule in one process with as many lanes as there are stages."""
+    single, spec = load(cls, pipeline_id, stream_batch=True)
+    single.stream_lanes = ranks
+    oracle = single.open_stream(seed=7)
+    expected = stream_batch_scenario(oracle, spec, whole_cache)
+    staged, _ = load(cls, pipeline_id, gpus=f"cpu:{ranks}", stream_batch=True)
+    try:
+        assert staged.stages is not None and staged.stream_lanes == ranks
+        stream = staged.open_stream(seed=7)
+        assert isinstance(stream, StagedStream)
+        got = stream_batch_scenario(stream, spec, lambda s: staged.stages.fetch_cache(s.stream_id))
+        for chunk, ((frames, k, v), (want_frames, want_k, want_v)) in enumerate(zip(got, expected, strict=True)):
+            assert np.array_equal(frames, want_frames), f"call {chunk}: frames differ"
+            assert torch.equal(k, want_k) and torch.equal(v, want_v), f"call {chunk}: KV caches differ"
+        # The pipe filled for S·D calls (S = 2 steps), then one chunk per call; the switch drained what was in flight.
+        fill = 2 * ranks
+        assert all(len(frames) == 0 for frames, _, _ in got[:fill])
+        assert len(got[fill][0]) > 0
+        assert [frame for frame, _ in stream.denoised] == [frame for frame, _ in oracle.denoised]
+        if pipeline_id == "longlive":
+            assert stream.recaches == oracle.recaches == 1
+        placed = staged.placement()
+        assert placed is not None and placed["stream_batch"] == {"rows": 3, "lanes": ranks}
+        # A stream that goes away with micro-steps in flight: they complete before its caches are freed, and the
+        # next stream starts clean, equal to a fresh oracle stream.
+        assert staged.stages._outstanding
+        del stream
+        gc.collect()
+        params = {**spec.runtime_defaults, "input_mode": "text", "prompts": PROMPT_A}
+        again, fresh = staged.open_stream(seed=5), single.open_stream(seed=5)
+        for _ in range(2 * ranks + 1):
+            assert np.array_equal(again.process(None, params), fresh.process(None, params))
+        assert list(staged.stages.local.streams) == [again.stream_id]
+    finally:
+        staged.close()

@@ -1,7 +1,7 @@
 """Pipeline stages through a real server (`wanrt serve --gpus cpu:2`) and an aiortc client: the status and the
 `stats` messages say how the DiT is placed; a stage process killed mid-stream ends the stream with `stream_stopped`
-and a reason, the pipeline's status turns to `error`, a new load works and streams again, and a malformed `gpus` is
-a 400. The NCCL path (several CUDA GPUs) is the `gpu`-marked test at the end."""
+and a reason, the pipeline's status turns to `error`, a new load (with the stream batch) works and streams again,
+and a malformed `gpus` is a 400. The NCCL path (several CUDA GPUs) is the `gpu`-marked test at the end."""
 
 from __future__ import annotations
 
@@ -30,9 +30,12 @@ def staged_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
 
 def stage_pids(server_pid: int) -> list[int]:
     """The server's spawned stage processes (multiprocessing's spawn children), found through /proc."""
-    children = [
-        pid for task in Path(f"/proc/{server_pid}/task").iterdir() for pid in (task / "children").read_text().split()
-    ]
+    children = []
+    for task in Path(f"/proc/{server_pid}/task").iterdir():
+        try:
+            children += (task / "children").read_text().split()
+        except FileNotFoundError:  # a thread that ended while we listed them
+            continue
     pids = []
     for pid in map(int, children):  # each thread lists its own children: the stages come from a loading thread
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
@@ -64,8 +67,11 @@ async def test_a_dead_stage_stops_the_stream_and_the_pipeline_reloads(staged_ser
                        timeout=5)  # fmt: skip
     assert offer.status_code == 400 and "not loaded" in offer.text, offer.text  # no new stream on a failed pipeline
 
-    status = load_pipeline(staged_server.url, "streamdiffusionv2", height=SIZE, width=SIZE, random_weights=True)
+    # The new load runs the stream batch (one micro-step per stage in flight) and streams through the server.
+    status = load_pipeline(staged_server.url, "streamdiffusionv2", height=SIZE, width=SIZE, random_weights=True,
+                           stream_batch=True)  # fmt: skip
     assert status["status"] == "loaded" and status["pipeline_parallel"]["stages"] == 2, status
+    assert status["pipeline_parallel"]["stream_batch"] == {"rows": 3, "lanes": 2}, status
     client = ScopeClient(staged_server.url, initial_parameters={"input_mode": "text"})
     await client.connect()
     try:
@@ -115,6 +121,33 @@ def test_nccl_stages_equal_the_one_gpu_stream() -> None:
         started = time.perf_counter()
         got = run_scenario(staged.open_stream(seed=7), spec, lambda s: staged.stages.fetch_cache(s.stream_id))
         assert time.perf_counter() - started < 60
+        for (frames, k, v), (want_frames, want_k, want_v) in zip(got, expected, strict=True):
+            assert (
+                (frames == want_frames).all()
+                and torch.equal(k.cpu(), want_k.cpu())
+                and torch.equal(v.cpu(), want_v.cpu())
+            )
+    finally:
+        staged.close()
+
+
+@pytest.mark.gpu
+def test_nccl_stream_batch_equals_the_one_gpu_stream_batch() -> None:
+    """The stream batch on two CUDA GPUs (two micro-steps in flight, NCCL) equals its one-GPU schedule with two
+    lanes, frames and KV caches."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs for NCCL stages; {torch.cuda.device_count()} visible")
+    from serve.pipelines.autoregressive import StreamDiffusionV2Pipeline
+    from tests.test_pipeline_parallel import load, stream_batch_scenario, whole_cache
+
+    single, spec = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="0", stream_batch=True)
+    single.stream_lanes = 2
+    expected = stream_batch_scenario(single.open_stream(seed=7), spec, whole_cache)
+    staged, _ = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="0,1", stream_batch=True)
+    try:
+        assert staged.stages is not None and staged.placement()["stream_batch"] == {"rows": 3, "lanes": 2}
+        got = stream_batch_scenario(staged.open_stream(seed=7), spec,
+                                    lambda s: staged.stages.fetch_cache(s.stream_id))  # fmt: skip
         for (frames, k, v), (want_frames, want_k, want_v) in zip(got, expected, strict=True):
             assert (
                 (frames == want_frames).all()

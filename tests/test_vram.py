@@ -59,6 +59,12 @@ def test_a_measured_plan_holds_the_exact_buffers_and_weights() -> None:
     assert measured.text_encoder == pytest.approx(11.36e9, rel=0.01)  # umT5-XXL bf16
     assert 1e9 < measured.stream_state < 5e9 and 0 < measured.activations < 5e9  # the fp32 Wan VAE's caches
     assert measured.with_text_encoder_on_gpu(False).total < 12e9  # issue 10's goal for the 1.3B pipelines
+    # The stream batch (3 rows): a scratch frame per row after the 6-frame window, the chunks in flight, and a
+    # micro-step's activations (at this size the VAE's peak still dominates).
+    batched = measure_plan("streamdiffusionv2", stream_batch_rows=3)
+    assert batched.kv_cache == measured.kv_cache * (6 + 3) // 6
+    assert batched.activations >= measured.activations and batched.stream_state > measured.stream_state
+    assert "stream batch of 3 rows" in batched.describe()
 
 
 def test_a_chunk_out_of_gpu_memory_stops_its_stream_frees_it_and_the_worker_keeps_serving() -> None:

@@ -109,7 +109,12 @@ class RotaryEmbedding(nn.Module):
             self.register_buffer(f"{name}_sin", sin, persistent=False)
 
     def tables(self, frame_positions: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-        """cos/sin [F·h·w, hd/2] for tokens in (frame, row, column) order. frame_positions [F] is a device tensor."""
+        """cos/sin [F·h·w, hd/2] for tokens in (frame, row, column) order. frame_positions [F] is a device tensor;
+        [B, F] (a stream batch: each row a different chunk) gives [B, F·h·w, hd/2]."""
+        if frame_positions.dim() == 2:
+            rows = frame_positions.shape[0]
+            cos, sin = self.tables(frame_positions.flatten(), height, width)  # [B·F·h·w, hd/2]
+            return cos.view(rows, -1, cos.shape[-1]), sin.view(rows, -1, sin.shape[-1])
         frames = frame_positions.shape[0]
         parts_cos, parts_sin = [], []
         for table, index, shape in (
@@ -247,8 +252,11 @@ def run_blocks(blocks: Iterable[tuple[int, DiTBlock]], x: Tensor, e0: Tensor, fr
     `residuals`. The whole model passes all its blocks; a pipeline stage (serve/runtime/stages.py) passes its own,
     numbered from 0 against caches that hold only its layers, so both run the same arithmetic.
 
-    x [B, N, d] fp32; e0 [B, F, 6, d]; rope the queries' cos/sin [N, hd/2]; key_bias [S] or [B, S] additive;
-    text_kv, cache_k, cache_v [layers, B, ·, heads, hd]; write_index [N] token slots.
+    x [B, N, d] fp32; e0 [B, F, 6, d]; rope the queries' cos/sin [N, hd/2] (or [B, N, hd/2]); key_bias [S] or
+    [B, S] additive; text_kv, cache_k, cache_v [layers, B, ·, heads, hd]; write_index [N] token slots.
+
+    A stream batch (serve/pipelines/stream_batch.py) passes write_index [B, N]: each row writes its own token slots
+    of one cache shared by the rows (cache batch 1, text K/V batch 1) and attends it through its row of key_bias.
     """
     cos, sin = rope
     bias = key_bias.view(-1, 1, 1, key_bias.shape[-1])  # [B or 1, 1, 1, S]: broadcast over heads and queries
@@ -261,12 +269,20 @@ def run_blocks(blocks: Iterable[tuple[int, DiTBlock]], x: Tensor, e0: Tensor, fr
             k, v = attention.project_kv(h)
             if key_rope is None:
                 k = apply_rope(k, cos, sin)
+            if write_index.dim() == 2:  # rows into one shared cache: [B·N] distinct slots, one copy
+                cache_k[layer][0].index_copy_(0, write_index.flatten(), k.flatten(0, 1).to(cache_k.dtype))
+                cache_v[layer][0].index_copy_(0, write_index.flatten(), v.flatten(0, 1).to(cache_v.dtype))
+                rows = (q.shape[0], *cache_k.shape[2:])
+                return attention.attend(q, cache_k[layer].expand(rows), cache_v[layer].expand(rows), bias)
             cache_k[layer].index_copy_(1, write_index, k.to(cache_k.dtype))
             cache_v[layer].index_copy_(1, write_index, v.to(cache_v.dtype))
             keys = cache_k[layer] if key_rope is None else apply_rope(cache_k[layer], *key_rope)
             return attention.attend(q, keys, cache_v[layer], bias)
 
-        x = block(x, e0, frames, self_attention, (text_kv[0][layer], text_kv[1][layer]))
+        text_k, text_v = text_kv[0][layer], text_kv[1][layer]
+        if text_k.shape[0] != x.shape[0]:  # a stream batch's rows share the prompt K/V (batch 1)
+            text_k, text_v = (t.expand(x.shape[0], *t.shape[1:]) for t in (text_k, text_v))
+        x = block(x, e0, frames, self_attention, (text_k, text_v))
         if layer in residuals:
             x = x + residuals[layer]
     return x

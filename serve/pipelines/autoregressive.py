@@ -3,7 +3,10 @@ policy (serve/pipelines/cache_policies.py).
 
 Per chunk (models.md §2): conditioning (prompt, switch re-cache, transition step) → policy hook → encode the input
 frames (video mode) → mix noise → denoise over the step list, each pass writing the chunk's K/V into its cache slots
-→ a clean pass at t = 0 overwrites them with clean K/V (all but Krea) → decode → policy hook.
+→ a clean pass at t = 0 overwrites them with clean K/V (all but Krea) → decode → policy hook. The schedule
+(serve/pipelines/stream_batch.py) runs the denoise and clean passes: chunk after chunk (`PlainSchedule`), or with a
+`stream_batch` load as the stream batch (`StreamBatch`: the passes of consecutive chunks as one batch, so a chunk
+comes out a few calls after it went in, and restarts and prompt jumps drain the chunks in flight first).
 
 Parameters take effect at chunk boundaries. `reset_cache` (one-shot, applied by the worker) and `manage_cache`
 (reset when `noise_scale`, `denoising_step_list` or `warp_denoising_steps` change: the cached history was made at the
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +35,7 @@ import torch
 from torch import Tensor
 
 from build_engines.manifest import dit_step_key, precision_of, vae_step_key
-from serve.errors import PipelineLoadError, StreamOutOfMemory
+from serve.errors import InvalidParameters, PipelineLoadError, StreamOutOfMemory
 from serve.models.autoencoder import ChunkStepFn, StreamingAutoencoder, make_vae
 from serve.models.dit import DIT_CONFIGS, ROPE_MAX_POSITIONS, DiTConfig
 from serve.models.fp8 import store_dit_in_fp8
@@ -52,6 +56,7 @@ from serve.pipelines.loras import (
 from serve.pipelines.placement import Gpus, parse_gpus, split_blocks
 from serve.pipelines.policies import NoiseController
 from serve.pipelines.spec import PipelineSpec
+from serve.pipelines.stream_batch import ChunkInFlight, PlainSchedule, StreamBatch
 from serve.pipelines.vace_context import ChunkVace, VaceConditioner, first_call_frames
 from serve.pipelines.vram import VramPlan, check_fits, measure_plan
 from serve.pipelines.weights import LORA_SCALE, Models, dit_files, load_weights, random_models
@@ -114,13 +119,20 @@ class Conditioning:
         pairs = [(p["text"], p.get("weight", 1.0)) for p in prompts or []] or [("", 1.0)]
         return self.p.models.prompts.encode(pairs, method)  # type: ignore[arg-type]
 
+    def _key(self, params: dict[str, Any]) -> tuple:
+        return (repr(params.get("prompts")), params.get("prompt_interpolation_method", "linear"))
+
+    def will_jump(self, params: dict[str, Any]) -> bool:
+        """Whether `update(params)` will report a jump (the stream batch drains before it does)."""
+        return self._prompts_key is not None and self._key(params) != self._prompts_key
+
     def update(self, params: dict[str, Any]) -> bool:
         """Set this chunk's embedding; True when the prompt jumped (a `prompts` change after the first chunk).
 
         A transition changes the embedding gradually, which is what it is for, so it never counts as a jump.
         """
         method = params.get("prompt_interpolation_method", "linear")
-        key = (repr(params.get("prompts")), method)
+        key = self._key(params)
         context, jumped = self.context, False
         if key != self._prompts_key:
             jumped = self._prompts_key is not None
@@ -204,8 +216,18 @@ class AutoregressiveStream(PipelineStream):
             config.num_layers, 1, config.num_heads, config.head_dim, self.grid[0] * self.grid[1],
             pipeline.shape.cache_frames,
         )  # fmt: skip
-        self.cache, self.text_kv = self.buffers(spec)
+        rows, chunk = pipeline.stream_batch_rows, pipeline.shape.chunk_latents
+        # The stream batch's cache: the policy's window, then a scratch chunk per row (serve/pipelines/stream_batch.py)
+        extra = StreamBatch.scratch_frames(rows, chunk) if rows else 0
+        self.cache, self.text_kv = self.buffers(dataclasses.replace(spec, max_frames=spec.max_frames + extra))
         self.policy: CachePolicy = pipeline.make_policy(spec)
+        self.schedule: PlainSchedule | StreamBatch = (
+            StreamBatch(pipeline.scheduler, self.policy, rows, pipeline.stream_lanes, chunk, pipeline.device)
+            if rows else PlainSchedule(pipeline.scheduler)
+        )  # fmt: skip
+        self.latent_shape = (1, 16, chunk, pipeline.height // 8, pipeline.width // 8)
+        self.denoised: deque[tuple[int, list[float | Tensor]]] = deque(maxlen=64)  # (first frame, timesteps) out
+        self._restart_pending = False  # a reset asked for while chunks are in flight: drained first
         self.vace: VaceConditioner | None = None
         self.vace_text_kv: TextKVCache | None = None
         if pipeline.vace_enabled:
@@ -230,6 +252,10 @@ class AutoregressiveStream(PipelineStream):
         self.lora_scales = dict(pipeline.runtime_lora_scales)  # this session's runtime LoRA scales, by path
         self._vace_ignored = False  # said once that this load has no VACE for the images sent
 
+    @property
+    def chunks_in_flight(self) -> int:
+        return self.schedule.in_flight
+
     def buffers(self, spec: KVCacheSpec) -> tuple[KVCache, TextKVCache]:
         """The stream's KV cache and prompt K/V, every layer's (a pipeline-parallel stream keeps rank 0's here)."""
         config, p = self.p.models.dit.config, self.p
@@ -243,6 +269,16 @@ class AutoregressiveStream(PipelineStream):
 
     @torch.inference_mode()  # the worker calls it between chunks, and policies' buffers are inference tensors
     def reset(self) -> None:
+        """Restart the stream; with chunks in flight (stream batch), the next chunk drains them first."""
+        if self.schedule.busy:
+            self._restart_pending = True
+            return
+        self._restart()
+
+    @torch.inference_mode()
+    def _restart(self) -> None:
+        self.schedule.discard(self)
+        self._restart_pending = False
         self.cache.reset()
         self.vae.reset()
         self.policy.reset()
@@ -257,6 +293,19 @@ class AutoregressiveStream(PipelineStream):
         if isinstance(t, Tensor):
             return t.float().reshape(1, 1).expand(1, frames)
         return torch.full((1, frames), float(t), device=self.p.device)
+
+    def noise(self) -> Tensor:
+        """[1, 16, F, h, w] from the stream's seeded generator: a pass's re-noising."""
+        return self.host.noise(self.latent_shape)
+
+    def submit_step(self, latents: Tensor, timestep: Tensor, plan: ChunkPlan) -> Tensor:
+        """A stream batch's micro-step: latents [B, 16, F, h, w], timestep [B, F], plan with per-row write_index
+        [B, F·Lf], key_bias [B, S] and frame_positions [B, F]. Here it runs at once; stages overlap it."""
+        return self.p.step(latents.to(self.p.dtype), timestep, self.text_kv.pair(), self.cache.k, self.cache.v,
+                           *plan.as_args())  # fmt: skip
+
+    def collect_step(self, pending: Tensor) -> Tensor:
+        return pending
 
     def run_step(self, latents: Tensor, t: float | Tensor, plan: ChunkPlan, vace: ChunkVace | None = None) -> Tensor:
         """One DiT step over `latents` [1, 16, F, h, w] at timestep `t`, writing K/V where `plan` says; with the
@@ -275,18 +324,16 @@ class AutoregressiveStream(PipelineStream):
             key_rope=key_rope,
         )  # fmt: skip
 
-    def _manage_cache(self, params: dict[str, Any]) -> None:
-        """Restart when the noise level the cached history was made at changes (Scope's `manage_cache`).
-
-        The noise controller's own per-chunk strength does not count: it moves every chunk by design.
-        """
+    def _noise_changed(self, params: dict[str, Any]) -> bool:
+        """Whether to restart because the noise level the cached history was made at changed (Scope's
+        `manage_cache`). The noise controller's own per-chunk strength does not count: it moves every chunk."""
         key = (
             params.get("noise_scale"), tuple(params.get("denoising_step_list") or ()),
             params.get("warp_denoising_steps"), params.get("input_mode"),
         )  # fmt: skip
-        if self._noise_key is not None and key != self._noise_key and params.get("manage_cache", True):
-            self.reset()
+        changed = self._noise_key is not None and key != self._noise_key and params.get("manage_cache", True)
         self._noise_key = key
+        return bool(changed)
 
     def process(self, frames: np.ndarray | YuvChunk | None, params: dict[str, Any]) -> np.ndarray:
         try:
@@ -309,21 +356,36 @@ class AutoregressiveStream(PipelineStream):
 
     @torch.inference_mode()
     def _process(self, frames: np.ndarray | YuvChunk | None, params: dict[str, Any]) -> np.ndarray:
-        p, scheduler, policy = self.p, self.p.scheduler, self.policy
+        p, policy = self.p, self.policy
         chunk = p.shape.chunk_latents
-        self._manage_cache(params)
-        if policy.absolute_positions and self.frame + chunk > ROPE_MAX_POSITIONS:  # the RoPE table ends at 1024
-            self.reset()
+        out: list[np.ndarray] = []  # frames of every chunk that comes out of this call, in order
+        restart = self._noise_changed(params) or self._restart_pending
+        if restart or (policy.absolute_positions and self.frame + chunk > ROPE_MAX_POSITIONS):  # the RoPE table
+            out += [self._finish(done) for done in self.schedule.drain(self)]  # ends at 1024; in flight come out
+            self._restart()
         self._apply_lora_scales(params)
+        if self.schedule.busy and self.conditioning.will_jump(params):  # in-flight chunks finish on their prompt
+            out += [self._finish(done) for done in self.schedule.drain(self)]
         jumped = self.conditioning.update(params)
         if jumped and self.frame > 0 and policy.recache_on_prompt_switch:
             self._recache()
         policy.update_params(params)
         policy.before_chunk(self, self.frame, chunk)
-        latent_shape = (1, 16, chunk, p.height // 8, p.width // 8)
-        steps = scheduler.model_timesteps(params["denoising_step_list"], warp=params["warp_denoising_steps"])
+        entering = self._enter(frames, params)
+        self.frame += chunk
+        # 2. Denoising passes and the clean pass, as the schedule runs them (serve/pipelines/stream_batch.py).
+        out += [self._finish(done) for done in self.schedule.advance(self, entering)]
+        if not out:  # the stream batch filling its pipe
+            return np.zeros((0, p.height, p.width, 3), dtype=np.uint8)
+        if len(out) == 1:
+            return out[0]
+        return torch.cat(out) if isinstance(out[0], Tensor) else np.concatenate(out)  # type: ignore[return-value]
 
-        # 1. Start point: input latents mixed with noise (video), or noise (text, or video that went to VACE).
+    def _enter(self, frames: np.ndarray | None, params: dict[str, Any]) -> ChunkInFlight:
+        """1. A chunk's start point: input latents mixed with noise (video), or noise (text, or video that went to
+        VACE), and the timesteps its passes run at."""
+        p, scheduler, chunk = self.p, self.p.scheduler, self.p.shape.chunk_latents
+        steps = scheduler.model_timesteps(params["denoising_step_list"], warp=params["warp_denoising_steps"])
         maybe_dropped: set[int] = set()  # passes that run only where the device says their step is kept
         pixels = None
         if frames is not None:
@@ -349,28 +411,19 @@ class AutoregressiveStream(PipelineStream):
             # prefix, so this is the same arithmetic).
             steps = [first_t] + [t for t in steps[1:] if t < highest]
             maybe_dropped = {i for i, t in enumerate(steps) if i > 0 and t >= lowest}
-            x = (1 - strength) * latents + strength * self.host.noise(latent_shape)
+            x = (1 - strength) * latents + strength * self.host.noise(self.latent_shape)
         else:
             first_t = steps[0]
-            x = self.host.noise(latent_shape)
+            x = self.host.noise(self.latent_shape)
+        return ChunkInFlight(self.frame, x, list(steps), first_t, maybe_dropped, vace)
 
-        # 2. Denoising passes, all writing this chunk's slots; then the clean pass at t = 0.
-        plan = policy.plan(self.frame, chunk)
-        x0 = x
-        for i, t in enumerate(steps):
-            if i > 0:  # re-noise the last estimate to this pass's level
-                x = scheduler.add_noise(x0, self.host.noise(latent_shape), self.timestep(t, chunk))
-            # Without VACE the call is the ChunkRunner protocol's `run_step(latents, t, plan)`, unchanged.
-            flow = self.run_step(x, t, plan) if vace is None else self.run_step(x, t, plan, vace)
-            estimate = scheduler.to_x0(x, flow.float(), self.timestep(t, chunk))
-            x0 = torch.where(t < first_t, estimate, x0) if i in maybe_dropped else estimate
-        if policy.clean_pass:
-            self.run_step(x0, 0.0, plan)
-
-        # 3. Decode to uint8 frames [T, H, W, 3], converted on the device; one copy to the host.
-        video = self.vae.decode_chunk(x0.float()).clamp(-1, 1)  # [1, 3, T, H, W]
-        policy.after_chunk(self, self.frame, x0, video)
-        self.frame += chunk
+    def _finish(self, chunk: ChunkInFlight) -> np.ndarray:
+        """3. Decode a chunk whose clean latents are final to uint8 frames [T, H, W, 3], converted on the device;
+        one copy to the host."""
+        assert chunk.x0 is not None
+        video = self.vae.decode_chunk(chunk.x0.float()).clamp(-1, 1)  # [1, 3, T, H, W]
+        self.policy.after_chunk(self, chunk.frame, chunk.x0, video)
+        self.denoised.append((chunk.frame, chunk.timesteps))
         frames_out = ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8)
         if self.keep_output_on_device and not self.host.dry:
             return frames_out  # type: ignore[return-value]  # the encoder converts and encodes it on the device
@@ -390,7 +443,7 @@ class AutoregressiveStream(PipelineStream):
         """LongLive's KV re-cache: the cached window's clean latents run once more at t = 0 with the new prompt."""
         plan = self.policy.recache_plan(self.frame)
         if plan is not None:
-            self.run_step(self.policy.clean_latents(self.frame), 0.0, plan)
+            self.run_step(self.policy.clean_latents(self.frame), 0.0, self.schedule.widen(plan))
             self.recaches += 1
 
 
@@ -412,10 +465,18 @@ class StagedStream(AutoregressiveStream):
         assert stages is not None
         return lambda context: stages.set_text(self.stream_id, context)
 
-    def reset(self) -> None:
-        super().reset()
+    def _restart(self) -> None:
+        super()._restart()
         assert self.p.stages is not None
         self.p.stages.reset(self.stream_id)
+
+    def submit_step(self, latents: Tensor, timestep: Tensor, plan: ChunkPlan) -> Any:
+        assert self.p.stages is not None
+        return self.p.stages.submit(self.stream_id, latents.to(self.p.dtype), timestep, plan)
+
+    def collect_step(self, pending: Any) -> Tensor:
+        assert self.p.stages is not None
+        return self.p.stages.collect(pending)
 
     def run_step(self, latents: Tensor, t: float | Tensor, plan: ChunkPlan, vace: ChunkVace | None = None) -> Tensor:
         assert vace is None and plan.key_positions is None  # refused at load (`pipeline_parallel_refusal`)
@@ -429,13 +490,14 @@ class StagedStream(AutoregressiveStream):
         self.p.stages.forget(self.stream_id)
 
 
-def plan_load(pipeline_id: str, load_params: dict[str, Any], device: torch.device) -> VramPlan:
+def plan_load(pipeline_id: str, load_params: dict[str, Any], device: torch.device, rows: int = 0) -> VramPlan:
     """The VRAM plan of this load against the GPU's free memory (serve/pipelines/vram.py); raises PipelineLoadError
-    naming need, free memory and what fits. Costs a meta-device dry run: seconds of CPU, no GPU memory."""
+    naming need, free memory and what fits. Costs a meta-device dry run: seconds of CPU, no GPU memory. `rows`: the
+    stream batch's, counted as asked for (a policy that cannot run it only makes the plan an upper bound)."""
     free_bytes, _ = torch.cuda.mem_get_info(device)
     plan = measure_plan(
         pipeline_id, load_params["height"], load_params["width"], vae_type=load_params.get("vae_type", "wan"),
-        quantization=load_params.get("quantization"),
+        quantization=load_params.get("quantization"), stream_batch_rows=rows,
     )  # fmt: skip
     plan = check_fits(plan, free_bytes)
     log.info("pipeline=%s vram plan %.1f GB of %.1f GB free, text encoder on %s", pipeline_id, plan.total / 1e9,
@@ -452,6 +514,12 @@ class AutoregressivePipeline(Pipeline):
     """The pipeline-parallel stages when the load split the DiT over several devices (`gpus`)."""
     placement_reason: str | None = None
     """Why a load given several devices runs on one."""
+    stream_batch_rows: int = 0
+    """Rows of the stream batch (denoising steps + the clean pass), 0 without it (serve/pipelines/stream_batch.py)."""
+    stream_lanes: int = 1
+    """Micro-steps in flight at once: the pipeline stages' count (a one-process oracle may set it to match)."""
+    stream_batch_reason: str | None = None
+    """Why a load that asked for `stream_batch` runs without it."""
 
     def __init__(self, spec: PipelineSpec, load_params: dict[str, Any], models: Models, device: torch.device,
                  dtype: torch.dtype) -> None:  # fmt: skip
@@ -488,7 +556,8 @@ class AutoregressivePipeline(Pipeline):
             text_device = device
             if device.type == "cuda":  # refuse before allocating what cannot fit; place the text encoder
                 report("memory plan", 0.02)
-                plan = plan_load(spec.id, load_params, device)
+                steps = load_params.get("denoising_step_list") or spec.runtime_defaults["denoising_step_list"]
+                plan = plan_load(spec.id, load_params, device, len(steps) + 1 if load_params.get("stream_batch") else 0)
                 text_device = device if plan.text_encoder_on_gpu else torch.device("cpu")
             models = load_weights(
                 spec, load_params, Path(context["models_dir"]), dit_config=cls.shape.dit_config,
@@ -503,6 +572,13 @@ class AutoregressivePipeline(Pipeline):
         report("model step backend", 0.85)
         pipeline = cls(spec, load_params, models, device, dtype)
         pipeline.lora_adapters = (*builtin_lora(models), *user_loras.adapters)
+        if load_params.get("stream_batch"):
+            pipeline.stream_batch_reason = pipeline.stream_batch_refusal()
+            if pipeline.stream_batch_reason is None:
+                steps = load_params.get("denoising_step_list") or spec.runtime_defaults["denoising_step_list"]
+                pipeline.stream_batch_rows = len(steps) + 1
+            else:
+                log.warning("pipeline=%s runs without the stream batch: %s", spec.id, pipeline.stream_batch_reason)
         if gpus is not None and gpus.ranks > 1:
             pipeline.placement_reason = pipeline.pipeline_parallel_refusal(load_params)
             if pipeline.placement_reason is None:
@@ -512,31 +588,38 @@ class AutoregressivePipeline(Pipeline):
             log.warning("pipeline=%s gpus=%s runs on %s alone: %s", spec.id, gpus.spelled(), device,
                         pipeline.placement_reason)  # fmt: skip
         pipeline.runtime_lora_scales = user_loras.runtime_scales
-        key = dit_step_key(
-            spec.id, pipeline.height, pipeline.width, cls.shape.chunk_latents, cls.shape.cache_frames,
-            models.dit.config.text_len, "fp8" if quantization else precision_of(dtype), "aoti",
-            merged_loras=merged_lora_key(loras),
-        )  # fmt: skip
         engines_dir = Path(context.get("engines_dir") or ServerSettings().engines_dir)
-        base = models.dit.base_part() if pipeline.vace_enabled else None  # type: ignore[operator]
-        pipeline.step, pipeline.backend, pipeline.backend_reason = select_backend(
-            load_params.get("backend", "auto"), key, models.dit, engines_dir, device,
-            engines_unusable=pipeline.engines_unusable(), weights_of=base,
-        )  # fmt: skip
-        requested = load_params.get("backend", "auto")
-        steady = (1, 16, cls.shape.chunk_latents, pipeline.height // 8, pipeline.width // 8)  # a chunk's latents
-        pipeline.step, on_gpu = on_cuda(pipeline.step, pipeline.backend, requested, steady, DIT_STEP_PERSISTENT, device)
-        pipeline.backend_reason += f"; {on_gpu}" if on_gpu else ""
-        pipeline.backends = {"dit_step": {"backend": pipeline.backend, "reason": pipeline.backend_reason}}
-        if pipeline.vace_enabled:  # chunks with a VACE context run this step (serve/models/vace.py)
-            vace_key = dataclasses.replace(key, component="dit_step_vace")
-            pipeline.vace_step, backend, reason = select_backend(
-                requested, vace_key, models.dit, engines_dir, device, engines_unusable=pipeline.engines_unusable(),
+        if pipeline.stream_batch_rows:  # engines and CUDA graphs are built for one chunk (batch 1)
+            pipeline.backend_reason = "the stream batch runs the eager step (engines are built for one chunk)"
+            pipeline.backends = {"dit_step": {"backend": "eager", "reason": pipeline.backend_reason}}
+        else:
+            key = dit_step_key(
+                spec.id, pipeline.height, pipeline.width, cls.shape.chunk_latents, cls.shape.cache_frames,
+                models.dit.config.text_len, "fp8" if quantization else precision_of(dtype), "aoti",
+                merged_loras=merged_lora_key(loras),
             )  # fmt: skip
-            pipeline.vace_step, on_gpu = on_cuda(pipeline.vace_step, backend, requested, steady, VACE_STEP_PERSISTENT,
-                                                 device)  # fmt: skip
-            reason += f"; {on_gpu}" if on_gpu else ""
-            pipeline.backends["dit_step_vace"] = {"backend": backend, "reason": reason}
+            base = models.dit.base_part() if pipeline.vace_enabled else None  # type: ignore[operator]
+            pipeline.step, pipeline.backend, pipeline.backend_reason = select_backend(
+                load_params.get("backend", "auto"), key, models.dit, engines_dir, device,
+                engines_unusable=pipeline.engines_unusable(), weights_of=base,
+            )  # fmt: skip
+            requested = load_params.get("backend", "auto")
+            steady = (1, 16, cls.shape.chunk_latents, pipeline.height // 8, pipeline.width // 8)  # a chunk's latents
+            pipeline.step, on_gpu = on_cuda(
+                pipeline.step, pipeline.backend, requested, steady, DIT_STEP_PERSISTENT, device
+            )
+            pipeline.backend_reason += f"; {on_gpu}" if on_gpu else ""
+            pipeline.backends = {"dit_step": {"backend": pipeline.backend, "reason": pipeline.backend_reason}}
+            if pipeline.vace_enabled:  # chunks with a VACE context run this step (serve/models/vace.py)
+                vace_key = dataclasses.replace(key, component="dit_step_vace")
+                pipeline.vace_step, backend, reason = select_backend(
+                    requested, vace_key, models.dit, engines_dir, device, engines_unusable=pipeline.engines_unusable(),
+                )  # fmt: skip
+                pipeline.vace_step, on_gpu = on_cuda(
+                    pipeline.vace_step, backend, requested, steady, VACE_STEP_PERSISTENT, device
+                )
+                reason += f"; {on_gpu}" if on_gpu else ""
+                pipeline.backends["dit_step_vace"] = {"backend": backend, "reason": reason}
         pipeline.select_vae_backends(load_params.get("backend", "auto"), engines_dir)
         if quantization == "fp8_e4m3fn":  # fp8 weight storage; fp8 GEMMs where the GPU has them (serve/models/fp8.py)
             report("fp8 weights", 0.9)
@@ -560,6 +643,17 @@ class AutoregressivePipeline(Pipeline):
             return f"backend {load_params['backend']!r} is a whole-model engine; pipeline stages run the eager step"
         return None
 
+    def stream_batch_refusal(self) -> str | None:
+        """Why this load cannot run the stream batch (it then runs chunk after chunk), or None."""
+        probe = self.make_policy(KVCacheSpec(1, 1, 1, 2, 1, self.shape.cache_frames))  # only the policy's kind matters
+        if probe.stream_batch is not None:
+            return f"{self.spec.id} cannot stream-batch: {probe.stream_batch}"
+        if not probe.clean_pass or not probe.keys_rotated_at_write:
+            return f"{self.spec.id} cannot stream-batch: its chunks need a clean pass and keys rotated at write"
+        if self.vace_enabled:
+            return "vace_enabled loads do not stream-batch yet (each chunk's VACE context would ride its rows)"
+        return None
+
     def start_stages(self, gpus: Gpus, load_params: dict[str, Any], models_dir: Path, engines_dir: Path,
                      report: ProgressFn) -> None:  # fmt: skip
         """Split the DiT's blocks over `gpus` and spawn the stages; rank 0 (here) keeps only its own blocks."""
@@ -574,6 +668,7 @@ class AutoregressivePipeline(Pipeline):
             lora = lora_file.local_path(models_dir) if lora_file else None
             weights = CheckpointWeights(dit_file.local_path(models_dir), self.shape.checkpoint_prefer, lora, LORA_SCALE)
         self.stages = StageDriver.start(gpus, layers, dit, self.dtype, weights)
+        self.stream_lanes = gpus.ranks  # one micro-step in flight per stage
         self.backend = "eager"
         self.backend_reason = "pipeline-parallel stages run the eager step (engines are built for the whole model)"
         self.backends = {"dit_step": {"backend": self.backend, "reason": self.backend_reason}}
@@ -581,11 +676,20 @@ class AutoregressivePipeline(Pipeline):
         report("ready", 1.0)
 
     def placement(self) -> dict[str, Any] | None:
+        placed: dict[str, Any] | None = None
         if self.stages is not None:
-            return self.stages.placement()
-        if self.placement_reason is not None:
-            return {"stages": 1, "devices": [str(self.device)], "reason": self.placement_reason}
-        return None
+            placed = self.stages.placement()
+        elif self.placement_reason is not None:
+            placed = {"stages": 1, "devices": [str(self.device)], "reason": self.placement_reason}
+        elif self.stream_batch_rows or self.stream_batch_reason:
+            placed = {"stages": 1, "devices": [str(self.device)]}
+        if placed is not None:
+            placed["stream_batch"] = (
+                {"rows": self.stream_batch_rows, "lanes": self.stream_lanes} if self.stream_batch_rows else False
+            )
+            if self.stream_batch_reason is not None:
+                placed["stream_batch_reason"] = self.stream_batch_reason
+        return placed
 
     def failure(self) -> str | None:
         return self.stages.poll_failure() if self.stages is not None else None
@@ -618,6 +722,12 @@ class AutoregressivePipeline(Pipeline):
 
     def check_update(self, update: dict[str, Any]) -> None:
         check_lora_scales(update, tuple(self.runtime_lora_scales))
+        steps = update.get("denoising_step_list")
+        if self.stream_batch_rows and steps is not None and len(steps) > self.stream_batch_rows - 1:
+            raise InvalidParameters(
+                f"denoising_step_list has {len(steps)} steps; this load's stream batch has rows for "
+                f"{self.stream_batch_rows - 1} (reload with the longer list, or fewer steps)"
+            )
 
     def open_stream(self, seed: int) -> PipelineStream:
         if self.stages is not None:

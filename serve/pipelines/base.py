@@ -35,8 +35,14 @@ class PipelineStream(ABC):
         pipeline's `frame_input` is "yuv"), or None in text mode.
 
         `params` is the complete effective parameter set for this chunk (defaults + every update so far); it changes
-        only between chunks. Returns `[T', H, W, 3]` uint8 output frames.
+        only between chunks. Returns `[T', H, W, 3]` uint8 output frames: this chunk's, or with a stream batch
+        (serve/pipelines/stream_batch.py) those of the chunks that came out now (none while its pipe fills).
         """
+
+    @property
+    def chunks_in_flight(self) -> int:
+        """Chunks taken by `process` whose frames have not come out yet (a stream batch's pipe); 0 otherwise."""
+        return 0
 
     def reset(self) -> None:  # noqa: B027 - optional hook: stateless streams have nothing to clear
         """Clear caches (the `reset_cache` parameter)."""

@@ -58,6 +58,9 @@ class CachePolicy:
     pipeline_parallel: str | None = None
     """Why the policy cannot run with its DiT split over stages, or None. A stage holds only its layers' caches, so
     a policy that reads or writes the cache itself between steps (not through `run_step`) cannot be split."""
+    stream_batch: str | None = None
+    """Why the policy cannot run the stream batch (serve/pipelines/stream_batch.py), or None: chunks are in flight
+    together there, so a policy's per-chunk hooks and plans must not depend on the chunk before being finished."""
 
     def __init__(self, spec: KVCacheSpec, sink_frames: int, device: torch.device | str | None = None,
                  window_frames: int | None = None) -> None:  # fmt: skip
@@ -136,6 +139,7 @@ class EmaSinkPolicy(CachePolicy):
         "its EMA sink folds every layer's evicted K/V into the sink between chunks, and its keys are re-rotated "
         "per chunk; a stage holds only its own layers"
     )
+    stream_batch = "its EMA sink folds the evicted chunk's K/V into the sink before each chunk's first pass"
 
     def __init__(self, spec: KVCacheSpec, sink_frames: int, device=None, alpha: float = 0.999) -> None:
         super().__init__(spec, sink_frames, device)
@@ -189,6 +193,7 @@ class MemoryBankPolicy(CachePolicy):
         "its memory bank copies every layer's K/V between chunks and ranks the frames against the prompt's keys of "
         "every layer; a stage holds only its own layers"
     )
+    stream_batch = "its memory bank takes a chunk's clean K/V into the next chunk's attention before its first pass"
 
     def __init__(self, spec: KVCacheSpec, sink_frames: int, bank_frames: int, record_every: int, device=None) -> None:
         super().__init__(spec, sink_frames, device, window_frames=spec.max_frames - bank_frames)
@@ -277,6 +282,7 @@ class RecomputePolicy(CachePolicy):
         "0's layers; and that context comes from the previous chunk's decoded output, so a stream batch would have "
         "no chunks to overlap"
     )
+    stream_batch = "each chunk's context is the previous chunk's decoded output, so no two chunks can be in flight"
 
     def __init__(self, spec: KVCacheSpec, context_frames: int, device=None) -> None:
         self.spec = spec

@@ -57,6 +57,7 @@ MODEL_LOAD_FIELDS = frozenset(
         "lora_merge_mode",
         "manage_cache",
         "gpus",
+        "stream_batch",
         "denoising_step_list",
         "warp_denoising_steps",
         "vace_context_scale",

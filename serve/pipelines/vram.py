@@ -45,6 +45,7 @@ class VramPlan:
     activations: int  # peak transient bytes of a steady chunk
     text_encoder_on_gpu: bool = True
     notes: tuple[str, ...] = field(default=())
+    stream_batch_rows: int = 0  # the stream batch's rows (serve/pipelines/stream_batch.py), 0 without it
 
     @property
     def weight_bytes(self) -> int:
@@ -62,6 +63,7 @@ class VramPlan:
         return (
             f"{self.pipeline} {self.height}×{self.width} vae_type={self.vae_type} "
             f"quantization={self.quantization or 'none'} text encoder on {'GPU' if self.text_encoder_on_gpu else 'CPU'}"
+            + (f" stream batch of {self.stream_batch_rows} rows" if self.stream_batch_rows else "")
         )
 
 
@@ -74,18 +76,23 @@ def bytes_by_dtype(module: nn.Module, prefix: str) -> dict[str, int]:
 
 
 def measure_plan(pipeline_id: str, height: int | None = None, width: int | None = None, *, vae_type: str = "wan",
-                 quantization: str | object | None = ..., models: Models | None = None) -> VramPlan:  # fmt: skip
-    """The plan of one configuration, from a two-chunk dry run in the pipeline's default mode (seconds of CPU)."""
+                 quantization: str | object | None = ..., models: Models | None = None,
+                 stream_batch_rows: int = 0) -> VramPlan:  # fmt: skip
+    """The plan of one configuration, from a two-chunk dry run in the pipeline's default mode (seconds of CPU).
+    With `stream_batch_rows`, the pipe is filled first, so the measured chunk is a full micro-step (every row)."""
     from serve.pipelines.dry_run import dry_run_pipeline, scripted_params, tracking
 
     pipeline = dry_run_pipeline(pipeline_id, height, width, vae_type=vae_type, quantization=quantization,
                                 models=models)  # fmt: skip
+    pipeline.stream_batch_rows = stream_batch_rows
     stream = pipeline.open_stream(0)
     mode = pipeline.spec.default_mode
     frames = np.zeros((pipeline.chunk_frames, pipeline.height, pipeline.width, 3), np.uint8)
     with tracking() as tracker:
         first, steady = scripted_params(pipeline.spec.runtime_defaults, mode, 2)
         stream.process(frames if mode == "video" else None, first)
+        for _ in range(max(stream_batch_rows - 1, 0)):  # the pipe fills: one more row in flight per chunk
+            stream.process(frames if mode == "video" else None, steady)
         before = tracker.live
         tracker.reset_peak()
         stream.process(frames if mode == "video" else None, steady)
@@ -97,7 +104,7 @@ def measure_plan(pipeline_id: str, height: int | None = None, width: int | None 
     stored_fp8 = isinstance(pipeline.models.dit.blocks[0].ffn[0], Fp8Linear)
     return VramPlan(
         pipeline_id, pipeline.height, pipeline.width, vae_type, "fp8_e4m3fn" if stored_fp8 else None, weights,
-        text_encoder, cache, text_kv, state, activations,
+        text_encoder, cache, text_kv, state, activations, stream_batch_rows=stream_batch_rows,
     )  # fmt: skip
 
 
@@ -144,7 +151,7 @@ def alternatives(plan: VramPlan) -> list[VramPlan]:
     measured = []
     for change in candidates:
         size = {"height": change.pop("height", plan.height), "width": change.pop("width", plan.width)}
-        alt = measure_plan(plan.pipeline, **size, **change)
+        alt = measure_plan(plan.pipeline, **size, **change, stream_batch_rows=plan.stream_batch_rows)
         measured.append(alt.with_text_encoder_on_gpu(False))
     return measured
 

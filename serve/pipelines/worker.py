@@ -82,6 +82,9 @@ class StreamSlot:
         self._on_error = on_error
         self._text_pts_step = round(1 / (text_fps * VIDEO_TIME_BASE))
         self._text_pts = 0
+        # Input stamps of each chunk taken, until its frames come out: a stream batch returns a chunk S·P calls
+        # after taking it (`chunks_in_flight`), and its frames keep their own inputs' timestamps. Bounded by the pipe.
+        self._stamps_in_flight: deque[list[FrameStamp]] = deque(maxlen=64)
         self.closed = False
         # counters (read by stats; written under the lock)
         self.frames_in = 0
@@ -146,7 +149,11 @@ class StreamSlot:
             started = time.perf_counter()
             out = self.stream.process(frames, params)
             elapsed_ms = (time.perf_counter() - started) * 1000
-            self._emit(out, self._stamps(taken, len(out)))
+            self._stamps_in_flight.append([stamp for _, stamp in taken])
+            source: list[FrameStamp] = []
+            while len(self._stamps_in_flight) > self.stream.chunks_in_flight:  # the chunks that came out now
+                source += self._stamps_in_flight.popleft()
+            self._emit(out, self._stamps(source, len(out)))
         except Exception as exc:  # a failing chunk ends this session, not the worker
             log.exception("session=%s chunk failed", self.session_id)
             self.closed = True
@@ -156,11 +163,12 @@ class StreamSlot:
             self.chunks += 1
             self.chunk_ms = elapsed_ms
 
-    def _stamps(self, taken: list[tuple[Any, FrameStamp]], count: int) -> list[FrameStamp]:
+    def _stamps(self, taken: list[FrameStamp], count: int) -> list[FrameStamp]:
+        """Stamps for `count` frames out, from the input stamps of the chunks they came from."""
         if len(taken) == count:
-            return [stamp for _, stamp in taken]
-        if taken:  # a model may emit fewer frames than it took (the first chunk of a causal VAE): keep the newest
-            stamps = [stamp for _, stamp in taken][-count:]
+            return taken
+        if taken and count:  # a model may emit fewer frames than it took (the first chunk of a causal VAE): the newest
+            stamps = taken[-count:]
             if len(stamps) == count:
                 return stamps
         stamps = []

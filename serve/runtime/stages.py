@@ -14,9 +14,12 @@ them as gloo's tags do:
   header int64[8] = (op, stream, a, b, c, 0, 0, 0)                           rank 0 → every stage
   OPEN   a, b = token grid (rows, columns), c = cache frame slots: the stream's caches on each stage
   TEXT   then the embedded prompt [1, text_len, d]                          rank 0 → every stage
-  STEP   a = latent frames F; then write_index [F·Lf], key_bias [S], frame_positions [F], e0 [1, F, 6, d]
-         rank 0 → every stage (and e [1, F, d] → the last); x [1, N, d] rank r → r+1 with the stage times
-         float64[ranks]; the last rank → rank 0: head output [1, N, 64] and the times
+  STEP   a = latent frames F, b = stream-batch rows B (0: one chunk, B = 1 and the plan's tensors have no row
+         dimension); then write_index [(B,) F·Lf], key_bias [(B,) S], frame_positions [(B,) F], e0 [B, F, 6, d]
+         rank 0 → every stage (and e [B, F, d] → the last); x [B, N, d] rank r → r+1 with the stage times
+         float64[ranks]; the last rank → rank 0: head output [B, N, 64] and the times. Rank 0 need not wait for
+         the reply before its next STEP (`submit` / `collect`): a stream batch keeps one micro-step per stage in
+         flight, and every stage takes its messages in the order they were sent.
   RESET / CLOSE: the stream's caches;  FETCH: every stage → rank 0 its K and V (tests);  STOP: exit.
 """
 
@@ -225,9 +228,9 @@ def _serve(spec: StageSpec, model: StageModel) -> None:
             dist.send(caches.k.contiguous(), 0)
             dist.send(caches.v.contiguous(), 0)
         elif op == STEP:
-            plan, e0, e = _recv_step_inputs(blocks.streams[stream], config, a, device, last)
+            plan, e0, e = _recv_step_inputs(blocks.streams[stream], config, a, b, device, last)
             tokens = a * blocks.streams[stream].grid[0] * blocks.streams[stream].grid[1]
-            x = torch.empty(1, tokens, config.dim, device=device)
+            x = torch.empty(max(b, 1), tokens, config.dim, device=device)
             times = torch.empty(spec.ranks, dtype=torch.float64, device=device)
             dist.recv(x, rank - 1)
             dist.recv(times, rank - 1)
@@ -243,18 +246,19 @@ def _serve(spec: StageSpec, model: StageModel) -> None:
             dist.send(times, 0 if last else rank + 1)
 
 
-def _recv_step_inputs(caches: StreamCaches, config: DiTConfig, frames: int, device: str,
+def _recv_step_inputs(caches: StreamCaches, config: DiTConfig, frames: int, rows: int, device: str,
                       last: bool) -> tuple[ChunkPlan, Tensor, Tensor | None]:  # fmt: skip
     tokens = frames * caches.grid[0] * caches.grid[1]
-    write_index = torch.empty(tokens, dtype=torch.long, device=device)
-    key_bias = torch.empty(caches.cache.spec.max_tokens, dtype=torch.float32, device=device)
-    positions = torch.empty(frames, dtype=torch.long, device=device)
-    e0 = torch.empty(1, frames, 6, config.dim, device=device)
+    lead = (rows,) if rows else ()  # a stream batch's per-row plan
+    write_index = torch.empty(*lead, tokens, dtype=torch.long, device=device)
+    key_bias = torch.empty(*lead, caches.cache.spec.max_tokens, dtype=torch.float32, device=device)
+    positions = torch.empty(*lead, frames, dtype=torch.long, device=device)
+    e0 = torch.empty(max(rows, 1), frames, 6, config.dim, device=device)
     for tensor in (write_index, key_bias, positions, e0):
         dist.recv(tensor, 0)
     e = None
     if last:
-        e = torch.empty(1, frames, config.dim, device=device)
+        e = torch.empty(max(rows, 1), frames, config.dim, device=device)
         dist.recv(e, 0)
     return ChunkPlan(write_index, key_bias, positions), e0, e
 
@@ -295,10 +299,11 @@ class StageDriver:
         self._lock = threading.Lock()  # the stream-id counter and the queue, from any thread
         # Host copy of the last step's stage ms (pinned on CUDA, so the copy to it never waits for the device).
         self._times = torch.zeros(gpus.ranks, dtype=torch.float64, pin_memory=self.device.type == "cuda")
-        self._times_out = torch.zeros(gpus.ranks, dtype=torch.float64, device=self.device)  # rank 0's, sent on
-        self._times_device = torch.zeros(gpus.ranks, dtype=torch.float64, device=self.device)  # every stage's
         self.steps = 0
         self._closed = False
+        # Submitted steps not yet collected, held here too: a stream that is gone with steps in flight (a stream
+        # batch) has them waited for before its CLOSE goes out, so no posted receive is ever dropped.
+        self._outstanding: list[PendingStep] = []
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -424,27 +429,44 @@ class StageDriver:
             self._wait(works, "while taking a prompt")
 
     def step(self, stream: int, latents: Tensor, timestep: Tensor, plan: ChunkPlan) -> Tensor:
-        """The DiT step over the stages: latents [1, 16, F, H, W] → flow [1, 16, F, H, W]; each stage writes its
+        """The DiT step over the stages: latents [B, 16, F, H, W] → flow [B, 16, F, H, W]; each stage writes its
         layers' K/V where `plan` says."""
+        return self.collect(self.submit(stream, latents, timestep, plan))
+
+    def submit(self, stream: int, latents: Tensor, timestep: Tensor, plan: ChunkPlan) -> PendingStep:
+        """Start a DiT step: rank 0 runs its blocks now and passes the activations on; `collect` waits for the
+        flow. A plan whose write_index has a row dimension is a stream batch's micro-step (one chunk per row)."""
         dit, frames = self.dit, latents.shape[2]
-        x, grid = dit.patchify(latents)  # [1, N, d]
+        rows = latents.shape[0] if plan.write_index.dim() == 2 else 0
+        x, grid = dit.patchify(latents)  # [B, N, d]
         e, e0 = dit.embed_time(timestep)
         last = self.gpus.ranks - 1
+        # Per step (not shared): a stream batch has several steps' messages outstanding at once.
+        times_out = torch.zeros(self.gpus.ranks, dtype=torch.float64, device=self.device)  # rank 0's, sent on
+        times = torch.zeros(self.gpus.ranks, dtype=torch.float64, device=self.device)  # every stage's
         with self._talking("during a chunk"):
-            self._command(STEP, stream, frames)
+            *header_works, header = self._command(STEP, stream, frames, rows, wait=False)
             inputs = (plan.write_index, plan.key_bias.float().contiguous(), plan.frame_positions, e0.contiguous())
-            works = [dist.isend(t, rank) for rank in range(1, self.gpus.ranks) for t in inputs]
+            works = [*header_works, *(dist.isend(t, rank) for rank in range(1, self.gpus.ranks) for t in inputs)]
             works.append(dist.isend(e.contiguous(), last))
             started = time.perf_counter()
-            x = self.local.run(stream, x, e0, plan)
-            self._times_out[0] = (time.perf_counter() - started) * 1000  # launch time on CUDA: a lower bound
-            works += [dist.isend(x.contiguous(), 1), dist.isend(self._times_out, 1)]
-            out = torch.empty(1, x.shape[1], dit.head.head.out_features, device=self.device)
-            replies = [dist.irecv(out, last), dist.irecv(self._times_device, last)]
-            self._wait(works + replies, "during a chunk")
-        self._times.copy_(self._times_device, non_blocking=True)  # read by `placement`, never waited for here
+            x = self.local.run(stream, x, e0, plan).contiguous()
+            times_out[0] = (time.perf_counter() - started) * 1000  # launch time on CUDA: a lower bound
+            works += [dist.isend(x, 1), dist.isend(times_out, 1)]
+            out = torch.empty(x.shape[0], x.shape[1], dit.head.head.out_features, device=self.device)
+            works += [dist.irecv(out, last), dist.irecv(times, last)]
+        pending = PendingStep(stream, works, out, times, grid, (header, inputs, e, x, times_out))
+        self._outstanding.append(pending)
+        return pending
+
+    def collect(self, pending: PendingStep) -> Tensor:
+        """The flow [B, 16, F, H, W] of a submitted step, once the last stage has sent it."""
+        with self._talking("during a chunk"):
+            self._wait(pending.works, "during a chunk")
+        self._outstanding.remove(pending)
+        self._times.copy_(pending.times, non_blocking=True)  # read by `placement`, never waited for here
         self.steps += 1
-        return dit.unpatchify(out, grid)
+        return self.dit.unpatchify(pending.out, pending.grid)
 
     def fetch_cache(self, stream: int) -> tuple[Tensor, Tensor]:
         """Every layer's K and V of a stream, gathered on rank 0 in layer order (tests compare them)."""
@@ -473,7 +495,6 @@ class StageDriver:
             "devices": list(self.gpus.devices),
             "blocks_per_stage": blocks,
             "stage_ms": stage_ms if self.steps else None,
-            "stream_batch": False,
         }
         if self.steps:
             suggested = balanced_split(stage_ms, self.layers)
@@ -482,19 +503,31 @@ class StageDriver:
 
     # -- messages -----------------------------------------------------------------------------------------------
 
-    def _command(self, op: int, stream: int, a: int = 0, b: int = 0, c: int = 0) -> None:
+    def _command(self, op: int, stream: int, a: int = 0, b: int = 0, c: int = 0, wait: bool = True) -> list[Any]:
+        """Send the queued commands, then this one; `wait=False` returns this header's sends unwaited (with the
+        header tensor), for a STEP whose messages complete at `collect`."""
         while self._pending:
             with self._lock:
                 queued, queued_stream, grid, frames = self._pending.popleft()
+            if queued == CLOSE:  # the stream's steps still in flight complete first (their buffers stay alive)
+                gone = [step for step in self._outstanding if step.stream == queued_stream]
+                self._wait([work for step in gone for work in step.works], "closing a stream")
+                self._outstanding = [step for step in self._outstanding if step.stream != queued_stream]
             self._send_header(queued, queued_stream, grid[0], grid[1], frames)
-        self._send_header(op, stream, a, b, c)
+        return self._send_header(op, stream, a, b, c, wait)
 
-    def _send_header(self, op: int, stream: int, a: int, b: int, c: int) -> None:
+    def _send_header(self, op: int, stream: int, a: int, b: int, c: int, wait: bool = True) -> list[Any]:
         header = torch.tensor([op, stream, a, b, c, 0, 0, 0])
         if self.device.type == "cuda":  # pinned and non-blocking: a pageable copy would wait for the GPU's queue
             header = header.pin_memory()
         device_header = header.to(self.device, non_blocking=True)
-        self._wait([dist.isend(device_header, rank) for rank in range(1, self.gpus.ranks)], "taking a command")
+        works = [dist.isend(device_header, rank) for rank in range(1, self.gpus.ranks)]
+        if wait:
+            self._wait(works, "taking a command")
+            return []
+        # Unwaited: under NCCL a wait orders rank 0's compute stream after this send, which on the last rank's pair
+        # queues behind the receive of the previous micro-step's flow, so rank 0 could not run ahead.
+        return [*works, device_header]
 
     def _wait(self, works: list[Any], when: str) -> None:
         for work in works:
@@ -523,6 +556,19 @@ class StageDriver:
 
 
 StepFn = Callable[[int, Tensor, Tensor, ChunkPlan], Tensor]
+
+
+@dataclass
+class PendingStep:
+    """A submitted DiT step: its outstanding messages, where the flow and the stage times arrive, and the tensors
+    its sends read from (kept alive until they complete)."""
+
+    stream: int
+    works: list[Any]
+    out: Tensor  # [B, N, 64]
+    times: Tensor  # float64[ranks]
+    grid: tuple[int, int, int]
+    sending: tuple[Any, ...]
 
 
 def free_port() -> int:
