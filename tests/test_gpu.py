@@ -48,6 +48,20 @@ def test_pinned_download_on_cuda_returns_the_frames() -> None:
 
 @pytest.mark.gpu
 @cuda
+def test_a_deferred_download_is_valid_once_its_event_completes() -> None:
+    """`AutoregressiveStream.start`'s copy: returned before it ends, right after its event (worker `_run` waits)."""
+    bridge = HostBridge(torch.device("cuda"), seed=0)
+    frames = torch.randint(0, 255, (12, 512, 512, 3), dtype=torch.uint8, device="cuda")
+    bridge.defer_wait = True
+    host = bridge.download(frames)
+    done = bridge.take_pending()
+    assert done is not None and bridge.take_pending() is None
+    done.synchronize()
+    assert np.array_equal(host, frames.cpu().numpy())
+
+
+@pytest.mark.gpu
+@cuda
 @pytest.mark.parametrize("pipeline_id", ["streamdiffusionv2", "longlive", "reward-forcing", "memflow",
                                          "krea-realtime-video"])  # fmt: skip
 def test_every_pipeline_runs_its_chunk_loop_on_cuda(pipeline_id: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from serve.pipelines.base import PipelineStream
+from serve.pipelines.base import ChunkOutput, PipelineStream
 from serve.pipelines.worker import FrameStamp, PipelineWorker, StreamSlot
 
 TB = Fraction(1, 90000)
@@ -163,3 +163,65 @@ def test_paused_slot_runs_nothing(worker: PipelineWorker) -> None:
     assert stream.seen == []
     slot.update_params({"paused": False})
     wait_for(lambda: len(stream.seen) == 1)
+
+
+class SerialDevice:
+    """What CUDA events are to `ChunkOutput`, from a device that runs chunks one after another, ahead of the host:
+    a chunk queued at t finishes `chunk_s` after both t and the chunk before it."""
+
+    def __init__(self, chunk_s: float) -> None:
+        self.chunk_s = chunk_s
+        self.free_at = 0.0
+
+    def queue(self) -> CopyDone:
+        self.free_at = max(time.monotonic(), self.free_at) + self.chunk_s
+        return CopyDone(self.free_at)
+
+
+class CopyDone:
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def query(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def synchronize(self) -> None:
+        time.sleep(max(0.0, self.at - time.monotonic()))
+
+
+class RunsAheadStream(RecordingStream):
+    """A stream on a device that runs ahead of the host: `start` returns while its frames are still coming."""
+
+    def __init__(self, timeline: list[tuple[str, int]], copy_s: float | None) -> None:
+        super().__init__()
+        self.timeline = timeline
+        self.device = None if copy_s is None else SerialDevice(copy_s)  # None: the host, done when `start` returns
+
+    def start(self, frames, params) -> ChunkOutput:
+        index = len(self.seen)
+        self.timeline.append(("start", index))
+        out = np.full((1, 2, 2, 3), index, np.uint8)
+        self.process(frames, params)
+        return ChunkOutput(out, None if self.device is None else self.device.queue())
+
+
+@pytest.mark.parametrize("copy_s", [0.05, None])
+def test_the_next_chunk_is_queued_before_waiting_for_frames_in_flight(worker: PipelineWorker, copy_s) -> None:
+    """On CUDA the worker queues chunk n+1 before it waits for chunk n's frames (the GPU never idles while the host
+    waits and emits); frames still come out in order, each once. On a CPU each chunk is emitted before the next."""
+    timeline: list[tuple[str, int]] = []
+    stream, sink = RunsAheadStream(timeline, copy_s), Sink()
+
+    def emit(frames: np.ndarray, stamps: list[FrameStamp]) -> None:
+        timeline.append(("emit", int(frames[0, 0, 0, 0])))
+        sink.emit(frames, stamps)
+
+    slot = StreamSlot(worker, "ahead", stream, 1, {"input_mode": "text"}, convert=lambda p: p, emit=emit,
+                      output_has_room=lambda: len(stream.seen) < 5, on_error=sink.error, text_fps=30)  # fmt: skip
+    worker.attach(slot)
+    wait_for(lambda: len(sink.chunks) == 5)
+    emits = [index for kind, index in timeline if kind == "emit"]
+    assert emits == [0, 1, 2, 3, 4] and not sink.errors
+    for n in range(4):
+        queued_first = timeline.index(("start", n + 1)) < timeline.index(("emit", n))
+        assert queued_first == (copy_s is not None), timeline

@@ -43,7 +43,7 @@ from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, TextKVCache
 from serve.models.lora import RuntimeLoras
 from serve.models.prompts import PromptTransition
 from serve.models.scheduler import FlowMatchScheduler
-from serve.pipelines.base import Pipeline, PipelineStream, ProgressFn
+from serve.pipelines.base import ChunkOutput, Pipeline, PipelineStream, ProgressFn
 from serve.pipelines.cache_policies import CachePolicy, EmaSinkPolicy, MemoryBankPolicy, RecomputePolicy
 from serve.pipelines.frames import YuvChunk, upload_yuv
 from serve.pipelines.loras import (
@@ -174,6 +174,8 @@ class HostBridge:
         self.generator = None if self.dry else torch.Generator(device=device).manual_seed(seed)
         self.uploads = 0  # host→device frame copies so far
         self.downloads = 0  # device→host frame copies so far
+        self.defer_wait = False  # set by AutoregressiveStream.start: frames out are returned before their copy ends
+        self._pending: torch.cuda.Event | None = None
 
     def reseed(self) -> None:
         if self.generator is not None:
@@ -194,7 +196,9 @@ class HostBridge:
         return pixels.permute(3, 0, 1, 2)[None].float() / 127.5 - 1
 
     def download(self, frames: Tensor) -> np.ndarray:
-        """uint8 [T, H, W, 3] device frames → a host array; the chunk's one wait for the device is here."""
+        """uint8 [T, H, W, 3] device frames → a host array; the chunk's one wait for the device is here, unless
+        `defer_wait` is set: then the array is returned while the copy is still in flight, and the event it
+        completes is kept for `take_pending` (AutoregressiveStream.start hands it to the worker)."""
         self.downloads += 1
         if self.dry:
             return np.zeros(tuple(frames.shape), dtype=np.uint8)
@@ -203,8 +207,17 @@ class HostBridge:
         # Pinned memory lets the copy run as DMA; the caching host allocator reuses the block once the array dies.
         host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
         host.copy_(frames, non_blocking=True)
-        torch.cuda.current_stream(frames.device).synchronize()
+        if self.defer_wait:  # one stream: the last copy's event covers every earlier one
+            self._pending = torch.cuda.Event()
+            self._pending.record(torch.cuda.current_stream(frames.device))
+        else:
+            torch.cuda.current_stream(frames.device).synchronize()
         return host.numpy()
+
+    def take_pending(self) -> torch.cuda.Event | None:
+        """The event the deferred copies complete, or None; cleared."""
+        pending, self._pending = self._pending, None
+        return pending
 
 
 class AutoregressiveStream(PipelineStream):
@@ -345,6 +358,16 @@ class AutoregressiveStream(PipelineStream):
                 f"was stopped and its memory freed. Load with a smaller plan (quantization fp8_e4m3fn, vae_type "
                 f"lighttae, a lower resolution) or run fewer sessions. ({str(exc).splitlines()[0]})"
             ) from None
+
+    def start(self, frames: np.ndarray | YuvChunk | None, params: dict[str, Any]) -> ChunkOutput:
+        """`process` without its final wait: on CUDA the output's copy is still in flight when this returns, so the
+        worker can queue the next chunk before it waits (PipelineWorker `_run`)."""
+        self.host.defer_wait = True
+        try:
+            out = self.process(frames, params)
+        finally:
+            self.host.defer_wait = False
+        return ChunkOutput(out, self.host.take_pending())
 
     def release(self) -> None:
         """Drop this stream's device buffers (it cannot run again) and hand cached blocks back to the driver."""

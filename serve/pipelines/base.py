@@ -22,6 +22,26 @@ ProgressFn = Callable[[str, float], None]
 """`report(stage, fraction_done)`: called by a loading pipeline; thread-safe, cheap."""
 
 
+class ChunkOutput:
+    """A chunk's output frames, possibly still being copied to the host: `frames()` waits for the copy (the chunk's
+    one wait for the device) and returns them. `done` is None when nothing is in flight (a CPU, the meta device, or
+    frames kept on the device), else a CUDA event the copy completes."""
+
+    def __init__(self, frames: np.ndarray, done: Any = None) -> None:
+        self._frames = frames
+        self.done = done
+
+    @property
+    def in_flight(self) -> bool:
+        return self.done is not None and not self.done.query()
+
+    def frames(self) -> np.ndarray:
+        if self.done is not None:
+            self.done.synchronize()
+            self.done = None
+        return self._frames
+
+
 class PipelineStream(ABC):
     """Per-session generation state (caches, noise generator, prompt state)."""
 
@@ -38,6 +58,12 @@ class PipelineStream(ABC):
         only between chunks. Returns `[T', H, W, 3]` uint8 output frames: this chunk's, or with a stream batch
         (serve/pipelines/stream_batch.py) those of the chunks that came out now (none while its pipe fills).
         """
+
+    def start(self, frames: np.ndarray | YuvChunk | None, params: dict[str, Any]) -> ChunkOutput:
+        """`process`, split where the host waits for the device: runs the chunk up to its device→host copy and
+        returns its output, which may still be in flight. A stream on a device that runs ahead of the host (CUDA)
+        overrides this, so the worker can queue the next chunk's device work before it waits for these frames."""
+        return ChunkOutput(self.process(frames, params))
 
     @property
     def chunks_in_flight(self) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from serve.pipelines.base import PipelineStream
+from serve.pipelines.base import ChunkOutput, PipelineStream
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,14 @@ class StreamSlot:
         return self._output_has_room()  # text mode: generate only as fast as frames are played out
 
     def run_chunk(self) -> None:
+        """One chunk, start to emitted frames."""
+        started = self.start_chunk()
+        if started is not None:
+            started.finish()
+
+    def start_chunk(self) -> StartedChunk | None:
+        """Take the chunk's inputs and parameters and run it up to its frames' copy to the host (which may still be
+        in flight); None when it failed (the session is ended)."""
         with self._lock:
             reset = self._pending.pop("reset_cache", False)
             once = {name: self._pending.pop(name) for name in ONE_SHOT_FIELDS if name in self._pending}
@@ -147,21 +155,33 @@ class StreamSlot:
                 self.stream.reset()
             frames = self._collate([self._convert(payload) for payload, _ in taken]) if taken else None
             started = time.perf_counter()
-            out = self.stream.process(frames, params)
-            elapsed_ms = (time.perf_counter() - started) * 1000
+            out = self.stream.start(frames, params)
             self._stamps_in_flight.append([stamp for _, stamp in taken])
             source: list[FrameStamp] = []
             while len(self._stamps_in_flight) > self.stream.chunks_in_flight:  # the chunks that came out now
                 source += self._stamps_in_flight.popleft()
-            self._emit(out, self._stamps(source, len(out)))
         except Exception as exc:  # a failing chunk ends this session, not the worker
-            log.exception("session=%s chunk failed", self.session_id)
-            self.closed = True
-            self._on_error(exc)
+            self._fail(exc)
+            return None
+        return StartedChunk(self, out, source, started)
+
+    def finish_chunk(self, out: ChunkOutput, source: list[FrameStamp], started: float) -> None:
+        """Wait for the chunk's frames on the host and emit them with their stamps."""
+        try:
+            frames = out.frames()
+            if not self.closed:
+                self._emit(frames, self._stamps(source, len(frames)))
+        except Exception as exc:
+            self._fail(exc)
             return
         with self._lock:
             self.chunks += 1
-            self.chunk_ms = elapsed_ms
+            self.chunk_ms = (time.perf_counter() - started) * 1000
+
+    def _fail(self, exc: BaseException) -> None:
+        log.exception("session=%s chunk failed", self.session_id, exc_info=exc)
+        self.closed = True
+        self._on_error(exc)
 
     def _stamps(self, taken: list[FrameStamp], count: int) -> list[FrameStamp]:
         """Stamps for `count` frames out, from the input stamps of the chunks they came from."""
@@ -176,6 +196,23 @@ class StreamSlot:
             stamps.append(FrameStamp(self._text_pts, VIDEO_TIME_BASE, None))
             self._text_pts += self._text_pts_step
         return stamps
+
+
+@dataclass
+class StartedChunk:
+    """A chunk whose device work is queued and whose frames may still be on their way to the host."""
+
+    slot: StreamSlot
+    out: ChunkOutput
+    source: list[FrameStamp]  # the input stamps of the chunks whose frames come out
+    started: float  # time.perf_counter() when it started
+
+    @property
+    def in_flight(self) -> bool:
+        return self.out.in_flight
+
+    def finish(self) -> None:
+        self.slot.finish_chunk(self.out, self.source, self.started)
 
 
 class PipelineWorker:
@@ -222,12 +259,24 @@ class PipelineWorker:
         return None
 
     def _run(self) -> None:
+        """Round robin over ready slots, one chunk ahead of the host where the device allows: a chunk whose frames
+        are still being copied (CUDA) waits until the next ready chunk's device work is queued behind it, so the GPU
+        is not idle while the host waits, emits and prepares. With nothing else ready it is finished at once, and a
+        chunk that is already done (a CPU) is emitted at once: neither delays a frame."""
+        waiting: StartedChunk | None = None
         while True:
             with self.condition:
                 slot = self._pick()
-                while slot is None and not self._stopping:
+                while slot is None and waiting is None and not self._stopping:
                     self.condition.wait()
                     slot = self._pick()
                 if self._stopping:
                     return
-            slot.run_chunk()
+            started = slot.start_chunk() if slot is not None else None
+            if waiting is not None:
+                waiting.finish()  # after the next chunk's work is queued: its frames are the next to show
+                waiting = None
+            if started is not None and started.in_flight:
+                waiting = started
+            elif started is not None:
+                started.finish()
