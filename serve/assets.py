@@ -93,6 +93,20 @@ class AssetStore:
         while path.exists():
             path = self._root / f"{stem}-{counter}{ext}"
             counter += 1
+        self._write(path, data)
+        return self._describe(path, kind)
+
+    def put(self, name: str, data: bytes) -> Asset:
+        """The asset `name` as another store saved it (a cluster front's upload, copied to each worker): the same
+        name, so the path the front returned resolves here too; an existing file of that name is replaced."""
+        kind, ext = sniff_media(data) if data else ("", "")
+        if not data or name != f"{sanitize_filename(Path(name).stem)}{ext}":
+            raise InvalidRequest(f"{echo(name)} is not a name this store gives an upload of these bytes")
+        path = self._root / name
+        self._write(path, data)
+        return self._describe(path, kind)
+
+    def _write(self, path: Path, data: bytes) -> None:
         temporary = path.with_name(f".{path.name}.part")
         try:
             temporary.write_bytes(data)
@@ -105,7 +119,6 @@ class AssetStore:
                     "folder (or ask its operator to) and upload again"
                 ) from None
             raise
-        return self._describe(path, kind)
 
     def list(self) -> list[Asset]:
         assets = []

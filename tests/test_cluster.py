@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 
 from tests.support.browser import launch_chromium, static_server
 from tests.support.cluster import RunningWorker, local_ray, start_worker
+from tests.support.images import png_bytes
 from tests.support.rtc_client import ScopeClient, offer_sdp
 from tests.support.server import RunningServer, load_pipeline, run_server
 from tests.test_browser_seed import API_BASE_LINE, E2E
@@ -225,6 +227,18 @@ async def test_tiny_model_loads_on_an_idle_worker_and_streams(cluster: Cluster) 
     assert owner(session_id) == loaded[0]  # placed where it is warm
     frames = await client.wait_frames(4, timeout_s=60)
     assert (frames[0].width, frames[0].height) == (64, 64)
+    # The seed's reference upload goes to the front; the path it returns holds on the worker the session is on.
+    reference = png_bytes(np.full((8, 8, 3), 200, np.uint8))
+    uploaded = httpx.post(f"{cluster.front.url}/api/v1/assets", params={"filename": "ref.png"}, content=reference,
+                          headers={"Content-Type": "application/octet-stream"}, timeout=10)  # fmt: skip
+    assert uploaded.status_code == 200, uploaded.text
+    path = uploaded.json()["path"]
+    assert (cluster.tmp_dir / "worker-assets" / path).read_bytes() == reference
+    assert path in [a["path"] for a in httpx.get(f"{cluster.front.url}/api/v1/assets").json()["assets"]]
+    await client.send({"vace_ref_images": [path]})  # checked on the worker, against its own folder: accepted
+    await client.send({"vace_ref_images": ["not-uploaded.png"]})
+    error = await client.wait_message("error")
+    assert "not-uploaded.png" in error["message"] and [m["type"] for m in client.messages].count("error") == 1
     await client.close()
     cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "seat not freed")
 

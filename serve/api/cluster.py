@@ -8,8 +8,9 @@ from litestar.datastructures import State
 from serve.errors import NotOnClusterFront
 from serve.schemas import ClusterStatus
 
-LOCAL_ONLY = ("assets", "loras", "models", "recordings")
-"""`wanrt serve` routes that read its own folders; a cluster front answers them with 501 rather than a bare 404."""
+LOCAL_ONLY = ("loras", "models", "recordings")
+"""`wanrt serve` routes that read its own folders; a cluster front answers them with 501 rather than a bare 404.
+(Uploads are the front's own, copied to every worker: serve/cluster/assets.py.)"""
 
 
 class ClusterController(Controller):
@@ -32,6 +33,6 @@ class LocalOnlyController(Controller):
     async def local_only(self, request: Request) -> None:
         raise NotOnClusterFront(
             f"{request.url.path} reads one machine's own folders, and a cluster front has none of its workers'; "
-            "uploads, LoRA files, weight downloads and recordings are served by `wanrt serve` on a worker machine "
+            "LoRA files, weight downloads and recordings are served by `wanrt serve` on a worker machine "
             "(weights must be on every worker before a load)"
         )

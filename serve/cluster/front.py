@@ -28,12 +28,14 @@ from litestar import Litestar
 from ray.exceptions import ActorDiedError, RayActorError
 
 from serve import errors
+from serve.api.assets import AssetController
 from serve.api.cluster import ClusterController, LocalOnlyController
 from serve.api.pipeline import PipelineController
 from serve.api.sessions import SessionController
 from serve.api.system import SystemController
 from serve.api.webrtc import WebRTCController
-from serve.assets import echo
+from serve.assets import AssetStore, echo
+from serve.cluster.assets import ClusterAssets
 from serve.cluster.names import NAMESPACE, WORKER_PREFIX, owner_of
 from serve.cluster.worker import Reply
 from serve.errors import (
@@ -59,6 +61,7 @@ CLUSTER_CONTROLLERS: list[type] = [
     SessionController,
     SystemController,
     ClusterController,
+    AssetController,
     LocalOnlyController,
 ]
 
@@ -109,8 +112,9 @@ class WorkerView:
 
 
 class ClusterServing:
-    def __init__(self, settings: ClusterSettings, load_timeout_s: float) -> None:
+    def __init__(self, settings: ClusterSettings, load_timeout_s: float, assets: AssetStore) -> None:
         self.settings = settings
+        self.assets = ClusterAssets(assets, lambda: [view for view in self._views() if view.usable])
         self.load_timeout_s = load_timeout_s
         self.workers: dict[str, WorkerView] = {}
         self._wanted: Wanted | None = None
@@ -185,6 +189,7 @@ class ClusterServing:
         info.last_seen = time.time()
         info.lost_sessions = view.info.lost_sessions
         view.info = info
+        await self.assets.sync(view)  # uploads it missed (joined later, unreachable then, replaced)
 
     def _mark_gone(self, view: WorkerView, reason: str) -> None:
         if view.info.state == "gone":
@@ -447,9 +452,9 @@ def create_cluster_app(settings: ServerSettings, cluster: ClusterSettings) -> Li
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await asyncio.to_thread(connect, cluster.address)
-        serving = ClusterServing(cluster, settings.load_timeout_s)
+        serving = ClusterServing(cluster, settings.load_timeout_s, AssetStore(settings.assets.directory))
         await serving.start()
-        app.state.update(serving=serving)
+        app.state.update(serving=serving, assets=serving.assets)
         log.info("cluster front on ray=%s workers=%s", cluster.address, ", ".join(serving.workers) or "none yet")
         try:
             yield

@@ -10,6 +10,7 @@ JSON), without Ray's traceback text.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 import ray
 
+from serve.assets import AssetStore
 from serve.cluster.names import session_prefix
 from serve.errors import InvalidRequest, WanrtError
 from serve.pipelines.manager import PipelineManager
@@ -84,6 +86,7 @@ class WanrtWorker:
             session_prefix=session_prefix(name),
         )
         self.serving = LocalServing(self.pipelines, self.sessions, self.recordings)
+        self.assets = AssetStore(settings.assets.directory)
         context = ray.get_runtime_context()
         self.node_id = context.get_node_id()
         self.gpus = [str(gpu) for gpu in context.get_accelerator_ids().get("GPU", [])]
@@ -96,6 +99,11 @@ class WanrtWorker:
             return Reply(value=await getattr(self.serving, method)(*args))
         except WanrtError as exc:
             return Reply(error=type(exc).__name__, detail=str(exc))
+
+    async def put_asset(self, name: str, data: bytes) -> None:
+        """An upload the front saved, under the name it gave (serve/cluster/assets.py): a session here resolves the
+        path the front returned."""
+        await asyncio.to_thread(self.assets.put, name, data)
 
     async def summary(self) -> ClusterWorker:
         return ClusterWorker(

@@ -68,7 +68,7 @@ def start_worker(
         "--address", address,
         "--cpu-workers", str(cpu_workers),
         "--ice-interfaces", "loopback",
-        "--assets-dir", str(tmp_dir / "assets"),
+        "--assets-dir", str(tmp_dir / "worker-assets"),  # not the front's: uploads must be copied to reach it
         "--models-dir", str(tmp_dir / "models"),
         "--engines-dir", str(tmp_dir / "engines"),
         "--recordings-dir", str(tmp_dir / "recordings"),

@@ -1,0 +1,71 @@
+"""Uploads on a cluster front: kept in the front's own asset folder and copied, under the same name, to every worker.
+
+The seed's VACE flow uploads a reference (`POST /api/v1/assets`) and sends the returned `path` in
+`vace_ref_images`; the session that reads it may land on any worker. So the front saves the upload (it lists and
+serves it from there), returns the name as the path (every store resolves a name inside its own folder), and puts
+the bytes into each live worker's folder before it answers. A worker that was unreachable then, or joins later, or
+is replaced under its name, gets what it lacks from the front's next poll (`sync`), before it takes a session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio.from_thread
+import msgspec
+
+from serve.assets import AssetStore
+from serve.schemas import Asset
+
+log = logging.getLogger(__name__)
+
+PUT_TIMEOUT_S = 30.0  # one file to one worker (uploads are at most --max-upload-mb)
+
+
+@dataclass
+class WorkerAssets:
+    """What the front knows one worker holds (reset when a new actor takes the worker's name)."""
+
+    names: set[str] = field(default_factory=set)
+
+
+class ClusterAssets:
+    """`state.assets` of a cluster front: the AssetStore API the asset routes call (in a worker thread)."""
+
+    def __init__(self, store: AssetStore, views: Any) -> None:
+        self.store = store
+        self._views = views  # () -> the live WorkerViews (serve/cluster/front.py)
+        self._held: dict[int, WorkerAssets] = {}  # by id(handle): a replaced actor is a new handle
+
+    def save(self, filename: str, data: bytes) -> Asset:
+        asset = self.store.save(filename, data)
+        anyio.from_thread.run(self._put_everywhere, asset.name, data)
+        return msgspec.structs.replace(asset, path=asset.name)
+
+    def list(self) -> list[Asset]:
+        return [msgspec.structs.replace(asset, path=asset.name) for asset in self.store.list()]
+
+    def resolve(self, path: str):
+        return self.store.resolve(path)
+
+    async def _put_everywhere(self, name: str, data: bytes) -> None:
+        await asyncio.gather(*(self._put(view, name, data) for view in self._views()))
+
+    async def _put(self, view: Any, name: str, data: bytes) -> None:
+        try:
+            await asyncio.wait_for(view.handle.put_asset.remote(name, data), PUT_TIMEOUT_S)
+        except Exception as exc:  # unreachable or gone: `sync` retries from the next poll while it lives
+            log.warning("worker=%s did not take asset %s: %s: %s", view.name, name, type(exc).__name__, exc)
+            return
+        self._held.setdefault(id(view.handle), WorkerAssets()).names.add(name)
+
+    async def sync(self, view: Any) -> None:
+        """Put every front asset this worker lacks into its folder (called with each summary of a live worker)."""
+        held = self._held.setdefault(id(view.handle), WorkerAssets())
+        missing = [a.name for a in await asyncio.to_thread(self.store.list) if a.name not in held.names]
+        for name in missing:
+            data = await asyncio.to_thread((self.store.directory / name).read_bytes)
+            await self._put(view, name, data)
