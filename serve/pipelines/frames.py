@@ -10,6 +10,7 @@ all: the kernel reads the decoder's buffers in place.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -59,12 +60,26 @@ def upload_yuv(chunk: YuvChunk, device: torch.device, height: int, width: int) -
 def one_host_thread() -> Iterator[None]:
     """Frame-sized CPU ops on one thread: with torch's intra-op threads spinning beside aiortc's decoder and encoder
     threads on two cores, a 128×128 frame took 218 ms instead of 1.8 ms (measured, benchmarks/RESULTS.md)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    # torch's thread count is the process's: with two threads in here at once, the second must not save the first's 1
+    # and restore it for good, so the count is saved by the first in and restored by the last out.
+    global _single_thread_users, _saved_threads
+    with _single_thread_lock:
+        if _single_thread_users == 0:
+            _saved_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _single_thread_users += 1
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        with _single_thread_lock:
+            _single_thread_users -= 1
+            if _single_thread_users == 0:
+                torch.set_num_threads(_saved_threads)
+
+
+_single_thread_lock = threading.Lock()
+_single_thread_users = 0
+_saved_threads = 1
 
 
 def _host(plane: np.ndarray | Tensor) -> Tensor:
