@@ -13,9 +13,9 @@ as they are (they are rare, or take another shape), like the engines' fallbacks 
 Binding: one graph per set of *persistent* buffers (the text K/V and the KV cache of one stream, found by their
 addresses), holding its own copies of the per-chunk inputs (latents, timestep, the cache plan, the VACE context and
 scale). A call copies those in and replays; the KV cache writes replay in place, into the stream's own buffers.
-The first call for a set of buffers runs the step normally (its result is this call's, and it is the warm-up the
-capture needs: lazy cuBLAS/cuDNN handles, autotuning), then captures. All graphs share one memory pool: the worker
-runs one step at a time, and each output is consumed before the next step.
+The first call for a set of buffers runs the step normally on the capture's stream (its result is this call's, and
+it is the warm-up the capture needs: lazy cuBLAS/cuDNN handles and workspaces, autotuning), then captures. All
+graphs share one memory pool: the worker runs one step at a time, and each output is consumed before the next step.
 
 The output of a replay is the graph's own buffer: valid until the next call (the loop consumes it at once, as with
 the TensorRT step).
@@ -117,7 +117,7 @@ class CudaStep:
                 self.graphs.move_to_end(key)
                 self.replays += 1
                 return captured.replay(args)
-            output = self.step(*args)  # this call's result, and the capture's warm-up
+            output = self._warm_up(args)  # this call's result
             self._capture(key, args)
             return output
 
@@ -126,6 +126,18 @@ class CudaStep:
         persistent = tuple((t.data_ptr(), tuple(t.shape)) for t in leaves([args[i] for i in self.persistent]))
         per_chunk = tuple((i, tuple(a.shape), a.dtype) for i, a in enumerate(args) if i not in self.persistent)
         return persistent + per_chunk
+
+    def _warm_up(self, args: Args) -> Tensor:
+        """The step run normally, on the stream the capture will use: cuBLAS/cuDNN handles and workspaces are made per
+        stream, and must exist before a capture rather than be allocated inside it."""
+        assert self.capture_stream is not None
+        current = torch.cuda.current_stream(self.device)
+        self.capture_stream.wait_stream(current)
+        with torch.cuda.stream(self.capture_stream):
+            output = self.step(*args)
+        current.wait_stream(self.capture_stream)
+        output.record_stream(current)  # used on the caller's stream from here: its block is not reused before that
+        return output
 
     def _capture(self, key: tuple, args: Args) -> None:
         assert self.capture_stream is not None
