@@ -77,6 +77,14 @@ def run_scenario(stream: AutoregressiveStream, spec, fetch) -> list[tuple[np.nda
     return out
 
 
+def assert_same_runs(got: list, expected: list, unit: str = "chunk") -> None:
+    """Every call's frames and every layer's K and V equal, bit for bit (on the host: NCCL stages send CUDA tensors)."""
+    for index, ((frames, k, v), (want_frames, want_k, want_v)) in enumerate(zip(got, expected, strict=True)):
+        assert np.array_equal(frames, want_frames), f"{unit} {index}: frames differ"
+        same_cache = torch.equal(k.cpu(), want_k.cpu()) and torch.equal(v.cpu(), want_v.cpu())
+        assert same_cache, f"{unit} {index}: KV caches differ"
+
+
 def whole_cache(stream: AutoregressiveStream) -> tuple[torch.Tensor, torch.Tensor]:
     return stream.cache.k.clone(), stream.cache.v.clone()
 
@@ -104,9 +112,7 @@ def test_pipelined_stream_equals_the_one_process_stream(cls, pipeline_id: str, r
         got = run_scenario(stream, spec, lambda s: staged.stages.fetch_cache(s.stream_id))
         if pipeline_id == "longlive":
             assert stream.recaches == 1
-        for chunk, ((frames, k, v), (want_frames, want_k, want_v)) in enumerate(zip(got, expected, strict=True)):
-            assert np.array_equal(frames, want_frames), f"chunk {chunk}: frames differ"
-            assert torch.equal(k, want_k) and torch.equal(v, want_v), f"chunk {chunk}: KV caches differ"
+        assert_same_runs(got, expected)
         placed = staged.placement()
         assert placed is not None
         assert placed["stages"] == ranks and placed["backend"] == "gloo"
@@ -183,9 +189,7 @@ def test_stages_load_their_blocks_from_the_checkpoint_with_the_builtin_lora(tmp_
         assert staged.stages is not None and staged.lora_adapters[0]["builtin"]
         stream = staged.open_stream(seed=3)
         got = run_scenario(stream, spec, lambda s: staged.stages.fetch_cache(s.stream_id))
-        for chunk, ((frames, k, v), (want_frames, want_k, want_v)) in enumerate(zip(got, expected, strict=True)):
-            assert np.array_equal(frames, want_frames), f"chunk {chunk}: frames differ"
-            assert torch.equal(k, want_k) and torch.equal(v, want_v), f"chunk {chunk}: KV caches differ"
+        assert_same_runs(got, expected)
     finally:
         staged.close()
 
@@ -224,9 +228,7 @@ def test_staged_stream_batch_equals_the_one_process_stream_batch(cls, pipeline_i
         stream = staged.open_stream(seed=7)
         assert isinstance(stream, StagedStream)
         got = stream_batch_scenario(stream, spec, lambda s: staged.stages.fetch_cache(s.stream_id))
-        for chunk, ((frames, k, v), (want_frames, want_k, want_v)) in enumerate(zip(got, expected, strict=True)):
-            assert np.array_equal(frames, want_frames), f"call {chunk}: frames differ"
-            assert torch.equal(k, want_k) and torch.equal(v, want_v), f"call {chunk}: KV caches differ"
+        assert_same_runs(got, expected, "call")
         # The pipe filled for S·D calls (S = 2 steps), then one chunk per call; the switch drained what was in flight.
         fill = 2 * ranks
         assert all(len(frames) == 0 for frames, _, _ in got[:fill])

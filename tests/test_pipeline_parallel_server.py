@@ -111,7 +111,7 @@ def test_nccl_stages_equal_the_one_gpu_stream() -> None:
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 CUDA GPUs for NCCL stages; {torch.cuda.device_count()} visible")
     from serve.pipelines.autoregressive import StreamDiffusionV2Pipeline
-    from tests.test_pipeline_parallel import load, run_scenario, whole_cache
+    from tests.test_pipeline_parallel import assert_same_runs, load, run_scenario, whole_cache
 
     single, spec = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="0")
     expected = run_scenario(single.open_stream(seed=7), spec, whole_cache)
@@ -121,12 +121,7 @@ def test_nccl_stages_equal_the_one_gpu_stream() -> None:
         started = time.perf_counter()
         got = run_scenario(staged.open_stream(seed=7), spec, lambda s: staged.stages.fetch_cache(s.stream_id))
         assert time.perf_counter() - started < 60
-        for (frames, k, v), (want_frames, want_k, want_v) in zip(got, expected, strict=True):
-            assert (
-                (frames == want_frames).all()
-                and torch.equal(k.cpu(), want_k.cpu())
-                and torch.equal(v.cpu(), want_v.cpu())
-            )
+        assert_same_runs(got, expected)
     finally:
         staged.close()
 
@@ -138,7 +133,7 @@ def test_nccl_stream_batch_equals_the_one_gpu_stream_batch() -> None:
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 CUDA GPUs for NCCL stages; {torch.cuda.device_count()} visible")
     from serve.pipelines.autoregressive import StreamDiffusionV2Pipeline
-    from tests.test_pipeline_parallel import load, stream_batch_scenario, whole_cache
+    from tests.test_pipeline_parallel import assert_same_runs, load, stream_batch_scenario, whole_cache
 
     single, spec = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="0", stream_batch=True)
     single.stream_lanes = 2
@@ -148,11 +143,6 @@ def test_nccl_stream_batch_equals_the_one_gpu_stream_batch() -> None:
         assert staged.stages is not None and staged.placement()["stream_batch"] == {"rows": 3, "lanes": 2}
         got = stream_batch_scenario(staged.open_stream(seed=7), spec,
                                     lambda s: staged.stages.fetch_cache(s.stream_id))  # fmt: skip
-        for (frames, k, v), (want_frames, want_k, want_v) in zip(got, expected, strict=True):
-            assert (
-                (frames == want_frames).all()
-                and torch.equal(k.cpu(), want_k.cpu())
-                and torch.equal(v.cpu(), want_v.cpu())
-            )
+        assert_same_runs(got, expected)
     finally:
         staged.close()

@@ -25,6 +25,7 @@ from build_engines.export import DIT_STEP_INPUTS, DIT_STEP_OUTPUTS, VACE_STEP_IN
 from build_engines.tensorrt import deserialize_engine, import_tensorrt
 from serve.models.autoencoder import Caches, ChunkStepFn
 from serve.runtime.backends import DiTStep, EngineStep, KeyRope
+from serve.runtime.cuda_step import leaves
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,16 @@ class TensorRTStep(EngineStep):
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return graph
 
-    def run(self, per_chunk: dict[str, Tensor], caller: dict[str, Tensor]) -> Tensor:
-        """Copy the per-chunk inputs into their persistent buffers, then replay the graph captured for these caller
-        buffers (capturing it on their first call). Returns the engine's persistent `flow` buffer: valid until the
-        next call (the loop consumes it at once)."""
-        for name, value in per_chunk.items():
+    def __call__(self, *args: Tensor | tuple[Tensor, Tensor], key_rope: KeyRope = None) -> Tensor:
+        """The step's own arguments (`WanDiT.step`'s, or `VaceWanDiT.step_vace`'s), which flatten (text K/V pairs
+        split) to the engine's `INPUTS` in order. Copies the per-chunk ones into their persistent buffers, then
+        replays the graph captured for the caller's buffers (capturing it on their first call). Returns the engine's
+        persistent `flow` buffer: valid until the next call (the loop consumes it at once)."""
+        if not self.runs_here(args[0], key_rope):  # type: ignore[arg-type]
+            return self.fallback(*args, key_rope=key_rope)  # type: ignore[misc]
+        named = dict(zip(self.INPUTS, leaves(args), strict=True))
+        caller = {name: named.pop(name) for name in CALLER_BUFFERS if name in named}
+        for name, value in named.items():
             self.static[name].copy_(value.view(self.shapes[name]))
         bound = tuple(t.data_ptr() for t in caller.values())
         graph = self.graphs.get(bound)
@@ -131,26 +137,6 @@ class TensorRTStep(EngineStep):
             graph.replay()
         return self.static["flow"]
 
-    def __call__(
-        self,
-        latents: Tensor,
-        timestep: Tensor,
-        text_kv: tuple[Tensor, Tensor],
-        cache_k: Tensor,
-        cache_v: Tensor,
-        write_index: Tensor,
-        key_bias: Tensor,
-        frame_positions: Tensor,
-        key_rope: KeyRope = None,
-    ) -> Tensor:
-        if not self.runs_here(latents, key_rope):
-            return self.fallback(  # type: ignore[misc]
-                latents, timestep, text_kv, cache_k, cache_v, write_index, key_bias, frame_positions, key_rope=key_rope
-            )
-        per_chunk = {"latents": latents, "timestep": timestep, "write_index": write_index, "key_bias": key_bias,
-                     "frame_positions": frame_positions}  # fmt: skip
-        return self.run(per_chunk, {"text_k": text_kv[0], "text_v": text_kv[1], "cache_k": cache_k, "cache_v": cache_v})
-
 
 class TensorRTVaceStep(TensorRTStep):
     """`VaceWanDiT.step_vace` as a TensorRT plan of `VaceStepGraph`: the base step's binding, plus the chunk's VACE
@@ -158,33 +144,6 @@ class TensorRTVaceStep(TensorRTStep):
     (set once per prompt, like the main text K/V)."""
 
     INPUTS = VACE_STEP_INPUTS
-
-    def __call__(  # type: ignore[override]
-        self,
-        latents: Tensor,
-        timestep: Tensor,
-        text_kv: tuple[Tensor, Tensor],
-        cache_k: Tensor,
-        cache_v: Tensor,
-        write_index: Tensor,
-        key_bias: Tensor,
-        frame_positions: Tensor,
-        vace_context: Tensor,
-        vace_text_kv: tuple[Tensor, Tensor],
-        vace_scale: Tensor,
-        key_rope: KeyRope = None,
-    ) -> Tensor:
-        if not self.runs_here(latents, key_rope):
-            return self.fallback(  # type: ignore[misc]
-                latents, timestep, text_kv, cache_k, cache_v, write_index, key_bias, frame_positions, vace_context,
-                vace_text_kv, vace_scale, key_rope=key_rope,
-            )  # fmt: skip
-        per_chunk = {"latents": latents, "timestep": timestep, "write_index": write_index, "key_bias": key_bias,
-                     "frame_positions": frame_positions, "vace_context": vace_context,
-                     "vace_scale": vace_scale}  # fmt: skip
-        caller = {"text_k": text_kv[0], "text_v": text_kv[1], "cache_k": cache_k, "cache_v": cache_v,
-                  "vace_text_k": vace_text_kv[0], "vace_text_v": vace_text_kv[1]}  # fmt: skip
-        return self.run(per_chunk, caller)
 
 
 class TensorRTChunkStep(EngineStep):
