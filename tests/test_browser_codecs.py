@@ -5,25 +5,23 @@ aiortc's packetizer); the seed's page as it is keeps VP8 (tests/test_browser_see
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.browser import launch_chromium, static_server
+from tests.support.browser import E2E, launch_chromium, seed_pointed_at, static_server
 from tests.support.server import RunningServer
 
-E2E = Path(__file__).parent / "e2e"
-API_BASE_LINE = 'const API_BASE = "http://localhost:8000";'
 SIZE = 256
 
 pytestmark = pytest.mark.browser
 
 
 def test_page_preferring_h264_gets_the_packet_path(server: RunningServer) -> None:
+    point_at_server = seed_pointed_at(server.url)
+
     def rewrite(name: str, body: bytes) -> bytes:
-        if name == "seed_client.js":
-            return body.replace(API_BASE_LINE.encode(), f'const API_BASE = "{server.url}";'.encode())
+        body = point_at_server(name, body)
         if name == "seed_page.html":  # the one line a page adds, before the seed's script
             return body.replace(b'<script src="seed_client.js">', b'<script src="prefer_h264.js"></script>\n'
                                 b'  <script src="seed_client.js">')  # fmt: skip

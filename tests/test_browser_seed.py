@@ -9,12 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.browser import launch_chromium, static_server
+from tests.support.browser import API_BASE_LINE, E2E, launch_chromium, seed_pointed_at, static_server
 from tests.support.server import RunningServer
 
-E2E = Path(__file__).parent / "e2e"
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "v2v-guide.md"
-API_BASE_LINE = 'const API_BASE = "http://localhost:8000";'
 
 pytestmark = pytest.mark.browser
 
@@ -30,13 +28,7 @@ def test_vendored_seed_code_is_the_seed_verbatim() -> None:
 
 
 def test_seed_client_streams_passthrough_in_chromium(server: RunningServer, tmp_path: Path) -> None:
-    def point_at_server(name: str, body: bytes) -> bytes:
-        if name != "seed_client.js":
-            return body
-        assert API_BASE_LINE.encode() in body
-        return body.replace(API_BASE_LINE.encode(), f'const API_BASE = "{server.url}";'.encode())
-
-    with static_server(E2E, point_at_server) as page_origin, launch_chromium() as browser:
+    with static_server(E2E, seed_pointed_at(server.url)) as page_origin, launch_chromium() as browser:
         page = browser.new_page()
         console: list[str] = []
         page.on("console", lambda message: console.append(message.text))

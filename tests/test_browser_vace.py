@@ -9,10 +9,9 @@ import time
 import httpx
 import pytest
 
-from tests.support.browser import launch_chromium, static_server
+from tests.support.browser import E2E, launch_chromium, seed_pointed_at, static_server
 from tests.support.images import gradient, png_bytes
 from tests.support.server import RunningServer
-from tests.test_browser_seed import API_BASE_LINE, E2E
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -23,12 +22,7 @@ def session_parameters(server: RunningServer, session_id: str) -> dict:
 
 
 def test_seed_vace_flow_streams_longlive_in_chromium(server: RunningServer) -> None:
-    def point_at_server(name: str, body: bytes) -> bytes:
-        if name != "seed_client.js":
-            return body
-        return body.replace(API_BASE_LINE.encode(), f'const API_BASE = "{server.url}";'.encode())
-
-    with static_server(E2E, point_at_server) as page_origin, launch_chromium() as browser:
+    with static_server(E2E, seed_pointed_at(server.url)) as page_origin, launch_chromium() as browser:
         page = browser.new_page()
         console: list[str] = []
         page.on("console", lambda message: console.append(message.text))

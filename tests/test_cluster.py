@@ -21,12 +21,11 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.support.browser import launch_chromium, static_server
+from tests.support.browser import E2E, launch_chromium, seed_pointed_at, static_server
 from tests.support.cluster import RunningWorker, local_ray, start_worker
 from tests.support.images import png_bytes
 from tests.support.rtc_client import ScopeClient, offer_sdp
 from tests.support.server import RunningServer, load_pipeline, run_server
-from tests.test_browser_seed import API_BASE_LINE, E2E
 from tests.test_browser_ui import OUTPUT_FRAMES, load_in_page
 
 pytest.importorskip("ray", reason="the cluster extra is not installed (pip install -e '.[cluster]')")
@@ -155,12 +154,7 @@ def test_seed_client_in_chromium_streams_through_the_cluster(cluster: Cluster) -
     """The seed's JavaScript, unchanged but for API_BASE, against the cluster front: signalling goes through the
     front, media and the data channel to the worker the answer names. Then the server's own page, from the front."""
 
-    def point_at_front(name: str, body: bytes) -> bytes:
-        if name != "seed_client.js":
-            return body
-        return body.replace(API_BASE_LINE.encode(), f'const API_BASE = "{cluster.front.url}";'.encode())
-
-    with static_server(E2E, point_at_front) as page_origin, launch_chromium() as browser:
+    with static_server(E2E, seed_pointed_at(cluster.front.url)) as page_origin, launch_chromium() as browser:
         page = browser.new_page()
         page.goto(f"{page_origin}/seed_page.html")
         status = page.evaluate("seedFlow.load('passthrough', {height: 64, width: 64})")

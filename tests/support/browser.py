@@ -16,6 +16,23 @@ from pathlib import Path
 
 import pytest
 
+E2E = Path(__file__).parents[1] / "e2e"  # the seed's JavaScript (tests/test_browser_seed.py checks it is the guide's)
+API_BASE_LINE = 'const API_BASE = "http://localhost:8000";'
+"""The seed's one line a user edits: where the server is."""
+
+
+def seed_pointed_at(api_url: str) -> Callable[[str, bytes], bytes]:
+    """A `static_server` rewrite serving the seed's client with API_BASE set to `api_url`, all else unchanged."""
+
+    def rewrite(name: str, body: bytes) -> bytes:
+        if name != "seed_client.js":
+            return body
+        assert API_BASE_LINE.encode() in body
+        return body.replace(API_BASE_LINE.encode(), f'const API_BASE = "{api_url}";'.encode())
+
+    return rewrite
+
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
