@@ -91,7 +91,9 @@ def test_frames_keep_their_own_inputs_timestamps_through_the_pipe() -> None:
             for _ in range(stream.p.chunk_frames):
                 slot.push_input(index, FrameStamp(index * 3000, Fraction(1, 90000), None))
                 index += 1
-            slot.run_chunk()
+            started = slot.start_chunk()  # as the worker thread runs it: start, then the frames out
+            assert started is not None
+            started.finish()
     finally:
         worker.close()
     assert not errors

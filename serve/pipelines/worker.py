@@ -130,12 +130,6 @@ class StreamSlot:
             return len(self._inputs) == self.chunk_frames  # the output track bounds itself by dropping stale frames
         return self._output_has_room()  # text mode: generate only as fast as frames are played out
 
-    def run_chunk(self) -> None:
-        """One chunk, start to emitted frames."""
-        started = self.start_chunk()
-        if started is not None:
-            started.finish()
-
     def start_chunk(self) -> StartedChunk | None:
         """Take the chunk's inputs and parameters and run it up to its frames' copy to the host (which may still be
         in flight); None when it failed (the session is ended)."""
