@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio.from_thread
@@ -25,20 +26,14 @@ log = logging.getLogger(__name__)
 PUT_TIMEOUT_S = 30.0  # one file to one worker (uploads are at most --max-upload-mb)
 
 
-@dataclass
-class WorkerAssets:
-    """What the front knows one worker holds (reset when a new actor takes the worker's name)."""
-
-    names: set[str] = field(default_factory=set)
-
-
 class ClusterAssets:
-    """`state.assets` of a cluster front: the AssetStore API the asset routes call (in a worker thread)."""
+    """`state.assets` of a cluster front: the AssetStore API the asset routes call (in a worker thread). What each
+    worker holds is its `WorkerView.assets` (a new view, so an empty set, when a new actor takes the name)."""
 
-    def __init__(self, store: AssetStore, views: Any) -> None:
+    def __init__(self, store: AssetStore, views: Callable[[], list[Any]]) -> None:
         self.store = store
-        self._views = views  # () -> the live WorkerViews (serve/cluster/front.py)
-        self._held: dict[int, WorkerAssets] = {}  # by id(handle): a replaced actor is a new handle
+        self._views = views  # the live WorkerViews (serve/cluster/front.py)
+        self._names = {asset.name for asset in store.list()}  # every upload the workers should hold
 
     def save(self, filename: str, data: bytes) -> Asset:
         asset = self.store.save(filename, data)
@@ -48,10 +43,11 @@ class ClusterAssets:
     def list(self) -> list[Asset]:
         return [msgspec.structs.replace(asset, path=asset.name) for asset in self.store.list()]
 
-    def resolve(self, path: str):
+    def resolve(self, path: str) -> Path:
         return self.store.resolve(path)
 
     async def _put_everywhere(self, name: str, data: bytes) -> None:
+        self._names.add(name)  # on the event loop, as `sync` reads it
         await asyncio.gather(*(self._put(view, name, data) for view in self._views()))
 
     async def _put(self, view: Any, name: str, data: bytes) -> None:
@@ -60,12 +56,10 @@ class ClusterAssets:
         except Exception as exc:  # unreachable or gone: `sync` retries from the next poll while it lives
             log.warning("worker=%s did not take asset %s: %s: %s", view.name, name, type(exc).__name__, exc)
             return
-        self._held.setdefault(id(view.handle), WorkerAssets()).names.add(name)
+        view.assets.add(name)
 
     async def sync(self, view: Any) -> None:
         """Put every front asset this worker lacks into its folder (called with each summary of a live worker)."""
-        held = self._held.setdefault(id(view.handle), WorkerAssets())
-        missing = [a.name for a in await asyncio.to_thread(self.store.list) if a.name not in held.names]
-        for name in missing:
+        for name in sorted(self._names - view.assets):
             data = await asyncio.to_thread((self.store.directory / name).read_bytes)
             await self._put(view, name, data)

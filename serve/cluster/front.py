@@ -91,6 +91,8 @@ class WorkerView:
     pending: int = 0
     """Offers being placed on it right now: they count against its seats before its summary shows them."""
     load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    assets: set[str] = field(default_factory=set)
+    """Names of the front's uploads this worker holds (serve/cluster/assets.py)."""
 
     @property
     def usable(self) -> bool:
