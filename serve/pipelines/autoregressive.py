@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from build_engines.manifest import dit_step_key, precision_of, vae_step_key
+from build_engines.manifest import EngineKey, dit_step_key, precision_of, vae_step_key
 from serve.errors import InvalidParameters, PipelineLoadError, StreamOutOfMemory
 from serve.models.autoencoder import ChunkStepFn, StreamingAutoencoder, make_vae
 from serve.models.dit import DIT_CONFIGS, ROPE_MAX_POSITIONS, DiTConfig
@@ -612,6 +612,7 @@ class AutoregressivePipeline(Pipeline):
                         pipeline.placement_reason)  # fmt: skip
         pipeline.runtime_lora_scales = user_loras.runtime_scales
         engines_dir = Path(context.get("engines_dir") or ServerSettings().engines_dir)
+        requested = load_params.get("backend", "auto")
         if pipeline.stream_batch_rows:  # engines and CUDA graphs are built for one chunk (batch 1)
             pipeline.backend_reason = "the stream batch runs the eager step (engines are built for one chunk)"
             pipeline.backends = {"dit_step": {"backend": "eager", "reason": pipeline.backend_reason}}
@@ -621,29 +622,25 @@ class AutoregressivePipeline(Pipeline):
                 models.dit.config.text_len, "fp8" if quantization else precision_of(dtype), "aoti",
                 merged_loras=merged_lora_key(loras),
             )  # fmt: skip
-            base = models.dit.base_part() if pipeline.vace_enabled else None  # type: ignore[operator]
-            pipeline.step, pipeline.backend, pipeline.backend_reason = select_backend(
-                load_params.get("backend", "auto"), key, models.dit, engines_dir, device,
-                engines_unusable=pipeline.engines_unusable(), weights_of=base,
-            )  # fmt: skip
-            requested = load_params.get("backend", "auto")
             steady = (1, 16, cls.shape.chunk_latents, pipeline.height // 8, pipeline.width // 8)  # a chunk's latents
-            pipeline.step, on_gpu = on_cuda(
-                pipeline.step, pipeline.backend, requested, steady, DIT_STEP_PERSISTENT, device
-            )
-            pipeline.backend_reason += f"; {on_gpu}" if on_gpu else ""
+
+            def choose(key: EngineKey, persistent: tuple[int, ...], weights_of: Any = None) -> tuple[Any, str, str]:
+                """The component's step from `select_backend`, as it runs on the device (CUDA graph, SDPA order)."""
+                step, backend, reason = select_backend(
+                    requested, key, models.dit, engines_dir, device, engines_unusable=pipeline.engines_unusable(),
+                    weights_of=weights_of,
+                )  # fmt: skip
+                step, on_gpu = on_cuda(step, backend, requested, steady, persistent, device)
+                return step, backend, reason + (f"; {on_gpu}" if on_gpu else "")
+
+            base = models.dit.base_part() if pipeline.vace_enabled else None  # type: ignore[operator]
+            pipeline.step, pipeline.backend, pipeline.backend_reason = choose(key, DIT_STEP_PERSISTENT, base)
             pipeline.backends = {"dit_step": {"backend": pipeline.backend, "reason": pipeline.backend_reason}}
             if pipeline.vace_enabled:  # chunks with a VACE context run this step (serve/models/vace.py)
                 vace_key = dataclasses.replace(key, component="dit_step_vace")
-                pipeline.vace_step, backend, reason = select_backend(
-                    requested, vace_key, models.dit, engines_dir, device, engines_unusable=pipeline.engines_unusable(),
-                )  # fmt: skip
-                pipeline.vace_step, on_gpu = on_cuda(
-                    pipeline.vace_step, backend, requested, steady, VACE_STEP_PERSISTENT, device
-                )
-                reason += f"; {on_gpu}" if on_gpu else ""
+                pipeline.vace_step, backend, reason = choose(vace_key, VACE_STEP_PERSISTENT)
                 pipeline.backends["dit_step_vace"] = {"backend": backend, "reason": reason}
-        pipeline.select_vae_backends(load_params.get("backend", "auto"), engines_dir)
+        pipeline.select_vae_backends(requested, engines_dir)
         if quantization == "fp8_e4m3fn":  # fp8 weight storage; fp8 GEMMs where the GPU has them (serve/models/fp8.py)
             report("fp8 weights", 0.9)
             store_dit_in_fp8(models.dit, dtype)
