@@ -119,7 +119,6 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
             sessions=sessions,
             assets=AssetStore(settings.assets.directory),
             models=models,
-            recordings=recordings,
             loras=loras,
         )
         if settings.preload_pipeline:

@@ -24,14 +24,15 @@ from av import VideoFrame
 from av.video.frame import PictureType
 from av.video.reformatter import VideoReformatter
 
+from serve.cluster.names import WORKER_NAME
 from serve.errors import InvalidRequest, RecordingConflict, UnknownRecording
 from serve.schemas import Recording
 from serve.settings import RecordingSettings
 
 log = logging.getLogger(__name__)
 
-SESSION_ID = re.compile(r"[0-9a-f]{32}")
-RECORDING_ID = re.compile(r"(?P<session>[0-9a-f]{32})-(?P<n>[0-9]{1,6})")
+SESSION_ID = re.compile(rf"(?:{WORKER_NAME}\.)?[0-9a-f]{{32}}")  # a uuid, prefixed by its worker on a cluster
+RECORDING_ID = re.compile(rf"(?P<session>{SESSION_ID.pattern})-(?P<n>[0-9]{{1,6}})")
 TIME_BASE = Fraction(1, 90000)  # the RTP video clock the output frames carry
 FALLBACK_FRAME_S = Fraction(1, 30)  # frame spacing assumed after a timeline jump, until two frames set it again
 MAX_GAP_S = 2  # a step between output timestamps beyond this (or backwards) means the timeline jumped
@@ -278,18 +279,15 @@ class RecordingStore:
 
     def resolve(self, id_: str) -> Path:
         """A finished recording's file from its id, or the newest recording of a session from the session id."""
-        if RECORDING_ID.fullmatch(id_):
-            recording_id = id_
-        elif SESSION_ID.fullmatch(id_):
+        session_id = session_of(id_)
+        if session_id == id_:
             matches = [m for m in map(RECORDING_ID.fullmatch, self._file_ids()) if m and m["session"] == id_]
             numbered = [(int(m["n"]), m[0]) for m in matches]
             if not numbered:
                 raise UnknownRecording(f"session {id_!r} has no recordings (GET /api/v1/recordings lists them)")
             recording_id = max(numbered)[1]
         else:
-            raise InvalidRequest(
-                f"{id_[:80]!r} is not a recording id (<sessionId>-<n>) or a session id (32 hex digits)"
-            )
+            recording_id = id_
         recorder = self._recorders.get(recording_id)
         if recorder is not None and recorder.active:
             raise RecordingConflict(f"recording {recording_id} is still being written; stop it first")
@@ -335,6 +333,18 @@ class RecordingStore:
             for path in entries
             if path.suffix == ".mp4" and RECORDING_ID.fullmatch(path.stem) and path.is_file() and not path.is_symlink()
         ]
+
+
+def session_of(id_: str) -> str:
+    """The session a recording id (`<sessionId>-<n>`) or a session id names; InvalidRequest for anything else."""
+    if match := RECORDING_ID.fullmatch(id_):
+        return match["session"]
+    if SESSION_ID.fullmatch(id_):
+        return id_
+    raise InvalidRequest(
+        f"{id_[:80]!r} is not a recording id (<sessionId>-<n>) or a session id (32 hex digits, after its worker's "
+        "name and a dot on a cluster)"
+    )
 
 
 def _size(path: Path) -> int:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio.to_thread
 
 from serve.errors import NoFrameYet
-from serve.schemas import Answer, IceCandidate, LoadParams, Offer, PipelineStatus
+from serve.schemas import Answer, IceCandidate, LoadParams, Offer, PipelineStatus, Recording, RecordingList
 
 if TYPE_CHECKING:
     from serve.pipelines.manager import PipelineManager
@@ -39,6 +39,21 @@ class Serving(Protocol):
     async def session_metrics(self, session_id: str) -> dict[str, Any]: ...
     async def gauges(self) -> dict[str, float]:
         """The serving side of GET /metrics (Prometheus names, no process gauges)."""
+        ...
+
+    async def list_recordings(self) -> RecordingList: ...
+    async def start_recording(self, session_id: str) -> Recording: ...
+    async def stop_recording(self, session_id: str) -> Recording:
+        """Returns once the MP4 is complete and downloadable."""
+        ...
+
+    async def recording_file(self, recording_id: str) -> tuple[str, int]:
+        """The finished recording a recording id or a session id names: its recording id and size in bytes."""
+        ...
+
+    async def read_recording(self, recording_id: str, offset: int, size: int) -> bytes:
+        """Up to `size` bytes of that recording from `offset` (a download reads it in such pieces, so a cluster
+        front holds one piece at a time, never the whole file)."""
         ...
 
 
@@ -93,3 +108,30 @@ class LocalServing:
             "wanrt_frames_dropped_total": totals["frames_dropped"],
             "wanrt_recordings_active": self.recordings.active_count(),
         }
+
+    async def list_recordings(self) -> RecordingList:
+        store = self.recordings
+        recordings = await anyio.to_thread.run_sync(store.list)
+        total = await anyio.to_thread.run_sync(store.total_bytes)
+        return RecordingList(
+            recordings=recordings, directory=str(store.directory), total_bytes=total, max_bytes=store.settings.max_bytes
+        )
+
+    async def start_recording(self, session_id: str) -> Recording:
+        return self.sessions.start_recording(session_id).describe()
+
+    async def stop_recording(self, session_id: str) -> Recording:
+        return (await self.sessions.stop_recording(session_id)).describe()
+
+    async def recording_file(self, recording_id: str) -> tuple[str, int]:
+        path = await anyio.to_thread.run_sync(self.recordings.resolve, recording_id)
+        return path.stem, path.stat().st_size
+
+    async def read_recording(self, recording_id: str, offset: int, size: int) -> bytes:
+        return await anyio.to_thread.run_sync(_read, self.recordings, recording_id, offset, size)
+
+
+def _read(store: RecordingStore, recording_id: str, offset: int, size: int) -> bytes:
+    with store.resolve(recording_id).open("rb") as file:
+        file.seek(offset)
+        return file.read(size)

@@ -27,6 +27,7 @@ from tests.support.images import png_bytes
 from tests.support.rtc_client import ScopeClient, offer_sdp
 from tests.support.server import RunningServer, load_pipeline, run_server
 from tests.test_browser_ui import OUTPUT_FRAMES, load_in_page
+from tests.test_recording import decode_mp4
 
 pytest.importorskip("ray", reason="the cluster extra is not installed (pip install -e '.[cluster]')")
 
@@ -147,6 +148,50 @@ async def test_twenty_connect_disconnect_cycles_leave_every_seat_free(cluster: C
     assert [w["sessions"] for w in state["workers"]] == [[], []]
     metrics = cluster.front.metrics()
     assert metrics["wanrt_sessions_active"] == 0 and metrics["wanrt_cluster_workers_alive"] == 2
+
+
+async def test_recordings_are_started_listed_and_downloaded_through_the_front(cluster: Cluster) -> None:
+    assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
+    by_parameter = ScopeClient(cluster.front.url, initial_parameters={"input_mode": "video", "recording": True})
+    by_route = ScopeClient(cluster.front.url, initial_parameters={"input_mode": "video"})
+    ids = [await by_parameter.connect(), await by_route.connect()]
+    assert {owner(i) for i in ids} == set(cluster.workers.names)  # one seat each: each recording on its own worker
+    async with httpx.AsyncClient(base_url=cluster.front.url, timeout=20) as http:
+        started = await http.post(f"/api/v1/recordings/{ids[1]}/start", json={})
+        assert started.status_code == 200, started.text
+        for client in (by_parameter, by_route):
+            await client.wait_frames(len(client.frames) + 30)
+        stopped = await http.post(f"/api/v1/recordings/{ids[1]}/stop", json={})
+        assert stopped.status_code == 200 and stopped.json()["recording"]["state"] == "done", stopped.text
+        await by_parameter.close()  # ending the session stops the recording it started, on its worker
+        deadline = time.monotonic() + 20
+        while True:
+            listing = (await http.get("/api/v1/recordings")).json()
+            done = {r["sessionId"]: r for r in listing["recordings"] if r["state"] == "done"}
+            if set(ids) <= set(done):
+                break
+            assert time.monotonic() < deadline, listing
+            await asyncio.sleep(0.1)
+        assert all(name in listing["directory"] for name in cluster.workers.names), listing["directory"]
+        for session_id in ids:
+            recording = done[session_id]
+            download = await http.get(recording["url"])
+            assert download.status_code == 200, download.text
+            assert int(download.headers["content-length"]) == recording["size_bytes"] == len(download.content)
+            assert f"wanrt-{recording['id']}.mp4" in download.headers["content-disposition"]
+            frames = decode_mp4(download.content)
+            assert len(frames) == recording["frames"] >= 20 and frames[0][1].shape == (64, 64, 3)
+            newest = await http.get(f"/api/v1/recordings/{session_id}")  # Scope's form, after the session ended
+            assert newest.content == download.content
+        unknown = [f"{owner(ids[0])}.{'0' * 32}-1", f"wanrt-worker-00000000-9.{'0' * 32}-1"]
+        for recording_id in unknown:
+            response = await http.get(f"/api/v1/recordings/{recording_id}")
+            assert response.status_code == 404 and response.json()["error"] == "UnknownRecording", response.text
+        assert (await http.get("/api/v1/recordings/nope")).status_code == 400
+        again = await http.post(f"/api/v1/recordings/{ids[0]}/start", json={})  # its session ended
+        assert again.status_code in (404, 410), again.text
+    await by_route.close()
+    cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "seats not freed")
 
 
 @pytest.mark.browser

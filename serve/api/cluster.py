@@ -8,9 +8,10 @@ from litestar.datastructures import State
 from serve.errors import NotOnClusterFront
 from serve.schemas import ClusterStatus
 
-LOCAL_ONLY = ("loras", "models", "recordings")
+LOCAL_ONLY = ("loras", "models")
 """`wanrt serve` routes that read its own folders; a cluster front answers them with 501 rather than a bare 404.
-(Uploads are the front's own, copied to every worker: serve/cluster/assets.py.)"""
+(Uploads are the front's own, copied to every worker: serve/cluster/assets.py; recordings are on the worker that
+served their session, and the front asks it.)"""
 
 
 class ClusterController(Controller):
@@ -33,6 +34,6 @@ class LocalOnlyController(Controller):
     async def local_only(self, request: Request) -> None:
         raise NotOnClusterFront(
             f"{request.url.path} reads one machine's own folders, and a cluster front has none of its workers'; "
-            "LoRA files, weight downloads and recordings are served by `wanrt serve` on a worker machine "
+            "LoRA files and weight downloads are served by `wanrt serve` on a worker machine "
             "(weights must be on every worker before a load)"
         )

@@ -31,6 +31,7 @@ from serve import errors
 from serve.api.assets import AssetController
 from serve.api.cluster import ClusterController, LocalOnlyController
 from serve.api.pipeline import PipelineController
+from serve.api.recordings import RecordingController
 from serve.api.sessions import SessionController
 from serve.api.system import SystemController
 from serve.api.webrtc import WebRTCController
@@ -44,12 +45,24 @@ from serve.errors import (
     PipelineNotLoaded,
     PipelineUnavailable,
     SessionGone,
+    UnknownRecording,
     UnknownSession,
     WanrtError,
     WorkerUnavailable,
 )
 from serve.pipelines.registry import get_spec
-from serve.schemas import Answer, ClusterStatus, ClusterWorker, IceCandidate, LoadParams, Offer, PipelineStatus
+from serve.recording import session_of
+from serve.schemas import (
+    Answer,
+    ClusterStatus,
+    ClusterWorker,
+    IceCandidate,
+    LoadParams,
+    Offer,
+    PipelineStatus,
+    Recording,
+    RecordingList,
+)
 from serve.settings import ClusterSettings, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -62,6 +75,7 @@ CLUSTER_CONTROLLERS: list[type] = [
     SystemController,
     ClusterController,
     AssetController,
+    RecordingController,
     LocalOnlyController,
 ]
 
@@ -405,6 +419,46 @@ class ClusterServing:
         for state in ("alive", "unreachable", "gone"):
             gauges[f"wanrt_cluster_workers_{state}"] = states.count(state)
         return gauges
+
+    # -- recordings: each on the worker that served its session ---------------------------------------------------
+
+    async def list_recordings(self) -> RecordingList:
+        listed = await self._gather("list_recordings")
+        return RecordingList(
+            recordings=sorted(
+                (recording for _, part in listed for recording in part.recordings),
+                key=lambda r: r.started_at,
+                reverse=True,
+            ),
+            directory=", ".join(f"{name}:{part.directory}" for name, part in listed),
+            total_bytes=sum(part.total_bytes for _, part in listed),
+            max_bytes=sum(part.max_bytes for _, part in listed),
+        )
+
+    async def start_recording(self, session_id: str) -> Recording:
+        return await self._on_owner(session_id, "start_recording")
+
+    async def stop_recording(self, session_id: str) -> Recording:
+        return await self._on_owner(session_id, "stop_recording")
+
+    async def recording_file(self, recording_id: str) -> tuple[str, int]:
+        return await self._on_recordings_worker(recording_id, "recording_file")
+
+    async def read_recording(self, recording_id: str, offset: int, size: int) -> bytes:
+        return await self._on_recordings_worker(recording_id, "read_recording", offset, size)
+
+    async def _on_recordings_worker(self, recording_id: str, method: str, *args: Any) -> Any:
+        """A recording outlives its session, so its worker is asked even after the session ended; a worker that is
+        gone took its recordings folder with it."""
+        view = self.workers.get(owner_of(session_of(recording_id)) or "")
+        if view is None:
+            raise UnknownRecording(f"no recording {echo(recording_id)}: no worker of this cluster made it")
+        try:
+            return await self._call(view, method, recording_id, *args)
+        except WorkerGone:
+            raise UnknownRecording(
+                f"recording {echo(recording_id)} was on worker {view.name}, which is gone ({view.info.error})"
+            ) from None
 
     async def _gather(self, method: str) -> list[tuple[str, Any]]:
         views = [view for view in self._views() if view.usable]

@@ -10,6 +10,9 @@ from __future__ import annotations
 NAMESPACE = "wanrt"
 """Every wanrt process joins this Ray namespace: named actors are only found within their namespace."""
 WORKER_PREFIX = "wanrt-worker-"
+WORKER_NAME = r"wanrt-worker-[0-9a-f]{8}-[0-9]{1,4}"
+"""A worker's name as a pattern: what may stand before the dot of a cluster session id (recordings are named by
+session ids, and their ids are checked against this before they become paths)."""
 
 
 def worker_name(node_id: str, index: int) -> str:

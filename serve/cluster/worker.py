@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -46,6 +46,11 @@ CALLS = frozenset(
         "session_frame",
         "session_metrics",
         "gauges",
+        "list_recordings",
+        "start_recording",
+        "stop_recording",
+        "recording_file",
+        "read_recording",
     }
 )
 """The `Serving` methods a front may call on a worker."""
@@ -77,7 +82,9 @@ class WanrtWorker:
             allow_random_weights=settings.allow_random_weights, load_timeout_s=settings.load_timeout_s,
             default_gpus=settings.gpus,
         )  # fmt: skip
-        self.recordings = RecordingStore(settings.recordings)
+        # A folder of its own under --recordings-dir: the actors of one machine share that directory, and each lists
+        # and caps only the recordings it made (a replacement under the same name finds its predecessor's).
+        self.recordings = RecordingStore(replace(settings.recordings, directory=settings.recordings.directory / name))
         self.sessions = SessionManager(
             self.pipelines,
             settings.webrtc,
