@@ -178,6 +178,11 @@ class StreamingAutoencoder:
         return self.model.decode_video(latents)
 
 
+def to_uint8_frames(video: Tensor) -> Tensor:
+    """Decoded pixels [1, 3, T, H, W] (clamped to [-1, 1] here) → uint8 frames [T, H, W, 3], on their device."""
+    return ((video.clamp(-1, 1)[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8)
+
+
 class ChunkStep(nn.Module):
     """A steady-state chunk step with flat tensor inputs and outputs, for torch.export / ONNX / TensorRT.
 

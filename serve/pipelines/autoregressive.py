@@ -36,7 +36,7 @@ from torch import Tensor
 
 from build_engines.manifest import EngineKey, dit_step_key, precision_of, vae_step_key
 from serve.errors import InvalidParameters, PipelineLoadError, StreamOutOfMemory
-from serve.models.autoencoder import ChunkStepFn, StreamingAutoencoder, make_vae
+from serve.models.autoencoder import ChunkStepFn, StreamingAutoencoder, make_vae, to_uint8_frames
 from serve.models.dit import DIT_CONFIGS, ROPE_MAX_POSITIONS, DiTConfig
 from serve.models.fp8 import store_dit_in_fp8
 from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, TextKVCache
@@ -63,7 +63,7 @@ from serve.pipelines.weights import LORA_SCALE, Models, dit_files, load_weights,
 from serve.pipelines.worker import VACE_IMAGE_FIELDS
 from serve.runtime.backends import DiTStep, select_backend
 from serve.runtime.cuda_step import DIT_STEP_PERSISTENT, VACE_STEP_PERSISTENT, on_cuda
-from serve.runtime.stages import CheckpointWeights, RandomWeights, StageDriver, check_visible
+from serve.runtime.stages import CheckpointWeights, RandomWeights, StageDriver, VaeSpec, check_visible
 from serve.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,9 @@ class AutoregressiveStream(PipelineStream):
         )  # fmt: skip
         self.latent_shape = (1, 16, chunk, pipeline.height // 8, pipeline.width // 8)
         self.denoised: deque[tuple[int, list[float | Tensor]]] = deque(maxlen=64)  # (first frame, timesteps) out
+        # Decodes submitted whose frames have not gone out yet, oldest first: at most `schedule.decode_lag` after a
+        # call (a decode on the last pipeline stage is collected that many micro-steps later).
+        self.decoding: deque[Any] = deque()
         self._restart_pending = False  # a reset asked for while chunks are in flight: drained first
         self.vace: VaceConditioner | None = None
         self.vace_text_kv: TextKVCache | None = None
@@ -267,7 +270,7 @@ class AutoregressiveStream(PipelineStream):
 
     @property
     def chunks_in_flight(self) -> int:
-        return self.schedule.in_flight
+        return self.schedule.in_flight + len(self.decoding)
 
     def buffers(self, spec: KVCacheSpec) -> tuple[KVCache, TextKVCache]:
         """The stream's KV cache and prompt K/V, every layer's (a pipeline-parallel stream keeps rank 0's here)."""
@@ -283,7 +286,7 @@ class AutoregressiveStream(PipelineStream):
     @torch.inference_mode()  # the worker calls it between chunks, and policies' buffers are inference tensors
     def reset(self) -> None:
         """Restart the stream; with chunks in flight (stream batch), the next chunk drains them first."""
-        if self.schedule.busy:
+        if self.schedule.busy or self.decoding:
             self._restart_pending = True
             return
         self._restart()
@@ -318,6 +321,16 @@ class AutoregressiveStream(PipelineStream):
                            *plan.as_args())  # fmt: skip
 
     def collect_step(self, pending: Tensor) -> Tensor:
+        return pending
+
+    def submit_decode(self, x0: Tensor) -> tuple[Tensor | None, Any]:
+        """Start decoding a chunk's clean latents [1, 16, F, h, w]: (the decoded video [1, 3, T, H, W] in [-1, 1]
+        where the decode runs here, else None; what `collect_decode` takes). Here it runs at once."""
+        video = self.vae.decode_chunk(x0.float()).clamp(-1, 1)
+        return video, to_uint8_frames(video)
+
+    def collect_decode(self, pending: Any) -> Tensor:
+        """uint8 frames [T, H, W, 3] on the device."""
         return pending
 
     def run_step(self, latents: Tensor, t: float | Tensor, plan: ChunkPlan, vace: ChunkVace | None = None) -> Tensor:
@@ -372,6 +385,7 @@ class AutoregressiveStream(PipelineStream):
     def release(self) -> None:
         """Drop this stream's device buffers (it cannot run again) and hand cached blocks back to the driver."""
         self.cache = self.text_kv = None  # type: ignore[assignment]
+        self.decoding.clear()
         self.vae.reset()
         self.policy = self.conditioning = None  # type: ignore[assignment]
         if self.p.device.type == "cuda":
@@ -384,11 +398,13 @@ class AutoregressiveStream(PipelineStream):
         out: list[np.ndarray] = []  # frames of every chunk that comes out of this call, in order
         restart = self._noise_changed(params) or self._restart_pending
         if restart or (policy.absolute_positions and self.frame + chunk > ROPE_MAX_POSITIONS):  # the RoPE table
-            out += [self._finish(done) for done in self.schedule.drain(self)]  # ends at 1024; in flight come out
+            self._finish(self.schedule.drain(self))  # ends at 1024; in flight come out
+            out += self._frames_out(keep=0)
             self._restart()
         self._apply_lora_scales(params)
         if self.schedule.busy and self.conditioning.will_jump(params):  # in-flight chunks finish on their prompt
-            out += [self._finish(done) for done in self.schedule.drain(self)]
+            self._finish(self.schedule.drain(self))
+            out += self._frames_out(keep=0)
         jumped = self.conditioning.update(params)
         if jumped and self.frame > 0 and policy.recache_on_prompt_switch:
             self._recache()
@@ -397,7 +413,8 @@ class AutoregressiveStream(PipelineStream):
         entering = self._enter(frames, params)
         self.frame += chunk
         # 2. Denoising passes and the clean pass, as the schedule runs them (serve/pipelines/stream_batch.py).
-        out += [self._finish(done) for done in self.schedule.advance(self, entering)]
+        self._finish(self.schedule.advance(self, entering))
+        out += self._frames_out(keep=self.schedule.decode_lag)
         if not out:  # the stream batch filling its pipe
             return np.zeros((0, p.height, p.width, 3), dtype=np.uint8)
         if len(out) == 1:
@@ -419,7 +436,7 @@ class AutoregressiveStream(PipelineStream):
             self._vace_ignored = True  # once per stream: references stay in the parameters
         if pixels is not None and not (vace is not None and vace.uses_input_video):
             pixels = first_call_frames(self.vae, pixels, chunk)  # the first encode: 1 + 4(F−1) frames → F latents
-            latents = self.vae.encode_chunk(pixels)
+            latents = self.encode(pixels)
             strength: float | Tensor
             first_t: float | Tensor
             if params.get("noise_controller", False):
@@ -440,17 +457,30 @@ class AutoregressiveStream(PipelineStream):
             x = self.host.noise(self.latent_shape)
         return ChunkInFlight(self.frame, x, list(steps), first_t, maybe_dropped, vace)
 
-    def _finish(self, chunk: ChunkInFlight) -> np.ndarray:
-        """3. Decode a chunk whose clean latents are final to uint8 frames [T, H, W, 3], converted on the device;
-        one copy to the host."""
-        assert chunk.x0 is not None
-        video = self.vae.decode_chunk(chunk.x0.float()).clamp(-1, 1)  # [1, 3, T, H, W]
-        self.policy.after_chunk(self, chunk.frame, chunk.x0, video)
-        self.denoised.append((chunk.frame, chunk.timesteps))
-        frames_out = ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8)
-        if self.keep_output_on_device and not self.host.dry:
-            return frames_out  # type: ignore[return-value]  # the encoder converts and encodes it on the device
-        return self.host.download(frames_out)
+    def encode(self, pixels: Tensor) -> Tensor:
+        """The VAE encode of a chunk's input pixels [1, 3, T, H, W] → latents [1, 16, F, h, w]."""
+        return self.vae.encode_chunk(pixels)
+
+    def _finish(self, chunks: list[ChunkInFlight]) -> None:
+        """3. Start decoding each chunk whose clean latents are final (queued in `decoding`), in order."""
+        for chunk in chunks:
+            assert chunk.x0 is not None
+            video, pending = self.submit_decode(chunk.x0)
+            self.policy.after_chunk(self, chunk.frame, chunk.x0, video)
+            self.denoised.append((chunk.frame, chunk.timesteps))
+            self.decoding.append(pending)
+
+    def _frames_out(self, keep: int) -> list[np.ndarray]:
+        """The frames of the oldest decodes, leaving `keep` in flight: uint8 [T, H, W, 3] converted on the device,
+        one copy to the host each (or left on the device for the encoder)."""
+        out = []
+        while len(self.decoding) > keep:
+            frames = self.collect_decode(self.decoding.popleft())
+            if self.keep_output_on_device and not self.host.dry:
+                out.append(frames)  # the encoder converts and encodes it on the device
+            else:
+                out.append(self.host.download(frames))
+        return out  # type: ignore[return-value]
 
     def _apply_lora_scales(self, params: dict[str, Any]) -> None:
         """The session's runtime LoRA scales, set on the pipeline's shared adapters before its chunk (streams of
@@ -474,7 +504,12 @@ class StagedStream(AutoregressiveStream):
     """A stream whose DiT blocks run on pipeline stages (serve/runtime/stages.py). The chunk loop and the policy
     are the one-device ones: only the step, the prompt K/V and the cache reset go through the stage driver, and the
     stream's own `cache` holds rank 0's layers. Only policies that never touch the cache between steps run here
-    (`CachePolicy.pipeline_parallel`)."""
+    (`CachePolicy.pipeline_parallel`). The VAE decode runs on the last stage, with this stream's decoder state
+    there; the encode stays here."""
+
+    def __init__(self, pipeline: AutoregressivePipeline, seed: int) -> None:
+        self._decoder_started = False  # whether the last stage has decoded this stream's first chunk since a reset
+        super().__init__(pipeline, seed)
 
     def buffers(self, spec: KVCacheSpec) -> tuple[KVCache, TextKVCache]:
         stages = self.p.stages
@@ -491,7 +526,24 @@ class StagedStream(AutoregressiveStream):
     def _restart(self) -> None:
         super()._restart()
         assert self.p.stages is not None
-        self.p.stages.reset(self.stream_id)
+        self.p.stages.reset(self.stream_id)  # the last stage's decoder state too
+        self._decoder_started = False
+
+    def encode(self, pixels: Tensor) -> Tensor:
+        assert self.p.stages is not None
+        return self.p.stages.timed_encode(lambda: super(StagedStream, self).encode(pixels))
+
+    def submit_decode(self, x0: Tensor) -> tuple[Tensor | None, Any]:
+        """On the last stage (its decoder state is this stream's); no video here for the policy (only policies that
+        never read it are pipelined)."""
+        assert self.p.stages is not None
+        frames = self.vae.num_frames(x0.shape[2], first=not self._decoder_started)
+        self._decoder_started = True
+        return None, self.p.stages.submit_decode(self.stream_id, x0, frames)
+
+    def collect_decode(self, pending: Any) -> Tensor:
+        assert self.p.stages is not None
+        return self.p.stages.collect_decode(pending)
 
     def submit_step(self, latents: Tensor, timestep: Tensor, plan: ChunkPlan) -> Any:
         assert self.p.stages is not None
@@ -687,12 +739,17 @@ class AutoregressivePipeline(Pipeline):
             dit_file, lora_file = dit_files(self.spec)
             lora = lora_file.local_path(models_dir) if lora_file else None
             weights = CheckpointWeights(dit_file.local_path(models_dir), self.shape.checkpoint_prefer, lora, LORA_SCALE)
-        self.stages = StageDriver.start(gpus, layers, dit, self.dtype, weights)
+        models = self.models
+        vae = VaeSpec(models.vae_type, models.vae_path, models.vae_size, int(load_params.get("seed", 0)))
+        self.stages = StageDriver.start(gpus, layers, dit, self.dtype, weights, vae)
         self.stream_lanes = gpus.ranks  # one micro-step in flight per stage
         self.backend = "eager"
         self.backend_reason = "pipeline-parallel stages run the eager step (engines are built for the whole model)"
         self.backends = {"dit_step": {"backend": self.backend, "reason": self.backend_reason}}
         self.select_vae_backends(load_params.get("backend", "auto"), engines_dir)
+        last = f"the decode runs on the last stage ({gpus.devices[-1]}), eager"
+        self.backends["vae_decode"] = {"backend": "eager", "reason": last}
+        self.vae_steps["decode"] = None
         report("ready", 1.0)
 
     def placement(self) -> dict[str, Any] | None:

@@ -70,17 +70,19 @@ def split_blocks(num_layers: int, ranks: int) -> tuple[tuple[int, int], ...]:
     return tuple((start, start + count) for start, count in zip(starts, counts, strict=True))
 
 
-def balanced_split(stage_ms: list[float], blocks: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
-    """The split that would even out measured stage times: each stage's time minus its blocks' share is its fixed
-    cost (embedding, VAE, head, transfers); blocks are then placed greedily so that fixed + blocks·per-block is as
-    even as possible. Reported in the placement as `suggested_blocks`; moving weights live is not built yet."""
+def balanced_split(step_ms: list[float], fixed_ms: list[float],
+                   blocks: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:  # fmt: skip
+    """The contiguous split that evens out the stages' time per micro-step, from measured times: `step_ms[r]` is
+    stage r's DiT step (its blocks; the embedding and the head ride along), `fixed_ms[r]` its work that does not
+    move with the blocks (the VAE encode on the first stage, the decode on the last). A block costs the same on
+    every stage (sum of step ms / blocks); blocks go one at a time to the stage whose time would stay lowest, every
+    stage keeping at least one (ties to the middle stages, as `split_blocks`), which minimises the slowest stage's
+    fixed + blocks·per-block."""
     counts = [end - start for start, end in blocks]
-    total_blocks = sum(counts)
-    per_block = min(ms / count for ms, count in zip(stage_ms, counts, strict=True) if count) if any(counts) else 0.0
-    fixed = [max(ms - count * per_block, 0.0) for ms, count in zip(stage_ms, counts, strict=True)]
-    new = [1] * len(blocks)  # every stage keeps at least one block
-    for _ in range(total_blocks - len(blocks)):
-        r = min(range(len(blocks)), key=lambda i: fixed[i] + (new[i] + 1) * per_block)
+    per_block = sum(step_ms) / sum(counts)
+    new = [1] * len(blocks)
+    for _ in range(sum(counts) - len(blocks)):
+        r = min(range(len(blocks)), key=lambda i: (fixed_ms[i] + (new[i] + 1) * per_block, i in (0, len(new) - 1), i))
         new[r] += 1
     starts = [sum(new[:r]) for r in range(len(new))]
     return tuple((start, start + count) for start, count in zip(starts, new, strict=True))

@@ -107,6 +107,7 @@ class PlainSchedule:
     """Every pass of a chunk, one after another, at the chunk's turn: the chunk comes out of the call it entered."""
 
     name = "plain"
+    decode_lag = 0  # a finished chunk's frames go out with the call that finished it
 
     def __init__(self, scheduler: FlowMatchScheduler) -> None:
         self.scheduler = scheduler
@@ -164,6 +165,9 @@ class StreamBatch:
         self.scheduler, self.window = scheduler, policy.window
         self.rows, self.lanes, self.frames, self.device = rows, lanes, frames, device
         self.steps = rows - 1
+        # A finished chunk's frames go out lanes − 1 micro-steps after its decode starts: decoded on the last stage,
+        # they are back by then without rank 0 waiting (its next micro-steps pass the stages meanwhile).
+        self.decode_lag = lanes - 1
         self.lf = policy.spec.frame_tokens
         self.window_frames = policy.window.spec.max_frames
         self.total_frames = self.window_frames + rows * frames

@@ -6,13 +6,16 @@ Rank 0 is the pipeline's worker thread in the server process. It embeds (patches
 blocks and drives the other ranks. Ranks 1..N−1 are processes spawned at load (`stage_main`), one per device. Each
 holds only its blocks' weights and, per stream, only those layers' KV caches: no replica of the whole model, and no
 cache moved off to the CPU. The last rank runs the head and sends the flow prediction back to rank 0, where the one
-chunk loop goes on (scheduler, noise, VAE). Policies never see ranks: the stream's `run_step` calls
-`StageDriver.step` with the DiT step's own arguments.
+chunk loop goes on (scheduler, noise, the VAE encode). The last rank also holds the VAE decoder (the same weights as
+rank 0's VAE) and, per stream, its causal decoder state: each finished chunk's clean latents go to it and its
+decoded uint8 frames come back to rank 0, where the server's output path is. Policies never see ranks: the stream's
+`run_step` calls `StageDriver.step` with the DiT step's own arguments, its decode `submit_decode`.
 
 Protocol. Every message is sent by its sender in one fixed order, so NCCL's tag-less matching (scale.md §1) pairs
 them as gloo's tags do:
   header int64[8] = (op, stream, a, b, c, 0, 0, 0)                           rank 0 → every stage
-  OPEN   a, b = token grid (rows, columns), c = cache frame slots: the stream's caches on each stage
+  OPEN   a, b = token grid (rows, columns), c = cache frame slots: the stream's caches on each stage (and its
+         decoder state on the last)
   TEXT   then the embedded prompt [1, text_len, d]                          rank 0 → every stage
   STEP   a = latent frames F, b = stream-batch rows B (0: one chunk, B = 1 and the plan's tensors have no row
          dimension); then write_index [(B,) F·Lf], key_bias [(B,) S], frame_positions [(B,) F], e0 [B, F, 6, d]
@@ -20,7 +23,15 @@ them as gloo's tags do:
          float64[ranks]; the last rank → rank 0: head output [B, N, 64] and the times. Rank 0 need not wait for
          the reply before its next STEP (`submit` / `collect`): a stream batch keeps one micro-step per stage in
          flight, and every stage takes its messages in the order they were sent.
-  RESET / CLOSE: the stream's caches;  FETCH: every stage → rank 0 its K and V (tests);  STOP: exit.
+  DECODE a = latent frames F, b = pixel frames T it decodes to (rank 0 knows whether the stream's decoder has
+         started); then the clean latents float32 [1, 16, F, h, w] rank 0 → the last; the last decodes them after
+         every message sent before (the chunk's clean pass included) and sends rank 0 the frames uint8
+         [T, H, W, 3] and its decode ms float64[1]. Like a STEP's reply, rank 0 collects them later
+         (`submit_decode` / `collect_decode`): with a stream batch, lanes − 1 micro-steps later.
+  MOVE   a = block, b = from rank, c = to rank (no stream open): the sender sends the block's state-dict dtypes
+         int64[n] then its tensors in key order; the receiver builds the block from them (`rebalance`).
+  RESET / CLOSE: the stream's caches (and decoder state);  FETCH: every stage → rank 0 its K and V (tests);
+  STOP: exit.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from serve.errors import PipelineLoadError, StageFailed
+from serve.models.autoencoder import StreamingAutoencoder, make_vae, to_uint8_frames
 from serve.models.dit import DiTBlock, DiTConfig, Head, RotaryEmbedding, WanDiT, keep_in_fp32, run_blocks
 from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, TextKVCache
 from serve.pipelines.placement import Gpus, balanced_split
@@ -49,7 +61,7 @@ from serve.pipelines.placement import Gpus, balanced_split
 log = logging.getLogger(__name__)
 
 HEADER = 8
-OPEN, TEXT, STEP, RESET, CLOSE, FETCH, STOP = range(1, 8)
+OPEN, TEXT, STEP, RESET, CLOSE, FETCH, STOP, DECODE, MOVE = range(1, 10)
 READY_TIMEOUT_S = 300.0  # a stage that has not loaded its blocks by then fails the load
 REAP_S = 2.0  # after a failed message, how long rank 0 waits for the dead stage to be reaped (to name it)
 OP_TIMEOUT_S = 120.0  # torch.distributed's own timeout: a hung (not dead) stage raises after this
@@ -69,6 +81,17 @@ class CheckpointWeights:
 
 
 @dataclass(frozen=True)
+class VaeSpec:
+    """The VAE the last stage decodes with: rank 0's, from the same file or the same seeded random weights (fp32,
+    as every stream runs it)."""
+
+    vae_type: str
+    path: Path | None
+    size: str | None
+    seed: int
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """What a spawned stage process needs to build its part (picklable: it crosses the spawn)."""
 
@@ -82,6 +105,7 @@ class StageSpec:
     dtype: torch.dtype
     weights: RandomWeights | CheckpointWeights
     threads: int  # torch CPU threads: the same as rank 0's, so CPU arithmetic matches the one-process stream
+    vae: VaeSpec | None = None  # the last stage's decoder
 
 
 class StageModel(nn.Module):
@@ -192,6 +216,11 @@ def stage_main(spec: StageSpec, ready: Any) -> None:
         if spec.device.startswith("cuda"):
             torch.cuda.set_device(spec.device)
         stage = build_stage_model(spec)
+        decoder = None
+        if spec.vae is not None:
+            vae = spec.vae
+            decoder = make_vae(vae.vae_type, vae.path, size=vae.size, dtype=torch.float32, device=spec.device,
+                               seed=vae.seed).model  # fmt: skip
     except Exception as exc:  # reported to rank 0, which fails the load with it
         ready.send(f"stage {spec.rank} on {spec.device}: {type(exc).__name__}: {exc}")
         return
@@ -199,14 +228,15 @@ def stage_main(spec: StageSpec, ready: Any) -> None:
     _init_group(spec)
     try:
         with torch.inference_mode():
-            _serve(spec, stage)
+            _serve(spec, stage, decoder)
     finally:
         dist.destroy_process_group()
 
 
-def _serve(spec: StageSpec, model: StageModel) -> None:
+def _serve(spec: StageSpec, model: StageModel, decoder: nn.Module | None) -> None:
     device, config, rank, last = spec.device, spec.config, spec.rank, spec.rank == spec.ranks - 1
     blocks = StageBlocks(config, list(model.blocks.values()), model.rope, spec.dtype, device)
+    decoders: dict[int, StreamingAutoencoder] = {}  # the last stage's: each stream's causal decoder state
     header = torch.zeros(HEADER, dtype=torch.long, device=device)
     while True:
         dist.recv(header, 0)
@@ -215,10 +245,15 @@ def _serve(spec: StageSpec, model: StageModel) -> None:
             return
         if op == OPEN:
             blocks.open(stream, (a, b), c)
+            if decoder is not None:
+                decoders[stream] = StreamingAutoencoder(decoder, spec.vae.vae_type)  # type: ignore[union-attr]
         elif op == CLOSE:
             blocks.streams.pop(stream, None)
+            decoders.pop(stream, None)
         elif op == RESET:
             blocks.streams[stream].cache.reset()
+            if decoder is not None:
+                decoders[stream].reset()
         elif op == TEXT:
             text = torch.empty(1, config.text_len, config.dim, dtype=spec.dtype, device=device)
             dist.recv(text, 0)
@@ -227,6 +262,26 @@ def _serve(spec: StageSpec, model: StageModel) -> None:
             caches = blocks.streams[stream].cache
             dist.send(caches.k.contiguous(), 0)
             dist.send(caches.v.contiguous(), 0)
+        elif op == DECODE and last:
+            rows, columns = blocks.streams[stream].grid
+            latents = torch.empty(1, 16, a, 2 * rows, 2 * columns, device=device)
+            dist.recv(latents, 0)
+            started = time.perf_counter()
+            frames = to_uint8_frames(decoders[stream].decode_chunk(latents))
+            assert frames.shape[0] == b, f"decoded {frames.shape[0]} frames, rank 0 expects {b}"
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            ms = torch.tensor([(time.perf_counter() - started) * 1000], dtype=torch.float64, device=device)
+            dist.send(frames.contiguous(), 0)
+            dist.send(ms, 0)
+        elif op == MOVE:
+            assert not blocks.streams, "blocks move only while no stream is open"
+            if b == rank:
+                send_block(model.blocks.pop(str(a)), c)
+            elif c == rank:
+                model.blocks[str(a)] = recv_block(config, b, device)
+                model.blocks = nn.ModuleDict(sorted(model.blocks.items(), key=lambda item: int(item[0])))
+            blocks = StageBlocks(config, list(model.blocks.values()), model.rope, spec.dtype, device)
         elif op == STEP:
             plan, e0, e = _recv_step_inputs(blocks.streams[stream], config, a, b, device, last)
             tokens = a * blocks.streams[stream].grid[0] * blocks.streams[stream].grid[1]
@@ -244,6 +299,34 @@ def _serve(spec: StageSpec, model: StageModel) -> None:
             times[rank] = (time.perf_counter() - started) * 1000
             dist.send(x.contiguous(), 0 if last else rank + 1)
             dist.send(times, 0 if last else rank + 1)
+
+
+# A moved block's state-dict dtypes travel as indices into this tuple.
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def send_block(block: nn.Module, to: int) -> None:
+    """A block's weights to rank `to` (MOVE): its state-dict dtypes, then its tensors in key order."""
+    state = block.state_dict()
+    device = next(iter(state.values())).device
+    dist.send(torch.tensor([DTYPES.index(t.dtype) for t in state.values()], device=device), to)
+    for tensor in state.values():
+        dist.send(tensor.contiguous(), to)
+
+
+def recv_block(config: DiTConfig, sender: int, device: torch.device | str) -> DiTBlock:
+    """The block `send_block` sends, built from the received tensors (no weights read from disk)."""
+    with torch.device("meta"):
+        block = DiTBlock(config)
+    shapes = block.state_dict()
+    codes = torch.empty(len(shapes), dtype=torch.long, device=device)
+    dist.recv(codes, sender)
+    state = {}
+    for (name, meta), code in zip(shapes.items(), codes.tolist(), strict=True):
+        state[name] = torch.empty(meta.shape, dtype=DTYPES[code], device=device)
+        dist.recv(state[name], sender)
+    block.load_state_dict(state, assign=True)
+    return block.eval()
 
 
 def _recv_step_inputs(caches: StreamCaches, config: DiTConfig, frames: int, rows: int, device: str,
@@ -297,23 +380,31 @@ class StageDriver:
         self._pending: deque[tuple[int, int, tuple[int, int], int]] = deque()  # (op, stream, grid, frames)
         self._next_stream = 0
         self._lock = threading.Lock()  # the stream-id counter and the queue, from any thread
-        # Host copy of the last step's stage ms (pinned on CUDA, so the copy to it never waits for the device).
-        self._times = torch.zeros(gpus.ranks, dtype=torch.float64, pin_memory=self.device.type == "cuda")
+        # Host copies of the last step's stage ms and the last decode's ms (pinned on CUDA, so the copy to them never
+        # waits for the device); rank 0's last encode ms, as its stream measured it.
+        pinned = self.device.type == "cuda"
+        self._times = torch.zeros(gpus.ranks, dtype=torch.float64, pin_memory=pinned)
+        self._decode_ms = torch.zeros(1, dtype=torch.float64, pin_memory=pinned)
+        self.encode_ms: float | None = None
         self.steps = 0
+        self.decodes = 0
+        self.synchronise_timing = False  # the warm-up's measurement: rank 0 waits for its device before reading a time
+        self.rebalanced: dict[str, Any] | None = None  # the warm-up's split before and after (`rebalance`)
         self._closed = False
         # Submitted steps not yet collected, held here too: a stream that is gone with steps in flight (a stream
         # batch) has them waited for before its CLOSE goes out, so no posted receive is ever dropped.
-        self._outstanding: list[PendingStep] = []
+        self._outstanding: list[PendingStep | PendingDecode] = []
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
     @classmethod
     def start(cls, gpus: Gpus, layers: tuple[tuple[int, int], ...], dit: WanDiT, dtype: torch.dtype,
-              weights: RandomWeights | CheckpointWeights) -> StageDriver:  # fmt: skip
-        """Spawn ranks 1..N−1, wait until each has built its blocks, join the group; raises PipelineLoadError."""
+              weights: RandomWeights | CheckpointWeights, vae: VaeSpec) -> StageDriver:  # fmt: skip
+        """Spawn ranks 1..N−1 (the last with the VAE decoder), wait until each has built its part, join the group;
+        raises PipelineLoadError."""
         driver = cls(gpus, layers, dit, dtype)
         try:
-            driver._spawn(weights)
+            driver._spawn(weights, vae)
         except BaseException:
             driver.close()
             raise
@@ -324,7 +415,7 @@ class StageDriver:
             torch.cuda.empty_cache()
         return driver
 
-    def _spawn(self, weights: RandomWeights | CheckpointWeights) -> None:
+    def _spawn(self, weights: RandomWeights | CheckpointWeights, vae: VaeSpec) -> None:
         from datetime import timedelta
 
         store = dist.TCPStore("127.0.0.1", 0, self.gpus.ranks, is_master=True, wait_for_workers=False)
@@ -334,6 +425,7 @@ class StageDriver:
             spec = StageSpec(
                 rank, self.gpus.ranks, self.gpus.devices[rank], self.gpus.backend, store.port, self.config,
                 self.layers[rank], self.dtype, weights, torch.get_num_threads(),
+                vae if rank == self.gpus.ranks - 1 else None,
             )  # fmt: skip
             receive, send = context.Pipe(duplex=False)
             process = context.Process(target=stage_main, args=(spec, send), name=f"wanrt-stage{rank}", daemon=True)
@@ -451,7 +543,8 @@ class StageDriver:
             works.append(dist.isend(e.contiguous(), last))
             started = time.perf_counter()
             x = self.local.run(stream, x, e0, plan).contiguous()
-            times_out[0] = (time.perf_counter() - started) * 1000  # launch time on CUDA: a lower bound
+            self._synchronise()
+            times_out[0] = (time.perf_counter() - started) * 1000  # launch time on CUDA (but in the warm-up)
             works += [dist.isend(x, 1), dist.isend(times_out, 1)]
             out = torch.empty(x.shape[0], x.shape[1], dit.head.head.out_features, device=self.device)
             works += [dist.irecv(out, last), dist.irecv(times, last)]
@@ -467,6 +560,42 @@ class StageDriver:
         self._times.copy_(pending.times, non_blocking=True)  # read by `placement`, never waited for here
         self.steps += 1
         return self.dit.unpatchify(pending.out, pending.grid)
+
+    def submit_decode(self, stream: int, latents: Tensor, frames: int) -> PendingDecode:
+        """Start decoding a chunk's clean latents [1, 16, F, h, w] on the last stage, after every step sent before;
+        `frames`: the pixel frames they decode to (1 + 4(F−1) on the stream's first decode, else 4F)."""
+        latents = latents.float().contiguous()
+        rows, columns = latents.shape[3] // 2, latents.shape[4] // 2
+        last = self.gpus.ranks - 1
+        out = torch.empty(frames, 16 * rows, 16 * columns, 3, dtype=torch.uint8, device=self.device)
+        ms = torch.zeros(1, dtype=torch.float64, device=self.device)
+        with self._talking("during a decode"):
+            *works, header = self._command(DECODE, stream, latents.shape[2], frames, wait=False)
+            works += [dist.isend(latents, last), dist.irecv(out, last), dist.irecv(ms, last)]
+        pending = PendingDecode(stream, works, out, ms, (header, latents))
+        self._outstanding.append(pending)
+        return pending
+
+    def collect_decode(self, pending: PendingDecode) -> Tensor:
+        """The decoded frames uint8 [T, H, W, 3] on rank 0's device, once the last stage has sent them."""
+        with self._talking("during a decode"):
+            self._wait(pending.works, "during a decode")
+        self._outstanding.remove(pending)
+        self._decode_ms.copy_(pending.ms, non_blocking=True)
+        self.decodes += 1
+        return pending.out
+
+    def timed_encode(self, encode: Callable[[], Tensor]) -> Tensor:
+        """Rank 0's VAE encode, its ms kept for the placement (launch time on CUDA, but in the warm-up)."""
+        started = time.perf_counter()
+        latents = encode()
+        self._synchronise()
+        self.encode_ms = (time.perf_counter() - started) * 1000
+        return latents
+
+    def _synchronise(self) -> None:
+        if self.synchronise_timing and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def fetch_cache(self, stream: int) -> tuple[Tensor, Tensor]:
         """Every layer's K and V of a stream, gathered on rank 0 in layer order (tests compare them)."""
@@ -485,21 +614,68 @@ class StageDriver:
 
     # -- placement ----------------------------------------------------------------------------------------------
 
+    def stage_ms(self) -> tuple[list[float], list[float]] | None:
+        """(each stage's ms of the last DiT step, each stage's fixed VAE ms per chunk: rank 0's last encode, the last
+        stage's last decode), or None before the first step. With the stream batch, one micro-step of a stage is its
+        step plus its VAE work: one chunk enters (encoded) and one leaves (decoded) per micro-step."""
+        if not self.steps:
+            return None
+        fixed = [0.0] * self.gpus.ranks
+        fixed[0] += self.encode_ms or 0.0
+        fixed[-1] += float(self._decode_ms[0]) if self.decodes else 0.0
+        return [float(ms) for ms in self._times.tolist()], fixed
+
     def placement(self) -> dict[str, Any]:
-        """How the pipeline is placed, for the status and the `stats` messages."""
+        """How the pipeline is placed, for the status and the `stats` messages: stage_ms[r] is stage r's DiT step
+        plus its VAE work per chunk (`step_ms`, `encode_ms` on the first stage, `decode_ms` on the last)."""
         blocks = [end - start for start, end in self.layers]
-        stage_ms = [round(float(ms), 3) for ms in self._times.tolist()]
         placed: dict[str, Any] = {
             "stages": self.gpus.ranks,
             "backend": self.gpus.backend,
             "devices": list(self.gpus.devices),
             "blocks_per_stage": blocks,
-            "stage_ms": stage_ms if self.steps else None,
+            "vae": {"encode_stage": 0, "decode_stage": self.gpus.ranks - 1},
+            "stage_ms": None,
         }
-        if self.steps:
-            suggested = balanced_split(stage_ms, self.layers)
+        measured = self.stage_ms()
+        if measured is not None:
+            step_ms, fixed = measured
+            placed["stage_ms"] = [round(ms + extra, 3) for ms, extra in zip(step_ms, fixed, strict=True)]
+            placed["step_ms"] = [round(ms, 3) for ms in step_ms]
+            placed["encode_ms"] = None if self.encode_ms is None else round(self.encode_ms, 3)
+            placed["decode_ms"] = round(float(self._decode_ms[0]), 3) if self.decodes else None
+            suggested = balanced_split(step_ms, fixed, self.layers)
             placed["suggested_blocks_per_stage"] = [end - start for start, end in suggested]
+        if self.rebalanced is not None:
+            placed["rebalance"] = self.rebalanced
         return placed
+
+    def move_blocks(self, layers: tuple[tuple[int, int], ...]) -> None:
+        """Re-split the blocks to `layers` (contiguous, as `split_blocks` gives): each block whose owner changes is
+        sent by its old owner to its new one (MOVE), weights only: no stream is open, so no cache moves."""
+        assert not self.local.streams and not self._outstanding, "blocks move only while no stream is open"
+
+        def owner(split: tuple[tuple[int, int], ...], block: int) -> int:
+            return next(rank for rank, (start, end) in enumerate(split) if start <= block < end)
+
+        with self._talking("while moving blocks"):
+            for block in range(self.config.num_layers):
+                old, new = owner(self.layers, block), owner(layers, block)
+                if old == new:
+                    continue
+                self._command(MOVE, 0, block, old, new)
+                if old == 0:
+                    send_block(self.dit.blocks[block], new)
+                    self.dit.blocks[block] = nn.Module()
+                elif new == 0:
+                    self.dit.blocks[block] = recv_block(self.config, old, self.device)
+        self.layers = layers
+        start, end = layers[0]
+        self.local = StageBlocks(self.config, [self.dit.blocks[i] for i in range(start, end)], self.dit.rope,
+                                 self.dtype, self.device)  # fmt: skip
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("pipeline-parallel blocks moved: %s", [end - start for start, end in layers])
 
     # -- messages -----------------------------------------------------------------------------------------------
 
@@ -556,6 +732,18 @@ class StageDriver:
 
 
 StepFn = Callable[[int, Tensor, Tensor, ChunkPlan], Tensor]
+
+
+@dataclass
+class PendingDecode:
+    """A submitted decode: its outstanding messages, where the frames and the decode ms arrive, and the tensors its
+    sends read from."""
+
+    stream: int
+    works: list[Any]
+    out: Tensor  # uint8 [T, H, W, 3]
+    ms: Tensor  # float64[1]
+    sending: tuple[Any, ...]
 
 
 @dataclass
