@@ -174,7 +174,8 @@ class PipelineStatus(Struct):
     random_weights: bool = False
     pipeline_parallel: dict[str, Any] | None = None
     """How the DiT is placed when the load named several devices: stages, devices, blocks_per_stage, stage_ms (the
-    last chunk's, per stage), suggested_blocks_per_stage; or one stage and the reason it could not be split. Also
+    last chunk's DiT step plus VAE work, per stage), step_ms, encode_ms (first stage), decode_ms (last stage),
+    suggested_blocks_per_stage; or one stage and the reason it could not be split. Also
     stream_batch ({rows, lanes}, or false) and stream_batch_reason when a `stream_batch` load runs without it."""
 
 
