@@ -554,9 +554,7 @@ class StageDriver:
 
     def collect(self, pending: PendingStep) -> Tensor:
         """The flow [B, 16, F, H, W] of a submitted step, once the last stage has sent it."""
-        with self._talking("during a chunk"):
-            self._wait(pending.works, "during a chunk")
-        self._outstanding.remove(pending)
+        self._complete(pending, "during a chunk")
         self._times.copy_(pending.times, non_blocking=True)  # read by `placement`, never waited for here
         self.steps += 1
         return self.dit.unpatchify(pending.out, pending.grid)
@@ -578,12 +576,16 @@ class StageDriver:
 
     def collect_decode(self, pending: PendingDecode) -> Tensor:
         """The decoded frames uint8 [T, H, W, 3] on rank 0's device, once the last stage has sent them."""
-        with self._talking("during a decode"):
-            self._wait(pending.works, "during a decode")
-        self._outstanding.remove(pending)
+        self._complete(pending, "during a decode")
         self._decode_ms.copy_(pending.ms, non_blocking=True)
         self.decodes += 1
         return pending.out
+
+    def _complete(self, pending: PendingStep | PendingDecode, when: str) -> None:
+        """Waits for a submitted message's sends and receives; it is no longer outstanding."""
+        with self._talking(when):
+            self._wait(pending.works, when)
+        self._outstanding.remove(pending)
 
     def timed_encode(self, encode: Callable[[], Tensor]) -> Tensor:
         """Rank 0's VAE encode, its ms kept for the placement (launch time on CUDA, but in the warm-up)."""
