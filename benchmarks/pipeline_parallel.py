@@ -11,8 +11,8 @@ one activation hop, and by formula the real-size speed-up.
 2. Hop: one activation sent rank 0 → rank 1 and back (ping-pong, half the round trip), at the tiny size and at the
    real 1.3B SDv2 size [1, 720, 1536] (one 320×576 latent frame, fp32 residual stream as the stages send it).
 3. Formula (printed with its assumptions): the real-size throughput speed-up on P GPUs, with and without the stream
-   batch, from a one-GPU chunk time split into fixed work (VAE, embeddings, the loop: all on rank 0 as built) and
-   per-block work, and a hop cost per row.
+   batch, from a one-GPU chunk time split into fixed work (the encode side on the first stage, the decode on the
+   last, as built) and per-block work split by `balanced_split`, and a hop cost per row.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from rich.table import Table
 
 from serve.models.dit import DIT_CONFIGS
 from serve.pipelines.autoregressive import StreamDiffusionV2Pipeline
+from serve.pipelines.placement import balanced_split, split_blocks
 from serve.pipelines.registry import get_spec
 from serve.runtime.stages import free_port
 from serve.schemas import LoadParams
@@ -39,6 +40,11 @@ from serve.schemas import LoadParams
 SIZE = 64  # pixels: 4×4 latent tokens per frame
 BENCH_DIT = dataclasses.replace(DIT_CONFIGS["tiny"], num_layers=6)
 REAL_ACTIVATION = (1, 720, 1536)  # SDv2 1.3B at 320×576: one latent frame's tokens × d
+# The formula's split of a one-GPU chunk (assumptions, not measurements): the VAE, embeddings and the loop are
+# 30 % of it; a third of that is the encode side (with the loop) on the first stage, two thirds the decode on the
+# last (the causal decoder upsamples to pixels, the heavier half).
+FIXED_FRACTION = 0.3
+ENCODE_SHARE = 1 / 3
 
 
 class BenchStreamDiffusionV2(StreamDiffusionV2Pipeline):
@@ -59,17 +65,18 @@ def chunk_times(gpus: str | None, chunks: int, warmup: int, stream_batch: bool) 
     try:
         stream = pipeline.open_stream(seed=0)
         run = {**spec.runtime_defaults, "input_mode": "text", "prompts": [{"text": "a cat", "weight": 1.0}]}
-        samples, first_out = [], None
-        fill = max(pipeline.stream_batch_rows - 1, 0) * pipeline.stream_lanes  # calls before the first chunk is out
-        for i in range(warmup + fill + chunks):
+        latency = 0  # calls until the first chunk is out: the pipe's fill (rows, lanes) and the last stage's decode
+        while not len(stream.process(None, run)):
+            latency += 1
+            assert latency < 64, "no chunk came out"
+        samples = []
+        for i in range(warmup + chunks):
             started = time.perf_counter()
             frames = stream.process(None, run)  # ends in the chunk's one device→host copy: synchronised
-            first_out = i if first_out is None and len(frames) else first_out
-            if i >= warmup + fill:
-                assert len(frames) == 4  # one chunk per call once the pipe is full
+            assert len(frames) == 4  # one chunk per call once the pipe is full
+            if i >= warmup:
                 samples.append((time.perf_counter() - started) * 1e3)
-        assert first_out == fill
-        return statistics.median(samples), fill + 1, pipeline.placement()
+        return statistics.median(samples), latency + 1, pipeline.placement()
     finally:
         pipeline.close()
 
@@ -114,26 +121,32 @@ def hop_ms(devices: tuple[str, str], shapes: list[tuple[int, ...]], iters: int =
     return results
 
 
-def speedup(one_gpu_chunk_ms: float, fixed_fraction: float, blocks: int, ranks: int, hop: float, steps: int,
-            stream_batch: bool, fixed_split: bool = False) -> float:  # fmt: skip
-    """Throughput speed-up on `ranks` GPUs. One GPU: T = F + B (F fixed: VAE, embeddings, the loop; B: the blocks).
+def speedup(one_gpu_chunk_ms: float, fixed_fraction: float, encode_share: float, blocks: int, ranks: int,
+            hop: float, steps: int, stream_batch: bool) -> tuple[float, list[int]]:  # fmt: skip
+    """Throughput speed-up on `ranks` GPUs and the blocks per stage it assumes. One GPU: T = F + B (F fixed: the VAE,
+    embeddings, the loop; B: the blocks, every pass of a chunk).
 
     Without stream batch every DiT step still crosses all stages one after the other: T_P = T + steps·P·hop, so
     the speed-up is T / T_P (< 1: the split buys memory, not speed). With stream batch each micro-step keeps every
     stage busy on a different chunk (steps + 1 rows: the clean pass is a row) and one chunk leaves per micro-step:
-    T_P = max_s(stage time) + (steps + 1)·hop (a micro-step's activations are one row per pass), with the blocks
-    rebalanced off the stage that carries F. As built, all of F is on rank 0 (the loop, the VAE encode and decode),
-    so the best split is bounded below by T/P and by F + one block; `fixed_split`: F split between the first stage
-    (encode) and the last (decode), SDv2's layout, bounded by F/2 + one block.
+    T_P = max_r(stage r) + (steps + 1)·hop (a micro-step's activations are one row per pass). As built, the first
+    stage carries the encode share of F (with the loop and embeddings) and the last the decode; the whole blocks
+    are split by `balanced_split`, the rebalance the load runs after its warm-up, from the same per-stage times.
     """
+    counts = [end - start for start, end in split_blocks(blocks, ranks)]
     if ranks == 1:
-        return 1.0
-    fixed = fixed_fraction * one_gpu_chunk_ms
+        return 1.0, counts
     if not stream_batch:
-        return one_gpu_chunk_ms / (one_gpu_chunk_ms + steps * ranks * hop)
+        return one_gpu_chunk_ms / (one_gpu_chunk_ms + steps * ranks * hop), counts
+    fixed = fixed_fraction * one_gpu_chunk_ms
     per_block = (one_gpu_chunk_ms - fixed) / blocks
-    stage = max(one_gpu_chunk_ms / ranks, (fixed / 2 if fixed_split else fixed) + per_block)
-    return one_gpu_chunk_ms / (stage + (steps + 1) * hop)
+    fixed_ms = [0.0] * ranks
+    fixed_ms[0] += encode_share * fixed
+    fixed_ms[-1] += (1 - encode_share) * fixed
+    split = balanced_split([n * per_block for n in counts], fixed_ms, split_blocks(blocks, ranks))
+    counts = [end - start for start, end in split]
+    stage = max(f + n * per_block for f, n in zip(fixed_ms, counts, strict=True))
+    return one_gpu_chunk_ms / (stage + (steps + 1) * hop), counts
 
 
 def main() -> None:
@@ -144,12 +157,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=200)  # the tables are wide; a pipe or a narrow terminal would fold them
     ids = args.gpus.split(",") if args.gpus else None
 
     table = Table(title=f"SDv2 chunk over pipeline stages (tiny, {BENCH_DIT.num_layers} blocks, {SIZE}×{SIZE})")
     columns = ("ranks", "stream batch", "backend", "blocks per stage", "ms per chunk out", "chunks/s", "fps",
-               "latency (calls in → out)", "stage ms (last step)")  # fmt: skip
+               "latency (calls in → out)", "stage ms (last step, with VAE)", "decode ms (last stage)",
+               "balanced split of these times")  # fmt: skip
     for column in columns:
         table.add_column(column)
     for ranks in (1, 2, 3):
@@ -161,8 +175,10 @@ def main() -> None:
             blocks = placed["blocks_per_stage"] if placed and "blocks_per_stage" in placed else [BENCH_DIT.num_layers]
             stage_ms = ", ".join(f"{t:.1f}" for t in placed["stage_ms"]) if placed and placed.get("stage_ms") else "-"
             backend = placed["backend"] if placed and "backend" in placed else "-"
+            decode = f"{placed['decode_ms']:.1f}" if placed and placed.get("decode_ms") is not None else "-"
+            suggested = str(placed.get("suggested_blocks_per_stage", "-")) if placed else "-"
             table.add_row(str(ranks), "on" if batched else "off", backend, str(blocks), f"{ms:.1f}", f"{1e3 / ms:.2f}",
-                          f"{4e3 / ms:.1f}", str(latency), stage_ms)  # fmt: skip
+                          f"{4e3 / ms:.1f}", str(latency), stage_ms, decode, suggested)  # fmt: skip
     console.print(table)
 
     devices = ("cpu", "cpu") if not ids or len(ids) < 2 else (f"cuda:{ids[0]}", f"cuda:{ids[1]}")
@@ -178,16 +194,15 @@ def main() -> None:
 
     # Real size by formula: SDv2 1.3B 512², 1-step, one H100: 26.2 FPS (scale.md §1) → 4 frames per chunk.
     one_gpu = 4 / 26.2 * 1e3
-    table = Table(title="expected real-size throughput speed-up (formula; SDv2 1.3B, 30 blocks, fixed work ≈ 30 %)")
-    for column in ("GPUs", "hop ms per row", "plain PP", "stream batch (F on rank 0, as built)",
-                   "stream batch (F split encode/decode)"):  # fmt: skip
+    table = Table(title=f"expected real-size throughput speed-up (formula; SDv2 1.3B, 30 blocks, fixed work "
+                        f"{FIXED_FRACTION:.0%} of a chunk, {ENCODE_SHARE:.0%} of it on the first stage)")  # fmt: skip
+    for column in ("GPUs", "hop ms per row", "plain PP", "stream batch", "blocks per stage (balanced)"):
         table.add_column(column)
     for hop in (0.05, 2.0):  # NVLink bandwidth bound for 4.4 MB; the paper's implied PP cost per step
         for ranks in (1, 2, 3, 4):
-            plain = speedup(one_gpu, 0.3, 30, ranks, hop, steps=2, stream_batch=False)
-            built = speedup(one_gpu, 0.3, 30, ranks, hop, steps=2, stream_batch=True)
-            split = speedup(one_gpu, 0.3, 30, ranks, hop, steps=2, stream_batch=True, fixed_split=True)
-            table.add_row(str(ranks), f"{hop:g}", f"{plain:.2f}×", f"{built:.2f}×", f"{split:.2f}×")
+            plain, _ = speedup(one_gpu, FIXED_FRACTION, ENCODE_SHARE, 30, ranks, hop, steps=2, stream_batch=False)
+            batched, counts = speedup(one_gpu, FIXED_FRACTION, ENCODE_SHARE, 30, ranks, hop, 2, stream_batch=True)
+            table.add_row(str(ranks), f"{hop:g}", f"{plain:.2f}×", f"{batched:.2f}×", str(counts))
     console.print(table)
 
 
