@@ -49,6 +49,9 @@ async def test_a_dead_stage_stops_the_stream_and_the_pipeline_reloads(staged_ser
     assert status["status"] == "loaded", status
     placed = status["pipeline_parallel"]
     assert placed["stages"] == 2 and placed["backend"] == "gloo" and placed["blocks_per_stage"] == [1, 1]
+    # The load's warm-up timed the stages (two blocks over two stages: nothing can move).
+    assert placed["rebalance"]["blocks_before"] == placed["rebalance"]["blocks_after"] == [1, 1], placed
+    assert len(placed["rebalance"]["stage_ms_before"]) == 2, placed
     client = ScopeClient(staged_server.url, initial_parameters={"input_mode": "text"})
     await client.connect()
     try:
@@ -96,6 +99,22 @@ def test_a_malformed_gpus_list_is_refused_at_the_request(staged_server: RunningS
             timeout=10,
         )
         assert response.status_code in (400, 422) and "gpus" in response.text, response.text  # schema / value
+
+
+def test_a_bad_blocks_per_stage_is_refused_saying_why(staged_server: RunningServer) -> None:
+    """Its length and entries against the server's two stages at the request (400); its sum against the model's
+    blocks at load (the tiny model has 2), in the status."""
+    for counts, why in (([1, 1, 1], "gpus names 2 stages"), ([0, 2], "blocks_per_stage"), ([2], "blocks_per_stage")):
+        response = httpx.post(
+            f"{staged_server.url}/api/v1/pipeline/load",
+            json={"pipeline_id": "streamdiffusionv2", "load_params": {"blocks_per_stage": counts,
+                                                                      "random_weights": True}},
+            timeout=10,
+        )  # fmt: skip
+        assert response.status_code in (400, 422) and why in response.text, response.text
+    status = load_pipeline(staged_server.url, "streamdiffusionv2", height=SIZE, width=SIZE, random_weights=True,
+                           blocks_per_stage=[2, 2])  # fmt: skip
+    assert status["status"] == "error" and "adds up to 4 blocks; the model has 2" in status["error"], status
 
 
 def test_a_gpu_that_does_not_exist_fails_the_load_naming_it(staged_server: RunningServer) -> None:
