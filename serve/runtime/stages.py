@@ -278,6 +278,8 @@ def _serve(spec: StageSpec, model: StageModel, decoder: nn.Module | None) -> Non
             assert not blocks.streams, "blocks move only while no stream is open"
             if b == rank:
                 send_block(model.blocks.pop(str(a)), c)
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()  # the point of a move: the memory goes with the block
             elif c == rank:
                 model.blocks[str(a)] = recv_block(config, b, device)
                 model.blocks = nn.ModuleDict(sorted(model.blocks.items(), key=lambda item: int(item[0])))
