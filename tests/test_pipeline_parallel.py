@@ -168,6 +168,8 @@ def test_blocks_split_contiguously_and_rebalance_toward_the_slow_stage() -> None
     # not 4 vs 10), the decode counted as work that stays where it is.
     assert balanced_split([4.0, 4.0], [0.0, 6.0], ((0, 2), (2, 4))) == ((0, 3), (3, 4))
     assert balanced_split([4.0, 4.0], [0.0, 0.0], ((0, 3), (3, 4))) == ((0, 2), (2, 4))  # no fixed work: even
+    # [2, 1, 1] at 1 ms a block is as balanced as the [1, 2, 1] the greedy split finds: kept, nothing moves.
+    assert balanced_split([2.0, 1.0, 1.0], [0.0] * 3, ((0, 2), (2, 3), (3, 4))) == ((0, 2), (2, 3), (3, 4))
 
 
 def test_the_balanced_split_minimises_the_slowest_stage() -> None:

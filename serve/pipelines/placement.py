@@ -99,11 +99,16 @@ def balanced_split(step_ms: list[float], fixed_ms: list[float],
     move with the blocks (the VAE encode on the first stage, the decode on the last). A block costs the same on
     every stage (sum of step ms / blocks); blocks go one at a time to the stage whose time would stay lowest, every
     stage keeping at least one (ties to the middle stages, as `split_blocks`), which minimises the slowest stage's
-    fixed + blocks·per-block."""
+    fixed + blocks·per-block. `blocks` itself when it is as good by that measure: a split already balanced is kept,
+    not swapped for an equal one (each move costs a block's weights over the link, and noise would pick among ties)."""
     counts = [end - start for start, end in blocks]
     per_block = sum(step_ms) / sum(counts)
+
+    def slowest(split: list[int]) -> float:
+        return max(fixed + n * per_block for fixed, n in zip(fixed_ms, split, strict=True))
+
     new = [1] * len(blocks)
     for _ in range(sum(counts) - len(blocks)):
         r = min(range(len(blocks)), key=lambda i: (fixed_ms[i] + (new[i] + 1) * per_block, i in (0, len(new) - 1), i))
         new[r] += 1
-    return contiguous(new)
+    return contiguous(new) if slowest(new) < slowest(counts) else blocks
