@@ -281,6 +281,8 @@ def test_staged_stream_batch_equals_the_one_process_stream_batch(cls, pipeline_i
             assert stream.recaches == oracle.recaches == 1
         placed = staged.placement()
         assert placed is not None and placed["stream_batch"] == {"rows": 3, "lanes": ranks}
+        # The load's warm-up ran the stream batch too (its pipe filled, then 4 chunks decoded) before rebalancing.
+        assert sum(placed["rebalance"]["blocks_after"]) == staged.models.dit.config.num_layers
         # A stream that goes away with micro-steps in flight: they complete before its caches are freed, and the
         # next stream starts clean, equal to a fresh oracle stream.
         assert staged.stages._outstanding

@@ -784,7 +784,7 @@ class AutoregressivePipeline(Pipeline):
                 if self.stages.decodes >= decoded:
                     break
                 stream.process(frames, params)
-            assert self.stages.decodes >= decoded, f"the warm-up decoded no {WARMUP_CHUNKS} chunks"
+            assert self.stages.decodes >= decoded, f"warm-up: < {WARMUP_CHUNKS} decodes in {WARMUP_MAX_CALLS} calls"
         finally:
             stream.release()
 

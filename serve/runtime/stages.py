@@ -545,6 +545,7 @@ class StageDriver:
             inputs = (plan.write_index, plan.key_bias.float().contiguous(), plan.frame_positions, e0.contiguous())
             works = [*header_works, *(dist.isend(t, rank) for rank in range(1, self.gpus.ranks) for t in inputs)]
             works.append(dist.isend(e.contiguous(), last))
+            self._synchronise()  # the warm-up's: the embedding queued before is not the blocks' time
             started = time.perf_counter()
             x = self.local.run(stream, x, e0, plan).contiguous()
             self._synchronise()
@@ -597,6 +598,7 @@ class StageDriver:
 
     def timed_encode(self, encode: Callable[[], Tensor]) -> Tensor:
         """Rank 0's VAE encode, its ms kept for the placement (launch time on CUDA, but in the warm-up)."""
+        self._synchronise()  # the warm-up's: the work queued before is not the encode's time
         started = time.perf_counter()
         latents = encode()
         self._synchronise()
