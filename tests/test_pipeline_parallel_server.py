@@ -1,7 +1,8 @@
 """Pipeline stages through a real server (`wanrt serve --gpus cpu:2`) and an aiortc client: the status and the
 `stats` messages say how the DiT is placed; a stage process killed mid-stream ends the stream with `stream_stopped`
 and a reason, the pipeline's status turns to `error`, a new load (with the stream batch) works and streams again,
-and a malformed `gpus` is a 400. The NCCL path (several CUDA GPUs) is the `gpu`-marked test at the end."""
+and a malformed `gpus` or `blocks_per_stage` is a 400. The NCCL path (several CUDA GPUs: steps, DECODE, MOVE) is
+in the `gpu`-marked tests at the end."""
 
 from __future__ import annotations
 
