@@ -133,6 +133,15 @@ class LoadParams(Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Run consecutive chunks' denoising steps as one batch (one chunk per step, plus its clean pass), so every
     pipeline stage is busy every micro-step; frames come out S·stages chunks later. Pipelines whose cache policy
     cannot do it run without it and say why in `pipeline_parallel.stream_batch_reason`. Default off."""
+    blocks_per_stage: Annotated[list[Annotated[int, Meta(ge=1)]], Meta(min_length=2, max_length=16)] | UnsetType = UNSET
+    """The starting split of the DiT's blocks over the `gpus` stages, in stage order: one entry per stage, each at
+    least 1, adding up to the model's blocks (30 for the 1.3B, 40 for the 14B). Unset: as even as the count allows,
+    the remainder on the middle stages."""
+    rebalance_stages: bool | UnsetType = UNSET
+    """With several stages: after the stages start, time a short warm-up at the load's chunk shape and move blocks
+    between stages so that their times per micro-step even out (the VAE encode on the first stage and the decode on
+    the last counted as work that stays); `pipeline_parallel.rebalance` says what it measured and moved. Default
+    on; off keeps the starting split exactly."""
 
 
 class LoadRequest(Struct, forbid_unknown_fields=True):
@@ -175,7 +184,8 @@ class PipelineStatus(Struct):
     pipeline_parallel: dict[str, Any] | None = None
     """How the DiT is placed when the load named several devices: stages, devices, blocks_per_stage, stage_ms (the
     last chunk's DiT step plus VAE work, per stage), step_ms, encode_ms (first stage), decode_ms (last stage),
-    suggested_blocks_per_stage; or one stage and the reason it could not be split. Also
+    suggested_blocks_per_stage, rebalance (the load's warm-up: blocks_before, blocks_after, stage_ms_before,
+    stage_ms_after) when `rebalance_stages` ran; or one stage and the reason it could not be split. Also
     stream_batch ({rows, lanes}, or false) and stream_batch_reason when a `stream_batch` load runs without it."""
 
 

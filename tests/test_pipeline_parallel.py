@@ -1,6 +1,8 @@
 """Pipeline parallelism on CPU ranks (gloo: the code path NCCL runs, but the backend name): the pipelined stream's
 frames, clean latents and KV caches equal the one-process stream's, chunk by chunk, through a prompt switch (LongLive
-re-caches) and `reset_cache`; placement and refusals. The dead-stage path through a real server is in
+re-caches) and `reset_cache`, in text and video mode (rank 0 encodes, the last stage decodes); blocks moved between
+stages (directly, and by the load's rebalance from a skewed `blocks_per_stage`) keep that equality; placement and
+refusals. The dead-stage path through a real server is in
 tests/test_pipeline_parallel_server.py.
 
 Only one torch.distributed group can live in a process, so each test loads, checks and closes its own stages.
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from serve.errors import InvalidParameters
+from serve.errors import InvalidParameters, PipelineLoadError
 from serve.models.dit import DIT_CONFIGS
 from serve.pipelines.autoregressive import (
     AutoregressiveStream,
@@ -26,7 +28,7 @@ from serve.pipelines.autoregressive import (
     StagedStream,
     StreamDiffusionV2Pipeline,
 )
-from serve.pipelines.placement import balanced_split, parse_gpus, split_blocks
+from serve.pipelines.placement import balanced_split, check_blocks_per_stage, contiguous, parse_gpus, split_blocks
 from serve.pipelines.registry import get_spec
 from serve.schemas import LoadParams
 from tests.support.checkpoints import write_pipeline_files
@@ -34,6 +36,7 @@ from tests.support.streams import PROMPT_A, PROMPT_B, SIZE
 
 pytestmark = pytest.mark.slow
 DEEP_TINY = dataclasses.replace(DIT_CONFIGS["tiny"], num_layers=4)  # 3 stages of [1, 2, 1] blocks
+DEEPER_TINY = dataclasses.replace(DIT_CONFIGS["tiny"], num_layers=8)  # room for skewed splits and moves
 
 
 class DeepStreamDiffusionV2(StreamDiffusionV2Pipeline):
@@ -42,6 +45,14 @@ class DeepStreamDiffusionV2(StreamDiffusionV2Pipeline):
 
 class DeepLongLive(LongLivePipeline):
     random_dit_config = DEEP_TINY
+
+
+class DeeperStreamDiffusionV2(StreamDiffusionV2Pipeline):
+    random_dit_config = DEEPER_TINY
+
+
+class DeeperLongLive(LongLivePipeline):
+    random_dit_config = DEEPER_TINY
 
 
 def load(cls, pipeline_id: str, **load: object):
@@ -63,19 +74,29 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def run_scenario(stream: AutoregressiveStream, spec, fetch) -> list[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+def run_scenario(stream: AutoregressiveStream, spec, fetch,
+                 video: bool = False) -> list[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:  # fmt: skip
     """Four chunks: two on prompt A, a switch to B (LongLive re-caches its window), then reset_cache and one more.
-    After each: the frames and every layer's K and V."""
-    params = {**spec.runtime_defaults, "input_mode": "text", "prompts": PROMPT_A}
+    After each: the frames and every layer's K and V. `video`: each chunk's input is seeded random frames, encoded
+    (the first chunk's 1 + 4(F−1) of them) and mixed with noise, with the pipeline's noise defaults."""
+    params = {**spec.runtime_defaults, "input_mode": "video" if video else "text", "prompts": PROMPT_A}
+    rng = np.random.default_rng(11)
     out = []
     for chunk in range(4):
         if chunk == 2:
             params = {**params, "prompts": PROMPT_B}
         if chunk == 3:
             stream.reset()
-        frames = stream.process(None, params)
+        pixels = rng.integers(0, 256, (stream.p.chunk_frames, SIZE, SIZE, 3), dtype=np.uint8) if video else None
+        frames = stream.process(pixels, params)
+        assert len(frames), f"chunk {chunk}: no frames"
         out.append((frames, *fetch(stream)))
     return out
+
+
+def fetched(staged):
+    """A staged stream's K and V, every layer's, gathered from the stages."""
+    return lambda stream: staged.stages.fetch_cache(stream.stream_id)
 
 
 def assert_same_runs(got: list, expected: list, unit: str = "chunk") -> None:
@@ -110,7 +131,7 @@ def test_pipelined_stream_equals_the_one_process_stream(cls, pipeline_id: str, r
         owned = staged.stages.layers[0][1] - staged.stages.layers[0][0]
         assert stream.cache.k.shape[0] == owned
         assert sum(1 for block in staged.models.dit.blocks if list(block.parameters())) == owned
-        got = run_scenario(stream, spec, lambda s: staged.stages.fetch_cache(s.stream_id))
+        got = run_scenario(stream, spec, fetched(staged))
         if pipeline_id == "longlive":
             assert stream.recaches == 1
         assert_same_runs(got, expected)
@@ -147,6 +168,8 @@ def test_blocks_split_contiguously_and_rebalance_toward_the_slow_stage() -> None
     # not 4 vs 10), the decode counted as work that stays where it is.
     assert balanced_split([4.0, 4.0], [0.0, 6.0], ((0, 2), (2, 4))) == ((0, 3), (3, 4))
     assert balanced_split([4.0, 4.0], [0.0, 0.0], ((0, 3), (3, 4))) == ((0, 2), (2, 4))  # no fixed work: even
+    # [2, 1, 1] at 1 ms a block is as balanced as the [1, 2, 1] the greedy split finds: kept, nothing moves.
+    assert balanced_split([2.0, 1.0, 1.0], [0.0] * 3, ((0, 2), (2, 3), (3, 4))) == ((0, 2), (2, 3), (3, 4))
 
 
 def test_the_balanced_split_minimises_the_slowest_stage() -> None:
@@ -208,7 +231,7 @@ def test_stages_load_their_blocks_from_the_checkpoint_with_the_builtin_lora(tmp_
     try:
         assert staged.stages is not None and staged.lora_adapters[0]["builtin"]
         stream = staged.open_stream(seed=3)
-        got = run_scenario(stream, spec, lambda s: staged.stages.fetch_cache(s.stream_id))
+        got = run_scenario(stream, spec, fetched(staged))
         assert_same_runs(got, expected)
     finally:
         staged.close()
@@ -247,7 +270,7 @@ def test_staged_stream_batch_equals_the_one_process_stream_batch(cls, pipeline_i
         assert staged.stages is not None and staged.stream_lanes == ranks
         stream = staged.open_stream(seed=7)
         assert isinstance(stream, StagedStream)
-        got = stream_batch_scenario(stream, spec, lambda s: staged.stages.fetch_cache(s.stream_id))
+        got = stream_batch_scenario(stream, spec, fetched(staged))
         assert_same_runs(got, expected, "call")
         # The pipe filled for S·D calls (S = 2 steps) and the first decode, on the last stage, came back D − 1 calls
         # later (or the switch at call 7 drained it first); then one chunk per call.
@@ -258,6 +281,8 @@ def test_staged_stream_batch_equals_the_one_process_stream_batch(cls, pipeline_i
             assert stream.recaches == oracle.recaches == 1
         placed = staged.placement()
         assert placed is not None and placed["stream_batch"] == {"rows": 3, "lanes": ranks}
+        # The load's warm-up ran the stream batch too (its pipe filled, then 4 chunks decoded) before rebalancing.
+        assert sum(placed["rebalance"]["blocks_after"]) == staged.models.dit.config.num_layers
         # A stream that goes away with micro-steps in flight: they complete before its caches are freed, and the
         # next stream starts clean, equal to a fresh oracle stream.
         assert staged.stages._outstanding
@@ -270,3 +295,90 @@ def test_staged_stream_batch_equals_the_one_process_stream_batch(cls, pipeline_i
         assert list(staged.stages.local.streams) == [again.stream_id]
     finally:
         staged.close()
+
+
+def test_a_video_stream_encodes_on_rank_0_decodes_on_the_last_stage_and_equals_the_one_process_stream() -> None:
+    single, spec = load(StreamDiffusionV2Pipeline, "streamdiffusionv2")
+    expected = run_scenario(single.open_stream(seed=7), spec, whole_cache, video=True)
+    staged, _ = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="cpu:2")
+    try:
+        assert staged.stages is not None
+        decodes = staged.stages.decodes
+        got = run_scenario(staged.open_stream(seed=7), spec, fetched(staged), video=True)
+        assert_same_runs(got, expected)
+        assert staged.stages.decodes == decodes + 4  # every chunk decoded on the last stage
+        placed = staged.placement()
+        assert placed is not None and placed["encode_ms"] > 0 and placed["decode_ms"] > 0
+    finally:
+        staged.close()
+
+
+@pytest.fixture(scope="module")
+def deeper_text_runs() -> list:
+    """The one-process oracle of the 8-block StreamDiffusionV2, text mode (no stages: no group is held)."""
+    single, spec = load(DeeperStreamDiffusionV2, "streamdiffusionv2")
+    return run_scenario(single.open_stream(seed=7), spec, whole_cache)
+
+
+def owned_blocks(staged) -> int:
+    """The blocks rank 0 holds weights of (the others are empty placeholders)."""
+    return sum(1 for block in staged.models.dit.blocks if list(block.parameters()))
+
+
+def test_blocks_move_between_three_stages_every_way_and_the_stream_still_equals_one_process(
+    deeper_text_runs: list,
+) -> None:
+    """`move_blocks` through splits that send blocks from every rank to every other (rank 0 included); the start
+    split, given with rebalancing off, is kept exactly until then. Then a stream equals the one-process one."""
+    staged, spec = load(DeeperStreamDiffusionV2, "streamdiffusionv2", gpus="cpu:3", blocks_per_stage=[2, 4, 2],
+                        rebalance_stages=False)  # fmt: skip
+    try:
+        assert staged.stages is not None and staged.stages.layers == ((0, 2), (2, 6), (6, 8))
+        placed = staged.placement()
+        assert placed is not None and placed["blocks_per_stage"] == [2, 4, 2] and "rebalance" not in placed
+        staged.open_stream(seed=1).process(None, {**spec.runtime_defaults, "input_mode": "text"})
+        gc.collect()  # that stream is gone: its CLOSE goes out before the first move
+        # 1→0 and 1→2; then 0→1, 0→2 and 1→2; 1→2; then 1→0, 2→0 and 2→1.
+        for counts in ([4, 1, 3], [1, 2, 5], [1, 1, 6], [3, 1, 4]):
+            staged.stages.move_blocks(contiguous(counts))
+            assert staged.placement()["blocks_per_stage"] == counts
+            assert owned_blocks(staged) == counts[0]
+        stream = staged.open_stream(seed=7)
+        assert stream.cache.k.shape[0] == 3  # rank 0's layers
+        assert_same_runs(run_scenario(stream, spec, fetched(staged)), deeper_text_runs)
+    finally:
+        staged.close()
+
+
+def test_a_skewed_split_is_rebalanced_at_load_and_the_stream_still_equals_one_process() -> None:
+    """[1, 7]: the last stage holds seven blocks and the decode. The load's warm-up times the stages and moves blocks
+    off it (text mode, so the first stage has no encode: whatever the times, a balanced split then leaves the last
+    stage at most half the blocks);
+    the stream then equals the one-process stream, through LongLive's re-cache."""
+    single, spec = load(DeeperLongLive, "longlive")
+    expected = run_scenario(single.open_stream(seed=7), spec, whole_cache)
+    staged, _ = load(DeeperLongLive, "longlive", gpus="cpu:2", blocks_per_stage=[1, 7])
+    try:
+        placed = staged.placement()
+        assert placed is not None
+        record = placed["rebalance"]
+        assert record["blocks_before"] == [1, 7] and placed["blocks_per_stage"] == record["blocks_after"]
+        after = record["blocks_after"]
+        assert sum(after) == 8 and after[1] <= 4, record
+        assert len(record["stage_ms_before"]) == len(record["stage_ms_after"]) == 2
+        # No assertion on the times themselves: on a shared CPU the decode's noise exceeds a tiny block's cost.
+        assert owned_blocks(staged) == after[0] and not staged.stages.local.streams  # the warm-up's stream closed
+        stream = staged.open_stream(seed=7)
+        assert_same_runs(run_scenario(stream, spec, fetched(staged)), expected)
+        assert stream.recaches == 1
+    finally:
+        staged.close()
+
+
+def test_a_bad_blocks_per_stage_is_refused_saying_why() -> None:
+    for counts, ranks, why in (([1, 1, 1], 2, "3 entries; gpus names 2"), ([0, 2], 2, "at least one block"),
+                               ([2, 2], 1, "give gpus with 2 entries"), ([3, 3], 2, "the model has 2")):  # fmt: skip
+        with pytest.raises(InvalidParameters, match=why):
+            check_blocks_per_stage(counts, ranks, 2)
+    with pytest.raises(PipelineLoadError, match=r"blocks_per_stage \[3, 3\] adds up to 6 blocks; the model has 8"):
+        load(DeeperStreamDiffusionV2, "streamdiffusionv2", gpus="cpu:2", blocks_per_stage=[3, 3])

@@ -1,10 +1,12 @@
 """Pipeline stages through a real server (`wanrt serve --gpus cpu:2`) and an aiortc client: the status and the
 `stats` messages say how the DiT is placed; a stage process killed mid-stream ends the stream with `stream_stopped`
 and a reason, the pipeline's status turns to `error`, a new load (with the stream batch) works and streams again,
-and a malformed `gpus` is a 400. The NCCL path (several CUDA GPUs) is the `gpu`-marked test at the end."""
+and a malformed `gpus` or `blocks_per_stage` is a 400. The NCCL path (several CUDA GPUs: steps, DECODE, MOVE) is
+in the `gpu`-marked tests at the end."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -49,6 +51,9 @@ async def test_a_dead_stage_stops_the_stream_and_the_pipeline_reloads(staged_ser
     assert status["status"] == "loaded", status
     placed = status["pipeline_parallel"]
     assert placed["stages"] == 2 and placed["backend"] == "gloo" and placed["blocks_per_stage"] == [1, 1]
+    # The load's warm-up timed the stages (two blocks over two stages: nothing can move).
+    assert placed["rebalance"]["blocks_before"] == placed["rebalance"]["blocks_after"] == [1, 1], placed
+    assert len(placed["rebalance"]["stage_ms_before"]) == 2, placed
     client = ScopeClient(staged_server.url, initial_parameters={"input_mode": "text"})
     await client.connect()
     try:
@@ -98,6 +103,22 @@ def test_a_malformed_gpus_list_is_refused_at_the_request(staged_server: RunningS
         assert response.status_code in (400, 422) and "gpus" in response.text, response.text  # schema / value
 
 
+def test_a_bad_blocks_per_stage_is_refused_saying_why(staged_server: RunningServer) -> None:
+    """Its length and entries against the server's two stages at the request (400); its sum against the model's
+    blocks at load (the tiny model has 2), in the status."""
+    for counts, why in (([1, 1, 1], "gpus names 2 stages"), ([0, 2], "blocks_per_stage"), ([2], "blocks_per_stage")):
+        response = httpx.post(
+            f"{staged_server.url}/api/v1/pipeline/load",
+            json={"pipeline_id": "streamdiffusionv2", "load_params": {"blocks_per_stage": counts,
+                                                                      "random_weights": True}},
+            timeout=10,
+        )  # fmt: skip
+        assert response.status_code in (400, 422) and why in response.text, response.text
+    status = load_pipeline(staged_server.url, "streamdiffusionv2", height=SIZE, width=SIZE, random_weights=True,
+                           blocks_per_stage=[2, 2])  # fmt: skip
+    assert status["status"] == "error" and "adds up to 4 blocks; the model has 2" in status["error"], status
+
+
 def test_a_gpu_that_does_not_exist_fails_the_load_naming_it(staged_server: RunningServer) -> None:
     status = load_pipeline(staged_server.url, "streamdiffusionv2", height=SIZE, width=SIZE, random_weights=True,
                            gpus="0,1")  # fmt: skip
@@ -111,7 +132,7 @@ def test_nccl_stages_equal_the_one_gpu_stream() -> None:
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 CUDA GPUs for NCCL stages; {torch.cuda.device_count()} visible")
     from serve.pipelines.autoregressive import StreamDiffusionV2Pipeline
-    from tests.test_pipeline_parallel import assert_same_runs, load, run_scenario, whole_cache
+    from tests.test_pipeline_parallel import assert_same_runs, fetched, load, run_scenario, whole_cache
 
     single, spec = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="0")
     expected = run_scenario(single.open_stream(seed=7), spec, whole_cache)
@@ -119,7 +140,7 @@ def test_nccl_stages_equal_the_one_gpu_stream() -> None:
     try:
         assert staged.stages is not None and staged.placement()["backend"] == "nccl"
         started = time.perf_counter()
-        got = run_scenario(staged.open_stream(seed=7), spec, lambda s: staged.stages.fetch_cache(s.stream_id))
+        got = run_scenario(staged.open_stream(seed=7), spec, fetched(staged))
         assert time.perf_counter() - started < 60
         assert_same_runs(got, expected)
     finally:
@@ -133,7 +154,7 @@ def test_nccl_stream_batch_equals_the_one_gpu_stream_batch() -> None:
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 CUDA GPUs for NCCL stages; {torch.cuda.device_count()} visible")
     from serve.pipelines.autoregressive import StreamDiffusionV2Pipeline
-    from tests.test_pipeline_parallel import assert_same_runs, load, stream_batch_scenario, whole_cache
+    from tests.test_pipeline_parallel import assert_same_runs, fetched, load, stream_batch_scenario, whole_cache
 
     single, spec = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="0", stream_batch=True)
     single.stream_lanes = 2
@@ -141,8 +162,41 @@ def test_nccl_stream_batch_equals_the_one_gpu_stream_batch() -> None:
     staged, _ = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="0,1", stream_batch=True)
     try:
         assert staged.stages is not None and staged.placement()["stream_batch"] == {"rows": 3, "lanes": 2}
-        got = stream_batch_scenario(staged.open_stream(seed=7), spec,
-                                    lambda s: staged.stages.fetch_cache(s.stream_id))  # fmt: skip
+        got = stream_batch_scenario(staged.open_stream(seed=7), spec, fetched(staged))
         assert_same_runs(got, expected)
+    finally:
+        staged.close()
+
+
+@pytest.mark.gpu
+def test_nccl_decode_and_block_moves_equal_the_one_gpu_stream() -> None:
+    """DECODE and MOVE over NCCL: a video stream (rank 0 encodes, the last GPU decodes) of an 8-block model started
+    at [1, 7] and rebalanced at load equals the one-GPU stream, frames and KV caches; so does one after blocks are
+    moved again by hand (the other way, so both directions cross NCCL)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs for NCCL stages; {torch.cuda.device_count()} visible")
+    from serve.pipelines.placement import contiguous
+    from tests.test_pipeline_parallel import (
+        DeeperStreamDiffusionV2,
+        assert_same_runs,
+        fetched,
+        load,
+        run_scenario,
+        whole_cache,
+    )
+
+    single, spec = load(DeeperStreamDiffusionV2, "streamdiffusionv2", gpus="0")
+    expected = run_scenario(single.open_stream(seed=7), spec, whole_cache, video=True)
+    staged, _ = load(DeeperStreamDiffusionV2, "streamdiffusionv2", gpus="0,1", blocks_per_stage=[1, 7])
+    try:
+        assert staged.stages is not None
+        placed = staged.placement()
+        assert placed is not None and placed["backend"] == "nccl" and placed["rebalance"]["blocks_before"] == [1, 7]
+        assert_same_runs(run_scenario(staged.open_stream(seed=7), spec, fetched(staged), video=True), expected)
+        gc.collect()  # that stream is gone: blocks move only while none is open
+        counts = [2, 6] if placed["blocks_per_stage"] != [2, 6] else [3, 5]
+        staged.stages.move_blocks(contiguous(counts))
+        assert staged.placement()["blocks_per_stage"] == counts
+        assert_same_runs(run_scenario(staged.open_stream(seed=7), spec, fetched(staged), video=True), expected)
     finally:
         staged.close()

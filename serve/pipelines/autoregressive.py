@@ -53,7 +53,7 @@ from serve.pipelines.loras import (
     merged_lora_key,
     requested_loras,
 )
-from serve.pipelines.placement import Gpus, parse_gpus, split_blocks
+from serve.pipelines.placement import Gpus, check_blocks_per_stage, contiguous, parse_gpus, split_blocks
 from serve.pipelines.policies import NoiseController
 from serve.pipelines.spec import PipelineSpec
 from serve.pipelines.stream_batch import ChunkInFlight, PlainSchedule, StreamBatch
@@ -69,6 +69,8 @@ from serve.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 VAE_DTYPE = torch.float32  # the streams run the VAE in fp32 on every device; its engines are fp32 builds
+WARMUP_CHUNKS = 4  # chunks decoded in each timed warm-up of `rebalance_stages` (once the stream batch has filled)
+WARMUP_MAX_CALLS = 64  # a bound on a warm-up's calls: the stream batch's fill is S·stages + stages − 1 calls
 
 
 def builtin_lora(models: Models) -> list[dict[str, Any]]:
@@ -732,6 +734,13 @@ class AutoregressivePipeline(Pipeline):
         report("pipeline stages", 0.9)
         dit = self.models.dit
         layers = split_blocks(dit.config.num_layers, gpus.ranks)
+        counts = load_params.get("blocks_per_stage")
+        if counts is not None:  # its length was checked at the request; its sum needs the model
+            try:
+                check_blocks_per_stage(counts, gpus.ranks, dit.config.num_layers)
+            except InvalidParameters as exc:
+                raise PipelineLoadError(f"{self.spec.id}: {exc}") from None
+            layers = contiguous(counts)
         weights: RandomWeights | CheckpointWeights
         if self.random_weights:
             weights = RandomWeights(int(load_params["seed"]))
@@ -750,7 +759,34 @@ class AutoregressivePipeline(Pipeline):
         last = f"the decode runs on the last stage ({gpus.devices[-1]}), eager"
         self.backends["vae_decode"] = {"backend": "eager", "reason": last}
         self.vae_steps["decode"] = None
+        if load_params.get("rebalance_stages", True):
+            report("rebalancing stages", 0.95)
+            try:
+                self.stages.rebalance(lambda: self.warm_up_stages(load_params))
+            except BaseException:
+                self.stages.close()
+                raise
         report("ready", 1.0)
+
+    def warm_up_stages(self, load_params: dict[str, Any]) -> None:
+        """The rebalance's timed warm-up: a scratch stream at the load's real chunk shape (grid, cache frames,
+        chunk latents, the stream batch's rows), in the pipeline's default mode (video: rank 0's encode runs),
+        until WARMUP_CHUNKS chunks have been decoded on the last stage; then the stream is closed."""
+        assert self.stages is not None
+        stream = StagedStream(self, seed=0)
+        params = {**self.spec.session_params(load_params), "input_mode": self.spec.default_mode}
+        frames = None
+        if self.spec.default_mode == "video":  # mid-grey: the input's content does not change the arithmetic's cost
+            frames = np.full((self.chunk_frames, self.height, self.width, 3), 128, np.uint8)
+        decoded = self.stages.decodes + WARMUP_CHUNKS
+        try:
+            for _ in range(WARMUP_MAX_CALLS):
+                if self.stages.decodes >= decoded:
+                    break
+                stream.process(frames, params)
+            assert self.stages.decodes >= decoded, f"warm-up: < {WARMUP_CHUNKS} decodes in {WARMUP_MAX_CALLS} calls"
+        finally:
+            stream.release()
 
     def placement(self) -> dict[str, Any] | None:
         placed: dict[str, Any] | None = None

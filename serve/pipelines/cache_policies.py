@@ -85,7 +85,10 @@ class CachePolicy:
     def before_chunk(self, run: ChunkRunner, first_frame: int, frames: int) -> None:
         pass
 
-    def after_chunk(self, run: ChunkRunner, first_frame: int, x0: Tensor, video: Tensor) -> None:
+    def after_chunk(self, run: ChunkRunner, first_frame: int, x0: Tensor, video: Tensor | None) -> None:
+        """A chunk's clean latents x0 [1, 16, F, h, w] and its decoded video [1, 3, T, H, W] in [-1, 1], or None
+        where the decode runs elsewhere (a pipeline-parallel stream decodes on the last stage): only policies that
+        never read it are pipelined."""
         if self.recache_on_prompt_switch:  # keep the window's clean latents: a prompt switch recomputes their K/V
             if self._clean is None:
                 self._clean = x0.new_zeros((*x0.shape[:2], self.window.spec.max_frames, *x0.shape[3:]))
@@ -224,7 +227,7 @@ class MemoryBankPolicy(CachePolicy):
         window_bias = plan.key_bias[: self.window.spec.max_tokens]
         return ChunkPlan(plan.write_index, torch.cat([window_bias, bank]), plan.frame_positions)
 
-    def after_chunk(self, run: ChunkRunner, first_frame: int, x0: Tensor, video: Tensor) -> None:
+    def after_chunk(self, run: ChunkRunner, first_frame: int, x0: Tensor, video: Tensor | None) -> None:
         super().after_chunk(run, first_frame, x0, video)
         if first_frame % self.record_every:
             return
@@ -337,7 +340,8 @@ class RecomputePolicy(CachePolicy):
         run.cache.reset()
         run.run_step(self.context_latents(run, first_frame), 0.0, self.context_plan())
 
-    def after_chunk(self, run: ChunkRunner, first_frame: int, x0: Tensor, video: Tensor) -> None:
+    def after_chunk(self, run: ChunkRunner, first_frame: int, x0: Tensor, video: Tensor | None) -> None:
+        assert video is not None, "Krea recomputes from decoded frames, so it is never pipelined"
         if first_frame == 0:
             self._first_latent = x0[:, :, :1].clone()
         self._latents = x0.clone()

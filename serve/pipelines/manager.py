@@ -15,7 +15,7 @@ from typing import Any
 from serve.errors import PipelineBusy, PipelineLoadError, PipelineNotLoaded, PipelineUnavailable
 from serve.pipelines.base import Pipeline
 from serve.pipelines.loras import check_requests, requested_loras
-from serve.pipelines.placement import parse_gpus
+from serve.pipelines.placement import check_blocks_per_stage, parse_gpus
 from serve.pipelines.registry import PIPELINES, get_spec
 from serve.pipelines.worker import PipelineWorker
 from serve.schemas import LoadParams, PipelineStatus
@@ -86,8 +86,9 @@ class PipelineManager:
         load_params = spec.effective_load_params(params, allow_random_weights=self.allow_random_weights)
         if "gpus" in spec.load_fields and "gpus" not in load_params and self.default_gpus:
             load_params["gpus"] = self.default_gpus
-        if "gpus" in load_params:
-            parse_gpus(load_params["gpus"])  # a malformed list is a 400 now; a missing GPU fails the load
+        gpus = parse_gpus(load_params["gpus"]) if "gpus" in load_params else None  # malformed: a 400 now
+        if "blocks_per_stage" in load_params:  # its sum is checked against the model's blocks at load
+            check_blocks_per_stage(load_params["blocks_per_stage"], gpus.ranks if gpus else 1)
         check_requests(requested_loras(load_params), self.lora_dir)  # a bad LoRA path is a 400 now, not a load error
         if self._load_task is not None and not self._load_task.done():
             raise PipelineBusy(

@@ -66,8 +66,30 @@ def split_blocks(num_layers: int, ranks: int) -> tuple[tuple[int, int], ...]:
     order = sorted(range(ranks), key=lambda r: (r in (0, ranks - 1), r))  # middle ranks, then the ends
     for r in order[: num_layers % ranks]:
         counts[r] += 1
-    starts = [sum(counts[:r]) for r in range(ranks)]
+    return contiguous(counts)
+
+
+def contiguous(counts: list[int]) -> tuple[tuple[int, int], ...]:
+    """Blocks per stage → the stages' contiguous [start, end) ranges, in order from block 0."""
+    starts = [sum(counts[:r]) for r in range(len(counts))]
     return tuple((start, start + count) for start, count in zip(starts, counts, strict=True))
+
+
+def check_blocks_per_stage(counts: list[int], ranks: int, num_layers: int | None = None) -> None:
+    """A `blocks_per_stage` load parameter against the load's stages (and, once the model is known, its blocks);
+    raises InvalidParameters saying what is wrong."""
+    if ranks < 2:
+        raise InvalidParameters(
+            f"blocks_per_stage {counts} splits the DiT over pipeline stages; give gpus with {len(counts)} entries"
+        )
+    if len(counts) != ranks:
+        raise InvalidParameters(f"blocks_per_stage {counts} has {len(counts)} entries; gpus names {ranks} stages")
+    if min(counts) < 1:
+        raise InvalidParameters(f"blocks_per_stage {counts}: every stage needs at least one block")
+    if num_layers is not None and sum(counts) != num_layers:
+        raise InvalidParameters(
+            f"blocks_per_stage {counts} adds up to {sum(counts)} blocks; the model has {num_layers}"
+        )
 
 
 def balanced_split(step_ms: list[float], fixed_ms: list[float],
@@ -77,12 +99,16 @@ def balanced_split(step_ms: list[float], fixed_ms: list[float],
     move with the blocks (the VAE encode on the first stage, the decode on the last). A block costs the same on
     every stage (sum of step ms / blocks); blocks go one at a time to the stage whose time would stay lowest, every
     stage keeping at least one (ties to the middle stages, as `split_blocks`), which minimises the slowest stage's
-    fixed + blocks·per-block."""
+    fixed + blocks·per-block. `blocks` itself when it is as good by that measure: a split already balanced is kept,
+    not swapped for an equal one (each move costs a block's weights over the link, and noise would pick among ties)."""
     counts = [end - start for start, end in blocks]
     per_block = sum(step_ms) / sum(counts)
+
+    def slowest(split: list[int]) -> float:
+        return max(fixed + n * per_block for fixed, n in zip(fixed_ms, split, strict=True))
+
     new = [1] * len(blocks)
     for _ in range(sum(counts) - len(blocks)):
         r = min(range(len(blocks)), key=lambda i: (fixed_ms[i] + (new[i] + 1) * per_block, i in (0, len(new) - 1), i))
         new[r] += 1
-    starts = [sum(new[:r]) for r in range(len(new))]
-    return tuple((start, start + count) for start, count in zip(starts, new, strict=True))
+    return contiguous(new) if slowest(new) < slowest(counts) else blocks

@@ -58,6 +58,8 @@ MODEL_LOAD_FIELDS = frozenset(
         "manage_cache",
         "gpus",
         "stream_batch",
+        "blocks_per_stage",
+        "rebalance_stages",
         "denoising_step_list",
         "warp_denoising_steps",
         "vace_context_scale",
@@ -139,6 +141,14 @@ class PipelineSpec:
                 "(it serves a tiny model with seeded random weights, for demos and tests)"
             )
         return {**self.load_defaults, **given}
+
+    def session_params(self, load_params: dict[str, Any]) -> dict[str, Any]:
+        """The runtime parameters a new session starts with: the defaults, then the load-time values sessions take."""
+        params = {**self.runtime_defaults}
+        for name in ("denoising_step_list", "warp_denoising_steps", "vace_enabled", "vace_context_scale"):
+            if name in load_params:
+                params[name] = load_params[name]
+        return params
 
     def validate_update(self, params: RuntimeParameters, assets_dir: Path) -> dict[str, Any]:
         """The set fields of a runtime update, checked against this pipeline; raises InvalidParameters."""

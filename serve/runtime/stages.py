@@ -278,6 +278,8 @@ def _serve(spec: StageSpec, model: StageModel, decoder: nn.Module | None) -> Non
             assert not blocks.streams, "blocks move only while no stream is open"
             if b == rank:
                 send_block(model.blocks.pop(str(a)), c)
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()  # the point of a move: the memory goes with the block
             elif c == rank:
                 model.blocks[str(a)] = recv_block(config, b, device)
                 model.blocks = nn.ModuleDict(sorted(model.blocks.items(), key=lambda item: int(item[0])))
@@ -389,6 +391,8 @@ class StageDriver:
         self.steps = 0
         self.decodes = 0
         self.synchronise_timing = False  # the warm-up's measurement: rank 0 waits for its device before reading a time
+        # While `_measure` runs: every step's stage ms, every encode's and decode's ms (host reads: load time only).
+        self._samples: dict[str, list[Any]] | None = None
         self.rebalanced: dict[str, Any] | None = None  # the warm-up's split before and after (`rebalance`)
         self._closed = False
         # Submitted steps not yet collected, held here too: a stream that is gone with steps in flight (a stream
@@ -541,6 +545,7 @@ class StageDriver:
             inputs = (plan.write_index, plan.key_bias.float().contiguous(), plan.frame_positions, e0.contiguous())
             works = [*header_works, *(dist.isend(t, rank) for rank in range(1, self.gpus.ranks) for t in inputs)]
             works.append(dist.isend(e.contiguous(), last))
+            self._synchronise()  # the warm-up's: the embedding queued before is not the blocks' time
             started = time.perf_counter()
             x = self.local.run(stream, x, e0, plan).contiguous()
             self._synchronise()
@@ -557,6 +562,8 @@ class StageDriver:
         self._complete(pending, "during a chunk")
         self._times.copy_(pending.times, non_blocking=True)  # read by `placement`, never waited for here
         self.steps += 1
+        if self._samples is not None:
+            self._samples["step"].append(pending.times.tolist())
         return self.dit.unpatchify(pending.out, pending.grid)
 
     def submit_decode(self, stream: int, latents: Tensor, frames: int) -> PendingDecode:
@@ -579,6 +586,8 @@ class StageDriver:
         self._complete(pending, "during a decode")
         self._decode_ms.copy_(pending.ms, non_blocking=True)
         self.decodes += 1
+        if self._samples is not None:
+            self._samples["decode"].append(float(pending.ms[0]))
         return pending.out
 
     def _complete(self, pending: PendingStep | PendingDecode, when: str) -> None:
@@ -589,10 +598,13 @@ class StageDriver:
 
     def timed_encode(self, encode: Callable[[], Tensor]) -> Tensor:
         """Rank 0's VAE encode, its ms kept for the placement (launch time on CUDA, but in the warm-up)."""
+        self._synchronise()  # the warm-up's: the work queued before is not the encode's time
         started = time.perf_counter()
         latents = encode()
         self._synchronise()
         self.encode_ms = (time.perf_counter() - started) * 1000
+        if self._samples is not None:
+            self._samples["encode"].append(self.encode_ms)
         return latents
 
     def _synchronise(self) -> None:
@@ -652,9 +664,48 @@ class StageDriver:
             placed["rebalance"] = self.rebalanced
         return placed
 
+    def rebalance(self, warm_up: Callable[[], None]) -> None:
+        """The load's rebalance: time `warm_up` (chunks through a stream it opens and closes), split the blocks so
+        that the stages' times per micro-step even out (`balanced_split`), move them if that split differs, and
+        time the warm-up again on the new split. What it found is kept in `rebalanced` (the placement's
+        `rebalance`)."""
+        before = self.layers
+        step_ms, fixed = self._measure(warm_up)
+        record: dict[str, Any] = {
+            "blocks_before": [end - start for start, end in before],
+            "stage_ms_before": [round(ms + extra, 3) for ms, extra in zip(step_ms, fixed, strict=True)],
+        }
+        after = balanced_split(step_ms, fixed, before)
+        if after != before:
+            self.move_blocks(after)
+            step_ms, fixed = self._measure(warm_up)
+        record["blocks_after"] = [end - start for start, end in after]
+        record["stage_ms_after"] = [round(ms + extra, 3) for ms, extra in zip(step_ms, fixed, strict=True)]
+        self.rebalanced = record
+        log.info("pipeline-parallel rebalance: %s", record)
+
+    def _measure(self, warm_up: Callable[[], None]) -> tuple[list[float], list[float]]:
+        """(each stage's DiT step ms, each stage's fixed VAE ms) over `warm_up`, as medians of its steps, encodes
+        and decodes (the first of each is a different shape, and the first calls pay one-off costs), with rank 0
+        waiting for its device before reading a time."""
+        self.synchronise_timing, self._samples = True, {"step": [], "encode": [], "decode": []}
+        try:
+            warm_up()
+            samples = self._samples
+        finally:
+            self.synchronise_timing, self._samples = False, None
+        assert samples["step"], "the warm-up ran no DiT step"
+        step_ms = [float(ms) for ms in torch.tensor(samples["step"]).median(dim=0).values]
+        fixed = [0.0] * self.gpus.ranks
+        fixed[0] += float(torch.tensor(samples["encode"]).median()) if samples["encode"] else 0.0
+        fixed[-1] += float(torch.tensor(samples["decode"]).median()) if samples["decode"] else 0.0
+        return step_ms, fixed
+
     def move_blocks(self, layers: tuple[tuple[int, int], ...]) -> None:
         """Re-split the blocks to `layers` (contiguous, as `split_blocks` gives): each block whose owner changes is
         sent by its old owner to its new one (MOVE), weights only: no stream is open, so no cache moves."""
+        with self._talking("while moving blocks"):
+            self._flush()  # the CLOSEs of streams already gone, and their messages still in flight
         assert not self.local.streams and not self._outstanding, "blocks move only while no stream is open"
 
         def owner(split: tuple[tuple[int, int], ...], block: int) -> int:
@@ -684,6 +735,11 @@ class StageDriver:
     def _command(self, op: int, stream: int, a: int = 0, b: int = 0, c: int = 0, wait: bool = True) -> list[Any]:
         """Send the queued commands, then this one; `wait=False` returns this header's sends unwaited (with the
         header tensor), for a STEP whose messages complete at `collect`."""
+        self._flush()
+        return self._send_header(op, stream, a, b, c, wait)
+
+    def _flush(self) -> None:
+        """Send the commands other threads queued (OPEN, CLOSE), in order."""
         while self._pending:
             with self._lock:
                 queued, queued_stream, grid, frames = self._pending.popleft()
@@ -692,7 +748,6 @@ class StageDriver:
                 self._wait([work for step in gone for work in step.works], "closing a stream")
                 self._outstanding = [step for step in self._outstanding if step.stream != queued_stream]
             self._send_header(queued, queued_stream, grid[0], grid[1], frames)
-        return self._send_header(op, stream, a, b, c, wait)
 
     def _send_header(self, op: int, stream: int, a: int, b: int, c: int, wait: bool = True) -> list[Any]:
         header = torch.tensor([op, stream, a, b, c, 0, 0, 0])

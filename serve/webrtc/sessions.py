@@ -63,11 +63,7 @@ class SessionManager:
                 "close one (DELETE /api/v1/webrtc/offer/{sessionId}) or try again later"
             )
         pipeline, worker, load_params = self._pipelines.require_loaded()
-        params = {**pipeline.spec.runtime_defaults}
-        # Load-time values a session starts with.
-        for name in ("denoising_step_list", "warp_denoising_steps", "vace_enabled", "vace_context_scale"):
-            if name in load_params:
-                params[name] = load_params[name]
+        params = pipeline.spec.session_params(load_params)
         record = False
         if offer.initialParameters is not None:
             record = offer.initialParameters.recording is True
