@@ -4,10 +4,12 @@ one activation hop, and by formula the real-size speed-up.
     python -m benchmarks.pipeline_parallel                  # CPU ranks (gloo), tiny DiT with 6 blocks
     python -m benchmarks.pipeline_parallel --gpus 0,1,2,3   # CUDA ranks (nccl), same tiny model
 
-1. Chunks: StreamDiffusionV2's loop (text mode, 2 denoising steps + the clean pass = 3 DiT steps per chunk) with
-   random weights, on one rank and split over 2 and 3, each without and with the stream batch (3 rows, one lane per
-   rank: serve/pipelines/stream_batch.py); median ms per chunk out after a warm-up (for the stream batch, after
-   the pipe has filled), chunks/s, and the latency in calls from a chunk going in to its frames coming out.
+1. Chunks: StreamDiffusionV2's loop (video mode by default: the VAE encode on rank 0, the decode on the last stage;
+   2 denoising steps + the clean pass = 3 DiT steps per chunk) with random weights, on one rank and split over 2
+   and 3, each without and with the stream batch (3 rows, one lane per rank: serve/pipelines/stream_batch.py), the
+   stream batch also after the load's rebalance (`rebalance_stages`; the others keep the even split); median ms per
+   chunk out after a warm-up (for the stream batch, after the pipe has filled), chunks/s, and the latency in calls
+   from a chunk going in to its frames coming out.
 2. Hop: one activation sent rank 0 → rank 1 and back (ping-pong, half the round trip), at the tiny size and at the
    real 1.3B SDv2 size [1, 720, 1536] (one 320×576 latent frame, fp32 residual stream as the stages send it).
 3. Formula (printed with its assumptions): the real-size throughput speed-up on P GPUs, with and without the stream
@@ -25,6 +27,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
@@ -51,28 +54,32 @@ class BenchStreamDiffusionV2(StreamDiffusionV2Pipeline):
     random_dit_config = BENCH_DIT
 
 
-def chunk_times(gpus: str | None, chunks: int, warmup: int, stream_batch: bool) -> tuple[float, int, dict | None]:
-    """Median ms per chunk out of a text-mode SDv2 stream on `gpus` (None: one device), the calls a chunk takes from
-    going in to coming out, and the placement."""
+def chunk_times(gpus: str | None, chunks: int, warmup: int, stream_batch: bool, rebalance: bool = False,
+                mode: str = "video") -> tuple[float, int, dict | None]:  # fmt: skip
+    """Median ms per chunk out of an SDv2 stream on `gpus` (None: one device) in `mode` (video: a mid-grey input
+    chunk per call, encoded on rank 0), the calls a chunk takes from going in to coming out, and the placement."""
     spec = get_spec("streamdiffusionv2")
     extra: dict = {"gpus": gpus} if gpus else {}
     if stream_batch:
         extra["stream_batch"] = True
+    if gpus:
+        extra["rebalance_stages"] = rebalance  # ignored by a one-stage load
     params = spec.effective_load_params(
         LoadParams(height=SIZE, width=SIZE, random_weights=True, **extra), allow_random_weights=True
     )
     pipeline = BenchStreamDiffusionV2.load(spec, params, report=lambda *_: None, models_dir=Path("/nonexistent"))
     try:
         stream = pipeline.open_stream(seed=0)
-        run = {**spec.runtime_defaults, "input_mode": "text", "prompts": [{"text": "a cat", "weight": 1.0}]}
+        run = {**spec.runtime_defaults, "input_mode": mode, "prompts": [{"text": "a cat", "weight": 1.0}]}
+        source = np.full((pipeline.chunk_frames, SIZE, SIZE, 3), 128, np.uint8) if mode == "video" else None
         latency = 0  # calls until the first chunk is out: the pipe's fill (rows, lanes) and the last stage's decode
-        while not len(stream.process(None, run)):
+        while not len(stream.process(source, run)):
             latency += 1
             assert latency < 64, "no chunk came out"
         samples = []
         for i in range(warmup + chunks):
             started = time.perf_counter()
-            frames = stream.process(None, run)  # ends in the chunk's one device→host copy: synchronised
+            frames = stream.process(source, run)  # ends in the chunk's one device→host copy: synchronised
             assert len(frames) == 4  # one chunk per call once the pipe is full
             if i >= warmup:
                 samples.append((time.perf_counter() - started) * 1e3)
@@ -154,13 +161,16 @@ def main() -> None:
     parser.add_argument("--gpus", default=None, help="CUDA ids (e.g. 0,1,2); default CPU ranks")
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--mode", choices=("video", "text"), default="video", help="the stream's input mode")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console(width=200)  # the tables are wide; a pipe or a narrow terminal would fold them
     ids = args.gpus.split(",") if args.gpus else None
 
-    table = Table(title=f"SDv2 chunk over pipeline stages (tiny, {BENCH_DIT.num_layers} blocks, {SIZE}×{SIZE})")
+    table = Table(
+        title=f"SDv2 chunk over pipeline stages (tiny, {BENCH_DIT.num_layers} blocks, {SIZE}×{SIZE}, {args.mode})"
+    )
     columns = ("ranks", "stream batch", "backend", "blocks per stage", "ms per chunk out", "chunks/s", "fps",
                "latency (calls in → out)", "stage ms (last step, with VAE)", "decode ms (last stage)",
                "balanced split of these times")  # fmt: skip
@@ -170,14 +180,17 @@ def main() -> None:
         gpus = (",".join(ids[:ranks]) if ids else f"cpu:{ranks}") if ranks > 1 else (ids[0] if ids else None)
         if ids and ranks > len(ids):
             break
-        for batched in (False, True):
-            ms, latency, placed = chunk_times(gpus, args.chunks, args.warmup, batched)
+        # Plain PP runs the stages one after the other, so its split cannot change its speed: rebalanced only with the
+        # stream batch, where the slowest stage sets the pace.
+        for batched, rebalance in ((False, False), (True, False), *(((True, True),) if ranks > 1 else ())):
+            ms, latency, placed = chunk_times(gpus, args.chunks, args.warmup, batched, rebalance, args.mode)
             blocks = placed["blocks_per_stage"] if placed and "blocks_per_stage" in placed else [BENCH_DIT.num_layers]
             stage_ms = ", ".join(f"{t:.1f}" for t in placed["stage_ms"]) if placed and placed.get("stage_ms") else "-"
             backend = placed["backend"] if placed and "backend" in placed else "-"
             decode = f"{placed['decode_ms']:.1f}" if placed and placed.get("decode_ms") is not None else "-"
             suggested = str(placed.get("suggested_blocks_per_stage", "-")) if placed else "-"
-            table.add_row(str(ranks), "on" if batched else "off", backend, str(blocks), f"{ms:.1f}", f"{1e3 / ms:.2f}",
+            mode = ("on, rebalanced" if rebalance else "on") if batched else "off"
+            table.add_row(str(ranks), mode, backend, str(blocks), f"{ms:.1f}", f"{1e3 / ms:.2f}",
                           f"{4e3 / ms:.1f}", str(latency), stage_ms, decode, suggested)  # fmt: skip
     console.print(table)
 
