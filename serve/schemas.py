@@ -182,7 +182,8 @@ class PipelineStatus(Struct):
     backends: dict[str, dict[str, str]] | None = None  # per component (dit_step, vae_encode, vae_decode): both of those
     random_weights: bool = False
     pipeline_parallel: dict[str, Any] | None = None
-    """How the DiT is placed when the load named several devices: stages, devices, blocks_per_stage, stage_ms (the
+    """How the DiT is placed when the load named several devices: stages, devices, blocks_per_stage,
+    weight_bytes_per_stage (each stage's DiT blocks, embeddings or head, and VAE half, as held), stage_ms (the
     last chunk's DiT step plus VAE work, per stage), step_ms, encode_ms (first stage), decode_ms (last stage),
     suggested_blocks_per_stage, rebalance (the load's warm-up: blocks_before, blocks_after, stage_ms_before,
     stage_ms_after) when `rebalance_stages` ran; or one stage and the reason it could not be split. Also

@@ -30,6 +30,7 @@ from serve.pipelines.autoregressive import (
 )
 from serve.pipelines.placement import balanced_split, check_blocks_per_stage, contiguous, parse_gpus, split_blocks
 from serve.pipelines.registry import get_spec
+from serve.runtime.stages import weight_bytes
 from serve.schemas import LoadParams
 from tests.support.checkpoints import write_pipeline_files
 from tests.support.streams import PROMPT_A, PROMPT_B, SIZE
@@ -297,12 +298,33 @@ def test_staged_stream_batch_equals_the_one_process_stream_batch(cls, pipeline_i
         staged.close()
 
 
+def stage_weight_bytes(single, counts: list[int]) -> list[int]:
+    """What each stage should hold, from the one-process pipeline's modules: its blocks; rank 0 also the embeddings
+    and the VAE without its decoder, the last the head and the VAE without its encoder, each spawned stage the
+    rotary tables."""
+    dit, vae = single.models.dit, single.vae_model
+    block = weight_bytes(dit.blocks[0])
+    expected = [n * block for n in counts]
+    expected[0] += weight_bytes(dit) - sum(counts) * block - weight_bytes(dit.head) + weight_bytes(vae)
+    expected[0] -= weight_bytes(vae.decoder)
+    expected[-1] += weight_bytes(dit.head) + weight_bytes(vae) - weight_bytes(vae.encoder)
+    for rank in range(1, len(counts)):  # each spawned stage builds its own rotary tables
+        expected[rank] += weight_bytes(dit.rope)
+    return expected
+
+
 def test_a_video_stream_encodes_on_rank_0_decodes_on_the_last_stage_and_equals_the_one_process_stream() -> None:
     single, spec = load(StreamDiffusionV2Pipeline, "streamdiffusionv2")
     expected = run_scenario(single.open_stream(seed=7), spec, whole_cache, video=True)
     staged, _ = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="cpu:2")
     try:
         assert staged.stages is not None
+        # Each end holds only its VAE half: the last stage built no encoder (its own count), rank 0 freed its decoder.
+        placed = staged.placement()
+        assert placed is not None
+        assert placed["weight_bytes_per_stage"] == stage_weight_bytes(single, placed["blocks_per_stage"])
+        with pytest.raises(RuntimeError, match="decoder runs on the last pipeline stage"):
+            staged.vae_model.decode_video(torch.zeros(1, 16, 1, SIZE // 8, SIZE // 8))
         decodes = staged.stages.decodes
         got = run_scenario(staged.open_stream(seed=7), spec, fetched(staged), video=True)
         assert_same_runs(got, expected)
@@ -314,10 +336,10 @@ def test_a_video_stream_encodes_on_rank_0_decodes_on_the_last_stage_and_equals_t
 
 
 @pytest.fixture(scope="module")
-def deeper_text_runs() -> list:
-    """The one-process oracle of the 8-block StreamDiffusionV2, text mode (no stages: no group is held)."""
+def deeper_oracle() -> tuple:
+    """The one-process 8-block StreamDiffusionV2 and its runs, text mode (no stages: no group is held)."""
     single, spec = load(DeeperStreamDiffusionV2, "streamdiffusionv2")
-    return run_scenario(single.open_stream(seed=7), spec, whole_cache)
+    return single, run_scenario(single.open_stream(seed=7), spec, whole_cache)
 
 
 def owned_blocks(staged) -> int:
@@ -326,7 +348,7 @@ def owned_blocks(staged) -> int:
 
 
 def test_blocks_move_between_three_stages_every_way_and_the_stream_still_equals_one_process(
-    deeper_text_runs: list,
+    deeper_oracle: tuple,
 ) -> None:
     """`move_blocks` through splits that send blocks from every rank to every other (rank 0 included); the start
     split, given with rebalancing off, is kept exactly until then. Then a stream equals the one-process one."""
@@ -341,11 +363,13 @@ def test_blocks_move_between_three_stages_every_way_and_the_stream_still_equals_
         # 1→0 and 1→2; then 0→1, 0→2 and 1→2; 1→2; then 1→0, 2→0 and 2→1.
         for counts in ([4, 1, 3], [1, 2, 5], [1, 1, 6], [3, 1, 4]):
             staged.stages.move_blocks(contiguous(counts))
-            assert staged.placement()["blocks_per_stage"] == counts
+            placed = staged.placement()
+            assert placed["blocks_per_stage"] == counts
             assert owned_blocks(staged) == counts[0]
+            assert placed["weight_bytes_per_stage"] == stage_weight_bytes(deeper_oracle[0], counts)
         stream = staged.open_stream(seed=7)
         assert stream.cache.k.shape[0] == 3  # rank 0's layers
-        assert_same_runs(run_scenario(stream, spec, fetched(staged)), deeper_text_runs)
+        assert_same_runs(run_scenario(stream, spec, fetched(staged)), deeper_oracle[1])
     finally:
         staged.close()
 

@@ -27,7 +27,7 @@ shapes, for torch.export / ONNX / TensorRT (issue 4).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -176,6 +176,33 @@ class StreamingAutoencoder:
     def decode_video(self, latents: Tensor) -> Tensor:
         """Whole clip [B, 16, F, h, w] → [B, 3, 1 + 4(F-1), 8h, 8w] in one pass; stream state untouched."""
         return self.model.decode_video(latents)
+
+
+class HalfElsewhere(nn.Module):
+    """Stands in for the half of a VAE that runs on another pipeline stage, whose weights are not held here: calling
+    it says so instead of computing with a missing module."""
+
+    def __init__(self, half: str, where: str) -> None:
+        super().__init__()
+        self.half, self.where = half, where
+
+    def _refuse(self) -> RuntimeError:
+        return RuntimeError(f"this VAE's {self.half} runs on {self.where}; its weights are not loaded here")
+
+    def forward(self, *args: object) -> Tensor:
+        raise self._refuse()
+
+    def __iter__(self) -> Iterator[nn.Module]:  # TAEHV runs its halves block by block, and indexes them
+        raise self._refuse()
+
+    def __getitem__(self, index: int) -> nn.Module:
+        raise self._refuse()
+
+
+def drop_half(model: nn.Module, half: Literal["encoder", "decoder"], where: str) -> None:
+    """Free a VAE's encoder or decoder (Wan's and TAEHV's halves are `model.encoder` / `model.decoder`): a pipeline
+    stage that only encodes, or only decodes, holds only that half's weights."""
+    setattr(model, half, HalfElsewhere(half, where))
 
 
 def to_uint8_frames(video: Tensor) -> Tensor:

@@ -750,7 +750,7 @@ class AutoregressivePipeline(Pipeline):
             weights = CheckpointWeights(dit_file.local_path(models_dir), self.shape.checkpoint_prefer, lora, LORA_SCALE)
         models = self.models
         vae = VaeSpec(models.vae_type, models.vae_path, models.vae_size, int(load_params.get("seed", 0)))
-        self.stages = StageDriver.start(gpus, layers, dit, self.dtype, weights, vae)
+        self.stages = StageDriver.start(gpus, layers, dit, self.dtype, weights, vae, self.vae_model)
         self.stream_lanes = gpus.ranks  # one micro-step in flight per stage
         self.backend = "eager"
         self.backend_reason = "pipeline-parallel stages run the eager step (engines are built for the whole model)"

@@ -6,10 +6,11 @@ Rank 0 is the pipeline's worker thread in the server process. It embeds (patches
 blocks and drives the other ranks. Ranks 1..N−1 are processes spawned at load (`stage_main`), one per device. Each
 holds only its blocks' weights and, per stream, only those layers' KV caches: no replica of the whole model, and no
 cache moved off to the CPU. The last rank runs the head and sends the flow prediction back to rank 0, where the one
-chunk loop goes on (scheduler, noise, the VAE encode). The last rank also holds the VAE decoder (the same weights as
-rank 0's VAE) and, per stream, its causal decoder state: each finished chunk's clean latents go to it and its
-decoded uint8 frames come back to rank 0, where the server's output path is. Policies never see ranks: the stream's
-`run_step` calls `StageDriver.step` with the DiT step's own arguments, its decode `submit_decode`.
+chunk loop goes on (scheduler, noise, the VAE encode). The last rank also holds the VAE's decoder (rank 0 holds its
+encoder; neither holds the other half) and, per stream, its causal decoder state: each finished chunk's clean latents
+go to it and its decoded uint8 frames come back to rank 0, where the server's output path is. Policies never see
+ranks: the stream's `run_step` calls `StageDriver.step` with the DiT step's own arguments, its decode
+`submit_decode`.
 
 Protocol. Every message is sent by its sender in one fixed order, so NCCL's tag-less matching (scale.md §1) pairs
 them as gloo's tags do:
@@ -37,6 +38,7 @@ them as gloo's tags do:
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import socket
 import threading
@@ -53,7 +55,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from serve.errors import PipelineLoadError, StageFailed
-from serve.models.autoencoder import StreamingAutoencoder, make_vae, to_uint8_frames
+from serve.models.autoencoder import StreamingAutoencoder, drop_half, make_vae, to_uint8_frames
 from serve.models.dit import DiTBlock, DiTConfig, Head, RotaryEmbedding, WanDiT, keep_in_fp32, run_blocks
 from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, TextKVCache
 from serve.pipelines.placement import Gpus, balanced_split
@@ -106,6 +108,19 @@ class StageSpec:
     weights: RandomWeights | CheckpointWeights
     threads: int  # torch CPU threads: the same as rank 0's, so CPU arithmetic matches the one-process stream
     vae: VaeSpec | None = None  # the last stage's decoder
+
+
+@dataclass(frozen=True)
+class Built:
+    """A spawned stage's word to rank 0 that its part is built: what its weights take on its device."""
+
+    weight_bytes: int
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """The bytes of a module's parameters and buffers (weights moved off a stage no longer count)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class StageModel(nn.Module):
@@ -221,10 +236,13 @@ def stage_main(spec: StageSpec, ready: Any) -> None:
             vae = spec.vae
             decoder = make_vae(vae.vae_type, vae.path, size=vae.size, dtype=torch.float32, device=spec.device,
                                seed=vae.seed).model  # fmt: skip
+            drop_half(decoder, "encoder", "the first pipeline stage")
+            if spec.device.startswith("cuda"):
+                torch.cuda.empty_cache()
     except Exception as exc:  # reported to rank 0, which fails the load with it
         ready.send(f"stage {spec.rank} on {spec.device}: {type(exc).__name__}: {exc}")
         return
-    ready.send(None)
+    ready.send(Built(weight_bytes(stage) + (weight_bytes(decoder) if decoder is not None else 0)))
     _init_group(spec)
     try:
         with torch.inference_mode():
@@ -375,6 +393,7 @@ class StageDriver:
         self.gpus, self.layers, self.dit, self.dtype = gpus, layers, dit, dtype
         self.device = torch.device(gpus.devices[0])
         self.config = dit.config
+        self.head_features = math.prod(dit.config.patch_size) * dit.config.out_dim  # the flow per token (64)
         start, end = layers[0]
         self.local = StageBlocks(self.config, [dit.blocks[i] for i in range(start, end)], dit.rope, dtype, self.device)
         self.processes: list[Any] = []
@@ -390,6 +409,9 @@ class StageDriver:
         self.encode_ms: float | None = None
         self.steps = 0
         self.decodes = 0
+        self.weight_bytes = [
+            0
+        ] * gpus.ranks  # each stage's DiT blocks (and rank 0's embeddings, the last's head) + VAE half
         self.synchronise_timing = False  # the warm-up's measurement: rank 0 waits for its device before reading a time
         # While `_measure` runs: every step's stage ms, every encode's and decode's ms (host reads: load time only).
         self._samples: dict[str, list[Any]] | None = None
@@ -403,18 +425,22 @@ class StageDriver:
 
     @classmethod
     def start(cls, gpus: Gpus, layers: tuple[tuple[int, int], ...], dit: WanDiT, dtype: torch.dtype,
-              weights: RandomWeights | CheckpointWeights, vae: VaeSpec) -> StageDriver:  # fmt: skip
+              weights: RandomWeights | CheckpointWeights, vae: VaeSpec,
+              vae_model: nn.Module) -> StageDriver:  # fmt: skip
         """Spawn ranks 1..N−1 (the last with the VAE decoder), wait until each has built its part, join the group;
-        raises PipelineLoadError."""
+        raises PipelineLoadError. Rank 0 then keeps only its own blocks (no head) and `vae_model`'s encoder."""
         driver = cls(gpus, layers, dit, dtype)
         try:
             driver._spawn(weights, vae)
         except BaseException:
             driver.close()
             raise
-        for i in range(len(dit.blocks)):  # rank 0 keeps only its own blocks' weights
+        for i in range(len(dit.blocks)):
             if not layers[0][0] <= i < layers[0][1]:
                 dit.blocks[i] = nn.Module()
+        dit.head = nn.Module()  # the last stage runs it
+        drop_half(vae_model, "decoder", f"the last pipeline stage ({gpus.devices[-1]})")
+        driver.weight_bytes[0] = weight_bytes(dit) + weight_bytes(vae_model)
         if driver.device.type == "cuda":
             torch.cuda.empty_cache()
         return driver
@@ -444,9 +470,10 @@ class StageDriver:
                     raise PipelineLoadError(self._death(rank, "while building its blocks"))
                 if time.monotonic() > deadline:
                     raise PipelineLoadError(f"stage {rank} did not build its blocks within {READY_TIMEOUT_S:g} s")
-            error = pipe.recv()
-            if error is not None:
-                raise PipelineLoadError(f"pipeline-parallel load failed: {error}")
+            built = pipe.recv()
+            if isinstance(built, str):
+                raise PipelineLoadError(f"pipeline-parallel load failed: {built}")
+            self.weight_bytes[rank] = built.weight_bytes
         dist.init_process_group(self.gpus.backend, store=store, rank=0, world_size=self.gpus.ranks,
                                 timeout=timedelta(seconds=OP_TIMEOUT_S),
                                 device_id=bound_device(self.gpus.devices[0]))  # fmt: skip
@@ -551,7 +578,7 @@ class StageDriver:
             self._synchronise()
             times_out[0] = (time.perf_counter() - started) * 1000  # launch time on CUDA (but in the warm-up)
             works += [dist.isend(x, 1), dist.isend(times_out, 1)]
-            out = torch.empty(x.shape[0], x.shape[1], dit.head.head.out_features, device=self.device)
+            out = torch.empty(x.shape[0], x.shape[1], self.head_features, device=self.device)
             works += [dist.irecv(out, last), dist.irecv(times, last)]
         pending = PendingStep(stream, works, out, times, grid, (header, inputs, e, x, times_out))
         self._outstanding.append(pending)
@@ -649,6 +676,7 @@ class StageDriver:
             "devices": list(self.gpus.devices),
             "blocks_per_stage": blocks,
             "vae": {"encode_stage": 0, "decode_stage": self.gpus.ranks - 1},
+            "weight_bytes_per_stage": list(self.weight_bytes),
             "stage_ms": None,
         }
         measured = self.stage_ms()
@@ -711,11 +739,14 @@ class StageDriver:
         def owner(split: tuple[tuple[int, int], ...], block: int) -> int:
             return next(rank for rank, (start, end) in enumerate(split) if start <= block < end)
 
+        block_bytes = weight_bytes(self.local.blocks[0])  # every block is the same size; rank 0 always keeps one
         with self._talking("while moving blocks"):
             for block in range(self.config.num_layers):
                 old, new = owner(self.layers, block), owner(layers, block)
                 if old == new:
                     continue
+                self.weight_bytes[old] -= block_bytes
+                self.weight_bytes[new] += block_bytes
                 self._command(MOVE, 0, block, old, new)
                 if old == 0:
                     send_block(self.dit.blocks[block], new)
