@@ -14,6 +14,7 @@ from pathlib import Path
 # unasked, and the `null` origin (file:// pages, sandboxed iframes) is shared by every such page, so it is not
 # admitted either.
 DEFAULT_CORS_ORIGIN_REGEX = r"http://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?"
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")  # libx264's, fastest first
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class WebRTCSettings:
     nvdec: bool = False
     """Decode incoming H.264 with NVDEC (serve/webrtc/nvdec.py): frames stay on the GPU. CUDA machines only."""
     x264_preset: str = "superfast"
-    """libx264's preset on the H.264 packet path without NVENC (ultrafast, superfast, veryfast, ...)."""
+    """libx264's preset on the H.264 packet path without NVENC (one of X264_PRESETS)."""
 
 
 @dataclass(frozen=True)
