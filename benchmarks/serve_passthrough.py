@@ -221,6 +221,9 @@ async def run_streams(url: str, args: argparse.Namespace, path: str, streams: in
         await client.connect()
         clients.append((client, track))
     await asyncio.gather(*(client.wait_frames(30, timeout_s=30) for client, _ in clients))  # warm-up
+    deadline = time.monotonic() + 5  # and each client's first RTCP sender report (about one a second)
+    while any([await sent_counters(client) is None for client, _ in clients]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
     process = psutil.Process(pid)
     threads_start = thread_times(pid) if args.threads else {}
     sent_start = [await sent_counters(client) for client, _ in clients]
