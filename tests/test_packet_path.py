@@ -63,8 +63,8 @@ def test_x264_follows_the_target_bitrate() -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known bug, not fixed yet (benchmarks/RESULTS.md issue 13): libx264 opened with "
-    "its VBV in x264-params ignores later bit_rate changes, so REMB never moves the output rate",
+    reason="known bug, not fixed yet (benchmarks/RESULTS.md issue 13): libx264 keeps the rate it opened with "
+    "whatever bit_rate is set later, so REMB never moves the output rate",
 )
 def test_x264_follows_a_change_of_the_target_bitrate_mid_stream() -> None:
     """The receiver's estimate changes while the stream runs; the test above sets it before the first frame only."""

@@ -174,7 +174,9 @@ class X264Encoder(PacketEncoder):
         if codec is None:
             codec = self._codec = self._open(frame)
         elif abs(self.target_bitrate - codec.bit_rate) > BITRATE_STEP * codec.bit_rate:
-            codec.bit_rate = self.target_bitrate  # libx264 reconfigures its rate control live, without an IDR
+            # Meant to retune libx264's rate control live, without an IDR; measured, it changes nothing (cause not
+            # found yet): a known bug, tests/test_packet_path.py's strict xfail.
+            codec.bit_rate = self.target_bitrate
         frame.pict_type = av.video.frame.PictureType.I if keyframe else av.video.frame.PictureType.NONE
         return b"".join(bytes(packet) for packet in codec.encode(frame)) or None
 
