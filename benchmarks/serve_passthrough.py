@@ -25,8 +25,9 @@ names the server gives its threads (serve/threads.py; FFmpeg's helper threads in
 opened the codec), printed as one more table in % of a core per stream, with the group's thread count.
 
 `--x264-presets`: the new path once per libx264 preset (the server's `--x264-preset`), plus the encoder alone on the
-same scene (serve/webrtc/encoders.py `X264Encoder` at 1.5 Mb/s, one thread): CPU ms a frame, bytes and PSNR of the
-decoded output against the scene, so cost and quality are side by side.
+same scene (serve/webrtc/encoders.py `X264Encoder` at 1.5 Mb/s, one thread): CPU ms a frame of its RGB → NV12
+conversion and of the encode, kb/s, and PSNR of the decoded output against the scene, so cost and quality are side
+by side.
 """
 
 from __future__ import annotations
