@@ -39,8 +39,8 @@ from serve.schemas import LoadParams
 from serve.serving import LocalServing
 from serve.settings import ServerSettings
 from serve.webrtc.codecs import configure_codecs
+from serve.webrtc.decoders import install_decoders
 from serve.webrtc.ice import configure_ice
-from serve.webrtc.nvdec import install_nvdec
 from serve.webrtc.session import configure_data_channel
 from serve.webrtc.sessions import SessionManager
 
@@ -101,8 +101,7 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         configure_ice(settings.webrtc)
         configure_codecs(settings.webrtc)
-        if settings.webrtc.nvdec:
-            install_nvdec()
+        install_decoders(nvdec=settings.webrtc.nvdec)
         configure_data_channel(settings.webrtc)
         pipelines = PipelineManager(
             models_dir=settings.models_dir, engines_dir=settings.engines_dir, lora_dir=settings.lora_folder,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from build_engines.commands import add_engines_parser
 from build_engines.commands import run as run_engines_command
-from serve.settings import AccessSettings, CorsSettings, RequestLimits, ServerSettings
+from serve.settings import X264_PRESETS, AccessSettings, CorsSettings, RequestLimits, ServerSettings
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -129,6 +129,12 @@ def add_server_options(serve: argparse.ArgumentParser, defaults: ServerSettings)
         "to RTP; device: YUV planes even on a CPU; host: swscale RGB and aiortc's own encoders (the old path)",
     )
     serve.add_argument(
+        "--x264-preset",
+        choices=X264_PRESETS,
+        default=defaults.webrtc.x264_preset,
+        help="libx264's preset for H.264 output where there is no NVENC (faster presets cost less CPU and quality)",
+    )
+    serve.add_argument(
         "--peer-timeout-s",
         type=float,
         default=defaults.webrtc.peer_timeout_s,
@@ -229,6 +235,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             max_sessions=args.max_sessions,
             frame_path=args.frame_path,
             nvdec=args.nvdec,
+            x264_preset=args.x264_preset,
             peer_timeout_s=args.peer_timeout_s,
             connect_timeout_s=args.connect_timeout_s,
         ),

@@ -14,6 +14,7 @@ from pathlib import Path
 # unasked, and the `null` origin (file:// pages, sandboxed iframes) is shared by every such page, so it is not
 # admitted either.
 DEFAULT_CORS_ORIGIN_REGEX = r"http://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?"
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")  # libx264's, fastest first
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,10 @@ class WebRTCSettings:
     `host`: the old path (swscale RGB, aiortc's own encoders), kept for comparison (benchmarks/serve_passthrough)."""
     nvdec: bool = False
     """Decode incoming H.264 with NVDEC (serve/webrtc/nvdec.py): frames stay on the GPU. CUDA machines only."""
-    x264_preset: str = "superfast"
-    """libx264's preset on the H.264 packet path without NVENC (ultrafast, superfast, veryfast, ...)."""
+    x264_preset: str = "ultrafast"
+    """libx264's preset on the H.264 packet path without NVENC (one of X264_PRESETS). `ultrafast` cost 1.4 ms a 512²
+    frame against `superfast`'s 1.9-2.3, at the same PSNR on the camera-like scene at 1.5 Mb/s (benchmarks/RESULTS.md,
+    issue 13); it turns off the deblocking filter and most motion search, which a smooth scene may show more."""
 
 
 @dataclass(frozen=True)

@@ -225,3 +225,13 @@ def test_the_next_chunk_is_queued_before_waiting_for_frames_in_flight(worker: Pi
     for n in range(4):
         queued_first = timeline.index(("start", n + 1)) < timeline.index(("emit", n))
         assert queued_first == (copy_s is not None), timeline
+
+
+def test_a_text_mode_slot_waiting_for_room_is_woken_when_the_output_drains(worker: PipelineWorker) -> None:
+    stream, sink = RecordingStream(), Sink()
+    slot = make_slot(worker, stream, sink, chunk=2, input_mode="text")
+    wait_for(lambda: len(sink.chunks) == 3)
+    time.sleep(0.05)  # the worker found no room and waits
+    sink.chunks.clear()  # the output played everything: what OutputTrack's `on_drained` reports with `wake`
+    slot.wake()
+    wait_for(lambda: len(sink.chunks) == 3)  # woken, it fills the output again

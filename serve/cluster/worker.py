@@ -27,8 +27,8 @@ from serve.schemas import ClusterWorker
 from serve.serving import LocalServing
 from serve.settings import ServerSettings
 from serve.webrtc.codecs import configure_codecs
+from serve.webrtc.decoders import install_decoders
 from serve.webrtc.ice import configure_ice
-from serve.webrtc.nvdec import install_nvdec
 from serve.webrtc.session import configure_data_channel
 from serve.webrtc.sessions import SessionManager
 
@@ -73,8 +73,7 @@ class WanrtWorker:
         # ICE, codec and SCTP settings are module attributes: this actor's process is its own, so they are its own.
         configure_ice(settings.webrtc)
         configure_codecs(settings.webrtc)
-        if settings.webrtc.nvdec:
-            install_nvdec()
+        install_decoders(nvdec=settings.webrtc.nvdec)
         configure_data_channel(settings.webrtc)
         self.name = name
         self.pipelines = PipelineManager(

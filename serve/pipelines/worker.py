@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from serve.pipelines.base import ChunkOutput, PipelineStream
+from serve.threads import PIPELINE_WORKER, name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class StreamSlot:
         # after taking it (`chunks_in_flight`), and its frames keep their own inputs' timestamps. Bounded by the pipe.
         self._stamps_in_flight: deque[list[FrameStamp]] = deque(maxlen=64)
         self.closed = False
+        self._waiting_for_room = False  # set by `ready` (under the lock) when text mode found the output full
         # counters (read by stats; written under the lock)
         self.frames_in = 0
         self.frames_dropped = 0
@@ -109,8 +111,11 @@ class StreamSlot:
             self._lock.notify()
 
     def wake(self) -> None:
+        """The output played a frame: wake the worker only if this slot waits for output room (text mode). Called
+        for every frame played, so a video stream's frames do not each wake the worker for nothing."""
         with self._lock:
-            self._lock.notify()
+            if self._waiting_for_room:
+                self._lock.notify()
 
     @property
     def params(self) -> dict[str, Any]:
@@ -124,11 +129,14 @@ class StreamSlot:
 
     def ready(self) -> bool:
         """Called with the lock held."""
+        self._waiting_for_room = False
         if self.closed or self._pending.get("paused", self._params.get("paused", False)):
             return False
         if self._mode() == "video":
             return len(self._inputs) == self.chunk_frames  # the output track bounds itself by dropping stale frames
-        return self._output_has_room()  # text mode: generate only as fast as frames are played out
+        room = self._output_has_room()  # text mode: generate only as fast as frames are played out
+        self._waiting_for_room = not room
+        return room
 
     def start_chunk(self) -> StartedChunk | None:
         """Take the chunk's inputs and parameters and run it up to its frames' copy to the host (which may still be
@@ -257,6 +265,7 @@ class PipelineWorker:
         are still being copied (CUDA) waits until the next ready chunk's device work is queued behind it, so the GPU
         is not idle while the host waits, emits and prepares. With nothing else ready it is finished at once, and a
         chunk that is already done (a CPU) is emitted at once: neither delays a frame."""
+        name_os_thread(PIPELINE_WORKER)
         waiting: StartedChunk | None = None
         while True:
             with self.condition:

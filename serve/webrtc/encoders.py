@@ -5,9 +5,9 @@ A track that returns `av.Packet`s from `recv()` makes aiortc's RTCRtpSender skip
 (serve/webrtc/tracks.py, serve/webrtc/codecs.py): a PLI/FIR forces an IDR here, and the receiver's REMB estimate
 (which aiortc still writes on its unused encoder) becomes `target_bitrate` here.
 
-- `X264Encoder`: PyAV's libx264 on the CPU. Measured here at 512×512 on the camera-like scene: `superfast` 1.9 ms a
-  frame, against 4.4 ms for aiortc's VP8 and 13 ms for aiortc's own libx264 (preset medium), each with its RGB →
-  YUV conversion (benchmarks/RESULTS.md).
+- `X264Encoder`: PyAV's libx264 on the CPU. Measured here at 512×512 on the camera-like scene: `ultrafast` (the
+  default, `--x264-preset`) 1.4 ms a frame and `superfast` 1.9 ms at the same PSNR, against 4.4 ms for aiortc's VP8
+  and 13 ms for aiortc's own libx264 (preset medium), each with its RGB → YUV conversion (benchmarks/RESULTS.md).
 - `NvencEncoder`: NVENC through PyNvVideoCodec, fed NV12 straight from device memory (CUDA only; imported lazily,
   because its import fails without the NVENC driver library).
 Both write Constrained Baseline (what aiortc offers: profile-level-id 42e01f / 42001f), no B-frames, SPS/PPS before
@@ -25,10 +25,11 @@ import av
 import numpy as np
 import torch
 from av import VideoFrame
-from av.video.reformatter import VideoReformatter
+from av.video.reformatter import Interpolation, VideoReformatter
 
 from kernels.colour import BT601_LIMITED, rgb_to_nv12
 from serve.pipelines.worker import FrameStamp
+from serve.settings import WebRTCSettings
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,20 @@ def nal_types(data: bytes) -> list[int]:
     return types
 
 
+# swscale's area filter: its 2:1 decimation is the 2×2 mean. Its default (bilinear) one averages the two columns but
+# spreads each chroma row over four luma rows ([1, 3, 3, 1] / 8, same midway siting), which put its chroma up to 6
+# levels from the kernel's on a textured scene. FULL_CHR_H_INP: chroma is read at full width and then decimated by
+# that filter (rather than read at half width): the same values within 1 level, in about half the time measured here
+# (0.40 vs 0.76 ms at 512², benchmarks/RESULTS.md issue 13).
+NV12_FLAGS = Interpolation.AREA | Interpolation.FULL_CHR_H_INP
+
+
 def host_rgb_to_nv12(reformatter: VideoReformatter, rgb: np.ndarray) -> VideoFrame:
     """uint8 RGB [H, W, 3] → an NV12 frame by swscale, in kernels/colour.py's convention (BT.601 limited, each chroma
-    sample the mean of its 2×2 block). swscale's default (bilinear) decimation averages the two columns but spreads
-    each chroma row over four luma rows ([1, 3, 3, 1] / 8, same midway siting), which put its chroma up to 6 levels
-    from the kernel's on a textured scene; its area filter is the 2×2 mean, and costs the same (0.4 ms at 512²)."""
+    sample the mean of its 2×2 block)."""
     frame = VideoFrame.from_ndarray(rgb, format="rgb24")
     return reformatter.reformat(
-        frame, format="nv12", dst_colorspace="ITU601", dst_color_range="MPEG", interpolation="AREA", threads=1
+        frame, format="nv12", dst_colorspace="ITU601", dst_color_range="MPEG", interpolation=NV12_FLAGS, threads=1
     )
 
 
@@ -83,6 +90,7 @@ class PacketEncoder(ABC):
     `encode` runs in a thread-pool executor, one frame at a time, in playout order."""
 
     name: str
+    preset: str  # the encoder's speed/quality preset, as the session's metrics report it
     reads_device_memory = False  # True: `prepare` takes the pipeline's device tensors as they are
 
     def __init__(self, bitrate_bps: int) -> None:
@@ -116,7 +124,7 @@ class PacketEncoder(ABC):
 class X264Encoder(PacketEncoder):
     name = "libx264"
 
-    def __init__(self, bitrate_bps: int, preset: str = "superfast") -> None:
+    def __init__(self, bitrate_bps: int, preset: str = WebRTCSettings.x264_preset) -> None:
         super().__init__(bitrate_bps)
         self.preset = preset
         self._codec: Any = None
@@ -166,7 +174,9 @@ class X264Encoder(PacketEncoder):
         if codec is None:
             codec = self._codec = self._open(frame)
         elif abs(self.target_bitrate - codec.bit_rate) > BITRATE_STEP * codec.bit_rate:
-            codec.bit_rate = self.target_bitrate  # libx264 reconfigures its rate control live, without an IDR
+            # Meant to retune libx264's rate control live, without an IDR; measured, it changes nothing (cause not
+            # found yet): a known bug, tests/test_packet_path.py's strict xfail.
+            codec.bit_rate = self.target_bitrate
         frame.pict_type = av.video.frame.PictureType.I if keyframe else av.video.frame.PictureType.NONE
         return b"".join(bytes(packet) for packet in codec.encode(frame)) or None
 
@@ -181,6 +191,7 @@ class NvencEncoder(PacketEncoder):
     gpu-marked tests (tests/test_packet_path.py)."""
 
     name = "nvenc"
+    preset = "P1"  # NVENC's fastest (`_open`)
     reads_device_memory = True
 
     def __init__(self, bitrate_bps: int, device: torch.device) -> None:
@@ -204,8 +215,8 @@ class NvencEncoder(PacketEncoder):
         stream = torch.cuda.current_stream(self.device)
         gop = KEYFRAME_INTERVAL_S * FRAME_RATE_HINT
         config = {  # the sample configs spell every value as a string
-            "codec": "h264", "profile": "baseline", "preset": "P1", "tuning_info": "ultra_low_latency", "rc": "cbr",
-            "bitrate": self._bitrate, "fps": FRAME_RATE_HINT, "gop": gop, "idrperiod": gop, "bf": 0,
+            "codec": "h264", "profile": "baseline", "preset": self.preset, "tuning_info": "ultra_low_latency",
+            "rc": "cbr", "bitrate": self._bitrate, "fps": FRAME_RATE_HINT, "gop": gop, "idrperiod": gop, "bf": 0,
             "repeatspspps": 1, "vbvbufsize": self._bitrate // 2,
         }  # fmt: skip
         # usecpuinputbuffer=False: frames come as CUDA arrays. NVENC's default VUI is unspecified colour, which

@@ -369,11 +369,13 @@ class PeerSession:
         }
 
     def video_counters(self) -> dict[str, Any]:
-        """The outgoing video: its codec, who encodes it (`aiortc` for its own encoders), IDRs and PLI/FIRs."""
+        """The outgoing video: its codec, who encodes it (`aiortc` for its own encoders) with which preset, IDRs and
+        PLI/FIRs."""
         encoder = self.output.encoder
         return {
             "codec": self.output_codec,
             "encoder": "aiortc" if encoder is None else encoder.name,
+            "preset": None if encoder is None else encoder.preset,
             "keyframes": None if encoder is None else encoder.keyframes,
             "keyframes_requested": self.output.keyframes_requested,
             "bitrate_bps": None if encoder is None else encoder.target_bitrate,

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -20,9 +21,13 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import Packet, VideoFrame
 
 from serve.pipelines.worker import FrameStamp
+from serve.threads import ENCODER, name_os_thread
 from serve.webrtc.encoders import DeviceFrame, PacketEncoder
 
 MAX_AHEAD_S = 1.0  # a frame due further ahead than this means the timeline jumped (new input, mode switch)
+# Our encoders' own pool (as many threads as the loop's default executor would have): its threads carry a name the
+# OS sees, so the encoder's CPU is told apart from aiortc's work in the default executor (serve/threads.py).
+ENCODE_POOL = ThreadPoolExecutor(thread_name_prefix=ENCODER, initializer=name_os_thread, initargs=(ENCODER,))
 
 
 class OutputTrack(MediaStreamTrack):
@@ -137,7 +142,7 @@ class OutputTrack(MediaStreamTrack):
         if self.bitrate_source is not None and (bitrate := self.bitrate_source()):
             encoder.target_bitrate = bitrate
         keyframe, self._keyframe_requested = self._keyframe_requested, False
-        return await self._loop.run_in_executor(None, encoder.encode, frame, keyframe)
+        return await self._loop.run_in_executor(ENCODE_POOL, encoder.encode, frame, keyframe)
 
     def stop(self) -> None:
         super().stop()
