@@ -174,9 +174,11 @@ class X264Encoder(PacketEncoder):
         if codec is None:
             codec = self._codec = self._open(frame)
         elif abs(self.target_bitrate - codec.bit_rate) > BITRATE_STEP * codec.bit_rate:
-            # Meant to retune libx264's rate control live, without an IDR; measured, it changes nothing (cause not
-            # found yet): a known bug, tests/test_packet_path.py's strict xfail.
-            codec.bit_rate = self.target_bitrate
+            # Reopened at the new rate, as aiortc's own encoders do: setting bit_rate on the open context does not
+            # retune it. x264 takes a new bitrate mid-stream only together with its VBV settings, and FFmpeg resets
+            # those from the context's rc_max_rate, which PyAV cannot set after open (measured: the output kept
+            # its first rate). The new stream starts with an IDR and its headers, one keyframe's bytes per change.
+            codec = self._codec = self._open(frame)
         frame.pict_type = av.video.frame.PictureType.I if keyframe else av.video.frame.PictureType.NONE
         return b"".join(bytes(packet) for packet in codec.encode(frame)) or None
 
