@@ -43,9 +43,10 @@ from serve.schemas import LoadParams
 SIZE = 64  # pixels: 4×4 latent tokens per frame
 BENCH_DIT = dataclasses.replace(DIT_CONFIGS["tiny"], num_layers=6)
 REAL_ACTIVATION = (1, 720, 1536)  # SDv2 1.3B at 320×576: one latent frame's tokens × d
-# The formula's split of a one-GPU chunk (assumptions, not measurements): the VAE, embeddings and the loop are
-# 30 % of it; a third of that is the encode side (with the loop) on the first stage, two thirds the decode on the
-# last (the causal decoder upsamples to pixels, the heavier half).
+# The formula's split of a one-GPU chunk (assumptions, not measurements here): the VAE, embeddings and the loop are
+# 30 % of it (scale.md §1: the SDv2 paper's "the VAE takes about 30 % of the time"); a third of that is the encode
+# side (with the loop) on the first stage, two thirds the decode on the last (our guess: the causal decoder
+# upsamples to pixels, the heavier half; models.md gives 8.9 TFLOP per latent frame for the decode at 512²).
 FIXED_FRACTION = 0.3
 ENCODE_SHARE = 1 / 3
 
