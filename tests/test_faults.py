@@ -37,7 +37,10 @@ def fault_server(tmp_path_factory: pytest.TempPathFactory, release_file: Path) -
             "--load-timeout-s", str(LOAD_TIMEOUT_S),
             module="tests.support.fault_server",
         ) as running:  # fmt: skip
-            yield running
+            try:
+                yield running
+            finally:
+                release_file.touch()  # before the shutdown, which would otherwise wait out the hung loading thread
     finally:
         del os.environ["WANRT_FAULT_RELEASE"]
 
