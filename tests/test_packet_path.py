@@ -75,6 +75,21 @@ def test_x264_follows_a_change_of_the_target_bitrate_mid_stream() -> None:
     assert rate[1] > 3 * rate[0] and rate[1] > 3 * rate[2], f"the output rate did not follow: {rate}"
 
 
+def test_x264_reopens_for_a_new_bitrate_at_most_once_a_second() -> None:
+    """Each retune is an IDR: an estimate that moves every frame must not make every frame a keyframe."""
+    encoder = X264Encoder(300_000)
+    encode_scene(encoder, 30, set())
+    idrs = []
+    for second in range(2):  # the target alternates every frame for two seconds of frames
+        for i in range(30):
+            encoder.target_bitrate = 3_000_000 if i % 2 == 0 else 300_000
+            packet = encode_scene(encoder, 1, set())[0]
+            if NAL_IDR in nal_types(bytes(packet)):
+                idrs.append(30 * second + i)
+    # One reopen at once; the next at the first frame a second later whose target differs from the open rate.
+    assert idrs == [0, 31], idrs
+
+
 def test_x264_takes_device_frames_as_it_takes_host_arrays() -> None:
     """Host arrays go through swscale, tensors through kernels/colour.py (NVENC's path, here on the CPU): the same
     luma within a level; chroma close (swscale's downsampling filter is wider than our 2×2 mean)."""

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 KEYFRAME_INTERVAL_S = 10  # an IDR at least this often, for a receiver whose PLI got lost
 FRAME_RATE_HINT = 30  # rate control's frame-rate assumption; timestamps still come from the frames
 BITRATE_STEP = 0.1  # retune the encoder when the target moves by more than this fraction (as aiortc does)
+REOPEN_MIN_FRAMES = FRAME_RATE_HINT  # libx264 retunes by reopening (an IDR): at most once a second of frames
 
 
 NAL_IDR, NAL_SPS, NAL_PPS = 5, 7, 8
@@ -128,6 +129,7 @@ class X264Encoder(PacketEncoder):
         super().__init__(bitrate_bps)
         self.preset = preset
         self._codec: Any = None
+        self._opened_at = 0  # `frames` when the codec was last opened
         # One swscale context for the stream, one thread: a fresh frame's own reformatter builds a context and a
         # thread pool per call, which profiling showed as a large share of the path's CPU (benchmarks/RESULTS.md).
         self._reformatter = VideoReformatter()
@@ -171,14 +173,15 @@ class X264Encoder(PacketEncoder):
         codec = self._codec
         if codec is not None and (frame.width, frame.height) != (codec.width, codec.height):
             codec = None  # a new resolution (a reload): a new stream of IDR + headers
-        if codec is None:
+        retune = abs(self.target_bitrate - codec.bit_rate) > BITRATE_STEP * codec.bit_rate if codec else False
+        if codec is None or (retune and self.frames - self._opened_at >= REOPEN_MIN_FRAMES):
+            # A retune reopens at the new rate, as aiortc's own encoders do: setting bit_rate on the open context
+            # does not retune it. x264 takes a new bitrate mid-stream only together with its VBV settings, and
+            # FFmpeg resets those from the context's rc_max_rate, which PyAV cannot set after open (measured: the
+            # output kept its first rate). The new stream starts with an IDR and its headers, so an estimate that
+            # moves every frame still costs at most one keyframe a second.
             codec = self._codec = self._open(frame)
-        elif abs(self.target_bitrate - codec.bit_rate) > BITRATE_STEP * codec.bit_rate:
-            # Reopened at the new rate, as aiortc's own encoders do: setting bit_rate on the open context does not
-            # retune it. x264 takes a new bitrate mid-stream only together with its VBV settings, and FFmpeg resets
-            # those from the context's rc_max_rate, which PyAV cannot set after open (measured: the output kept
-            # its first rate). The new stream starts with an IDR and its headers, one keyframe's bytes per change.
-            codec = self._codec = self._open(frame)
+            self._opened_at = self.frames
         frame.pict_type = av.video.frame.PictureType.I if keyframe else av.video.frame.PictureType.NONE
         return b"".join(bytes(packet) for packet in codec.encode(frame)) or None
 
