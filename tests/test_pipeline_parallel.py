@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from serve.errors import InvalidParameters, PipelineLoadError
+from serve.errors import InvalidParameters, PipelineLoadError, StageFailed
 from serve.models.dit import DIT_CONFIGS
 from serve.pipelines.autoregressive import (
     AutoregressiveStream,
@@ -406,3 +407,34 @@ def test_a_bad_blocks_per_stage_is_refused_saying_why() -> None:
             check_blocks_per_stage(counts, ranks, 2)
     with pytest.raises(PipelineLoadError, match=r"blocks_per_stage \[3, 3\] adds up to 6 blocks; the model has 8"):
         load(DeeperStreamDiffusionV2, "streamdiffusionv2", gpus="cpu:2", blocks_per_stage=[3, 3])
+
+
+def stage_processes() -> list:
+    return [p for p in multiprocessing.active_children() if p.name.startswith("wanrt-stage")]
+
+
+def test_a_stage_that_dies_during_the_warm_up_fails_the_load_naming_it_and_a_new_load_works() -> None:
+    """The rebalance's warm-up is the first talk with the stages: a stage killed as it starts fails the load with
+    StageFailed naming the stage, no stage process is left behind, and the next staged load works (the group was
+    left)."""
+    spec = get_spec("streamdiffusionv2")
+    params = spec.effective_load_params(
+        LoadParams(height=SIZE, width=SIZE, random_weights=True, quantization=None, gpus="cpu:2"),
+        allow_random_weights=True,
+    )
+
+    def kill_stage_1(stage: str, progress: float) -> None:
+        if stage == "rebalancing stages":
+            (process,) = [p for p in stage_processes() if p.name == "wanrt-stage1"]
+            process.kill()
+            process.join(5)
+
+    with pytest.raises(StageFailed, match=r"pipeline stage 1 on cpu \(pid \d+\) died"):
+        StreamDiffusionV2Pipeline.load(spec, params, report=kill_stage_1, models_dir=Path("/nonexistent"))
+    assert not stage_processes()
+    staged, _ = load(StreamDiffusionV2Pipeline, "streamdiffusionv2", gpus="cpu:2")
+    try:
+        placed = staged.placement()
+        assert placed is not None and placed["rebalance"]["blocks_after"] == placed["blocks_per_stage"]
+    finally:
+        staged.close()
