@@ -31,7 +31,7 @@ from serve.pipelines.autoregressive import (
 )
 from serve.pipelines.placement import balanced_split, check_blocks_per_stage, contiguous, parse_gpus, split_blocks
 from serve.pipelines.registry import get_spec
-from serve.runtime.stages import weight_bytes
+from serve.pipelines.vram import module_bytes
 from serve.schemas import LoadParams
 from tests.support.checkpoints import write_pipeline_files
 from tests.support.streams import PROMPT_A, PROMPT_B, SIZE
@@ -299,18 +299,18 @@ def test_staged_stream_batch_equals_the_one_process_stream_batch(cls, pipeline_i
         staged.close()
 
 
-def stage_weight_bytes(single, counts: list[int]) -> list[int]:
+def stage_module_bytes(single, counts: list[int]) -> list[int]:
     """What each stage should hold, from the one-process pipeline's modules: its blocks; rank 0 also the embeddings
     and the VAE without its decoder, the last the head and the VAE without its encoder, each spawned stage the
     rotary tables."""
     dit, vae = single.models.dit, single.vae_model
-    block = weight_bytes(dit.blocks[0])
+    block = module_bytes(dit.blocks[0])
     expected = [n * block for n in counts]
-    expected[0] += weight_bytes(dit) - sum(counts) * block - weight_bytes(dit.head) + weight_bytes(vae)
-    expected[0] -= weight_bytes(vae.decoder)
-    expected[-1] += weight_bytes(dit.head) + weight_bytes(vae) - weight_bytes(vae.encoder)
+    expected[0] += module_bytes(dit) - sum(counts) * block - module_bytes(dit.head) + module_bytes(vae)
+    expected[0] -= module_bytes(vae.decoder)
+    expected[-1] += module_bytes(dit.head) + module_bytes(vae) - module_bytes(vae.encoder)
     for rank in range(1, len(counts)):  # each spawned stage builds its own rotary tables
-        expected[rank] += weight_bytes(dit.rope)
+        expected[rank] += module_bytes(dit.rope)
     return expected
 
 
@@ -323,7 +323,7 @@ def test_a_video_stream_encodes_on_rank_0_decodes_on_the_last_stage_and_equals_t
         # Each end holds only its VAE half: the last stage built no encoder (its own count), rank 0 freed its decoder.
         placed = staged.placement()
         assert placed is not None
-        assert placed["weight_bytes_per_stage"] == stage_weight_bytes(single, placed["blocks_per_stage"])
+        assert placed["weight_bytes_per_stage"] == stage_module_bytes(single, placed["blocks_per_stage"])
         with pytest.raises(RuntimeError, match="decoder runs on the last pipeline stage"):
             staged.vae_model.decode_video(torch.zeros(1, 16, 1, SIZE // 8, SIZE // 8))
         decodes = staged.stages.decodes
@@ -367,7 +367,7 @@ def test_blocks_move_between_three_stages_every_way_and_the_stream_still_equals_
             placed = staged.placement()
             assert placed["blocks_per_stage"] == counts
             assert owned_blocks(staged) == counts[0]
-            assert placed["weight_bytes_per_stage"] == stage_weight_bytes(deeper_oracle[0], counts)
+            assert placed["weight_bytes_per_stage"] == stage_module_bytes(deeper_oracle[0], counts)
         stream = staged.open_stream(seed=7)
         assert stream.cache.k.shape[0] == 3  # rank 0's layers
         assert_same_runs(run_scenario(stream, spec, fetched(staged)), deeper_oracle[1])

@@ -75,6 +75,11 @@ def bytes_by_dtype(module: nn.Module, prefix: str) -> dict[str, int]:
     return dict(totals)
 
 
+def module_bytes(module: nn.Module) -> int:
+    """Parameter and buffer bytes of `module`, all dtypes."""
+    return sum(bytes_by_dtype(module, "").values())
+
+
 def measure_plan(pipeline_id: str, height: int | None = None, width: int | None = None, *, vae_type: str = "wan",
                  quantization: str | object | None = ..., models: Models | None = None,
                  stream_batch_rows: int = 0) -> VramPlan:  # fmt: skip
@@ -98,7 +103,7 @@ def measure_plan(pipeline_id: str, height: int | None = None, width: int | None 
         stream.process(frames if mode == "video" else None, steady)
         activations, state = tracker.peak - before, tracker.live
     weights = {**bytes_by_dtype(pipeline.models.dit, "dit"), **bytes_by_dtype(pipeline.vae_model, "vae")}
-    text_encoder = sum(bytes_by_dtype(pipeline.models.prompts.encoder, "").values())
+    text_encoder = module_bytes(pipeline.models.prompts.encoder)
     cache = stream.cache.k.nbytes + stream.cache.v.nbytes
     text_kv = stream.text_kv.k.nbytes + stream.text_kv.v.nbytes
     stored_fp8 = isinstance(pipeline.models.dit.blocks[0].ffn[0], Fp8Linear)

@@ -59,6 +59,7 @@ from serve.models.autoencoder import StreamingAutoencoder, drop_half, make_vae, 
 from serve.models.dit import DiTBlock, DiTConfig, Head, RotaryEmbedding, WanDiT, keep_in_fp32, run_blocks
 from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, TextKVCache
 from serve.pipelines.placement import Gpus, balanced_split
+from serve.pipelines.vram import module_bytes
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,6 @@ class Built:
     """A spawned stage's word to rank 0 that its part is built: what its weights take on its device."""
 
     weight_bytes: int
-
-
-def weight_bytes(module: nn.Module) -> int:
-    """The bytes of a module's parameters and buffers (weights moved off a stage no longer count)."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class StageModel(nn.Module):
@@ -242,7 +237,7 @@ def stage_main(spec: StageSpec, ready: Any) -> None:
     except Exception as exc:  # reported to rank 0, which fails the load with it
         ready.send(f"stage {spec.rank} on {spec.device}: {type(exc).__name__}: {exc}")
         return
-    ready.send(Built(weight_bytes(stage) + (weight_bytes(decoder) if decoder is not None else 0)))
+    ready.send(Built(module_bytes(stage) + (module_bytes(decoder) if decoder is not None else 0)))
     _init_group(spec)
     try:
         with torch.inference_mode():
@@ -366,6 +361,11 @@ def _recv_step_inputs(caches: StreamCaches, config: DiTConfig, frames: int, rows
     return ChunkPlan(write_index, key_bias, positions), e0, e
 
 
+def stage_totals(step_ms: list[float], fixed_ms: list[float]) -> list[float]:
+    """Each stage's ms per micro-step, as the placement reports it: its DiT step plus its fixed VAE work."""
+    return [round(ms + extra, 3) for ms, extra in zip(step_ms, fixed_ms, strict=True)]
+
+
 def check_visible(gpus: Gpus) -> None:
     """Every CUDA device `gpus` names exists here; raises PipelineLoadError naming the one that does not."""
     if gpus.on_cpu:
@@ -409,9 +409,8 @@ class StageDriver:
         self.encode_ms: float | None = None
         self.steps = 0
         self.decodes = 0
-        self.weight_bytes = [
-            0
-        ] * gpus.ranks  # each stage's DiT blocks (and rank 0's embeddings, the last's head) + VAE half
+        # Each stage's weights: its DiT blocks (rank 0's embeddings, the last's head) and its VAE half.
+        self.weight_bytes = [0] * gpus.ranks
         self.synchronise_timing = False  # the warm-up's measurement: rank 0 waits for its device before reading a time
         # While `_measure` runs: every step's stage ms, every encode's and decode's ms (host reads: load time only).
         self._samples: dict[str, list[Any]] | None = None
@@ -440,7 +439,7 @@ class StageDriver:
                 dit.blocks[i] = nn.Module()
         dit.head = nn.Module()  # the last stage runs it
         drop_half(vae_model, "decoder", f"the last pipeline stage ({gpus.devices[-1]})")
-        driver.weight_bytes[0] = weight_bytes(dit) + weight_bytes(vae_model)
+        driver.weight_bytes[0] = module_bytes(dit) + module_bytes(vae_model)
         if driver.device.type == "cuda":
             torch.cuda.empty_cache()
         return driver
@@ -682,7 +681,7 @@ class StageDriver:
         measured = self.stage_ms()
         if measured is not None:
             step_ms, fixed = measured
-            placed["stage_ms"] = [round(ms + extra, 3) for ms, extra in zip(step_ms, fixed, strict=True)]
+            placed["stage_ms"] = stage_totals(step_ms, fixed)
             placed["step_ms"] = [round(ms, 3) for ms in step_ms]
             placed["encode_ms"] = None if self.encode_ms is None else round(self.encode_ms, 3)
             placed["decode_ms"] = round(float(self._decode_ms[0]), 3) if self.decodes else None
@@ -701,14 +700,14 @@ class StageDriver:
         step_ms, fixed = self._measure(warm_up)
         record: dict[str, Any] = {
             "blocks_before": [end - start for start, end in before],
-            "stage_ms_before": [round(ms + extra, 3) for ms, extra in zip(step_ms, fixed, strict=True)],
+            "stage_ms_before": stage_totals(step_ms, fixed),
         }
         after = balanced_split(step_ms, fixed, before)
         if after != before:
             self.move_blocks(after)
             step_ms, fixed = self._measure(warm_up)
         record["blocks_after"] = [end - start for start, end in after]
-        record["stage_ms_after"] = [round(ms + extra, 3) for ms, extra in zip(step_ms, fixed, strict=True)]
+        record["stage_ms_after"] = stage_totals(step_ms, fixed)
         self.rebalanced = record
         log.info("pipeline-parallel rebalance: %s", record)
 
@@ -739,7 +738,7 @@ class StageDriver:
         def owner(split: tuple[tuple[int, int], ...], block: int) -> int:
             return next(rank for rank, (start, end) in enumerate(split) if start <= block < end)
 
-        block_bytes = weight_bytes(self.local.blocks[0])  # every block is the same size; rank 0 always keeps one
+        block_bytes = module_bytes(self.local.blocks[0])  # every block is the same size; rank 0 always keeps one
         with self._talking("while moving blocks"):
             for block in range(self.config.num_layers):
                 old, new = owner(self.layers, block), owner(layers, block)
