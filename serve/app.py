@@ -113,12 +113,10 @@ def create_app(settings: ServerSettings | None = None) -> Litestar:
         sessions = SessionManager(pipelines, settings.webrtc, settings.assets.directory, recordings)
         models = HubDownloads(settings.models_dir, settings.hub_endpoint)
         app.state.update(
-            serving=LocalServing(pipelines, sessions, recordings),
+            serving=LocalServing(pipelines, sessions, recordings, loras, models),
             pipelines=pipelines,
             sessions=sessions,
             assets=AssetStore(settings.assets.directory),
-            models=models,
-            loras=loras,
         )
         if settings.preload_pipeline:
             await pipelines.load(settings.preload_pipeline, LoadParams())

@@ -66,13 +66,6 @@ class WorkerUnavailable(WanrtError):
     status_code = 503
 
 
-class NotOnClusterFront(WanrtError):
-    """A route of `wanrt serve` that reads one machine's own folders (assets, LoRAs, weights, recordings), asked of a
-    cluster front, which has none of its workers' folders."""
-
-    status_code = 501
-
-
 class UnknownAsset(WanrtError):
     status_code = 404
 

@@ -205,10 +205,16 @@ class LoraFileInfo(Struct):
     """Computed in the background on the first listing; null until then."""
     error: str | None = None
     """Why the file is not a usable LoRA."""
+    workers: list[str] | None = None
+    """Cluster front only (null on `wanrt serve`): the workers whose LoRA folder has this path."""
+    missing_on: list[str] | None = None
+    """Cluster front only: the workers that answered without it; a load naming it fails on those (empty: on all)."""
 
 
 class LoraList(Struct):
     lora_files: list[LoraFileInfo]
+    skipped_workers: dict[str, str] | None = None
+    """Cluster front only: the workers not in this answer (unreachable, gone, or their error), each with why."""
 
 
 class ModelsDownloadRequest(Struct, forbid_unknown_fields=True):
@@ -240,12 +246,26 @@ class ModelsDownloadProgress(Struct):
     error: str | None = None
 
 
+class WorkerModels(Struct):
+    """One cluster worker's weights for a pipeline: its own `ModelsStatus` fields, or why it has none."""
+
+    name: str
+    downloaded: bool | None = None
+    files: list[ModelFileState] | None = None
+    progress: ModelsDownloadProgress | None = None
+    error: str | None = None
+    """Why it did not answer: unreachable, gone, or the error it raised."""
+
+
 class ModelsStatus(Struct):
     pipeline_id: str
     downloaded: bool
-    """Every file the pipeline needs is present (true for a pipeline that needs none)."""
+    """Every file the pipeline needs is present (true for a pipeline that needs none). On a cluster front: on every
+    worker that answered (at least one); `workers` names any that did not."""
     files: list[ModelFileState]
     progress: ModelsDownloadProgress
+    workers: list[WorkerModels] | None = None
+    """Cluster front only (null on `wanrt serve`): each worker's own answer; `files` and `progress` above sum them."""
 
 
 class IceServer(Struct, omit_defaults=True):

@@ -1,4 +1,5 @@
-"""The seam between the HTTP API and what serves it: the pipeline and WebRTC controllers call a `Serving`.
+"""The seam between the HTTP API and what serves it: the pipeline, WebRTC, recording, LoRA and models controllers
+call a `Serving`.
 
 Two implementations exist. `LocalServing` (here) is the single-GPU server: one pipeline manager and one session
 manager in this process. `ClusterServing` (serve/cluster/front.py) places the same calls on Ray actors, each of which
@@ -11,12 +12,28 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio.to_thread
+import msgspec
 
 from serve.errors import NoFrameYet
-from serve.schemas import Answer, IceCandidate, LoadParams, Offer, PipelineStatus, Recording, RecordingList
+from serve.pipelines.registry import get_spec
+from serve.schemas import (
+    Answer,
+    IceCandidate,
+    LoadParams,
+    LoraFileInfo,
+    LoraList,
+    ModelsStatus,
+    Offer,
+    PipelineStatus,
+    Recording,
+    RecordingList,
+)
 
 if TYPE_CHECKING:
+    from serve.hub import HubDownloads
+    from serve.pipelines.loras import LoraCatalog
     from serve.pipelines.manager import PipelineManager
+    from serve.pipelines.spec import PipelineSpec
     from serve.recording import RecordingStore
     from serve.webrtc.sessions import SessionManager
 
@@ -56,14 +73,36 @@ class Serving(Protocol):
         front holds one piece at a time, never the whole file)."""
         ...
 
+    async def list_loras(self) -> LoraList:
+        """The LoRA files a load's `loras` can name (a cluster: every worker's folder, and which workers have each)."""
+        ...
+
+    async def models_status(self, pipeline_id: str, vace: bool) -> ModelsStatus:
+        """Whether the pipeline's weight files are present, and its download's progress; UnknownPipeline (404)."""
+        ...
+
+    async def download_models(self, pipeline_id: str, vace: bool) -> tuple[ModelsStatus, bool]:
+        """Starts fetching the pipeline's files in the background: its status, and whether a download started
+        (false: one is running already, or there is nothing to fetch)."""
+        ...
+
 
 class LocalServing:
-    """Today's server: the calls go to this process's pipeline manager and session manager."""
+    """Today's server: the calls go to this process's pipeline manager, session manager and folders."""
 
-    def __init__(self, pipelines: PipelineManager, sessions: SessionManager, recordings: RecordingStore) -> None:
+    def __init__(
+        self,
+        pipelines: PipelineManager,
+        sessions: SessionManager,
+        recordings: RecordingStore,
+        loras: LoraCatalog,
+        models: HubDownloads,
+    ) -> None:
         self.pipelines = pipelines
         self.sessions = sessions
         self.recordings = recordings
+        self.loras = loras
+        self.models = models
         self.max_sessions = sessions.max_sessions
 
     async def load(self, pipeline_id: str, params: LoadParams) -> str:
@@ -129,6 +168,24 @@ class LocalServing:
 
     async def read_recording(self, recording_id: str, offset: int, size: int) -> bytes:
         return await anyio.to_thread.run_sync(_read, self.recordings, recording_id, offset, size)
+
+    async def list_loras(self) -> LoraList:
+        files = await anyio.to_thread.run_sync(self.loras.list)
+        return LoraList(lora_files=[msgspec.convert(f, LoraFileInfo) for f in files])
+
+    async def models_status(self, pipeline_id: str, vace: bool) -> ModelsStatus:
+        return self.models.status(_weights_of(pipeline_id, vace))
+
+    async def download_models(self, pipeline_id: str, vace: bool) -> tuple[ModelsStatus, bool]:
+        spec = _weights_of(pipeline_id, vace)
+        started = self.models.start(spec)
+        return self.models.status(spec), started
+
+
+def _weights_of(pipeline_id: str, vace: bool) -> PipelineSpec:
+    """The pipeline's spec with the files a load needs: with `vace`, the VACE module's too."""
+    spec = get_spec(pipeline_id)
+    return spec.with_vace_files() if vace else spec
 
 
 def _read(store: RecordingStore, recording_id: str, offset: int, size: int) -> bytes:

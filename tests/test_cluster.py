@@ -8,6 +8,7 @@ order and share the cluster: each leaves every seat free, except where it says o
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import time
@@ -17,16 +18,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import msgspec
 import numpy as np
 import psutil
 import pytest
+import torch
 
+from serve.hub import HubDownloads
+from serve.pipelines.loras import LoraCatalog
+from serve.pipelines.registry import PIPELINES
 from tests.support.browser import E2E, launch_chromium, seed_pointed_at, static_server
 from tests.support.cluster import RunningWorker, local_ray, start_worker
 from tests.support.images import png_bytes
+from tests.support.local_hub import LocalHub, run_local_hub
+from tests.support.loras import Factors, write_lora
 from tests.support.rtc_client import ScopeClient, offer_sdp
 from tests.support.server import RunningServer, load_pipeline, run_server
 from tests.test_browser_ui import OUTPUT_FRAMES, load_in_page
+from tests.test_hub import publish
 from tests.test_recording import decode_mp4
 
 pytest.importorskip("ray", reason="the cluster extra is not installed (pip install -e '.[cluster]')")
@@ -42,6 +51,8 @@ class Cluster:
     tmp_dir: Path
     front: RunningServer
     workers: RunningWorker
+    hub: LocalHub
+    """The workers' --hub-endpoint: a local hub look-alike (tests/support/local_hub.py), empty until published to."""
 
     def state(self) -> dict:
         return httpx.get(f"{self.front.url}/api/v1/cluster", timeout=10).json()
@@ -60,17 +71,35 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp_dir = tmp_path_factory.mktemp("cluster")
-    with local_ray() as address:
+    with local_ray() as address, run_local_hub(tmp_dir / "hub") as hub:
         workers = start_worker(
-            tmp_dir, address, 2, "--max-sessions", "1", "--allow-random-weights", "--peer-timeout-s", "3"
-        )
+            tmp_dir, address, 2, "--max-sessions", "1", "--allow-random-weights", "--peer-timeout-s", "3",
+            "--hub-endpoint", hub.url,
+        )  # fmt: skip
         try:
             with run_server(
                 tmp_dir, "--poll-interval-s", "0.5", command=("cluster", "serve", "--address", address)
             ) as front:
-                yield Cluster(address, tmp_dir, front, workers)
+                yield Cluster(address, tmp_dir, front, workers, hub)
         finally:
             workers.stop()
+
+
+def tiny_lora(folder: Path, name: str, rank: int) -> Path:
+    """A real LoRA file (ComfyUI's layout, one layer): what a worker's LoRA folder lists."""
+    generator = torch.Generator().manual_seed(rank)
+    factors = Factors(torch.randn(rank, 16, generator=generator), torch.randn(16, rank, generator=generator), 1.0)
+    written = write_lora(folder, "comfy_down_up", {"blocks.0.self_attn.q": factors})
+    return written.rename(folder / f"{name}.safetensors")
+
+
+def listed_by_catalog(folder: Path) -> dict[str, dict]:
+    """The oracle: what `wanrt serve`'s own catalog lists for that folder (sha256 aside: hashed in the background)."""
+    catalog = LoraCatalog(folder)
+    try:
+        return {entry["path"]: {k: v for k, v in entry.items() if k != "sha256"} for entry in catalog.list()}
+    finally:
+        catalog.close()
 
 
 def owner(session_id: str) -> str:
@@ -127,8 +156,7 @@ async def test_offers_land_on_different_workers_and_signalling_reaches_the_owner
         paths = (await http.get("/schema/openapi.json")).json()["paths"]
         assert "200" in paths["/api/v1/cluster"]["get"]["responses"]
         assert "410" in paths["/api/v1/webrtc/offer/{session_id}"]["patch"]["responses"]
-        local_only = await http.get("/api/v1/loras")  # one machine's folders: said, not a bare 404
-        assert local_only.status_code == 501 and local_only.json()["error"] == "NotOnClusterFront"
+        assert {"/api/v1/loras", "/api/v1/models/status", "/api/v1/models/download"} <= set(paths)
     for client in clients:
         await client.close()
     cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "seats not freed")
@@ -396,3 +424,130 @@ async def test_unload_frees_every_worker_and_offers_then_need_a_load(cluster: Cl
         assert response.status_code == 400 and response.json()["error"] == "PipelineNotLoaded"
     state = cluster.state()
     assert all(w["pipeline"]["status"] == "not_loaded" for w in state["workers"] if w["state"] == "alive")
+
+
+async def test_lora_files_and_weights_are_asked_of_every_worker_through_the_front(cluster: Cluster) -> None:
+    """LoRA listing and weight downloads read each worker's own folders: the front lists them with the workers that
+    have each, reports and starts downloads per worker, and names a worker it could not ask (never a 500)."""
+    shared_dir = cluster.tmp_dir / "models" / "lora"  # the fixture's two workers run on one machine, one folder
+    shared = tiny_lora(shared_dir / "styles", "shared", rank=2)
+    other_dir = cluster.tmp_dir / "other-machine"
+    own = tiny_lora(other_dir / "lora", "own", rank=3)
+    with run_local_hub(other_dir / "hub") as empty_hub:  # the other machine's hub has no such repository
+        other = start_worker(
+            cluster.tmp_dir, cluster.address, 1, "--max-sessions", "1", "--models-dir", str(other_dir / "models"),
+            "--lora-dir", str(other_dir / "lora"), "--hub-endpoint", empty_hub.url,
+        )  # fmt: skip
+        try:
+            await _lora_files_and_weights(cluster, other, shared_dir, shared, other_dir, own)
+        finally:
+            other.stop()
+
+
+async def _lora_files_and_weights(
+    cluster: Cluster, other: RunningWorker, shared_dir: Path, shared: Path, other_dir: Path, own: Path
+) -> None:
+    (other_name,) = other.names
+    cluster.wait(lambda s: cluster.worker(other_name)["state"] == "alive", "the other machine's worker not alive")
+    fixture_names = sorted(cluster.workers.names)
+    async with httpx.AsyncClient(base_url=cluster.front.url, timeout=30) as http:
+        # -- LoRAs: the union of the folders, each file with the workers that have it -------------------------------
+        deadline = time.monotonic() + 30
+        while True:  # sha256 is null until each worker's background hash is done
+            listing = (await http.get("/api/v1/loras")).json()
+            files = {f["path"]: f for f in listing["lora_files"]}
+            if len(files) == 2 and all(f["sha256"] for f in files.values()):
+                break
+            assert time.monotonic() < deadline, listing
+            await asyncio.sleep(0.2)
+        expected = {**listed_by_catalog(shared_dir), **listed_by_catalog(other_dir / "lora")}
+        assert set(files) == set(expected) == {"styles/shared.safetensors", "own.safetensors"}
+        for path, entry in files.items():
+            assert {k: v for k, v in entry.items() if k in expected[path]} == expected[path]  # every field, as served
+        assert files["styles/shared.safetensors"]["sha256"] == hashlib.sha256(shared.read_bytes()).hexdigest()
+        assert files["own.safetensors"]["sha256"] == hashlib.sha256(own.read_bytes()).hexdigest()
+        assert (files["own.safetensors"]["rank"], files["styles/shared.safetensors"]["rank"]) == (3, 2)
+        assert files["styles/shared.safetensors"]["workers"] == fixture_names
+        assert files["styles/shared.safetensors"]["missing_on"] == [other_name]
+        assert (files["own.safetensors"]["workers"], files["own.safetensors"]["missing_on"]) == (
+            [other_name],
+            fixture_names,
+        )
+        assert all(why.startswith("gone") for why in listing["skipped_workers"].values()), listing  # earlier tests'
+
+        # -- weights: each worker's status, a download started on every one ---------------------------------------
+        sdv2 = PIPELINES["streamdiffusionv2"]
+        published = publish(cluster.hub, sdv2)
+        total = sum(map(len, published.values()))
+        dit = sdv2.files[0]
+        cluster.hub.stall(f"{dit.repo}/{dit.path}", after_bytes=1000)
+        query = {"pipeline_id": "streamdiffusionv2"}
+        before = (await http.get("/api/v1/models/status", params=query)).json()
+        assert before["downloaded"] is False and before["progress"]["state"] == "idle"
+        assert [w["name"] for w in before["workers"] if not w["error"]] == sorted([*fixture_names, other_name])
+        assert all([f["present"] for f in w["files"]] == [False] * len(sdv2.files) for w in before["workers"]
+                   if not w["error"])  # fmt: skip
+        started = await http.post("/api/v1/models/download", json=query)
+        assert started.status_code == 202, started.text
+        deadline = time.monotonic() + 30
+        while True:  # the progress of the workers' downloads, read through the front
+            progress = (await http.get("/api/v1/models/status", params=query)).json()["progress"]
+            if progress["current_artifact"] == f"{dit.repo}/{dit.path}" and progress["bytes_total"] == 2 * total:
+                break  # both of the fixture's workers at its first file: the sum of their totals
+            assert time.monotonic() < deadline, progress
+            await asyncio.sleep(0.05)
+        assert progress["state"] == "downloading" and progress["is_downloading"]
+        cluster.hub.release()
+        deadline = time.monotonic() + 30
+        while (status := (await http.get("/api/v1/models/status", params=query)).json())["progress"]["is_downloading"]:
+            assert time.monotonic() < deadline, status
+            await asyncio.sleep(0.1)
+        # The other machine's hub lacks the repository: its worker's error, with its message, in the sum and its own.
+        by_name = {w["name"]: w for w in status["workers"]}
+        assert status["progress"]["state"] == "error" and status["downloaded"] is False, status
+        assert status["progress"]["error"].startswith(f"{other_name}: ") and "not found" in status["progress"]["error"]
+        assert by_name[other_name]["progress"]["error"] in status["progress"]["error"]
+        assert by_name[other_name]["downloaded"] is False
+        # The fixture's workers: what `wanrt serve`'s own status says of their folder, files present and verified.
+        oracle = HubDownloads(cluster.tmp_dir / "models", cluster.hub.url).status(sdv2)
+        assert oracle.downloaded and all(f.verified for f in oracle.files)
+        for name in fixture_names:
+            assert by_name[name]["downloaded"] is True and by_name[name]["progress"]["state"] == "done"
+            assert by_name[name]["files"] == [msgspec.to_builtins(f) for f in oracle.files]
+        for file, data in published.items():
+            assert file.local_path(cluster.tmp_dir / "models").read_bytes() == data
+            assert len(cluster.hub.gets(file.repo, file.path)) == 1  # two actors, one folder: fetched once
+        assert all(not f["present"] for f in status["files"])  # not on every worker
+        assert all(other_name in f["local_path"] for f in status["files"])
+        vace = (await http.get("/api/v1/models/status", params={**query, "vace": "true"})).json()
+        assert len(vace["files"]) == len(sdv2.files) + len(sdv2.vace_files) > len(status["files"])
+        for method, kwargs in (
+            ("GET", {"params": {"pipeline_id": "nope"}}),
+            ("POST", {"json": {"pipeline_id": "nope"}}),
+        ):
+            url = "/api/v1/models/status" if method == "GET" else "/api/v1/models/download"
+            unknown = await http.request(method, url, **kwargs)
+            assert unknown.status_code == 404 and unknown.json()["error"] == "UnknownPipeline", unknown.text
+
+        # -- a worker that cannot answer: named with why, the others' answers stand -------------------------------
+        pid = cluster.worker(other_name)["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            cluster.wait(lambda s: cluster.worker(other_name)["state"] == "unreachable", "stopped worker reachable")
+            listing = (await http.get("/api/v1/loras")).json()
+            assert [f["path"] for f in listing["lora_files"]] == ["styles/shared.safetensors"]
+            assert listing["lora_files"][0]["missing_on"] == []
+            assert listing["skipped_workers"][other_name].startswith("unreachable: "), listing
+            status = (await http.get("/api/v1/models/status", params=query)).json()
+            assert status["downloaded"] is True and status["progress"]["state"] == "done"  # on every worker it asked
+            assert {w["name"]: w["error"] for w in status["workers"]}[other_name].startswith("unreachable: ")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        cluster.wait(lambda s: cluster.worker(other_name)["state"] == "alive", "the other worker not back")
+        assert other.stop() == 0
+        cluster.wait(lambda s: cluster.worker(other_name)["state"] == "gone", "stopped worker not gone")
+        listing = (await http.get("/api/v1/loras")).json()
+        assert listing["skipped_workers"][other_name].startswith("gone: ")
+        assert [f["workers"] for f in listing["lora_files"]] == [fixture_names]
+        again = await http.post("/api/v1/models/download", json={"pipeline_id": "passthrough"})
+        assert again.status_code == 200 and again.json()["downloaded"] is True  # nothing to fetch: none started

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import anyio.to_thread
-import msgspec
 from litestar import Controller, get
 from litestar.datastructures import State
 
-from serve.schemas import LoraFileInfo, LoraList
+from serve.schemas import LoraList
 
 
 class LoraController(Controller):
@@ -17,6 +15,6 @@ class LoraController(Controller):
     @get("/")
     async def list_loras(self, state: State) -> LoraList:
         """Every `.safetensors` / `.pt` / `.bin` file under the LoRA folder (`--lora-dir`), with its rank and the
-        base model its shapes fit; `sha256` is null until the background hash of that file version is done."""
-        files = await anyio.to_thread.run_sync(state.loras.list)
-        return LoraList(lora_files=[msgspec.convert(f, LoraFileInfo) for f in files])
+        base model its shapes fit; `sha256` is null until the background hash of that file version is done. A
+        cluster front lists every live worker's folder: `workers` and `missing_on` say which have each file."""
+        return await state.serving.list_loras()

@@ -10,7 +10,6 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
 from serve.openapi import errors
-from serve.pipelines.registry import get_spec
 from serve.schemas import ModelsDownloadRequest, ModelsStatus
 
 
@@ -23,9 +22,8 @@ class ModelsController(Controller):
         self, pipeline_id: Annotated[str, Parameter(max_length=64)], state: State, vace: bool = False
     ) -> ModelsStatus:
         """Per-file presence and the download's progress; `downloaded` is true once every file is present (with
-        `vace=true`, the VACE module counts too)."""
-        spec = get_spec(pipeline_id)
-        return state.models.status(spec.with_vace_files() if vace else spec)
+        `vace=true`, the VACE module counts too). A cluster front asks every worker: `workers` lists their answers."""
+        return await state.serving.models_status(pipeline_id, vace)
 
     @post(
         "/download",
@@ -36,9 +34,7 @@ class ModelsController(Controller):
         },
     )
     async def download(self, data: ModelsDownloadRequest, state: State) -> Response[ModelsStatus]:
-        """Starts fetching the files in the background (202); while one runs, answers its status (200). Poll /status."""
-        spec = get_spec(data.pipeline_id)
-        if data.vace:
-            spec = spec.with_vace_files()
-        started = state.models.start(spec)
-        return Response(state.models.status(spec), status_code=202 if started else 200)
+        """Starts fetching the files in the background (202); while one runs, answers its status (200). Poll /status.
+        A cluster front starts it on every live worker (202 if any started one)."""
+        status, started = await state.serving.download_models(data.pipeline_id, data.vace)
+        return Response(status, status_code=202 if started else 200)

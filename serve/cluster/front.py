@@ -29,7 +29,9 @@ from ray.exceptions import ActorDiedError, RayActorError
 
 from serve import errors
 from serve.api.assets import AssetController
-from serve.api.cluster import ClusterController, LocalOnlyController
+from serve.api.cluster import ClusterController
+from serve.api.loras import LoraController
+from serve.api.models import ModelsController
 from serve.api.pipeline import PipelineController
 from serve.api.recordings import RecordingController
 from serve.api.sessions import SessionController
@@ -37,6 +39,7 @@ from serve.api.system import SystemController
 from serve.api.webrtc import WebRTCController
 from serve.assets import AssetStore, echo
 from serve.cluster.assets import ClusterAssets
+from serve.cluster.folders import merge_loras, merge_models
 from serve.cluster.names import NAMESPACE, WORKER_PREFIX, owner_of
 from serve.cluster.worker import Reply
 from serve.errors import (
@@ -58,6 +61,8 @@ from serve.schemas import (
     ClusterWorker,
     IceCandidate,
     LoadParams,
+    LoraList,
+    ModelsStatus,
     Offer,
     PipelineStatus,
     Recording,
@@ -76,7 +81,8 @@ CLUSTER_CONTROLLERS: list[type] = [
     ClusterController,
     AssetController,
     RecordingController,
-    LocalOnlyController,
+    LoraController,
+    ModelsController,
 ]
 
 
@@ -460,10 +466,49 @@ class ClusterServing:
                 f"recording {echo(recording_id)} was on worker {view.name}, which is gone ({view.info.error})"
             ) from None
 
+    # -- the workers' own folders: LoRA files and weights (serve/cluster/folders.py) -------------------------------
+
+    async def list_loras(self) -> LoraList:
+        await self.refresh(max_age_s=self.settings.placement_max_age_s)  # a worker that just joined is listed
+        return merge_loras(*await self._ask_all("list_loras"))
+
+    async def models_status(self, pipeline_id: str, vace: bool) -> ModelsStatus:
+        get_spec(pipeline_id)  # an unknown id is the single server's 404, without asking the workers
+        await self.refresh(max_age_s=self.settings.placement_max_age_s)
+        return merge_models(pipeline_id, *await self._ask_all("models_status", pipeline_id, vace))
+
+    async def download_models(self, pipeline_id: str, vace: bool) -> tuple[ModelsStatus, bool]:
+        """Started on every live worker: a load may land on any of them."""
+        get_spec(pipeline_id)
+        await self.refresh(max_age_s=self.settings.placement_max_age_s)
+        answers, skipped = await self._ask_all("download_models", pipeline_id, vace)
+        if not answers:
+            why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items()) or "no worker has joined"
+            raise WorkerUnavailable(f"no live worker took the download of {pipeline_id!r} ({why}); try again")
+        statuses = [(name, status) for name, (status, _) in answers]
+        return merge_models(pipeline_id, statuses, skipped), any(started for _, (_, started) in answers)
+
     async def _gather(self, method: str) -> list[tuple[str, Any]]:
+        answers, _ = await self._ask_all(method)
+        return answers
+
+    async def _ask_all(self, method: str, *args: Any) -> tuple[list[tuple[str, Any]], dict[str, str]]:
+        """Every live worker's answer (in name order), and why each other worker has none: unreachable or gone
+        (not asked), or the error its call ended with."""
         views = [view for view in self._views() if view.usable]
-        results = await asyncio.gather(*(self._call(view, method) for view in views), return_exceptions=True)
-        return [(view.name, result) for view, result in zip(views, results, strict=True) if not _failed(result)]
+        skipped = {view.name: f"{view.info.state}: {view.info.error}" for view in self._views() if not view.usable}
+        results = await asyncio.gather(*(self._call(view, method, *args) for view in views), return_exceptions=True)
+        answers = []
+        for view, result in zip(views, results, strict=True):
+            if isinstance(result, WorkerGone):
+                skipped[view.name] = f"gone: {result}"
+            elif isinstance(result, WanrtError):  # WorkerUnavailable (no answer in time), or the worker's own error
+                skipped[view.name] = f"{type(result).__name__}: {result}"
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                answers.append((view.name, result))
+        return answers, dict(sorted(skipped.items()))
 
     async def cluster(self) -> ClusterStatus:
         await self.refresh()
@@ -471,14 +516,6 @@ class ClusterServing:
         return ClusterStatus(
             pipeline_id=wanted.pipeline_id if wanted else None, workers=[view.info for view in self._views()]
         )
-
-
-def _failed(result: Any) -> bool:
-    if isinstance(result, WorkerGone | WanrtError):
-        return True
-    if isinstance(result, BaseException):
-        raise result
-    return False
 
 
 def _worker_names() -> set[str]:

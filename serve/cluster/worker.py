@@ -21,6 +21,8 @@ import ray
 from serve.assets import AssetStore
 from serve.cluster.names import session_prefix
 from serve.errors import InvalidRequest, WanrtError
+from serve.hub import HubDownloads
+from serve.pipelines.loras import LoraCatalog
 from serve.pipelines.manager import PipelineManager
 from serve.recording import RecordingStore
 from serve.schemas import ClusterWorker
@@ -51,6 +53,9 @@ CALLS = frozenset(
         "stop_recording",
         "recording_file",
         "read_recording",
+        "list_loras",
+        "models_status",
+        "download_models",
     }
 )
 """The `Serving` methods a front may call on a worker."""
@@ -91,7 +96,11 @@ class WanrtWorker:
             self.recordings,
             session_prefix=session_prefix(name),
         )
-        self.serving = LocalServing(self.pipelines, self.sessions, self.recordings)
+        # Its own LoRA folder and models folder, as `wanrt serve` on this machine has: the front lists them and
+        # starts downloads here (actors of one machine share the folders; a file lock fetches each file once).
+        self.loras = LoraCatalog(settings.lora_folder)
+        self.models = HubDownloads(settings.models_dir, settings.hub_endpoint)
+        self.serving = LocalServing(self.pipelines, self.sessions, self.recordings, self.loras, self.models)
         self.assets = AssetStore(settings.assets.directory)
         context = ray.get_runtime_context()
         self.node_id = context.get_node_id()
@@ -130,3 +139,5 @@ class WanrtWorker:
         await self.sessions.stop_all(reason)
         await self.pipelines.close()
         self.recordings.close()
+        await asyncio.to_thread(self.models.close)  # stops downloads at their next chunk; partial files stay
+        self.loras.close()

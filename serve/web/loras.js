@@ -23,11 +23,14 @@ export async function renderLoraFolder(schema) {
   const rows = files.map((file, index) => {
     const id = `lora-use-${index}`;
     const fits = file.base_model ? `, for ${file.base_model}` : "";
+    // A cluster front lists every worker's folder: a load naming a file fails on a worker without it.
+    const missing = file.missing_on && file.missing_on.length ? `; not on ${file.missing_on.join(", ")}` : "";
+    const about = file.error || `rank ${file.rank}${fits}, ${file.size_mb} MB${missing}`;
     return el(
       "li",
       { class: "lora-file" },
       el("input", { type: "checkbox", id, "data-path": file.path, disabled: Boolean(file.error) }),
-      el("label", { for: id, text: file.path, title: file.error || `rank ${file.rank}${fits}, ${file.size_mb} MB` }),
+      el("label", { for: id, text: file.path, title: about }),
       el("input", { type: "number", class: "lora-scale", "aria-label": `Scale of ${file.path}`, min: -10, max: 10,
                     step: 0.05, value: 1 }), // prettier-ignore
       el("select", { class: "lora-mode", "aria-label": `Merge mode of ${file.path}` },
