@@ -14,7 +14,10 @@ from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from tests.support.frames import draw_counter
 
 E2E = Path(__file__).parents[1] / "e2e"  # the seed's JavaScript (tests/test_browser_seed.py checks it is the guide's)
 API_BASE_LINE = 'const API_BASE = "http://localhost:8000";'
@@ -53,6 +56,18 @@ CHROMIUM_ARGS = [
 def require_chromium() -> None:
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+
+
+def write_counter_clip(path: Path, frames: int, height: int, width: int, fps: int = 30) -> Path:
+    """A Y4M clip for Chromium's fake camera (`--use-file-for-fake-video-capture=<path>`, which loops it): frame i
+    shows draw_counter(i) in luma (BT.601 limited range: black 16, white 235), chroma neutral."""
+    chroma = np.full((height // 2) * (width // 2) * 2, 128, np.uint8).tobytes()  # U then V, 4:2:0
+    with path.open("wb") as clip:
+        clip.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+        for index in range(frames):
+            luma = 16 + (draw_counter(index, height, width)[..., 0].astype(np.uint16) * 219 // 255)
+            clip.write(b"FRAME\n" + luma.astype(np.uint8).tobytes() + chroma)
+    return path
 
 
 @contextmanager
