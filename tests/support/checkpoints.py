@@ -157,9 +157,13 @@ def _write_generator_and_ema(path: Path, seed: int, written: PipelineFiles) -> N
 
 
 def _write_lora(path: Path, seed: int, written: PipelineFiles) -> None:
-    config = DIT_CONFIGS["tiny"]
+    written.lora = write_lora(path, seed)
+
+
+def write_lora(path: Path, seed: int, config: DiTConfig = DIT_CONFIGS["tiny"]) -> dict[str, tuple[Tensor, Tensor]]:
+    """A PEFT LoRA in LongLive's layout for every block of `config`; returns Wan weight key → (A, B)."""
     generator = torch.Generator().manual_seed(seed + 100)
-    tensors = {}
+    tensors, written = {}, {}
     shapes = {"ffn.0": (config.ffn_dim, config.dim), "ffn.2": (config.dim, config.ffn_dim)}  # (out, in)
     for block in range(config.num_layers):
         for linear in LORA_LINEARS:
@@ -169,8 +173,9 @@ def _write_lora(path: Path, seed: int, written: PipelineFiles) -> None:
             key = f"blocks.{block}.{linear}"
             tensors[f"base_model.model.{key}.lora_A.weight"] = a
             tensors[f"base_model.model.{key}.lora_B.weight"] = b
-            written.lora[f"{key}.weight"] = (a, b)
+            written[f"{key}.weight"] = (a, b)
     torch.save({"generator_lora": tensors}, path)
+    return written
 
 
 def _write_flat_safetensors(path: Path, seed: int, written: PipelineFiles) -> None:
