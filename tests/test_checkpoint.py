@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 
 from serve.models.checkpoint import CheckpointError, load_checkpoint
 from serve.models.dit import DIT_CONFIGS, WanDiT, keep_in_fp32, load_dit
+from tests.support.checkpoints import record_tensor_reads
 
 CONFIG = DIT_CONFIGS["tiny"]
 
@@ -189,3 +191,45 @@ def test_loading_into_a_meta_model_assigns_without_a_second_copy(tmp_path: Path)
         model = WanDiT(CONFIG)
     load_checkpoint(model, tmp_path / "m.safetensors", dtype=torch.float32, keep_fp32=keep_in_fp32)
     assert all(not p.is_meta for p in model.parameters())
+
+
+def test_a_first_stage_load_reads_only_its_blocks_and_the_embeddings(tmp_path: Path, monkeypatch) -> None:
+    """A pipeline's first stage (rank 0) of a 4-block DiT in a real safetensors file, sharded so its blocks and the
+    rest sit in different files: only the embeddings' and its blocks' tensors are read, equal to the file's; the other
+    blocks are placeholders with no weights at their indices, and there is no head. The whole-model load of the same
+    files reads every tensor (the watch sees what it should)."""
+    config = dataclasses.replace(CONFIG, num_layers=4)
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in WanDiT(config).state_dict().items()}
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    first = {k: v for k, v in state.items() if not k.startswith(("blocks.2.", "blocks.3.", "head."))}
+    save_file(first, folder / "first.safetensors")
+    save_file({k: v for k, v in state.items() if k not in first}, folder / "rest.safetensors")
+    weight_map = {k: "first.safetensors" if k in first else "rest.safetensors" for k in state}
+    (folder / "m.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    reads = record_tensor_reads(monkeypatch)
+
+    model = load_dit(config, folder, dtype=torch.float32, first_stage=(0, 2))
+    assert set(reads) == {folder / "first.safetensors"}  # not one tensor of the other shard
+    assert sorted(reads[folder / "first.safetensors"]) == sorted(first)
+    assert_loaded(model, first)
+    assert set(model.state_dict()) == set(first)
+    assert [bool(list(block.parameters())) for block in model.blocks] == [True, True, False, False]
+    assert not list(model.head.parameters())
+
+    reads.clear()
+    whole = load_dit(config, folder, dtype=torch.float32)
+    assert sorted(name for names in reads.values() for name in names) == sorted(state)
+    assert_loaded(whole, state)
+
+
+def test_a_first_stage_load_still_fails_on_its_own_missing_key(tmp_path: Path) -> None:
+    """Strictness holds for what the stage reads: a file without one of its blocks' tensors fails naming it."""
+    config = dataclasses.replace(CONFIG, num_layers=4)
+    torch.manual_seed(0)
+    state = WanDiT(config).state_dict()
+    del state["blocks.1.ffn.0.weight"]
+    save_file(state, tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): blocks\.1\.ffn\.0\.weight"):
+        load_dit(config, tmp_path / "m.safetensors", dtype=torch.float32, first_stage=(0, 2))

@@ -14,6 +14,8 @@ import dataclasses
 import gc
 import itertools
 import multiprocessing
+from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,8 @@ import pytest
 import torch
 
 from serve.errors import InvalidParameters, PipelineLoadError, StageFailed
-from serve.models.dit import DIT_CONFIGS
+from serve.models.dit import DIT_CONFIGS, WanDiT
+from serve.pipelines import weights
 from serve.pipelines.autoregressive import (
     AutoregressiveStream,
     LongLivePipeline,
@@ -33,7 +36,13 @@ from serve.pipelines.placement import balanced_split, check_blocks_per_stage, co
 from serve.pipelines.registry import get_spec
 from serve.pipelines.vram import module_bytes
 from serve.schemas import LoadParams
-from tests.support.checkpoints import write_pipeline_files
+from tests.support.checkpoints import (
+    record_tensor_reads,
+    tiny_dit_state,
+    write_generator_checkpoint,
+    write_lora,
+    write_pipeline_files,
+)
 from tests.support.streams import PROMPT_A, PROMPT_B, SIZE
 
 pytestmark = pytest.mark.slow
@@ -133,6 +142,7 @@ def test_pipelined_stream_equals_the_one_process_stream(cls, pipeline_id: str, r
         owned = staged.stages.layers[0][1] - staged.stages.layers[0][0]
         assert stream.cache.k.shape[0] == owned
         assert sum(1 for block in staged.models.dit.blocks if list(block.parameters())) == owned
+        assert not list(staged.models.dit.head.parameters())  # the last stage runs it
         got = run_scenario(stream, spec, fetched(staged))
         if pipeline_id == "longlive":
             assert stream.recaches == 1
@@ -214,26 +224,86 @@ def test_streams_share_the_stages_each_with_its_own_caches() -> None:
         staged.close()
 
 
-def test_stages_load_their_blocks_from_the_checkpoint_with_the_builtin_lora(tmp_path: Path) -> None:
-    """Real files (synthetic, Wan's names): each stage reads only its blocks' keys and merges LongLive's LoRA into
-    them as it loads; the stream equals the one-process load of the same files."""
-    write_pipeline_files("longlive", tmp_path)
+def load_files(models_dir: Path, **extra: object) -> LongLivePipeline:
+    """LongLive from the files under `models_dir`."""
     spec = get_spec("longlive")
+    params = spec.effective_load_params(
+        LoadParams(height=SIZE, width=SIZE, quantization=None, **extra),  # type: ignore[arg-type]
+        allow_random_weights=False,
+    )
+    return LongLivePipeline.load(spec, params, report=lambda *_: None, models_dir=models_dir)  # type: ignore[return-value]
 
-    def load_files(**extra: object) -> LongLivePipeline:
-        params = spec.effective_load_params(
-            LoadParams(height=SIZE, width=SIZE, quantization=None, **extra),  # type: ignore[arg-type]
-            allow_random_weights=False,
-        )
-        return LongLivePipeline.load(spec, params, report=lambda *_: None, models_dir=tmp_path)  # type: ignore[return-value]
 
-    single = load_files()
+def first_stage_names(names: Iterable[str], end: int) -> set[str]:
+    """Of a DiT's (Wan) names, those rank 0 holds with blocks [0, end): the embeddings and those blocks, no head."""
+    return {
+        name
+        for name in names
+        if not name.startswith("head.") and not (name.startswith("blocks.") and int(name.split(".")[1]) >= end)
+    }
+
+
+def assert_rank_0_read_and_holds_only_its_part(staged, single, files, reads: dict) -> None:
+    """Right after a staged load: rank 0 read from the DiT file only the embeddings' and its blocks' tensors (the
+    others' bytes never), holds only those blocks (no head), and its weights are what `weight_bytes_per_stage[0]`
+    reports and what the one-process model's parts add up to."""
+    counts = [end - start for start, end in staged.stages.layers]
+    dit_path = files.paths["models/longlive_base.pt"]
+    assert sorted(reads[dit_path]) == sorted(f"model.{name}" for name in first_stage_names(files.dit, counts[0]))
+    assert owned_blocks(staged) == counts[0] and not list(staged.models.dit.head.parameters())
+    assert set(staged.models.dit.state_dict()) == first_stage_names(files.dit, counts[0])
+    placed = staged.placement()
+    held = module_bytes(staged.models.dit) + module_bytes(staged.vae_model)
+    assert placed["weight_bytes_per_stage"][0] == held == stage_module_bytes(single, counts)[0]
+
+
+def test_stages_load_their_blocks_from_the_checkpoint_with_the_builtin_lora(tmp_path: Path, monkeypatch) -> None:
+    """Real files (synthetic, Wan's names): each stage reads only its blocks' keys and merges LongLive's LoRA into
+    them as it loads, rank 0 included (it reads no other block and no head); the stream equals the one-process load
+    of the same files."""
+    files = write_pipeline_files("longlive", tmp_path)
+    spec = get_spec("longlive")
+    single = load_files(tmp_path)
     expected = run_scenario(single.open_stream(seed=3), spec, whole_cache)
-    staged = load_files(gpus="cpu:2")
+    reads = record_tensor_reads(monkeypatch)
+    staged = load_files(tmp_path, gpus="cpu:2")
     try:
         assert staged.stages is not None and staged.lora_adapters[0]["builtin"]
+        assert_rank_0_read_and_holds_only_its_part(staged, single, files, reads)
         stream = staged.open_stream(seed=3)
         got = run_scenario(stream, spec, fetched(staged))
+        assert_same_runs(got, expected)
+    finally:
+        staged.close()
+
+
+def test_rank_0_of_three_reads_only_its_block_and_takes_a_moved_one_it_never_read(tmp_path: Path,
+                                                                                   monkeypatch) -> None:  # fmt: skip
+    """A 4-block LongLive file over 3 stages ([1, 2, 1], rebalancing off): rank 0 reads the embeddings and block 0
+    only. Block 1 then moves to it from stage 1 (MOVE: never read from the file here), and the stream still equals
+    the one-process load of the same files, bit for bit."""
+    files = write_pipeline_files("longlive", tmp_path)
+    files.dit = tiny_dit_state(5, DEEP_TINY)
+    write_generator_checkpoint(files.paths["models/longlive_base.pt"], files.dit)
+    files.lora = write_lora(files.paths["models/lora.pt"], 5, DEEP_TINY)
+    # A test-only preset, detected from the file's shapes as the published sizes are.
+    monkeypatch.setitem(DIT_CONFIGS, "tiny-4-blocks", DEEP_TINY)
+    monkeypatch.setitem(weights.DIT_CANDIDATES, "tiny-4-blocks", partial(WanDiT, DEEP_TINY))
+    spec = get_spec("longlive")
+    single = load_files(tmp_path)
+    assert single.models.dit.config == DEEP_TINY
+    expected = run_scenario(single.open_stream(seed=3), spec, whole_cache)
+    reads = record_tensor_reads(monkeypatch)
+    staged = load_files(tmp_path, gpus="cpu:3", rebalance_stages=False)
+    try:
+        assert staged.stages is not None and staged.stages.layers == ((0, 1), (1, 3), (3, 4))
+        assert_rank_0_read_and_holds_only_its_part(staged, single, files, reads)
+        read_at_load = {path: list(names) for path, names in reads.items()}
+        staged.stages.move_blocks(contiguous([2, 1, 1]))
+        assert reads == read_at_load  # the moved block came from stage 1, not from the file
+        assert owned_blocks(staged) == 2
+        assert staged.placement()["weight_bytes_per_stage"] == stage_module_bytes(single, [2, 1, 1])
+        got = run_scenario(staged.open_stream(seed=3), spec, fetched(staged))
         assert_same_runs(got, expected)
     finally:
         staged.close()

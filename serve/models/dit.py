@@ -428,6 +428,18 @@ def keep_in_fp32(name: str) -> bool:
     return any(part in name for part in FP32_PARAMETERS)
 
 
+def first_stage_part(model: WanDiT, blocks: tuple[int, int]) -> WanDiT:
+    """`model` cut to what a pipeline's first stage holds (serve/runtime/stages.py): the embeddings and the blocks in
+    [start, end). Every other block becomes an empty placeholder, so the blocks keep the model's indices (a block
+    moved in later takes its slot), and the head goes (the last stage runs it)."""
+    start, end = blocks
+    for i in range(len(model.blocks)):
+        if not start <= i < end:
+            model.blocks[i] = nn.Module()
+    model.head = nn.Module()
+    return model
+
+
 def load_dit(
     config: DiTConfig,
     path,
@@ -437,16 +449,25 @@ def load_dit(
     prefer: str | None = None,
     lora=None,
     lora_scale: float = 1.0,
+    first_stage: tuple[int, int] | None = None,
 ) -> WanDiT:
     """Build on the meta device and load a checkpoint into it (serve/models/checkpoint.py), streaming; a LoRA file
-    (`lora`, e.g. LongLive's built-in one) is merged into the weights as they load, at `lora_scale`."""
+    (`lora`, e.g. LongLive's built-in one) is merged into the weights as they load, at `lora_scale`.
+
+    `first_stage`: the [start, end) blocks of a pipeline's first stage; the model is then `first_stage_part` of the
+    whole, and only its tensors are read from the file (the other blocks' and the head's never are)."""
     from serve.models.checkpoint import load_checkpoint
     from serve.models.lora import match_model, merged_weights, read_lora_file
 
     with torch.device("meta"):
         model = WanDiT(config)
+    select = None
+    if first_stage is not None:
+        names = set(first_stage_part(model, first_stage).state_dict())
+        select = names.__contains__
     deltas = merged_weights([(match_model(read_lora_file(lora), model), lora_scale)]) if lora is not None else None
-    load_checkpoint(model, path, dtype=dtype, device=device, prefer=prefer, keep_fp32=keep_in_fp32, deltas=deltas)
+    load_checkpoint(model, path, dtype=dtype, device=device, prefer=prefer, keep_fp32=keep_in_fp32, deltas=deltas,
+                    select=select)  # fmt: skip
     model.rope = RotaryEmbedding(config.head_dim).to(device)  # non-persistent: rebuilt, never in checkpoints
     return model.eval()
 

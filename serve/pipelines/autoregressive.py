@@ -27,6 +27,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +54,13 @@ from serve.pipelines.loras import (
     merged_lora_key,
     requested_loras,
 )
-from serve.pipelines.placement import Gpus, check_blocks_per_stage, contiguous, parse_gpus, split_blocks
+from serve.pipelines.placement import Gpus, parse_gpus, stage_split
 from serve.pipelines.policies import NoiseController
 from serve.pipelines.spec import PipelineSpec
 from serve.pipelines.stream_batch import ChunkInFlight, PlainSchedule, StreamBatch
 from serve.pipelines.vace_context import ChunkVace, VaceConditioner, first_call_frames
 from serve.pipelines.vram import VramPlan, check_fits, measure_plan
-from serve.pipelines.weights import LORA_SCALE, Models, dit_files, load_weights, random_models
+from serve.pipelines.weights import LORA_SCALE, Models, StageSplit, dit_files, load_weights, random_models
 from serve.pipelines.worker import VACE_IMAGE_FIELDS
 from serve.runtime.backends import DiTStep, select_backend
 from serve.runtime.cuda_step import DIT_STEP_PERSISTENT, VACE_STEP_PERSISTENT, on_cuda
@@ -235,7 +236,7 @@ class AutoregressiveStream(PipelineStream):
         # The stream batch's cache: the policy's window, then a scratch chunk per row (serve/pipelines/stream_batch.py)
         extra = StreamBatch.scratch_frames(rows, chunk) if rows else 0
         self.cache, self.text_kv = self.buffers(dataclasses.replace(spec, max_frames=spec.max_frames + extra))
-        self.policy: CachePolicy = pipeline.make_policy(spec)
+        self.policy: CachePolicy = pipeline.make_policy(spec, pipeline.device)
         self.schedule: PlainSchedule | StreamBatch = (
             StreamBatch(pipeline.scheduler, self.policy, rows, pipeline.stream_lanes, chunk, pipeline.device)
             if rows else PlainSchedule(pipeline.scheduler)
@@ -567,6 +568,16 @@ class StagedStream(AutoregressiveStream):
         self.p.stages.forget(self.stream_id)
 
 
+def starting_split(pipeline_id: str, ranks: int, counts: list[int] | None,
+                   num_layers: int) -> tuple[tuple[int, int], ...]:  # fmt: skip
+    """A staged load's starting split (`stage_split`), known once the DiT file says how many blocks it has; a
+    `blocks_per_stage` that does not fit the model fails the load (its length was checked at the request)."""
+    try:
+        return stage_split(num_layers, ranks, counts)
+    except InvalidParameters as exc:
+        raise PipelineLoadError(f"{pipeline_id}: {exc}") from None
+
+
 def plan_load(pipeline_id: str, load_params: dict[str, Any], device: torch.device, rows: int = 0) -> VramPlan:
     """The VRAM plan of this load against the GPU's free memory (serve/pipelines/vram.py); raises PipelineLoadError
     naming need, free memory and what fits. Costs a meta-device dry run: seconds of CPU, no GPU memory. `rows`: the
@@ -627,8 +638,17 @@ class AutoregressivePipeline(Pipeline):
             check_visible(gpus)
         device = torch.device(gpus.devices[0] if gpus else "cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        # Whether the DiT is split over stages is settled before any weight is read: rank 0 (here) then reads only
+        # its own part of the DiT (`Models.stage_layers`).
+        placement_reason: str | None = None
+        split: StageSplit | None = None
+        if gpus is not None and gpus.ranks > 1:
+            placement_reason = cls.pipeline_parallel_refusal(spec, load_params)
+            if placement_reason is None:
+                split = partial(starting_split, spec.id, gpus.ranks, load_params.get("blocks_per_stage"))
         if load_params.get("random_weights"):
-            models = random_models(load_params, device, seed=int(load_params["seed"]), dit_config=cls.random_dit_config)
+            models = random_models(load_params, device, seed=int(load_params["seed"]), dit_config=cls.random_dit_config,
+                                   split=split)  # fmt: skip
         else:
             text_device = device
             if device.type == "cuda":  # refuse before allocating what cannot fit; place the text encoder
@@ -639,6 +659,7 @@ class AutoregressivePipeline(Pipeline):
             models = load_weights(
                 spec, load_params, Path(context["models_dir"]), dit_config=cls.shape.dit_config,
                 prefer=cls.shape.checkpoint_prefer, device=device, dtype=dtype, report=report, text_device=text_device,
+                split=split,
             )  # fmt: skip
         loras, lora_dir = requested_loras(load_params), Path(context.get("lora_dir") or ServerSettings().lora_folder)
         if loras:
@@ -656,14 +677,14 @@ class AutoregressivePipeline(Pipeline):
                 pipeline.stream_batch_rows = len(steps) + 1
             else:
                 log.warning("pipeline=%s runs without the stream batch: %s", spec.id, pipeline.stream_batch_reason)
-        if gpus is not None and gpus.ranks > 1:
-            pipeline.placement_reason = pipeline.pipeline_parallel_refusal(load_params)
-            if pipeline.placement_reason is None:
-                engines_dir = Path(context.get("engines_dir") or ServerSettings().engines_dir)
-                pipeline.start_stages(gpus, load_params, Path(context.get("models_dir") or "."), engines_dir, report)
-                return pipeline
+        if gpus is not None and split is not None:
+            engines_dir = Path(context.get("engines_dir") or ServerSettings().engines_dir)
+            pipeline.start_stages(gpus, load_params, Path(context.get("models_dir") or "."), engines_dir, report)
+            return pipeline
+        if gpus is not None and placement_reason is not None:
+            pipeline.placement_reason = placement_reason
             log.warning("pipeline=%s gpus=%s runs on %s alone: %s", spec.id, gpus.spelled(), device,
-                        pipeline.placement_reason)  # fmt: skip
+                        placement_reason)  # fmt: skip
         pipeline.runtime_lora_scales = user_loras.runtime_scales
         engines_dir = Path(context.get("engines_dir") or ServerSettings().engines_dir)
         requested = load_params.get("backend", "auto")
@@ -702,12 +723,19 @@ class AutoregressivePipeline(Pipeline):
         report("ready", 1.0)
         return pipeline
 
-    def pipeline_parallel_refusal(self, load_params: dict[str, Any]) -> str | None:
-        """Why this load cannot split its DiT over stages (it then runs on the first device), or None."""
-        probe = self.make_policy(KVCacheSpec(1, 1, 1, 2, 1, self.shape.cache_frames))  # only the policy's kind matters
+    @classmethod
+    def policy_kind(cls) -> CachePolicy:
+        """A policy of this pipeline's kind over a one-token cache on the CPU: only its class's flags are read."""
+        return cls.make_policy(KVCacheSpec(1, 1, 1, 2, 1, cls.shape.cache_frames))
+
+    @classmethod
+    def pipeline_parallel_refusal(cls, spec: PipelineSpec, load_params: dict[str, Any]) -> str | None:
+        """Why this load cannot split its DiT over stages (it then runs on the first device), or None. From the
+        pipeline's kind and the load's parameters only: it is settled before the weights are read."""
+        probe = cls.policy_kind()
         if probe.pipeline_parallel is not None:
-            return f"{self.spec.id} cannot be pipelined: {probe.pipeline_parallel}"
-        if self.vace_enabled:
+            return f"{spec.id} cannot be pipelined: {probe.pipeline_parallel}"
+        if load_params.get("vace_enabled"):
             return "vace_enabled loads are not pipelined yet (the VACE branch adds hints inside the blocks)"
         if requested_loras(load_params):
             return "user LoRAs are not pipelined yet (the stages load the published weights only)"
@@ -719,7 +747,7 @@ class AutoregressivePipeline(Pipeline):
 
     def stream_batch_refusal(self) -> str | None:
         """Why this load cannot run the stream batch (it then runs chunk after chunk), or None."""
-        probe = self.make_policy(KVCacheSpec(1, 1, 1, 2, 1, self.shape.cache_frames))  # only the policy's kind matters
+        probe = self.policy_kind()
         if probe.stream_batch is not None:
             return f"{self.spec.id} cannot stream-batch: {probe.stream_batch}"
         if not probe.clean_pass or not probe.keys_rotated_at_write:
@@ -730,17 +758,10 @@ class AutoregressivePipeline(Pipeline):
 
     def start_stages(self, gpus: Gpus, load_params: dict[str, Any], models_dir: Path, engines_dir: Path,
                      report: ProgressFn) -> None:  # fmt: skip
-        """Split the DiT's blocks over `gpus` and spawn the stages; rank 0 (here) keeps only its own blocks."""
+        """Spawn the stages, each building its blocks of the load's split; rank 0 (here) loaded only its own."""
         report("pipeline stages", 0.9)
-        dit = self.models.dit
-        layers = split_blocks(dit.config.num_layers, gpus.ranks)
-        counts = load_params.get("blocks_per_stage")
-        if counts is not None:  # its length was checked at the request; its sum needs the model
-            try:
-                check_blocks_per_stage(counts, gpus.ranks, dit.config.num_layers)
-            except InvalidParameters as exc:
-                raise PipelineLoadError(f"{self.spec.id}: {exc}") from None
-            layers = contiguous(counts)
+        dit, layers = self.models.dit, self.models.stage_layers
+        assert layers is not None, "a staged load reads only rank 0's part of the DiT (`split`)"
         weights: RandomWeights | CheckpointWeights
         if self.random_weights:
             weights = RandomWeights(int(load_params["seed"]))
@@ -826,8 +847,7 @@ class AutoregressivePipeline(Pipeline):
     def engines_unusable(self) -> str | None:
         """Why no engine can run this pipeline's chunk steps, or None. Engines cache keys rotated at absolute
         positions; a policy whose plans carry window-relative key positions (`key_rope`) cannot use them."""
-        probe = self.make_policy(KVCacheSpec(1, 1, 1, 2, 1, self.shape.cache_frames))  # only the policy's kind matters
-        if not probe.keys_rotated_at_write:
+        if not self.policy_kind().keys_rotated_at_write:
             return f"{self.spec.id} re-rotates cached keys per chunk (window-relative RoPE); engines store rotated keys"
         if self.runtime_lora_scales:
             return "runtime_peft LoRAs steer their scale per chunk; engines hold fixed weights (merge them instead)"
@@ -848,8 +868,9 @@ class AutoregressivePipeline(Pipeline):
             return StagedStream(self, seed)
         return AutoregressiveStream(self, seed)
 
-    def make_policy(self, spec: KVCacheSpec) -> CachePolicy:
-        """The pipeline's cache policy for a stream's cache of shape `spec`."""
+    @classmethod
+    def make_policy(cls, spec: KVCacheSpec, device: torch.device | None = None) -> CachePolicy:
+        """The pipeline's cache policy for a stream's cache of shape `spec`, its tensors on `device`."""
         raise NotImplementedError
 
 
@@ -859,8 +880,9 @@ class StreamDiffusionV2Pipeline(AutoregressivePipeline):
 
     shape = ChunkShape("wan2.1-1.3b", shift=8.0, chunk_latents=1, cache_frames=6)
 
-    def make_policy(self, spec: KVCacheSpec) -> CachePolicy:
-        return CachePolicy(spec, sink_frames=3, device=self.device)
+    @classmethod
+    def make_policy(cls, spec: KVCacheSpec, device: torch.device | None = None) -> CachePolicy:
+        return CachePolicy(spec, sink_frames=3, device=device)
 
 
 class LongLivePipeline(AutoregressivePipeline):
@@ -868,8 +890,9 @@ class LongLivePipeline(AutoregressivePipeline):
 
     shape = ChunkShape("wan2.1-1.3b", shift=5.0, chunk_latents=3, cache_frames=12)
 
-    def make_policy(self, spec: KVCacheSpec) -> CachePolicy:
-        policy = CachePolicy(spec, sink_frames=3, device=self.device)
+    @classmethod
+    def make_policy(cls, spec: KVCacheSpec, device: torch.device | None = None) -> CachePolicy:
+        policy = CachePolicy(spec, sink_frames=3, device=device)
         policy.recache_on_prompt_switch = True
         return policy
 
@@ -879,8 +902,9 @@ class RewardForcingPipeline(AutoregressivePipeline):
 
     shape = ChunkShape("wan2.1-1.3b", shift=5.0, chunk_latents=3, cache_frames=9, checkpoint_prefer="generator_ema")
 
-    def make_policy(self, spec: KVCacheSpec) -> CachePolicy:
-        return EmaSinkPolicy(spec, sink_frames=3, device=self.device, alpha=0.999)
+    @classmethod
+    def make_policy(cls, spec: KVCacheSpec, device: torch.device | None = None) -> CachePolicy:
+        return EmaSinkPolicy(spec, sink_frames=3, device=device, alpha=0.999)
 
 
 class MemFlowPipeline(AutoregressivePipeline):
@@ -888,8 +912,9 @@ class MemFlowPipeline(AutoregressivePipeline):
 
     shape = ChunkShape("wan2.1-1.3b", shift=5.0, chunk_latents=3, cache_frames=15)
 
-    def make_policy(self, spec: KVCacheSpec) -> CachePolicy:
-        return MemoryBankPolicy(spec, sink_frames=3, bank_frames=3, record_every=9, device=self.device)
+    @classmethod
+    def make_policy(cls, spec: KVCacheSpec, device: torch.device | None = None) -> CachePolicy:
+        return MemoryBankPolicy(spec, sink_frames=3, bank_frames=3, record_every=9, device=device)
 
 
 class KreaRealtimePipeline(AutoregressivePipeline):
@@ -899,5 +924,6 @@ class KreaRealtimePipeline(AutoregressivePipeline):
     shape = ChunkShape("wan2.1-14b", shift=5.0, chunk_latents=3, cache_frames=6)
     text_fps = 24.0  # Krea's serving output rate
 
-    def make_policy(self, spec: KVCacheSpec) -> CachePolicy:
-        return RecomputePolicy(spec, context_frames=3, device=self.device)
+    @classmethod
+    def make_policy(cls, spec: KVCacheSpec, device: torch.device | None = None) -> CachePolicy:
+        return RecomputePolicy(spec, context_frames=3, device=device)

@@ -92,6 +92,15 @@ def check_blocks_per_stage(counts: list[int], ranks: int, num_layers: int | None
         )
 
 
+def stage_split(num_layers: int, ranks: int, counts: list[int] | None) -> tuple[tuple[int, int], ...]:
+    """The load's starting split of `num_layers` blocks over `ranks` stages: `blocks_per_stage` (`counts`, checked
+    against the model's blocks) if given, else `split_blocks`; raises InvalidParameters."""
+    if counts is None:
+        return split_blocks(num_layers, ranks)
+    check_blocks_per_stage(counts, ranks, num_layers)
+    return contiguous(counts)
+
+
 def balanced_split(step_ms: list[float], fixed_ms: list[float],
                    blocks: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:  # fmt: skip
     """The contiguous split that evens out the stages' time per micro-step, from measured times: `step_ms[r]` is

@@ -17,7 +17,7 @@ from serve.errors import PipelineLoadError
 from serve.models.autoencoder import build_model
 from serve.models.checkpoint import CheckpointError
 from serve.models.config_detection import detect_preset
-from serve.models.dit import DIT_CONFIGS, DiTConfig, WanDiT, load_dit
+from serve.models.dit import DIT_CONFIGS, DiTConfig, WanDiT, first_stage_part, load_dit
 from serve.models.prompts import PromptEncoder
 from serve.models.text_encoder import UMT5_PRESETS, UMT5Encoder, load_text_encoder
 from serve.models.tokenizer import UMT5Tokenizer
@@ -36,6 +36,9 @@ class Models:
     vae_path: Path | None
     vae_size: str | None
     builtin_lora: str | None = None  # `repo/path` of the pipeline's own LoRA (LongLive, MemFlow), merged as it loaded
+    stage_layers: tuple[tuple[int, int], ...] | None = None
+    """A staged load's split of the DiT's blocks over the pipeline stages: `dit` is then only the first stage's part
+    (`first_stage_part`: its blocks, no head); None: `dit` is the whole model."""
 
 
 # The presets a published file may hold; which one is read from the file's shapes (serve/models/config_detection.py).
@@ -47,11 +50,14 @@ VAE_CANDIDATES: dict[str, Callable[[], nn.Module]] = {
     "tiny": partial(build_model, "wan", "tiny"),
 }
 LORA_SCALE = 1.0  # α/r for LongLive and MemFlow (rank 256, α 256, models.md §3.2); PEFT files do not carry α
+# A staged load's split of the DiT's blocks over the pipeline stages, from the model's block count.
+StageSplit = Callable[[int], tuple[tuple[int, int], ...]]
 
 
 def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Path, *, prefer: str | None,
                  device: torch.device, dtype: torch.dtype, report: ProgressFn,
-                 dit_config: str | None = None, text_device: torch.device | None = None) -> Models:  # fmt: skip
+                 dit_config: str | None = None, text_device: torch.device | None = None,
+                 split: StageSplit | None = None) -> Models:  # fmt: skip
     """The pipeline's published files from `models_dir`; errors name the file and what to do.
 
     Each model's config comes from its file's shapes, not from the pipeline: `dit_config` is only the size the
@@ -59,6 +65,7 @@ def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Pa
     All files are identified (headers only) before any is loaded, so a wrong file fails in seconds, not after
     minutes of reading the others. `text_device` is where the umT5 encoder runs (default `device`; the VRAM plan
     puts it on the CPU when the GPU cannot hold it: serve/pipelines/vram.py); its embeddings land on `device`.
+    `split` (a staged load): only the first stage's part of the DiT is read (`Models.stage_layers`).
     """
     missing = spec.missing_files(models_dir)
     if missing:
@@ -100,6 +107,7 @@ def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Pa
     if dit_config is not None and dit_name != dit_config:
         log.info("pipeline=%s dit=%s file=%s (published size %s)", spec.id, dit_name, dit_path, dit_config)
     tokenizer = _load_tokenizer(spec, tokenizer_path, text_path, dit_cfg.text_len, text_cfg.vocab_size)
+    stage_layers = split(dit_cfg.num_layers) if split is not None else None  # before any weight is read
     try:
         report("text encoder", 0.1)
         encoder = load_text_encoder(text_path, dtype=dtype, device=text_device or device, config=text_cfg)
@@ -107,6 +115,7 @@ def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Pa
         dit = load_dit(
             dit_cfg, dit_path, dtype=dtype, device=device, prefer=prefer,
             lora=lora_file.local_path(models_dir) if lora_file else None, lora_scale=LORA_SCALE,
+            first_stage=stage_layers[0] if stage_layers else None,
         )  # fmt: skip
         if vace_path is not None:
             report("VACE module", 0.8)
@@ -117,7 +126,7 @@ def load_weights(spec: PipelineSpec, load_params: dict[str, Any], models_dir: Pa
     vae_size = None if vae_name == "wan" else vae_name
     log.info("pipeline=%s dit=%s text_encoder=%s vae=%s", spec.id, dit_name, text_name, vae_name)
     builtin_lora = f"{lora_file.repo}/{lora_file.path}" if lora_file else None
-    return Models(dit, prompts, vae_type, vae_path, vae_size, builtin_lora)
+    return Models(dit, prompts, vae_type, vae_path, vae_size, builtin_lora, stage_layers)
 
 
 def dit_files(spec: PipelineSpec) -> tuple[ModelFile, ModelFile | None]:
@@ -146,22 +155,28 @@ def random_dit(seed: int, config: DiTConfig = DIT_CONFIGS["tiny"]) -> WanDiT:
 
 
 def random_models(load_params: dict[str, Any], device: torch.device, seed: int,
-                  dit_config: DiTConfig = DIT_CONFIGS["tiny"]) -> Models:  # fmt: skip
+                  dit_config: DiTConfig = DIT_CONFIGS["tiny"], split: StageSplit | None = None) -> Models:  # fmt: skip
     """The `tiny` configs with seeded random weights (the `random_weights` load parameter): demos and tests.
 
     The tokenizer is a small SentencePiece model trained here on a fixed corpus, since no tokenizer file ships with
     random weights; it is deterministic, so the same prompt always gives the same ids. `dit_config` other than
-    `tiny` is for tests that need more blocks (pipeline stages).
+    `tiny` is for tests that need more blocks (pipeline stages). `split` (a staged load): the DiT is built whole on
+    the CPU (every block draws from the seed, as the stages' `random_dit` does), then cut to the first stage's part
+    before it goes to `device`.
     """
+    stage_layers = split(dit_config.num_layers) if split is not None else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        dit = WanDiT(dit_config).to(device).eval()  # first from the seed: `random_dit` makes the same weights
+        dit = WanDiT(dit_config)  # first from the seed: `random_dit` makes the same weights
+        if stage_layers is not None:
+            first_stage_part(dit, stage_layers[0])
+        dit = dit.to(device).eval()
         encoder = UMT5Encoder(UMT5_PRESETS["tiny"]).to(device).eval()
     if load_params.get("vace_enabled"):  # after the others: their weights stay those of a load without VACE
         dit = attach_vace(dit, None, dtype=torch.float32, device=device, seed=seed + 1)
     tokenizer = UMT5Tokenizer(tiny_tokenizer_model(), max_length=dit.config.text_len)
     prompts = PromptEncoder(tokenizer, encoder, output_dtype=torch.float32, output_device=device)
-    return Models(dit, prompts, load_params.get("vae_type", "wan"), None, "tiny")
+    return Models(dit, prompts, load_params.get("vae_type", "wan"), None, "tiny", stage_layers=stage_layers)
 
 
 _TINY_CORPUS = (

@@ -4,13 +4,14 @@ differs (scale.md §1).
 
 Rank 0 is the pipeline's worker thread in the server process. It embeds (patches, time, prompt), runs its own
 blocks and drives the other ranks. Ranks 1..N−1 are processes spawned at load (`stage_main`), one per device. Each
-holds only its blocks' weights and, per stream, only those layers' KV caches: no replica of the whole model, and no
-cache moved off to the CPU. The last rank runs the head and sends the flow prediction back to rank 0, where the one
-chunk loop goes on (scheduler, noise, the VAE encode). The last rank also holds the VAE's decoder (rank 0 holds its
-encoder; neither holds the other half) and, per stream, its causal decoder state: each finished chunk's clean latents
-go to it and its decoded uint8 frames come back to rank 0, where the server's output path is. Policies never see
-ranks: the stream's `run_step` calls `StageDriver.step` with the DiT step's own arguments, its decode
-`submit_decode`.
+rank reads from the DiT's file and holds only its part's weights (rank 0: the embeddings and its blocks,
+`first_stage_part`; the others: their blocks, the last the head, `StageModel`) and, per stream, only those layers'
+KV caches: no replica of the whole model, and no cache moved off to the CPU. The last rank runs the head and sends
+the flow prediction back to rank 0, where the one chunk loop goes on (scheduler, noise, the VAE encode). The last
+rank also holds the VAE's decoder (rank 0 holds its encoder; neither holds the other half) and, per stream, its
+causal decoder state: each finished chunk's clean latents go to it and its decoded uint8 frames come back to rank 0,
+where the server's output path is. Policies never see ranks: the stream's `run_step` calls `StageDriver.step` with
+the DiT step's own arguments, its decode `submit_decode`.
 
 Protocol. Every message is sent by its sender in one fixed order, so NCCL's tag-less matching (scale.md §1) pairs
 them as gloo's tags do:
@@ -385,7 +386,7 @@ def check_visible(gpus: Gpus) -> None:
 
 
 class StageDriver:
-    """Rank 0: its own blocks on the loaded `dit` (the blocks it does not own are dropped), the spawned stages, and
+    """Rank 0: its own blocks on the loaded `dit` (which holds no other block and no head), the spawned stages, and
     the commands. Every call that talks to the stages runs on the pipeline's worker thread; what other threads
     ask for (a stream opened on the event loop, a stream gone) is queued and sent before the next command."""
 
@@ -427,17 +428,17 @@ class StageDriver:
               weights: RandomWeights | CheckpointWeights, vae: VaeSpec,
               vae_model: nn.Module) -> StageDriver:  # fmt: skip
         """Spawn ranks 1..N−1 (the last with the VAE decoder), wait until each has built its part, join the group;
-        raises PipelineLoadError. Rank 0 then keeps only its own blocks (no head) and `vae_model`'s encoder."""
+        raises PipelineLoadError. `dit` is rank 0's part as the load read it (`first_stage_part`: the blocks of
+        `layers[0]`, no head); rank 0 then keeps only `vae_model`'s encoder."""
+        start, end = layers[0]
+        held = [i for i, block in enumerate(dit.blocks) if list(block.parameters())]
+        assert held == list(range(start, end)) and not list(dit.head.parameters()), "rank 0 loads only its part"
         driver = cls(gpus, layers, dit, dtype)
         try:
             driver._spawn(weights, vae)
         except BaseException:
             driver.close()
             raise
-        for i in range(len(dit.blocks)):
-            if not layers[0][0] <= i < layers[0][1]:
-                dit.blocks[i] = nn.Module()
-        dit.head = nn.Module()  # the last stage runs it
         drop_half(vae_model, "decoder", f"the last pipeline stage ({gpus.devices[-1]})")
         driver.weight_bytes[0] = module_bytes(dit) + module_bytes(vae_model)
         if driver.device.type == "cuda":

@@ -25,11 +25,13 @@ models.md §1.1) is assumed. The loader converts any float dtype, so this choice
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -99,12 +101,42 @@ def _writer_for(file_path: str) -> Callable[[Path, int, PipelineFiles], None]:
     return writers[name]
 
 
-def tiny_dit_state(seed: int) -> dict[str, Tensor]:
+def tiny_dit_state(seed: int, config: DiTConfig = DIT_CONFIGS["tiny"]) -> dict[str, Tensor]:
     """A tiny DiT's state dict (Wan key names) from a seeded init, in the checkpoint dtype."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = WanDiT(DIT_CONFIGS["tiny"])
+        model = WanDiT(config)
     return {name: tensor.detach().to(DIT_DTYPE).clone() for name, tensor in model.state_dict().items()}
+
+
+def write_generator_checkpoint(path: Path, state: dict[str, Tensor]) -> None:
+    """`state` (Wan names) as a Self-Forcing-style training checkpoint: `{"generator": {"model.<key>": ...}}`."""
+    torch.save({"generator": _wrapped(state)}, path)
+
+
+def record_tensor_reads(monkeypatch: Any) -> dict[Path, list[str]]:
+    """From now on in this process, the raw names of the checkpoint tensors `load_checkpoint` reads the data of,
+    per file (each shard its own). It watches the real reader and changes nothing: a LazyTensor's `load` is the
+    only way to a tensor's bytes (safetensors' `get_tensor`; a memory-mapped pickle's storage, which is touched only
+    once `load` has handed it over for conversion)."""
+    from serve.models import checkpoint
+
+    reads: dict[Path, list[str]] = {}
+    real = checkpoint.read_checkpoint
+
+    def watched(path: Path | str, *, prefer: str | None = None) -> dict[str, checkpoint.LazyTensor]:
+        def recorded(name: str, lazy: checkpoint.LazyTensor) -> Callable[[], Tensor]:
+            def load() -> Tensor:
+                reads.setdefault(lazy.file, []).append(name)
+                return lazy.load()
+
+            return load
+
+        tensors = real(path, prefer=prefer)
+        return {name: dataclasses.replace(lazy, load=recorded(name, lazy)) for name, lazy in tensors.items()}
+
+    monkeypatch.setattr(checkpoint, "read_checkpoint", watched)
+    return reads
 
 
 def _wrapped(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -114,7 +146,7 @@ def _wrapped(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _write_generator_only(path: Path, seed: int, written: PipelineFiles) -> None:
     written.dit = tiny_dit_state(seed)
-    torch.save({"generator": _wrapped(written.dit)}, path)
+    write_generator_checkpoint(path, written.dit)
 
 
 def _write_generator_and_ema(path: Path, seed: int, written: PipelineFiles) -> None:
@@ -125,9 +157,13 @@ def _write_generator_and_ema(path: Path, seed: int, written: PipelineFiles) -> N
 
 
 def _write_lora(path: Path, seed: int, written: PipelineFiles) -> None:
-    config = DIT_CONFIGS["tiny"]
+    written.lora = write_lora(path, seed)
+
+
+def write_lora(path: Path, seed: int, config: DiTConfig = DIT_CONFIGS["tiny"]) -> dict[str, tuple[Tensor, Tensor]]:
+    """A PEFT LoRA in LongLive's layout for every block of `config`; returns Wan weight key → (A, B)."""
     generator = torch.Generator().manual_seed(seed + 100)
-    tensors = {}
+    tensors, written = {}, {}
     shapes = {"ffn.0": (config.ffn_dim, config.dim), "ffn.2": (config.dim, config.ffn_dim)}  # (out, in)
     for block in range(config.num_layers):
         for linear in LORA_LINEARS:
@@ -137,8 +173,9 @@ def _write_lora(path: Path, seed: int, written: PipelineFiles) -> None:
             key = f"blocks.{block}.{linear}"
             tensors[f"base_model.model.{key}.lora_A.weight"] = a
             tensors[f"base_model.model.{key}.lora_B.weight"] = b
-            written.lora[f"{key}.weight"] = (a, b)
+            written[f"{key}.weight"] = (a, b)
     torch.save({"generator_lora": tensors}, path)
+    return written
 
 
 def _write_flat_safetensors(path: Path, seed: int, written: PipelineFiles) -> None:
