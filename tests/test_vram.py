@@ -11,9 +11,22 @@ import numpy as np
 import pytest
 import torch
 
-from serve.errors import StreamOutOfMemory
+from serve.errors import PipelineLoadError, StreamOutOfMemory
+from serve.models.autoencoder import drop_half
+from serve.models.dit import first_stage_part
+from serve.pipelines.dry_run import dry_run_pipeline
 from serve.pipelines.registry import get_spec
-from serve.pipelines.vram import GB, VramPlan, fit_error, fits, measure_plan, place_text_encoder
+from serve.pipelines.vram import (
+    GB,
+    VramPlan,
+    check_fits,
+    fit_error,
+    fits,
+    measure_plan,
+    measure_stage_plans,
+    module_bytes,
+    place_text_encoder,
+)
 from serve.pipelines.worker import PipelineWorker, StreamSlot
 from serve.schemas import LoadParams
 
@@ -148,3 +161,37 @@ def test_one_latent_per_call_decodes_and_encodes_what_the_whole_chunk_does() -> 
     stream.decode_chunk(latents[:, :, :1])
     torch.testing.assert_close(stream.encode_chunk(pixels[:, :, 1:]), whole_z, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stream.decode_chunk(latents[:, :, 1:]), whole_x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_each_pipeline_stage_plans_only_its_share() -> None:
+    """A staged load's plan per GPU (serve/pipelines/vram.py `split_plan`), at real size on meta: rank 0's weights
+    are what the load builds for it (`first_stage_part`, the VAE without its decoder), the last stage's VAE has no
+    encoder, the DiT's weights and the KV cache are shared out with nothing lost or counted twice, and only rank 0
+    holds the text encoder."""
+    layers = ((0, 8), (8, 16), (16, 23), (23, 30))  # split_blocks(30, 4)
+    whole = measure_plan("streamdiffusionv2")
+    stages = measure_stage_plans("streamdiffusionv2", 320, 576, split=lambda num_layers: layers)
+
+    oracle = dry_run_pipeline("streamdiffusionv2")
+    dit, vae = oracle.models.dit, oracle.vae_model
+    last_blocks = sum(module_bytes(dit.blocks[i]) for i in range(23, 30)) + module_bytes(dit.head)
+    drop_half(vae, "decoder", "the last stage")
+    assert sum(stages[0].weights.values()) == module_bytes(first_stage_part(dit, layers[0])) + module_bytes(vae)
+    vae = dry_run_pipeline("streamdiffusionv2").vae_model
+    drop_half(vae, "encoder", "the first stage")
+    assert sum(stages[3].weights.values()) == last_blocks + module_bytes(vae)
+
+    def dit_bytes(p: VramPlan) -> int:
+        return sum(size for key, size in p.weights.items() if key.startswith("dit"))
+
+    assert sum(dit_bytes(p) for p in stages) == dit_bytes(whole)
+    assert [p.kv_cache for p in stages] == [whole.kv_cache * (end - start) // 30 for start, end in layers]
+    assert sum(p.kv_cache for p in stages) == whole.kv_cache and sum(p.text_kv for p in stages) == whole.text_kv
+    assert [p.text_encoder for p in stages] == [whole.text_encoder, 0, 0, 0]
+    assert all(p.total < whole.total for p in stages) and "stage 2 of 4 (blocks 16–22)" in stages[2].describe()
+
+    # A stage that does not fit its GPU is refused naming it, with what to change (not a one-device alternative).
+    with pytest.raises(PipelineLoadError, match=r"stage 1 of 4 .* fewer blocks \(`blocks_per_stage`\)"):
+        check_fits(stages[1], stages[1].total)
+    assert check_fits(stages[1], 2 * stages[1].total) == stages[1]

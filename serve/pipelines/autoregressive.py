@@ -59,7 +59,7 @@ from serve.pipelines.policies import NoiseController
 from serve.pipelines.spec import PipelineSpec
 from serve.pipelines.stream_batch import ChunkInFlight, PlainSchedule, StreamBatch
 from serve.pipelines.vace_context import ChunkVace, VaceConditioner, first_call_frames
-from serve.pipelines.vram import VramPlan, check_fits, measure_plan
+from serve.pipelines.vram import VramPlan, check_fits, measure_plan, measure_stage_plans
 from serve.pipelines.weights import LORA_SCALE, Models, StageSplit, dit_files, load_weights, random_models
 from serve.pipelines.worker import VACE_IMAGE_FIELDS
 from serve.runtime.backends import DiTStep, select_backend
@@ -578,19 +578,30 @@ def starting_split(pipeline_id: str, ranks: int, counts: list[int] | None,
         raise PipelineLoadError(f"{pipeline_id}: {exc}") from None
 
 
-def plan_load(pipeline_id: str, load_params: dict[str, Any], device: torch.device, rows: int = 0) -> VramPlan:
-    """The VRAM plan of this load against the GPU's free memory (serve/pipelines/vram.py); raises PipelineLoadError
-    naming need, free memory and what fits. Costs a meta-device dry run: seconds of CPU, no GPU memory. `rows`: the
+def plan_load(pipeline_id: str, load_params: dict[str, Any], devices: list[torch.device], rows: int = 0,
+              split: StageSplit | None = None) -> VramPlan:  # fmt: skip
+    """The VRAM plan of this load against each GPU's free memory (serve/pipelines/vram.py), rank 0's returned: one
+    device, or with `split` (a staged load) each stage's share on its own GPU. Raises PipelineLoadError naming the
+    GPU, need, free memory and what fits. Costs a meta-device dry run: seconds of CPU, no GPU memory. `rows`: the
     stream batch's, counted as asked for (a policy that cannot run it only makes the plan an upper bound)."""
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    plan = measure_plan(
-        pipeline_id, load_params["height"], load_params["width"], vae_type=load_params.get("vae_type", "wan"),
-        quantization=load_params.get("quantization"), stream_batch_rows=rows,
-    )  # fmt: skip
-    plan = check_fits(plan, free_bytes)
-    log.info("pipeline=%s vram plan %.1f GB of %.1f GB free, text encoder on %s", pipeline_id, plan.total / 1e9,
-             free_bytes / 1e9, "gpu" if plan.text_encoder_on_gpu else "cpu")  # fmt: skip
-    return plan
+    size = {"height": load_params["height"], "width": load_params["width"]}
+    options = {"vae_type": load_params.get("vae_type", "wan"), "quantization": load_params.get("quantization"),
+               "stream_batch_rows": rows}  # fmt: skip
+    if split is None:
+        plans = [measure_plan(pipeline_id, **size, **options)]
+    else:
+        plans = measure_stage_plans(pipeline_id, **size, **options, split=split)
+    placed = []
+    for device, plan in zip(devices, plans, strict=True):
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        try:
+            placed.append(check_fits(plan, free_bytes))
+        except PipelineLoadError as exc:
+            raise PipelineLoadError(f"{exc} ({device})") from None
+        where = "gpu" if placed[-1].text_encoder_on_gpu else "cpu"
+        log.info("pipeline=%s %s vram plan %.1f GB of %.1f GB free, text encoder on %s", pipeline_id, device,
+                 placed[-1].total / 1e9, free_bytes / 1e9, where)  # fmt: skip
+    return placed[0]
 
 
 class AutoregressivePipeline(Pipeline):
@@ -654,7 +665,9 @@ class AutoregressivePipeline(Pipeline):
             if device.type == "cuda":  # refuse before allocating what cannot fit; place the text encoder
                 report("memory plan", 0.02)
                 steps = load_params.get("denoising_step_list") or spec.runtime_defaults["denoising_step_list"]
-                plan = plan_load(spec.id, load_params, device, len(steps) + 1 if load_params.get("stream_batch") else 0)
+                devices = [torch.device(d) for d in gpus.devices] if split is not None and gpus else [device]
+                rows = len(steps) + 1 if load_params.get("stream_batch") else 0
+                plan = plan_load(spec.id, load_params, devices, rows, split)
                 text_device = device if plan.text_encoder_on_gpu else torch.device("cpu")
             models = load_weights(
                 spec, load_params, Path(context["models_dir"]), dit_config=cls.shape.dit_config,

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -46,6 +48,7 @@ class VramPlan:
     text_encoder_on_gpu: bool = True
     notes: tuple[str, ...] = field(default=())
     stream_batch_rows: int = 0  # the stream batch's rows (serve/pipelines/stream_batch.py), 0 without it
+    stage: str | None = None  # a pipeline stage's share (`split_plan`): "stage 1 of 4 (blocks 8–15)"
 
     @property
     def weight_bytes(self) -> int:
@@ -64,6 +67,7 @@ class VramPlan:
             f"{self.pipeline} {self.height}×{self.width} vae_type={self.vae_type} "
             f"quantization={self.quantization or 'none'} text encoder on {'GPU' if self.text_encoder_on_gpu else 'CPU'}"
             + (f" stream batch of {self.stream_batch_rows} rows" if self.stream_batch_rows else "")
+            + (f", {self.stage}" if self.stage else "")
         )
 
 
@@ -85,6 +89,22 @@ def measure_plan(pipeline_id: str, height: int | None = None, width: int | None 
                  stream_batch_rows: int = 0) -> VramPlan:  # fmt: skip
     """The plan of one configuration, from a two-chunk dry run in the pipeline's default mode (seconds of CPU).
     With `stream_batch_rows`, the pipe is filled first, so the measured chunk is a full micro-step (every row)."""
+    plan, _ = _measure(pipeline_id, height, width, vae_type, quantization, models, stream_batch_rows)
+    return plan
+
+
+def measure_stage_plans(pipeline_id: str, height: int, width: int, *, vae_type: str = "wan",
+                        quantization: str | None = None, stream_batch_rows: int = 0,
+                        split: Callable[[int], tuple[tuple[int, int], ...]]) -> list[VramPlan]:  # fmt: skip
+    """Each pipeline stage's plan (`split_plan`) of a staged load, `split` giving its blocks from the DiT's count:
+    the same dry run as `measure_plan`, and the same split the load will make."""
+    plan, pipeline = _measure(pipeline_id, height, width, vae_type, quantization, None, stream_batch_rows)
+    dit = pipeline.models.dit
+    return split_plan(plan, dit, pipeline.vae_model, split(dit.config.num_layers))
+
+
+def _measure(pipeline_id: str, height: int | None, width: int | None, vae_type: str, quantization: str | object | None,
+             models: Models | None, stream_batch_rows: int) -> tuple[VramPlan, Any]:  # fmt: skip
     from serve.pipelines.dry_run import dry_run_pipeline, scripted_params, tracking
 
     pipeline = dry_run_pipeline(pipeline_id, height, width, vae_type=vae_type, quantization=quantization,
@@ -107,14 +127,64 @@ def measure_plan(pipeline_id: str, height: int | None = None, width: int | None 
     cache = stream.cache.k.nbytes + stream.cache.v.nbytes
     text_kv = stream.text_kv.k.nbytes + stream.text_kv.v.nbytes
     stored_fp8 = isinstance(pipeline.models.dit.blocks[0].ffn[0], Fp8Linear)
-    return VramPlan(
+    plan = VramPlan(
         pipeline_id, pipeline.height, pipeline.width, vae_type, "fp8_e4m3fn" if stored_fp8 else None, weights,
         text_encoder, cache, text_kv, state, activations, stream_batch_rows=stream_batch_rows,
     )  # fmt: skip
+    return plan, pipeline
+
+
+def split_plan(plan: VramPlan, dit: nn.Module, vae: nn.Module, layers: tuple[tuple[int, int], ...]) -> list[VramPlan]:
+    """The one-device `plan` (measured with `dit` and `vae`) as each pipeline stage holds it (serve/runtime/stages.py).
+
+    Exact where the bytes are: weights (rank 0 the DiT's embeddings and its blocks, each stage its blocks, the last
+    the head too; the VAE's encoder half on rank 0, its decoder half on the last, what is outside both halves on
+    both), the text encoder (rank 0's), and the KV cache and prompt K/V (each layer's share is the same). An upper
+    bound elsewhere: the stream state (VAE caches, the policy's latents) is counted whole on rank 0 and the last
+    stage, and a steady chunk's activation peak (one block's attention, or the VAE) whole on every stage."""
+    blocks = [bytes_by_dtype(block, "dit") for block in dit.blocks]
+    head = bytes_by_dtype(dit.head, "dit")
+    embeddings = _minus(bytes_by_dtype(dit, "dit"), *blocks, head)
+    encoder, decoder = bytes_by_dtype(vae.encoder, "vae"), bytes_by_dtype(vae.decoder, "vae")
+    vae_rest = _minus(bytes_by_dtype(vae, "vae"), encoder, decoder)
+    num_layers, last = len(dit.blocks), len(layers) - 1
+    plans = []
+    for rank, (start, end) in enumerate(layers):
+        parts = blocks[start:end]
+        if rank == 0:
+            parts += [embeddings, encoder, vae_rest]
+        if rank == last:
+            parts += [head, decoder, vae_rest]
+        share = end - start
+        plans.append(dataclasses.replace(
+            plan,
+            weights=_plus(*parts),
+            text_encoder=plan.text_encoder if rank == 0 else 0,
+            text_encoder_on_gpu=plan.text_encoder_on_gpu and rank == 0,
+            kv_cache=plan.kv_cache * share // num_layers,
+            text_kv=plan.text_kv * share // num_layers,
+            stream_state=plan.stream_state if rank in (0, last) else 0,
+            stage=f"stage {rank} of {len(layers)} (blocks {start}–{end - 1})",
+        ))  # fmt: skip
+    return plans
+
+
+def _plus(*parts: dict[str, int]) -> dict[str, int]:
+    total: dict[str, int] = defaultdict(int)
+    for part in parts:
+        for key, size in part.items():
+            total[key] += size
+    return {key: size for key, size in total.items() if size}
+
+
+def _minus(whole: dict[str, int], *parts: dict[str, int]) -> dict[str, int]:
+    return _plus(whole, *({key: -size for key, size in part.items()} for part in parts))
 
 
 def place_text_encoder(plan: VramPlan, free_bytes: int) -> VramPlan:
     """The encoder on the GPU when the whole plan fits with it there, else on the CPU."""
+    if plan.text_encoder == 0:  # a pipeline stage after the first: rank 0 runs the encoder
+        return plan
     on_gpu = plan.with_text_encoder_on_gpu(True)
     return on_gpu if fits(on_gpu, free_bytes) else plan.with_text_encoder_on_gpu(False)
 
@@ -136,6 +206,8 @@ def fit_error(plan: VramPlan, free_bytes: int, alternatives: list[VramPlan]) -> 
         f", activations {plan.activations / GB:.1f}); {free_bytes / GB:.1f} GB are free, {usable / GB:.1f} usable "
         f"after a {FIT_MARGIN:.0%} margin"
     )
+    if plan.stage is not None:
+        return f"{message}. Give this stage fewer blocks (`blocks_per_stage`) or split over more GPUs (`gpus`)"
     if fitting:
         options = "; ".join(f"{alt.describe()} ({alt.total / GB:.1f} GB)" for alt in fitting[:3])
         return f"{message}. What fits: {options}"
@@ -166,5 +238,6 @@ def check_fits(plan: VramPlan, free_bytes: int) -> VramPlan:
     placed = place_text_encoder(plan, free_bytes)
     if fits(placed, free_bytes):
         return placed
-    error = fit_error(placed, free_bytes, alternatives(placed))
+    # A stage's share is not a configuration of its own: the one-device alternatives would not say what fits it.
+    error = fit_error(placed, free_bytes, alternatives(placed) if placed.stage is None else [])
     raise PipelineLoadError(f"{plan.pipeline}: does not fit this GPU: {error}")
