@@ -63,9 +63,14 @@ def test_the_text_encoder_goes_to_the_gpu_only_when_everything_fits_with_it() ->
     assert fits(on_cpu, int(24 * GB)) and not fits(on_cpu, int(16 * GB))
 
 
+@pytest.fixture(scope="module")
+def sdv2_plan() -> VramPlan:
+    return measure_plan("streamdiffusionv2")  # 320×576: 720 tokens a frame, 6 cache frames, 30 layers (seconds)
+
+
 @pytest.mark.slow
-def test_a_measured_plan_holds_the_exact_buffers_and_weights() -> None:
-    measured = measure_plan("streamdiffusionv2")  # 320×576: 720 tokens a frame, 6 cache frames, 30 layers
+def test_a_measured_plan_holds_the_exact_buffers_and_weights(sdv2_plan: VramPlan) -> None:
+    measured = sdv2_plan
     assert measured.kv_cache == 2 * 30 * 6 * 720 * 1536 * 2  # K and V, bf16 (models.md §2: 0.80 GB)
     assert measured.text_kv == 2 * 30 * 512 * 1536 * 2  # 94 MB
     assert measured.weights["dit bfloat16"] + measured.weights["dit float32"] // 2 == pytest.approx(2.84e9, rel=0.01)
@@ -164,13 +169,13 @@ def test_one_latent_per_call_decodes_and_encodes_what_the_whole_chunk_does() -> 
 
 
 @pytest.mark.slow
-def test_each_pipeline_stage_plans_only_its_share() -> None:
+def test_each_pipeline_stage_plans_only_its_share(sdv2_plan: VramPlan) -> None:
     """A staged load's plan per GPU (serve/pipelines/vram.py `split_plan`), at real size on meta: rank 0's weights
     are what the load builds for it (`first_stage_part`, the VAE without its decoder), the last stage's VAE has no
     encoder, the DiT's weights and the KV cache are shared out with nothing lost or counted twice, and only rank 0
     holds the text encoder."""
     layers = ((0, 8), (8, 16), (16, 23), (23, 30))  # split_blocks(30, 4)
-    whole = measure_plan("streamdiffusionv2")
+    whole = sdv2_plan
     stages = measure_stage_plans("streamdiffusionv2", 320, 576, split=lambda num_layers: layers)
 
     oracle = dry_run_pipeline("streamdiffusionv2")
