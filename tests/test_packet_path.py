@@ -119,6 +119,7 @@ async def test_h264_packets_stream_to_an_aiortc_client_and_pli_gives_an_idr(pass
         frames = await client.wait_frames(45)
         video = httpx.get(f"{passthrough.url}/api/v1/sessions/{client.session_id}/metrics").json()["video"]
         assert video["codec"] == "video/H264" and video["encoder"] == "libx264", video
+        assert video["input_format"] == "yuv420p", video  # aiortc's software decoder's planes, read in place
         assert video["preset"] == "ultrafast", video  # the default (benchmarks/RESULTS.md: the cheapest, same PSNR)
         assert all((f.width, f.height) == (SIZE, SIZE) for f in frames)
         counters = [f.counter for f in frames[5:]]
@@ -199,6 +200,40 @@ def test_nvdec_frames_stay_on_the_device_and_convert_like_software() -> None:
             device = upload_yuv(YuvChunk((planes,)), torch.device("cuda"), SIZE, SIZE)
             host = upload_yuv(YuvChunk((read_planes(on_cpu),)), torch.device("cpu"), SIZE, SIZE)
             assert (device.cpu() - host).abs().max() * 127.5 <= 2.0  # NVDEC and libavcodec decode alike
+
+
+def test_passthrough_runs_where_its_load_says_and_refuses_a_gpu_that_is_not_there(passthrough: RunningServer) -> None:
+    """`gpus` places passthrough like a model pipeline (the zero-copy path's benchmark loads it on GPU 0); a CPU rank
+    is the CPU path, and a GPU this machine lacks is a load error naming it. The module's load is restored."""
+    try:
+        if not torch.cuda.is_available():
+            status = load_pipeline(passthrough.url, "passthrough", height=SIZE, width=SIZE, gpus="0")
+            assert status["status"] == "error" and "gpus 0: no CUDA device is visible" in status["error"], status
+        status = load_pipeline(passthrough.url, "passthrough", height=SIZE, width=SIZE, gpus="cpu:1")
+        assert status["status"] == "loaded" and status["load_params"]["gpus"] == "cpu:1", status
+    finally:
+        assert load_pipeline(passthrough.url, "passthrough", height=SIZE, width=SIZE)["status"] == "loaded"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the zero-copy path needs a CUDA GPU")
+async def test_zero_copy_passthrough_decodes_with_nvdec_and_encodes_with_nvenc(tmp_path: Path) -> None:
+    """Passthrough on GPU 0 with `--nvdec`: the input is decoded into device memory, converted there and encoded by
+    NVENC from there; the frames come back in order with the input's content."""
+    pytest.importorskip("PyNvVideoCodec", reason="PyNvVideoCodec is not installed (pip install pynvvideocodec)")
+    with run_server(tmp_path, "--nvdec") as server:
+        assert load_pipeline(server.url, "passthrough", height=SIZE, width=SIZE, gpus="0")["status"] == "loaded"
+        client = ScopeClient(server.url, initial_parameters={"input_mode": "video"}, codec="video/H264")
+        await client.connect()
+        try:
+            frames = await client.wait_frames(45)
+            video = httpx.get(f"{server.url}/api/v1/sessions/{client.session_id}/metrics").json()["video"]
+            assert video["encoder"] == "nvenc" and video["input_format"] == "cuda", (video, server.log()[-2000:])
+            counters = [f.counter for f in frames[5:]]
+            assert counters == sorted(counters) and counters[-1] - counters[0] <= len(counters) + 3, counters
+            assert client.track.sent - counters[-1] < 15
+        finally:
+            await client.close()
 
 
 @pytest.mark.gpu

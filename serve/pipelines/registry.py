@@ -113,7 +113,7 @@ PIPELINES: dict[str, PipelineSpec] = {
             chunk_frames=1,
             load_defaults={"height": 512, "width": 512, "seed": 42, "chunk_size": 1},
             runtime_defaults={**V2V_RUNTIME_DEFAULTS, "denoising_step_list": [750, 250]},
-            load_fields=frozenset({"height", "width", "seed", "base_seed", "chunk_size"}),
+            load_fields=frozenset({"height", "width", "seed", "base_seed", "chunk_size", "gpus"}),
             runtime_fields=COMMON_RUNTIME_FIELDS,
             factory="serve.pipelines.passthrough:PassthroughPipeline",
         ),

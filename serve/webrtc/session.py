@@ -50,7 +50,7 @@ MAX_TRICKLED_CANDIDATES = 256  # per session, over all PATCHes
 
 
 def pipeline_device(pipeline: Pipeline) -> torch.device:
-    return getattr(pipeline, "device", None) or torch.device("cpu")  # passthrough has none: it runs on the host
+    return getattr(pipeline, "device", None) or torch.device("cpu")
 
 
 def collate_yuv(frames: list[YuvFrame]) -> YuvChunk:
@@ -114,6 +114,7 @@ class PeerSession:
         self.channel: Any = None
         self.output = OutputTrack(capacity_frames=2 * pipeline.chunk_frames, on_drained=self._wake_worker)
         self.output_codec: str | None = None
+        self.input_format: str | None = None  # the latest decoded input frame's: "cuda" when NVDEC decoded it
         self._reformatter = None if settings.frame_path == "host" else VideoReformatter()
         yuv_input = pipeline.frame_input == "yuv" and (
             settings.frame_path == "device"
@@ -125,7 +126,7 @@ class PeerSession:
             pipeline.open_stream(seed=seed),
             pipeline.chunk_frames,
             params,
-            convert=read_planes if yuv_input else self._to_array,
+            convert=self._read_planes if yuv_input else self._to_array,
             collate=collate_yuv if yuv_input else np.stack,
             emit=self.output.push_threadsafe,
             output_has_room=lambda: self.output.has_room(pipeline.chunk_frames),
@@ -244,7 +245,12 @@ class PeerSession:
                 return
             self.slot.push_input(frame, FrameStamp(frame.pts, frame.time_base, time.monotonic()))
 
+    def _read_planes(self, frame: VideoFrame) -> YuvFrame:
+        self.input_format = frame.format.name
+        return read_planes(frame)
+
     def _to_array(self, frame: VideoFrame) -> np.ndarray:
+        self.input_format = frame.format.name
         # Runs on the worker thread: one swscale pass converts to RGB and resizes to the loaded resolution. The new
         # frame paths keep one single-threaded swscale context per session (a frame's own builds a context and a
         # thread pool per call); `--frame-path host` keeps the old per-frame one, for comparison.
@@ -370,9 +376,10 @@ class PeerSession:
 
     def video_counters(self) -> dict[str, Any]:
         """The outgoing video: its codec, who encodes it (`aiortc` for its own encoders) with which preset, IDRs and
-        PLI/FIRs."""
+        PLI/FIRs; and the incoming video's decoded format (`cuda`: NVDEC's frames, in device memory)."""
         encoder = self.output.encoder
         return {
+            "input_format": self.input_format,
             "codec": self.output_codec,
             "encoder": "aiortc" if encoder is None else encoder.name,
             "preset": None if encoder is None else encoder.preset,
