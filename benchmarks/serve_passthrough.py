@@ -1,13 +1,15 @@
 """Round trips through a real server: aiortc clients send 512×512 at 30 fps through `passthrough` and back.
 
-    python -m benchmarks.serve_passthrough [--seconds 20] [--size 512] [--path old,new] [--streams 1,2,4]
+    python -m benchmarks.serve_passthrough [--seconds 20] [--size 512] [--path old,new,gpu] [--streams 1,2,4]
                                            [--scene camera|counter] [--threads] [--x264-presets ultrafast,superfast]
 
 `--path old`: the server's `--frame-path host` and VP8 (swscale to RGB in, aiortc's VP8 encoder out: the path before
 issue 13). `--path new`: the default frame path and H.264 asked for by the client (`setCodecPreferences`): the output
 is encoded by our encoder and its packets go straight to aiortc's packetizer (serve/webrtc/encoders.py); on this CPU
-the encoder is libx264 and swscale still converts input (the host is the device). Each (path, streams) pair gets a
-fresh server. `--streams` runs that many clients at once.
+the encoder is libx264 and swscale still converts input (the host is the device). `--path gpu` (a CUDA machine): the
+zero-copy path, passthrough loaded on GPU 0 (`"gpus": "0"`) with `--nvdec`, so frames are decoded by NVDEC, converted
+by the colour kernel and encoded by NVENC without a host copy of the picture; each row says which encoder and input
+format the sessions had. Each (path, streams) pair gets a fresh server. `--streams` runs that many clients at once.
 
 `--scene camera` (default) sends a camera-like picture: a grainy texture panning ~3 px a frame, with the frame index
 in a thin strip of bars at the top; `counter` sends the old full-frame bars, which are nearly free to encode. The
@@ -64,7 +66,7 @@ from tests.support.server import load_pipeline, run_server
 FPS = 30
 LOOP_FRAMES = 90  # the clip the clients loop (3 s): its frame index is the round trip's tag
 STRIP = 1 / 16  # height of the index strip, as a fraction of the frame
-CODECS = {"old": ("video/VP8", "libvpx"), "new": ("video/H264", "libx264")}
+CODECS = {"old": ("video/VP8", "libvpx"), "new": ("video/H264", "libx264"), "gpu": ("video/H264", "libx264")}
 BITRATE_BPS = 1_500_000  # the clients' loop, the server's start bitrate, and the encoder-only preset figures
 PSNR_EVERY = 15  # frames received per quality sample (a sample costs the shared cores a few ms)
 THREAD_GROUPS = {  # OS thread name → what it does (serve/threads.py)
@@ -236,7 +238,8 @@ async def run_streams(url: str, args: argparse.Namespace, path: str, streams: in
     threads_end = thread_times(pid) if args.threads else {}
     quality.measuring = False
     sent_end = [await sent_counters(client) for client, _ in clients]
-    bitrates = [await session_bitrate(url, client.session_id) for client, _ in clients]
+    videos = [await session_video(url, client.session_id) for client, _ in clients]
+    bitrates = [video.get("bitrate_bps") for video in videos]
     results = []
     for (client, track), start in zip(clients, starts, strict=True):
         received = client.frames[start:]
@@ -263,6 +266,8 @@ async def run_streams(url: str, args: argparse.Namespace, path: str, streams: in
         "bitrate_kbps": statistics.mean(known) / 1000 if known else None,
         "sent_kbps": statistics.mean(8 * b / t / 1000 for t, b, _ in spans if t > 0) if spans else float("nan"),
         "packets_per_frame": sum(p for _, _, p in spans) / sum(t for t, _, _ in spans) / FPS if spans else float("nan"),
+        "encoder": ",".join(sorted({str(video.get("encoder")) for video in videos})),
+        "input_format": ",".join(sorted({str(video.get("input_format")) for video in videos})),
         "threads": thread_groups(pid, threads_start, threads_end, wall_end - wall_start, cpu_pct)
         if args.threads
         else {},
@@ -277,11 +282,12 @@ async def sent_counters(client: ScopeClient) -> tuple[float, int, int] | None:
     return None
 
 
-async def session_bitrate(url: str, session_id: str | None) -> int | None:
-    """The encoder's target bitrate at the end (the receiver's estimate steers it); None for aiortc's encoders."""
+async def session_video(url: str, session_id: str | None) -> dict[str, Any]:
+    """The session's video metrics at the end: who encoded (and the target bitrate the receiver's estimate steered;
+    None for aiortc's encoders) and the decoded input's format (`cuda`: NVDEC)."""
     async with httpx.AsyncClient(base_url=url, timeout=5) as http:
         metrics = (await http.get(f"/api/v1/sessions/{session_id}/metrics")).json()
-    return metrics.get("video", {}).get("bitrate_bps")
+    return metrics.get("video", {})
 
 
 def encoder_alone(preset: str, scene: str, size: int) -> dict[str, float]:
@@ -316,14 +322,19 @@ def encoder_alone(preset: str, scene: str, size: int) -> dict[str, float]:
 
 
 def measure(args: argparse.Namespace, path: str, streams: int, preset: str | None) -> dict[str, Any]:
-    extra = ["--frame-path", "host"] if path == "old" else []
+    """One fresh server, `streams` clients. `gpu`: the zero-copy path, passthrough on CUDA device 0 with NVDEC in and
+    NVENC out (the row's `encoder` and `input_format` say whether they ran)."""
+    extra = {"old": ["--frame-path", "host"], "new": [], "gpu": ["--nvdec"]}[path]
     if preset is not None:
         extra += ["--x264-preset", preset]
+    placement = {"gpus": "0"} if path == "gpu" else {}
     with (
         tempfile.TemporaryDirectory() as tmp,
         run_server(Path(tmp), "--log-level", "warning", "--max-sessions", "16", *extra) as server,
     ):
-        load_pipeline(server.url, "passthrough", height=args.size, width=args.size)
+        status = load_pipeline(server.url, "passthrough", height=args.size, width=args.size, **placement)
+        if status["status"] != "loaded":
+            raise RuntimeError(f"passthrough did not load: {status.get('error')}")
         return asyncio.run(run_streams(server.url, args, path, streams, server.process.pid))
 
 
@@ -331,7 +342,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--path", default="old,new", help="comma-separated: old, new")
+    parser.add_argument("--path", default="old,new", help="comma-separated: old, new, gpu (CUDA: NVDEC → NVENC)")
     parser.add_argument("--streams", default="1", help="comma-separated stream counts, e.g. 1,2,4,6")
     parser.add_argument("--scene", choices=["camera", "counter"], default="camera")
     parser.add_argument("--threads", action="store_true", help="the server's CPU per thread group, as a table")
@@ -355,6 +366,7 @@ def main() -> None:
         console.print(encoders)
     runs = [(path, None) for path in args.path.split(",") if path == "old"]
     runs += [("new", preset) for preset in presets if "new" in args.path.split(",")]
+    runs += [("gpu", None)] if "gpu" in args.path.split(",") else []
     rows = []
     for streams in (int(s) for s in args.streams.split(",")):
         for path, preset in runs:
