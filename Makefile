@@ -9,7 +9,7 @@ SERVE_ARGS ?=
 ENGINE_ARGS ?=
 SOAK_MINUTES ?= 10
 
-.PHONY: install serve test lint bench soak clean engines gpu-check
+.PHONY: install serve test lint bench soak clean engines gpu-check gpu-bundle
 
 # torch is pinned and installed first: an unpinned resolve pulls a multi-GB CUDA build. The cluster extra (Ray) is
 # installed too, so `make test` runs the cluster tests; `wanrt serve` itself never imports Ray.
@@ -50,10 +50,16 @@ bench: install
 soak: install
 	$(PY) -m benchmarks.soak --minutes $(SOAK_MINUTES)
 
-# The one command for a CUDA machine (≤ 8 min): writes gpu-report.md / .json to $OUT (or OUT_DIR). It runs with the
-# machine's own python3 and torch when there is no venv (a GPU machine may have no network); DRY=1 checks the script
-# on the tiny config on a CPU in seconds.
+# The one command for a CUDA machine (≤ 9 min): writes gpu-report.md / .json to $OUT (or OUT_DIR). It runs with the
+# machine's own python3 and torch when there is no venv (a GPU machine may have no network), with what
+# .gpu-bundle/ carries (`make gpu-bundle`, here); DRY=1 checks the script on the tiny config on a CPU in a minute;
+# PARTS="frame_path pipelines" runs only those.
 GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 OUT_DIR ?= $(or $(OUT),gpu-report)
 gpu-check:
-	$(GPU_PY) -m benchmarks.gpu_check --out $(OUT_DIR) $(if $(DRY),--dry)
+	$(GPU_PY) -m benchmarks.gpu_check --out $(OUT_DIR) $(if $(DRY),--dry) $(if $(PARTS),--parts $(PARTS))
+
+# What a bare GPU machine lacks for gpu-check (msgspec, ftfy, the web stack, PyAV, PyNvVideoCodec), for its Python,
+# packed into .gpu-bundle/ (≈37 MB, under the 64 MiB a device call carries). Needs PyPI; about 2 minutes.
+gpu-bundle: install
+	$(PY) -m benchmarks.gpu_bundle

@@ -6,7 +6,12 @@
 Parts, each in its own process with its own time box, so a crash, a CUDA error or a hang in one is reported and
 the next one runs:
 
-  environment   GPU, driver, torch, CUDA; a measured bf16 matmul rate (the peak the % columns use) and copy bandwidth
+  environment   GPU, driver, torch, CUDA; a measured bf16 matmul rate (the peak the % columns use) and copy bandwidth;
+                the versions of the packages the bundle carried (benchmarks/gpu_bundle.py)
+  frame_path    NVENC encode and NVDEC decode ms a frame at 512² and 480×832 beside libx264 and libavcodec
+                (benchmarks/codecs.py), and the server's host CPU per 512² 30 fps passthrough stream, the old path
+                against the zero-copy one (NVDEC → colour kernel → NVENC), 1 and 4 streams
+                (benchmarks/serve_passthrough.py --path old,gpu)
   gpu_tests     the `gpu`-marked tests (pytest, when installed)
   dit_step      the DiT step (1.3B, bf16): eager, compiled, CUDA graph (the served one), fp8 storage; ms, TFLOP/s,
                 % of peak
@@ -18,8 +23,14 @@ the next one runs:
   adapters      what a runtime LoRA (0 / 1 / 4 adapters, rank 32) and VACE add to the 1.3B DiT step, with the FLOP
                 each adds (benchmarks/lora.py, benchmarks/vace_step.py)
 
-Writes gpu-report.json (every figure, every error) and gpu-report.md (the same as tables). Imports only the model
-side (torch, numpy, safetensors, msgspec, sentencepiece, rich): the web stack need not be installed.
+The parts run in that order (what an open issue waits for first) under one budget, `--budget-s` (540 s: one device
+call is at most 600): a part gets its own time box or what is left of the budget, whichever is less.
+
+Writes gpu-report.json (every figure, every error) and gpu-report.md (the same as tables), and nothing else, in the
+output folder (a device call brings back at most 8 files). The model parts import only the model side (torch,
+numpy, safetensors, msgspec, sentencepiece, ftfy, rich); `frame_path` needs the web stack and PyNvVideoCodec. A bare
+GPU machine has neither msgspec nor ftfy nor the web stack: `make gpu-bundle` here packs them into .gpu-bundle/,
+which a device call carries (`carry=['.gpu-bundle']`) and `activate` unpacks first.
 """
 
 from __future__ import annotations
@@ -30,14 +41,19 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-PARTS = ("environment", "gpu_tests", "dit_step", "attention", "vae_steps", "pipelines", "adapters")
-TIME_BOX_S = {"environment": 30, "gpu_tests": 50, "dit_step": 120, "attention": 20, "vae_steps": 50, "pipelines": 170,
-              "adapters": 40}  # 480 s  # fmt: skip
+from benchmarks.gpu_bundle import activate
+
+PARTS = ("environment", "frame_path", "gpu_tests", "dit_step", "attention", "vae_steps", "pipelines", "adapters")
+# 590 s in all: the budget (below) cuts the last parts short, never the device call.
+TIME_BOX_S = {"environment": 30, "frame_path": 100, "gpu_tests": 60, "dit_step": 120, "attention": 20, "vae_steps": 50,
+              "pipelines": 170, "adapters": 40}  # fmt: skip
+BUDGET_S = 540
 DRY_TIME_BOX_S = 120
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "L40S": 362.0, "4090": 165.0, "A100": 312.0}
 
@@ -79,7 +95,39 @@ def part_environment(dry: bool) -> dict[str, Any]:
     buffer = torch.empty(2**28 if cuda else 2**22, dtype=torch.uint8, device=device).random_()
     copy_ms = time_ms(lambda: buffer.clone(), device, warmup=2, iters=10)
     info["copy_gb_s"] = 2 * buffer.numel() / (copy_ms / 1e3) / 1e9  # read + write
+    from benchmarks.gpu_bundle import check
+
+    info["packages"] = check()  # each one's version, or why it does not import
     return info
+
+
+def part_frame_path(dry: bool) -> dict[str, Any]:
+    """Issue 13's GPU figures. Dry: the codecs at 64² on the CPU (NVENC and NVDEC say why not) and one old-path
+    stream at 256² (128² blurs the index strip under VP8); the zero-copy path needs CUDA."""
+    import argparse
+
+    import torch
+
+    from benchmarks.codecs import bench, rows_as_dicts
+    from benchmarks.serve_passthrough import measure
+
+    cuda = torch.cuda.is_available() and not dry
+    device = torch.device("cuda" if cuda else "cpu")
+    sizes = [(512, 512), (480, 832)] if cuda else [(64, 64)]
+    result: dict[str, Any] = {"codecs": rows_as_dicts(bench(sizes, 150 if cuda else 12, 10 if cuda else 2, device))}
+    save_partial(result)
+    options = argparse.Namespace(seconds=8.0 if cuda else 2.0, size=512 if cuda else 256, scene="camera", threads=True)
+    result["streams"] = []
+    for streams in (1, 4) if cuda else (1,):
+        for path in ("old", "gpu") if cuda else ("old",):
+            row: dict[str, Any] = {"path": path, "streams": streams}
+            try:
+                row.update(measure(options, path, streams, None))
+            except Exception as exc:  # a path that cannot run here says why; the next one still runs
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            result["streams"].append(row)
+            save_partial(result)
+    return result
 
 
 def part_gpu_tests(dry: bool) -> dict[str, Any]:
@@ -88,7 +136,7 @@ def part_gpu_tests(dry: bool) -> dict[str, Any]:
     except ImportError:
         return {"skipped": "pytest is not installed here"}
     command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_fp8.py",
-               "tests/test_engines.py", "tests/test_gpu.py"]  # fmt: skip
+               "tests/test_engines.py", "tests/test_gpu.py", "tests/test_packet_path.py"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=TIME_BOX_S["gpu_tests"] - 5)
     lines = (done.stdout + done.stderr).strip().splitlines()
     return {"returncode": done.returncode, "summary": lines[-1] if lines else "", "tail": lines[-30:]}
@@ -345,13 +393,14 @@ def part_adapters(dry: bool) -> dict[str, Any]:
     return result
 
 
-def run_part(name: str, out: Path, dry: bool) -> dict[str, Any]:
-    """Run one part in a child process under its time box; its result, or its error, never an exception."""
-    result_path = out / "parts" / f"{name}.json"
+def run_part(name: str, scratch: Path, dry: bool, budget_left_s: float = BUDGET_S) -> dict[str, Any]:
+    """Run one part in a child process under its time box (or what is left of the budget); its result, or its error,
+    never an exception. The child writes its result into `scratch`."""
+    result_path = scratch / f"{name}.json"
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "benchmarks.gpu_check", "--part", name, "--out", str(out)] + (["--dry"] * dry)
-    limit = DRY_TIME_BOX_S if dry else TIME_BOX_S.get(name, 60)
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--part", name, "--out", str(scratch)] + (["--dry"] * dry)
+    limit = max(1, round(min(DRY_TIME_BOX_S if dry else TIME_BOX_S.get(name, 60), budget_left_s)))
     started = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
@@ -382,6 +431,9 @@ def markdown(report: dict[str, Any]) -> str:
         if part["part"] == "environment" and result:
             lines += [f"- measured matmul: {result['matmul_tflops']:.1f} TFLOP/s; copy: {result['copy_gb_s']:.0f} GB/s;"
                       f" datasheet bf16: {result.get('datasheet_bf16_tflops')}"]  # fmt: skip
+            lines += [f"- packages: {', '.join(f'{k} {v}' for k, v in result.get('packages', {}).items())}"]
+        elif part["part"] == "frame_path" and result:
+            lines += _frame_path_lines(result)
         elif part["part"] == "dit_step" and result:
             lines += [f"{result['config']}, {result['shape']}, {result['tflop_per_step']:.2f} TFLOP/step; % of the "
                       "measured matmul rate", "", "| variant | ms | TFLOP/s | % of peak | error |",
@@ -433,26 +485,63 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _frame_path_lines(result: dict[str, Any]) -> list[str]:
+    def num(value: Any, fmt: str = ".2f") -> str:
+        return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+    lines = ["| step | codec | H×W | frames | ms / frame | p95 ms | kb/s | error |", "|---" * 8 + "|"]
+    for r in result["codecs"]:
+        lines.append(f"| {r['step']} | {r['codec']} | {r['size']} | {r['frames']} | {num(r['ms_mean'])} | "
+                     f"{num(r['ms_p95'])} | {num(r['kbps'], '.0f')} | {r['error'] or ''} |")  # fmt: skip
+    lines += ["", "| path | streams | encoder | input | fps out (min) | lost | RTT p50 / p95 ms | server CPU % core | "
+              "per stream | error |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result.get("streams", []):
+        lines.append(
+            f"| {r['path']} | {r['streams']} | {r.get('encoder', '-')} | {r.get('input_format', '-')} | "
+            f"{num(r.get('fps_out_min'), '.1f')} | {r.get('lost', '-')} | {num(r.get('latency_p50_ms'), '.0f')} / "
+            f"{num(r.get('latency_p95_ms'), '.0f')} | {num(r.get('cpu_pct'), '.1f')} | "
+            f"{num(r.get('cpu_pct_per_stream'), '.1f')} | {r.get('error', '')} |"
+        )
+    for r in result.get("streams", []):
+        groups = ", ".join(f"{name} {pct / r['streams']:.1f}" for name, (pct, _) in r.get("threads", {}).items())
+        if groups:
+            lines.append(f"- {r['path']} × {r['streams']}, % of a core per stream by thread group: {groups}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT") or "gpu-report", help="folder for the reports")
     parser.add_argument("--dry", action="store_true", help="tiny config on the CPU: checks the script, not a GPU")
     parser.add_argument("--parts", nargs="*", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="all parts together, seconds")
     parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # a child process runs one part
     args = parser.parse_args()
     out = Path(args.out)
     if args.part:
         global _partial_path
-        _partial_path = out / "parts" / f"{args.part}.json"
+        _partial_path = out / f"{args.part}.json"  # `out` is the driver's scratch folder here
         save_partial(globals()[f"part_{args.part}"](args.dry))
         return
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    try:
+        site = activate()  # the bundle's packages, first on this path and the parts' (a bare GPU machine lacks them)
+        bundle = f"packages from {site}" if site else "no bundle: the installed packages"
+    except RuntimeError as exc:  # built for another Python: its packages would not import
+        site, bundle = None, f"bundle not used: {exc}"
+    print(f"gpu-check: {bundle}", flush=True)
     parts = []
-    for name in args.parts:
-        parts.append(run_part(name, out, args.dry))
-        print(f"gpu-check {name}: {parts[-1]['status']} ({parts[-1]['seconds']:.0f} s)", flush=True)
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry": args.dry,
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
+        for name in args.parts:
+            left = args.budget_s - (time.perf_counter() - started)
+            if left < 5:
+                parts.append({"part": name, "status": f"not run: the {args.budget_s:.0f} s budget is spent",
+                              "seconds": 0.0, "result": {}, "log_tail": ""})  # fmt: skip
+            else:
+                parts.append(run_part(name, Path(scratch), args.dry, left))
+            print(f"gpu-check {name}: {parts[-1]['status']} ({parts[-1]['seconds']:.0f} s)", flush=True)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry": args.dry, "bundle": bundle,
               "seconds": time.perf_counter() - started, "parts": parts}  # fmt: skip
     (out / "gpu-report.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "gpu-report.md").write_text(markdown(report))

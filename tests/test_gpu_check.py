@@ -53,6 +53,30 @@ def test_the_dry_gpu_check_runs_every_part_and_writes_both_reports(tmp_path: Pat
     assert adapters["vace"] and all(row["vace_ms"] > 0 for row in adapters["vace"])
     markdown = (out / "gpu-report.md").read_text()
     assert "| streamdiffusionv2 | 32×32 |" in markdown and "## dit_step" in markdown and "| cross | MATH |" in markdown
+    # Nothing else in the folder: a device call brings back at most 8 files (the parts' own go to a scratch folder).
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-report.json", "gpu-report.md"]
+
+
+@pytest.mark.slow
+def test_the_dry_frame_path_part_times_the_codecs_and_streams_through_a_server(tmp_path: Path) -> None:
+    """Issue 13's part: on a CPU the software codecs are timed, NVENC and NVDEC say why they cannot run, and one
+    old-path stream goes round a real server; on a GPU the same part adds the zero-copy path (`--path gpu`)."""
+    out = tmp_path / "report"
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--dry", "--out", str(out), "--parts", "frame_path"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (part,) = json.loads((out / "gpu-report.json").read_text())["parts"]
+    assert part["status"] == "ok", part
+    codecs = {(row["step"], row["codec"]): row for row in part["result"]["codecs"]}
+    assert codecs["encode", "libx264"]["ms_mean"] > 0 and codecs["encode", "libx264"]["kbps"] > 0
+    assert codecs["decode", "libavcodec (1 thread)"]["ms_mean"] > 0
+    assert codecs["decode", "libavcodec (1 thread)"]["frames"] == codecs["encode", "libx264"]["frames"] == 10
+    assert all("needs a CUDA GPU" in codecs[key]["error"] for key in (("encode", "nvenc"), ("decode", "nvdec")))
+    (stream,) = part["result"]["streams"]
+    assert stream["path"] == "old" and stream["encoder"] == "aiortc" and stream["input_format"] == "yuv420p", stream
+    assert stream["fps_out_min"] > 20 and stream["cpu_pct"] > 0 and stream["threads"], stream
+    markdown = (out / "gpu-report.md").read_text()
+    assert "| encode | libx264 | 64×64 | 10 |" in markdown and "| old | 1 | aiortc | yuv420p |" in markdown
 
 
 def test_a_failing_part_is_reported_and_the_others_still_run(tmp_path: Path) -> None:
