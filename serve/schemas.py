@@ -375,6 +375,8 @@ class ClusterWorker(Struct):
     """Sessions it takes at once (its --max-sessions)."""
     sessions: list[str] = msgspec.field(default_factory=list)
     """Its live session ids."""
+    lora_files: list[str] = msgspec.field(default_factory=list)
+    """The paths in its LoRA folder: a load naming LoRAs goes to a worker that has them all."""
     lost_sessions: list[str] = msgspec.field(default_factory=list)
     """The sessions it held when it went: their streams ended with it."""
     error: str | None = None

@@ -86,9 +86,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def tiny_lora(folder: Path, name: str, rank: int) -> Path:
-    """A real LoRA file (ComfyUI's layout, one layer): what a worker's LoRA folder lists."""
+    """A real LoRA file (ComfyUI's layout, one layer of the tiny DiT, 64 wide): what a worker's LoRA folder lists,
+    and what a load of the tiny model can merge."""
     generator = torch.Generator().manual_seed(rank)
-    factors = Factors(torch.randn(rank, 16, generator=generator), torch.randn(16, rank, generator=generator), 1.0)
+    factors = Factors(torch.randn(rank, 64, generator=generator), torch.randn(64, rank, generator=generator), 1.0)
     written = write_lora(folder, "comfy_down_up", {"blocks.0.self_attn.q": factors})
     return written.rename(folder / f"{name}.safetensors")
 
@@ -436,7 +437,7 @@ async def test_lora_files_and_weights_are_asked_of_every_worker_through_the_fron
     with run_local_hub(other_dir / "hub") as empty_hub:  # the other machine's hub has no such repository
         other = start_worker(
             cluster.tmp_dir, cluster.address, 1, "--max-sessions", "1", "--models-dir", str(other_dir / "models"),
-            "--lora-dir", str(other_dir / "lora"), "--hub-endpoint", empty_hub.url,
+            "--lora-dir", str(other_dir / "lora"), "--hub-endpoint", empty_hub.url, "--allow-random-weights",
         )  # fmt: skip
         try:
             await _lora_files_and_weights(cluster, other, shared_dir, shared, other_dir, own)
@@ -474,6 +475,30 @@ async def _lora_files_and_weights(
             fixture_names,
         )
         assert all(why.startswith("gone") for why in listing["skipped_workers"].values()), listing  # earlier tests'
+
+        # -- a load naming a LoRA goes where the file is, and so do its offers ------------------------------------
+        pipeline_id, params = TINY_MODEL
+        status = load_pipeline(cluster.front.url, pipeline_id, timeout_s=120, **params,
+                               loras=[{"path": "own.safetensors", "scale": 0.5}])  # fmt: skip
+        assert status["status"] == "loaded", status
+        assert [a["path"] for a in status["loaded_lora_adapters"]] == ["own.safetensors"], status
+        with_lora = [w["name"] for w in cluster.state()["workers"] if (w["pipeline"]["load_params"] or {}).get("loras")]
+        assert with_lora == [other_name], cluster.state()  # the fixture's idle workers lack the file
+        client = ScopeClient(cluster.front.url)
+        assert owner(await client.connect()) == other_name
+        await client.wait_frames(2, timeout_s=60)
+        await client.close()
+        nowhere = [{"path": "nowhere.safetensors"}]
+        both = [{"path": "own.safetensors"}, {"path": "styles/shared.safetensors"}]
+        for loras, lacking in (
+            (nowhere, {name: "'nowhere.safetensors'" for name in [*fixture_names, other_name]}),
+            (both, {**dict.fromkeys(fixture_names, "'own.safetensors'"), other_name: "'styles/shared.safetensors'"}),
+        ):
+            load = {"pipeline_id": pipeline_id, "load_params": {**params, "loras": loras}}
+            refused = await http.post("/api/v1/pipeline/load", json=load)
+            assert refused.status_code == 422 and "no live worker has every LoRA" in refused.text, refused.text
+            assert all(f"{name} lacks {path}" in refused.text for name, path in lacking.items()), refused.text
+        assert (await http.post("/api/v1/pipeline/unload", json={})).status_code == 200
 
         # -- weights: each worker's status, a download started on every one ---------------------------------------
         sdv2 = PIPELINES["streamdiffusionv2"]

@@ -7,8 +7,8 @@ pipeline, which workers have it; a worker that did not answer is named with why,
 LoRAs are listed as the union of the folders, each file with `workers` (where it is) and `missing_on` (the workers
 that answered without it), rather than only the files on every worker: a file missing on one worker of many is a
 copy to make there, and hiding it would make the listing disagree with that worker's folder without saying why. A
-load naming it still fails on the workers in `missing_on` (InvalidParameters from that worker), which is why each
-entry says where it is.
+load naming LoRAs is placed on a worker whose folder has them all (each worker's summary lists its folder; a load
+that no live worker can take is refused (422) naming what each lacks), and its offers go only to such workers.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -44,6 +45,7 @@ from serve.cluster.names import NAMESPACE, WORKER_PREFIX, owner_of
 from serve.cluster.worker import Reply
 from serve.errors import (
     CapacityExceeded,
+    InvalidParameters,
     PipelineLoadError,
     PipelineNotLoaded,
     PipelineUnavailable,
@@ -102,6 +104,11 @@ class Wanted:
     def matches(self, status: PipelineStatus | None) -> bool:
         return status is not None and status.pipeline_id == self.pipeline_id and status.load_params == self.effective
 
+    @property
+    def loras(self) -> list[str]:
+        """The LoRA files the load names, spelled as a worker's summary lists its folder."""
+        return [os.path.normpath(item["path"]) for item in self.effective.get("loras") or ()]
+
 
 @dataclass
 class WorkerView:
@@ -122,8 +129,16 @@ class WorkerView:
     def free_seats(self) -> int:
         return self.info.seats - len(self.info.sessions) - self.pending
 
+    def lacks(self, wanted: Wanted) -> list[str]:
+        """The wanted LoRA files its folder does not have (a load there would fail naming them)."""
+        have = set(self.info.lora_files)
+        return [path for path in wanted.loras if path not in have]
+
     def readiness(self, wanted: Wanted) -> int:
-        """0: loaded with the wanted pipeline; 1: loading it; 2: idle, can load it; 3: cannot take it."""
+        """0: loaded with the wanted pipeline; 1: loading it; 2: idle, can load it; 3: cannot take it (streaming
+        another pipeline, or without one of its LoRA files)."""
+        if self.lacks(wanted):
+            return 3
         status = self.info.pipeline
         if wanted.matches(status):
             if status.status == "loaded":
@@ -249,10 +264,18 @@ class ClusterServing:
         # Each worker enforces its own --allow-random-weights; here the effective parameters are only a comparison key.
         wanted = Wanted(pipeline_id, params, spec.effective_load_params(params, allow_random_weights=True))
         await self.refresh(max_age_s=self.settings.placement_max_age_s)
-        ready = sorted((view.readiness(wanted), view.name) for view in self._views() if view.usable)
+        live = [view for view in self._views() if view.usable]
+        if wanted.loras and live and all(view.lacks(wanted) for view in live):
+            raise InvalidParameters(
+                "no live worker has every LoRA this load names ("
+                + "; ".join(f"{view.name} lacks {', '.join(map(echo, view.lacks(wanted)))}" for view in live)
+                + "): GET /api/v1/loras lists the workers that have each file; copy it into their LoRA folders"
+            )
+        ready = sorted((view.readiness(wanted), view.name) for view in live)
         if not ready or ready[0][0] == 3:
+            holders = f" ({sum(not view.lacks(wanted) for view in live)} with its LoRA files)" if wanted.loras else ""
             raise CapacityExceeded(
-                f"no worker can load {pipeline_id!r} now: {len(ready)} live worker(s), each streaming another "
+                f"no worker can load {pipeline_id!r} now: {len(ready)} live worker(s){holders}, each streaming another "
                 "pipeline (loading would stop those sessions). Try again when one is free, or add a worker"
             )
         readiness, name = ready[0]

@@ -131,6 +131,7 @@ class WanrtWorker:
             pipeline=self.pipelines.status(),
             seats=self.sessions.max_sessions,
             sessions=[s["sessionId"] for s in self.sessions.describe()],
+            lora_files=await asyncio.to_thread(self.loras.paths),
         )
 
     async def shutdown(self, reason: str) -> None:

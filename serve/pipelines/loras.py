@@ -153,13 +153,22 @@ class LoraCatalog:
         self._lock = threading.Lock()
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-sha256")
 
-    def list(self) -> list[dict[str, Any]]:
-        """Blocking (file headers, sometimes torch's import): call it on a thread."""
+    def _files(self) -> list[Path]:
         if not self.lora_dir.is_dir():
             return []
+        return sorted(p for p in self.lora_dir.resolve().rglob("*") if p.suffix in LORA_SUFFIXES and p.is_file())
+
+    def paths(self) -> list[str]:
+        """The files' paths as a load's `loras` names them, and nothing read from them: cheap enough for every
+        cluster summary (a front places a load on a worker whose folder has its LoRAs). Blocking: a folder walk."""
+        root = self.lora_dir.resolve()
+        return [str(path.relative_to(root)) for path in self._files()]
+
+    def list(self) -> list[dict[str, Any]]:
+        """Blocking (file headers, sometimes torch's import): call it on a thread."""
         root = self.lora_dir.resolve()
         out = []
-        for path in sorted(p for p in root.rglob("*") if p.suffix in LORA_SUFFIXES and p.is_file()):
+        for path in self._files():
             stat = path.stat()
             version = (str(path), stat.st_size, stat.st_mtime_ns)
             relative = path.relative_to(root)
