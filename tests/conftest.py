@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+from filelock import FileLock
 
 from tests.support.engines import build_tiny_engines
 from tests.support.server import RunningServer, run_server
@@ -34,5 +36,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="session")
 def tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny SDv2 engines, built once per session (≈1 min) for every module that needs them; copy to change."""
-    return build_tiny_engines(tmp_path_factory.mktemp("tiny-engines"))
+    """The tiny SDv2 engines, built once per run (≈1 min) for every module that needs them; copy to change. Under
+    pytest-xdist the workers share one build: the first to ask builds it under a file lock, the others wait."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above each worker's own
+    folder = shared / "tiny-engines"
+    with FileLock(shared / "tiny-engines.lock"):
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half way
+            folder.mkdir()
+            build_tiny_engines(folder)
+            (folder / ".built").touch()
+    return folder
