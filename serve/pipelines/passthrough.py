@@ -4,7 +4,7 @@ colour kernel. It exercises the whole chunk loop, WebRTC to WebRTC, without a mo
 It runs on the CPU unless the load's `gpus` names a device (`"gpus": "0"`): then the frames take a model pipeline's
 path there (planes up in one copy, or none from NVDEC; the colour kernel on the GPU; the output left on the device
 for NVENC), which is how the zero-copy frame path is measured without a model (benchmarks/serve_passthrough.py
-`--gpu`)."""
+`--path gpu`)."""
 
 from __future__ import annotations
 
