@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 
 
 class PassthroughStream(PipelineStream):
-    def __init__(self, height: int, width: int, chunk_frames: int, device: torch.device) -> None:
+    def __init__(self, height: int, width: int, chunk_frames: int, device: torch.device = CPU) -> None:
         self.height, self.width = height, width
         self.device = device
         self.chunk_frames = chunk_frames
