@@ -25,8 +25,12 @@ install: $(VENV)/.installed
 serve: install
 	$(VENV)/bin/wanrt serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
+# Two pytest-xdist workers, one test file each at a time (module fixtures such as a server or a Ray cluster stay
+# with their file): the suite mostly waits on servers and peers, so two share two cores well (13:49 against 26:49
+# one after the other, benchmarks/RESULTS.md). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # The default pipelines at their seed resolutions, for the GPU present: TensorRT where it is importable, else an
 # AOTInductor package. Without weight files (or on a CPU machine) try ENGINE_ARGS=--random-weights.
