@@ -192,7 +192,7 @@ def test_nv12_needs_even_sizes() -> None:
 def test_model_stream_takes_yuv_chunks_as_it_takes_swscale_rgb(frames) -> None:
     """The model pipelines' one upload (HostBridge.upload): a YuvChunk becomes the same [1, 3, T, H, W] pixels as
     swscale's RGB of the same frames (within its truncation), and a chunk of planes runs through `process`."""
-    from serve.pipelines.autoregressive import HostBridge
+    from serve.pipelines.frames import HostBridge
     from tests.support.streams import SIZE, open_stream
 
     stream, params = open_stream("streamdiffusionv2")

@@ -11,7 +11,7 @@ import torch
 
 from serve.models.dit import DIT_CONFIGS
 from serve.models.fp8 import fp8_gemm, quantize_rows
-from serve.pipelines.autoregressive import HostBridge
+from serve.pipelines.frames import HostBridge
 from serve.pipelines.registry import get_spec
 from serve.schemas import LoadParams
 

@@ -42,11 +42,11 @@ from serve.models.dit import DIT_CONFIGS, ROPE_MAX_POSITIONS, DiTConfig
 from serve.models.fp8 import store_dit_in_fp8
 from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, TextKVCache
 from serve.models.lora import RuntimeLoras
-from serve.models.prompts import PromptTransition
 from serve.models.scheduler import FlowMatchScheduler
 from serve.pipelines.base import ChunkOutput, Pipeline, PipelineStream, ProgressFn
 from serve.pipelines.cache_policies import CachePolicy, EmaSinkPolicy, MemoryBankPolicy, RecomputePolicy
-from serve.pipelines.frames import YuvChunk, upload_yuv
+from serve.pipelines.conditioning import Conditioning
+from serve.pipelines.frames import HostBridge, YuvChunk
 from serve.pipelines.loras import (
     attach_runtime,
     check_lora_scales,
@@ -54,12 +54,12 @@ from serve.pipelines.loras import (
     merged_lora_key,
     requested_loras,
 )
-from serve.pipelines.placement import Gpus, parse_gpus, stage_split
+from serve.pipelines.placement import Gpus, parse_gpus, starting_split
 from serve.pipelines.policies import NoiseController
 from serve.pipelines.spec import PipelineSpec
 from serve.pipelines.stream_batch import ChunkInFlight, PlainSchedule, StreamBatch
 from serve.pipelines.vace_context import ChunkVace, VaceConditioner, first_call_frames
-from serve.pipelines.vram import VramPlan, check_fits, measure_plan, measure_stage_plans
+from serve.pipelines.vram import plan_load
 from serve.pipelines.weights import LORA_SCALE, Models, StageSplit, dit_files, load_weights, random_models
 from serve.pipelines.worker import VACE_IMAGE_FIELDS
 from serve.runtime.backends import DiTStep, select_backend
@@ -99,130 +99,6 @@ class ChunkShape:
     checkpoint_prefer: str | None = None  # `generator_ema` for Reward Forcing
 
 
-class Conditioning:
-    """The prompt embedding of each chunk: `prompts` switch it at once, a `transition` walks it over chunks."""
-
-    def __init__(self, pipeline: AutoregressivePipeline, text_kv: TextKVCache,
-                 vace_text_kv: TextKVCache | None = None,
-                 set_text: Callable[[Tensor], None] | None = None) -> None:  # fmt: skip
-        self.p = pipeline
-        self.text_kv = text_kv
-        self.vace_text_kv = vace_text_kv  # the VACE blocks' cross-attention K/V, set with the main ones
-        # context [1, text_len, text_dim] → the cross-attention K/V; a pipeline-parallel stream sets every stage's
-        self.set_text = set_text or (lambda context: text_kv.set(pipeline.models.dit.text_kv(context)))
-        self.context: Tensor | None = None  # [1, text_len, text_dim] in use
-        self._prompts_key: tuple | None = None
-        self._transition_seen: dict | None = None
-        self._transition: PromptTransition | None = None
-
-    def reset(self) -> None:
-        self.__init__(self.p, self.text_kv, self.vace_text_kv, self.set_text)  # type: ignore[misc]
-
-    def _encode(self, prompts: list[dict] | None, method: str) -> Tensor:
-        pairs = [(p["text"], p.get("weight", 1.0)) for p in prompts or []] or [("", 1.0)]
-        return self.p.models.prompts.encode(pairs, method)  # type: ignore[arg-type]
-
-    def _key(self, params: dict[str, Any]) -> tuple:
-        return (repr(params.get("prompts")), params.get("prompt_interpolation_method", "linear"))
-
-    def will_jump(self, params: dict[str, Any]) -> bool:
-        """Whether `update(params)` will report a jump (the stream batch drains before it does)."""
-        return self._prompts_key is not None and self._key(params) != self._prompts_key
-
-    def update(self, params: dict[str, Any]) -> bool:
-        """Set this chunk's embedding; True when the prompt jumped (a `prompts` change after the first chunk).
-
-        A transition changes the embedding gradually, which is what it is for, so it never counts as a jump.
-        """
-        method = params.get("prompt_interpolation_method", "linear")
-        key = self._key(params)
-        context, jumped = self.context, False
-        if key != self._prompts_key:
-            jumped = self._prompts_key is not None
-            context = self._encode(params.get("prompts"), method)
-            self._prompts_key, self._transition = key, None
-        transition = params.get("transition")
-        if transition is not None and transition != self._transition_seen:
-            target = self._encode(transition["target_prompts"], method)
-            source = context if context is not None else target
-            method = transition.get("temporal_interpolation_method", "linear")
-            self._transition = PromptTransition(source, target, transition.get("num_steps", 4), method)
-            self._transition_seen = transition
-        if self._transition is not None:
-            context = self._transition.next()
-            if self._transition.done:
-                self._transition = None
-        if context is not self.context:
-            assert context is not None
-            self.set_text(context.to(self.p.dtype))
-            if self.vace_text_kv is not None:
-                self.vace_text_kv.set(self.p.models.dit.vace_text_kv(context.to(self.p.dtype)))  # type: ignore[operator]
-            self.context = context
-        return jumped
-
-
-class HostBridge:
-    """Where a stream's chunk loop meets the host, and the only place it does: frames in (one host→device copy per
-    chunk), frames out (one device→host copy per chunk, into pinned memory on CUDA) and the seeded noise generator.
-
-    Everything between those three stays on the device, so the chunk never waits for the GPU before its output is
-    read. On the meta device (the real-size dry run, serve/pipelines/dry_run.py) tensors have shapes but no values:
-    noise needs no generator there and frames out are zeros of the decoded shape, still counted as one copy.
-    """
-
-    def __init__(self, device: torch.device, seed: int) -> None:
-        self.device = device
-        self.seed = seed
-        self.dry = device.type == "meta"
-        self.generator = None if self.dry else torch.Generator(device=device).manual_seed(seed)
-        self.uploads = 0  # host→device frame copies so far
-        self.downloads = 0  # device→host frame copies so far
-        self.defer_wait = False  # set by AutoregressiveStream.start: frames out are returned before their copy ends
-        self._pending: torch.cuda.Event | None = None
-
-    def reseed(self) -> None:
-        if self.generator is not None:
-            self.generator.manual_seed(self.seed)
-
-    def noise(self, shape: tuple[int, ...]) -> Tensor:
-        return torch.randn(shape, generator=self.generator, device=self.device)
-
-    def upload(self, frames: np.ndarray | YuvChunk, height: int, width: int) -> Tensor:
-        """Host frames → [1, 3, T, height, width] float32 in [-1, 1] on the device, converted there: uint8 RGB
-        [T, H, W, 3] (swscale's, at the loaded size), or a chunk of decoded YUV planes (kernels/colour.py)."""
-        self.uploads += 1
-        if isinstance(frames, YuvChunk):
-            if self.dry:
-                return torch.empty((1, 3, len(frames), height, width), device=self.device)
-            return upload_yuv(frames, self.device, height, width).permute(1, 0, 2, 3)[None]
-        pixels = torch.from_numpy(frames).to(self.device, non_blocking=True)
-        return pixels.permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-
-    def download(self, frames: Tensor) -> np.ndarray:
-        """uint8 [T, H, W, 3] device frames → a host array; the chunk's one wait for the device is here, unless
-        `defer_wait` is set: then the array is returned while the copy is still in flight, and the event it
-        completes is kept for `take_pending` (AutoregressiveStream.start hands it to the worker)."""
-        self.downloads += 1
-        if self.dry:
-            return np.zeros(tuple(frames.shape), dtype=np.uint8)
-        if frames.device.type != "cuda":
-            return frames.cpu().numpy()
-        # Pinned memory lets the copy run as DMA; the caching host allocator reuses the block once the array dies.
-        host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
-        host.copy_(frames, non_blocking=True)
-        if self.defer_wait:  # one stream: the last copy's event covers every earlier one
-            self._pending = torch.cuda.Event()
-            self._pending.record(torch.cuda.current_stream(frames.device))
-        else:
-            torch.cuda.current_stream(frames.device).synchronize()
-        return host.numpy()
-
-    def take_pending(self) -> torch.cuda.Event | None:
-        """The event the deferred copies complete, or None; cleared."""
-        pending, self._pending = self._pending, None
-        return pending
-
-
 class AutoregressiveStream(PipelineStream):
     def __init__(self, pipeline: AutoregressivePipeline, seed: int) -> None:
         self.p = pipeline
@@ -258,7 +134,9 @@ class AutoregressiveStream(PipelineStream):
                 len(pipeline.models.dit.vace_blocks), 1, config.text_len, config.num_heads, config.head_dim,
                 pipeline.dtype, pipeline.device,
             )  # fmt: skip
-        self.conditioning = Conditioning(pipeline, self.text_kv, self.vace_text_kv, self.text_setter())
+        self.conditioning = Conditioning(
+            pipeline.models, pipeline.dtype, self.text_kv, self.vace_text_kv, self.text_setter()
+        )
         self.vae = StreamingAutoencoder(
             pipeline.vae_model, pipeline.models.vae_type, pipeline.vae_steps["encode"], pipeline.vae_steps["decode"]
         )
@@ -568,42 +446,6 @@ class StagedStream(AutoregressiveStream):
         self.p.stages.forget(self.stream_id)
 
 
-def starting_split(pipeline_id: str, ranks: int, counts: list[int] | None,
-                   num_layers: int) -> tuple[tuple[int, int], ...]:  # fmt: skip
-    """A staged load's starting split (`stage_split`), known once the DiT file says how many blocks it has; a
-    `blocks_per_stage` that does not fit the model fails the load (its length was checked at the request)."""
-    try:
-        return stage_split(num_layers, ranks, counts)
-    except InvalidParameters as exc:
-        raise PipelineLoadError(f"{pipeline_id}: {exc}") from None
-
-
-def plan_load(pipeline_id: str, load_params: dict[str, Any], devices: list[torch.device], rows: int = 0,
-              split: StageSplit | None = None) -> VramPlan:  # fmt: skip
-    """The VRAM plan of this load against each GPU's free memory (serve/pipelines/vram.py), rank 0's returned: one
-    device, or with `split` (a staged load) each stage's share on its own GPU. Raises PipelineLoadError naming the
-    GPU, need, free memory and what fits. Costs a meta-device dry run: seconds of CPU, no GPU memory. `rows`: the
-    stream batch's, counted as asked for (a policy that cannot run it only makes the plan an upper bound)."""
-    size = {"height": load_params["height"], "width": load_params["width"]}
-    options = {"vae_type": load_params.get("vae_type", "wan"), "quantization": load_params.get("quantization"),
-               "stream_batch_rows": rows}  # fmt: skip
-    if split is None:
-        plans = [measure_plan(pipeline_id, **size, **options)]
-    else:
-        plans = measure_stage_plans(pipeline_id, **size, **options, split=split)
-    placed = []
-    for device, plan in zip(devices, plans, strict=True):
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-        try:
-            placed.append(check_fits(plan, free_bytes))
-        except PipelineLoadError as exc:
-            raise PipelineLoadError(f"{exc} ({device})") from None
-        where = "gpu" if placed[-1].text_encoder_on_gpu else "cpu"
-        log.info("pipeline=%s %s vram plan %.1f GB of %.1f GB free, text encoder on %s", pipeline_id, device,
-                 placed[-1].total / 1e9, free_bytes / 1e9, where)  # fmt: skip
-    return placed[0]
-
-
 class AutoregressivePipeline(Pipeline):
     shape: ChunkShape
     frame_input = "yuv"  # input planes converted on the device (HostBridge.upload)
@@ -701,33 +543,7 @@ class AutoregressivePipeline(Pipeline):
         pipeline.runtime_lora_scales = user_loras.runtime_scales
         engines_dir = Path(context.get("engines_dir") or ServerSettings().engines_dir)
         requested = load_params.get("backend", "auto")
-        if pipeline.stream_batch_rows:  # engines and CUDA graphs are built for one chunk (batch 1)
-            pipeline.backend_reason = "the stream batch runs the eager step (engines are built for one chunk)"
-            pipeline.backends = {"dit_step": {"backend": "eager", "reason": pipeline.backend_reason}}
-        else:
-            key = dit_step_key(
-                spec.id, pipeline.height, pipeline.width, cls.shape.chunk_latents, cls.shape.cache_frames,
-                models.dit.config.text_len, "fp8" if quantization else precision_of(dtype), "aoti",
-                merged_loras=merged_lora_key(loras),
-            )  # fmt: skip
-            steady = (1, 16, cls.shape.chunk_latents, pipeline.height // 8, pipeline.width // 8)  # a chunk's latents
-
-            def choose(key: EngineKey, persistent: tuple[int, ...], weights_of: Any = None) -> tuple[Any, str, str]:
-                """The component's step from `select_backend`, as it runs on the device (CUDA graph, SDPA order)."""
-                step, backend, reason = select_backend(
-                    requested, key, models.dit, engines_dir, device, engines_unusable=pipeline.engines_unusable(),
-                    weights_of=weights_of,
-                )  # fmt: skip
-                step, on_gpu = on_cuda(step, backend, requested, steady, persistent, device)
-                return step, backend, reason + (f"; {on_gpu}" if on_gpu else "")
-
-            base = models.dit.base_part() if pipeline.vace_enabled else None  # type: ignore[operator]
-            pipeline.step, pipeline.backend, pipeline.backend_reason = choose(key, DIT_STEP_PERSISTENT, base)
-            pipeline.backends = {"dit_step": {"backend": pipeline.backend, "reason": pipeline.backend_reason}}
-            if pipeline.vace_enabled:  # chunks with a VACE context run this step (serve/models/vace.py)
-                vace_key = dataclasses.replace(key, component="dit_step_vace")
-                pipeline.vace_step, backend, reason = choose(vace_key, VACE_STEP_PERSISTENT)
-                pipeline.backends["dit_step_vace"] = {"backend": backend, "reason": reason}
+        pipeline.select_dit_backends(requested, engines_dir, merged_lora_key(loras), quantization)
         pipeline.select_vae_backends(requested, engines_dir)
         if quantization == "fp8_e4m3fn":  # fp8 weight storage; fp8 GEMMs where the GPU has them (serve/models/fp8.py)
             report("fp8 weights", 0.9)
@@ -844,6 +660,38 @@ class AutoregressivePipeline(Pipeline):
     def close(self) -> None:
         if self.stages is not None:
             self.stages.close()
+
+    def select_dit_backends(self, requested: str, engines_dir: Path, merged_loras: str | None,
+                            quantization: str | None) -> None:  # fmt: skip
+        """The DiT step, and a VACE load's VACE step, from `select_backend` on the weights as loaded and merged
+        (`merged_loras`: what the engine key records of them), each as it runs on the device (CUDA graph, SDPA
+        order)."""
+        if self.stream_batch_rows:  # engines and CUDA graphs are built for one chunk (batch 1)
+            self.backend_reason = "the stream batch runs the eager step (engines are built for one chunk)"
+            self.backends = {"dit_step": {"backend": "eager", "reason": self.backend_reason}}
+            return
+        dit, shape = self.models.dit, self.shape
+        key = dit_step_key(
+            self.spec.id, self.height, self.width, shape.chunk_latents, shape.cache_frames, dit.config.text_len,
+            "fp8" if quantization else precision_of(self.dtype), "aoti", merged_loras=merged_loras,
+        )  # fmt: skip
+        steady = (1, 16, shape.chunk_latents, self.height // 8, self.width // 8)  # a chunk's latents
+        unusable = self.engines_unusable()
+
+        def choose(key: EngineKey, persistent: tuple[int, ...], weights_of: Any = None) -> tuple[Any, str, str]:
+            step, backend, reason = select_backend(
+                requested, key, dit, engines_dir, self.device, engines_unusable=unusable, weights_of=weights_of
+            )
+            step, on_gpu = on_cuda(step, backend, requested, steady, persistent, self.device)
+            return step, backend, reason + (f"; {on_gpu}" if on_gpu else "")
+
+        base = dit.base_part() if self.vace_enabled else None  # type: ignore[operator]
+        self.step, self.backend, self.backend_reason = choose(key, DIT_STEP_PERSISTENT, base)
+        self.backends = {"dit_step": {"backend": self.backend, "reason": self.backend_reason}}
+        if self.vace_enabled:  # chunks with a VACE context run this step (serve/models/vace.py)
+            vace_key = dataclasses.replace(key, component="dit_step_vace")
+            self.vace_step, backend, reason = choose(vace_key, VACE_STEP_PERSISTENT)
+            self.backends["dit_step_vace"] = {"backend": backend, "reason": reason}
 
     def select_vae_backends(self, requested: str, engines_dir: Path) -> None:
         """The VAE's steady-state chunk steps, chosen like the DiT step (the first call of a stream stays eager)."""

@@ -4,7 +4,7 @@ Meta tensors have shapes, dtypes and a device but no storage, so the 1.3B / 14B 
 no memory and a chunk costs only Python dispatch (about a second). What it proves: every op of every chunk meets
 tensors on one device with the dtypes the GPU run will have (a host tensor meeting a meta one raises), and nothing
 reads a value back to the host (`.item()`, `bool(t)`, `.tolist()`, `.cpu()` all raise on meta). The loop meets the
-host only through `HostBridge` (serve/pipelines/autoregressive.py), which knows the meta device.
+host only through `HostBridge` (serve/pipelines/frames.py), which knows the meta device.
 
 `LiveBytes` watches the same run from below (a TorchDispatchMode): the bytes of every tensor an op allocates,
 while it lives, so the peak of a chunk's activations is known without a GPU (benchmarks/memory.py's VRAM plan).

@@ -1,10 +1,11 @@
-"""Input frames as their decoded YUV planes, and their one trip to the device.
+"""Input frames as their decoded YUV planes, their one trip to the device, and a stream's one place at the host.
 
 The session reads each decoded frame's planes without converting it (serve/webrtc/planes.py); a chunk of them
 reaches a pipeline whose `frame_input` is "yuv" as a `YuvChunk`. `upload_yuv` packs the chunk's planes into one
 (pinned, on CUDA) host buffer, copies it to the device once, and runs the colour kernel per frame there
 (kernels/colour.py: YUV → RGB, resize to the loaded resolution, normalise to [-1, 1]). On a CPU there is no copy at
-all: the kernel reads the decoder's buffers in place.
+all: the kernel reads the decoder's buffers in place. `HostBridge` is where a model stream's chunk loop meets the
+host: these frames in, its decoded frames out, and its seeded noise.
 """
 
 from __future__ import annotations
@@ -105,3 +106,65 @@ def _to_device(planes: list[list[Tensor]], device: torch.device) -> list[list[Te
 def to_uint8_frames(pixels: Tensor) -> Tensor:
     """[T, 3, H, W] in [-1, 1] → uint8 [T, H, W, 3], as the pipelines' output is quantised."""
     return ((pixels + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+class HostBridge:
+    """Where a stream's chunk loop meets the host, and the only place it does: frames in (one host→device copy per
+    chunk), frames out (one device→host copy per chunk, into pinned memory on CUDA) and the seeded noise generator.
+
+    Everything between those three stays on the device, so the chunk never waits for the GPU before its output is
+    read. On the meta device (the real-size dry run, serve/pipelines/dry_run.py) tensors have shapes but no values:
+    noise needs no generator there and frames out are zeros of the decoded shape, still counted as one copy.
+    """
+
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.device = device
+        self.seed = seed
+        self.dry = device.type == "meta"
+        self.generator = None if self.dry else torch.Generator(device=device).manual_seed(seed)
+        self.uploads = 0  # host→device frame copies so far
+        self.downloads = 0  # device→host frame copies so far
+        self.defer_wait = False  # set by AutoregressiveStream.start: frames out are returned before their copy ends
+        self._pending: torch.cuda.Event | None = None
+
+    def reseed(self) -> None:
+        if self.generator is not None:
+            self.generator.manual_seed(self.seed)
+
+    def noise(self, shape: tuple[int, ...]) -> Tensor:
+        return torch.randn(shape, generator=self.generator, device=self.device)
+
+    def upload(self, frames: np.ndarray | YuvChunk, height: int, width: int) -> Tensor:
+        """Host frames → [1, 3, T, height, width] float32 in [-1, 1] on the device, converted there: uint8 RGB
+        [T, H, W, 3] (swscale's, at the loaded size), or a chunk of decoded YUV planes (kernels/colour.py)."""
+        self.uploads += 1
+        if isinstance(frames, YuvChunk):
+            if self.dry:
+                return torch.empty((1, 3, len(frames), height, width), device=self.device)
+            return upload_yuv(frames, self.device, height, width).permute(1, 0, 2, 3)[None]
+        pixels = torch.from_numpy(frames).to(self.device, non_blocking=True)
+        return pixels.permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+
+    def download(self, frames: Tensor) -> np.ndarray:
+        """uint8 [T, H, W, 3] device frames → a host array; the chunk's one wait for the device is here, unless
+        `defer_wait` is set: then the array is returned while the copy is still in flight, and the event it
+        completes is kept for `take_pending` (AutoregressiveStream.start hands it to the worker)."""
+        self.downloads += 1
+        if self.dry:
+            return np.zeros(tuple(frames.shape), dtype=np.uint8)
+        if frames.device.type != "cuda":
+            return frames.cpu().numpy()
+        # Pinned memory lets the copy run as DMA; the caching host allocator reuses the block once the array dies.
+        host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+        host.copy_(frames, non_blocking=True)
+        if self.defer_wait:  # one stream: the last copy's event covers every earlier one
+            self._pending = torch.cuda.Event()
+            self._pending.record(torch.cuda.current_stream(frames.device))
+        else:
+            torch.cuda.current_stream(frames.device).synchronize()
+        return host.numpy()
+
+    def take_pending(self) -> torch.cuda.Event | None:
+        """The event the deferred copies complete, or None; cleared."""
+        pending, self._pending = self._pending, None
+        return pending

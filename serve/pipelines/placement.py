@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from serve.errors import InvalidParameters
+from serve.errors import InvalidParameters, PipelineLoadError
 from serve.schemas import GPUS_PATTERN
 
 MAX_CPU_RANKS = 8
@@ -99,6 +99,16 @@ def stage_split(num_layers: int, ranks: int, counts: list[int] | None) -> tuple[
         return split_blocks(num_layers, ranks)
     check_blocks_per_stage(counts, ranks, num_layers)
     return contiguous(counts)
+
+
+def starting_split(pipeline_id: str, ranks: int, counts: list[int] | None,
+                   num_layers: int) -> tuple[tuple[int, int], ...]:  # fmt: skip
+    """A staged load's starting split (`stage_split`), known once the DiT file says how many blocks it has; a
+    `blocks_per_stage` that does not fit the model fails the load (its length was checked at the request)."""
+    try:
+        return stage_split(num_layers, ranks, counts)
+    except InvalidParameters as exc:
+        raise PipelineLoadError(f"{pipeline_id}: {exc}") from None
 
 
 def balanced_split(step_ms: list[float], fixed_ms: list[float],

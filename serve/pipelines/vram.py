@@ -16,17 +16,21 @@ the GPU when everything fits with it there, otherwise on the CPU.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from serve.errors import PipelineLoadError
 from serve.models.fp8 import Fp8Linear
-from serve.pipelines.weights import Models
+from serve.pipelines.weights import Models, StageSplit
+
+log = logging.getLogger(__name__)
 
 GB = 1e9
 FIT_MARGIN = 0.10  # of the free memory, kept for the allocator's rounding, fragmentation and the CUDA context
@@ -241,3 +245,29 @@ def check_fits(plan: VramPlan, free_bytes: int) -> VramPlan:
     # A stage's share is not a configuration of its own: the one-device alternatives would not say what fits it.
     error = fit_error(placed, free_bytes, alternatives(placed) if placed.stage is None else [])
     raise PipelineLoadError(f"{plan.pipeline}: does not fit this GPU: {error}")
+
+
+def plan_load(pipeline_id: str, load_params: dict[str, Any], devices: list[torch.device], rows: int = 0,
+              split: StageSplit | None = None) -> VramPlan:  # fmt: skip
+    """The VRAM plan of this load against each GPU's free memory (serve/pipelines/vram.py), rank 0's returned: one
+    device, or with `split` (a staged load) each stage's share on its own GPU. Raises PipelineLoadError naming the
+    GPU, need, free memory and what fits. Costs a meta-device dry run: seconds of CPU, no GPU memory. `rows`: the
+    stream batch's, counted as asked for (a policy that cannot run it only makes the plan an upper bound)."""
+    size = {"height": load_params["height"], "width": load_params["width"]}
+    options = {"vae_type": load_params.get("vae_type", "wan"), "quantization": load_params.get("quantization"),
+               "stream_batch_rows": rows}  # fmt: skip
+    if split is None:
+        plans = [measure_plan(pipeline_id, **size, **options)]
+    else:
+        plans = measure_stage_plans(pipeline_id, **size, **options, split=split)
+    placed = []
+    for device, plan in zip(devices, plans, strict=True):
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        try:
+            placed.append(check_fits(plan, free_bytes))
+        except PipelineLoadError as exc:
+            raise PipelineLoadError(f"{exc} ({device})") from None
+        where = "gpu" if placed[-1].text_encoder_on_gpu else "cpu"
+        log.info("pipeline=%s %s vram plan %.1f GB of %.1f GB free, text encoder on %s", pipeline_id, device,
+                 placed[-1].total / 1e9, free_bytes / 1e9, where)  # fmt: skip
+    return placed[0]
