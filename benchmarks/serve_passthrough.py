@@ -1,7 +1,8 @@
 """Round trips through a real server: aiortc clients send 512×512 at 30 fps through `passthrough` and back.
 
     python -m benchmarks.serve_passthrough [--seconds 20] [--size 512] [--path old,new,gpu] [--streams 1,2,4]
-                                           [--scene camera|counter] [--threads] [--x264-presets ultrafast,superfast]
+                                           [--scene camera|smooth|counter] [--threads]
+                                           [--x264-presets ultrafast,superfast]
 
 `--path old`: the server's `--frame-path host` and VP8 (swscale to RGB in, aiortc's VP8 encoder out: the path before
 issue 13). `--path new`: the default frame path and H.264 asked for by the client (`setCodecPreferences`): the output
@@ -12,9 +13,10 @@ by the colour kernel and encoded by NVENC without a host copy of the picture; ea
 format the sessions had. Each (path, streams) pair gets a fresh server. `--streams` runs that many clients at once.
 
 `--scene camera` (default) sends a camera-like picture: a grainy texture panning ~3 px a frame, with the frame index
-in a thin strip of bars at the top; `counter` sends the old full-frame bars, which are nearly free to encode. The
-clients send a pre-encoded loop (encoded once, in the codec negotiated), so their own encoder costs the two shared
-cores nothing; they still decode what comes back.
+in a thin strip of bars at the top; `smooth` is what a model's output looks like to a codec (soft drifting shapes, no
+grain; tests/support/scenes.py), with the same strip; `counter` sends the old full-frame bars, which are nearly free
+to encode. The clients send a pre-encoded loop (encoded once, in the codec negotiated), so their own encoder costs
+the two shared cores nothing; they still decode what comes back.
 
 Reports per row: output fps (the slowest stream), frames lost in the round trip (index gaps), round-trip latency
 p50/p95 (send → receive of the same frame), the server process's CPU in % of one core, total and per stream, and
@@ -60,7 +62,7 @@ from serve.threads import DECODER, ENCODER, PIPELINE_WORKER
 from serve.webrtc.encoders import X264Encoder
 from tests.support.frames import draw_counter, read_counter
 from tests.support.rtc_client import ScopeClient
-from tests.support.scenes import textured_scene
+from tests.support.scenes import smooth_scene, textured_scene
 from tests.support.server import load_pipeline, run_server
 
 FPS = 30
@@ -78,8 +80,9 @@ MAIN = "event loop (aiortc RTP, our tracks)"
 UNNAMED = "unnamed (aiortc's VP8 encoder, …)"
 
 
-def camera_frame(index: int, size: int) -> np.ndarray:
-    frame = textured_scene(index, size, size)
+def tagged_frame(scene: str, index: int, size: int) -> np.ndarray:
+    """A camera or smooth frame with its index in the strip at the top."""
+    frame = (textured_scene if scene == "camera" else smooth_scene)(index, size, size)
     strip = max(int(size * STRIP), 8)
     frame[:strip] = draw_counter(index, strip, size)
     return frame
@@ -91,7 +94,7 @@ def read_strip(rgb: np.ndarray) -> int:
 
 
 def draw(scene: str, index: int, size: int) -> np.ndarray:
-    return camera_frame(index, size) if scene == "camera" else draw_counter(index, size, size)
+    return draw_counter(index, size, size) if scene == "counter" else tagged_frame(scene, index, size)
 
 
 def psnr_db(squared_error: float, samples: int) -> float:
@@ -159,7 +162,7 @@ class QualityReader:
 
     def __init__(self, scene: str, size: int) -> None:
         self.scene, self.size = scene, size
-        self.read = read_strip if scene == "camera" else read_counter
+        self.read = read_counter if scene == "counter" else read_strip
         self.measuring = False
         self.frames = self.samples = 0
         self.squared_error = 0.0
@@ -344,7 +347,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--path", default="old,new", help="comma-separated: old, new, gpu (CUDA: NVDEC → NVENC)")
     parser.add_argument("--streams", default="1", help="comma-separated stream counts, e.g. 1,2,4,6")
-    parser.add_argument("--scene", choices=["camera", "counter"], default="camera")
+    parser.add_argument("--scene", choices=["camera", "smooth", "counter"], default="camera")
     parser.add_argument("--threads", action="store_true", help="the server's CPU per thread group, as a table")
     parser.add_argument(
         "--x264-presets", default="", help="comma-separated libx264 presets: the new path once per preset"

@@ -75,8 +75,8 @@ class WebRTCSettings:
     """Decode incoming H.264 with NVDEC (serve/webrtc/nvdec.py): frames stay on the GPU. CUDA machines only."""
     x264_preset: str = "ultrafast"
     """libx264's preset on the H.264 packet path without NVENC (one of X264_PRESETS). `ultrafast` cost 1.4 ms a 512²
-    frame against `superfast`'s 1.9-2.3, at the same PSNR on the camera-like scene at 1.5 Mb/s (benchmarks/RESULTS.md,
-    issue 13); it turns off the deblocking filter and most motion search, which a smooth scene may show more."""
+    frame against `superfast`'s 1.9-2.3, at the same PSNR on the camera-like scene at 1.5 Mb/s, and 2.0 against 2.7
+    within 0.1 dB on a smooth, model-like one (benchmarks/RESULTS.md, issue 13)."""
 
 
 @dataclass(frozen=True)

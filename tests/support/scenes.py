@@ -1,7 +1,8 @@
-"""Camera-like synthetic video: a detailed texture panning across the frame, so every frame differs everywhere.
+"""Synthetic video for codecs: a camera-like scene, and a smooth one like a diffusion model's output.
 
-The counter bars (tests/support/frames.py) are nearly free to encode and flatter a frame path; this is what a codec
-sees from a camera that moves: fine detail, smooth colour and edges, all in motion (about 3 px a frame).
+The counter bars (tests/support/frames.py) are nearly free to encode and flatter a frame path. `textured_scene` is
+what a codec sees from a camera that moves: fine detail, smooth colour and edges, all in motion (about 3 px a frame).
+`smooth_scene` is what it sees from the model: no grain and no hard edges, soft shapes drifting over soft gradients.
 """
 
 from __future__ import annotations
@@ -32,3 +33,22 @@ def textured_scene(index: int, height: int, width: int) -> np.ndarray:
     texture = _texture(height, width)
     top, left = (3 * index) % height, (2 * index) % width
     return np.ascontiguousarray(texture[top : top + height, left : left + width])
+
+
+def smooth_scene(index: int, height: int, width: int) -> np.ndarray:
+    """Frame `index` [height, width, 3] uint8: slow colour gradients with three soft blobs circling (about 2 px a
+    frame), nothing finer than a few pixels."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    ys, xs = ys / height, xs / width
+    phase = index / 30.0
+    image = np.stack([
+        110 + 60 * np.sin(2.0 * xs + 0.3 * phase),
+        120 + 50 * np.cos(1.5 * ys - 0.2 * phase),
+        140 + 40 * np.sin(1.2 * (xs + ys) + 0.1 * phase),
+    ], axis=-1)  # fmt: skip
+    for k, colour in enumerate(([90, -40, -30], [-50, 70, -20], [-30, -30, 90])):
+        angle = 0.35 * phase + 2.1 * k
+        cy, cx = 0.5 + 0.25 * np.sin(angle), 0.5 + 0.3 * np.cos(angle)
+        blob = np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * 0.12**2))
+        image += blob[..., None] * np.array(colour, dtype=np.float32)
+    return np.clip(image, 0, 255).round().astype(np.uint8)
