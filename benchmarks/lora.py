@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.model_step import SHAPES, Shape, step_inputs, step_tflop
-from benchmarks.timing import time_ms
+from benchmarks.timing import add_model_arguments, model_device, time_ms
 from serve.models.checkpoint import LazyTensor
 from serve.models.dit import BLOCK_LINEARS, DIT_CONFIGS, DiTConfig, WanDiT
 from serve.models.lora import LoraAdapter, LoraLayer, attach_runtime_loras
@@ -80,17 +80,14 @@ def bench(config: DiTConfig, shape: Shape, rank: int, device: torch.device, dtyp
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cuda = torch.cuda.is_available()
-    parser.add_argument("--config", default="wan2.1-1.3b" if cuda else "tiny", choices=sorted(DIT_CONFIGS))
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16" if cuda else "fp32")
+    add_model_arguments(parser)
     parser.add_argument("--rank", type=int, help="per adapter; default 32 (2 on the 64-wide tiny config: same ratio)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--layers", type=int, help="blocks of the model (default: all)")
     parser.add_argument("--height", type=int, help="default: 512 (128 for the tiny config)")
     parser.add_argument("--width", type=int)
     args = parser.parse_args()
-    device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    device, dtype, gpu = model_device(args)
     rank = args.rank or (2 if args.config == "tiny" else 32)
     shape = SHAPES[1]  # LongLive's chunk: 3 latent frames at 512², 12 attended
     side = 128 if args.config == "tiny" else shape.height
@@ -98,7 +95,7 @@ def main() -> None:
     config = DIT_CONFIGS[args.config]
     config = replace(config, num_layers=args.layers or config.num_layers)
     rows = bench(config, shape, rank, device, dtype, args.iters)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    gpu = gpu or "CPU"
     table = Table(title=f"DiT step with runtime LoRAs: {args.config} ({config.num_layers} blocks) {shape.height}×"
                         f"{shape.width}, rank {rank}, {args.dtype}, {gpu}")  # fmt: skip
     for column in ("adapters", "ms/step", "time added"):

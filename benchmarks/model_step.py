@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.timing import time_ms
+from benchmarks.timing import add_model_arguments, model_device, time_ms
 from benchmarks.vae_step import bench_vae_steps, print_table
 from serve.models.dit import DIT_CONFIGS, DiTConfig, WanDiT
 from serve.models.kv_cache import ChunkPlan, KVCache, KVCacheSpec, RollingSinkPolicy
@@ -101,17 +101,13 @@ def bench_dit(config_name: str, device: torch.device, dtype: torch.dtype, warmup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cuda = torch.cuda.is_available()
-    parser.add_argument("--config", default="wan2.1-1.3b" if cuda else "tiny", choices=sorted(DIT_CONFIGS))
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16" if cuda else "fp32")
+    add_model_arguments(parser)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--no-vae", action="store_true", help="DiT rows only")
     args = parser.parse_args()
-    device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    device, dtype, gpu = model_device(args)
 
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
     table = Table(title=f"DiT step, {args.config}, {args.dtype}, {gpu or 'CPU'}")
     for column in (

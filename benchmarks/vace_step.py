@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.model_step import SHAPES, Shape, step_inputs, step_tflop
-from benchmarks.timing import time_ms
+from benchmarks.timing import add_model_arguments, model_device, time_ms
 from serve.models.dit import DIT_CONFIGS, DiTConfig
 from serve.models.vace import VACE_IN_DIM, VaceWanDiT, vace_layers
 
@@ -88,16 +88,12 @@ def bench_chunk(pipeline_id: str, size: int, chunks: int) -> tuple[float, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cuda = torch.cuda.is_available()
-    parser.add_argument("--config", default="wan2.1-1.3b" if cuda else "tiny", choices=sorted(DIT_CONFIGS))
-    parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16" if cuda else "fp32")
+    add_model_arguments(parser)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--chunk-size", type=int, default=64, help="pixels, for the tiny pipeline chunk rows")
     args = parser.parse_args()
-    device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    device, dtype, gpu = model_device(args)
 
     formula = Table(title="VACE FLOPs per DiT step by formula (the published sizes)")
     for column in ("config", "pipeline shape", "H×W", "base TFLOP", "VACE TFLOP", "+%", "blocks +%"):
