@@ -2,7 +2,10 @@
 real file names, wrappers, key names and dtypes at tiny size), through a running server and directly.
 
 Through the server the inputs are still images: a still is the same input whatever frames the server happens to
-take, and a small smooth one survives VP8 the same way in every session, so two sessions can be compared bit for bit.
+take. The client sends it as one VP8 keyframe repeated (tests/support/rtc_client.py `StillTrack`) and estimates no
+bandwidth, so both directions are coded the same way in every session however loaded the machine is, and two
+sessions can be compared bit for bit. (Encoded live and steered by REMB, they differed under load: the encoders
+restarted at different frames.)
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ async def stream(
         input_track=None if image is None else StillTrack(image),
         initial_parameters={"input_mode": mode, "prompts": PROMPT},
         keep_pixels=True,
+        estimate_bandwidth=False,  # the same lossy coding in both sessions
     )
     await client.connect()
     sent_at = frames

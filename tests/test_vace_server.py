@@ -34,6 +34,7 @@ async def first_frames(url: str, count: int, initial: dict, image: np.ndarray | 
     client = ScopeClient(
         url, send_video=image is not None, input_track=None if image is None else StillTrack(image),
         initial_parameters={"prompts": PROMPT, **initial}, keep_pixels=True,
+        estimate_bandwidth=False,  # the same lossy coding in every session compared
     )  # fmt: skip
     await client.connect()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fractions
 import json
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aioice.ice
+import av
 import httpx
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription, VideoStreamTrack
@@ -41,17 +43,37 @@ class CounterTrack(VideoStreamTrack):
 
 
 class StillTrack(VideoStreamTrack):
-    """30 fps camera stand-in that shows the same image in every frame: an input two sessions can share exactly."""
+    """30 fps camera stand-in that shows the same image in every frame: an input two sessions can share exactly.
+
+    Every frame is the same VP8 keyframe, encoded once (aiortc packetizes an `av.Packet` as it is), so each frame
+    decodes to the same picture on its own. Encoding frame by frame would not do: aiortc re-creates its encoder (a
+    new keyframe) whenever the receiver's bandwidth estimate moves its target by over 10 %, which under load happens
+    at different frames in different sessions, and the decoded still differs by a few levels from there on.
+    """
 
     def __init__(self, image: np.ndarray) -> None:
         super().__init__()
         self.image = np.ascontiguousarray(image)  # [H, W, 3] uint8
+        self.keyframe = vp8_keyframe(self.image)
 
-    async def recv(self) -> VideoFrame:
+    async def recv(self) -> av.Packet:
         pts, time_base = await self.next_timestamp()
-        frame = VideoFrame.from_ndarray(self.image, format="rgb24")
-        frame.pts, frame.time_base = pts, time_base
-        return frame
+        packet = av.Packet(self.keyframe)
+        packet.pts, packet.time_base = pts, time_base
+        return packet
+
+
+def vp8_keyframe(image: np.ndarray) -> bytes:
+    """`image` [H, W, 3] uint8 as one VP8 keyframe, at a rate that leaves a small still nearly untouched."""
+    codec = av.CodecContext.create("libvpx", "w")
+    codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "yuv420p"
+    codec.time_base, codec.bit_rate = fractions.Fraction(1, 30), 2_000_000
+    codec.qmin, codec.qmax = 2, 10
+    frame = VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+    frame.pts = 0
+    packets = [*codec.encode(frame), *codec.encode(None)]
+    assert len(packets) == 1 and packets[0].is_keyframe, "one frame in, one keyframe out"
+    return bytes(packets[0])
 
 
 @dataclass
@@ -77,6 +99,11 @@ class ScopeClient:
     input_track: MediaStreamTrack | None = None  # sent instead of a CounterTrack (e.g. a still image: same input)
     codec: str | None = None  # e.g. "video/H264": offered alone (with its RTX), as setCodecPreferences does
     read_index: Callable[[np.ndarray], int] = read_counter  # a received frame's index, from its pixels
+    # False: the offer leaves out abs-send-time, so neither receiver estimates bandwidth (no REMB) and each encoder
+    # keeps its start bitrate. aiortc's VP8 encoder starts afresh, with a keyframe, whenever REMB moves its target
+    # by over 10 %, at frames that differ from session to session under load; sessions compared pixel for pixel
+    # need the lossy coding of their frames to be the same.
+    estimate_bandwidth: bool = True
 
     async def connect(self) -> str:
         async with httpx.AsyncClient(base_url=self.url, timeout=10) as http:
@@ -88,6 +115,8 @@ class ScopeClient:
             self.channel.on("open", self.channel_open.set)
             self.channel.on("message", lambda m: self.messages.append(json.loads(m)))
             if self.input_track is not None:
+                if isinstance(self.input_track, StillTrack) and self.codec not in (None, "video/VP8"):
+                    raise ValueError("a StillTrack sends VP8 keyframes: offer VP8 with it")
                 pc.addTrack(self.input_track)
             elif self.send_video:
                 self.track = CounterTrack()
@@ -102,12 +131,19 @@ class ScopeClient:
                         transceiver.setCodecPreferences(preferred)
             pc.on("track", lambda track: asyncio.ensure_future(self._receive(track)))
             await pc.setLocalDescription(await pc.createOffer())
-            body: dict[str, Any] = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+            sdp = (
+                pc.localDescription.sdp
+                if self.estimate_bandwidth
+                else without_bandwidth_estimation(pc.localDescription.sdp)
+            )
+            body: dict[str, Any] = {"sdp": sdp, "type": pc.localDescription.type}
             if self.initial_parameters is not None:
                 body["initialParameters"] = self.initial_parameters
             response = await http.post("/api/v1/webrtc/offer", json=body)
             assert response.status_code == 200, f"{response.status_code} {response.text}"
             answer = response.json()
+            if not self.estimate_bandwidth:
+                assert "abs-send-time" not in answer["sdp"], "the answer has abs-send-time that the offer left out"
             self.session_id = answer["sessionId"]
             await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
             # Trickle our candidates as a browser would (aiortc also put them in the offer).
@@ -167,6 +203,13 @@ class ScopeClient:
             await connection.close()
         if self.track is not None:
             self.track.stop()
+
+
+def without_bandwidth_estimation(sdp: str) -> str:
+    """`sdp` without the abs-send-time extension and goog-remb feedback: the answer then has neither, so neither
+    side's receiver estimates bandwidth (aiortc's estimator reads abs-send-time) and no REMB is sent."""
+    lines = sdp.split("\r\n")
+    return "\r\n".join(line for line in lines if "abs-send-time" not in line and "goog-remb" not in line)
 
 
 async def offer_sdp(video_sections: int = 1, candidates: bool = True) -> str:
