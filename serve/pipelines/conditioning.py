@@ -74,8 +74,9 @@ class Conditioning:
                 self._transition = None
         if context is not self.context:
             assert context is not None
-            self.set_text(context.to(self.dtype))
+            in_dtype = context.to(self.dtype)
+            self.set_text(in_dtype)
             if self.vace_text_kv is not None:
-                self.vace_text_kv.set(self.models.dit.vace_text_kv(context.to(self.dtype)))  # type: ignore[operator]
+                self.vace_text_kv.set(self.models.dit.vace_text_kv(in_dtype))  # type: ignore[operator]
             self.context = context
         return jumped

@@ -249,7 +249,7 @@ def check_fits(plan: VramPlan, free_bytes: int) -> VramPlan:
 
 def plan_load(pipeline_id: str, load_params: dict[str, Any], devices: list[torch.device], rows: int = 0,
               split: StageSplit | None = None) -> VramPlan:  # fmt: skip
-    """The VRAM plan of this load against each GPU's free memory (serve/pipelines/vram.py), rank 0's returned: one
+    """The VRAM plan of this load (`measure_plan`) against each GPU's free memory, rank 0's returned: one
     device, or with `split` (a staged load) each stage's share on its own GPU. Raises PipelineLoadError naming the
     GPU, need, free memory and what fits. Costs a meta-device dry run: seconds of CPU, no GPU memory. `rows`: the
     stream batch's, counted as asked for (a policy that cannot run it only makes the plan an upper bound)."""

@@ -53,8 +53,7 @@ class StillTrack(VideoStreamTrack):
 
     def __init__(self, image: np.ndarray) -> None:
         super().__init__()
-        self.image = np.ascontiguousarray(image)  # [H, W, 3] uint8
-        self.keyframe = vp8_keyframe(self.image)
+        self.keyframe = vp8_keyframe(np.ascontiguousarray(image))  # [H, W, 3] uint8
 
     async def recv(self) -> av.Packet:
         pts, time_base = await self.next_timestamp()
