@@ -1,13 +1,15 @@
 """Round trips through a real server: aiortc clients send 512×512 at 30 fps through `passthrough` and back.
 
-    python -m benchmarks.serve_passthrough [--seconds 20] [--size 512] [--path old,new,gpu] [--streams 1,2,4]
+    python -m benchmarks.serve_passthrough [--seconds 20] [--size 512] [--path old,vp8,new,gpu] [--streams 1,2,4]
                                            [--scene camera|smooth|counter] [--threads]
                                            [--x264-presets ultrafast,superfast]
 
 `--path old`: the server's `--frame-path host` and VP8 (swscale to RGB in, aiortc's VP8 encoder out: the path before
-issue 13). `--path new`: the default frame path and H.264 asked for by the client (`setCodecPreferences`): the output
-is encoded by our encoder and its packets go straight to aiortc's packetizer (serve/webrtc/encoders.py); on this CPU
-the encoder is libx264 and swscale still converts input (the host is the device). `--path gpu` (a CUDA machine): the
+issue 13). `--path vp8`: the default frame path with VP8 offered first, what a browser running the seed's JavaScript
+unchanged gets: the output is encoded by our libvpx encoder and its packets go straight to aiortc's packetizer
+(serve/webrtc/encoders.py). `--path new`: the default frame path and H.264 asked for by the client
+(`setCodecPreferences`), the same packet path; on this CPU the encoder is libx264 and swscale still converts input
+(the host is the device). `--path gpu` (a CUDA machine): the
 zero-copy path, passthrough loaded on GPU 0 (`"gpus": "0"`) with `--nvdec`, so frames are decoded by NVDEC, converted
 by the colour kernel and encoded by NVENC without a host copy of the picture; each row says which encoder and input
 format the sessions had. Each (path, streams) pair gets a fresh server. `--streams` runs that many clients at once.
@@ -68,16 +70,19 @@ from tests.support.server import load_pipeline, run_server
 FPS = 30
 LOOP_FRAMES = 90  # the clip the clients loop (3 s): its frame index is the round trip's tag
 STRIP = 1 / 16  # height of the index strip, as a fraction of the frame
-CODECS = {"old": ("video/VP8", "libvpx"), "new": ("video/H264", "libx264"), "gpu": ("video/H264", "libx264")}
+CODECS = {  # path → (the codec the clients offer alone, the encoder of their own pre-encoded loop)
+    "old": ("video/VP8", "libvpx"), "vp8": ("video/VP8", "libvpx"), "new": ("video/H264", "libx264"),
+    "gpu": ("video/H264", "libx264"),
+}  # fmt: skip
 BITRATE_BPS = 1_500_000  # the clients' loop, the server's start bitrate, and the encoder-only preset figures
 PSNR_EVERY = 15  # frames received per quality sample (a sample costs the shared cores a few ms)
 THREAD_GROUPS = {  # OS thread name → what it does (serve/threads.py)
     PIPELINE_WORKER: "pipeline worker (swscale in, out)",
-    ENCODER: "our H.264 encoder",
+    ENCODER: "our encoder (libvpx, libx264, NVENC)",
     DECODER: "input decoder",
 }
 MAIN = "event loop (aiortc RTP, our tracks)"
-UNNAMED = "unnamed (aiortc's VP8 encoder, …)"
+UNNAMED = "unnamed (aiortc's own encoders, …)"
 
 
 def tagged_frame(scene: str, index: int, size: int) -> np.ndarray:
@@ -327,7 +332,7 @@ def encoder_alone(preset: str, scene: str, size: int) -> dict[str, float]:
 def measure(args: argparse.Namespace, path: str, streams: int, preset: str | None) -> dict[str, Any]:
     """One fresh server, `streams` clients. `gpu`: the zero-copy path, passthrough on CUDA device 0 with NVDEC in and
     NVENC out (the row's `encoder` and `input_format` say whether they ran)."""
-    extra = {"old": ["--frame-path", "host"], "new": [], "gpu": ["--nvdec"]}[path]
+    extra = {"old": ["--frame-path", "host"], "vp8": [], "new": [], "gpu": ["--nvdec"]}[path]
     if preset is not None:
         extra += ["--x264-preset", preset]
     placement = {"gpus": "0"} if path == "gpu" else {}
@@ -345,7 +350,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--path", default="old,new", help="comma-separated: old, new, gpu (CUDA: NVDEC → NVENC)")
+    parser.add_argument(
+        "--path", default="old,vp8,new", help="comma-separated: old, vp8, new, gpu (CUDA: NVDEC → NVENC)"
+    )
     parser.add_argument("--streams", default="1", help="comma-separated stream counts, e.g. 1,2,4,6")
     parser.add_argument("--scene", choices=["camera", "smooth", "counter"], default="camera")
     parser.add_argument("--threads", action="store_true", help="the server's CPU per thread group, as a table")
@@ -367,7 +374,7 @@ def main() -> None:
                 f"{r['psnr_db']:.2f}",
             )  # fmt: skip
         console.print(encoders)
-    runs = [(path, None) for path in args.path.split(",") if path == "old"]
+    runs = [(path, None) for path in args.path.split(",") if path in ("old", "vp8")]
     runs += [("new", preset) for preset in presets if "new" in args.path.split(",")]
     runs += [("gpu", None)] if "gpu" in args.path.split(",") else []
     rows = []

@@ -68,9 +68,9 @@ class WebRTCSettings:
     frame_path: str = "auto"
     """`auto`: input frames go to a pipeline on a GPU as YUV planes, converted there (kernels/colour.py); on a CPU
     swscale converts them (the host is the device there, and swscale's SIMD converter is 10-15× faster than the
-    torch reference: benchmarks/RESULTS.md). H.264, when negotiated, is encoded by our encoder (NVENC, or libx264)
-    whose packets aiortc sends as they are. `device`: YUV planes even on a CPU (tests run the plumbing so).
-    `host`: the old path (swscale RGB, aiortc's own encoders), kept for comparison (benchmarks/serve_passthrough)."""
+    torch reference: benchmarks/RESULTS.md). The output is encoded by our encoder, whose packets aiortc sends as
+    they are: libvpx for VP8, NVENC or libx264 for H.264. `device`: YUV planes even on a CPU (tests run the plumbing
+    so). `host`: the old path (swscale RGB, aiortc's own encoders), the benchmarks' baseline (serve_passthrough)."""
     nvdec: bool = False
     """Decode incoming H.264 with NVDEC (serve/webrtc/nvdec.py): frames stay on the GPU. CUDA machines only."""
     x264_preset: str = "ultrafast"

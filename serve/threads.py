@@ -16,7 +16,7 @@ PR_SET_NAME = 15  # prctl(2): the calling thread's name, at most 15 bytes
 MAX_NAME_BYTES = 15
 
 PIPELINE_WORKER = "wanrt-pipeline"  # the pipeline worker: input conversion, the model, output conversion
-ENCODER = "wanrt-encode"  # the H.264 packet path's encoder threads (serve/webrtc/tracks.py)
+ENCODER = "wanrt-encode"  # the packet path's encoder threads (serve/webrtc/tracks.py)
 DECODER = "wanrt-decode"  # aiortc's input decoder thread, named by our decoder when aiortc opens it
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None

@@ -1,6 +1,6 @@
-"""Codec choice follows the client: headless Chromium running the seed's JavaScript, with the page asking for H.264
-through `setCodecPreferences` (tests/e2e/prefer_h264.js), gets the H.264 packet path (our encoder, packets straight to
-aiortc's packetizer); the seed's page as it is keeps VP8 (tests/test_browser_seed.py).
+"""Codec choice follows the client: headless Chromium running the seed's JavaScript as it is gets VP8, and with the page
+asking for H.264 through `setCodecPreferences` (tests/e2e/prefer_h264.js) gets H.264; both on the packet path (our
+encoder, packets straight to aiortc's packetizer).
 
 The page's fake camera plays a clip whose frames show their index (tests/support/frames.py), so what the page's
 <video> presents is checked against the frame drawn for the index it reads; tests/e2e/receiver_probe.js samples every
@@ -63,16 +63,25 @@ def increasing_rtp(timestamps: list[int]) -> bool:
     return all(0 < (later - earlier) % RTP_WRAP < RTP_WRAP // 2 for earlier, later in itertools.pairwise(timestamps))
 
 
-def test_page_preferring_h264_gets_the_packet_path(server: RunningServer, tmp_path: Path) -> None:
-    """Issue 13: the clip's frames arrive in order with their content, and a PLI from Chromium gets an IDR at once."""
+@pytest.mark.parametrize(
+    ("preference", "codec", "encoder"),
+    [("", "video/VP8", "libvpx"), ("prefer_h264.js", "video/H264", "libx264")],
+    ids=["seed-as-is-vp8", "prefer-h264"],
+)
+def test_page_gets_its_codec_on_the_packet_path(
+    server: RunningServer, tmp_path: Path, preference: str, codec: str, encoder: str
+) -> None:
+    """Issue 13: the clip's frames arrive in order with their content, and a PLI from Chromium gets a keyframe at
+    once."""
     point_at_server = seed_pointed_at(server.url)
+    # Before the seed's script: the one line a page adds to ask for H.264 (if it does), and the test's probe.
+    seed = '<script src="seed_client.js">'
+    added = [f'<script src="{script}"></script>' for script in (preference, "receiver_probe.js") if script]
 
     def rewrite(name: str, body: bytes) -> bytes:
         body = point_at_server(name, body)
-        if name == "seed_page.html":  # the one line a page adds, before the seed's script (and the test's probe)
-            return body.replace(b'<script src="seed_client.js">', b'<script src="prefer_h264.js"></script>\n'
-                                b'  <script src="receiver_probe.js"></script>\n'
-                                b'  <script src="seed_client.js">')  # fmt: skip
+        if name == "seed_page.html":
+            return body.replace(seed.encode(), "\n  ".join([*added, seed]).encode())
         return body
 
     clip = write_counter_clip(tmp_path / "counter.y4m", CLIP_FRAMES, SIZE, SIZE)
@@ -95,12 +104,13 @@ def test_page_preferring_h264_gets_the_packet_path(server: RunningServer, tmp_pa
             )
             time.sleep(0.2)
         video = httpx.get(metrics_url).json()["video"]
-        assert video["codec"] == "video/H264" and video["encoder"] == "libx264", video
+        assert video["codec"] == codec and video["encoder"] == encoder, video
         inbound = page.evaluate(INBOUND_STATS)
-        assert inbound["codec"] == "video/H264" and inbound["decoded"] >= 30 and inbound["keyFramesDecoded"] >= 1
+        assert inbound["codec"] == codec and inbound["decoded"] >= 30 and inbound["keyFramesDecoded"] >= 1
 
-        # A PLI from the browser (the Encoded Transform's sendKeyFrameRequest): the next frame encoded is an IDR.
-        # (Unasked IDRs are no fault here: libx264 reopens with one when Chromium's REMB moves the bitrate, seconds in.)
+        # A PLI from the browser (the Encoded Transform's sendKeyFrameRequest): the next frame encoded is a keyframe.
+        # (Unasked keyframes are no fault here: the encoder reopens with one when Chromium's REMB moves the bitrate,
+        # seconds in.)
         request = page.evaluate("receiverProbe.requestKeyFrame()")
         assert "requestedAt" in request, request
 
@@ -112,7 +122,7 @@ def test_page_preferring_h264_gets_the_packet_path(server: RunningServer, tmp_pa
             assert time.monotonic() < deadline, f"{len(after)} frames since the PLI; server:\n{server.log()[-3000:]}"
             time.sleep(0.1)
         keyframe = next((i for i, frame in enumerate(after) if frame["type"] == "key"), None)
-        # The frame after the request may have been encoded before the PLI landed; the one after it is the IDR.
+        # The frame after the request may have been encoded before the PLI landed; the one after it is the keyframe.
         assert keyframe is not None and keyframe <= 1, [frame["type"] for frame in after]
         assert after[keyframe]["at"] - request["requestedAt"] < (3 * FRAME_INTERVAL_S + 0.1) * 1000
 
@@ -125,7 +135,7 @@ def test_page_preferring_h264_gets_the_packet_path(server: RunningServer, tmp_pa
                 break
             assert time.monotonic() < deadline, f"browser sent {sent}, server counted {counted}"
             time.sleep(0.1)
-        assert sent["requests"] >= 1 and counted["keyframes"] >= 1 + 1, (sent, counted)  # the first IDR, the asked one
+        assert sent["requests"] >= 1 and counted["keyframes"] >= 1 + 1, (sent, counted)  # the first, the asked one
         assert counted["keyframes"] >= sent["keyFramesDecoded"] >= 2, (sent, counted)
 
         received = page.evaluate("receiverProbe.encodedFrames()")

@@ -219,10 +219,10 @@ def test_host_and_device_rgb_to_nv12_agree() -> None:
     on the grainy scene and on noise (swscale's default bilinear decimation was up to 6 / 29 levels off in chroma)."""
     from av.video.reformatter import VideoReformatter
 
-    from serve.webrtc.encoders import host_rgb_to_nv12
+    from serve.webrtc.encoders import host_rgb_to_yuv420
 
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     for rgb in (textured_scene(5, 128, 128), noise):
-        host = host_rgb_to_nv12(VideoReformatter(), rgb).to_ndarray().astype(int)
+        host = host_rgb_to_yuv420(VideoReformatter(), rgb).to_ndarray().astype(int)
         device = rgb_to_nv12_reference(torch.from_numpy(rgb)).numpy().astype(int)
         assert np.abs(host - device).max() <= 1

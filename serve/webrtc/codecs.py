@@ -1,4 +1,4 @@
-"""Codec plumbing: aiortc's software encoder settings, and the H.264 packet path's hooks on its sender.
+"""Codec plumbing: aiortc's bitrate bounds, and the packet path's hooks on its sender.
 
 aiortc caps VP8 at 1.5 Mb/s and starts it at 0.5 Mb/s, which smears generated 512×512 video; the receiver's REMB
 estimate still steers the bitrate inside these bounds. Like ICE, these are module attributes, set once per process.
@@ -34,8 +34,8 @@ def hook_sender(transceiver: RTCRtpTransceiver, request_keyframe: Callable[[], N
     """Route the sender's PLI/FIR to `request_keyframe`, and return a reader of its receiver bitrate estimate.
 
     With pre-encoded packets aiortc's PLI/FIR handling only sets a private flag its pack path ignores, and REMB
-    sets `target_bitrate` on its own (unused) H264Encoder; both are read through aiortc 1.16's internals here, and
-    tests/test_packet_path.py checks that they still work."""
+    sets `target_bitrate` on its own encoder, which then only packetizes; both are read through aiortc 1.16's
+    internals here, and tests/test_packet_path.py checks that they still work."""
     sender = transceiver.sender
     sender._send_keyframe = request_keyframe  # type: ignore[method-assign]  # the method RTCP PLI and FIR call
 

@@ -1,17 +1,23 @@
-"""H.264 encoders whose `av.Packet`s aiortc packetizes as they are (its pre-encoded path, reference/trt.md §6).
+"""Encoders whose `av.Packet`s aiortc packetizes as they are (its pre-encoded path, reference/trt.md §6).
 
-A track that returns `av.Packet`s from `recv()` makes aiortc's RTCRtpSender skip its own encoder and call
-`H264Encoder.pack` (NAL split, STAP-A / FU-A). Two things the sender then no longer does, the output track does
-(serve/webrtc/tracks.py, serve/webrtc/codecs.py): a PLI/FIR forces an IDR here, and the receiver's REMB estimate
-(which aiortc still writes on its unused encoder) becomes `target_bitrate` here.
+A track that returns `av.Packet`s from `recv()` makes aiortc's RTCRtpSender skip its own encoder and call its
+codec's `pack` (H.264: NAL split, STAP-A / FU-A; VP8: the payload descriptor and 1300-byte fragments). Two things the
+sender then no longer does, the output track does (serve/webrtc/tracks.py, serve/webrtc/codecs.py): a PLI/FIR
+forces a keyframe here, and the receiver's REMB estimate (which aiortc still writes on its unused encoder) becomes
+`target_bitrate` here.
 
 - `X264Encoder`: PyAV's libx264 on the CPU. Measured here at 512×512 on the camera-like scene: `ultrafast` (the
   default, `--x264-preset`) 1.4 ms a frame and `superfast` 1.9 ms at the same PSNR, against 4.4 ms for aiortc's VP8
   and 13 ms for aiortc's own libx264 (preset medium), each with its RGB → YUV conversion (benchmarks/RESULTS.md).
 - `NvencEncoder`: NVENC through PyNvVideoCodec, fed NV12 straight from device memory (CUDA only; imported lazily,
   because its import fails without the NVENC driver library).
-Both write Constrained Baseline (what aiortc offers: profile-level-id 42e01f / 42001f), no B-frames, SPS/PPS before
-every IDR, and VUI colour tags matching kernels/colour.py's RGB → NV12 conversion (BT.601 limited).
+- `Vp8Encoder`: PyAV's libvpx with aiortc's real-time settings, for the clients that take VP8 (every browser that
+  is not told otherwise, so the seed's JavaScript). aiortc's own VP8 encoder converts each RGB frame with a fresh
+  swscale context and thread pool and reopens libvpx, a keyframe, whenever the estimate moves by 10 %; here one
+  single-threaded context converts on the pipeline worker, and a retune reopens at most once a second.
+The H.264 ones write Constrained Baseline (what aiortc offers: profile-level-id 42e01f / 42001f), no B-frames,
+SPS/PPS before every IDR, and VUI colour tags matching kernels/colour.py's RGB → NV12 conversion (BT.601 limited);
+VP8 has no colour tags, and its decoders assume BT.601 limited, the same conversion.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ log = logging.getLogger(__name__)
 KEYFRAME_INTERVAL_S = 10  # an IDR at least this often, for a receiver whose PLI got lost
 FRAME_RATE_HINT = 30  # rate control's frame-rate assumption; timestamps still come from the frames
 BITRATE_STEP = 0.1  # retune the encoder when the target moves by more than this fraction (as aiortc does)
-REOPEN_MIN_FRAMES = FRAME_RATE_HINT  # libx264 retunes by reopening (an IDR): at most once a second of frames
+REOPEN_MIN_FRAMES = FRAME_RATE_HINT  # FFmpeg's encoders retune by reopening (a keyframe): at most once a second
 
 
 NAL_IDR, NAL_SPS, NAL_PPS = 5, 7, 8
@@ -51,21 +57,35 @@ def nal_types(data: bytes) -> list[int]:
     return types
 
 
+def is_vp8_keyframe(data: bytes) -> bool:
+    """The VP8 frame tag's first bit is 0 on a key frame (RFC 6386 §9.1)."""
+    return not data[0] & 1
+
+
 # swscale's area filter: its 2:1 decimation is the 2×2 mean. Its default (bilinear) one averages the two columns but
 # spreads each chroma row over four luma rows ([1, 3, 3, 1] / 8, same midway siting), which put its chroma up to 6
 # levels from the kernel's on a textured scene. FULL_CHR_H_INP: chroma is read at full width and then decimated by
 # that filter (rather than read at half width): the same values within 1 level, in about half the time measured here
 # (0.40 vs 0.76 ms at 512², benchmarks/RESULTS.md issue 13).
-NV12_FLAGS = Interpolation.AREA | Interpolation.FULL_CHR_H_INP
+CHROMA_FLAGS = Interpolation.AREA | Interpolation.FULL_CHR_H_INP
 
 
-def host_rgb_to_nv12(reformatter: VideoReformatter, rgb: np.ndarray) -> VideoFrame:
-    """uint8 RGB [H, W, 3] → an NV12 frame by swscale, in kernels/colour.py's convention (BT.601 limited, each chroma
-    sample the mean of its 2×2 block)."""
+def host_rgb_to_yuv420(reformatter: VideoReformatter, rgb: np.ndarray, pix_fmt: str = "nv12") -> VideoFrame:
+    """uint8 RGB [H, W, 3] → an NV12 (or planar yuv420p) frame by swscale, in kernels/colour.py's convention (BT.601
+    limited, each chroma sample the mean of its 2×2 block)."""
     frame = VideoFrame.from_ndarray(rgb, format="rgb24")
     return reformatter.reformat(
-        frame, format="nv12", dst_colorspace="ITU601", dst_color_range="MPEG", interpolation=NV12_FLAGS, threads=1
+        frame, format=pix_fmt, dst_colorspace="ITU601", dst_color_range="MPEG", interpolation=CHROMA_FLAGS, threads=1
     )
+
+
+def nv12_to_i420(nv12: torch.Tensor) -> torch.Tensor:
+    """NV12 [H + H/2, W] → yuv420p in PyAV's array layout, [H + H/2, W] holding the Y, U and V planes one after the
+    other (U and V are the interleaved chroma's even and odd bytes), on the tensor's device."""
+    height = nv12.shape[0] * 2 // 3
+    chroma = nv12[height:]
+    planes = (nv12[:height].reshape(-1), chroma[:, 0::2].reshape(-1), chroma[:, 1::2].reshape(-1))
+    return torch.cat(planes).reshape(nv12.shape)
 
 
 class DeviceFrame:
@@ -105,7 +125,11 @@ class PacketEncoder(ABC):
 
     @abstractmethod
     def _encode(self, frame: Any, keyframe: bool) -> bytes | None:
-        """One frame → one H.264 access unit in Annex B (None while the encoder holds it back)."""
+        """One frame → one encoded frame (H.264: an access unit in Annex B), None while the encoder holds it back."""
+
+    def is_keyframe(self, data: bytes) -> bool:
+        """Whether an encoded frame can start a stream (H.264: it holds an IDR)."""
+        return NAL_IDR in nal_types(data)
 
     def encode(self, frame: Any, keyframe: bool) -> av.Packet | None:
         data = self._encode(frame, keyframe)
@@ -114,7 +138,7 @@ class PacketEncoder(ABC):
             return None
         packet = av.Packet(data)
         packet.pts, packet.time_base = frame.pts, frame.time_base
-        if NAL_IDR in nal_types(data):
+        if self.is_keyframe(data):
             self.keyframes += 1
         return packet
 
@@ -122,12 +146,13 @@ class PacketEncoder(ABC):
         """Release the encoder; idempotent."""
 
 
-class X264Encoder(PacketEncoder):
-    name = "libx264"
+class LibavEncoder(PacketEncoder):
+    """One of FFmpeg's CPU encoders through PyAV, one thread, fed by one swscale context for the stream."""
 
-    def __init__(self, bitrate_bps: int, preset: str = WebRTCSettings.x264_preset) -> None:
+    pix_fmt: str  # what the codec takes: nv12 or yuv420p
+
+    def __init__(self, bitrate_bps: int) -> None:
         super().__init__(bitrate_bps)
-        self.preset = preset
         self._codec: Any = None
         self._opened_at = 0  # `frames` when the codec was last opened
         # One swscale context for the stream, one thread: a fresh frame's own reformatter builds a context and a
@@ -136,16 +161,51 @@ class X264Encoder(PacketEncoder):
 
     def prepare(self, frames: np.ndarray | torch.Tensor, stamps: list[FrameStamp]) -> list[VideoFrame]:
         """Host frames: swscale converts them (on a CPU it is several times faster than the torch reference).
-        Device frames: the kernel converts them there, and only NV12 (half the bytes of RGB) comes to the host."""
+        Device frames: the kernel converts them there, and only YUV (half the bytes of RGB) comes to the host."""
         out = []
         for image, stamp in zip(frames, stamps, strict=True):
             if isinstance(image, np.ndarray):
-                frame = host_rgb_to_nv12(self._reformatter, np.ascontiguousarray(image))
+                frame = host_rgb_to_yuv420(self._reformatter, np.ascontiguousarray(image), self.pix_fmt)
             else:
-                frame = VideoFrame.from_ndarray(rgb_to_nv12(image, BT601_LIMITED).cpu().numpy(), format="nv12")
+                yuv = rgb_to_nv12(image, BT601_LIMITED)
+                yuv = yuv if self.pix_fmt == "nv12" else nv12_to_i420(yuv)
+                frame = VideoFrame.from_ndarray(yuv.cpu().numpy(), format=self.pix_fmt)
             frame.pts, frame.time_base = stamp.pts, stamp.time_base
             out.append(frame)
         return out
+
+    @abstractmethod
+    def _open(self, frame: VideoFrame) -> Any:
+        """A codec context opened for `frame`'s size at `target_bitrate`."""
+
+    def _encode(self, frame: VideoFrame, keyframe: bool) -> bytes | None:
+        codec = self._codec
+        if codec is not None and (frame.width, frame.height) != (codec.width, codec.height):
+            codec = None  # a new resolution (a reload): a new stream, starting with a keyframe
+        retune = abs(self.target_bitrate - codec.bit_rate) > BITRATE_STEP * codec.bit_rate if codec else False
+        if codec is None or (retune and self.frames - self._opened_at >= REOPEN_MIN_FRAMES):
+            # A retune reopens at the new rate, as aiortc's own encoders do: setting bit_rate on the open context
+            # does not retune it. x264 takes a new bitrate mid-stream only together with its VBV settings, and
+            # FFmpeg resets those from the context's rc_max_rate, which PyAV cannot set after open (measured: the
+            # output kept its first rate); FFmpeg's libvpx wrapper reads its rate at open only (measured likewise).
+            # The new stream starts with a keyframe, so an estimate that moves every frame still costs at most one
+            # keyframe a second.
+            codec = self._codec = self._open(frame)
+            self._opened_at = self.frames
+        frame.pict_type = av.video.frame.PictureType.I if keyframe else av.video.frame.PictureType.NONE
+        return b"".join(bytes(packet) for packet in codec.encode(frame)) or None
+
+    def close(self) -> None:
+        self._codec = None
+
+
+class X264Encoder(LibavEncoder):
+    name = "libx264"
+    pix_fmt = "nv12"
+
+    def __init__(self, bitrate_bps: int, preset: str = WebRTCSettings.x264_preset) -> None:
+        super().__init__(bitrate_bps)
+        self.preset = preset
 
     def _open(self, frame: VideoFrame) -> Any:
         codec = av.CodecContext.create("libx264", "w")
@@ -169,24 +229,34 @@ class X264Encoder(PacketEncoder):
         codec.profile = "Baseline"  # x264's baseline is Constrained Baseline (no FMO/ASO/redundant slices)
         return codec
 
-    def _encode(self, frame: VideoFrame, keyframe: bool) -> bytes | None:
-        codec = self._codec
-        if codec is not None and (frame.width, frame.height) != (codec.width, codec.height):
-            codec = None  # a new resolution (a reload): a new stream of IDR + headers
-        retune = abs(self.target_bitrate - codec.bit_rate) > BITRATE_STEP * codec.bit_rate if codec else False
-        if codec is None or (retune and self.frames - self._opened_at >= REOPEN_MIN_FRAMES):
-            # A retune reopens at the new rate, as aiortc's own encoders do: setting bit_rate on the open context
-            # does not retune it. x264 takes a new bitrate mid-stream only together with its VBV settings, and
-            # FFmpeg resets those from the context's rc_max_rate, which PyAV cannot set after open (measured: the
-            # output kept its first rate). The new stream starts with an IDR and its headers, so an estimate that
-            # moves every frame still costs at most one keyframe a second.
-            codec = self._codec = self._open(frame)
-            self._opened_at = self.frames
-        frame.pict_type = av.video.frame.PictureType.I if keyframe else av.video.frame.PictureType.NONE
-        return b"".join(bytes(packet) for packet in codec.encode(frame)) or None
 
-    def close(self) -> None:
-        self._codec = None
+class Vp8Encoder(LibavEncoder):
+    name = "libvpx"
+    preset = "realtime"  # libvpx's real-time deadline at cpu-used -6 (`_open`)
+    pix_fmt = "yuv420p"  # the only 4:2:0 layout FFmpeg's VP8 encoder takes
+
+    def is_keyframe(self, data: bytes) -> bool:
+        return is_vp8_keyframe(data)
+
+    def _open(self, frame: VideoFrame) -> Any:
+        codec = av.CodecContext.create("libvpx", "w")
+        codec.width, codec.height, codec.pix_fmt = frame.width, frame.height, "yuv420p"
+        codec.time_base = frame.time_base
+        codec.framerate = Fraction(FRAME_RATE_HINT, 1)
+        codec.bit_rate = self.target_bitrate
+        codec.gop_size = KEYFRAME_INTERVAL_S * FRAME_RATE_HINT
+        codec.qmin, codec.qmax = 2, 56
+        codec.thread_count = 1  # as for x264: one core per stream at most
+        rate = str(self.target_bitrate)
+        # aiortc's real-time settings, so the two VP8 paths differ only in how frames reach libvpx and how often it
+        # reopens: CBR (minrate = maxrate = the target), a one-second buffer, no look-ahead, one token partition,
+        # real-time speed 6, its temporal denoiser at level 4.
+        codec.options = {
+            "deadline": "realtime", "cpu-used": "-6", "lag-in-frames": "0", "bufsize": rate, "minrate": rate,
+            "maxrate": rate, "undershoot-pct": "100", "overshoot-pct": "15", "noise-sensitivity": "4",
+            "static-thresh": "1", "partitions": "0",
+        }  # fmt: skip
+        return codec
 
 
 class NvencEncoder(PacketEncoder):
@@ -269,8 +339,13 @@ def _bitstream(out: Any) -> bytes:
 _said: set[str] = set()
 
 
-def make_encoder(device: torch.device, bitrate_bps: int, x264_preset: str) -> PacketEncoder:
-    """NVENC where the pipeline's device is a CUDA GPU with NVENC, else libx264; one log line says which and why."""
+def make_encoder(codec: str, device: torch.device, bitrate_bps: int, x264_preset: str) -> PacketEncoder | None:
+    """The encoder for a negotiated codec (a mimeType), None for one aiortc encodes itself. H.264: NVENC where the
+    pipeline's device is a CUDA GPU with NVENC, else libx264; one log line says which and why."""
+    if codec == "video/VP8":
+        return Vp8Encoder(bitrate_bps)
+    if codec != "video/H264":
+        return None
     reason = "the pipeline runs on the CPU"
     if device.type == "cuda":
         try:

@@ -174,17 +174,18 @@ class PeerSession:
         return pc.localDescription
 
     def _choose_output_path(self) -> None:
-        """H.264 negotiated (and the device frame path on): our encoder, packets straight to aiortc's packetizer.
-        VP8: aiortc's own encoder, from frames."""
+        """VP8 or H.264 negotiated (and the frame path not `host`): our encoder, its packets straight to aiortc's
+        packetizer. Otherwise aiortc's own encoder, from frames."""
         transceiver = next(t for t in self.pc.getTransceivers() if t.sender.track is self.output)
         codec = sending_codec(transceiver)
         self.output_codec = codec
-        if self._settings.frame_path == "host" or codec != "video/H264":
+        encoder = None
+        if self._settings.frame_path != "host" and codec is not None:
+            bitrate = self._settings.start_bitrate_kbps * 1000
+            encoder = make_encoder(codec, pipeline_device(self.pipeline), bitrate, self._settings.x264_preset)
+        if encoder is None:
             log.info("session=%s output codec=%s encoder=aiortc", self.id, codec)
             return
-        encoder = make_encoder(
-            pipeline_device(self.pipeline), self._settings.start_bitrate_kbps * 1000, self._settings.x264_preset
-        )
         self.output.use_encoder(encoder, hook_sender(transceiver, self.output.request_keyframe))
         # NVENC reads device memory: the pipeline's output frames need not come to the host at all.
         self.slot.stream.keep_output_on_device = encoder.reads_device_memory

@@ -1,9 +1,9 @@
 """The outgoing video track: frames from the pipeline worker, played out at the pace of their timestamps.
 
-Two ways out: `av.VideoFrame`s that aiortc encodes itself (VP8, and the `--frame-path host` fallback), or, once
-`use_encoder` is called (H.264 negotiated), `av.Packet`s from our own encoder (serve/webrtc/encoders.py), which
-aiortc packetizes as they are. Then a keyframe request (`request_keyframe`, the sender's PLI/FIR) makes the next
-frame encoded an IDR, and `bitrate_source` (the receiver's REMB estimate) steers the encoder's bitrate.
+Two ways out: once `use_encoder` is called (VP8 or H.264 negotiated), `av.Packet`s from our own encoder
+(serve/webrtc/encoders.py), which aiortc packetizes as they are; then a keyframe request (`request_keyframe`, the
+sender's PLI/FIR) makes the next frame encoded a keyframe, and `bitrate_source` (the receiver's REMB estimate) steers
+the encoder's bitrate. Otherwise (`--frame-path host`, another codec) `av.VideoFrame`s that aiortc encodes itself.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class OutputTrack(MediaStreamTrack):
         self.bitrate_source = bitrate_source
 
     def request_keyframe(self) -> None:
-        """On the event loop (the sender's PLI/FIR): the next frame encoded is an IDR."""
+        """On the event loop (the sender's PLI/FIR): the next frame encoded is a keyframe (H.264: an IDR)."""
         self._keyframe_requested = True
         self.keyframes_requested += 1
 

@@ -13,10 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aioice.ice
+import aiortc.rtcrtpreceiver
 import av
 import httpx
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription, VideoStreamTrack
+from aiortc.codecs import get_decoder
+from aiortc.codecs.base import Decoder
+from aiortc.codecs.vpx import Vp8Decoder
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
 
@@ -24,6 +28,22 @@ from tests.support.frames import draw_counter, read_counter
 
 # aioice leaves 127.0.0.1 out of host candidates; the tests run everything over loopback.
 aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"] if use_ipv4 else []
+
+
+class KeyframeMarkingVp8Decoder(Vp8Decoder):
+    """FFmpeg's own VP8 decoder where aiortc opens libvpx's: it marks key frames (libvpx's wrapper leaves every frame
+    unmarked), which the tests check after a PLI; the pictures are the same bit for bit."""
+
+    def __init__(self) -> None:
+        self.codec = av.CodecContext.create("vp8", "r")
+
+
+def client_decoder(codec: Any) -> Decoder:
+    return KeyframeMarkingVp8Decoder() if codec.mimeType.lower() == "video/vp8" else get_decoder(codec)
+
+
+# The clients' receivers decode with it (aiortc looks the decoder up by this name; the servers are other processes).
+aiortc.rtcrtpreceiver.get_decoder = client_decoder  # type: ignore[assignment]
 
 
 class CounterTrack(VideoStreamTrack):
