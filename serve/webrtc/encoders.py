@@ -176,7 +176,17 @@ class LibavEncoder(PacketEncoder):
 
     @abstractmethod
     def _open(self, frame: VideoFrame) -> Any:
-        """A codec context opened for `frame`'s size at `target_bitrate`."""
+        """A codec context set up for `frame`'s size at `target_bitrate` (PyAV opens it at the first frame)."""
+
+    def _context(self, codec_name: str, frame: VideoFrame) -> Any:
+        """What every `_open` sets: `frame`'s size and timestamps, the target bitrate, one thread."""
+        codec = av.CodecContext.create(codec_name, "w")
+        codec.width, codec.height, codec.pix_fmt = frame.width, frame.height, self.pix_fmt
+        codec.time_base = frame.time_base
+        codec.framerate = Fraction(FRAME_RATE_HINT, 1)
+        codec.bit_rate = self.target_bitrate
+        codec.thread_count = 1  # one core per stream at most: many streams share two cores better than slices do
+        return codec
 
     def _encode(self, frame: VideoFrame, keyframe: bool) -> bytes | None:
         codec = self._codec
@@ -208,12 +218,7 @@ class X264Encoder(LibavEncoder):
         self.preset = preset
 
     def _open(self, frame: VideoFrame) -> Any:
-        codec = av.CodecContext.create("libx264", "w")
-        codec.width, codec.height, codec.pix_fmt = frame.width, frame.height, "nv12"
-        codec.time_base = frame.time_base
-        codec.framerate = Fraction(FRAME_RATE_HINT, 1)
-        codec.bit_rate = self.target_bitrate
-        codec.thread_count = 1  # one core per stream at most: many streams share two cores better than slices do
+        codec = self._context("libx264", frame)
         kbps = self.target_bitrate // 1000
         codec.options = {
             "preset": self.preset,
@@ -239,14 +244,9 @@ class Vp8Encoder(LibavEncoder):
         return is_vp8_keyframe(data)
 
     def _open(self, frame: VideoFrame) -> Any:
-        codec = av.CodecContext.create("libvpx", "w")
-        codec.width, codec.height, codec.pix_fmt = frame.width, frame.height, "yuv420p"
-        codec.time_base = frame.time_base
-        codec.framerate = Fraction(FRAME_RATE_HINT, 1)
-        codec.bit_rate = self.target_bitrate
+        codec = self._context("libvpx", frame)
         codec.gop_size = KEYFRAME_INTERVAL_S * FRAME_RATE_HINT
         codec.qmin, codec.qmax = 2, 56
-        codec.thread_count = 1  # as for x264: one core per stream at most
         rate = str(self.target_bitrate)
         # aiortc's real-time settings, so the two VP8 paths differ only in how frames reach libvpx and how often it
         # reopens: CBR (minrate = maxrate = the target), a one-second buffer, no look-ahead, one token partition,
