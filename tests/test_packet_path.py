@@ -165,9 +165,12 @@ async def test_packets_stream_to_an_aiortc_client_and_pli_gives_a_keyframe(
         await client.wait_frames(before + 6)
         after = client.frames[before:]
         keyframe = next(i for i, f in enumerate(after) if f.key_frame)
-        # Frame 0 may have been encoded before the PLI landed; the one after it is the keyframe (one frame interval).
-        assert keyframe <= 1, [f.key_frame for f in after]
-        assert after[keyframe].at - sent_at < 3 * FRAME_INTERVAL_S + 0.1
+        # The frame being encoded when the PLI lands is not one; the one after it is (one frame interval). Before
+        # them come the frames already in this client's own receive path when the PLI left (its jitter buffer and
+        # decoder queue): none on a quiet machine, two with six busy processes beside the test. Without the PLI the
+        # next keyframe would be seconds away (KEYFRAME_INTERVAL_S, or a bitrate reopen).
+        assert keyframe <= 3, [f.key_frame for f in after]
+        assert after[keyframe].at - sent_at < 3 * FRAME_INTERVAL_S + 0.1, after[keyframe].at - sent_at
         metrics = httpx.get(f"{passthrough.url}/api/v1/sessions/{client.session_id}/metrics").json()["video"]
         assert metrics["keyframes_requested"] >= 1 and metrics["keyframes"] >= 2
         # aiortc's receiver sends REMB: its estimate replaced the start bitrate on our encoder.
