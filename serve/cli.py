@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from build_engines.commands import add_engines_parser
 from build_engines.commands import run as run_engines_command
-from serve.settings import X264_PRESETS, AccessSettings, CorsSettings, RequestLimits, ServerSettings
+from serve.settings import CODEC_PREFERENCES, X264_PRESETS, AccessSettings, CorsSettings, RequestLimits, ServerSettings
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -125,8 +125,16 @@ def add_server_options(serve: argparse.ArgumentParser, defaults: ServerSettings)
         "--frame-path",
         choices=["auto", "device", "host"],
         default=defaults.webrtc.frame_path,
-        help="auto: YUV planes converted on the pipeline's GPU (swscale on a CPU), H.264 by NVENC/libx264 straight "
-        "to RTP; device: YUV planes even on a CPU; host: swscale RGB and aiortc's own encoders (the old path)",
+        help="auto: YUV planes converted on the pipeline's GPU (swscale on a CPU), VP8 by libvpx and H.264 by "
+        "NVENC/libx264 straight to RTP; device: YUV planes even on a CPU; host: swscale RGB and aiortc's own encoders "
+        "(the old path)",
+    )
+    serve.add_argument(
+        "--codec-preference",
+        choices=CODEC_PREFERENCES,
+        default=defaults.webrtc.codec_preference,
+        help="client: answer in the offer's codec order (browsers offer VP8 first); h264: H.264 whenever offered, "
+        "both ways (cheaper to encode; NVDEC/NVENC on a GPU) (env WANRT_CODEC_PREFERENCE; default %(default)s)",
     )
     serve.add_argument(
         "--x264-preset",
@@ -236,6 +244,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             frame_path=args.frame_path,
             nvdec=args.nvdec,
             x264_preset=args.x264_preset,
+            codec_preference=args.codec_preference,
             peer_timeout_s=args.peer_timeout_s,
             connect_timeout_s=args.connect_timeout_s,
         ),

@@ -7,6 +7,7 @@ here. Nothing else in the server reads the environment.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,15 @@ from pathlib import Path
 # admitted either.
 DEFAULT_CORS_ORIGIN_REGEX = r"http://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?"
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")  # libx264's, fastest first
+CODEC_PREFERENCES = ("client", "h264")
+
+
+def one_of(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    """An environment value that must be one of `choices` (argparse checks the flag, not its default)."""
+    value = env.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,11 @@ class WebRTCSettings:
     so). `host`: the old path (swscale RGB, aiortc's own encoders), the benchmarks' baseline (serve_passthrough)."""
     nvdec: bool = False
     """Decode incoming H.264 with NVDEC (serve/webrtc/nvdec.py): frames stay on the GPU. CUDA machines only."""
+    codec_preference: str = "client"
+    """`client`: the answer lists the codecs in the offer's order, so a browser that offers VP8 first (every browser,
+    unless told otherwise) gets VP8 both ways. `h264`: H.264 first whenever the offer has it, so the seed's JavaScript
+    as it is gets H.264 both ways: the cheaper encoder on a CPU (libx264 `ultrafast` against libvpx), and on a GPU
+    NVDEC in (with `--nvdec`) and NVENC out, frames never on the host (README, "Choosing the video codec")."""
     x264_preset: str = "ultrafast"
     """libx264's preset on the H.264 packet path without NVENC (one of X264_PRESETS). `ultrafast` cost 1.4 ms a 512²
     frame against `superfast`'s 1.9-2.3, at the same PSNR on the camera-like scene at 1.5 Mb/s, and 2.0 against 2.7
@@ -176,6 +191,9 @@ class ServerSettings:
                 max_sessions=int(env.get("WANRT_MAX_SESSIONS", WebRTCSettings.max_sessions)),
                 peer_timeout_s=float(env.get("WANRT_PEER_TIMEOUT_S", WebRTCSettings.peer_timeout_s)),
                 connect_timeout_s=float(env.get("WANRT_CONNECT_TIMEOUT_S", WebRTCSettings.connect_timeout_s)),
+                codec_preference=one_of(
+                    env, "WANRT_CODEC_PREFERENCE", CODEC_PREFERENCES, WebRTCSettings.codec_preference
+                ),
             ),
             assets=AssetSettings(
                 directory=Path(env.get("WANRT_ASSETS_DIR", home / "assets")),

@@ -1,6 +1,7 @@
 """Codec choice follows the client: headless Chromium running the seed's JavaScript as it is gets VP8, and with the page
-asking for H.264 through `setCodecPreferences` (tests/e2e/prefer_h264.js) gets H.264; both on the packet path (our
-encoder, packets straight to aiortc's packetizer).
+asking for H.264 through `setCodecPreferences` (tests/e2e/prefer_h264.js) gets H.264; a server started with
+`--codec-preference h264` gives the seed's page as it is H.264; all on the packet path (our encoder, packets straight
+to aiortc's packetizer), and the browser sends the codec it receives.
 
 The page's fake camera plays a clip whose frames show their index (tests/support/frames.py), so what the page's
 <video> presents is checked against the frame drawn for the index it reads; tests/e2e/receiver_probe.js samples every
@@ -9,6 +10,7 @@ presented frame and, through an Encoded Transform on the receiver, sees each enc
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ import pytest
 
 from tests.support.browser import E2E, launch_chromium, seed_pointed_at, static_server, write_counter_clip
 from tests.support.frames import COUNTER_BITS, draw_counter, read_counter
-from tests.support.server import RunningServer
+from tests.support.server import RunningServer, run_server
 
 SIZE = 256  # the clip's, the camera's and the load's: the server's resize to the loaded resolution is the identity
 CLIP_FRAMES = 300  # 10 s at 30 fps, longer than the test streams; the fake camera loops it
@@ -38,8 +40,10 @@ pytestmark = pytest.mark.browser
 INBOUND_STATS = """(async () => {
     const stats = await window.stream.pc.getStats();
     const report = [...stats.values()].find((r) => r.type === "inbound-rtp" && r.kind === "video");
+    const outbound = [...stats.values()].find((r) => r.type === "outbound-rtp" && r.kind === "video");
     return { codec: stats.get(report.codecId).mimeType, decoded: report.framesDecoded,
-             keyFramesDecoded: report.keyFramesDecoded, requests: report.pliCount + report.firCount };
+             keyFramesDecoded: report.keyFramesDecoded, requests: report.pliCount + report.firCount,
+             sending: outbound && outbound.codecId ? stats.get(outbound.codecId).mimeType : null };
 })()"""
 
 
@@ -64,15 +68,26 @@ def increasing_rtp(timestamps: list[int]) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("preference", "codec", "encoder"),
-    [("", "video/VP8", "libvpx"), ("prefer_h264.js", "video/H264", "libx264")],
-    ids=["seed-as-is-vp8", "prefer-h264"],
+    ("preference", "server_preference", "codec", "encoder"),
+    [
+        ("", None, "video/VP8", "libvpx"),
+        ("prefer_h264.js", None, "video/H264", "libx264"),
+        ("", "h264", "video/H264", "libx264"),
+    ],
+    ids=["seed-as-is-vp8", "prefer-h264", "server-prefers-h264"],
 )
 def test_page_gets_its_codec_on_the_packet_path(
-    server: RunningServer, tmp_path: Path, preference: str, codec: str, encoder: str
+    server: RunningServer, tmp_path: Path, preference: str, server_preference: str | None, codec: str, encoder: str
 ) -> None:
     """Issue 13: the clip's frames arrive in order with their content, and a PLI from Chromium gets a keyframe at
     once."""
+    with contextlib.ExitStack() as stack:
+        if server_preference is not None:  # a server of its own, started with the preference
+            server = stack.enter_context(run_server(tmp_path, "--codec-preference", server_preference))
+        check_the_packet_path(server, tmp_path, preference, codec, encoder)
+
+
+def check_the_packet_path(server: RunningServer, tmp_path: Path, preference: str, codec: str, encoder: str) -> None:
     point_at_server = seed_pointed_at(server.url)
     # Before the seed's script: the one line a page adds to ask for H.264 (if it does), and the test's probe.
     seed = '<script src="seed_client.js">'
@@ -107,6 +122,7 @@ def test_page_gets_its_codec_on_the_packet_path(
         assert video["codec"] == codec and video["encoder"] == encoder, video
         inbound = page.evaluate(INBOUND_STATS)
         assert inbound["codec"] == codec and inbound["decoded"] >= 30 and inbound["keyFramesDecoded"] >= 1
+        assert inbound["sending"] == codec, inbound  # the camera goes out in the answer's first codec too (JSEP)
 
         # A PLI from the browser (the Encoded Transform's sendKeyFrameRequest): the next frame encoded is a keyframe.
         # (Unasked keyframes are no fault here: the encoder reopens with one when Chromium's REMB moves the bitrate,

@@ -30,6 +30,19 @@ def test_host_and_port_come_from_flags_then_environment(monkeypatch: pytest.Monk
     assert settings.port == 9002 and settings.cors.extra_origins == ("https://a.example",)
 
 
+def test_codec_preference_comes_from_the_flag_then_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from_args(build_parser().parse_args(["serve"])).webrtc.codec_preference == "client"
+    monkeypatch.setenv("WANRT_CODEC_PREFERENCE", "h264")
+    assert settings_from_args(build_parser().parse_args(["serve"])).webrtc.codec_preference == "h264"
+    args = ["serve", "--codec-preference", "client"]
+    assert settings_from_args(build_parser().parse_args(args)).webrtc.codec_preference == "client"
+    with pytest.raises(SystemExit):  # argparse: a usage error naming the choices
+        build_parser().parse_args(["serve", "--codec-preference", "av1"])
+    monkeypatch.setenv("WANRT_CODEC_PREFERENCE", "av1")
+    with pytest.raises(ValueError, match="WANRT_CODEC_PREFERENCE='av1': expected one of client, h264"):
+        build_parser()
+
+
 def test_server_preloads_the_pipeline_it_is_started_with(tmp_path) -> None:
     import httpx
 

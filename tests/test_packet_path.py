@@ -291,6 +291,35 @@ async def test_host_frame_path_keeps_aiortcs_own_encoders(tmp_path: Path) -> Non
                 await client.close()
 
 
+def answered_codecs(sdp: str) -> list[str]:
+    """The video m-line's codecs in the answer's order (its first is the one both peers send)."""
+    lines = sdp.splitlines()
+    payload_types = next(line for line in lines if line.startswith("m=video")).split()[3:]
+    names = dict(line[len("a=rtpmap:") :].split(" ", 1) for line in lines if line.startswith("a=rtpmap:"))
+    return [names[pt].split("/")[0] for pt in payload_types]
+
+
+async def test_a_server_preferring_h264_answers_it_to_a_vp8_first_offer_and_vp8_to_a_vp8_only_one(
+    tmp_path: Path,
+) -> None:
+    """`--codec-preference h264`: aiortc's default offer (VP8 first, H.264 after it, as a browser's) is answered with
+    H.264 first, so both directions run H.264; an offer without H.264 still gets VP8."""
+    with run_server(tmp_path, "--codec-preference", "h264") as server:
+        assert load_pipeline(server.url, "passthrough", height=SIZE, width=SIZE)["status"] == "loaded"
+        for offered, codec, encoder in ((None, "video/H264", "libx264"), ("video/VP8", "video/VP8", "libvpx")):
+            client = ScopeClient(server.url, initial_parameters={"input_mode": "video"}, codec=offered)
+            await client.connect()
+            try:
+                frames = await client.wait_frames(15)
+                video = httpx.get(f"{server.url}/api/v1/sessions/{client.session_id}/metrics").json()["video"]
+                assert (video["codec"], video["encoder"]) == (codec, encoder), video
+                assert answered_codecs(client.pc.remoteDescription.sdp)[0] == codec[len("video/") :]
+                counters = [f.counter for f in frames[5:]]
+                assert counters == sorted(counters) and client.track.sent - counters[-1] < 15, counters
+            finally:
+                await client.close()
+
+
 def server_threads(pid: int) -> list[str]:
     """The OS names of a process's threads (serve/threads.py names ours)."""
     return [(task / "comm").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir()]

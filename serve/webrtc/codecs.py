@@ -22,12 +22,32 @@ def configure_codecs(settings: WebRTCSettings) -> None:
         codec.MIN_BITRATE = min(codec.MIN_BITRATE, codec.DEFAULT_BITRATE)
 
 
+def is_rtx(codec: Any) -> bool:
+    return codec.mimeType.lower().endswith("/rtx")
+
+
 def sending_codec(transceiver: RTCRtpTransceiver) -> str | None:
     """The mimeType the sender will use once negotiated: the first common codec, in the offer's order (aiortc answers
     in the remote's order, so a browser's VP8-first offer gets VP8, and `setCodecPreferences` with H.264 first gets
     H.264)."""
-    codecs = [c for c in transceiver._codecs if not c.mimeType.lower().endswith("/rtx")]
+    codecs = [c for c in transceiver._codecs if not is_rtx(c)]
     return codecs[0].mimeType if codecs else None
+
+
+def prefer_codec(transceiver: RTCRtpTransceiver, mime_type: str) -> None:
+    """List `mime_type` (each of its entries, each with its RTX) first in the answer, where the offer has it.
+
+    The answer's first codec is the one both peers send (JSEP), so a browser that offered VP8 first sends and receives
+    `mime_type`. aiortc builds the answer's list inside setRemoteDescription, in the offer's order (setCodecPreferences
+    only applies while it builds it, before the transceiver exists here), so that list (aiortc 1.16's `_codecs`) is
+    reordered; tests/test_packet_path.py and tests/test_browser_codecs.py check the result."""
+    codecs = transceiver._codecs
+    chosen = [c for c in codecs if c.mimeType.lower() == mime_type.lower()]
+    first = []
+    for codec in chosen:
+        first.append(codec)
+        first += [c for c in codecs if is_rtx(c) and c.parameters.get("apt") == codec.payloadType]
+    transceiver._codecs = first + [c for c in codecs if c not in first]
 
 
 def hook_sender(transceiver: RTCRtpTransceiver, request_keyframe: Callable[[], None]) -> Callable[[], int | None]:

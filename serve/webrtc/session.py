@@ -32,7 +32,7 @@ from serve.pipelines.worker import FrameStamp, PipelineWorker, StreamSlot
 from serve.recording import Recorder, RecordingStore
 from serve.schemas import IceCandidate, RuntimeParameters
 from serve.settings import WebRTCSettings
-from serve.webrtc.codecs import hook_sender, sending_codec
+from serve.webrtc.codecs import hook_sender, prefer_codec, sending_codec
 from serve.webrtc.encoders import make_encoder
 from serve.webrtc.ice import parse_candidate, rtc_configuration
 from serve.webrtc.planes import read_planes
@@ -174,9 +174,12 @@ class PeerSession:
         return pc.localDescription
 
     def _choose_output_path(self) -> None:
-        """VP8 or H.264 negotiated (and the frame path not `host`): our encoder, its packets straight to aiortc's
-        packetizer. Otherwise aiortc's own encoder, from frames."""
+        """The codec: the offer's first, or H.264 where it is offered and preferred (`--codec-preference h264`). VP8 or
+        H.264 (and the frame path not `host`): our encoder, its packets straight to aiortc's packetizer. Otherwise
+        aiortc's own encoder, from frames."""
         transceiver = next(t for t in self.pc.getTransceivers() if t.sender.track is self.output)
+        if self._settings.codec_preference == "h264":
+            prefer_codec(transceiver, "video/H264")
         codec = sending_codec(transceiver)
         self.output_codec = codec
         encoder = None
