@@ -14,7 +14,17 @@ from typing import TYPE_CHECKING
 
 from build_engines.commands import add_engines_parser
 from build_engines.commands import run as run_engines_command
-from serve.settings import CODEC_PREFERENCES, X264_PRESETS, AccessSettings, CorsSettings, RequestLimits, ServerSettings
+from serve.settings import (
+    CODEC_PREFERENCES,
+    FRAME_PATHS,
+    LOG_LEVELS,
+    X264_PRESETS,
+    AccessSettings,
+    CorsSettings,
+    RequestLimits,
+    ServerSettings,
+    one_of,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -87,14 +97,16 @@ def add_server_options(serve: argparse.ArgumentParser, defaults: ServerSettings)
         "--allow-random-weights",
         action="store_true",
         default=defaults.allow_random_weights,
-        help="accept the random_weights load parameter (tiny model, seeded random weights; demos and tests)",
+        help="accept the random_weights load parameter (tiny model, seeded random weights; demos and tests; "
+        "env WANRT_ALLOW_RANDOM_WEIGHTS=1)",
     )
     serve.add_argument(
         "--cors-allow-origin",
         action="append",
         default=[],
         metavar="ORIGIN",
-        help="also admit this exact origin (repeatable); localhost and 127.0.0.1 on any port are always admitted",
+        help="also admit this exact origin (repeatable; env WANRT_CORS_ALLOW_ORIGINS, comma-separated); localhost and "
+        "127.0.0.1 on any port are always admitted",
     )
     serve.add_argument(
         "--allowed-host",
@@ -110,24 +122,34 @@ def add_server_options(serve: argparse.ArgumentParser, defaults: ServerSettings)
         help="require 'Authorization: Bearer TOKEN' on every /api/v1 route and /metrics (env WANRT_API_TOKEN, "
         "which keeps it out of the process list)",
     )
-    serve.add_argument("--ice-server", action="append", default=[], metavar="URL", help="STUN/TURN URL (repeatable)")
+    serve.add_argument(
+        "--ice-server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="STUN/TURN URL (repeatable; env WANRT_ICE_SERVERS, comma-separated)",
+    )
     serve.add_argument(
         "--ice-interfaces",
         choices=["all", "loopback"],
         default=defaults.webrtc.ice_interfaces,
-        help="host candidates: every interface plus loopback, or loopback only",
+        help="host candidates: every interface plus loopback, or loopback only (env WANRT_ICE_INTERFACES; "
+        "default %(default)s)",
     )
-    serve.add_argument("--max-sessions", type=int, default=defaults.webrtc.max_sessions)
+    serve.add_argument("--max-sessions", type=int, default=defaults.webrtc.max_sessions, help="env WANRT_MAX_SESSIONS")
     serve.add_argument(
-        "--nvdec", action="store_true", help="decode incoming H.264 with NVDEC, frames kept on the GPU (CUDA only)"
+        "--nvdec",
+        action="store_true",
+        default=defaults.webrtc.nvdec,
+        help="decode incoming H.264 with NVDEC, frames kept on the GPU (CUDA only; env WANRT_NVDEC=1)",
     )
     serve.add_argument(
         "--frame-path",
-        choices=["auto", "device", "host"],
+        choices=FRAME_PATHS,
         default=defaults.webrtc.frame_path,
         help="auto: YUV planes converted on the pipeline's GPU (swscale on a CPU), VP8 by libvpx and H.264 by "
         "NVENC/libx264 straight to RTP; device: YUV planes even on a CPU; host: swscale RGB and aiortc's own encoders "
-        "(the old path)",
+        "(the old path) (env WANRT_FRAME_PATH; default %(default)s)",
     )
     serve.add_argument(
         "--codec-preference",
@@ -140,13 +162,15 @@ def add_server_options(serve: argparse.ArgumentParser, defaults: ServerSettings)
         "--x264-preset",
         choices=X264_PRESETS,
         default=defaults.webrtc.x264_preset,
-        help="libx264's preset for H.264 output where there is no NVENC (faster presets cost less CPU and quality)",
+        help="libx264's preset for H.264 output where there is no NVENC (faster presets cost less CPU and quality; "
+        "env WANRT_X264_PRESET; default %(default)s)",
     )
     serve.add_argument(
         "--peer-timeout-s",
         type=float,
         default=defaults.webrtc.peer_timeout_s,
-        help="free a session whose peer stops answering ICE consent checks for this long",
+        help="free a session whose peer stops answering ICE consent checks for this long (env WANRT_PEER_TIMEOUT_S; "
+        "default %(default)s)",
     )
     serve.add_argument(
         "--connect-timeout-s",
@@ -160,7 +184,9 @@ def add_server_options(serve: argparse.ArgumentParser, defaults: ServerSettings)
         default=defaults.load_timeout_s,
         help="report a pipeline load still running after this long as failed (env WANRT_LOAD_TIMEOUT_S)",
     )
-    serve.add_argument("--assets-dir", type=Path, default=defaults.assets.directory)
+    serve.add_argument(
+        "--assets-dir", type=Path, default=defaults.assets.directory, help="uploaded assets (env WANRT_ASSETS_DIR)"
+    )
     serve.add_argument(
         "--max-upload-mb",
         type=int,
@@ -202,7 +228,12 @@ def add_server_options(serve: argparse.ArgumentParser, defaults: ServerSettings)
         help="split each load's DiT over these GPUs, one pipeline stage each (e.g. 0,1,2,3; cpu:N for N CPU ranks, "
         "for tests); a load's own `gpus` parameter overrides it (env WANRT_GPUS; default: one device)",
     )  # fmt: skip
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-level",
+        default=one_of(os.environ, "WANRT_LOG_LEVEL", LOG_LEVELS, "info"),
+        choices=LOG_LEVELS,
+        help="env WANRT_LOG_LEVEL; default %(default)s",
+    )
 
 
 def gpus_argument(text: str) -> str:
@@ -230,7 +261,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         lora_dir=args.lora_dir,
         engines_dir=args.engines_dir,
         hub_endpoint=args.hub_endpoint.rstrip("/"),
-        cors=CorsSettings(extra_origins=tuple(args.cors_allow_origin)),
+        cors=CorsSettings(extra_origins=tuple(args.cors_allow_origin) or defaults.cors.extra_origins),
         access=AccessSettings(
             api_token=args.api_token or None,
             allowed_hosts=tuple(args.allowed_host) or defaults.access.allowed_hosts,

@@ -17,6 +17,8 @@ from pathlib import Path
 DEFAULT_CORS_ORIGIN_REGEX = r"http://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?"
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")  # libx264's, fastest first
 CODEC_PREFERENCES = ("client", "h264")
+FRAME_PATHS = ("auto", "device", "host")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def one_of(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
@@ -178,6 +180,7 @@ class ServerSettings:
             lora_dir=Path(env["WANRT_LORA_DIR"]) if env.get("WANRT_LORA_DIR") else None,
             engines_dir=Path(env.get("WANRT_ENGINES_DIR", home / "engines")),
             hub_endpoint=env.get("HF_ENDPOINT", cls.hub_endpoint).rstrip("/"),
+            cors=CorsSettings(extra_origins=tuple(o for o in env.get("WANRT_CORS_ALLOW_ORIGINS", "").split(",") if o)),
             access=AccessSettings(
                 api_token=env.get("WANRT_API_TOKEN") or None,
                 allowed_hosts=tuple(h for h in env.get("WANRT_ALLOWED_HOSTS", "").split(",") if h),
@@ -194,6 +197,9 @@ class ServerSettings:
                 codec_preference=one_of(
                     env, "WANRT_CODEC_PREFERENCE", CODEC_PREFERENCES, WebRTCSettings.codec_preference
                 ),
+                frame_path=one_of(env, "WANRT_FRAME_PATH", FRAME_PATHS, WebRTCSettings.frame_path),
+                x264_preset=one_of(env, "WANRT_X264_PRESET", X264_PRESETS, WebRTCSettings.x264_preset),
+                nvdec=env.get("WANRT_NVDEC", "") in ("1", "true", "yes"),
             ),
             assets=AssetSettings(
                 directory=Path(env.get("WANRT_ASSETS_DIR", home / "assets")),

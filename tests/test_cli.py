@@ -30,6 +30,40 @@ def test_host_and_port_come_from_flags_then_environment(monkeypatch: pytest.Monk
     assert settings.port == 9002 and settings.cors.extra_origins == ("https://a.example",)
 
 
+def test_frame_path_options_come_from_flags_then_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    webrtc = settings_from_args(build_parser().parse_args(["serve"])).webrtc
+    assert (webrtc.frame_path, webrtc.x264_preset, webrtc.nvdec) == ("auto", "ultrafast", False)
+    monkeypatch.setenv("WANRT_FRAME_PATH", "host")
+    monkeypatch.setenv("WANRT_X264_PRESET", "superfast")
+    monkeypatch.setenv("WANRT_NVDEC", "1")
+    webrtc = settings_from_args(build_parser().parse_args(["serve"])).webrtc
+    assert (webrtc.frame_path, webrtc.x264_preset, webrtc.nvdec) == ("host", "superfast", True)
+    args = ["serve", "--frame-path", "device", "--x264-preset", "veryfast"]
+    webrtc = settings_from_args(build_parser().parse_args(args)).webrtc
+    assert (webrtc.frame_path, webrtc.x264_preset) == ("device", "veryfast")
+    monkeypatch.setenv("WANRT_FRAME_PATH", "gpu")
+    with pytest.raises(ValueError, match="WANRT_FRAME_PATH='gpu': expected one of auto, device, host"):
+        build_parser()
+
+
+def test_every_serve_option_names_its_environment_variable() -> None:
+    """The README's promise: each `wanrt serve` option can be set from the environment too (its help says how)."""
+    serve = next(a for a in build_parser()._actions if a.dest == "command").choices["serve"]
+    for action in serve._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and ("env " in action.help or "env=" in action.help), action.option_strings
+
+
+def test_cors_origins_and_log_level_come_from_flags_then_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANRT_CORS_ALLOW_ORIGINS", "https://a.example,https://b.example")
+    monkeypatch.setenv("WANRT_LOG_LEVEL", "warning")
+    args = build_parser().parse_args(["serve"])
+    assert settings_from_args(args).cors.extra_origins == ("https://a.example", "https://b.example")
+    assert args.log_level == "warning"
+    args = build_parser().parse_args(["serve", "--cors-allow-origin", "https://c.example", "--log-level", "debug"])
+    assert settings_from_args(args).cors.extra_origins == ("https://c.example",) and args.log_level == "debug"
+
+
 def test_codec_preference_comes_from_the_flag_then_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings_from_args(build_parser().parse_args(["serve"])).webrtc.codec_preference == "client"
     monkeypatch.setenv("WANRT_CODEC_PREFERENCE", "h264")
