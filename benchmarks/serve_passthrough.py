@@ -9,10 +9,10 @@ issue 13). `--path vp8`: the default frame path with VP8 offered first, what a b
 unchanged gets: the output is encoded by our libvpx encoder and its packets go straight to aiortc's packetizer
 (serve/webrtc/encoders.py). `--path new`: the default frame path and H.264 asked for by the client
 (`setCodecPreferences`), the same packet path; on this CPU the encoder is libx264 and swscale still converts input
-(the host is the device). `--path gpu` (a CUDA machine): the
-zero-copy path, passthrough loaded on GPU 0 (`"gpus": "0"`) with `--nvdec`, so frames are decoded by NVDEC, converted
-by the colour kernel and encoded by NVENC without a host copy of the picture; each row says which encoder and input
-format the sessions had. Each (path, streams) pair gets a fresh server. `--streams` runs that many clients at once.
+(the host is the device). `--path gpu` (a CUDA machine): the zero-copy path, passthrough loaded on GPU 0 (`"gpus":
+"0"`) with `--nvdec`, so frames are decoded by NVDEC, converted by the colour kernel and encoded by NVENC without a
+host copy of the picture; each row says which encoder and input format the sessions had. Each (path, streams) pair
+gets a fresh server. `--streams` runs that many clients at once.
 
 `--scene camera` (default) sends a camera-like picture: a grainy texture panning ~3 px a frame, with the frame index
 in a thin strip of bars at the top; `smooth` is what a model's output looks like to a codec (soft drifting shapes, no

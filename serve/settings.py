@@ -21,6 +21,15 @@ FRAME_PATHS = ("auto", "device", "host")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def env_flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "") in ("1", "true", "yes")
+
+
+def env_list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated environment value; empty items dropped."""
+    return tuple(item for item in env.get(name, "").split(",") if item)
+
+
 def one_of(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
     """An environment value that must be one of `choices` (argparse checks the flag, not its default)."""
     value = env.get(name, default)
@@ -174,22 +183,22 @@ class ServerSettings:
             port=int(env.get("WANRT_PORT", cls.port)),
             preload_pipeline=env.get("PIPELINE") or None,
             load_timeout_s=float(env.get("WANRT_LOAD_TIMEOUT_S", cls.load_timeout_s)),
-            allow_random_weights=env.get("WANRT_ALLOW_RANDOM_WEIGHTS", "") in ("1", "true", "yes"),
+            allow_random_weights=env_flag(env, "WANRT_ALLOW_RANDOM_WEIGHTS"),
             gpus=env.get("WANRT_GPUS") or None,
             models_dir=Path(env.get("WANRT_MODELS_DIR", home / "models")),
             lora_dir=Path(env["WANRT_LORA_DIR"]) if env.get("WANRT_LORA_DIR") else None,
             engines_dir=Path(env.get("WANRT_ENGINES_DIR", home / "engines")),
             hub_endpoint=env.get("HF_ENDPOINT", cls.hub_endpoint).rstrip("/"),
-            cors=CorsSettings(extra_origins=tuple(o for o in env.get("WANRT_CORS_ALLOW_ORIGINS", "").split(",") if o)),
+            cors=CorsSettings(extra_origins=env_list(env, "WANRT_CORS_ALLOW_ORIGINS")),
             access=AccessSettings(
                 api_token=env.get("WANRT_API_TOKEN") or None,
-                allowed_hosts=tuple(h for h in env.get("WANRT_ALLOWED_HOSTS", "").split(",") if h),
+                allowed_hosts=env_list(env, "WANRT_ALLOWED_HOSTS"),
             ),
             limits=RequestLimits(
                 max_json_body_bytes=int(env.get("WANRT_MAX_JSON_BODY_BYTES", RequestLimits.max_json_body_bytes))
             ),
             webrtc=WebRTCSettings(
-                ice_servers=tuple(u for u in env.get("WANRT_ICE_SERVERS", "").split(",") if u),
+                ice_servers=env_list(env, "WANRT_ICE_SERVERS"),
                 ice_interfaces=env.get("WANRT_ICE_INTERFACES", WebRTCSettings.ice_interfaces),
                 max_sessions=int(env.get("WANRT_MAX_SESSIONS", WebRTCSettings.max_sessions)),
                 peer_timeout_s=float(env.get("WANRT_PEER_TIMEOUT_S", WebRTCSettings.peer_timeout_s)),
@@ -199,7 +208,7 @@ class ServerSettings:
                 ),
                 frame_path=one_of(env, "WANRT_FRAME_PATH", FRAME_PATHS, WebRTCSettings.frame_path),
                 x264_preset=one_of(env, "WANRT_X264_PRESET", X264_PRESETS, WebRTCSettings.x264_preset),
-                nvdec=env.get("WANRT_NVDEC", "") in ("1", "true", "yes"),
+                nvdec=env_flag(env, "WANRT_NVDEC"),
             ),
             assets=AssetSettings(
                 directory=Path(env.get("WANRT_ASSETS_DIR", home / "assets")),

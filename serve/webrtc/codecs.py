@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiortc import RTCRtpTransceiver
-from aiortc.codecs import h264, vpx
+from aiortc.codecs import h264, is_rtx, vpx
 
 from serve.settings import WebRTCSettings
 
@@ -20,10 +20,6 @@ def configure_codecs(settings: WebRTCSettings) -> None:
         codec.MAX_BITRATE = settings.max_bitrate_kbps * 1000
         codec.DEFAULT_BITRATE = min(settings.start_bitrate_kbps * 1000, codec.MAX_BITRATE)
         codec.MIN_BITRATE = min(codec.MIN_BITRATE, codec.DEFAULT_BITRATE)
-
-
-def is_rtx(codec: Any) -> bool:
-    return codec.mimeType.lower().endswith("/rtx")
 
 
 def sending_codec(transceiver: RTCRtpTransceiver) -> str | None:

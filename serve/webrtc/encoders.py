@@ -57,11 +57,6 @@ def nal_types(data: bytes) -> list[int]:
     return types
 
 
-def is_vp8_keyframe(data: bytes) -> bool:
-    """The VP8 frame tag's first bit is 0 on a key frame (RFC 6386 §9.1)."""
-    return not data[0] & 1
-
-
 # swscale's area filter: its 2:1 decimation is the 2×2 mean. Its default (bilinear) one averages the two columns but
 # spreads each chroma row over four luma rows ([1, 3, 3, 1] / 8, same midway siting), which put its chroma up to 6
 # levels from the kernel's on a textured scene. FULL_CHR_H_INP: chroma is read at full width and then decimated by
@@ -241,7 +236,7 @@ class Vp8Encoder(LibavEncoder):
     pix_fmt = "yuv420p"  # the only 4:2:0 layout FFmpeg's VP8 encoder takes
 
     def is_keyframe(self, data: bytes) -> bool:
-        return is_vp8_keyframe(data)
+        return not data[0] & 1  # the frame tag's first bit is 0 on a key frame (RFC 6386 §9.1)
 
     def _open(self, frame: VideoFrame) -> Any:
         codec = self._context("libvpx", frame)
