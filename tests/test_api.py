@@ -173,6 +173,13 @@ def test_offer_rejects_bad_requests(
     assert server.metrics()["wanrt_sessions_active"] == 0  # a rejected offer leaves no half-made session
 
 
+def test_rejected_offer_logs_why_its_session_closed(api: httpx.Client, server: RunningServer) -> None:
+    load_pipeline(server.url, "passthrough")
+    error_of(api.post("/api/v1/webrtc/offer", json={"sdp": "v=0\r\nm=video 9 udp 96\r\n", "type": "offer"}), 400)
+    closed = [line for line in server.log().splitlines() if " closed reason=" in line]
+    assert closed and "reason=offer not answered: malformed SDP offer" in closed[-1]
+
+
 def test_unknown_session_is_404(api: httpx.Client) -> None:
     candidates = {"candidates": [{"candidate": "", "sdpMid": "0", "sdpMLineIndex": 0}]}
     assert "no session" in error_of(api.patch("/api/v1/webrtc/offer/nope", json=candidates), 404)

@@ -86,8 +86,8 @@ class SessionManager:
         self._starting += 1
         try:
             answer = await session.start(offer.sdp, offer.type)
-        except BaseException:
-            await session.close()
+        except BaseException as exc:  # the client gets the error as the response; the log says why it closed
+            await session.close(f"offer not answered: {str(exc) or type(exc).__name__}")
             raise
         finally:
             self._starting -= 1
