@@ -37,7 +37,6 @@ from serve.models.dit import DIT_CONFIGS
 from serve.pipelines.autoregressive import StreamDiffusionV2Pipeline
 from serve.pipelines.placement import balanced_split, split_blocks
 from serve.pipelines.registry import get_spec
-from serve.runtime.stages import free_port
 from serve.schemas import LoadParams
 
 SIZE = 64  # pixels: 4×4 latent tokens per frame
@@ -103,9 +102,8 @@ def _echo(port: int, device: str, shapes: list[tuple[int, ...]], iters: int) -> 
 
 def hop_ms(devices: tuple[str, str], shapes: list[tuple[int, ...]], iters: int = 20) -> list[float]:
     """Half the median round trip of each shape (fp32), rank 0 ⇄ rank 1."""
-    port = free_port()
-    store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)
-    child = multiprocessing.get_context("spawn").Process(target=_echo, args=(port, devices[1], shapes, iters))
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)  # port 0: the store picks one
+    child = multiprocessing.get_context("spawn").Process(target=_echo, args=(store.port, devices[1], shapes, iters))
     child.start()
     dist.init_process_group("gloo" if devices[0] == "cpu" else "nccl", store=store, rank=0, world_size=2,
                             timeout=timedelta(seconds=60))  # fmt: skip

@@ -64,7 +64,8 @@ from serve.pipelines.weights import LORA_SCALE, Models, StageSplit, dit_files, l
 from serve.pipelines.worker import VACE_IMAGE_FIELDS
 from serve.runtime.backends import DiTStep, select_backend
 from serve.runtime.cuda_step import DIT_STEP_PERSISTENT, VACE_STEP_PERSISTENT, on_cuda
-from serve.runtime.stages import CheckpointWeights, RandomWeights, StageDriver, VaeSpec, check_visible
+from serve.runtime.stage_driver import StageDriver, check_visible
+from serve.runtime.stages import CheckpointWeights, RandomWeights, VaeSpec
 from serve.settings import ServerSettings
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from serve.pipelines.base import Pipeline, PipelineStream, ProgressFn
 from serve.pipelines.frames import YuvChunk, one_host_thread, to_uint8_frames, upload_yuv
 from serve.pipelines.placement import parse_gpus
 from serve.pipelines.spec import PipelineSpec
-from serve.runtime.stages import check_visible
+from serve.runtime.stage_driver import check_visible
 
 CPU = torch.device("cpu")
 

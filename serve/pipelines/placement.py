@@ -1,7 +1,7 @@
 """Where a pipeline runs: the `gpus` setting parsed, and the DiT's blocks split over ranks in contiguous stages.
 
 Torch-free, so the HTTP side checks the syntax of `gpus` at request time; whether the named GPUs exist is checked by
-the load (serve/runtime/stages.py), which reports a missing one in the pipeline status.
+the load (serve/runtime/stage_driver.py), which reports a missing one in the pipeline status.
 
 `gpus` is a comma-separated list of CUDA device ids (`0,1,2,3`: one rank per GPU, NCCL), or `cpu:N` (N ranks on the
 CPU, gloo: the same code path, for tests and development). One entry (`0`, `cpu:1`) is an ordinary one-device load.
