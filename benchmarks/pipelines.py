@@ -3,7 +3,7 @@
     python -m benchmarks.pipelines                 # tiny config, CPU (what every machine can run), TAE decoder
     python -m benchmarks.pipelines --size real     # CUDA: 1.3B random weights (Krea: 14B), bf16, Wan VAE
 
-Each pipeline runs its real chunk loop (serve/pipelines/autoregressive.py: VAE, denoising passes, clean pass or
+Each pipeline runs its real chunk loop (serve/pipelines/chunk_loop.py: VAE, denoising passes, clean pass or
 Krea's recompute, cache policy) with seeded random weights, after warm-up chunks that fill the cache. Video mode
 feeds random frames at the seed resolution with the seed's step list; text mode generates from noise.
 

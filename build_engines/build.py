@@ -95,7 +95,7 @@ def default_precision(backend: Backend, env: Environment) -> Precision:
 
 
 def dit_step_args(model: WanDiT, key: EngineKey, device: torch.device) -> tuple[Tensor, ...]:
-    """Inputs of one step with exactly the shapes and dtypes the chunk loop passes (serve/pipelines/autoregressive.py):
+    """Inputs of one step with exactly the shapes and dtypes the chunk loop passes (serve/pipelines/chunk_loop.py):
     latents, text K/V and caches in the model dtype; timestep and key bias fp32; slots and positions int64."""
     config, dtype = model.config, DTYPES[key.precision]
     frame_tokens = (key.height // 16) * (key.width // 16)

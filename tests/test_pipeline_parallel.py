@@ -25,13 +25,8 @@ import torch
 from serve.errors import InvalidParameters, PipelineLoadError, StageFailed
 from serve.models.dit import DIT_CONFIGS, WanDiT
 from serve.pipelines import weights
-from serve.pipelines.autoregressive import (
-    AutoregressiveStream,
-    LongLivePipeline,
-    RewardForcingPipeline,
-    StagedStream,
-    StreamDiffusionV2Pipeline,
-)
+from serve.pipelines.autoregressive import LongLivePipeline, RewardForcingPipeline, StreamDiffusionV2Pipeline
+from serve.pipelines.chunk_loop import AutoregressiveStream, StagedStream
 from serve.pipelines.placement import balanced_split, check_blocks_per_stage, contiguous, parse_gpus, split_blocks
 from serve.pipelines.registry import get_spec
 from serve.pipelines.vram import module_bytes

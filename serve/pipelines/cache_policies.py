@@ -1,6 +1,6 @@
 """How each pipeline uses its KV cache: small policies the one chunk loop calls at fixed points (models.md §3).
 
-The loop (serve/pipelines/autoregressive.py) runs, per chunk:
+The loop (serve/pipelines/chunk_loop.py) runs, per chunk:
 
     policy.before_chunk(run, f)          EMA sink update (Reward Forcing), memory-bank update (MemFlow),
                                          context recompute (Krea)

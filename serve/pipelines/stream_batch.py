@@ -2,7 +2,7 @@
 batch (`StreamBatch`): the passes of consecutive chunks run as one batch, one chunk per pass, so that with the DiT
 split over pipeline stages every stage is busy on every micro-step (scale.md §1, SDv2's "stream batch").
 
-The loop (serve/pipelines/autoregressive.py) prepares each chunk as it enters (conditioning, encode, mixed noise:
+The loop (serve/pipelines/chunk_loop.py) prepares each chunk as it enters (conditioning, encode, mixed noise:
 a `ChunkInFlight`) and hands it to the schedule; the schedule gives back the chunks whose clean latents are final,
 in entry order, and the loop decodes them. Both schedules give every chunk the same passes: its S denoising steps
 (the timesteps the plain loop would use, each estimate re-noised to the next) and then the clean pass at t = 0 that

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from serve.pipelines.autoregressive import AutoregressiveStream
+from serve.pipelines.chunk_loop import AutoregressiveStream
 from serve.pipelines.registry import get_spec
 from serve.schemas import LoadParams
 
