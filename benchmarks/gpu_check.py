@@ -11,7 +11,8 @@ the next one runs:
   frame_path    NVENC encode and NVDEC decode ms a frame at 512² and 480×832 beside libx264 and libavcodec
                 (benchmarks/codecs.py), and the server's host CPU per 512² 30 fps passthrough stream, the old path
                 against the zero-copy one (NVDEC → colour kernel → NVENC), 1 and 4 streams
-                (benchmarks/serve_passthrough.py --path old,gpu)
+                (benchmarks/serve_passthrough.py --path old,gpu), and VP8 from the GPU at 1 stream (gpu-vp8:
+                YUV converted on the device, libvpx on the host)
   gpu_tests     the `gpu`-marked tests (pytest, when installed)
   dit_step      the DiT step (1.3B, bf16): eager, compiled, CUDA graph (the served one), fp8 storage; ms, TFLOP/s,
                 % of peak
@@ -118,15 +119,16 @@ def part_frame_path(dry: bool) -> dict[str, Any]:
     save_partial(result)
     options = argparse.Namespace(seconds=8.0 if cuda else 2.0, size=512 if cuda else 256, scene="camera", threads=True)
     result["streams"] = []
-    for streams in (1, 4) if cuda else (1,):
-        for path in ("old", "gpu") if cuda else ("old",):
-            row: dict[str, Any] = {"path": path, "streams": streams}
-            try:
-                row.update(measure(options, path, streams, None))
-            except Exception as exc:  # a path that cannot run here says why; the next one still runs
-                row["error"] = f"{type(exc).__name__}: {exc}"
-            result["streams"].append(row)
-            save_partial(result)
+    # The issue's rows first; then VP8 (the seed's page as it is) from the same GPU placement.
+    runs = [(1, "old"), (1, "gpu"), (4, "old"), (4, "gpu"), (1, "gpu-vp8")] if cuda else [(1, "old")]
+    for streams, path in runs:
+        row: dict[str, Any] = {"path": path, "streams": streams}
+        try:
+            row.update(measure(options, path, streams, None))
+        except Exception as exc:  # a path that cannot run here says why; the next one still runs
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        result["streams"].append(row)
+        save_partial(result)
     return result
 
 
@@ -493,11 +495,12 @@ def _frame_path_lines(result: dict[str, Any]) -> list[str]:
     for r in result["codecs"]:
         lines.append(f"| {r['step']} | {r['codec']} | {r['size']} | {r['frames']} | {num(r['ms_mean'])} | "
                      f"{num(r['ms_p95'])} | {num(r['kbps'], '.0f')} | {r['error'] or ''} |")  # fmt: skip
-    lines += ["", "| path | streams | encoder | input | fps out (min) | lost | RTT p50 / p95 ms | server CPU % core | "
-              "per stream | error |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| path | streams | encoder | input | output conversion | fps out (min) | lost | RTT p50 / p95 ms | "
+              "server CPU % core | per stream | error |", "|---" * 11 + "|"]  # fmt: skip
     for r in result.get("streams", []):
         lines.append(
             f"| {r['path']} | {r['streams']} | {r.get('encoder', '-')} | {r.get('input_format', '-')} | "
+            f"{r.get('output_conversion', '-')} | "
             f"{num(r.get('fps_out_min'), '.1f')} | {r.get('lost', '-')} | {num(r.get('latency_p50_ms'), '.0f')} / "
             f"{num(r.get('latency_p95_ms'), '.0f')} | {num(r.get('cpu_pct'), '.1f')} | "
             f"{num(r.get('cpu_pct_per_stream'), '.1f')} | {r.get('error', '')} |"

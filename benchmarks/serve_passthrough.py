@@ -1,7 +1,7 @@
 """Round trips through a real server: aiortc clients send 512×512 at 30 fps through `passthrough` and back.
 
-    python -m benchmarks.serve_passthrough [--seconds 20] [--size 512] [--path old,vp8,new,gpu] [--streams 1,2,4]
-                                           [--scene camera|smooth|counter] [--threads]
+    python -m benchmarks.serve_passthrough [--seconds 20] [--size 512] [--path old,vp8,new,gpu,gpu-vp8]
+                                           [--streams 1,2,4] [--scene camera|smooth|counter] [--threads]
                                            [--x264-presets ultrafast,superfast]
 
 `--path old`: the server's `--frame-path host` and VP8 (swscale to RGB in, aiortc's VP8 encoder out: the path before
@@ -11,7 +11,9 @@ unchanged gets: the output is encoded by our libvpx encoder and its packets go s
 (`setCodecPreferences`), the same packet path; on this CPU the encoder is libx264 and swscale still converts input
 (the host is the device). `--path gpu` (a CUDA machine): the zero-copy path, passthrough loaded on GPU 0 (`"gpus":
 "0"`) with `--nvdec`, so frames are decoded by NVDEC, converted by the colour kernel and encoded by NVENC without a
-host copy of the picture; each row says which encoder and input format the sessions had. Each (path, streams) pair
+host copy of the picture; `--path gpu-vp8` (CUDA): the same placement with VP8, what the seed's page gets from a GPU
+server: libvpx on the host, fed YUV converted on the device (only YUV is copied to the host; no swscale). Each row
+says which encoder, input format and output conversion the sessions had. Each (path, streams) pair
 gets a fresh server. `--streams` runs that many clients at once.
 
 `--scene camera` (default) sends a camera-like picture: a grainy texture panning ~3 px a frame, with the frame index
@@ -72,7 +74,7 @@ LOOP_FRAMES = 90  # the clip the clients loop (3 s): its frame index is the roun
 STRIP = 1 / 16  # height of the index strip, as a fraction of the frame
 CODECS = {  # path → (the codec the clients offer alone, the encoder of their own pre-encoded loop)
     "old": ("video/VP8", "libvpx"), "vp8": ("video/VP8", "libvpx"), "new": ("video/H264", "libx264"),
-    "gpu": ("video/H264", "libx264"),
+    "gpu": ("video/H264", "libx264"), "gpu-vp8": ("video/VP8", "libvpx"),
 }  # fmt: skip
 BITRATE_BPS = 1_500_000  # the clients' loop, the server's start bitrate, and the encoder-only preset figures
 PSNR_EVERY = 15  # frames received per quality sample (a sample costs the shared cores a few ms)
@@ -276,6 +278,7 @@ async def run_streams(url: str, args: argparse.Namespace, path: str, streams: in
         "packets_per_frame": sum(p for _, _, p in spans) / sum(t for t, _, _ in spans) / FPS if spans else float("nan"),
         "encoder": ",".join(sorted({str(video.get("encoder")) for video in videos})),
         "input_format": ",".join(sorted({str(video.get("input_format")) for video in videos})),
+        "output_conversion": ",".join(sorted({str(video.get("output_conversion")) for video in videos})),
         "threads": thread_groups(pid, threads_start, threads_end, wall_end - wall_start, cpu_pct)
         if args.threads
         else {},
@@ -331,11 +334,12 @@ def encoder_alone(preset: str, scene: str, size: int) -> dict[str, float]:
 
 def measure(args: argparse.Namespace, path: str, streams: int, preset: str | None) -> dict[str, Any]:
     """One fresh server, `streams` clients. `gpu`: the zero-copy path, passthrough on CUDA device 0 with NVDEC in and
-    NVENC out (the row's `encoder` and `input_format` say whether they ran)."""
-    extra = {"old": ["--frame-path", "host"], "vp8": [], "new": [], "gpu": ["--nvdec"]}[path]
+    NVENC out (the row's `encoder` and `input_format` say whether they ran); `gpu-vp8`: on the same device, VP8 out
+    by libvpx from YUV converted there (`output_conversion`)."""
+    extra = {"old": ["--frame-path", "host"], "vp8": [], "new": [], "gpu": ["--nvdec"], "gpu-vp8": []}[path]
     if preset is not None:
         extra += ["--x264-preset", preset]
-    placement = {"gpus": "0"} if path == "gpu" else {}
+    placement = {"gpus": "0"} if path.startswith("gpu") else {}
     with (
         tempfile.TemporaryDirectory() as tmp,
         run_server(Path(tmp), "--log-level", "warning", "--max-sessions", "16", *extra) as server,
@@ -351,7 +355,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument(
-        "--path", default="old,vp8,new", help="comma-separated: old, vp8, new, gpu (CUDA: NVDEC → NVENC)"
+        "--path",
+        default="old,vp8,new",
+        help="comma-separated: old, vp8, new, gpu (CUDA: NVDEC → NVENC), gpu-vp8 (CUDA: device YUV → libvpx)",
     )
     parser.add_argument("--streams", default="1", help="comma-separated stream counts, e.g. 1,2,4,6")
     parser.add_argument("--scene", choices=["camera", "smooth", "counter"], default="camera")
@@ -376,7 +382,7 @@ def main() -> None:
         console.print(encoders)
     runs = [(path, None) for path in args.path.split(",") if path in ("old", "vp8")]
     runs += [("new", preset) for preset in presets if "new" in args.path.split(",")]
-    runs += [("gpu", None)] if "gpu" in args.path.split(",") else []
+    runs += [(path, None) for path in ("gpu", "gpu-vp8") if path in args.path.split(",")]
     rows = []
     for streams in (int(s) for s in args.streams.split(",")):
         for path, preset in runs:

@@ -18,6 +18,7 @@ import threading
 import time
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 from av import VideoFrame
@@ -75,7 +76,7 @@ class Recorder:
 
     # -- event-loop side --------------------------------------------------------------------------------------------
 
-    def offer(self, frame: VideoFrame) -> None:
+    def offer(self, frame: Any) -> None:
         """Never blocks. The timestamp is read now: the sender may reuse the frame object once this returns."""
         if self._stop.is_set():
             return
@@ -163,7 +164,11 @@ class Recorder:
         stream.options = X264_OPTIONS
         self._stream = stream
 
-    def _write(self, frame: VideoFrame, pts: int, time_base: Fraction) -> None:
+    def _write(self, frame: Any, pts: int, time_base: Fraction) -> None:
+        """`frame`: a VideoFrame, or a frame the output track holds on (or on its way from) the device, made a host
+        one here, in this thread, since that may wait for the GPU (serve/webrtc/encoders.py `as_video_frame`)."""
+        if not isinstance(frame, VideoFrame):
+            frame = frame.to_video_frame()
         if self._stream is None:
             self._open(frame.width, frame.height)
         assert self._stream is not None and self._container is not None

@@ -127,12 +127,14 @@ class LocalServing:
         return self.sessions.describe()
 
     async def session_frame(self, session_id: str, quality: int) -> bytes:
-        from serve.webrtc.snapshot import encode_jpeg  # PyAV: only where a frame is encoded
+        from serve.webrtc.encoders import as_video_frame  # torch and PyAV: only where a frame is encoded
+        from serve.webrtc.snapshot import encode_jpeg
 
         frame = self.sessions.get(session_id).output.last_frame
         if frame is None:
             raise NoFrameYet(f"session {session_id} has not sent a frame yet; try again once its stream runs")
-        return await anyio.to_thread.run_sync(encode_jpeg, frame, quality)
+        # A device frame's host copy may wait for the GPU: in the thread, with the encode.
+        return await anyio.to_thread.run_sync(lambda: encode_jpeg(as_video_frame(frame), quality))
 
     async def session_metrics(self, session_id: str) -> dict[str, Any]:
         return self.sessions.get(session_id).metrics()

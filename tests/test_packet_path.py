@@ -5,6 +5,7 @@ bitrate estimate applied."""
 from __future__ import annotations
 
 import asyncio
+import io
 import sys
 import time
 from collections.abc import Iterator
@@ -19,7 +20,18 @@ import torch
 
 from serve.pipelines.worker import FrameStamp
 from serve.threads import DECODER, ENCODER, PIPELINE_WORKER
-from serve.webrtc.encoders import NAL_IDR, NAL_PPS, NAL_SPS, LibavEncoder, Vp8Encoder, X264Encoder, nal_types
+from serve.webrtc.encoders import (
+    NAL_IDR,
+    NAL_PPS,
+    NAL_SPS,
+    DownloadingFrame,
+    LibavEncoder,
+    Vp8Encoder,
+    X264Encoder,
+    as_video_frame,
+    nal_types,
+)
+from tests.support.frames import read_counter
 from tests.support.rtc_client import ScopeClient
 from tests.support.scenes import textured_scene
 from tests.support.server import RunningServer, load_pipeline, run_server
@@ -109,22 +121,85 @@ def test_cpu_encoders_reopen_for_a_new_bitrate_at_most_once_a_second(encoder_cla
     assert keyframes == [0, 31], keyframes
 
 
+DECODERS = {"libx264": "h264", "libvpx": "vp8"}  # FFmpeg's own decoder of each CPU encoder's codec
+
+
 @CPU_ENCODERS
 def test_cpu_encoders_take_device_frames_as_they_take_host_arrays(encoder_class: type[LibavEncoder]) -> None:
-    """Host arrays go through swscale, tensors through kernels/colour.py (the GPU's path, here on the CPU), to the
-    codec's layout (NV12, or yuv420p's three planes): the same values within a level."""
-    images = np.stack([textured_scene(i, SIZE, SIZE) for i in range(2)])
-    stamps = [FrameStamp(3000 * i, Fraction(1, 90000), None) for i in range(2)]
-    encoder = encoder_class(1_000_000)
-    for host, device in zip(encoder.prepare(images, stamps), encoder.prepare(torch.from_numpy(images), stamps),
-                            strict=True):  # fmt: skip
+    """Host arrays go through swscale, tensors through kernels/colour.py (the GPU's path, here on the CPU) into
+    frames whose copy to the host is in flight (`DownloadingFrame`), in the codec's layout (NV12, or yuv420p's three
+    planes): the same values within a level, and the encoder takes those frames as they are."""
+    count = 6
+    images = np.stack([textured_scene(i, SIZE, SIZE) for i in range(count)])
+    stamps = [FrameStamp(3000 * i, Fraction(1, 90000), None) for i in range(count)]
+    encoder = encoder_class(1_000_000, convert_on_device=True)
+    assert encoder.reads_device_memory  # the session then keeps the pipeline's output on its device
+    downloading = encoder.prepare(torch.from_numpy(images), stamps)
+    assert all(isinstance(frame, DownloadingFrame) for frame in downloading)
+    for host, device in zip(encoder.prepare(images, stamps), map(as_video_frame, downloading), strict=True):
         assert host.format.name == device.format.name == encoder.pix_fmt and host.pts == device.pts
         assert np.abs(host.to_ndarray().astype(int) - device.to_ndarray().astype(int)).max() <= 1
+    packets = [encoder.encode(frame, False) for frame in downloading]
+    assert [p.pts for p in packets] == [s.pts for s in stamps] and encoder.is_keyframe(bytes(packets[0]))
+    decoder = av.CodecContext.create(DECODERS[encoder.name], "r")
+    decoded = [frame for p in packets for frame in decoder.decode(av.Packet(bytes(p)))]
+    error = np.abs(decoded[-1].to_ndarray(format="rgb24").astype(int) - images[-1]).mean()
+    assert error < 12, error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device side of the CPU encoders' path needs CUDA")
+@CPU_ENCODERS
+def test_cpu_encoders_convert_gpu_frames_there_and_copy_only_yuv_without_a_host_sync(
+    encoder_class: type[LibavEncoder],
+) -> None:
+    """On a GPU `prepare` (the pipeline worker's part) queues the conversion and a copy into pinned memory and
+    returns: CUDA's sync debug mode raises on any host sync in it. The encode (the encoder thread's part) waits for
+    the copy's event; the frames decode to the scene."""
+    count = 6
+    images = torch.from_numpy(np.stack([textured_scene(i, SIZE, SIZE) for i in range(count)])).cuda()
+    stamps = [FrameStamp(3000 * i, Fraction(1, 90000), None) for i in range(count)]
+    encoder = encoder_class(1_000_000, convert_on_device=True)
+    encoder.prepare(images[:1], stamps[:1])  # the first call builds the Triton kernel
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        frames = encoder.prepare(images, stamps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(f.host.is_pinned() and f.copied is not None for f in frames)  # type: ignore[union-attr]
+    assert frames[0].host.numel() == SIZE * SIZE * 3 // 2  # type: ignore[union-attr]  # YUV 4:2:0, not RGB
+    packets = [encoder.encode(frame, False) for frame in frames]
+    decoder = av.CodecContext.create(DECODERS[encoder.name], "r")
+    decoded = [frame for p in packets for frame in decoder.decode(av.Packet(bytes(p)))]
+    error = np.abs(decoded[-1].to_ndarray(format="rgb24").astype(int) - images[-1].cpu().numpy()).mean()
+    assert error < 12, error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device side of the CPU encoders' path needs CUDA")
+async def test_a_gpu_passthrough_sends_vp8_from_yuv_converted_on_the_device(tmp_path: Path) -> None:
+    """Passthrough on GPU 0 and the seed's default codec (VP8): libvpx on the host, fed YUV converted on the GPU
+    (`output_conversion` device:cuda); the frames come back in order with the input's content."""
+    with run_server(tmp_path) as server:
+        assert load_pipeline(server.url, "passthrough", height=SIZE, width=SIZE, gpus="0")["status"] == "loaded"
+        client = ScopeClient(server.url, initial_parameters={"input_mode": "video"})
+        await client.connect()
+        try:
+            frames = await client.wait_frames(45)
+            video = httpx.get(f"{server.url}/api/v1/sessions/{client.session_id}/metrics").json()["video"]
+            assert (video["encoder"], video["output_conversion"]) == ("libvpx", "device:cuda"), video
+            counters = [f.counter for f in frames[5:]]
+            assert counters == sorted(counters) and counters[-1] - counters[0] <= len(counters) + 3, counters
+            assert client.track.sent - counters[-1] < 15
+        finally:
+            await client.close()
 
 
 @pytest.fixture(scope="module")
 def passthrough(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """`--frame-path device`: input planes through kernels/colour.py even on this CPU, so the whole path runs."""
+    """`--frame-path device`: input planes, and the output for our encoders, through kernels/colour.py even on this
+    CPU, so the whole path runs (`DownloadingFrame` included)."""
     with run_server(tmp_path_factory.mktemp("server"), "--frame-path", "device") as server:
         status = load_pipeline(server.url, "passthrough", height=SIZE, width=SIZE)
         assert status["status"] == "loaded", status
@@ -149,6 +224,7 @@ async def test_packets_stream_to_an_aiortc_client_and_pli_gives_a_keyframe(
         video = httpx.get(f"{passthrough.url}/api/v1/sessions/{client.session_id}/metrics").json()["video"]
         assert (video["codec"], video["encoder"], video["preset"]) == (codec, encoder, preset), video
         assert video["input_format"] == "yuv420p", video  # aiortc's software decoder's planes, read in place
+        assert video["output_conversion"] == "device:cpu", video  # the output converted by the kernel, not swscale
         assert all((f.width, f.height) == (SIZE, SIZE) for f in frames)
         counters = [f.counter for f in frames[5:]]
         assert counters == sorted(counters), counters  # in order
@@ -181,6 +257,35 @@ async def test_packets_stream_to_an_aiortc_client_and_pli_gives_a_keyframe(
             metrics = httpx.get(f"{passthrough.url}/api/v1/sessions/{client.session_id}/metrics").json()["video"]
     finally:
         await client.close()
+
+
+async def test_snapshot_and_recording_take_frames_converted_on_the_device(passthrough: RunningServer) -> None:
+    """The output track holds our encoder's frames as they came from the device (`DownloadingFrame`); the snapshot
+    and the recorder make host frames of them in their own threads, and both show the stream's content."""
+    client = ScopeClient(passthrough.url, initial_parameters={"input_mode": "video"})
+    session_id = await client.connect()
+    async with httpx.AsyncClient(base_url=passthrough.url, timeout=10) as http:
+        try:
+            await client.wait_frames(10)
+            video = (await http.get(f"/api/v1/sessions/{session_id}/metrics")).json()["video"]
+            assert video["output_conversion"] == "device:cpu", video
+            started = await http.post(f"/api/v1/recordings/{session_id}/start", json={})
+            assert started.status_code == 200, started.text
+            await client.wait_frames(len(client.frames) + 30)
+            snapshot = await http.get(f"/api/v1/sessions/{session_id}/frame")
+            assert snapshot.status_code == 200 and snapshot.headers["content-type"] == "image/jpeg"
+            stopped = await http.post(f"/api/v1/recordings/{session_id}/stop", json={})
+            assert stopped.status_code == 200 and stopped.json()["recording"]["state"] == "done", stopped.text
+            recording = await http.get(f"/api/v1/recordings/{stopped.json()['recording']['id']}")
+        finally:
+            await client.close()
+    received = {f.counter for f in client.frames}
+    with av.open(io.BytesIO(snapshot.content)) as image:
+        shown = next(image.decode(video=0)).to_ndarray(format="rgb24")
+    assert shown.shape == (SIZE, SIZE, 3) and read_counter(shown) in received | {max(received) + i for i in range(20)}
+    with av.open(io.BytesIO(recording.content), format="mp4") as container:
+        recorded = [read_counter(frame.to_ndarray(format="rgb24")) for frame in container.decode(video=0)]
+    assert len(recorded) >= 20 and recorded == sorted(recorded) and set(recorded) <= received, recorded
 
 
 @pytest.mark.gpu
@@ -286,6 +391,7 @@ async def test_host_frame_path_keeps_aiortcs_own_encoders(tmp_path: Path) -> Non
                 frames = await client.wait_frames(10)
                 video = httpx.get(f"{server.url}/api/v1/sessions/{client.session_id}/metrics").json()["video"]
                 assert video["codec"] == codec and video["encoder"] == "aiortc", video
+                assert video["output_conversion"] == "aiortc", video
                 assert (frames[-1].width, frames[-1].height) == (SIZE, SIZE)
             finally:
                 await client.close()
@@ -313,6 +419,7 @@ async def test_a_server_preferring_h264_answers_it_to_a_vp8_first_offer_and_vp8_
                 frames = await client.wait_frames(15)
                 video = httpx.get(f"{server.url}/api/v1/sessions/{client.session_id}/metrics").json()["video"]
                 assert (video["codec"], video["encoder"]) == (codec, encoder), video
+                assert video["output_conversion"] == "swscale", video  # a CPU pipeline, the default frame path
                 assert answered_codecs(client.pc.remoteDescription.sdp)[0] == codec[len("video/") :]
                 counters = [f.counter for f in frames[5:]]
                 assert counters == sorted(counters) and client.track.sent - counters[-1] < 15, counters

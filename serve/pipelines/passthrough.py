@@ -8,6 +8,7 @@ for NVENC), which is how the zero-copy frame path is measured without a model (b
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -34,12 +35,11 @@ class PassthroughStream(PipelineStream):
 
     def process(self, frames: np.ndarray | YuvChunk | None, params: dict[str, Any]) -> np.ndarray:
         if isinstance(frames, YuvChunk):  # converted and resized where a model pipeline would: on its device
-            if self.device.type == "cpu":
-                with one_host_thread():
-                    frames = to_uint8_frames(upload_yuv(frames, CPU, self.height, self.width)).numpy()
-            else:
+            with one_host_thread() if self.device.type == "cpu" else contextlib.nullcontext():
                 pixels = to_uint8_frames(upload_yuv(frames, self.device, self.height, self.width))
-                frames = pixels if self.keep_output_on_device else pixels.cpu().numpy()  # type: ignore[assignment]
+            # Kept where they are for an encoder that converts them there (NVENC; the CPU encoders on the frame
+            # path's device side, which `--frame-path device` forces on a CPU too).
+            frames = pixels if self.keep_output_on_device else pixels.cpu().numpy()  # type: ignore[assignment]
         if frames is not None:
             self.frame_index += len(frames)
             return frames

@@ -15,6 +15,9 @@ forces a keyframe here, and the receiver's REMB estimate (which aiortc still wri
   is not told otherwise, so the seed's JavaScript). aiortc's own VP8 encoder converts each RGB frame with a fresh
   swscale context and thread pool and reopens libvpx, a keyframe, whenever the estimate moves by 10 %; here one
   single-threaded context converts on the pipeline worker, and a retune reopens at most once a second.
+On a GPU server (the frame path's device side) the two CPU encoders take YUV converted on the device
+(`DownloadingFrame`: the worker queues the kernel and the copy of YUV, half RGB's bytes, to pinned memory; the
+encoder's thread waits for that copy), so no RGB frame is copied and swscale does not run.
 The H.264 ones write Constrained Baseline (what aiortc offers: profile-level-id 42e01f / 42001f), no B-frames,
 SPS/PPS before every IDR, and VUI colour tags matching kernels/colour.py's RGB → NV12 conversion (BT.601 limited);
 VP8 has no colour tags, and its decoders assume BT.601 limited, the same conversion.
@@ -22,6 +25,7 @@ VP8 has no colour tags, and its decoders assume BT.601 limited, the same convers
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from abc import ABC, abstractmethod
 from fractions import Fraction
@@ -34,6 +38,7 @@ from av import VideoFrame
 from av.video.reformatter import Interpolation, VideoReformatter
 
 from kernels.colour import BT601_LIMITED, rgb_to_nv12
+from serve.pipelines.frames import one_host_thread
 from serve.pipelines.worker import FrameStamp
 from serve.settings import WebRTCSettings
 
@@ -95,10 +100,46 @@ class DeviceFrame:
             self.ready.record(torch.cuda.current_stream(nv12.device))
 
     def to_video_frame(self) -> VideoFrame:
-        """A host copy, for the snapshot and the recorder only (never on the encoding path)."""
+        """A host copy, for the snapshot and the recorder only (never on the encoding path); it waits for the
+        device: call it off the event loop (`as_video_frame`)."""
+        if self.ready is not None:
+            self.ready.synchronize()
         frame = VideoFrame.from_ndarray(self.nv12.cpu().numpy(), format="nv12")
         frame.pts, frame.time_base = self.pts, self.time_base
         return frame
+
+
+class DownloadingFrame:
+    """A frame converted to a CPU encoder's YUV layout on the device, its copy to (pinned) host memory in flight:
+    what a CPU encoder takes from a GPU pipeline. Only YUV crosses, half the bytes of RGB, and no swscale runs; the
+    worker queues the conversion and the copy and goes on, and the encoder's thread waits for the copy's event.
+    On a CPU tensor (`--frame-path device` on a CPU machine) the same steps run with nothing to wait for."""
+
+    def __init__(self, yuv: torch.Tensor, pix_fmt: str, pts: int, time_base: Fraction) -> None:
+        self.pix_fmt, self.pts, self.time_base = pix_fmt, pts, time_base
+        self.copied: torch.cuda.Event | None = None
+        if yuv.is_cuda:
+            # The caching host allocator keeps the pinned block until the copy is done, then reuses it.
+            self.host = torch.empty(yuv.shape, dtype=yuv.dtype, pin_memory=True)
+            self.host.copy_(yuv, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record(torch.cuda.current_stream(yuv.device))
+        else:
+            self.host = yuv
+
+    def to_video_frame(self) -> VideoFrame:
+        """The host frame, once its copy has landed (this thread waits on the copy's event, nothing else)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        frame = VideoFrame.from_ndarray(self.host.numpy(), format=self.pix_fmt)
+        frame.pts, frame.time_base = self.pts, self.time_base
+        return frame
+
+
+def as_video_frame(frame: VideoFrame | DeviceFrame | DownloadingFrame) -> VideoFrame:
+    """Any frame the output track carries as a host VideoFrame (the snapshot's, the recorder's). It may wait for the
+    device: call it on a worker thread, never on the event loop."""
+    return frame if isinstance(frame, VideoFrame) else frame.to_video_frame()
 
 
 class PacketEncoder(ABC):
@@ -116,7 +157,9 @@ class PacketEncoder(ABC):
 
     @abstractmethod
     def prepare(self, frames: np.ndarray | torch.Tensor, stamps: list[FrameStamp]) -> list[Any]:
-        """uint8 RGB [T, H, W, 3] (host or device) → one encoder input a frame, carrying `pts` and `time_base`."""
+        """uint8 RGB [T, H, W, 3] (host or device) → one encoder input a frame, carrying `pts` and `time_base`
+        (a VideoFrame, or a `DeviceFrame` / `DownloadingFrame` that `as_video_frame` makes one). No host sync: this
+        runs on the pipeline worker."""
 
     @abstractmethod
     def _encode(self, frame: Any, keyframe: bool) -> bytes | None:
@@ -142,32 +185,40 @@ class PacketEncoder(ABC):
 
 
 class LibavEncoder(PacketEncoder):
-    """One of FFmpeg's CPU encoders through PyAV, one thread, fed by one swscale context for the stream."""
+    """One of FFmpeg's CPU encoders through PyAV, one thread, fed by one swscale context for the stream, or (with
+    `convert_on_device`) by YUV converted on the pipeline's device (`DownloadingFrame`)."""
 
     pix_fmt: str  # what the codec takes: nv12 or yuv420p
 
-    def __init__(self, bitrate_bps: int) -> None:
+    def __init__(self, bitrate_bps: int, convert_on_device: bool = False) -> None:
         super().__init__(bitrate_bps)
+        # True: the pipeline keeps its output frames on its device and `prepare` converts them there.
+        self.reads_device_memory = convert_on_device
         self._codec: Any = None
         self._opened_at = 0  # `frames` when the codec was last opened
         # One swscale context for the stream, one thread: a fresh frame's own reformatter builds a context and a
         # thread pool per call, which profiling showed as a large share of the path's CPU (benchmarks/RESULTS.md).
         self._reformatter = VideoReformatter()
 
-    def prepare(self, frames: np.ndarray | torch.Tensor, stamps: list[FrameStamp]) -> list[VideoFrame]:
+    def prepare(
+        self, frames: np.ndarray | torch.Tensor, stamps: list[FrameStamp]
+    ) -> list[VideoFrame] | list[DownloadingFrame]:
         """Host frames: swscale converts them (on a CPU it is several times faster than the torch reference).
-        Device frames: the kernel converts them there, and only YUV (half the bytes of RGB) comes to the host."""
+        Device frames: the kernel converts them there, and only YUV comes to the host, its copy still in flight."""
+        if isinstance(frames, torch.Tensor):
+            return [self._convert_on_device(image, stamp) for image, stamp in zip(frames, stamps, strict=True)]
         out = []
         for image, stamp in zip(frames, stamps, strict=True):
-            if isinstance(image, np.ndarray):
-                frame = host_rgb_to_yuv420(self._reformatter, np.ascontiguousarray(image), self.pix_fmt)
-            else:
-                yuv = rgb_to_nv12(image, BT601_LIMITED)
-                yuv = yuv if self.pix_fmt == "nv12" else nv12_to_i420(yuv)
-                frame = VideoFrame.from_ndarray(yuv.cpu().numpy(), format=self.pix_fmt)
+            frame = host_rgb_to_yuv420(self._reformatter, np.ascontiguousarray(image), self.pix_fmt)
             frame.pts, frame.time_base = stamp.pts, stamp.time_base
             out.append(frame)
         return out
+
+    def _convert_on_device(self, image: torch.Tensor, stamp: FrameStamp) -> DownloadingFrame:
+        with contextlib.nullcontext() if image.is_cuda else one_host_thread():
+            yuv = rgb_to_nv12(image, BT601_LIMITED)
+            yuv = yuv if self.pix_fmt == "nv12" else nv12_to_i420(yuv)
+        return DownloadingFrame(yuv, self.pix_fmt, stamp.pts, stamp.time_base)
 
     @abstractmethod
     def _open(self, frame: VideoFrame) -> Any:
@@ -183,7 +234,9 @@ class LibavEncoder(PacketEncoder):
         codec.thread_count = 1  # one core per stream at most: many streams share two cores better than slices do
         return codec
 
-    def _encode(self, frame: VideoFrame, keyframe: bool) -> bytes | None:
+    def _encode(self, frame: VideoFrame | DownloadingFrame, keyframe: bool) -> bytes | None:
+        if isinstance(frame, DownloadingFrame):
+            frame = frame.to_video_frame()  # this thread waits for the copy, never the pipeline worker
         codec = self._codec
         if codec is not None and (frame.width, frame.height) != (codec.width, codec.height):
             codec = None  # a new resolution (a reload): a new stream, starting with a keyframe
@@ -208,8 +261,10 @@ class X264Encoder(LibavEncoder):
     name = "libx264"
     pix_fmt = "nv12"
 
-    def __init__(self, bitrate_bps: int, preset: str = WebRTCSettings.x264_preset) -> None:
-        super().__init__(bitrate_bps)
+    def __init__(
+        self, bitrate_bps: int, preset: str = WebRTCSettings.x264_preset, convert_on_device: bool = False
+    ) -> None:
+        super().__init__(bitrate_bps, convert_on_device)
         self.preset = preset
 
     def _open(self, frame: VideoFrame) -> Any:
@@ -334,11 +389,15 @@ def _bitstream(out: Any) -> bytes:
 _said: set[str] = set()
 
 
-def make_encoder(codec: str, device: torch.device, bitrate_bps: int, x264_preset: str) -> PacketEncoder | None:
+def make_encoder(
+    codec: str, device: torch.device, bitrate_bps: int, x264_preset: str, convert_on_device: bool = False
+) -> PacketEncoder | None:
     """The encoder for a negotiated codec (a mimeType), None for one aiortc encodes itself. H.264: NVENC where the
-    pipeline's device is a CUDA GPU with NVENC, else libx264; one log line says which and why."""
+    pipeline's device is a CUDA GPU with NVENC, else libx264; one log line says which and why. The CPU encoders take
+    frames converted on `device` when `convert_on_device` (the frame path's device side: a GPU pipeline, or
+    `--frame-path device`), else host RGB through swscale."""
     if codec == "video/VP8":
-        return Vp8Encoder(bitrate_bps)
+        return Vp8Encoder(bitrate_bps, convert_on_device)
     if codec != "video/H264":
         return None
     reason = "the pipeline runs on the CPU"
@@ -351,7 +410,7 @@ def make_encoder(codec: str, device: torch.device, bitrate_bps: int, x264_preset
             _say("h264 encoder=nvenc")
             return encoder
     _say(f"h264 encoder=libx264 preset={x264_preset} ({reason})")
-    return X264Encoder(bitrate_bps, x264_preset)
+    return X264Encoder(bitrate_bps, x264_preset, convert_on_device)
 
 
 def _say(line: str) -> None:

@@ -116,10 +116,12 @@ class PeerSession:
         self.output_codec: str | None = None
         self.input_format: str | None = None  # the latest decoded input frame's: "cuda" when NVDEC decoded it
         self._reformatter = None if settings.frame_path == "host" else VideoReformatter()
-        yuv_input = pipeline.frame_input == "yuv" and (
-            settings.frame_path == "device"
-            or (settings.frame_path == "auto" and pipeline_device(pipeline).type != "cpu")
-        )  # decoded planes, converted on the pipeline's device; else swscale RGB (`_to_array`)
+        # The frame path's device side: decoded input planes, and output frames for our CPU encoders, converted on
+        # the pipeline's device (a GPU's; `--frame-path device` forces it on a CPU); else swscale on the host.
+        self._convert_on_device = settings.frame_path == "device" or (
+            settings.frame_path == "auto" and pipeline_device(pipeline).type != "cpu"
+        )
+        yuv_input = pipeline.frame_input == "yuv" and self._convert_on_device  # else swscale RGB (`_to_array`)
         self.slot = StreamSlot(
             worker,
             session_id,
@@ -185,12 +187,14 @@ class PeerSession:
         encoder = None
         if self._settings.frame_path != "host" and codec is not None:
             bitrate = self._settings.start_bitrate_kbps * 1000
-            encoder = make_encoder(codec, pipeline_device(self.pipeline), bitrate, self._settings.x264_preset)
+            encoder = make_encoder(codec, pipeline_device(self.pipeline), bitrate, self._settings.x264_preset,
+                                   self._convert_on_device)  # fmt: skip
         if encoder is None:
             log.info("session=%s output codec=%s encoder=aiortc", self.id, codec)
             return
         self.output.use_encoder(encoder, hook_sender(transceiver, self.output.request_keyframe))
-        # NVENC reads device memory: the pipeline's output frames need not come to the host at all.
+        # NVENC reads device memory, and the CPU encoders convert on the device before the copy: the pipeline's output
+        # frames then stay there (no RGB download, no swscale).
         self.slot.stream.keep_output_on_device = encoder.reads_device_memory
         log.info("session=%s output codec=%s encoder=%s", self.id, codec, encoder.name)
 
@@ -379,13 +383,15 @@ class PeerSession:
         }
 
     def video_counters(self) -> dict[str, Any]:
-        """The outgoing video: its codec, who encodes it (`aiortc` for its own encoders) with which preset, IDRs and
-        PLI/FIRs; and the incoming video's decoded format (`cuda`: NVDEC's frames, in device memory)."""
+        """The outgoing video: its codec, who encodes it (`aiortc` for its own encoders) with which preset, where its
+        frames were converted to YUV (`swscale` on the host, `device:cuda` on the GPU), IDRs and PLI/FIRs; and the
+        incoming video's decoded format (`cuda`: NVDEC's frames, in device memory)."""
         encoder = self.output.encoder
         return {
             "input_format": self.input_format,
             "codec": self.output_codec,
             "encoder": "aiortc" if encoder is None else encoder.name,
+            "output_conversion": "aiortc" if encoder is None else self.output.output_conversion,
             "preset": None if encoder is None else encoder.preset,
             "keyframes": None if encoder is None else encoder.keyframes,
             "keyframes_requested": self.output.keyframes_requested,

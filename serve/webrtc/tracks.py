@@ -22,7 +22,7 @@ from av import Packet, VideoFrame
 
 from serve.pipelines.worker import FrameStamp
 from serve.threads import ENCODER, name_os_thread
-from serve.webrtc.encoders import DeviceFrame, PacketEncoder
+from serve.webrtc.encoders import DeviceFrame, DownloadingFrame, PacketEncoder
 
 MAX_AHEAD_S = 1.0  # a frame due further ahead than this means the timeline jumped (new input, mode switch)
 # Our encoders' own pool (as many threads as the loop's default executor would have): its threads carry a name the
@@ -57,12 +57,17 @@ class OutputTrack(MediaStreamTrack):
         self.frames_out = 0
         self.frames_dropped = 0
         self.latencies_ms: deque[float] = deque(maxlen=240)
-        self._last_frame: VideoFrame | DeviceFrame | None = None  # the newest frame sent (headless snapshots)
-        self.tap: Callable[[VideoFrame], None] | None = None  # sees every frame sent; must not block (the recorder)
+        self._last_frame: VideoFrame | DeviceFrame | DownloadingFrame | None = None  # the newest sent (snapshots)
+        # Sees every frame sent, as the track holds it (a device frame is made a host one in the recorder's thread,
+        # `as_video_frame`: its copy may wait for the GPU); must not block.
+        self.tap: Callable[[VideoFrame | DeviceFrame | DownloadingFrame], None] | None = None
         self.encoder: PacketEncoder | None = None
         self.bitrate_source: Callable[[], int | None] | None = None
         self._keyframe_requested = False
         self.keyframes_requested = 0
+        # Where the encoder's last frames were converted from RGB: swscale on host arrays, or `device:<type>` where
+        # the pipeline kept them on its device (the session's metrics say it).
+        self.output_conversion: str | None = None
 
     def use_encoder(self, encoder: PacketEncoder, bitrate_source: Callable[[], int | None] | None = None) -> None:
         """Send packets from `encoder` from now on (call before the worker produces frames)."""
@@ -75,9 +80,9 @@ class OutputTrack(MediaStreamTrack):
         self.keyframes_requested += 1
 
     @property
-    def last_frame(self) -> VideoFrame | None:
-        frame = self._last_frame
-        return frame.to_video_frame() if isinstance(frame, DeviceFrame) else frame
+    def last_frame(self) -> VideoFrame | DeviceFrame | DownloadingFrame | None:
+        """The newest frame sent, as the track holds it: `as_video_frame` it off the event loop."""
+        return self._last_frame
 
     def has_room(self, frames: int) -> bool:
         with self._in_flight_lock:
@@ -87,6 +92,7 @@ class OutputTrack(MediaStreamTrack):
         """Called on the worker thread: the av frames (or the encoder's NV12 inputs) are built here, off the loop."""
         if self.encoder is not None:
             items = list(zip(self.encoder.prepare(frames, stamps), stamps, strict=True))
+            self.output_conversion = "swscale" if isinstance(frames, np.ndarray) else f"device:{frames.device.type}"
         else:
             items = []
             for array, stamp in zip(frames, stamps, strict=True):
@@ -174,5 +180,5 @@ class OutputTrack(MediaStreamTrack):
                 self.latencies_ms.append((time.monotonic() - stamp.arrival_s) * 1000)
             self._last_frame = frame
             if (tap := self.tap) is not None:
-                tap(frame.to_video_frame() if isinstance(frame, DeviceFrame) else frame)
+                tap(frame)
             return frame
