@@ -46,8 +46,9 @@ class PipelineStream(ABC):
     """Per-session generation state (caches, noise generator, prompt state)."""
 
     keep_output_on_device = False
-    """Set by a session whose encoder reads device memory (NVENC): `process` may then return the uint8
-    [T', H, W, 3] frames as a device tensor instead of copying them to the host."""
+    """Set by a session whose encoder reads device memory (NVENC, or libvpx / libx264 fed YUV converted on the
+    device): `process` may then return the uint8 [T', H, W, 3] frames as a device tensor instead of copying them to
+    the host."""
 
     @abstractmethod
     def process(self, frames: np.ndarray | YuvChunk | None, params: dict[str, Any]) -> np.ndarray:
