@@ -182,6 +182,11 @@ class Recorder:
         out_pts = max(round(self._last_out / TIME_BASE), self._last_pts + 1)
         self._last_pts = out_pts
         video = self._reformatter.reformat(frame, width=self.width, height=self.height, format="yuv420p")
+        if video is frame:
+            # swscale hands back the frame itself when there is nothing to convert (our VP8 encoder's yuv420p at the
+            # recording's size), and the stream's encoder thread may be encoding that very object: it keeps its own
+            # timestamp and picture type, and the recording writes a copy.
+            video = VideoFrame.from_ndarray(frame.to_ndarray(), format="yuv420p")
         video.pts, video.time_base = out_pts, TIME_BASE
         video.pict_type = PictureType.NONE  # the frame's props are copied, and the WebRTC encoder may have set an I
         for packet in self._stream.encode(video):

@@ -269,6 +269,25 @@ async def test_a_full_recorder_queue_drops_from_the_recording_never_from_the_str
         assert sum(1 for _ in container.decode(video=0)) == recorder.frames
 
 
+async def test_the_recorder_never_changes_the_frame_it_is_offered(tmp_path: Path) -> None:
+    """The stream's encoder thread may be encoding the same frame object (our VP8 encoder's yuv420p frames, at the
+    recording's size, which swscale hands back as they are): the recorder writes a copy and leaves the frame's
+    timestamp and picture type as they were."""
+    store = RecordingStore(RecordingSettings(directory=tmp_path))
+    recorder = store.start("7" * 32)
+    frames = [frame.reformat(format="yuv420p") for frame in noise_frames(6, 64, 64)]
+    for i, frame in enumerate(frames):
+        frame.pts, frame.time_base = 1_000_000 + 3000 * i, Fraction(1, 90000)  # not where the recording starts
+        frame.pict_type = av.video.frame.PictureType.I  # as the encoder sets it on a requested keyframe
+        recorder.offer(frame)
+        await asyncio.sleep(0.02)
+    store.stop("7" * 32)
+    await asyncio.to_thread(recorder.join)
+    assert recorder.frames == len(frames)
+    assert [f.pts for f in frames] == [1_000_000 + 3000 * i for i in range(len(frames))]
+    assert all(f.pict_type == av.video.frame.PictureType.I for f in frames)
+
+
 async def test_a_timeline_jump_continues_the_recording_at_the_last_frame_spacing(tmp_path: Path) -> None:
     store = RecordingStore(RecordingSettings(directory=tmp_path))
     recorder = store.start("9" * 32)
