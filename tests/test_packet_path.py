@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import httpx
@@ -31,6 +32,7 @@ from serve.webrtc.encoders import (
     as_video_frame,
     nal_types,
 )
+from serve.webrtc.tracks import OutputTrack
 from tests.support.frames import read_counter
 from tests.support.rtc_client import ScopeClient
 from tests.support.scenes import textured_scene
@@ -143,6 +145,41 @@ def test_cpu_encoders_take_device_frames_as_they_take_host_arrays(encoder_class:
     assert [p.pts for p in packets] == [s.pts for s in stamps] and encoder.is_keyframe(bytes(packets[0]))
     decoder = av.CodecContext.create(DECODERS[encoder.name], "r")
     decoded = [frame for p in packets for frame in decoder.decode(av.Packet(bytes(p)))]
+    error = np.abs(decoded[-1].to_ndarray(format="rgb24").astype(int) - images[-1]).mean()
+    assert error < 12, error
+
+
+class FailsOnce(Vp8Encoder):
+    """The real libvpx encoder with one planted fault: it raises on the fourth frame it is given."""
+
+    given = 0
+
+    def _encode(self, frame: Any, keyframe: bool) -> bytes | None:
+        self.given += 1
+        if self.given == 4:
+            raise RuntimeError("planted encoder fault")
+        return super()._encode(frame, keyframe)
+
+
+async def test_a_frame_the_encoder_fails_on_is_dropped_and_the_video_goes_on_from_a_keyframe() -> None:
+    """aiortc's sender ends the video for good when recv() raises: the track drops the frame instead, and reopens
+    the encoder, so the next frame is a keyframe and everything sent decodes."""
+    track = OutputTrack(capacity_frames=64)
+    encoder = FailsOnce(1_000_000)
+    track.use_encoder(encoder)
+    count = 8
+    images = np.stack([textured_scene(i, SIZE, SIZE) for i in range(count)])
+    stamps = [FrameStamp(3000 * i, Fraction(1, 90000), None) for i in range(count)]
+    await asyncio.to_thread(track.push_threadsafe, images, stamps)
+    await asyncio.sleep(0)
+    packets = [await asyncio.wait_for(track.recv(), 5) for _ in range(count - 1)]
+    track.stop()
+    assert [p.pts for p in packets] == [s.pts for i, s in enumerate(stamps) if i != 3]  # only the failed one lost
+    assert [encoder.is_keyframe(bytes(p)) for p in packets] == [True, False, False, True, False, False, False]
+    assert track.encode_errors == 1
+    decoder = av.CodecContext.create("vp8", "r")
+    decoded = [frame for p in packets for frame in decoder.decode(av.Packet(bytes(p)))]
+    assert len(decoded) == count - 1
     error = np.abs(decoded[-1].to_ndarray(format="rgb24").astype(int) - images[-1]).mean()
     assert error < 12, error
 

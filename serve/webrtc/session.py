@@ -384,8 +384,8 @@ class PeerSession:
 
     def video_counters(self) -> dict[str, Any]:
         """The outgoing video: its codec, who encodes it (`aiortc` for its own encoders) with which preset, where its
-        frames were converted to YUV (`swscale` on the host, `device:cuda` on the GPU), IDRs and PLI/FIRs; and the
-        incoming video's decoded format (`cuda`: NVDEC's frames, in device memory)."""
+        frames were converted to YUV (`swscale` on the host, `device:cuda` on the GPU), IDRs, PLI/FIRs and frames it
+        failed on; and the incoming video's decoded format (`cuda`: NVDEC's frames, in device memory)."""
         encoder = self.output.encoder
         return {
             "input_format": self.input_format,
@@ -395,6 +395,7 @@ class PeerSession:
             "preset": None if encoder is None else encoder.preset,
             "keyframes": None if encoder is None else encoder.keyframes,
             "keyframes_requested": self.output.keyframes_requested,
+            "encode_errors": self.output.encode_errors,
             "bitrate_bps": None if encoder is None else encoder.target_bitrate,
         }
 

@@ -9,6 +9,7 @@ the encoder's bitrate. Otherwise (`--frame-path host`, another codec) `av.VideoF
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
@@ -23,6 +24,8 @@ from av import Packet, VideoFrame
 from serve.pipelines.worker import FrameStamp
 from serve.threads import ENCODER, name_os_thread
 from serve.webrtc.encoders import DeviceFrame, DownloadingFrame, PacketEncoder
+
+log = logging.getLogger(__name__)
 
 MAX_AHEAD_S = 1.0  # a frame due further ahead than this means the timeline jumped (new input, mode switch)
 # Our encoders' own pool (as many threads as the loop's default executor would have): its threads carry a name the
@@ -65,6 +68,7 @@ class OutputTrack(MediaStreamTrack):
         self.bitrate_source: Callable[[], int | None] | None = None
         self._keyframe_requested = False
         self.keyframes_requested = 0
+        self.encode_errors = 0  # frames our encoder raised on (each dropped; the encoder reopened)
         # Where the encoder's last frames were converted from RGB: swscale on host arrays, or `device:<type>` where
         # the pipeline kept them on its device (the session's metrics say it).
         self.output_conversion: str | None = None
@@ -148,7 +152,18 @@ class OutputTrack(MediaStreamTrack):
         if self.bitrate_source is not None and (bitrate := self.bitrate_source()):
             encoder.target_bitrate = bitrate
         keyframe, self._keyframe_requested = self._keyframe_requested, False
-        return await self._loop.run_in_executor(ENCODE_POOL, encoder.encode, frame, keyframe)
+        try:
+            return await self._loop.run_in_executor(ENCODE_POOL, encoder.encode, frame, keyframe)
+        except Exception:
+            # aiortc's sender stops the stream's video for good on an exception from recv(): one frame the codec
+            # refuses must not do that. It is dropped, and the encoder reopened, so the next frame is a keyframe the
+            # receiver can start from again.
+            self.encode_errors += 1
+            if self.encode_errors == 1 or self.encode_errors % 100 == 0:
+                log.exception("encoder=%s failed on a frame (%d so far); dropped, encoder reopened", encoder.name,
+                              self.encode_errors)  # fmt: skip
+            encoder.close()
+            return None
 
     def stop(self) -> None:
         super().stop()
