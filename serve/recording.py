@@ -167,7 +167,8 @@ class Recorder:
     def _write(self, frame: Any, pts: int, time_base: Fraction) -> None:
         """`frame`: a VideoFrame, or a frame the output track holds on (or on its way from) the device, made a host
         one here, in this thread, since that may wait for the GPU (serve/webrtc/encoders.py `as_video_frame`)."""
-        if not isinstance(frame, VideoFrame):
+        shared = isinstance(frame, VideoFrame)  # the track's own object; a device frame's host copy is ours
+        if not shared:
             frame = frame.to_video_frame()
         if self._stream is None:
             self._open(frame.width, frame.height)
@@ -182,7 +183,7 @@ class Recorder:
         out_pts = max(round(self._last_out / TIME_BASE), self._last_pts + 1)
         self._last_pts = out_pts
         video = self._reformatter.reformat(frame, width=self.width, height=self.height, format="yuv420p")
-        if video is frame:
+        if video is frame and shared:
             # swscale hands back the frame itself when there is nothing to convert (our VP8 encoder's yuv420p at the
             # recording's size), and the stream's encoder thread may be encoding that very object: it keeps its own
             # timestamp and picture type, and the recording writes a copy.
