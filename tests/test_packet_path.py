@@ -416,6 +416,31 @@ def test_compiled_colour_kernels_equal_their_references_on_cuda() -> None:
     assert (rgb_to_nv12(rgb).int() - rgb_to_nv12_reference(rgb).int()).abs().max() <= 1
 
 
+@pytest.mark.parametrize("frame_path", ["auto", "device"], ids=["swscale", "planes"])  # this CPU's two input paths
+async def test_a_camera_that_changes_resolution_mid_stream_keeps_streaming_at_the_loaded_size(
+    tmp_path: Path, frame_path: str
+) -> None:
+    """Browsers scale a camera's resolution down (and back up) under CPU or bandwidth limits, so the decoded input
+    changes size mid-stream: the output keeps the loaded size and goes on showing the input's content. Chunks of 4
+    frames, so a chunk can hold frames of both sizes."""
+    with run_server(tmp_path, "--frame-path", frame_path) as server:
+        assert load_pipeline(server.url, "passthrough", height=SIZE, width=SIZE, chunk_size=4)["status"] == "loaded"
+        client = ScopeClient(server.url, initial_parameters={"input_mode": "video"})
+        await client.connect()
+        try:
+            assert client.track is not None
+            for height, width in ((240, 320), (120, 160), (360, 480)):
+                client.track.height, client.track.width = height, width  # the next frames are drawn at this size
+                switched_at = client.track.sent
+                await client.wait_frames(len(client.frames) + 30)
+                recent = [f.counter for f in client.frames[-15:]]
+                assert recent == sorted(recent) and min(recent) >= switched_at, (height, width, switched_at, recent)
+            assert {(f.width, f.height) for f in client.frames} == {(SIZE, SIZE)}
+        finally:
+            await client.close()
+        assert "Traceback" not in server.log(), server.log()[-3000:]
+
+
 async def test_host_frame_path_keeps_aiortcs_own_encoders(tmp_path: Path) -> None:
     """`--frame-path host` (the old path, the benchmark's baseline): VP8 (offered first) and H.264 (asked for) are
     encoded by aiortc from frames."""
