@@ -52,6 +52,22 @@ def encode_scene(encoder: LibavEncoder, count: int, keyframe_at: set[int]) -> li
     return packets  # type: ignore[return-value]
 
 
+DECODERS = {"libx264": "h264", "libvpx": "vp8"}  # FFmpeg's own decoder of each CPU encoder's codec
+
+
+def decode(codec: str, packets: list[av.Packet]) -> list[av.VideoFrame]:
+    """Every frame FFmpeg's own `codec` decoder (h264, vp8) makes of `packets`, in order. Its VP8 decoder marks key
+    frames; libvpx's wrapper does not."""
+    decoder = av.CodecContext.create(codec, "r")
+    return [frame for packet in packets for frame in decoder.decode(av.Packet(bytes(packet)))]
+
+
+def assert_shows(frame: av.VideoFrame, image: np.ndarray) -> None:
+    """The picture made it through the conversion and the codec: within 12 levels on average."""
+    error = np.abs(frame.to_ndarray(format="rgb24").astype(int) - image).mean()
+    assert error < 12, error
+
+
 def test_x264_writes_baseline_idr_with_headers_and_601_vui() -> None:
     encoder = X264Encoder(1_000_000)
     packets = encode_scene(encoder, 12, keyframe_at={7})
@@ -63,11 +79,9 @@ def test_x264_writes_baseline_idr_with_headers_and_601_vui() -> None:
     sps = bytes(packets[0]).split(b"\x00\x00\x01")[1]  # the first NAL unit (x264 writes the SPS first)
     assert sps[0] & 0x1F == NAL_SPS and sps[1] == 66 and sps[2] & 0x40  # profile_idc Baseline, constraint_set1
     assert [p.pts for p in packets] == [3000 * i for i in range(12)]  # no reordering: no B-frames
-    decoder = av.CodecContext.create("h264", "r")
-    decoded = [frame for p in packets for frame in decoder.decode(av.Packet(bytes(p)))]
+    decoded = decode("h264", packets)
     assert decoded[0].colorspace == 6 and decoded[0].color_range == 1  # VUI: SMPTE 170M (BT.601), limited range
-    error = np.abs(decoded[5].to_ndarray(format="rgb24").astype(int) - textured_scene(5, SIZE, SIZE)).mean()
-    assert error < 12, error  # the picture made it through the conversion and the codec
+    assert_shows(decoded[5], textured_scene(5, SIZE, SIZE))
 
 
 def test_vp8_writes_keyframes_where_asked_and_decodes_to_the_scene() -> None:
@@ -76,11 +90,9 @@ def test_vp8_writes_keyframes_where_asked_and_decodes_to_the_scene() -> None:
     keyframes = [i for i, p in enumerate(packets) if encoder.is_keyframe(bytes(p))]
     assert keyframes == [0, 7] and encoder.keyframes == 2, keyframes  # no periodic ones in between
     assert [p.pts for p in packets] == [3000 * i for i in range(12)]  # no reordering, no look-ahead
-    decoder = av.CodecContext.create("vp8", "r")  # FFmpeg's own: it marks key frames (libvpx's wrapper does not)
-    decoded = [frame for p in packets for frame in decoder.decode(av.Packet(bytes(p)))]
+    decoded = decode("vp8", packets)
     assert [f.key_frame for f in decoded] == [i in (0, 7) for i in range(12)]  # the decoder agrees
-    error = np.abs(decoded[5].to_ndarray(format="rgb24").astype(int) - textured_scene(5, SIZE, SIZE)).mean()
-    assert error < 12, error  # the picture made it through the conversion and the codec
+    assert_shows(decoded[5], textured_scene(5, SIZE, SIZE))
 
 
 @CPU_ENCODERS
@@ -123,9 +135,6 @@ def test_cpu_encoders_reopen_for_a_new_bitrate_at_most_once_a_second(encoder_cla
     assert keyframes == [0, 31], keyframes
 
 
-DECODERS = {"libx264": "h264", "libvpx": "vp8"}  # FFmpeg's own decoder of each CPU encoder's codec
-
-
 @CPU_ENCODERS
 def test_cpu_encoders_take_device_frames_as_they_take_host_arrays(encoder_class: type[LibavEncoder]) -> None:
     """Host arrays go through swscale, tensors through kernels/colour.py (the GPU's path, here on the CPU) into
@@ -143,10 +152,7 @@ def test_cpu_encoders_take_device_frames_as_they_take_host_arrays(encoder_class:
         assert np.abs(host.to_ndarray().astype(int) - device.to_ndarray().astype(int)).max() <= 1
     packets = [encoder.encode(frame, False) for frame in downloading]
     assert [p.pts for p in packets] == [s.pts for s in stamps] and encoder.is_keyframe(bytes(packets[0]))
-    decoder = av.CodecContext.create(DECODERS[encoder.name], "r")
-    decoded = [frame for p in packets for frame in decoder.decode(av.Packet(bytes(p)))]
-    error = np.abs(decoded[-1].to_ndarray(format="rgb24").astype(int) - images[-1]).mean()
-    assert error < 12, error
+    assert_shows(decode(DECODERS[encoder.name], packets)[-1], images[-1])
 
 
 class FailsOnce(Vp8Encoder):
@@ -177,11 +183,9 @@ async def test_a_frame_the_encoder_fails_on_is_dropped_and_the_video_goes_on_fro
     assert [p.pts for p in packets] == [s.pts for i, s in enumerate(stamps) if i != 3]  # only the failed one lost
     assert [encoder.is_keyframe(bytes(p)) for p in packets] == [True, False, False, True, False, False, False]
     assert track.encode_errors == 1
-    decoder = av.CodecContext.create("vp8", "r")
-    decoded = [frame for p in packets for frame in decoder.decode(av.Packet(bytes(p)))]
+    decoded = decode("vp8", packets)
     assert len(decoded) == count - 1
-    error = np.abs(decoded[-1].to_ndarray(format="rgb24").astype(int) - images[-1]).mean()
-    assert error < 12, error
+    assert_shows(decoded[-1], images[-1])
 
 
 @pytest.mark.gpu
@@ -207,10 +211,7 @@ def test_cpu_encoders_convert_gpu_frames_there_and_copy_only_yuv_without_a_host_
     assert all(f.host.is_pinned() and f.copied is not None for f in frames)  # type: ignore[union-attr]
     assert frames[0].host.numel() == SIZE * SIZE * 3 // 2  # type: ignore[union-attr]  # YUV 4:2:0, not RGB
     packets = [encoder.encode(frame, False) for frame in frames]
-    decoder = av.CodecContext.create(DECODERS[encoder.name], "r")
-    decoded = [frame for p in packets for frame in decoder.decode(av.Packet(bytes(p)))]
-    error = np.abs(decoded[-1].to_ndarray(format="rgb24").astype(int) - images[-1].cpu().numpy()).mean()
-    assert error < 12, error
+    assert_shows(decode(DECODERS[encoder.name], packets)[-1], images[-1].cpu().numpy())
 
 
 @pytest.mark.gpu
@@ -338,8 +339,7 @@ def test_nvenc_encodes_device_frames_with_idr_on_request() -> None:
     packets = [encoder.encode(frame, i == 6) for i, frame in enumerate(frames)]
     types = [nal_types(bytes(p)) if p is not None else [] for p in packets]
     assert NAL_IDR in types[0] and NAL_IDR in types[6] and {NAL_SPS, NAL_PPS} <= set(types[6]), types
-    decoder = av.CodecContext.create("h264", "r")
-    decoded = [f for p in packets if p is not None for f in decoder.decode(av.Packet(bytes(p)))]
+    decoded = decode("h264", [p for p in packets if p is not None])
     assert len(decoded) >= 8
     encoder.close()
 

@@ -51,16 +51,20 @@ def upload_yuv(chunk: YuvChunk, device: torch.device, height: int, width: int) -
         if device.type != "cpu":
             planes = _to_device(planes, device)
     out = torch.empty((len(chunk), 3, height, width), dtype=torch.float32, device=device)
-    with one_host_thread() if device.type == "cpu" else contextlib.nullcontext():
+    with one_host_thread(device):
         for index, (frame, (y, u, v)) in enumerate(zip(chunk.frames, planes, strict=True)):
             yuv420_to_rgb(y, u, v, frame.colour, out[index])
     return out
 
 
 @contextlib.contextmanager
-def one_host_thread() -> Iterator[None]:
-    """Frame-sized CPU ops on one thread: with torch's intra-op threads spinning beside aiortc's decoder and encoder
-    threads on two cores, a 128×128 frame took 218 ms instead of 1.8 ms (measured, benchmarks/RESULTS.md)."""
+def one_host_thread(device: torch.device) -> Iterator[None]:
+    """Frame-sized ops on `device` on one thread if it is the CPU (elsewhere nothing changes): with torch's intra-op
+    threads spinning beside aiortc's decoder and encoder threads on two cores, a 128×128 frame took 218 ms instead of
+    1.8 ms (measured, benchmarks/RESULTS.md)."""
+    if device.type != "cpu":
+        yield
+        return
     # torch's thread count is the process's: with two threads in here at once, the second must not save the first's 1
     # and restore it for good, so the count is saved by the first in and restored by the last out.
     global _single_thread_users, _saved_threads

@@ -8,7 +8,6 @@ for NVENC), which is how the zero-copy frame path is measured without a model (b
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import numpy as np
@@ -35,7 +34,7 @@ class PassthroughStream(PipelineStream):
 
     def process(self, frames: np.ndarray | YuvChunk | None, params: dict[str, Any]) -> np.ndarray:
         if isinstance(frames, YuvChunk):  # converted and resized where a model pipeline would: on its device
-            with one_host_thread() if self.device.type == "cpu" else contextlib.nullcontext():
+            with one_host_thread(self.device):
                 pixels = to_uint8_frames(upload_yuv(frames, self.device, self.height, self.width))
             # Kept where they are for an encoder that converts them there (NVENC; the CPU encoders on the frame
             # path's device side, which `--frame-path device` forces on a CPU too).

@@ -25,7 +25,6 @@ VP8 has no colour tags, and its decoders assume BT.601 limited, the same convers
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from abc import ABC, abstractmethod
 from fractions import Fraction
@@ -215,7 +214,7 @@ class LibavEncoder(PacketEncoder):
         return out
 
     def _convert_on_device(self, image: torch.Tensor, stamp: FrameStamp) -> DownloadingFrame:
-        with contextlib.nullcontext() if image.is_cuda else one_host_thread():
+        with one_host_thread(image.device):
             yuv = rgb_to_nv12(image, BT601_LIMITED)
             yuv = yuv if self.pix_fmt == "nv12" else nv12_to_i420(yuv)
         return DownloadingFrame(yuv, self.pix_fmt, stamp.pts, stamp.time_base)
