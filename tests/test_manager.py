@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from serve.errors import PipelineBusy
 from serve.pipelines import registry
 from serve.pipelines.manager import PipelineManager
 from serve.pipelines.passthrough import PassthroughPipeline
@@ -17,6 +18,7 @@ from serve.schemas import LoadParams
 
 release_load = threading.Event()
 closed = threading.Event()
+closes: list[GatedPipeline] = []
 
 
 class GatedPipeline(PassthroughPipeline):
@@ -28,6 +30,7 @@ class GatedPipeline(PassthroughPipeline):
         return super().load(spec, load_params, report=report, **context)
 
     def close(self) -> None:
+        closes.append(self)
         closed.set()
 
 
@@ -37,6 +40,7 @@ def gated(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setitem(registry.PIPELINES, "gated", spec)
     release_load.clear()
     closed.clear()
+    closes.clear()
     return "gated"
 
 
@@ -52,14 +56,37 @@ async def test_a_pipeline_that_finishes_loading_after_an_unload_is_closed(gated:
     assert manager.pipeline is None and manager.status().status == "not_loaded"
 
 
+async def until_loaded(manager: PipelineManager) -> None:
+    for _ in range(100):
+        if manager.status().status == "loaded":
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not loaded: {manager.status()}")
+
+
 async def test_a_load_that_completes_is_kept(gated: str, tmp_path: Path) -> None:
     manager = PipelineManager(models_dir=tmp_path, allow_random_weights=False)
     release_load.set()
     await manager.load(gated, LoadParams())
-    for _ in range(100):
-        if manager.status().status == "loaded":
-            break
-        await asyncio.sleep(0.05)
-    assert manager.status().status == "loaded" and not closed.is_set()
+    await until_loaded(manager)
+    assert not closed.is_set()
     await manager.close()
     assert closed.is_set()
+
+
+async def test_loads_sent_at_once_start_one_load_and_free_the_pipeline_it_replaces(gated: str, tmp_path: Path) -> None:
+    """Releasing the loaded pipeline awaits; a second load let in there also passed the busy check, and the pipeline
+    one of the two built was never freed (found by fuzzing: three concurrent loads answered 200, 200, 409)."""
+    manager = PipelineManager(models_dir=tmp_path, allow_random_weights=False)
+    release_load.set()
+    await manager.load(gated, LoadParams())
+    await until_loaded(manager)
+    first = manager.pipeline
+    answers = await asyncio.gather(*(manager.load(gated, LoadParams()) for _ in range(3)), return_exceptions=True)
+    assert sum(isinstance(answer, str) for answer in answers) == 1, answers
+    assert all(isinstance(answer, PipelineBusy) for answer in answers if not isinstance(answer, str)), answers
+    await until_loaded(manager)
+    second = manager.pipeline
+    assert second is not first and closes == [first]  # only the replaced one: no other was built
+    await manager.close()
+    assert closes == [first, second]

@@ -46,6 +46,10 @@ class PipelineManager:
         self.worker: PipelineWorker | None = None
         self._status = PipelineStatus(status="not_loaded")
         self._load_task: asyncio.Task[None] | None = None
+        # Held from a load's busy check until its task exists, and through an unload: releasing the old pipeline
+        # awaits (sessions closing, the worker stopping), and a second load let in there would also pass the check,
+        # and the pipeline one of the two loads built would never be freed.
+        self._changing = asyncio.Lock()
         self._stop_sessions: list[StopSessionsFn] = []
 
     def on_unload(self, stop_sessions: StopSessionsFn) -> None:
@@ -90,20 +94,21 @@ class PipelineManager:
         if "blocks_per_stage" in load_params:  # its sum is checked against the model's blocks at load
             check_blocks_per_stage(load_params["blocks_per_stage"], gpus.ranks if gpus else 1)
         check_requests(requested_loras(load_params), self.lora_dir)  # a bad LoRA path is a 400 now, not a load error
-        if self._load_task is not None and not self._load_task.done():
-            raise PipelineBusy(
-                f"pipeline {self._status.pipeline_id!r} is loading; wait for it, or POST /api/v1/pipeline/unload"
+        async with self._changing:
+            if self._load_task is not None and not self._load_task.done():
+                raise PipelineBusy(
+                    f"pipeline {self._status.pipeline_id!r} is loading; wait for it, or POST /api/v1/pipeline/unload"
+                )
+            await self._release(f"pipeline {pipeline_id!r} is being loaded")
+            self._status = PipelineStatus(
+                status="loading",
+                pipeline_id=pipeline_id,
+                load_params=load_params,
+                loading_stage="starting",
+                progress=0.0,
+                random_weights=bool(load_params.get("random_weights")),
             )
-        await self._release(f"pipeline {pipeline_id!r} is being loaded")
-        self._status = PipelineStatus(
-            status="loading",
-            pipeline_id=pipeline_id,
-            load_params=load_params,
-            loading_stage="starting",
-            progress=0.0,
-            random_weights=bool(load_params.get("random_weights")),
-        )
-        self._load_task = asyncio.create_task(self._load(pipeline_id, load_params), name=f"load-{pipeline_id}")
+            self._load_task = asyncio.create_task(self._load(pipeline_id, load_params), name=f"load-{pipeline_id}")
         return f"loading pipeline {pipeline_id!r}; poll GET /api/v1/pipeline/status"
 
     async def _load(self, pipeline_id: str, load_params: dict[str, Any]) -> None:
@@ -168,11 +173,12 @@ class PipelineManager:
         self._status = PipelineStatus(status="error", pipeline_id=pipeline_id, load_params=load_params, error=reason)
 
     async def unload(self) -> str:
-        if self._load_task is not None and not self._load_task.done():
-            self._load_task.cancel()  # the thread finishes on its own; its result is dropped
-        pipeline_id = self._status.pipeline_id
-        await self._release("pipeline unloaded")
-        self._status = PipelineStatus(status="not_loaded")
+        async with self._changing:
+            if self._load_task is not None and not self._load_task.done():
+                self._load_task.cancel()  # the thread finishes on its own; its result is dropped
+            pipeline_id = self._status.pipeline_id
+            await self._release("pipeline unloaded")
+            self._status = PipelineStatus(status="not_loaded")
         return f"unloaded {pipeline_id!r}" if pipeline_id else "nothing was loaded"
 
     async def _release(self, reason: str) -> None:
