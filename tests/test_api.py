@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 
 from tests.conftest import MAX_UPLOAD_MB
+from tests.support.rtc_client import offer_sdp
 from tests.support.server import RunningServer, load_pipeline
 
 SEED_DEFAULTS = {  # the seed's comparison table: resolution (h, w), steps
@@ -171,6 +173,25 @@ def test_offer_rejects_bad_requests(
     assert needle in error_of(response, status)
     assert_no_server_path(response, server)
     assert server.metrics()["wanrt_sessions_active"] == 0  # a rejected offer leaves no half-made session
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        # aiortc raised AttributeError answering a mid outside the offer's BUNDLE group: a 500
+        (lambda sdp: sdp.replace("a=mid:0", "a=mid:zz", 1), "cannot be answered"),
+        # aiortc answered, then its DTLS start failed an assert in the background: a seat held until the timeout
+        (lambda sdp: "".join(line for line in sdp.splitlines(True) if not line.startswith("a=fingerprint:")),
+         "no a=fingerprint"),
+    ],
+)  # fmt: skip
+def test_a_real_offer_edited_into_one_that_cannot_connect_is_refused(
+    api: httpx.Client, server: RunningServer, edit: Callable[[str], str], needle: str
+) -> None:
+    load_pipeline(server.url, "passthrough")
+    response = api.post("/api/v1/webrtc/offer", json={"sdp": edit(asyncio.run(offer_sdp())), "type": "offer"})
+    assert needle in error_of(response, 400)
+    assert server.metrics()["wanrt_sessions_active"] == 0
 
 
 def test_rejected_offer_logs_why_its_session_closed(api: httpx.Client, server: RunningServer) -> None:

@@ -1,4 +1,4 @@
-"""The pipeline manager's load lifecycle, with a pipeline whose load the test holds open."""
+"""The pipeline manager's load lifecycle, with a pipeline whose load the test holds open, and with sessions."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ from typing import Any
 
 import pytest
 
-from serve.errors import PipelineBusy
+from serve.errors import PipelineBusy, PipelineNotLoaded
 from serve.pipelines import registry
 from serve.pipelines.manager import PipelineManager
 from serve.pipelines.passthrough import PassthroughPipeline
-from serve.schemas import LoadParams
+from serve.recording import RecordingStore
+from serve.schemas import LoadParams, Offer
+from serve.settings import RecordingSettings, WebRTCSettings
+from serve.webrtc.sessions import SessionManager
+from tests.support.rtc_client import offer_sdp
 
 release_load = threading.Event()
 closed = threading.Event()
@@ -90,3 +94,27 @@ async def test_loads_sent_at_once_start_one_load_and_free_the_pipeline_it_replac
     assert second is not first and closes == [first]  # only the replaced one: no other was built
     await manager.close()
     assert closes == [first, second]
+
+
+async def test_an_offer_being_answered_when_the_pipeline_is_unloaded_gets_an_error_and_no_seat(tmp_path: Path) -> None:
+    """An unload stops every session; one whose offer was still being answered was not yet listed, so it stayed
+    connected to the freed worker with no frames and no `stream_stopped`, holding a seat (found by fuzzing)."""
+    pipelines = PipelineManager(models_dir=tmp_path, allow_random_weights=False)
+    recordings = RecordingStore(RecordingSettings(directory=tmp_path / "recordings"))
+    sessions = SessionManager(pipelines, WebRTCSettings(ice_interfaces="loopback"), tmp_path, recordings)
+    await pipelines.load("passthrough", LoadParams())
+    await until_loaded(pipelines)
+    offer = Offer(sdp=await offer_sdp(), type="offer")
+    answering = asyncio.create_task(sessions.create(offer))
+    while not sessions._starting:  # the offer is inside aiortc's negotiation (it gathers candidates there)
+        await asyncio.sleep(0)
+    await pipelines.unload()
+    with pytest.raises(PipelineNotLoaded, match="stopped while its offer was being answered"):
+        await answering
+    assert len(sessions) == 0 and sessions.live() == 0
+    await pipelines.load("passthrough", LoadParams())  # and the next load's offers are answered as ever
+    await until_loaded(pipelines)
+    answer = await sessions.create(offer)
+    assert len(sessions) == 1 and answer.sessionId
+    await sessions.stop_all("test over")
+    await pipelines.close()

@@ -24,7 +24,14 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
 from av.video.reformatter import VideoReformatter
 
-from serve.errors import FrameConversionError, InvalidParameters, InvalidRequest, RecordingConflict, WanrtError
+from serve.errors import (
+    FrameConversionError,
+    InvalidParameters,
+    InvalidRequest,
+    PipelineNotLoaded,
+    RecordingConflict,
+    WanrtError,
+)
 from serve.pipelines.base import Pipeline
 from serve.pipelines.frames import YuvChunk, YuvFrame
 from serve.pipelines.spec import PipelineSpec
@@ -139,6 +146,7 @@ class PeerSession:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop = asyncio.get_running_loop()
         self._closing: asyncio.Task[None] | None = None
+        self._close_reason = ""
         self._mids: list[str] = []
         self._candidates_added = 0
         self.updates_received = 0
@@ -157,23 +165,48 @@ class PeerSession:
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=sdp_type))
         except Exception as exc:  # aiortc raises ValueError, KeyError, IndexError, AssertionError... on a bad SDP
+            if self.closing:
+                raise self._stopped_while_answering() from None
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else "a line it needs is missing or malformed"
             raise InvalidRequest(
                 f"malformed SDP offer ({reason}); send the browser's pc.localDescription.sdp unchanged"
             ) from None
+        if self.closing:  # an unload or another load stops every session, this one too while it is answered
+            raise self._stopped_while_answering()
         if not any(t.kind == "video" for t in pc.getTransceivers()):
             raise InvalidRequest(
                 "the offer has no video m-line: add the camera track (video mode) or "
                 "pc.addTransceiver('video') (text mode) before createOffer()"
             )
+        if "a=fingerprint:" not in sdp:  # aiortc takes it, answers, and then fails DTLS in the background
+            raise InvalidRequest(
+                "the offer has no a=fingerprint line (DTLS checks the peer's certificate against it); send the "
+                "browser's pc.localDescription.sdp unchanged"
+            )
         pc.addTrack(self.output)  # fills the offered video transceiver: sendrecv with a camera, sendonly without
         self._choose_output_path()
-        await pc.setLocalDescription(await pc.createAnswer())  # aiortc gathers its candidates here
+        try:
+            await pc.setLocalDescription(await pc.createAnswer())  # aiortc gathers its candidates here
+        except Exception as exc:  # closed meanwhile (next check), or an offer aiortc took but cannot answer (a mid
+            # outside its BUNDLE group)
+            if not self.closing:
+                raise InvalidRequest(
+                    f"the offer cannot be answered ({type(exc).__name__}: {exc}); send the browser's "
+                    "pc.localDescription.sdp unchanged"
+                ) from None
+        if self.closing:
+            raise self._stopped_while_answering()
         self._worker.attach(self.slot)
         self._spawn(self._send_stats(), "stats")
         self._spawn(self._close_unless_connected(), "connect-timeout")
         log.info("session=%s started pipeline=%s", self.id, self.spec.id)
         return pc.localDescription
+
+    def _stopped_while_answering(self) -> PipelineNotLoaded:
+        return PipelineNotLoaded(
+            f"the session was stopped while its offer was being answered ({self._close_reason}); wait for GET "
+            "/api/v1/pipeline/status to say 'loaded', then send a new offer"
+        )
 
     def _choose_output_path(self) -> None:
         """The codec: the offer's first, or H.264 where it is offered and preferred (`--codec-preference h264`). VP8 or
@@ -436,6 +469,7 @@ class PeerSession:
 
     def close_soon(self, reason: str | None) -> None:
         if self._closing is None:
+            self._close_reason = reason or "peer"
             self._closing = asyncio.create_task(self._close(reason), name=f"{self.id[:8]}-close")
 
     async def close(self, reason: str | None = None) -> None:
@@ -459,7 +493,7 @@ class PeerSession:
                 await self.stop_recording()
         with contextlib.suppress(Exception):  # closing a half-negotiated connection may raise inside aiortc
             await self.pc.close()
-        log.info("session=%s closed reason=%s", self.id, reason or "peer")
+        log.info("session=%s closed reason=%s", self.id, self._close_reason)
         self._on_closed(self)
 
     async def _flush_channel(self) -> None:

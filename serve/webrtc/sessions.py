@@ -39,7 +39,8 @@ class SessionManager:
         self._settings = settings
         self._assets_dir = assets_dir
         self._sessions: dict[str, PeerSession] = {}
-        self._starting = 0  # offers being negotiated count against the limit too
+        # Offers being answered: they count against the limit, and an unload (or another load) stops them too.
+        self._starting: dict[str, PeerSession] = {}
         self._closed_totals = {"frames_in": 0, "frames_out": 0, "frames_dropped": 0}
         pipelines.on_unload(self.stop_all)
 
@@ -57,7 +58,7 @@ class SessionManager:
     async def create(self, offer: Offer) -> Answer:
         if offer.type != "offer":
             raise InvalidRequest(f"expected an SDP of type 'offer', got {offer.type!r}")
-        if self.live() + self._starting >= self._settings.max_sessions:
+        if self.live() + len(self._starting) >= self._settings.max_sessions:
             raise CapacityExceeded(
                 f"the server is at its limit of {self._settings.max_sessions} concurrent sessions; "
                 "close one (DELETE /api/v1/webrtc/offer/{sessionId}) or try again later"
@@ -83,14 +84,14 @@ class SessionManager:
             recordings=self.recordings,
             on_closed=self._forget,
         )
-        self._starting += 1
+        self._starting[session.id] = session
         try:
             answer = await session.start(offer.sdp, offer.type)
         except BaseException as exc:  # the client gets the error as the response; the log says why it closed
             await session.close(f"offer not answered: {str(exc) or type(exc).__name__}")
             raise
         finally:
-            self._starting -= 1
+            del self._starting[session.id]
         self._sessions[session.id] = session
         if record:
             session.start_recording()
@@ -123,7 +124,7 @@ class SessionManager:
         return await session.stop_recording()
 
     async def stop_all(self, reason: str) -> None:
-        sessions = list(self._sessions.values())
+        sessions = [*self._sessions.values(), *self._starting.values()]
         await asyncio.gather(*(s.close(reason) for s in sessions), return_exceptions=True)
 
     def describe(self) -> list[dict[str, Any]]:
