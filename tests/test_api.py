@@ -159,6 +159,17 @@ def test_load_rejects_non_json_body(api: httpx.Client) -> None:
         ({"sdp": "v=0", "type": "offer", "initialParameters": {"noise_scale": 3}}, 400, "Validation failed"),
         ({"sdp": "v=0", "type": "offer", "initialParameters": {"kv_cache_attention_bias": 0.5}}, 422, "not a runtime"),
         ({"sdp": "v=0", "type": "offer", "initialParameters": {"denoising_step_list": [250, 750]}}, 422, "descending"),
+        # weights that sum to 0 have no blend: accepted, they ended the stream at its first chunk
+        ({"sdp": "v=0", "type": "offer", "initialParameters": {"prompts": [{"text": "a", "weight": 0}]}}, 422, "sum"),
+        (
+            {
+                "sdp": "v=0",
+                "type": "offer",
+                "initialParameters": {"transition": {"target_prompts": [{"text": "b", "weight": 0}]}},
+            },
+            422,
+            "sum to 0",
+        ),
         ({"sdp": "v=0", "type": "offer", "initialParameters": {"vace_ref_images": ["/etc/passwd"]}}, 422, "asset"),
         ({"sdp": "v=0", "type": "offer", "initialParameters": {"vace_ref_images": ["a\0b"]}}, 422, "asset"),
         ({"sdp": "v=0", "type": "offer", "initialParameters": {"first_frame_image": "a" * 300}}, 422, "asset"),

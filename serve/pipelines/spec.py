@@ -135,6 +135,10 @@ class PipelineSpec:
             given["seed"] = given.pop("base_seed")
         if "denoising_step_list" in given:
             _check_descending(given["denoising_step_list"])
+        if given.get("prompts"):
+            _check_weights("prompts", given["prompts"])
+        if "transition" in given:
+            _check_weights("transition.target_prompts", given["transition"]["target_prompts"])
         if given.get("random_weights") and not allow_random_weights:
             raise RandomWeightsNotAllowed(
                 "random_weights is accepted only when the server was started with --allow-random-weights "
@@ -156,6 +160,10 @@ class PipelineSpec:
         _reject_unknown(given, self.runtime_fields, f"runtime parameter for pipeline '{self.id}'")
         if "denoising_step_list" in given:
             _check_descending(given["denoising_step_list"])
+        if given.get("prompts"):
+            _check_weights("prompts", given["prompts"])
+        if "transition" in given:
+            _check_weights("transition.target_prompts", given["transition"]["target_prompts"])
         for name in ASSET_PATH_FIELDS:
             if name in given:  # replaced by the resolved absolute paths: the pipeline reads exactly what was checked
                 if isinstance(given[name], list):
@@ -200,6 +208,12 @@ def _reject_unknown(given: dict[str, Any], accepted: frozenset[str], what: str) 
 def _check_descending(steps: list[int]) -> None:
     if any(a <= b for a, b in itertools.pairwise(steps)):
         raise InvalidParameters(f"denoising_step_list must be strictly descending, got {steps}")
+
+
+def _check_weights(name: str, prompts: list[dict[str, Any]]) -> None:
+    """The blend normalises the weights to sum 1 (serve/models/prompts.py): all zero has no blend."""
+    if sum(prompt.get("weight", 1.0) for prompt in prompts) <= 0:
+        raise InvalidParameters(f"{name}: the weights sum to 0; give at least one prompt a weight above 0")
 
 
 def _check_asset_path(name: str, path: str, assets_dir: Path) -> str:
