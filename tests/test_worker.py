@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from fractions import Fraction
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from serve.pipelines.base import ChunkOutput, PipelineStream
-from serve.pipelines.worker import FrameStamp, PipelineWorker, StreamSlot
+from serve.pipelines.worker import VIDEO_TIME_BASE, FrameStamp, OutputClock, PipelineWorker, StreamSlot
+from serve.webrtc.encoders import Vp8Encoder
 
 TB = Fraction(1, 90000)
 
@@ -235,3 +237,41 @@ def test_a_text_mode_slot_waiting_for_room_is_woken_when_the_output_drains(worke
     sink.chunks.clear()  # the output played everything: what OutputTrack's `on_drained` reports with `wake`
     slot.wake()
     wait_for(lambda: len(sink.chunks) == 3)  # woken, it fills the output again
+
+
+def test_the_output_clock_keeps_each_modes_spacing_and_never_steps_back() -> None:
+    """Camera stamps start at a random RTP origin; text mode's are generated. Switching between them (and the RTP
+    clock wrapping) must not step the output back: libvpx refuses a frame stamped before its stream's first."""
+    clock = OutputClock(interval=3000)
+    camera = [FrameStamp(4_000_000_000 + 3003 * i, VIDEO_TIME_BASE, 1.0) for i in range(3)]
+    out = [clock.follow(stamp) for stamp in camera]
+    assert [s.pts for s in out] == [s.pts for s in camera]  # the camera's own clock, unchanged while it runs
+    assert out[0].arrival_s == 1.0
+    text = [clock.generated() for _ in range(3)]  # a switch to text mode goes on from there, one interval apart
+    assert [s.pts for s in text] == [out[-1].pts + 3000 * (i + 1) for i in range(3)]
+    wrapped = [FrameStamp(500 + 3003 * i, VIDEO_TIME_BASE, 2.0) for i in range(3)]  # back to a camera, clock wrapped
+    back = [clock.follow(stamp) for stamp in wrapped]
+    assert back[0].pts == text[-1].pts + 3000 and [b.pts - a.pts for a, b in itertools.pairwise(back)] == [3003] * 2
+    ms = clock.follow(FrameStamp(10**9, Fraction(1, 1000), 3.0))  # another time base: converted, and forward
+    assert ms.time_base == VIDEO_TIME_BASE and ms.pts == back[-1].pts + 10**9 * 90 - wrapped[-1].pts
+
+
+def test_a_switch_to_text_mode_goes_on_from_the_cameras_timestamps_and_libvpx_takes_every_frame(
+    worker: PipelineWorker,
+) -> None:
+    """The camera's stamps start at its RTP clock's random origin; text mode's used to restart at 0, and libvpx,
+    opened (or reopened, for a new bitrate) at a camera frame, refused every frame stamped before that one."""
+    stream, sink = RecordingStream(), Sink()
+    slot = make_slot(worker, stream, sink, chunk=2)
+    for index in range(2):
+        slot.push_input(index, FrameStamp(10**9 + index * 3000, TB, time.monotonic()))
+    wait_for(lambda: len(sink.chunks) == 1)
+    slot.update_params({"input_mode": "text"})
+    wait_for(lambda: len(sink.chunks) == 3)
+    stamps = [stamp for _, chunk_stamps in sink.chunks for stamp in chunk_stamps]
+    assert stamps[0].pts == 10**9 and all(a.pts < b.pts for a, b in itertools.pairwise(stamps)), stamps
+    encoder = Vp8Encoder(500_000)
+    for frames, chunk_stamps in sink.chunks:
+        images = np.zeros((len(frames), 16, 16, 3), np.uint8)
+        for frame in encoder.prepare(images, chunk_stamps):
+            assert encoder.encode(frame, keyframe=False) is not None

@@ -46,6 +46,36 @@ class FrameStamp:
 EmitFn = Callable[[np.ndarray, list[FrameStamp]], None]
 
 
+class OutputClock:
+    """A session's output timestamps, in one time base and always increasing.
+
+    Video mode's frames keep their inputs' spacing (the output track paces by it) and text mode's follow one frame
+    interval apart; where a stamp would not follow the last one (a switch from the camera's clock to text mode's or
+    back, the camera's RTP clock wrapping), the offset moves so that it comes one interval after. Without it a switch
+    to text mode restarted at 0, behind the camera's random RTP origin: libvpx refuses a frame stamped before its
+    stream's first (InvalidData, found by fuzzing), and the RTP timestamps aiortc sends would have stepped back."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval  # VIDEO_TIME_BASE ticks
+        self._offset = 0
+        self._last: int | None = None
+
+    def follow(self, stamp: FrameStamp) -> FrameStamp:
+        """An input frame's stamp on the output clock."""
+        return self._place(round(stamp.pts * stamp.time_base / VIDEO_TIME_BASE) + self._offset, stamp.arrival_s)
+
+    def generated(self) -> FrameStamp:
+        """A generated frame's: one interval after the last frame."""
+        return self._place(0 if self._last is None else self._last + self.interval, None)
+
+    def _place(self, pts: int, arrival_s: float | None) -> FrameStamp:
+        if self._last is not None and pts <= self._last:
+            self._offset += self._last + self.interval - pts
+            pts = self._last + self.interval
+        self._last = pts
+        return FrameStamp(pts, VIDEO_TIME_BASE, arrival_s)
+
+
 class StreamSlot:
     """One session's seat on the worker. Created and fed on the event loop; run on the worker thread."""
 
@@ -81,8 +111,7 @@ class StreamSlot:
         self._emit = emit
         self._output_has_room = output_has_room
         self._on_error = on_error
-        self._text_pts_step = round(1 / (text_fps * VIDEO_TIME_BASE))
-        self._text_pts = 0
+        self._clock = OutputClock(round(1 / (text_fps * VIDEO_TIME_BASE)))
         # Input stamps of each chunk taken, until its frames come out: a stream batch returns a chunk S·P calls
         # after taking it (`chunks_in_flight`), and its frames keep their own inputs' timestamps. Bounded by the pipe.
         self._stamps_in_flight: deque[list[FrameStamp]] = deque(maxlen=64)
@@ -186,18 +215,11 @@ class StreamSlot:
         self._on_error(exc)
 
     def _stamps(self, taken: list[FrameStamp], count: int) -> list[FrameStamp]:
-        """Stamps for `count` frames out, from the input stamps of the chunks they came from."""
-        if len(taken) == count:
-            return taken
-        if taken and count:  # a model may emit fewer frames than it took (the first chunk of a causal VAE): the newest
-            stamps = taken[-count:]
-            if len(stamps) == count:
-                return stamps
-        stamps = []
-        for _ in range(count):
-            stamps.append(FrameStamp(self._text_pts, VIDEO_TIME_BASE, None))
-            self._text_pts += self._text_pts_step
-        return stamps
+        """Stamps for `count` frames out, from the input stamps of the chunks they came from (the newest: a model may
+        emit fewer frames than it took, as a causal VAE's first chunk does), or generated ones (text mode)."""
+        if count and len(taken) >= count:
+            return [self._clock.follow(stamp) for stamp in taken[-count:]]
+        return [self._clock.generated() for _ in range(count)]
 
 
 @dataclass
