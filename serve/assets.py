@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import re
 import time
 from pathlib import Path
@@ -26,6 +27,9 @@ EXTENSIONS = {ext: kind for _, kind, ext in _SIGNATURES} | {".jpeg": "image", ".
 MAX_NAME_CHARS = 100
 MAX_PATH_CHARS = 1024  # schemas.AssetPath allows no more
 MAX_COMPONENT_BYTES = 255  # NAME_MAX: the kernel answers a longer name with ENAMETOOLONG, not "no such file"
+# An image is decoded whole (once per stream, then cached encoded), and a small file can hold a huge one: a 190 KB PNG
+# decodes to 8000×8000 (192 MB of RGB, half a second of a worker every stream shares). A 6000×4000 photo fits.
+MAX_IMAGE_PIXELS = 25_000_000
 ECHO_CHARS = 80  # how much of a client's bad path an error message repeats
 # The disk is full, the user's quota is spent, or the process may not write files this large (RLIMIT_FSIZE).
 NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -68,6 +72,26 @@ def sniff_media(data: bytes) -> tuple[str, str]:
     )
 
 
+def image_size(source: bytes | Path) -> tuple[int, int]:
+    """(width, height) of an image that decodes and holds at most MAX_IMAGE_PIXELS; raises UnsupportedMedia for any
+    other. FFmpeg's `max_pixels` makes its probe give up on a larger one before decoding it."""
+    import av  # here: the model side imports this module and runs without the media stack (make gpu-check)
+
+    try:
+        with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source),
+                     options={"max_pixels": str(MAX_IMAGE_PIXELS)}) as container:  # fmt: skip
+            codec = container.streams.video[0].codec_context
+            width, height = codec.width, codec.height
+    except (av.error.FFmpegError, IndexError):
+        width = height = 0
+    if not width or not height:  # what the probe says of an image it could not (or would not) decode
+        raise UnsupportedMedia(
+            f"the image does not decode, or holds more than {MAX_IMAGE_PIXELS / 1e6:g} megapixels (6000×4000); "
+            "send a smaller PNG, JPEG, WebP, GIF or BMP"
+        )
+    return width, height
+
+
 def sanitize_filename(filename: str) -> str:
     """A plain file name: no folders, no leading dots, only letters, digits, '-', '_' and '.'."""
     name = filename.replace("\\", "/").rsplit("/", 1)[-1]
@@ -87,6 +111,8 @@ class AssetStore:
         if not data:
             raise InvalidRequest("the upload is empty; send the file's bytes as the request body")
         kind, ext = sniff_media(data)
+        if kind == "image":
+            image_size(data)  # a picture the pipelines could not read, or that would stall them, is refused now
         stem = sanitize_filename(filename)
         path = self._root / f"{stem}{ext}"
         counter = 1

@@ -23,6 +23,7 @@ GPUS_PATTERN = r"^(cpu:[1-8]|[0-9]{1,2}(,[0-9]{1,2}){0,15})$"
 """`gpus`: CUDA device ids separated by commas, or `cpu:N` (serve/pipelines/placement.py parses it)."""
 ShortText = Annotated[str, Meta(max_length=4096)]
 AssetPath = Annotated[str, Meta(max_length=1024)]
+MAX_REF_IMAGES = 8  # `vace_ref_images` per update
 WarpSteps = Annotated[
     bool,
     Meta(
@@ -83,7 +84,11 @@ class RuntimeParameters(Struct, forbid_unknown_fields=True, omit_defaults=True):
     vace_ref_images: (
         Annotated[
             list[AssetPath],
-            Meta(max_length=8, description="Uploaded image paths (POST /api/v1/assets); one-shot: the next chunk"),
+            Meta(
+                max_length=MAX_REF_IMAGES,
+                description="Uploaded image paths (POST /api/v1/assets): every chunk's references until a new list "
+                "(or []) replaces them",
+            ),
         ]
         | UnsetType
     ) = UNSET

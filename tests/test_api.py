@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import MAX_UPLOAD_MB
+from tests.support.images import black_png_bytes
 from tests.support.rtc_client import offer_sdp
 from tests.support.server import RunningServer, load_pipeline
 
@@ -252,6 +253,16 @@ def test_upload_checks_content_not_extension(api: httpx.Client) -> None:
     assert "images" in detail
     response = upload(api, png_bytes(), "really-a-png.jpg")
     assert response.json()["name"] == "really-a-png.png"
+
+
+def test_upload_refuses_an_image_that_does_not_decode_or_holds_too_many_pixels(api: httpx.Client) -> None:
+    """Both passed the 16-byte check: a PNG signature over junk made every chunk log an error, forever, and a 4 KB
+    PNG of 36 megapixels decoded whole on the worker all streams share (found by fuzzing)."""
+    assert "does not decode" in error_of(upload(api, png_bytes()[:40] + b"junk" * 8, "broken.png"), 415)
+    assert "25 megapixels" in error_of(upload(api, black_png_bytes(6000, 6000), "bomb.png"), 415)
+    assert upload(api, black_png_bytes(5000, 5000), "big-but-allowed.png").status_code == 200
+    names = {asset["name"] for asset in api.get("/api/v1/assets").json()["assets"]}
+    assert "big-but-allowed.png" in names and not names & {"broken.png", "bomb.png"}
 
 
 def test_upload_rejects_oversized_empty_and_nameless(api: httpx.Client) -> None:

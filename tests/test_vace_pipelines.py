@@ -14,10 +14,11 @@ from serve.models.autoencoder import make_vae
 from serve.models.fp8 import Fp8Linear, store_dit_in_fp8
 from serve.models.kv_cache import KVCache, KVCacheSpec, RollingSinkPolicy
 from serve.models.vace import VACE_IN_DIM, VaceWanDiT
+from serve.pipelines import vace_context
 from serve.pipelines.registry import get_spec
 from serve.pipelines.vace_context import VaceConditioner, read_image
-from serve.schemas import LoadParams
-from tests.support.images import gradient, write_png
+from serve.schemas import MAX_REF_IMAGES, LoadParams
+from tests.support.images import black_png_bytes, gradient, write_png
 
 SIZE = 32
 MODEL_PIPELINES = ["streamdiffusionv2", "longlive", "reward-forcing", "memflow", "krea-realtime-video"]
@@ -57,6 +58,35 @@ def test_read_image_crops_to_fill_without_letterbox(tmp_path: Path) -> None:
     assert fitted[..., [0, 2]].max() <= 2 and fitted[..., 1].min() >= 230
     tall = read_image(write_png(tmp_path / "tall.png", image.transpose(1, 0, 2)), 8, 24)
     assert tall.shape == (8, 24, 3)
+
+
+def test_read_image_crops_before_it_scales_and_refuses_more_pixels_than_uploads_may_hold(tmp_path: Path) -> None:
+    """A 1×60000 strip used to be scaled to fill first: 64×3840000 RGB, 737 MB for a 300-byte file."""
+    strip = np.full((60000, 1, 3), 90, np.uint8)
+    assert (read_image(write_png(tmp_path / "strip.png", strip), 64, 64) == 90).all()
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(black_png_bytes(6000, 6000))  # put in the folder by hand: uploads refuse it
+    with pytest.raises(ValueError, match="megapixels"):
+        read_image(bomb, 64, 64)
+
+
+def test_every_image_a_session_may_send_is_decoded_once_and_a_broken_one_logged_once(
+    vae: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Eight references and a first and last frame are allowed, and four were cached: five distinct references were
+    decoded again every chunk (one session slowed every stream to 0.8 fps), and a broken file logged every chunk."""
+    refs = [str(write_png(tmp_path / f"ref{i}.png", gradient(8, 8, seed=i))) for i in range(MAX_REF_IMAGES + 1)]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 8)
+    reads: list[str] = []
+    monkeypatch.setattr(vace_context, "read_image", lambda path, *size: reads.append(path) or read_image(path, *size))
+    vace = conditioner(vae)
+    for _ in range(3):  # three chunks, each with every image
+        latents = [vace.encode_image("vace_ref_images", path) for path in refs]
+        assert all(latent is not None for latent in latents)
+        assert vace.encode_image("first_frame_image", str(broken)) is None
+    assert sorted(reads) == sorted([*refs, str(broken)])  # each decoded once
+    assert ["cannot be decoded" in record.message for record in caplog.records].count(True) == 1
 
 
 @torch.no_grad()

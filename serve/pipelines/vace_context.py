@@ -29,7 +29,8 @@ Where this deviates from Scope, and why:
   every chunk until a new list (or `[]`) replaces it; each file is encoded once (cached by path and modification
   time). FFLF images stay one-shot (the worker hands them to exactly one chunk, serve/pipelines/worker.py): a first
   or last frame is a boundary of one chunk. `vace_context_scale` and the input video apply to every chunk.
-- A reference that cannot be decoded is logged and skipped for that chunk; the stream goes on.
+- A reference that cannot be decoded (or holds over 25 megapixels, serve/assets.py) is logged once and skipped; the
+  stream goes on. Uploads are checked the same way, so only a file put in the folder by hand gets this far.
 """
 
 from __future__ import annotations
@@ -44,13 +45,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from serve.assets import image_size
+from serve.errors import UnsupportedMedia
 from serve.models.autoencoder import ChunkStepFn, StreamingAutoencoder
 from serve.models.vace import VACE_IN_DIM
+from serve.schemas import MAX_REF_IMAGES
 
 log = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16
-CACHED_IMAGES = 4  # encoded refs kept per stream: re-sending a ref costs no decode or encode
+# Encoded images kept per stream (and the files that failed to decode, as None): every reference a session may
+# send, a first and a last frame, so a chunk never decodes an image the stream has seen.
+CACHED_IMAGES = MAX_REF_IMAGES + 2
 
 
 @dataclass(frozen=True)
@@ -63,21 +69,28 @@ class ChunkVace:
 
 
 def read_image(path: str | Path, height: int, width: int) -> np.ndarray:
-    """An image file as [height, width, 3] uint8, scaled and centre-cropped to fill (Scope's R2V fit); ValueError
-    when it does not decode. PyAV is imported here: the model side runs without the media stack (make gpu-check)."""
+    """An image file as [height, width, 3] uint8, centre-cropped to the target's shape and scaled to fill (Scope's R2V
+    fit); ValueError when it does not decode or is too large (serve/assets.py `image_size`). The crop comes first,
+    so a 1×60000 strip costs its own pixels, not a 64×3840000 upscale. PyAV is imported here: the model side runs
+    without the media stack (make gpu-check)."""
     import av
 
     try:
+        src_w, src_h = image_size(Path(path))
         with av.open(str(path)) as container:
             frame = next(container.decode(video=0))
+    except UnsupportedMedia as exc:
+        raise ValueError(str(exc)) from None
     except av.error.FFmpegError as exc:
         raise ValueError(f"not a decodable image ({exc})") from None
-    src_h, src_w = frame.height, frame.width
-    scale = max(height / src_h, width / src_w)
-    fit_h, fit_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
-    rgb = frame.reformat(width=fit_w, height=fit_h, format="rgb24").to_ndarray()
-    top, left = (fit_h - height) // 2, (fit_w - width) // 2
-    return np.ascontiguousarray(rgb[top : top + height, left : left + width])
+    crop_h, crop_w = (
+        min(src_h, max(1, round(src_w * height / width))),
+        min(src_w, max(1, round(src_h * width / height))),
+    )
+    top, left = (src_h - crop_h) // 2, (src_w - crop_w) // 2
+    rgb = frame.to_ndarray(format="rgb24")[top : top + crop_h, left : left + crop_w]
+    cropped = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+    return cropped.reformat(width=width, height=height).to_ndarray()
 
 
 def first_call_frames(vae: StreamingAutoencoder, pixels: Tensor, chunk_latents: int) -> Tensor:
@@ -98,7 +111,7 @@ class VaceConditioner:
         self.chunk_latents = chunk_latents
         self.device = device
         self.scale = torch.ones((), device=device)
-        self._images: OrderedDict[tuple[str, int], Tensor] = OrderedDict()
+        self._images: OrderedDict[tuple[str, int], Tensor | None] = OrderedDict()
         self._gray: Tensor | None = None
 
     def reset(self) -> None:
@@ -114,30 +127,35 @@ class VaceConditioner:
         dtype = next(self.vae_model.parameters()).dtype
         return self.vae_model.encode_video(pixels[:, :, None].to(dtype))[:, :, 0].float()
 
-    def encode_image(self, path: str) -> Tensor:
-        """[1, 16, h, w] latent of an image file (cached by path and modification time)."""
-        key = (path, Path(path).stat().st_mtime_ns)
+    def encode_image(self, field: str, path: str) -> Tensor | None:
+        """[1, 16, h, w] latent of an image file, or None when it does not decode (logged once); cached by path and
+        modification time."""
+        try:
+            key = (path, Path(path).stat().st_mtime_ns)
+        except OSError as exc:
+            log.error("%s: %s cannot be read (%s): skipped", field, Path(path).name, exc)
+            return None
         if key not in self._images:
-            rgb = read_image(path, self.height, self.width)
-            pixels = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1
-            self._images[key] = self._encode_still(pixels)
+            self._images[key] = self._read(field, path)
             while len(self._images) > CACHED_IMAGES:
                 self._images.popitem(last=False)
         self._images.move_to_end(key)
         return self._images[key]
+
+    def _read(self, field: str, path: str) -> Tensor | None:
+        try:
+            rgb = read_image(path, self.height, self.width)
+        except (OSError, StopIteration, ValueError) as exc:
+            log.error("%s: %s cannot be decoded (%s): skipped", field, Path(path).name, exc)
+            return None
+        pixels = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1
+        return self._encode_still(pixels)
 
     def gray(self) -> Tensor:
         """VAE(0): the latent of an all-zero (mid-gray) frame, what `frames·m` encodes to where nothing is given."""
         if self._gray is None:
             self._gray = self._encode_still(torch.zeros(1, 3, self.height, self.width, device=self.device))
         return self._gray
-
-    def _image_or_none(self, field: str, path: str) -> Tensor | None:
-        try:
-            return self.encode_image(path)
-        except (OSError, StopIteration, ValueError) as exc:
-            log.error("%s: %s cannot be decoded (%s): skipped", field, path, exc)
-            return None
 
     def chunk(self, pixels: Tensor | None, params: dict[str, Any]) -> ChunkVace | None:
         """This chunk's context, or None when the session gave VACE nothing for it (the base step runs).
@@ -148,12 +166,12 @@ class VaceConditioner:
             return None
         frames = self.chunk_latents
         use_video = pixels is not None and params.get("vace_use_input_video", True) is not False
-        encoded = (self._image_or_none("vace_ref_images", path) for path in params.get("vace_ref_images") or ())
+        encoded = (self.encode_image("vace_ref_images", path) for path in params.get("vace_ref_images") or ())
         refs = [ref for ref in encoded if ref is not None]
         fflf = {}
         for index, field in ((0, "first_frame_image"), (frames - 1, "last_frame_image")):
             if params.get(field) and index not in fflf:
-                image = self._image_or_none(field, params[field])
+                image = self.encode_image(field, params[field])
                 if image is not None:
                     fflf[index] = image
         if not (use_video or refs or fflf):
