@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -77,7 +78,9 @@ async def test_data_channel_update_reaches_the_pipeline_and_bad_messages_get_err
 
         bad_messages = [
             "not json",
+            "",
             "[1, 2]",
+            '{"prompts": [{"text": "a", "weight": 0}]}',  # no blend: it ended the stream at its next chunk
             '{"noise_scale": 7}',
             '{"unknown_field": 1}',
             '{"denoising_step_list": [100, 900]}',
@@ -161,7 +164,9 @@ async def test_malformed_trickled_candidate_is_rejected(server: RunningServer) -
             response = await http.patch(
                 f"/api/v1/webrtc/offer/{session_id}", json={"candidates": [{"candidate": "candidate:garbage"}]}
             )
-        assert response.status_code == 400 and "malformed ICE candidate" in response.json()["detail"]
+        detail = response.json()["detail"]
+        assert response.status_code == 400 and "malformed ICE candidate 'candidate:garbage'" in detail
+        assert re.search(r"'candidate:garbage' \(\w+", detail) and "'candidate:<foundation> <component>" in detail
         before = len(client.frames)
         await client.wait_frames(before + 5)
     finally:

@@ -12,6 +12,7 @@ import aioice.ice
 from aiortc import RTCConfiguration, RTCIceCandidate, RTCIceServer
 from aiortc.sdp import candidate_from_sdp
 
+from serve.assets import echo
 from serve.errors import InvalidRequest
 from serve.schemas import IceCandidate
 from serve.settings import WebRTCSettings
@@ -58,7 +59,11 @@ def parse_candidate(candidate: IceCandidate) -> RTCIceCandidate | None:
     try:
         parsed = candidate_from_sdp(text)
     except Exception as exc:  # aiortc's parser asserts, indexes and converts; any failure means a bad string
-        raise InvalidRequest(f"malformed ICE candidate {candidate.candidate!r}: {exc}") from None
+        raise InvalidRequest(
+            f"malformed ICE candidate {echo(candidate.candidate)} ({type(exc).__name__}{f': {exc}' if str(exc) else ''}"
+            "); send the browser's RTCIceCandidate.candidate as it is: 'candidate:<foundation> <component> <protocol> "
+            "<priority> <address> <port> typ <type> ...'"
+        ) from None
     parsed.sdpMid = candidate.sdpMid
     parsed.sdpMLineIndex = candidate.sdpMLineIndex
     return parsed

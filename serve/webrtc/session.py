@@ -362,7 +362,10 @@ class PeerSession:
         except msgspec.ValidationError as exc:
             raise InvalidParameters(f"invalid parameters: {exc}") from None
         except msgspec.DecodeError as exc:
-            raise InvalidRequest(f"not a JSON object: {exc}") from None
+            reason = "it is empty" if not message.strip() else str(exc)
+            raise InvalidRequest(
+                f'not a JSON object ({reason}); send one as text, e.g. {{"noise_scale": 0.5}}'
+            ) from None
         update = self.spec.validate_update(params, self._assets_dir)
         self.pipeline.check_update(update)
         return update
