@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from fractions import Fraction
@@ -186,6 +187,34 @@ async def test_a_frame_the_encoder_fails_on_is_dropped_and_the_video_goes_on_fro
     decoded = decode("vp8", packets)
     assert len(decoded) == count - 1
     assert_shows(decoded[-1], images[-1])
+
+
+def test_stopping_an_encoder_waits_for_the_frame_it_is_encoding_and_encodes_no_more() -> None:
+    """The track stops on the event loop while a pool thread may be inside `encode`: NVENC's session must not end
+    under that frame, nor be reopened by a frame queued before the stop."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Held(Vp8Encoder):
+        def _encode(self, frame: Any, keyframe: bool) -> bytes | None:
+            entered.set()
+            assert release.wait(5)
+            return super()._encode(frame, keyframe)
+
+    encoder = Held(500_000)
+    frames = encoder.prepare(np.stack([textured_scene(i, SIZE, SIZE) for i in range(2)]),
+                             [FrameStamp(3000 * i, Fraction(1, 90000), None) for i in range(2)])  # fmt: skip
+    encoding = threading.Thread(target=encoder.encode, args=(frames[0], True))
+    encoding.start()
+    assert entered.wait(5)
+    stopping = threading.Thread(target=encoder.stop)
+    stopping.start()
+    stopping.join(0.2)
+    assert stopping.is_alive()  # waits for the frame in the encoder
+    release.set()
+    encoding.join(5)
+    stopping.join(5)
+    assert not stopping.is_alive() and encoder._codec is None
+    assert encoder.encode(frames[1], False) is None and encoder._codec is None  # not reopened
 
 
 @pytest.mark.gpu

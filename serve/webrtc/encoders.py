@@ -26,6 +26,7 @@ VP8 has no colour tags, and its decoders assume BT.601 limited, the same convers
 from __future__ import annotations
 
 import logging
+import threading
 from abc import ABC, abstractmethod
 from fractions import Fraction
 from typing import Any
@@ -153,6 +154,10 @@ class PacketEncoder(ABC):
         self.target_bitrate = bitrate_bps  # set by the output track from the receiver's estimate
         self.frames = 0
         self.keyframes = 0
+        # `encode` runs on a pool thread and `stop` on another: NVENC's session must not end under a frame it is
+        # encoding, nor be reopened by a frame queued before the stop.
+        self._lock = threading.Lock()
+        self._stopped = False
 
     @abstractmethod
     def prepare(self, frames: np.ndarray | torch.Tensor, stamps: list[FrameStamp]) -> list[Any]:
@@ -169,7 +174,10 @@ class PacketEncoder(ABC):
         return NAL_IDR in nal_types(data)
 
     def encode(self, frame: Any, keyframe: bool) -> av.Packet | None:
-        data = self._encode(frame, keyframe)
+        with self._lock:
+            if self._stopped:
+                return None
+            data = self._encode(frame, keyframe)
         self.frames += 1
         if not data:
             return None
@@ -180,7 +188,14 @@ class PacketEncoder(ABC):
         return packet
 
     def close(self) -> None:  # noqa: B027 - optional hook
-        """Release the encoder; idempotent."""
+        """Release the encoder; idempotent. The next frame reopens it (a keyframe): the track calls this on the
+        encoding thread after an error, never while a frame is being encoded."""
+
+    def stop(self) -> None:
+        """For good, from any thread: after the frame being encoded, if any; later frames are not encoded."""
+        with self._lock:
+            self._stopped = True
+            self.close()
 
 
 class LibavEncoder(PacketEncoder):

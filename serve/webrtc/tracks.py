@@ -168,8 +168,9 @@ class OutputTrack(MediaStreamTrack):
     def stop(self) -> None:
         super().stop()
         self._ready.set()  # wake a waiting recv() so it sees the track ended
-        if self.encoder is not None:
-            self.encoder.close()
+        if self.encoder is not None:  # on the encoders' pool: it waits for a frame being encoded (NVENC flushes)
+            stopping = self._loop.run_in_executor(ENCODE_POOL, self.encoder.stop)
+            stopping.add_done_callback(_log_failure)
 
     async def _next_frame(self) -> Any:
         while True:
@@ -197,3 +198,8 @@ class OutputTrack(MediaStreamTrack):
             if (tap := self.tap) is not None:
                 tap(frame)
             return frame
+
+
+def _log_failure(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and (exc := done.exception()) is not None:
+        log.error("stopping an encoder failed: %s: %s", type(exc).__name__, exc)
