@@ -89,6 +89,11 @@ class StreamOutOfMemory(WanrtError):
     buffers are freed; the loaded pipeline and the other sessions go on."""
 
 
+class PipelineWorkerStopped(WanrtError):
+    """The thread that runs every stream's chunks stopped on an error outside a chunk: its streams are stopped
+    (`stream_stopped` carries this message) and the pipeline's status turns to `error`; a new load replaces it."""
+
+
 class StageFailed(WanrtError):
     """A pipeline-parallel stage process died or stopped answering: the stream is stopped (`stream_stopped` carries
     this message), the pipeline's status turns to `error`, and a new load replaces it; the server goes on."""

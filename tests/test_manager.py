@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from serve.errors import PipelineBusy, PipelineNotLoaded
+from serve.errors import PipelineBusy, PipelineNotLoaded, RecordingConflict
 from serve.pipelines import registry
 from serve.pipelines.manager import PipelineManager
 from serve.pipelines.passthrough import PassthroughPipeline
@@ -99,11 +101,7 @@ async def test_loads_sent_at_once_start_one_load_and_free_the_pipeline_it_replac
 async def test_an_offer_being_answered_when_the_pipeline_is_unloaded_gets_an_error_and_no_seat(tmp_path: Path) -> None:
     """An unload stops every session; one whose offer was still being answered was not yet listed, so it stayed
     connected to the freed worker with no frames and no `stream_stopped`, holding a seat (found by fuzzing)."""
-    pipelines = PipelineManager(models_dir=tmp_path, allow_random_weights=False)
-    recordings = RecordingStore(RecordingSettings(directory=tmp_path / "recordings"))
-    sessions = SessionManager(pipelines, WebRTCSettings(ice_interfaces="loopback"), tmp_path, recordings)
-    await pipelines.load("passthrough", LoadParams())
-    await until_loaded(pipelines)
+    pipelines, sessions = await loaded_passthrough(tmp_path)
     offer = Offer(sdp=await offer_sdp(), type="offer")
     answering = asyncio.create_task(sessions.create(offer))
     while not sessions._starting:  # the offer is inside aiortc's negotiation (it gathers candidates there)
@@ -117,4 +115,77 @@ async def test_an_offer_being_answered_when_the_pipeline_is_unloaded_gets_an_err
     answer = await sessions.create(offer)
     assert len(sessions) == 1 and answer.sessionId
     await sessions.stop_all("test over")
+    await pipelines.close()
+
+
+async def loaded_passthrough(tmp_path: Path) -> tuple[PipelineManager, SessionManager]:
+    pipelines = PipelineManager(models_dir=tmp_path, allow_random_weights=False)
+    recordings = RecordingStore(RecordingSettings(directory=tmp_path / "recordings"))
+    sessions = SessionManager(pipelines, WebRTCSettings(ice_interfaces="loopback"), tmp_path, recordings)
+    await pipelines.load("passthrough", LoadParams())
+    await until_loaded(pipelines)
+    return pipelines, sessions
+
+
+async def test_an_offer_that_comes_while_an_unload_stops_the_sessions_is_refused(tmp_path: Path) -> None:
+    """Closing the sessions awaits (each flushes its `stream_stopped`); the pipeline was still there meanwhile, and
+    an offer then joined it, after the sessions had been listed for stopping."""
+    pipelines, sessions = await loaded_passthrough(tmp_path)
+    stopping, stopped = asyncio.Event(), asyncio.Event()
+
+    async def slow_stop(reason: str) -> None:  # a session whose data channel takes its time to drain
+        stopping.set()
+        await stopped.wait()
+
+    pipelines.on_unload(slow_stop)
+    unloading = asyncio.create_task(pipelines.unload())
+    await stopping.wait()
+    with pytest.raises(PipelineNotLoaded):
+        await sessions.create(Offer(sdp=await offer_sdp(), type="offer"))
+    stopped.set()
+    await unloading
+    assert len(sessions) == 0
+
+
+async def test_an_unloaded_pipeline_is_freed_though_closed_sessions_still_point_at_it(tmp_path: Path) -> None:
+    """A closed session refers to its pipeline through reference cycles (callbacks into its own methods): only the
+    cyclic collector frees it, and a next load could run out of GPU memory beside the old weights meanwhile."""
+    pipelines, _ = await loaded_passthrough(tmp_path)
+    pipeline = weakref.ref(pipelines.pipeline)
+    cycle: dict[str, Any] = {"pipeline": pipelines.pipeline}
+    cycle["self"] = cycle
+    del cycle
+    gc.disable()  # the collector would run at a time of its choosing
+    try:
+        await pipelines.unload()
+        assert pipeline() is None
+    finally:
+        gc.enable()
+
+
+async def test_a_session_that_is_ending_cannot_start_a_recording(tmp_path: Path) -> None:
+    """Its frames have stopped, and once it is gone nothing could stop the recording: its thread ran on for good."""
+    pipelines, sessions = await loaded_passthrough(tmp_path)
+    answer = await sessions.create(Offer(sdp=await offer_sdp(), type="offer"))
+    session = sessions.get(answer.sessionId)
+    session.close_soon("the test ends it")
+    with pytest.raises(RecordingConflict, match="ending"):
+        sessions.start_recording(answer.sessionId)
+    await session.close()
+    assert sessions.recordings.active(answer.sessionId) is None and len(sessions) == 0
+    await pipelines.close()
+
+
+async def test_a_session_whose_close_fails_midway_still_closes_and_gives_its_seat_back(tmp_path: Path) -> None:
+    pipelines, sessions = await loaded_passthrough(tmp_path)
+    answer = await sessions.create(Offer(sdp=await offer_sdp(), type="offer"))
+    session = sessions.get(answer.sessionId)
+
+    def fails() -> None:  # as NVENC's EndEncode may after a CUDA error
+        raise RuntimeError("the encoder would not stop")
+
+    session.output.stop = fails  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        await session.close("the test ends it")
+    assert len(sessions) == 0 and session.pc.connectionState == "closed"
     await pipelines.close()

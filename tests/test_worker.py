@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from serve.errors import PipelineWorkerStopped
 from serve.pipelines.base import ChunkOutput, PipelineStream
 from serve.pipelines.worker import VIDEO_TIME_BASE, FrameStamp, OutputClock, PipelineWorker, StreamSlot
 from serve.webrtc.encoders import Vp8Encoder
@@ -275,3 +276,43 @@ def test_a_switch_to_text_mode_goes_on_from_the_cameras_timestamps_and_libvpx_ta
         images = np.zeros((len(frames), 16, 16, 3), np.uint8)
         for frame in encoder.prepare(images, chunk_stamps):
             assert encoder.encode(frame, keyframe=False) is not None
+
+
+class ReleasedStream(RecordingStream):
+    released: tuple[str, int] | None = None  # the thread that freed it, and the chunks it had run by then
+
+    def release(self) -> None:
+        self.released = (threading.current_thread().name, len(self.seen))
+
+
+def test_a_detached_slot_has_its_stream_freed_on_the_worker_thread_after_its_chunk(worker: PipelineWorker) -> None:
+    """A closed session's KV cache lived on until the cyclic collector found the session's reference cycles."""
+    stream, sink = ReleasedStream(delay_s=0.3), Sink()
+    slot = make_slot(worker, stream, sink, chunk=1)
+    push(slot, 0)
+    wait_for(lambda: not slot._inputs)  # the worker took the chunk, which runs for 0.3 s
+    worker.detach(slot)
+    wait_for(lambda: stream.released is not None)
+    assert stream.released == ("pipeline-test", 1)  # by the thread that owns the device, once the chunk was done
+
+
+class BrokenCopy(ChunkOutput):
+    @property
+    def in_flight(self) -> bool:  # CUDA reports an earlier kernel's fault at the next query
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+class FaultsOutsideItsChunk(RecordingStream):
+    def start(self, frames: np.ndarray | None, params: dict[str, Any]) -> ChunkOutput:
+        return BrokenCopy(self.process(frames, params))
+
+
+def test_an_error_outside_a_chunk_stops_every_stream_on_the_worker_and_says_why(worker: PipelineWorker) -> None:
+    """It used to end the worker thread alone: every stream froze with no `stream_stopped`, the status `loaded`."""
+    faulty, other = Sink(), Sink()
+    slot = make_slot(worker, FaultsOutsideItsChunk(), faulty, chunk=1)
+    make_slot(worker, RecordingStream(), other, chunk=1)
+    push(slot, 0)
+    wait_for(lambda: bool(faulty.errors and other.errors))
+    assert all(isinstance(sink.errors[0], PipelineWorkerStopped) for sink in (faulty, other))
+    assert worker.failure is not None and "illegal memory access" in worker.failure

@@ -74,6 +74,9 @@ class PipelineStream(ABC):
     def reset(self) -> None:  # noqa: B027 - optional hook: stateless streams have nothing to clear
         """Clear caches (the `reset_cache` parameter)."""
 
+    def release(self) -> None:  # noqa: B027 - optional hook: stateless streams hold nothing
+        """Free the stream's buffers: its session has ended and it will not run again (called on the worker)."""
+
 
 class Pipeline(ABC):
     spec: PipelineSpec

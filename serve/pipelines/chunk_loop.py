@@ -225,6 +225,7 @@ class AutoregressiveStream(PipelineStream):
         self.decoding.clear()
         self.vae.reset()
         self.policy = self.conditioning = None  # type: ignore[assignment]
+        self.vace = self.vace_text_kv = None  # its VAE caches and encoded images
         if self.p.device.type == "cuda":
             torch.cuda.empty_cache()
 

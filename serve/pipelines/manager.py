@@ -7,7 +7,9 @@ loaded; loading another first stops every session of the old one (they get `stre
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -57,10 +59,12 @@ class PipelineManager:
         self._stop_sessions.append(stop_sessions)
 
     def status(self) -> PipelineStatus:
-        pipeline, status = self.pipeline, self._status
+        pipeline, worker, status = self.pipeline, self.worker, self._status
         if pipeline is not None and status.status == "loaded":
-            failure = pipeline.failure()
-            if failure is not None:  # a pipeline stage died: its streams were stopped; a new load replaces it
+            failure = pipeline.failure() or (worker.failure if worker is not None else None)
+            if (
+                failure is not None
+            ):  # a stage or the worker thread died: its streams were stopped; a new load replaces it
                 log.error("pipeline=%s failed: %s", status.pipeline_id, failure)
                 self._status = PipelineStatus(
                     status="error", pipeline_id=status.pipeline_id, load_params=status.load_params, error=failure,
@@ -182,17 +186,31 @@ class PipelineManager:
         return f"unloaded {pipeline_id!r}" if pipeline_id else "nothing was loaded"
 
     async def _release(self, reason: str) -> None:
-        for stop in self._stop_sessions:
-            await stop(reason)
+        # Unset before the first await: an offer that comes while the sessions close must not join this pipeline.
         worker, pipeline = self.worker, self.pipeline
         self.worker = self.pipeline = None
+        for stop in self._stop_sessions:
+            await stop(reason)
         if worker is not None:
             await asyncio.to_thread(worker.close)
         if pipeline is not None:
             await asyncio.to_thread(pipeline.close)
+            # Closed sessions refer to the pipeline through reference cycles (callbacks into their own methods), so
+            # only the cyclic collector frees its weights, at a time of its choosing: a next load could run out of
+            # memory beside them.
+            del pipeline
+            await asyncio.to_thread(free_device_memory)
 
     async def close(self) -> None:
         await self.unload()
+
+
+def free_device_memory() -> None:
+    """Collect what unloaded pipelines left in reference cycles, and hand the cached GPU blocks back to the driver."""
+    gc.collect()
+    torch = sys.modules.get("torch")  # every model pipeline imports it; the manager itself does not need to
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _close_when_built(loop: asyncio.AbstractEventLoop, done: asyncio.Future[Pipeline]) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from serve.errors import PipelineWorkerStopped
 from serve.pipelines.base import ChunkOutput, PipelineStream
 from serve.threads import PIPELINE_WORKER, name_os_thread
 
@@ -245,8 +246,13 @@ class PipelineWorker:
     def __init__(self, name: str) -> None:
         self.condition = threading.Condition()
         self._slots: list[StreamSlot] = []
+        # Detached slots whose streams' device buffers this thread frees (it owns the device, and knows whether a
+        # chunk of theirs is still in flight). Left to the collector, a closed session's KV cache lived on in the
+        # reference cycles between the session and its callbacks.
+        self._released: list[StreamSlot] = []
         self._next = 0
         self._stopping = False
+        self.failure: str | None = None  # why the thread stopped on an error (the manager's status reports it)
         self._thread = threading.Thread(target=self._run, name=f"pipeline-{name}", daemon=True)
         self._thread.start()
 
@@ -260,6 +266,19 @@ class PipelineWorker:
             slot.closed = True
             if slot in self._slots:
                 self._slots.remove(slot)
+                self._released.append(slot)
+                self.condition.notify()
+
+    def _release(self, slots: list[StreamSlot], busy: StreamSlot | None) -> None:
+        for slot in slots:
+            if slot is busy:  # its last chunk is still in flight: freed after it, next time round
+                with self.condition:
+                    self._released.append(slot)
+                continue
+            try:
+                slot.stream.release()
+            except Exception:
+                log.exception("session=%s: freeing its stream failed", slot.session_id)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stops after the chunk in flight; idempotent."""
@@ -283,20 +302,33 @@ class PipelineWorker:
         return None
 
     def _run(self) -> None:
+        name_os_thread(PIPELINE_WORKER)
+        try:
+            self._serve()
+        except BaseException as exc:  # outside any one chunk (an asynchronous CUDA error surfaces at any query)
+            log.exception("pipeline worker stopped; every stream on it is stopped")
+            with self.condition:
+                self.failure = f"the pipeline's worker thread stopped ({type(exc).__name__}: {exc}); load it again"
+                slots, self._slots = self._slots, []
+            for slot in slots:  # else each stream would freeze, unheard, with the status still `loaded`
+                slot.closed = True
+                slot._on_error(PipelineWorkerStopped(self.failure))
+
+    def _serve(self) -> None:
         """Round robin over ready slots, one chunk ahead of the host where the device allows: a chunk whose frames
         are still being copied (CUDA) waits until the next ready chunk's device work is queued behind it, so the GPU
         is not idle while the host waits, emits and prepares. With nothing else ready it is finished at once, and a
         chunk that is already done (a CPU) is emitted at once: neither delays a frame."""
-        name_os_thread(PIPELINE_WORKER)
         waiting: StartedChunk | None = None
         while True:
             with self.condition:
                 slot = self._pick()
-                while slot is None and waiting is None and not self._stopping:
+                while slot is None and waiting is None and not self._released and not self._stopping:
                     self.condition.wait()
                     slot = self._pick()
                 if self._stopping:
                     return
+                released, self._released = self._released, []
             started = slot.start_chunk() if slot is not None else None
             if waiting is not None:
                 waiting.finish()  # after the next chunk's work is queued: its frames are the next to show
@@ -305,3 +337,4 @@ class PipelineWorker:
                 waiting = started
             elif started is not None:
                 started.finish()
+            self._release(released, busy=waiting.slot if waiting is not None else None)

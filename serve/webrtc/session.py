@@ -312,7 +312,10 @@ class PeerSession:
     # -- recording --------------------------------------------------------------------------------------------------
 
     def start_recording(self) -> Recorder:
-        """Every frame sent from now on is also offered to the recorder (409 if one is running)."""
+        """Every frame sent from now on is also offered to the recorder (409 if one is running, or the session is
+        ending: no frame would reach it, and nothing would stop it once the session is gone)."""
+        if self.closing:
+            raise RecordingConflict(f"session {self.id} is ending ({self._close_reason}); it cannot start a recording")
         recorder = self._recordings.start(self.id)
         self.output.tap = recorder.offer
         return recorder
@@ -483,21 +486,23 @@ class PeerSession:
 
     async def _close(self, reason: str | None) -> None:
         self._worker.detach(self.slot)
-        if reason is not None and self.send({"type": "stream_stopped", "error_message": reason}):
-            await self._flush_channel()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.output.stop()
-        if self._recordings.active(self.id) is not None:
-            # The recording outlives the session: ending it is a stop. It may have just stopped itself (at the
-            # folder's cap), which is no reason to leave the session half closed.
-            with contextlib.suppress(RecordingConflict):
-                await self.stop_recording()
-        with contextlib.suppress(Exception):  # closing a half-negotiated connection may raise inside aiortc
-            await self.pc.close()
-        log.info("session=%s closed reason=%s", self.id, self._close_reason)
-        self._on_closed(self)
+        try:
+            if reason is not None and self.send({"type": "stream_stopped", "error_message": reason}):
+                await self._flush_channel()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self.output.stop()
+            if self._recordings.active(self.id) is not None:
+                # The recording outlives the session: ending it is a stop. It may have just stopped itself (at the
+                # folder's cap), which is no reason to leave the session half closed.
+                with contextlib.suppress(RecordingConflict):
+                    await self.stop_recording()
+        finally:  # whatever failed above, the connection closes and the seat is given back
+            with contextlib.suppress(Exception):  # closing a half-negotiated connection may raise inside aiortc
+                await self.pc.close()
+            log.info("session=%s closed reason=%s", self.id, self._close_reason)
+            self._on_closed(self)
 
     async def _flush_channel(self) -> None:
         deadline = time.monotonic() + FLUSH_TIMEOUT_S
