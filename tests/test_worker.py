@@ -316,3 +316,26 @@ def test_an_error_outside_a_chunk_stops_every_stream_on_the_worker_and_says_why(
     wait_for(lambda: bool(faulty.errors and other.errors))
     assert all(isinstance(sink.errors[0], PipelineWorkerStopped) for sink in (faulty, other))
     assert worker.failure is not None and "illegal memory access" in worker.failure
+
+
+def test_a_worker_closed_inside_a_long_chunk_closes_the_pipeline_as_it_leaves_the_chunk(worker: PipelineWorker) -> None:
+    """An unload whose join timed out (a hung stage holds a chunk up to its op timeout) closed the pipeline beside the
+    chunk: its stages were stopped and its process group destroyed from a second thread while the first waited on
+    them."""
+    stream, sink = RecordingStream(delay_s=0.5), Sink()
+    slot = make_slot(worker, stream, sink, chunk=1)
+    push(slot, 0)
+    wait_for(lambda: not slot._inputs)  # the chunk runs for 0.5 s
+    closed: list[tuple[str, int]] = []
+    worker.close(timeout_s=0.05, then=lambda: closed.append((threading.current_thread().name, len(stream.seen))))
+    assert closed == []
+    wait_for(lambda: bool(closed))
+    assert closed == [("pipeline-test", 1)]  # on the worker's thread, after its chunk
+
+
+def test_closing_a_worker_that_already_stopped_closes_the_pipeline_at_once() -> None:
+    worker = PipelineWorker("stopped")
+    worker.close()
+    closed: list[str] = []
+    worker.close(then=lambda: closed.append(threading.current_thread().name))
+    assert closed == [threading.current_thread().name]

@@ -191,10 +191,11 @@ class PipelineManager:
         self.worker = self.pipeline = None
         for stop in self._stop_sessions:
             await stop(reason)
-        if worker is not None:
-            await asyncio.to_thread(worker.close)
-        if pipeline is not None:
+        if worker is not None:  # it closes the pipeline once its thread is out of its chunk
+            await asyncio.to_thread(worker.close, then=pipeline.close if pipeline is not None else None)
+        elif pipeline is not None:
             await asyncio.to_thread(pipeline.close)
+        if pipeline is not None:
             # Closed sessions refer to the pipeline through reference cycles (callbacks into their own methods), so
             # only the cyclic collector frees its weights, at a time of its choosing: a next load could run out of
             # memory beside them.

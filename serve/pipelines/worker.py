@@ -253,6 +253,8 @@ class PipelineWorker:
         self._next = 0
         self._stopping = False
         self.failure: str | None = None  # why the thread stopped on an error (the manager's status reports it)
+        self._exited = False
+        self._then: list[Callable[[], None]] = []  # `close`'s: run by the thread as it leaves
         self._thread = threading.Thread(target=self._run, name=f"pipeline-{name}", daemon=True)
         self._thread.start()
 
@@ -280,13 +282,24 @@ class PipelineWorker:
             except Exception:
                 log.exception("session=%s: freeing its stream failed", slot.session_id)
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Stops after the chunk in flight; idempotent."""
+    def close(self, timeout_s: float = 10.0, then: Callable[[], None] | None = None) -> None:
+        """Stops after the chunk in flight; idempotent. `then` (closing the pipeline) runs once the thread has
+        stopped, on the thread as it leaves: a chunk that outlasts `timeout_s` (a hung stage holds it up to its op
+        timeout) must not have its pipeline closed beside it, and only this thread may talk to a pipeline's stages."""
         with self.condition:
             self._stopping = True
             self.condition.notify_all()
+            if then is not None and not self._exited:
+                self._then.append(then)
+                then = None
+        if then is not None:  # the thread had already stopped
+            then()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning(
+                    "the pipeline worker is still in a chunk after %g s; it frees the pipeline once out", timeout_s
+                )
 
     @property
     def alive(self) -> bool:
@@ -313,6 +326,15 @@ class PipelineWorker:
             for slot in slots:  # else each stream would freeze, unheard, with the status still `loaded`
                 slot.closed = True
                 slot._on_error(PipelineWorkerStopped(self.failure))
+        finally:
+            with self.condition:
+                self._exited = True
+                then, self._then = self._then, []
+            for step in then:
+                try:
+                    step()
+                except Exception:
+                    log.exception("closing the pipeline after its worker stopped failed")
 
     def _serve(self) -> None:
         """Round robin over ready slots, one chunk ahead of the host where the device allows: a chunk whose frames
