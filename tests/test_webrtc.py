@@ -7,11 +7,13 @@ import itertools
 import json
 import re
 import signal
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from serve.webrtc.session import MESSAGES_PER_S
 from tests.conftest import MAX_SESSIONS
 from tests.support.rtc_client import ScopeClient, offer_sdp
 from tests.support.server import RunningServer, load_pipeline, run_server
@@ -247,5 +249,42 @@ async def test_a_candidate_for_a_media_section_the_offer_lacks_is_rejected(serve
                 assert response.status_code == 400 and "sdpMid" in response.json()["detail"], (where, response.text)
         before = len(client.frames)
         await client.wait_frames(before + 5)
+    finally:
+        await client.close()
+
+
+async def test_a_flood_of_messages_is_refused_past_the_rate_and_the_stream_goes_on(server: RunningServer) -> None:
+    """Thousands of messages a second, each checked on the event loop and many answered, starved the stream until
+    ICE consent expired (found by fuzzing). Past MESSAGES_PER_S they are refused unread, said once a second."""
+    load_pipeline(server.url, "passthrough", height=128, width=128)
+    client = ScopeClient(server.url)
+    session_id = await client.connect()
+    try:
+        await client.wait_frames(5)
+        start, sent_at, flood = len(client.messages), time.monotonic(), 3 * MESSAGES_PER_S
+        for i in range(flood):
+            client.channel.send(json.dumps({"noise_scale": round((i % 100) / 100, 2)}))
+        error = await client.wait_message("error", start=start)
+        assert error["error"] == "TooManyMessages" and f"more than {MESSAGES_PER_S}" in error["message"]
+
+        async def all_arrived() -> bool:
+            described = await session_params(server, session_id)
+            return described["updates_received"] + described["updates_rejected"] == flood
+
+        await wait_until(all_arrived)
+        elapsed_s = time.monotonic() - sent_at
+        described = await session_params(server, session_id)
+        assert described["updates_received"] <= MESSAGES_PER_S * (1 + elapsed_s), (described, elapsed_s)
+        errors = [m for m in client.messages[start:] if m.get("type") == "error"]
+        assert len(errors) <= 1 + elapsed_s, errors  # said at most once a second, not once a message
+        before = len(client.frames)
+        await client.wait_frames(before + 10)  # the stream goes on
+        await asyncio.sleep(1.1)  # the budget refills
+        await client.send({"noise_scale": 0.33})
+        for _ in range(50):
+            if (await session_params(server, session_id))["parameters"]["noise_scale"] == 0.33:
+                break
+            await asyncio.sleep(0.1)
+        assert (await session_params(server, session_id))["parameters"]["noise_scale"] == 0.33
     finally:
         await client.close()

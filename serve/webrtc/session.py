@@ -54,6 +54,11 @@ FLUSH_TIMEOUT_S = 0.5  # how long a closing session waits for its last data-chan
 MAX_SDP_MEDIA_SECTIONS = 4
 MAX_SDP_CANDIDATES = 32
 MAX_TRICKLED_CANDIDATES = 256  # per session, over all PATCHes
+# Data-channel messages a session may send a second (and in one burst): far past a slider dragged at 60 events a
+# second, whose updates merge at the next chunk anyway. A flood of thousands a second, each checked on the event
+# loop and many answered with an error, starved the stream until ICE consent expired (found by fuzzing); past the
+# budget a message is refused unread, and the client hears so at most once a second.
+MESSAGES_PER_S = 300
 
 
 def pipeline_device(pipeline: Pipeline) -> torch.device:
@@ -151,6 +156,7 @@ class PeerSession:
         self._candidates_added = 0
         self.updates_received = 0
         self.updates_rejected = 0
+        self._message_budget, self._budget_at, self._throttle_said_at = float(MESSAGES_PER_S), time.monotonic(), 0.0
         self._stats_prev = (time.monotonic(), 0, 0)
         self.last_stats: dict[str, Any] = {}
 
@@ -337,6 +343,18 @@ class PeerSession:
         channel.on("message", self._on_message)
 
     def _on_message(self, message: str | bytes) -> None:
+        now = time.monotonic()
+        self._message_budget = min(MESSAGES_PER_S, self._message_budget + (now - self._budget_at) * MESSAGES_PER_S)
+        self._budget_at = now
+        if self._message_budget < 1:
+            if now - self._throttle_said_at < 1:
+                self.updates_rejected += 1
+                return
+            self._throttle_said_at = now
+            self._reject("TooManyMessages", f"more than {MESSAGES_PER_S} messages a second: this one and the "
+                         "others past that rate are refused unread; send the latest values again")  # fmt: skip
+            return
+        self._message_budget -= 1
         try:
             update = self.validate_message(message)
         except (InvalidParameters, InvalidRequest) as exc:
