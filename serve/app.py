@@ -14,8 +14,10 @@ from typing import Any
 
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, NotFoundException
+from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.static_files import create_static_files_router
 
@@ -28,7 +30,7 @@ from serve.api.recordings import RecordingController
 from serve.api.sessions import SessionController
 from serve.api.system import SystemController
 from serve.api.webrtc import WebRTCController
-from serve.assets import AssetStore
+from serve.assets import MAX_COMPONENT_BYTES, AssetStore, echo
 from serve.errors import InvalidRequest, WanrtError
 from serve.hub import HubDownloads
 from serve.openapi import make_openapi_true
@@ -58,6 +60,14 @@ class BoundedJsonRequest(Request):
             raise InvalidRequest(
                 "the JSON body is nested too deeply; no request of this API nests more than a few levels"
             ) from None
+
+
+def plain_file_path(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """The browser UI's files have short plain names. A NUL, or a name longer than a filesystem allows, used to reach
+    the filesystem and come back as a 500 (found by fuzzing)."""
+    path = connection.scope["path"]
+    if "\0" in path or any(len(part.encode()) > MAX_COMPONENT_BYTES for part in path.split("/")):
+        raise NotFoundException(f"no file {echo(path)} here")
 
 
 def error_response(request: Request, exc: Exception) -> Response:
@@ -151,7 +161,12 @@ def build_app(
         route_handlers=[
             *controllers,
             create_static_files_router(
-                path="/", directories=[WEB_DIR], html_mode=True, include_in_schema=False, opt={PUBLIC_OPT: True}
+                path="/",
+                directories=[WEB_DIR],
+                html_mode=True,
+                include_in_schema=False,
+                opt={PUBLIC_OPT: True},
+                guards=[plain_file_path],
             ),
         ],
         lifespan=[lifespan],

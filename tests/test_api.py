@@ -213,6 +213,15 @@ def test_rejected_offer_logs_why_its_session_closed(api: httpx.Client, server: R
     assert closed and "reason=offer not answered: malformed SDP offer" in closed[-1]
 
 
+def test_the_page_and_its_files_are_served_and_odd_file_paths_are_404(api: httpx.Client, server: RunningServer) -> None:
+    """A NUL or an over-long name in a static path reached the filesystem and came back as a 500 (found by fuzzing)."""
+    tracebacks = server.log().count("Traceback")
+    assert api.get("/").status_code == 200 and api.get("/app.js").status_code == 200
+    for path in ("/%00", "/app.js%00.png", "/" + "a" * 300, "/x/" + "b" * 256 + "/c.js", "/no-such-file.js"):
+        assert error_of(api.get(path), 404), path
+    assert server.log().count("Traceback") == tracebacks
+
+
 def test_unknown_session_is_404(api: httpx.Client) -> None:
     candidates = {"candidates": [{"candidate": "", "sdpMid": "0", "sdpMLineIndex": 0}]}
     assert "no session" in error_of(api.patch("/api/v1/webrtc/offer/nope", json=candidates), 404)
