@@ -4,6 +4,7 @@ frame it should, the one chunk loop runs the VACE step where it should, and Krea
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,9 @@ def test_each_latent_frame_gets_its_own_input_video_frame_and_refs_take_their_ow
 
 
 @torch.no_grad()
-def test_refs_without_video_and_first_last_frames(vae: torch.nn.Module, tmp_path: Path) -> None:
+def test_refs_without_video_and_first_last_frames(
+    vae: torch.nn.Module, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     images = [gradient(SIZE, SIZE, seed=s) for s in (1, 2, 3)]
     paths = [str(write_png(tmp_path / f"i{k}.png", image)) for k, image in enumerate(images)]
     latents = [still_latent(vae, image) for image in images]
@@ -146,9 +149,15 @@ def test_refs_without_video_and_first_last_frames(vae: torch.nn.Module, tmp_path
     assert (fflf.context[:, 32:, 1] == 1).all()  # generated, from gray
     torch.testing.assert_close(fflf.context[:, :16, 1], gray, atol=1e-4, rtol=1e-3)
 
-    sdv2 = conditioner(vae, chunk_latents=1).chunk(None, {"vace_ref_images": paths})
+    sdv2_vace = conditioner(vae, chunk_latents=1)
+    sdv2 = sdv2_vace.chunk(None, {"vace_ref_images": paths})
     assert sdv2 is not None and sdv2.context.shape[2] == 1  # one frame: the first ref only
     torch.testing.assert_close(sdv2.context[:, :16, 0], latents[0], atol=1e-5, rtol=1e-4)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):  # said once, not every chunk (it filled the log three times a second)
+            sdv2_vace.chunk(None, {"vace_ref_images": paths})
+    said = [r.message for r in caplog.records if r.message.startswith("vace_ref_images: 3 refs for 1 free")]
+    assert len(said) == 1, said
 
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     assert vace.chunk(None, {"vace_ref_images": [str(tmp_path / "broken.png")]}) is None  # skipped, no raise

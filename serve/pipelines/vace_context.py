@@ -113,6 +113,7 @@ class VaceConditioner:
         self.scale = torch.ones((), device=device)
         self._images: OrderedDict[tuple[str, int], Tensor | None] = OrderedDict()
         self._gray: Tensor | None = None
+        self._said_too_many: tuple[int, int] | None = None  # (refs, free frames) last warned of
 
     def reset(self) -> None:
         self.inactive.reset()
@@ -189,7 +190,8 @@ class VaceConditioner:
             context[:, : 2 * LATENT_CHANNELS] = self.gray()[:, :, None].repeat(1, 2, frames, 1, 1)
             context[:, 2 * LATENT_CHANNELS :] = 1.0
         free = [f for f in range(frames) if f not in fflf]
-        if len(refs) > len(free):
+        if len(refs) > len(free) and (len(refs), len(free)) != self._said_too_many:  # once, not every chunk
+            self._said_too_many = (len(refs), len(free))
             log.warning("vace_ref_images: %d refs for %d free latent frames; using the first %d", len(refs),
                         len(free), len(free))  # fmt: skip
         for frame, ref in zip(free, refs, strict=False):
