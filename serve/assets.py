@@ -86,8 +86,8 @@ def image_size(source: bytes | Path) -> tuple[int, int]:
         width = height = 0
     if not width or not height:  # what the probe says of an image it could not (or would not) decode
         raise UnsupportedMedia(
-            f"the image does not decode, or holds more than {MAX_IMAGE_PIXELS / 1e6:g} megapixels (6000×4000); "
-            "send a smaller PNG, JPEG, WebP, GIF or BMP"
+            f"the image does not decode, or holds more than {MAX_IMAGE_PIXELS / 1e6:g} megapixels (a 6000×4000 photo "
+            "fits); send a smaller PNG, JPEG, WebP, GIF or BMP"
         )
     return width, height
 
