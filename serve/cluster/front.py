@@ -329,14 +329,16 @@ class ClusterServing:
 
     async def unload(self) -> str:
         """Frees the pipeline on every worker that has one (their sessions get `stream_stopped`)."""
-        self._wanted = None
+        self._wanted = None  # before any await: an offer being placed checks it before it loads a worker
         names = []
         for view in self._views():
-            status = view.info.pipeline
-            if view.usable and status is not None and status.status != "not_loaded":
+            # Every live worker, whatever its last summary said: an offer may have just started a load on it.
+            if view.usable:
                 with contextlib.suppress(WorkerGone, WorkerUnavailable):
+                    status = view.info.pipeline
                     await self._call(view, "unload")
-                    names.append(view.name)
+                    if status is not None and status.status != "not_loaded":
+                        names.append(view.name)
         await self.refresh()
         return f"unloaded on {', '.join(names)}" if names else "nothing was loaded"
 
@@ -344,6 +346,7 @@ class ClusterServing:
         async with view.load_lock:
             status: PipelineStatus = await self._call(view, "status")
             if not (wanted.matches(status) and status.status in ("loaded", "loading")):
+                self._check_wanted(wanted)  # no await between this and the load: an unload's call comes after it
                 log.info("worker=%s loading %s for an offer", view.name, wanted.pipeline_id)
                 await self._call(view, "load", wanted.pipeline_id, wanted.params)
             deadline = time.monotonic() + self.load_timeout_s
@@ -375,6 +378,7 @@ class ClusterServing:
             try:
                 if view.readiness(wanted) != 0:
                     await self._ensure_loaded(view, wanted)
+                self._check_wanted(wanted)
                 answer: Answer = await self._call(view, "create_session", offer)
             except (WorkerGone, WorkerUnavailable, CapacityExceeded, PipelineLoadError, errors.PipelineBusy) as exc:
                 failures.append(f"{view.name}: {exc}")  # another worker may take it
@@ -390,6 +394,16 @@ class ClusterServing:
             "seats); close a session (DELETE /api/v1/webrtc/offer/{sessionId}), try again later, or add a worker"
             + (f". Tried: {'; '.join(failures)}" if failures else "")
         )
+
+    def _check_wanted(self, wanted: Wanted) -> None:
+        """An offer waits (for a load, for a worker's answer): if the pipeline was unloaded or replaced meanwhile, it
+        must not load the old one again somewhere, nor take a seat on it."""
+        current = self._wanted
+        if current is None or (current.pipeline_id, current.effective) != (wanted.pipeline_id, wanted.effective):
+            raise PipelineNotLoaded(
+                f"pipeline {wanted.pipeline_id!r} was unloaded or replaced while this offer was being placed; wait for "
+                "GET /api/v1/pipeline/status to say 'loaded', then send a new offer"
+            )
 
     def _place(self, wanted: Wanted, tried: set[str]) -> WorkerView | None:
         candidates = [
