@@ -153,6 +153,8 @@ async def test_delete_closes_the_session(server: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=server.url) as http:
         assert (await http.delete(f"/api/v1/webrtc/offer/{session_id}")).status_code == 204
         assert (await http.delete(f"/api/v1/webrtc/offer/{session_id}")).status_code == 404
+    # the log tells a DELETE from a peer that went away
+    assert f"session={session_id} closed reason=the client's DELETE" in server.log()
     assert server.metrics()["wanrt_sessions_active"] == 0
     await client.close()
 

@@ -491,14 +491,15 @@ class PeerSession:
     def closing(self) -> bool:
         return self._closing is not None
 
-    def close_soon(self, reason: str | None) -> None:
+    def close_soon(self, reason: str | None, cause: str = "peer") -> None:
+        """`reason` goes to the client (`stream_stopped`); the log says it, or `cause` without one."""
         if self._closing is None:
-            self._close_reason = reason or "peer"
+            self._close_reason = reason or cause
             self._closing = asyncio.create_task(self._close(reason), name=f"{self.id[:8]}-close")
 
-    async def close(self, reason: str | None = None) -> None:
+    async def close(self, reason: str | None = None, cause: str = "peer") -> None:
         """Idempotent. With a reason, the client is told with `stream_stopped` before the connection closes."""
-        self.close_soon(reason)
+        self.close_soon(reason, cause)
         assert self._closing is not None
         await asyncio.shield(self._closing)
 

@@ -107,7 +107,7 @@ class SessionManager:
         await self.get(session_id).add_candidates(candidates)
 
     async def close(self, session_id: str) -> None:
-        await self.get(session_id).close()
+        await self.get(session_id).close(cause="the client's DELETE")
 
     def start_recording(self, session_id: str) -> Recorder:
         return self.get(session_id).start_recording()
