@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import gc
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 
 from serve.errors import PipelineBusy, PipelineNotLoaded, RecordingConflict
 from serve.pipelines import registry
+from serve.pipelines.base import PipelineStream
 from serve.pipelines.manager import PipelineManager
 from serve.pipelines.passthrough import PassthroughPipeline
 from serve.recording import RecordingStore
@@ -118,11 +120,13 @@ async def test_an_offer_being_answered_when_the_pipeline_is_unloaded_gets_an_err
     await pipelines.close()
 
 
-async def loaded_passthrough(tmp_path: Path) -> tuple[PipelineManager, SessionManager]:
+async def loaded_passthrough(
+    tmp_path: Path, pipeline_id: str = "passthrough"
+) -> tuple[PipelineManager, SessionManager]:
     pipelines = PipelineManager(models_dir=tmp_path, allow_random_weights=False)
     recordings = RecordingStore(RecordingSettings(directory=tmp_path / "recordings"))
     sessions = SessionManager(pipelines, WebRTCSettings(ice_interfaces="loopback"), tmp_path, recordings)
-    await pipelines.load("passthrough", LoadParams())
+    await pipelines.load(pipeline_id, LoadParams())
     await until_loaded(pipelines)
     return pipelines, sessions
 
@@ -189,3 +193,54 @@ async def test_a_session_whose_close_fails_midway_still_closes_and_gives_its_sea
         await session.close("the test ends it")
     assert len(sessions) == 0 and session.pc.connectionState == "closed"
     await pipelines.close()
+
+
+class SlowStreamPipeline(PassthroughPipeline):
+    """Passthrough whose streams take 0.5 s to open, as a real-size KV cache takes to allocate on a CPU."""
+
+    released: list[PipelineStream] = []
+
+    def open_stream(self, seed: int) -> PipelineStream:
+        time.sleep(0.5)
+        stream = super().open_stream(seed)
+        stream.release = lambda: SlowStreamPipeline.released.append(stream)  # type: ignore[method-assign]
+        return stream
+
+
+@pytest.fixture
+def slow_open(monkeypatch: pytest.MonkeyPatch) -> str:
+    spec = dataclasses.replace(
+        registry.PIPELINES["passthrough"], id="slow-open", factory=f"{__name__}:SlowStreamPipeline"
+    )
+    monkeypatch.setitem(registry.PIPELINES, "slow-open", spec)
+    SlowStreamPipeline.released.clear()
+    return "slow-open"
+
+
+async def test_a_stream_is_opened_off_the_event_loop(slow_open: str, tmp_path: Path) -> None:
+    """Opening a stream allocates its KV cache (seconds at real size on a CPU); on the loop it stalled every other
+    session's packets and requests for that long."""
+    pipelines, sessions = await loaded_passthrough(tmp_path, slow_open)
+    offer = Offer(sdp=await offer_sdp(), type="offer")
+    answering = asyncio.create_task(sessions.create(offer))
+    gaps, last = [], time.monotonic()
+    while not answering.done():
+        await asyncio.sleep(0.01)
+        gaps.append(time.monotonic() - last)
+        last = time.monotonic()
+    await answering
+    assert max(gaps) < 0.3, max(gaps)
+    await sessions.stop_all("test over")
+    await pipelines.close()
+
+
+async def test_an_offer_whose_stream_opens_while_the_pipeline_is_unloaded_is_refused(
+    slow_open: str, tmp_path: Path
+) -> None:
+    pipelines, sessions = await loaded_passthrough(tmp_path, slow_open)
+    answering = asyncio.create_task(sessions.create(Offer(sdp=await offer_sdp(), type="offer")))
+    await asyncio.sleep(0.1)  # the stream is being opened
+    await pipelines.unload()
+    with pytest.raises(PipelineNotLoaded, match="being made"):
+        await answering
+    assert len(sessions) == 0 and len(SlowStreamPipeline.released) == 1  # and its buffers freed

@@ -32,7 +32,7 @@ from serve.errors import (
     RecordingConflict,
     WanrtError,
 )
-from serve.pipelines.base import Pipeline
+from serve.pipelines.base import Pipeline, PipelineStream
 from serve.pipelines.frames import YuvChunk, YuvFrame
 from serve.pipelines.spec import PipelineSpec
 from serve.pipelines.worker import FrameStamp, PipelineWorker, StreamSlot
@@ -108,7 +108,7 @@ class PeerSession:
         worker: PipelineWorker,
         params: dict[str, Any],
         *,
-        seed: int,
+        stream: PipelineStream,
         settings: WebRTCSettings,
         assets_dir: Path,
         recordings: RecordingStore,
@@ -137,7 +137,7 @@ class PeerSession:
         self.slot = StreamSlot(
             worker,
             session_id,
-            pipeline.open_stream(seed=seed),
+            stream,
             pipeline.chunk_frames,
             params,
             convert=self._read_planes if yuv_input else self._to_array,

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 from serve.assets import echo
-from serve.errors import CapacityExceeded, InvalidRequest, RecordingConflict, UnknownSession
+from serve.errors import CapacityExceeded, InvalidRequest, PipelineNotLoaded, RecordingConflict, UnknownSession
 from serve.pipelines.manager import PipelineManager
 from serve.recording import Recorder, RecordingStore
 from serve.schemas import Answer, IceCandidate, Offer
@@ -41,6 +41,7 @@ class SessionManager:
         self._sessions: dict[str, PeerSession] = {}
         # Offers being answered: they count against the limit, and an unload (or another load) stops them too.
         self._starting: dict[str, PeerSession] = {}
+        self._opening = 0  # offers whose stream is being allocated (on a thread): they count against the limit too
         self._closed_totals = {"frames_in": 0, "frames_out": 0, "frames_dropped": 0}
         pipelines.on_unload(self.stop_all)
 
@@ -58,7 +59,7 @@ class SessionManager:
     async def create(self, offer: Offer) -> Answer:
         if offer.type != "offer":
             raise InvalidRequest(f"expected an SDP of type 'offer', got {offer.type!r}")
-        if self.live() + len(self._starting) >= self._settings.max_sessions:
+        if self.live() + len(self._starting) + self._opening >= self._settings.max_sessions:
             raise CapacityExceeded(
                 f"the server is at its limit of {self._settings.max_sessions} concurrent sessions; "
                 "close one (DELETE /api/v1/webrtc/offer/{sessionId}) or try again later"
@@ -72,13 +73,24 @@ class SessionManager:
             update = pipeline.spec.validate_update(runtime, self._assets_dir)
             pipeline.check_update(update)
             params.update(update)
-
+        # The stream allocates its KV cache and state, gigabytes at real size on a CPU: on a thread, not the loop.
+        self._opening += 1
+        try:
+            stream = await asyncio.to_thread(pipeline.open_stream, seed=int(load_params.get("seed", 42)))
+        finally:
+            self._opening -= 1
+        if self._pipelines.pipeline is not pipeline:  # unloaded or replaced meanwhile: its sessions were stopped
+            await asyncio.to_thread(stream.release)
+            raise PipelineNotLoaded(
+                "the pipeline was unloaded or replaced while this offer's stream was being made; wait for GET "
+                "/api/v1/pipeline/status to say 'loaded', then send a new offer"
+            )
         session = PeerSession(
             self._session_prefix + uuid.uuid4().hex,
             pipeline,
             worker,
             params,
-            seed=int(load_params.get("seed", 42)),
+            stream=stream,
             settings=self._settings,
             assets_dir=self._assets_dir,
             recordings=self.recordings,
