@@ -61,10 +61,9 @@ class PipelineManager:
     def status(self) -> PipelineStatus:
         pipeline, worker, status = self.pipeline, self.worker, self._status
         if pipeline is not None and status.status == "loaded":
+            # A stage or the worker thread died: its streams were stopped; a new load replaces it.
             failure = pipeline.failure() or (worker.failure if worker is not None else None)
-            if (
-                failure is not None
-            ):  # a stage or the worker thread died: its streams were stopped; a new load replaces it
+            if failure is not None:
                 log.error("pipeline=%s failed: %s", status.pipeline_id, failure)
                 self._status = PipelineStatus(
                     status="error", pipeline_id=status.pipeline_id, load_params=status.load_params, error=failure,

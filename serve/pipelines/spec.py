@@ -135,10 +135,6 @@ class PipelineSpec:
             given["seed"] = given.pop("base_seed")
         if "denoising_step_list" in given:
             _check_descending(given["denoising_step_list"])
-        if given.get("prompts"):
-            _check_weights("prompts", given["prompts"])
-        if "transition" in given:
-            _check_weights("transition.target_prompts", given["transition"]["target_prompts"])
         if given.get("random_weights") and not allow_random_weights:
             raise RandomWeightsNotAllowed(
                 "random_weights is accepted only when the server was started with --allow-random-weights "
