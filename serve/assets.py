@@ -6,7 +6,10 @@ import errno
 import io
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from serve.errors import InsufficientStorage, InvalidRequest, UnknownAsset, UnsupportedMedia
 from serve.schemas import Asset
@@ -72,24 +75,34 @@ def sniff_media(data: bytes) -> tuple[str, str]:
     )
 
 
-def image_size(source: bytes | Path) -> tuple[int, int]:
-    """(width, height) of an image that decodes and holds at most MAX_IMAGE_PIXELS; raises UnsupportedMedia for any
+@contextmanager
+def opened_image(source: bytes | Path) -> Iterator[Any]:
+    """PyAV's container of an image that decodes and holds at most MAX_IMAGE_PIXELS; raises UnsupportedMedia for any
     other. FFmpeg's `max_pixels` makes its probe give up on a larger one before decoding it."""
     import av  # here: the model side imports this module and runs without the media stack (make gpu-check)
 
     try:
-        with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source),
-                     options={"max_pixels": str(MAX_IMAGE_PIXELS)}) as container:  # fmt: skip
-            codec = container.streams.video[0].codec_context
-            width, height = codec.width, codec.height
-    except (av.error.FFmpegError, IndexError):
-        width = height = 0
-    if not width or not height:  # what the probe says of an image it could not (or would not) decode
-        raise UnsupportedMedia(
-            f"the image does not decode, or holds more than {MAX_IMAGE_PIXELS / 1e6:g} megapixels (a 6000×4000 photo "
-            "fits); send a smaller PNG, JPEG, WebP, GIF or BMP"
-        )
-    return width, height
+        container = av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source),
+                            options={"max_pixels": str(MAX_IMAGE_PIXELS)})  # fmt: skip
+    except av.error.FFmpegError:
+        container = None
+    try:
+        codec = container.streams.video[0].codec_context if container and container.streams.video else None
+        if codec is None or not codec.width or not codec.height:  # what the probe says of one it would not decode
+            raise UnsupportedMedia(
+                f"the image does not decode, or holds more than {MAX_IMAGE_PIXELS / 1e6:g} megapixels (a 6000×4000 "
+                "photo fits); send a smaller PNG, JPEG, WebP, GIF or BMP"
+            )
+        yield container
+    finally:
+        if container is not None:
+            container.close()
+
+
+def check_image(source: bytes | Path) -> None:
+    """Raises UnsupportedMedia for an image `opened_image` would refuse."""
+    with opened_image(source):
+        pass
 
 
 def sanitize_filename(filename: str) -> str:
@@ -112,7 +125,7 @@ class AssetStore:
             raise InvalidRequest("the upload is empty; send the file's bytes as the request body")
         kind, ext = sniff_media(data)
         if kind == "image":
-            image_size(data)  # a picture the pipelines could not read, or that would stall them, is refused now
+            check_image(data)  # a picture the pipelines could not read, or that would stall them, is refused now
         stem = sanitize_filename(filename)
         path = self._root / f"{stem}{ext}"
         counter = 1

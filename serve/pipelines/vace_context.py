@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from serve.assets import image_size
+from serve.assets import opened_image
 from serve.errors import UnsupportedMedia
 from serve.models.autoencoder import ChunkStepFn, StreamingAutoencoder
 from serve.models.vace import VACE_IN_DIM
@@ -70,19 +70,19 @@ class ChunkVace:
 
 def read_image(path: str | Path, height: int, width: int) -> np.ndarray:
     """An image file as [height, width, 3] uint8, centre-cropped to the target's shape and scaled to fill (Scope's R2V
-    fit); ValueError when it does not decode or is too large (serve/assets.py `image_size`). The crop comes first,
+    fit); ValueError when it does not decode or is too large (serve/assets.py `opened_image`). The crop comes first,
     so a 1×60000 strip costs its own pixels, not a 64×3840000 upscale. PyAV is imported here: the model side runs
     without the media stack (make gpu-check)."""
     import av
 
     try:
-        src_w, src_h = image_size(Path(path))
-        with av.open(str(path)) as container:
+        with opened_image(Path(path)) as container:  # its probe's decode checked the size; this one reads it
             frame = next(container.decode(video=0))
     except UnsupportedMedia as exc:
         raise ValueError(str(exc)) from None
     except av.error.FFmpegError as exc:
         raise ValueError(f"not a decodable image ({exc})") from None
+    src_h, src_w = frame.height, frame.width
     crop_h, crop_w = (
         min(src_h, max(1, round(src_w * height / width))),
         min(src_w, max(1, round(src_h * width / height))),
@@ -132,10 +132,10 @@ class VaceConditioner:
         """[1, 16, h, w] latent of an image file, or None when it does not decode (logged once); cached by path and
         modification time."""
         try:
-            key = (path, Path(path).stat().st_mtime_ns)
-        except OSError as exc:
-            log.error("%s: %s cannot be read (%s): skipped", field, Path(path).name, exc)
-            return None
+            modified = Path(path).stat().st_mtime_ns
+        except OSError:
+            modified = -1  # gone: `_read` says so, once, like any file that does not decode
+        key = (path, modified)
         if key not in self._images:
             self._images[key] = self._read(field, path)
             while len(self._images) > CACHED_IMAGES:
