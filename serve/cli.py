@@ -20,6 +20,7 @@ from serve.settings import (
     LOG_LEVELS,
     X264_PRESETS,
     AccessSettings,
+    ClusterSettings,
     CorsSettings,
     RequestLimits,
     ServerSettings,
@@ -63,8 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
             )  # fmt: skip
         else:
             sub.add_argument(
-                "--poll-interval-s", type=float, default=1.0,
+                "--poll-interval-s", type=float, default=ClusterSettings.poll_interval_s,
                 help="how often the front asks every worker for its state (a dead worker is noticed within this)",
+            )  # fmt: skip
+            sub.add_argument(
+                "--call-timeout-s", type=float, default=ClusterSettings.call_timeout_s,
+                help="a worker that has not answered a call (an offer, a PATCH...) in this long is unreachable: 503",
+            )  # fmt: skip
+            sub.add_argument(
+                "--release-timeout-s", type=float, default=ClusterSettings.release_timeout_s,
+                help="the same for a call that frees a pipeline (load, unload) or completes a recording: these wait "
+                "for the worker's chunk in flight, its stages and its encoder",
             )  # fmt: skip
 
     models = commands.add_parser("models", help="list, download and verify the pipelines' weight files")
@@ -200,6 +210,13 @@ def add_server_options(serve: argparse.ArgumentParser, defaults: ServerSettings)
         help="largest JSON request body (env WANRT_MAX_JSON_BODY_BYTES; default %(default)s)",
     )
     serve.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=defaults.limits.header_timeout_s,
+        help="a request whose headers take longer gets 408 and its connection closed (env WANRT_HEADER_TIMEOUT_S; "
+        "default %(default)s)",
+    )
+    serve.add_argument(
         "--models-dir", type=Path, default=defaults.models_dir, help="weight files (env WANRT_MODELS_DIR)"
     )
     serve.add_argument(
@@ -266,7 +283,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             api_token=args.api_token or None,
             allowed_hosts=tuple(args.allowed_host) or defaults.access.allowed_hosts,
         ),
-        limits=RequestLimits(max_json_body_bytes=args.max_json_body_bytes),
+        limits=RequestLimits(max_json_body_bytes=args.max_json_body_bytes, header_timeout_s=args.header_timeout_s),
         webrtc=dataclasses.replace(
             defaults.webrtc,
             ice_servers=tuple(args.ice_server) or defaults.webrtc.ice_servers,
@@ -395,13 +412,12 @@ def main(argv: list[str] | None = None) -> None:
         logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s %(message)s")
         sys.exit(run_models(args))
     if args.command == "serve":
-        import uvicorn
-
         from serve.app import create_app
+        from serve.http_server import run_http
 
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
         settings = settings_from_args(args)
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+        run_http(create_app(settings), settings.host, settings.port, settings.limits, args.log_level)
     elif args.command == "engines":
         sys.exit(run_engines_command(args))
     elif args.command == "cluster":

@@ -64,6 +64,9 @@ class RequestLimits:
 
     max_json_body_bytes: int = 2**20
     """Largest JSON body; a larger one gets 413 before any of it is decoded. Uploads have their own limit."""
+    header_timeout_s: float = 10.0
+    """A request head (request line and headers) not complete this long after its connection opened, or after its
+    first byte on a kept-alive connection, gets 408 and the connection is closed (serve/http_server.py)."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,11 @@ class ClusterSettings:
     summary_timeout_s: float = 2.0
     """A worker that does not answer its summary in this long is `unreachable` and gets no new sessions."""
     call_timeout_s: float = 10.0
-    """A call (offer, PATCH, load...) a worker has not answered in this long gets 503 and marks it `unreachable`."""
+    """A call (offer, PATCH, status...) a worker has not answered in this long gets 503 and marks it `unreachable`."""
+    release_timeout_s: float = 120.0
+    """The same for the calls that free a pipeline (load, unload) or complete a recording (serve/cluster/front.py
+    `RELEASING_CALLS`): the worker bounds what they wait for itself (its chunk in flight, its stage processes, the
+    MP4's last frames), and those bounds add up past `call_timeout_s`."""
     placement_max_age_s: float = 0.25
     """An offer is placed on summaries at most this old (fresher ones are fetched first)."""
 
@@ -195,7 +202,8 @@ class ServerSettings:
                 allowed_hosts=env_list(env, "WANRT_ALLOWED_HOSTS"),
             ),
             limits=RequestLimits(
-                max_json_body_bytes=int(env.get("WANRT_MAX_JSON_BODY_BYTES", RequestLimits.max_json_body_bytes))
+                max_json_body_bytes=int(env.get("WANRT_MAX_JSON_BODY_BYTES", RequestLimits.max_json_body_bytes)),
+                header_timeout_s=float(env.get("WANRT_HEADER_TIMEOUT_S", RequestLimits.header_timeout_s)),
             ),
             webrtc=WebRTCSettings(
                 ice_servers=env_list(env, "WANRT_ICE_SERVERS"),

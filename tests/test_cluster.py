@@ -427,6 +427,31 @@ async def test_unload_frees_every_worker_and_offers_then_need_a_load(cluster: Cl
     assert all(w["pipeline"]["status"] == "not_loaded" for w in state["workers"] if w["state"] == "alive")
 
 
+async def test_an_unload_is_waited_for_past_the_timeout_of_an_ordinary_call(cluster: Cluster) -> None:
+    """A worker's unload waits for its chunk in flight and the pipeline's release, which may outlast an ordinary
+    call's timeout: the front gives it `--release-timeout-s` and reports the worker it freed, while a quick call to the
+    same slow worker is given up after `--call-timeout-s`."""
+    assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
+    slow = next(w for w in cluster.state()["workers"] if w["pipeline"]["status"] == "loaded")
+    command = ("cluster", "serve", "--address", cluster.address)
+    with run_server(cluster.tmp_dir, "--call-timeout-s", "1", command=command) as front:
+        async with httpx.AsyncClient(base_url=front.url, timeout=30) as http:
+            os.kill(slow["pid"], signal.SIGSTOP)  # its answers come late, as from a worker busy freeing a pipeline
+            try:
+                started = time.monotonic()
+                unload = asyncio.create_task(http.post("/api/v1/pipeline/unload", json={}))
+                gauges = await http.get("/metrics")  # asks every worker: the slow one is given up on
+                assert gauges.status_code == 200 and time.monotonic() - started < 2.5, time.monotonic() - started
+                await asyncio.sleep(3.0 - (time.monotonic() - started))
+            finally:
+                os.kill(slow["pid"], signal.SIGCONT)
+            unloaded = await unload
+    assert unloaded.status_code == 200 and slow["name"] in unloaded.json()["message"], unloaded.text
+    assert time.monotonic() - started >= 3.0
+    state = cluster.wait(lambda s: all(w["state"] == "alive" for w in s["workers"]), "slow worker not back")
+    assert all(w["pipeline"]["status"] == "not_loaded" for w in state["workers"])
+
+
 async def test_lora_files_and_weights_are_asked_of_every_worker_through_the_front(cluster: Cluster) -> None:
     """LoRA listing and weight downloads read each worker's own folders: the front lists them with the workers that
     have each, reports and starts downloads per worker, and names a worker it could not ask (never a 500)."""

@@ -127,10 +127,14 @@ def replace_dead(slots: list[Slot], start: Callable[[str], Any]) -> None:
 
 
 def run_front(args: argparse.Namespace, settings: ServerSettings) -> int:
-    import uvicorn
-
     from serve.cluster.front import create_cluster_app
+    from serve.http_server import run_http
 
-    cluster = ClusterSettings(address=args.address, poll_interval_s=args.poll_interval_s)
-    uvicorn.run(create_cluster_app(settings, cluster), host=settings.host, port=settings.port, log_level=args.log_level)
+    cluster = ClusterSettings(
+        address=args.address,
+        poll_interval_s=args.poll_interval_s,
+        call_timeout_s=args.call_timeout_s,
+        release_timeout_s=args.release_timeout_s,
+    )
+    run_http(create_cluster_app(settings, cluster), settings.host, settings.port, settings.limits, args.log_level)
     return 0

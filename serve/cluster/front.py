@@ -75,6 +75,9 @@ from serve.settings import ClusterSettings, ServerSettings
 log = logging.getLogger(__name__)
 
 LOAD_POLL_S = 0.05
+RELEASING_CALLS = frozenset({"load", "unload", "stop_recording"})
+"""Worker calls that wait for a pipeline to be freed (a load replaces the one there) or a recording to be completed:
+they get `release_timeout_s`, every other call `call_timeout_s`."""
 CLUSTER_CONTROLLERS: list[type] = [
     PipelineController,
     WebRTCController,
@@ -239,14 +242,16 @@ class ClusterServing:
         """The worker's answer, or its error raised as the single server raises it; WorkerGone if it is dead."""
         if view.info.state == "gone":
             raise WorkerGone(view.info.error)
+        settings = self.settings
+        timeout_s = settings.release_timeout_s if method in RELEASING_CALLS else settings.call_timeout_s
         try:
-            reply: Reply = await asyncio.wait_for(view.handle.call.remote(method, *args), self.settings.call_timeout_s)
+            reply: Reply = await asyncio.wait_for(view.handle.call.remote(method, *args), timeout_s)
         except ActorDiedError as exc:
             self._mark_gone(view, _died(exc))
             raise WorkerGone(view.info.error) from None
         except (RayActorError, TimeoutError) as exc:  # ActorUnavailableError, or no answer: it may come back
             view.info.state = "unreachable"
-            view.info.error = f"no answer to {method} in {self.settings.call_timeout_s:g} s ({type(exc).__name__})"
+            view.info.error = f"no answer to {method} in {timeout_s:g} s ({type(exc).__name__})"
             raise WorkerUnavailable(f"worker {view.name} is unreachable: {view.info.error}; try again") from None
         if reply.error is None:
             return reply.value

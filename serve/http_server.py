@@ -1,0 +1,84 @@
+"""The HTTP server under both fronts (`wanrt serve`, `wanrt cluster serve`): uvicorn's h11 protocol with a deadline on
+the request head.
+
+uvicorn bounds only the idle time after a response (`timeout_keep_alive`). A connection that opens and sends nothing,
+or sends its headers a byte at a time, is held open for good, and a few hundred of them use up the process's file
+descriptors: the page and the API stop answering. Here every request head (request line and headers) must be complete
+within `header_timeout_s` of the connection opening, or of its first byte on a kept-alive connection; otherwise the
+client gets 408 and the connection is closed, as nginx's `client_header_timeout` does. Bodies are not timed: an upload
+over a slow link legitimately takes long, and its size is bounded by the routes' limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import h11
+import uvicorn
+from litestar import Litestar
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from serve.settings import RequestLimits
+
+log = logging.getLogger(__name__)
+
+
+class HeadDeadlineProtocol(H11Protocol):
+    """H11Protocol that answers 408 to a request head not complete in time (set per server by `protocol_class`)."""
+
+    header_timeout_s: float = RequestLimits.header_timeout_s
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE:  # a head still arriving (or the first bytes of the next one)
+            self._arm()
+        else:
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._disarm()  # idle until the next request: uvicorn's keep-alive timeout bounds that
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._head_deadline is None:
+            self._head_deadline = self.loop.call_later(self.header_timeout_s, self._head_too_slow)
+
+    def _disarm(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE or self.conn.our_state is not h11.IDLE:
+            return
+        host, port = self.client or ("?", 0)
+        log.info("%s:%s sent no complete request head in %g s; answered 408", host, port, self.header_timeout_s)
+        body = f"request head not received within {self.header_timeout_s:g} s\n".encode()
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
+        self.transport.write(self.conn.send(h11.Response(status_code=408, headers=headers)))
+        self.transport.write(self.conn.send(h11.Data(data=body)))
+        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        self.transport.close()
+
+
+def protocol_class(limits: RequestLimits) -> type[HeadDeadlineProtocol]:
+    return type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), {"header_timeout_s": limits.header_timeout_s})
+
+
+def run_http(app: Litestar, host: str, port: int, limits: RequestLimits, log_level: str) -> None:
+    uvicorn.run(app, host=host, port=port, log_level=log_level, http=protocol_class(limits))
