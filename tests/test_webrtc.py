@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve.webrtc.session import MESSAGES_PER_S
+from serve.webrtc.session import MAX_CHANNEL_BACKLOG_BYTES, MESSAGES_PER_S
 from tests.conftest import MAX_SESSIONS
 from tests.support.rtc_client import ScopeClient, offer_sdp
 from tests.support.server import RunningServer, load_pipeline, run_server
@@ -288,5 +288,38 @@ async def test_a_flood_of_messages_is_refused_past_the_rate_and_the_stream_goes_
                 break
             await asyncio.sleep(0.1)
         assert (await session_params(server, session_id))["parameters"]["noise_scale"] == 0.33
+    finally:
+        await client.close()
+
+
+async def test_a_client_that_reads_nothing_of_its_channel_gets_a_bounded_backlog(server: RunningServer) -> None:
+    """aiortc queues what it sends until the peer's SCTP acknowledges it, without bound: a client that reads nothing
+    while it is answered (here its SCTP drops every DATA chunk, so it acknowledges none) must not grow the server's
+    memory. Past MAX_CHANNEL_BACKLOG_BYTES stats and errors are dropped, and the stream goes on."""
+    load_pipeline(server.url, "passthrough", height=128, width=128)
+    client = ScopeClient(server.url)
+    session_id = await client.connect()
+    try:
+        await client.wait_frames(5)
+
+        async def read_nothing(chunk: object) -> None:
+            return None
+
+        client.pc.sctp._receive_data_chunk = read_nothing
+        per_tick = MESSAGES_PER_S // 30  # two thirds of the rate: each message is read and answered with an error
+        for _ in range(6 * 20):
+            for _ in range(per_tick):
+                client.channel.send("[]")
+            await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            metrics = (await http.get(f"/api/v1/sessions/{session_id}/metrics")).json()
+        rejected = (await session_params(server, session_id))["updates_rejected"]
+        assert rejected >= 6 * 20 * per_tick * 0.9, rejected  # each answered: 130 kB of errors
+        assert metrics["messages_dropped"] > 0, metrics
+        assert metrics["channel_backlog_bytes"] <= MAX_CHANNEL_BACKLOG_BYTES + 1024, metrics
+        before = metrics["frames_out"]
+        await asyncio.sleep(1.0)
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            assert (await http.get(f"/api/v1/sessions/{session_id}/metrics")).json()["frames_out"] > before
     finally:
         await client.close()

@@ -59,6 +59,11 @@ MAX_TRICKLED_CANDIDATES = 256  # per session, over all PATCHes
 # loop and many answered with an error, starved the stream until ICE consent expired (found by fuzzing); past the
 # budget a message is refused unread, and the client hears so at most once a second.
 MESSAGES_PER_S = 300
+# aiortc queues every message sent on a data channel in memory until the peer's SCTP acknowledges it, without bound. A
+# client that reads nothing (a stalled tab, a hostile peer) while it is answered would grow that queue for as long as
+# it stays connected. Past this backlog, stats and errors are not sent (stats are stale a second later anyway);
+# `stream_stopped` always is. A client that reads keeps it near 0: a second of stats is about a kilobyte.
+MAX_CHANNEL_BACKLOG_BYTES = 64 * 1024
 
 
 def pipeline_device(pipeline: Pipeline) -> torch.device:
@@ -156,6 +161,7 @@ class PeerSession:
         self._candidates_added = 0
         self.updates_received = 0
         self.updates_rejected = 0
+        self.messages_dropped = 0
         self._message_budget, self._budget_at, self._throttle_said_at = float(MESSAGES_PER_S), time.monotonic(), 0.0
         self._stats_prev = (time.monotonic(), 0, 0)
         self.last_stats: dict[str, Any] = {}
@@ -395,6 +401,12 @@ class PeerSession:
         channel = self.channel
         if channel is None or channel.readyState != "open":
             return False
+        if message["type"] != "stream_stopped" and channel.bufferedAmount > MAX_CHANNEL_BACKLOG_BYTES:
+            self.messages_dropped += 1
+            if self.messages_dropped == 1:
+                log.warning("session=%s reads nothing of its data channel (%d bytes queued): its stats and errors "
+                            "are dropped until it does", self.id, channel.bufferedAmount)  # fmt: skip
+            return False
         channel.send(json.dumps(message))
         return True
 
@@ -434,6 +446,8 @@ class PeerSession:
             "video": self.video_counters(),
             "chunk_ms": round(self.slot.chunk_ms, 2),
             "chunks": self.slot.chunks,
+            "messages_dropped": self.messages_dropped,
+            "channel_backlog_bytes": self.channel.bufferedAmount if self.channel is not None else 0,
             "recording": None
             if recorder is None
             else {"id": recorder.id, "frames": recorder.frames, "frames_dropped": recorder.frames_dropped},
