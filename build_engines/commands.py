@@ -175,29 +175,49 @@ def _load_error(engine: Path, manifest) -> str | None:
     return None
 
 
+BUILD_LEFTOVERS = ("timing.cache", "*.partial.pt2", "*.plan.tmp", "*.json.tmp", "wanrt-onnx-*")
+"""What builds leave beside their engines (TensorRT's timing cache, interrupted writes, ONNX work folders): `--all`
+removes these too, and nothing else that is not an engine (the folder may be shared, or mistyped as ~/.wanrt)."""
+
+
 def clean(args: argparse.Namespace, console) -> int:
     from build_engines.manifest import Environment, Manifest, all_manifests
 
     here = Environment.current()
-    removed = kept = 0
+    removed = kept_other_gpu = kept_unjudged = 0
     for path, manifest in all_manifests(args.engines_dir):
-        reason = "unreadable manifest" if not isinstance(manifest, Manifest) else _fit_here(manifest)
-        other_gpu = isinstance(manifest, Manifest) and (manifest.env.gpu, manifest.env.sm) != (here.gpu, here.sm)
-        if reason and other_gpu and not (args.all or args.other_gpus):
-            kept += 1  # a folder shared between machines holds other GPUs' engines; they are not stale
-            continue
+        parsed = isinstance(manifest, Manifest)
+        reason = _fit_here(manifest) if parsed else "unreadable manifest"
+        if reason and parsed and not args.all:
+            # Not stale, only not loadable here: a folder shared between machines holds other GPUs' engines, and a
+            # machine without TensorRT (another venv, a broken library path) cannot judge TensorRT's plans.
+            if (manifest.env.gpu, manifest.env.sm) != (here.gpu, here.sm):
+                if not args.other_gpus:
+                    kept_other_gpu += 1
+                    continue
+            elif here.backend_version(manifest.key.backend) is None:
+                kept_unjudged += 1
+                continue
         if args.all or reason:
-            targets = [path] + ([path.parent / manifest.file] if isinstance(manifest, Manifest) else [])
+            targets = [path] + ([path.parent / manifest.file] if parsed else [])
             for target in targets:
                 target.unlink(missing_ok=True)
             console.print(f"removed {path.with_suffix('')}.*" + (f" ({reason})" if reason else ""))
             removed += 1
-    for folder in sorted(args.engines_dir.glob("*/*"), reverse=True):  # drop emptied folders (timing caches stay)
+    if args.all:
+        for pattern in BUILD_LEFTOVERS:
+            for leftover in args.engines_dir.glob(f"*/*/{pattern}"):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
+    # Drop emptied folders, deepest first (timing caches keep theirs unless --all).
+    for folder in [*sorted(args.engines_dir.glob("*/*"), reverse=True), *args.engines_dir.glob("*"), args.engines_dir]:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
-    if args.all and args.engines_dir.exists():
-        shutil.rmtree(args.engines_dir)
     console.print(f"{removed} engine(s) removed from {args.engines_dir}")
-    if kept:
-        console.print(f"{kept} engine(s) for other GPUs kept (--other-gpus removes them)")
+    if kept_other_gpu:
+        console.print(f"{kept_other_gpu} engine(s) for other GPUs kept (--other-gpus removes them)")
+    if kept_unjudged:
+        console.print(f"{kept_unjudged} engine(s) of a backend not installed here kept (--all removes them)")
     return 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
 import torch
 from torch import nn
 
@@ -207,10 +208,18 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
-        data = json.loads(text)
+        """Raises ValueError (msgspec's errors are ValueErrors) for anything but a manifest of this version whose
+        fields have their types, and whose `file` names a file beside it: a folder shared between machines may hold
+        any JSON, and `clean` deletes what a manifest names."""
+        data = msgspec.json.decode(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"a manifest is a JSON object, not {type(data).__name__}")
         if data.get("version") != MANIFEST_VERSION:
             raise ValueError(f"manifest version {data.get('version')!r}, this build reads {MANIFEST_VERSION}")
-        return cls(**{**data, "key": EngineKey(**data["key"]), "env": Environment(**data["env"])})
+        manifest = msgspec.convert(data, cls)
+        if Path(manifest.file).name != manifest.file or manifest.file in ("", ".", ".."):
+            raise ValueError(f"'file' must name a file beside the manifest, not {manifest.file!r}")
+        return manifest
 
     def write(self, engine: Path) -> Path:
         path = manifest_path(engine)
@@ -228,7 +237,7 @@ def read_manifest(path: Path) -> Manifest:
     """Raises ValueError with the file named when the manifest cannot be read."""
     try:
         return Manifest.from_json(path.read_text())
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and msgspec's errors are ValueErrors
         raise ValueError(f"unreadable manifest {path}: {exc}") from None
 
 
@@ -236,6 +245,8 @@ def all_manifests(engines_dir: Path) -> list[tuple[Path, Manifest | str]]:
     """Every manifest under `engines_dir`, parsed, or the reason it could not be."""
     found: list[tuple[Path, Manifest | str]] = []
     for path in sorted(engines_dir.glob("*/*/*.json")):
+        if not path.is_file():  # a folder named like one is not a manifest, nor a reason to fail
+            continue
         try:
             found.append((path, read_manifest(path)))
         except ValueError as exc:

@@ -369,8 +369,8 @@ def download_models(console: Console, errors: Console, spec: PipelineSpec, model
         task = bar.add_task(spec.id, total=None)
         downloads.start(spec)
         try:
-            while downloads.running(spec.id):
-                progress = downloads.progress(spec.id)
+            while downloads.running(spec):
+                progress = downloads.progress(spec)
                 total = progress.bytes_total or None
                 bar.update(task, completed=progress.bytes_done, total=total, description=progress.current_file)
                 time.sleep(PROGRESS_REFRESH_S)
@@ -379,7 +379,7 @@ def download_models(console: Console, errors: Console, spec: PipelineSpec, model
             downloads.close(timeout_s=2.0)
             errors.print("stopped; run the same command again to resume")
             return 130
-        progress = downloads.progress(spec.id)
+        progress = downloads.progress(spec)
         bar.update(task, completed=progress.bytes_done, total=progress.bytes_total or None, description=spec.id)
     if progress.state != "done":
         errors.print(f"error: {spec.id}: {progress.error}", markup=False, soft_wrap=True)

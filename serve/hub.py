@@ -16,6 +16,7 @@ sha1. Both are checked after each download, and `verify_pipeline` re-hashes agai
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -120,6 +121,11 @@ def resolve(file: ModelFile, endpoint: str, token: Token = None) -> RemoteFile:
         raise DownloadError(f"{name_of(file)}: cannot reach {endpoint}: {type(exc).__name__}: {exc}") from None
     if meta.etag is None or meta.size is None or meta.commit_hash is None:
         raise DownloadError(f"{name_of(file)}: {url} answered without etag, size or commit: is {endpoint} a hub?")
+    if not (SHA256.fullmatch(meta.etag) or GIT_SHA1.fullmatch(meta.etag)):  # it also names the partial file
+        raise DownloadError(
+            f"{name_of(file)}: {url} answered etag {meta.etag[:80]!r}, neither a sha256 nor a git sha1: the file "
+            "could not be verified, so it is not downloaded"
+        )
     same_host = urlsplit(meta.location).netloc == urlsplit(url).netloc
     return RemoteFile(file, meta.location, meta.etag, meta.size, meta.commit_hash, same_host)
 
@@ -138,10 +144,25 @@ def record_path(file: ModelFile, models_dir: Path) -> Path:
 
 
 def read_record(file: ModelFile, models_dir: Path) -> dict[str, Any] | None:
+    """The file's record, or None when there is none or it is not one (hand-edited, another tool's JSON)."""
     try:
-        return json.loads(record_path(file, models_dir).read_text())
+        record = json.loads(record_path(file, models_dir).read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(record, dict) or not isinstance(record.get("etag"), str):
+        return None
+    if not all(isinstance(record.get(name), int) for name in ("size_bytes", "mtime_ns")):
+        return None
+    return record
+
+
+def _recorded(remote: RemoteFile, models_dir: Path) -> bool:
+    """The file on disk is the one its record verified against the hub's current etag, unchanged since."""
+    record, target = read_record(remote.file, models_dir), remote.file.local_path(models_dir)
+    if record is None or record["etag"] != remote.etag or not target.is_file():
+        return False
+    stat = target.stat()
+    return record["mtime_ns"] == stat.st_mtime_ns and record["size_bytes"] == stat.st_size == remote.size_bytes
 
 
 def write_record(file: ModelFile, models_dir: Path, *, etag: str, size_bytes: int, commit: str | None) -> None:
@@ -179,8 +200,8 @@ def _check(path: Path, etag: str, size_bytes: int, source: str) -> str | None:
         return f"{path} has {size} bytes, {source} says {size_bytes}"
     digest = hash_file(path, etag)
     if digest is None:
-        log.warning("file=%s etag=%s is neither sha256 nor git sha1: checked by size only", path, etag)
-    elif digest != etag:
+        return f"{path} cannot be checked: {source} gives etag {etag[:80]!r}, neither a sha256 nor a git sha1"
+    if digest != etag:
         return f"{path} hashes to {digest}, {source} says {etag}"
     return None
 
@@ -237,6 +258,9 @@ def fetch_file(remote: RemoteFile, models_dir: Path, *, on_bytes: Callable[[int]
                token: Token = None) -> None:  # fmt: skip
     """Make `remote` present and verified at its local path, resuming a partial download left by an earlier run."""
     file, target = remote.file, remote.file.local_path(models_dir)
+    if _recorded(remote, models_dir):  # nothing to write, not even a lock: the folder may be a read-only share
+        on_bytes(remote.size_bytes)
+        return
     lock_path = _side_path(file, models_dir, ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = filelock.FileLock(lock_path)
@@ -246,19 +270,13 @@ def fetch_file(remote: RemoteFile, models_dir: Path, *, on_bytes: Callable[[int]
             on_bytes(remote.size_bytes)
             return
         partial = _side_path(file, models_dir, f".{remote.etag}.incomplete")
-        for stale in partial.parent.glob(f"{Path(file.path).name}.*.incomplete"):
+        for stale in partial.parent.glob(f"{glob.escape(Path(file.path).name)}.*.incomplete"):
             if stale != partial:  # a partial of an older version of the file: its bytes are not this file's
                 stale.unlink()
         resume_bytes = partial.stat().st_size if partial.exists() else 0
         if resume_bytes > remote.size_bytes:
             partial.unlink()
             resume_bytes = 0
-        free_bytes = shutil.disk_usage(partial.parent).free
-        if free_bytes < remote.size_bytes - resume_bytes:  # fail now, not hours in with a half-written file
-            raise DownloadError(
-                f"{name_of(file)}: needs {remote.size_bytes - resume_bytes} more bytes in {models_dir}, "
-                f"{free_bytes} are free (--models-dir / WANRT_MODELS_DIR picks another disk)"
-            )
         log.info("download file=%s size_bytes=%d resume_from=%d", name_of(file), remote.size_bytes, resume_bytes)
         headers = build_hf_headers(token=token) if remote.same_host else {}  # never send the token to a CDN
         try:
@@ -269,6 +287,16 @@ def fetch_file(remote: RemoteFile, models_dir: Path, *, on_bytes: Callable[[int]
                 )  # fmt: skip
         except DownloadCancelled:
             raise
+        except HfHubHTTPError as exc:
+            if exc.response is not None and exc.response.status_code == 416:
+                # Nothing past the partial's end, though it is shorter than the hub's size: the hub's content is
+                # not what it announced, and resuming would fail the same way every time.
+                partial.unlink(missing_ok=True)
+                raise DownloadError(
+                    f"{name_of(file)}: {remote.url} has no bytes past {resume_bytes} of the {remote.size_bytes} it "
+                    "announced; the partial download was removed, run the download again"
+                ) from None
+            raise DownloadError(f"{name_of(file)}: download from {remote.url} failed: {exc}") from None
         except Exception as exc:  # after http_get's own retries; the partial file stays for the next run
             raise DownloadError(f"{name_of(file)}: download from {remote.url} failed: {exc}") from None
         problem = _check(partial, remote.etag, remote.size_bytes, f"the hub ({remote.url})")
@@ -285,9 +313,8 @@ def fetch_file(remote: RemoteFile, models_dir: Path, *, on_bytes: Callable[[int]
 def _already_there(remote: RemoteFile, models_dir: Path) -> bool:
     """The file on disk is the hub's: by its record when unchanged since, else by hashing it once."""
     file, target = remote.file, remote.file.local_path(models_dir)
-    record, stat = read_record(file, models_dir), target.stat()
-    if record and record.get("etag") == remote.etag and record.get("mtime_ns") == stat.st_mtime_ns:
-        return stat.st_size == remote.size_bytes
+    if _recorded(remote, models_dir):
+        return True
     if _check(target, remote.etag, remote.size_bytes, "the hub") is not None:
         log.warning("file=%s on disk differs from the hub: downloading it again", target)
         return False
@@ -299,12 +326,18 @@ def download_pipeline(spec: PipelineSpec, models_dir: Path, endpoint: str, progr
                       cancel: threading.Event, token: Token = None) -> None:  # fmt: skip
     """All of the pipeline's files, one after another; raises DownloadError naming the file that failed."""
     progress.state, progress.error = "downloading", None
-    # Ask about every file first: the total is known up front, and a wrong name fails before any byte moves.
+    # Ask about every file first: the total is known up front, and a wrong name or a disk too small fails before
+    # any byte moves.
     remotes = [resolve(file, endpoint, token) for file in spec.files]
     progress.bytes_total = sum(r.size_bytes for r in remotes)
+    _check_space(remotes, models_dir)
     done_bytes = 0
-    for remote in remotes:
+    for index, remote in enumerate(remotes):
         progress.current_file = name_of(remote.file)
+        if index > 0:
+            # Asked again just before its transfer: the hub redirects to a CDN link signed for an hour or so, which
+            # a file that starts later (after a slow multi-GB one) would find expired.
+            remote = resolve(remote.file, endpoint, token)
 
         def on_bytes(file_bytes: int, before: int = done_bytes) -> None:
             progress.bytes_done = before + file_bytes
@@ -315,6 +348,22 @@ def download_pipeline(spec: PipelineSpec, models_dir: Path, endpoint: str, progr
     progress.current_file = None
     progress.state = "done"
     log.info("download pipeline=%s done files=%d bytes=%d", spec.id, len(remotes), done_bytes)
+
+
+def _check_space(remotes: list[RemoteFile], models_dir: Path) -> None:
+    """Raises DownloadError when the bytes still to fetch do not fit on the models folder's disk."""
+    needed = 0
+    for remote in remotes:
+        if not _recorded(remote, models_dir):
+            partial = _side_path(remote.file, models_dir, f".{remote.etag}.incomplete")
+            needed += remote.size_bytes - (partial.stat().st_size if partial.is_file() else 0)
+    existing = next(folder for folder in (models_dir, *models_dir.parents) if folder.exists())
+    free_bytes = shutil.disk_usage(existing).free
+    if free_bytes < needed:
+        raise DownloadError(
+            f"the files still to download need {needed} bytes in {models_dir}, {free_bytes} are free (--models-dir / "
+            "WANRT_MODELS_DIR picks another disk)"
+        )
 
 
 def verify_pipeline(spec: PipelineSpec, models_dir: Path, endpoint: str | None, token: Token = None) -> list[FileCheck]:
@@ -342,39 +391,51 @@ def verify_pipeline(spec: PipelineSpec, models_dir: Path, endpoint: str | None, 
         if problem is not None:
             checks.append(FileCheck(file, "corrupt", problem))
             continue
-        write_record(file, models_dir, etag=etag, size_bytes=size_bytes, commit=commit)
+        if record is None or record["mtime_ns"] != path.stat().st_mtime_ns:
+            try:  # later checks of the unchanged file need no hashing; a read-only folder just goes without
+                write_record(file, models_dir, etag=etag, size_bytes=size_bytes, commit=commit)
+            except OSError as exc:
+                log.warning("file=%s verified, but its record could not be written: %s", path, exc)
         checks.append(FileCheck(file, "ok", f"{path} matches {source}"))
     return checks
 
 
-class HubDownloads:
-    """Downloads for one models folder: at most one thread per pipeline, off the event loop.
+DownloadKey = tuple[str, tuple[ModelFile, ...]]
+"""A download is of a pipeline's files: with VACE's (`with_vace_files`) it is another download than without."""
 
-    A second request for a pipeline whose download is running gets that download's status. `close()` stops them
-    all at the next chunk, leaving partial files that the next download resumes.
+
+def download_key(spec: PipelineSpec) -> DownloadKey:
+    return spec.id, spec.files
+
+
+class HubDownloads:
+    """Downloads for one models folder: at most one thread per pipeline and file set, off the event loop.
+
+    A second request for a download that is running gets that download's status. `close()` stops them all at the
+    next chunk, leaving partial files that the next download resumes.
     """
 
     def __init__(self, models_dir: Path, endpoint: str, token: Token = None) -> None:
         self.models_dir = models_dir
         self.endpoint = endpoint
         self.token = token
-        self._progress: dict[str, Progress] = {}
-        self._threads: dict[str, threading.Thread] = {}
+        self._progress: dict[DownloadKey, Progress] = {}
+        self._threads: dict[DownloadKey, threading.Thread] = {}
         self._cancel = threading.Event()
         self._lock = threading.Lock()
 
     def start(self, spec: PipelineSpec) -> bool:
         """Start downloading the pipeline's files; False when one is running already or there is nothing to fetch."""
+        key = download_key(spec)
         with self._lock:
-            running = self._threads.get(spec.id)
-            if running is not None and running.is_alive():
+            if self.running(spec):
                 return False
             if not spec.files:
-                self._progress[spec.id] = Progress(state="done")
+                self._progress[key] = Progress(state="done")
                 return False
-            progress = self._progress[spec.id] = Progress(state="downloading")
+            progress = self._progress[key] = Progress(state="downloading")
             thread = threading.Thread(target=self._run, args=(spec, progress), name=f"download-{spec.id}", daemon=True)
-            self._threads[spec.id] = thread
+            self._threads[key] = thread
             thread.start()
             return True
 
@@ -391,11 +452,11 @@ class HubDownloads:
             log.exception("download pipeline=%s failed", spec.id)
             progress.error, progress.state = f"{type(exc).__name__}: {exc}", "error"
 
-    def progress(self, pipeline_id: str) -> Progress:
-        return self._progress.get(pipeline_id) or Progress()
+    def progress(self, spec: PipelineSpec) -> Progress:
+        return self._progress.get(download_key(spec)) or Progress()
 
-    def running(self, pipeline_id: str) -> bool:
-        thread = self._threads.get(pipeline_id)
+    def running(self, spec: PipelineSpec) -> bool:
+        thread = self._threads.get(download_key(spec))
         return thread is not None and thread.is_alive()
 
     def status(self, spec: PipelineSpec) -> ModelsStatus:
@@ -404,7 +465,7 @@ class HubDownloads:
             pipeline_id=spec.id,
             downloaded=all(f.present for f in files),
             files=files,
-            progress=self.progress(spec.id).snapshot(),
+            progress=self.progress(spec).snapshot(),
         )
 
     def close(self, timeout_s: float = 15.0) -> None:

@@ -176,12 +176,13 @@ class LocalServing:
         return LoraList(lora_files=[msgspec.convert(f, LoraFileInfo) for f in files])
 
     async def models_status(self, pipeline_id: str, vace: bool) -> ModelsStatus:
-        return self.models.status(_weights_of(pipeline_id, vace))
+        # It stats every file and reads its record: a models folder on a network disk may take its time.
+        return await anyio.to_thread.run_sync(self.models.status, _weights_of(pipeline_id, vace))
 
     async def download_models(self, pipeline_id: str, vace: bool) -> tuple[ModelsStatus, bool]:
         spec = _weights_of(pipeline_id, vace)
         started = self.models.start(spec)
-        return self.models.status(spec), started
+        return await anyio.to_thread.run_sync(self.models.status, spec), started
 
 
 def _weights_of(pipeline_id: str, vace: bool) -> PipelineSpec:

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -156,7 +157,82 @@ def test_clean_removes_only_engines_that_do_not_fit_unless_all(engines_copy: Pat
     assert out.returncode == 0 and "built for sm90 NVIDIA H100, this is cpu" in out.stdout
     assert not foreign.exists() and path.exists()
     assert wanrt("engines", "clean", "--all", "--engines-dir", str(engines_copy)).returncode == 0
-    assert not engines_copy.exists()
+    assert not (engines_copy / "cpu").exists()  # emptied folders go; the fixture's own `.built` mark stays
+
+
+def test_clean_never_deletes_what_is_not_an_engine(engines_copy: Path, tmp_path: Path) -> None:
+    """A shared folder may hold any JSON, and `--engines-dir` may be mistyped: `clean` removes engines, their
+    manifests and the builds' own leftovers, never a file a manifest names outside its folder nor other files."""
+    path, manifest = the_engine(engines_copy)
+    victim = tmp_path / "precious" / "weights.safetensors"
+    victim.parent.mkdir()
+    victim.write_bytes(b"weights")
+    stale_env = dataclasses.replace(manifest.env, torch="0.0")  # stale here: plain `clean` removes what it names
+    for name, file in (("escape", f"../../../precious/{victim.name}"), ("absolute", str(victim))):
+        (path.parent / f"{name}.json").write_text(dataclasses.replace(manifest, env=stale_env, file=file).to_json())
+    (path.parent / "backup.json").mkdir()  # a folder named like a manifest
+    notes, models = engines_copy / "notes.txt", engines_copy / "models" / "big.pt"
+    models.parent.mkdir()
+    notes.write_text("ours"), models.write_bytes(b"model")
+    leftovers = [path.parent / "timing.cache", path.parent / "x.partial.pt2", path.parent / "wanrt-onnx-1" / "a.onnx"]
+    leftovers[2].parent.mkdir()
+    for leftover in leftovers:
+        leftover.write_bytes(b"")
+
+    listed = wanrt("engines", "list", "--engines-dir", str(engines_copy))
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    verified = wanrt("engines", "verify", "--engines-dir", str(engines_copy))
+    assert verified.returncode == 1 and verified.stdout.count("must name a file beside the manifest") == 2, (
+        verified.stdout + verified.stderr
+    )
+    assert verified.stdout.count("OK") == 3  # the good engines are still checked
+    cleaned = wanrt("engines", "clean", "--engines-dir", str(engines_copy))
+    assert cleaned.returncode == 0 and cleaned.stdout.count("unreadable manifest") == 2, cleaned.stdout + cleaned.stderr
+    assert victim.exists() and path.exists() and not (path.parent / "escape.json").exists()
+    assert wanrt("engines", "clean", "--all", "--engines-dir", str(engines_copy)).returncode == 0
+    assert victim.exists() and notes.exists() and models.exists()
+    assert not path.exists() and not any(leftover.exists() for leftover in leftovers)
+
+
+def test_a_malformed_manifest_anywhere_costs_only_itself(engines_copy: Path) -> None:
+    """Valid JSON of the wrong shape, in another GPU's folder, made every `auto` load fail with an AttributeError."""
+    path, manifest = the_engine(engines_copy)
+    other = engines_copy / "nvidia-h100-sm90" / "tensorrt-10.9"
+    other.mkdir(parents=True)
+    good = msgspec.json.decode(manifest.to_json())
+    for name, text in {
+        "list": "[]",
+        "string": '"x"',
+        "null_hash": msgspec.json.encode({**good, "weight_sha256": None}).decode(),
+        "number_file": msgspec.json.encode({**good, "file": 5}).decode(),
+        "bad_backend": msgspec.json.encode({**good, "key": {**good["key"], "backend": "onnx"}}).decode(),
+    }.items():
+        (other / f"{name}.json").write_text(text)
+    _, backend, why = select_backend("auto", wanted_key(), model(), engines_copy, CPU)
+    assert backend == "compiled", why
+    for command in ("list", "clean"):
+        out = wanrt("engines", command, "--engines-dir", str(engines_copy))
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stdout + out.stderr
+    assert path.exists() and not any(other.glob("*.json"))  # unreadable manifests are removed, engines kept
+
+
+def test_clean_keeps_tensorrt_plans_where_tensorrt_is_not_installed(engines_copy: Path) -> None:
+    """Without an importable TensorRT (another venv, a broken library path) a plan cannot be judged stale: a rebuild
+    takes minutes, so only `--all` removes it."""
+    if Environment.current(CPU).tensorrt is not None:
+        pytest.skip("TensorRT is installed here")
+    path, manifest = the_engine(engines_copy)
+    env = dataclasses.replace(manifest.env, tensorrt="10.9.0.34")
+    key = dataclasses.replace(manifest.key, backend="tensorrt")
+    plan = path.parent.parent / "tensorrt-10.9.0.34" / "p.plan"
+    plan.parent.mkdir()
+    plan.write_bytes(b"plan")
+    (plan.parent / "p.json").write_text(dataclasses.replace(manifest, env=env, key=key, file="p.plan").to_json())
+    out = wanrt("engines", "clean", "--engines-dir", str(engines_copy))
+    assert out.returncode == 0 and "1 engine(s) of a backend not installed here kept" in out.stdout, out.stdout
+    assert plan.exists()
+    assert wanrt("engines", "clean", "--all", "--engines-dir", str(engines_copy)).returncode == 0
+    assert not plan.exists()
 
 
 def test_tensorrt_build_without_tensorrt_fails_saying_so(tmp_path: Path) -> None:

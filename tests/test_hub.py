@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve.hub import Progress, download_pipeline, record_path, verify_pipeline
+from serve.errors import DownloadError
+from serve.hub import HubDownloads, Progress, download_pipeline, record_path, verify_pipeline
 from serve.pipelines.registry import PIPELINES
 from serve.pipelines.spec import ModelFile, PipelineSpec
 from tests.support.local_hub import LocalHub, run_local_hub
@@ -267,13 +268,140 @@ def test_api_downloads_in_the_background_one_run_per_pipeline(hub: LocalHub, tmp
     assert DIT.local_path(tmp_path / "models").read_bytes() == published[DIT]
 
 
-def poll(api: httpx.Client, pipeline_id: str, until: Callable[[dict], bool], timeout_s: float = 30) -> dict:
-    """The download progress of `pipeline_id` once `until` holds for it."""
+def poll(
+    api: httpx.Client, pipeline_id: str, until: Callable[[dict], bool], timeout_s: float = 30, vace: bool = False
+) -> dict:
+    """The download progress of `pipeline_id` (with `vace`: of its files and the VACE module's) once `until` holds."""
     deadline = time.monotonic() + timeout_s
     progress: dict = {}
+    params = {"pipeline_id": pipeline_id, "vace": vace}
     while time.monotonic() < deadline:
-        progress = api.get("/api/v1/models/status", params={"pipeline_id": pipeline_id}).json()["progress"]
+        progress = api.get("/api/v1/models/status", params=params).json()["progress"]
         if until(progress):
             return progress
         time.sleep(0.05)
     raise TimeoutError(f"models status of {pipeline_id} never got there: {progress}")
+
+
+# -- a hub or a folder that misbehaves --------------------------------------------------------------------------------
+
+BIG, SMALL = ModelFile("org/repo", "big.safetensors"), ModelFile("org/repo", "small.safetensors")
+TWO_FILES = dataclasses.replace(SDV2, files=(BIG, SMALL))
+
+
+def download_in_thread(spec: PipelineSpec, models_dir: Path, hub: LocalHub) -> tuple[threading.Thread, list]:
+    """`download_pipeline` on a thread; the list gets its exception, if any."""
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            download_pipeline(spec, models_dir, hub.url, Progress(), threading.Event())
+        except BaseException as exc:  # handed to the test
+            failures.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, failures
+
+
+def test_each_file_is_looked_up_again_before_its_transfer_so_its_signed_link_is_fresh(
+    hub: LocalHub, tmp_path: Path
+) -> None:
+    """huggingface.co redirects LFS files to CDN links signed for about an hour: a file that starts after a slow one
+    found its link, looked up with every other file's before the first byte, expired (403)."""
+    hub.add_file(BIG.repo, BIG.path, content_of(BIG, 300_000))
+    hub.add_file(SMALL.repo, SMALL.path, content_of(SMALL))
+    hub.cdn_ttl_s = 1.0
+    hub.stall(f"{BIG.repo}/{BIG.path}", after_bytes=100_000)
+    thread, failures = download_in_thread(TWO_FILES, tmp_path / "models", hub)
+    assert hub.stalled.wait(10)
+    time.sleep(1.5)  # the first file outlasts every link signed before it started
+    hub.release()
+    thread.join(30)
+    assert not failures, failures
+    assert SMALL.local_path(tmp_path / "models").read_bytes() == content_of(SMALL)
+    assert any(r.method == "GET" and r.path.startswith(f"/cdn/{SMALL.repo}/{SMALL.path}?") for r in hub.requests)
+
+
+def test_a_hub_that_serves_less_than_it_announced_leaves_no_partial_to_resume_forever(
+    hub: LocalHub, tmp_path: Path
+) -> None:
+    publish(hub, SDV2)
+    hub.serve_short(f"{DIT.repo}/{DIT.path}", 1000)
+    models_dir = tmp_path / "models"
+    with pytest.raises(DownloadError):  # 1000 of the 3000 bytes announced: the size check fails, the partial stays
+        download_pipeline(SDV2, models_dir, hub.url, Progress(), threading.Event())
+    with pytest.raises(DownloadError, match="has no bytes past 1000 of the 3000 it announced"):
+        download_pipeline(SDV2, models_dir, hub.url, Progress(), threading.Event())  # resuming at 1000: 416
+    hub.short.clear()  # the hub is fixed: the next run starts the file from its first byte
+    download_pipeline(SDV2, models_dir, hub.url, Progress(), threading.Event())
+    assert DIT.local_path(models_dir).read_bytes() == content_of(DIT)
+
+
+def test_the_whole_download_must_fit_on_the_disk_before_any_byte_moves(hub: LocalHub, tmp_path: Path) -> None:
+    hub.add_file(BIG.repo, BIG.path, content_of(BIG))
+    hub.add_file(SMALL.repo, SMALL.path, content_of(SMALL))
+    hub.announced[f"{SMALL.repo}/{SMALL.path}"] = 2**60  # the second file cannot fit on any disk
+    with pytest.raises(DownloadError, match="still to download need"):
+        download_pipeline(TWO_FILES, tmp_path / "models", hub.url, Progress(), threading.Event())
+    assert hub.gets(BIG.repo, BIG.path) == []  # the first file was not fetched only to find the second cannot be
+
+
+def test_an_etag_that_is_no_hash_is_refused_before_it_names_a_file(hub: LocalHub, tmp_path: Path) -> None:
+    """The etag names the partial file and is what the content is checked against: anything else is refused."""
+    hub.add_file(BIG.repo, BIG.path, content_of(BIG))
+    hub.add_file(SMALL.repo, SMALL.path, content_of(SMALL))
+    hub.etags[f"{BIG.repo}/{BIG.path}"] = "abc/../../x"
+    with pytest.raises(DownloadError, match="neither a sha256 nor a git sha1"):
+        download_pipeline(TWO_FILES, tmp_path / "models", hub.url, Progress(), threading.Event())
+    assert not list((tmp_path / "models").rglob("*.incomplete")) and hub.gets(BIG.repo, BIG.path) == []
+
+
+@pytest.mark.parametrize("record", ['"text"', "[]", "{}", '{"etag": 5, "size_bytes": "3000"}'])
+def test_a_record_that_is_not_one_is_checked_again_not_a_crash(hub: LocalHub, tmp_path: Path, record: str) -> None:
+    publish(hub, SDV2)
+    models_dir = tmp_path / "models"
+    download_pipeline(SDV2, models_dir, hub.url, Progress(), threading.Event())
+    record_path(DIT, models_dir).write_text(record)
+    status = HubDownloads(models_dir, hub.url).status(SDV2)
+    assert [f.verified for f in status.files] == [False, True, True, True]
+    assert verify_pipeline(SDV2, models_dir, endpoint=None)[0].state == "unverified"
+    assert [c.state for c in verify_pipeline(SDV2, models_dir, endpoint=hub.url)] == ["ok"] * 4
+    assert all(f.verified for f in HubDownloads(models_dir, hub.url).status(SDV2).files)
+
+
+def test_a_verified_folder_is_not_written_by_a_download_or_a_verify(hub: LocalHub, tmp_path: Path) -> None:
+    """Weights shared read-only between machines: a download of files already there and a verify of files their
+    records describe write nothing (no lock, no record), so they work on a read-only folder."""
+    publish(hub, SDV2)
+    models_dir = tmp_path / "models"
+    download_pipeline(SDV2, models_dir, hub.url, Progress(), threading.Event())
+    for lock in models_dir.rglob("*.lock"):
+        lock.unlink()
+    before = {path: path.stat().st_mtime_ns for path in models_dir.rglob("*")}
+    download_pipeline(SDV2, models_dir, hub.url, Progress(), threading.Event())
+    assert [c.state for c in verify_pipeline(SDV2, models_dir, endpoint=None)] == ["ok"] * 4
+    assert {path: path.stat().st_mtime_ns for path in models_dir.rglob("*")} == before
+
+
+def test_a_download_with_vace_files_is_its_own_download(hub: LocalHub, tmp_path: Path) -> None:
+    """With VACE's module it is another file set: asked while the plain download runs, it starts (it used to answer
+    "already running" and then report that download's `done`, without the VACE file)."""
+    with_vace = SDV2.with_vace_files()
+    publish(hub, with_vace, big=DIT)
+    hub.stall(f"{DIT.repo}/{DIT.path}", after_bytes=CHUNK_BYTES)
+    downloads = HubDownloads(tmp_path / "models", hub.url)
+    try:
+        assert downloads.start(SDV2)
+        assert hub.stalled.wait(10)
+        assert downloads.start(with_vace)  # not the plain one's: a download of its own
+        assert downloads.progress(with_vace).state == "downloading"
+        hub.release()
+        deadline = time.monotonic() + 30
+        while downloads.running(SDV2) or downloads.running(with_vace):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert downloads.progress(SDV2).state == downloads.progress(with_vace).state == "done"
+        assert downloads.status(with_vace).downloaded and len(downloads.status(with_vace).files) == 5
+    finally:
+        downloads.close()

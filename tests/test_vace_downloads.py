@@ -44,7 +44,7 @@ def test_api_downloads_the_vace_module_when_asked(hub: LocalHub, tmp_path: Path)
         assert status["downloaded"] is False  # the module is not fetched unasked
         body = {"pipeline_id": "krea-realtime-video", "vace": True}
         assert api.post("/api/v1/models/download", json=body).status_code == 202
-        poll(api, "krea-realtime-video", lambda p: p["state"] == "done")
+        poll(api, "krea-realtime-video", lambda p: p["state"] == "done", vace=True)
         status = api.get("/api/v1/models/status", params={"pipeline_id": "krea-realtime-video", "vace": True}).json()
         assert status["downloaded"] is True
         assert status["files"][-1]["path"] == "Wan2_1-VACE_module_14B_bf16.safetensors"

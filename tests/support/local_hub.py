@@ -9,7 +9,11 @@ It answers what huggingface_hub asks of the hub's `resolve` endpoint (read from 
 - a missing file: 404 with `X-Error-Code: EntryNotFound`; a missing repo: 404 with `X-Error-Code: RepoNotFound`.
 
 Faults for tests: `drop_once(path, after_bytes)` closes the connection mid-body on the next GET of a file;
-`stall(path, after_bytes)` sends that many bytes and then waits until `release()`.
+`stall(path, after_bytes)` sends that many bytes and then waits until `release()`; `serve_short(path, size_bytes)`
+announces a file's full size and hash but serves only its first bytes (a hub whose content is not what it says);
+`announced` overrides the size a lookup reports and `etags` the etag, per `repo/path`.
+With `cdn_ttl_s` set, `resolve` answers as huggingface.co does for LFS files: a 302 to a CDN link on another host
+name (`localhost`), signed to expire that many seconds later (403 afterwards).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +32,7 @@ from pathlib import Path
 # The hub's default .gitattributes sends these through LFS; anything else is a plain git file.
 LFS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".model", ".ckpt")
 RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")
+CDN = re.compile(r"^/cdn/(?P<repo>[^/]+/[^/]+)/(?P<path>[^?]+)\?expires=(?P<expires>[0-9.]+)$")
 SEND_CHUNK_BYTES = 256 * 1024
 
 
@@ -51,6 +57,10 @@ class LocalHub:
     faults: dict[str, Fault] = field(default_factory=dict)
     released: threading.Event = field(default_factory=threading.Event)
     stalled: threading.Event = field(default_factory=threading.Event)
+    short: dict[str, int] = field(default_factory=dict)
+    announced: dict[str, int] = field(default_factory=dict)
+    etags: dict[str, str] = field(default_factory=dict)
+    cdn_ttl_s: float | None = None
 
     def add_file(self, repo: str, path: str, content: bytes) -> None:
         target = self.root / repo / path
@@ -66,6 +76,10 @@ class LocalHub:
         self.released.clear()
         self.stalled.clear()
         self.faults[repo_path] = Fault(after_bytes, "stall")
+
+    def serve_short(self, repo_path: str, size_bytes: int) -> None:
+        """`repo/path` keeps its announced size and hash, but its content served stops after `size_bytes`."""
+        self.short[repo_path] = size_bytes
 
     def release(self) -> None:
         self.faults = {k: f for k, f in self.faults.items() if f.kind != "stall"}
@@ -94,10 +108,13 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
 
         def _resolve(self, *, send_body: bool) -> None:
             hub.requests.append(Request(self.command, self.path, self.headers.get("Range")))
-            match = RESOLVE.match(self.path)
+            cdn = CDN.match(self.path)
+            match = cdn or RESOLVE.match(self.path)
             if match is None:
                 return self._error(404, "RepoNotFound")
             repo, path = match["repo"], match["path"]
+            if cdn is not None and time.time() > float(cdn["expires"]):
+                return self._error(403, "AccessDenied")
             if not (hub.root / repo).is_dir():
                 return self._error(404, "RepoNotFound")
             file = hub.root / repo / path
@@ -107,23 +124,35 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             start = 0
             if (wanted := self.headers.get("Range")) and (m := re.fullmatch(r"bytes=(\d+)-", wanted)):
                 start = int(m[1])
-            body = content[start:]
-            self.send_response(206 if start else 200)
+            served = content[: hub.short.get(f"{repo}/{path}", len(content))]
+            if start and start >= len(served):
+                return self._error(416, "RangeNotSatisfiable")
+            body = served[start:]
+            lfs = path.endswith(LFS_SUFFIXES)
+            redirect = cdn is None and lfs and hub.cdn_ttl_s is not None
+            if redirect:
+                body = b""
+                self.send_response(302)
+                self.send_header("Location", f"{hub.url.replace('127.0.0.1', 'localhost')}/cdn/{repo}/{path}"
+                                             f"?expires={time.time() + hub.cdn_ttl_s:.3f}")  # fmt: skip
+            else:
+                self.send_response(206 if start else 200)
             self.send_header("X-Repo-Commit", commit_of(repo))
             self.send_header("Accept-Ranges", "bytes")
-            if path.endswith(LFS_SUFFIXES):
-                sha256 = hashlib.sha256(content).hexdigest()
+            size = hub.announced.get(f"{repo}/{path}", len(content))
+            if lfs:
+                sha256 = hub.etags.get(f"{repo}/{path}", hashlib.sha256(content).hexdigest())
                 self.send_header("ETag", f'"{hashlib.sha1(sha256.encode()).hexdigest()}"')  # the pointer's oid
                 self.send_header("X-Linked-Etag", f'"{sha256}"')
-                self.send_header("X-Linked-Size", str(len(content)))
+                self.send_header("X-Linked-Size", str(size))
             else:
                 blob = hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
-                self.send_header("ETag", f'"{blob}"')
+                self.send_header("ETag", f'"{hub.etags.get(f"{repo}/{path}", blob)}"')
             if start:
-                self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
+                self.send_header("Content-Range", f"bytes {start}-{len(served) - 1}/{len(served)}")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            if send_body:
+            if send_body and not redirect:
                 self._send_body(f"{repo}/{path}", body)
 
         def _send_body(self, repo_path: str, body: bytes) -> None:
