@@ -113,6 +113,18 @@ def sanitize_filename(filename: str) -> str:
     return stem
 
 
+def is_upload_name(name: str, data: bytes) -> bool:
+    """Whether `save` could have given these bytes this name (what `put` accepts: a file placed in a folder by hand,
+    `my photo.PNG`, is no such name)."""
+    if not data:
+        return False
+    try:
+        _, ext = sniff_media(data)
+    except UnsupportedMedia:
+        return False
+    return name == f"{sanitize_filename(Path(name).stem)}{ext}"
+
+
 class AssetStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -138,12 +150,11 @@ class AssetStore:
     def put(self, name: str, data: bytes) -> Asset:
         """The asset `name` as another store saved it (a cluster front's upload, copied to each worker): the same
         name, so the path the front returned resolves here too; an existing file of that name is replaced."""
-        kind, ext = sniff_media(data) if data else ("", "")
-        if not data or name != f"{sanitize_filename(Path(name).stem)}{ext}":
+        if not is_upload_name(name, data):
             raise InvalidRequest(f"{echo(name)} is not a name this store gives an upload of these bytes")
         path = self._root / name
         self._write(path, data)
-        return self._describe(path, kind)
+        return self._describe(path, sniff_media(data)[0])
 
     def _write(self, path: Path, data: bytes) -> None:
         temporary = path.with_name(f".{path.name}.part")

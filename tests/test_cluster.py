@@ -24,9 +24,13 @@ import psutil
 import pytest
 import torch
 
+from serve.assets import AssetStore
+from serve.errors import WorkerUnavailable
 from serve.hub import HubDownloads
 from serve.pipelines.loras import LoraCatalog
 from serve.pipelines.registry import PIPELINES
+from serve.schemas import Offer
+from serve.settings import ClusterSettings
 from tests.support.browser import E2E, launch_chromium, seed_pointed_at, static_server
 from tests.support.cluster import RunningWorker, local_ray, start_worker
 from tests.support.images import png_bytes
@@ -448,8 +452,91 @@ async def test_an_unload_is_waited_for_past_the_timeout_of_an_ordinary_call(clus
             unloaded = await unload
     assert unloaded.status_code == 200 and slow["name"] in unloaded.json()["message"], unloaded.text
     assert time.monotonic() - started >= 3.0
-    state = cluster.wait(lambda s: all(w["state"] == "alive" for w in s["workers"]), "slow worker not back")
-    assert all(w["pipeline"]["status"] == "not_loaded" for w in state["workers"])
+    state = cluster.wait(lambda s: cluster.worker(slow["name"])["state"] == "alive", "slow worker not back")
+    assert all(w["pipeline"]["status"] == "not_loaded" for w in state["workers"] if w["state"] != "gone")
+
+
+async def test_an_unload_sticks_though_a_worker_could_not_be_reached(cluster: Cluster) -> None:
+    """The front took the pipeline back from a worker its unload skipped (unreachable then) once that worker answered:
+    status said loaded again and offers were placed on it. Now that worker unloads when it answers, and offers need a
+    load, as on the single server."""
+    assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
+    hung = next(w for w in cluster.state()["workers"] if w["pipeline"]["status"] == "loaded")
+    os.kill(hung["pid"], signal.SIGSTOP)
+    try:
+        cluster.wait(lambda s: cluster.worker(hung["name"])["state"] == "unreachable", "stopped worker reachable")
+        async with httpx.AsyncClient(base_url=cluster.front.url, timeout=30) as http:
+            unloaded = (await http.post("/api/v1/pipeline/unload", json={})).json()["message"]
+        assert f"{hung['name']} cannot be reached now" in unloaded, unloaded
+    finally:
+        os.kill(hung["pid"], signal.SIGCONT)
+    state = cluster.wait(
+        lambda s: all(
+            w["state"] == "alive" and w["pipeline"]["status"] == "not_loaded"
+            for w in s["workers"]
+            if w["state"] != "gone"
+        ),
+        "the unreachable worker did not unload once it answered",
+    )
+    async with httpx.AsyncClient(base_url=cluster.front.url, timeout=30) as http:
+        assert (await http.get("/api/v1/pipeline/status")).json()["status"] == "not_loaded"
+        response = await http.post("/api/v1/webrtc/offer", json={"sdp": await offer_sdp(), "type": "offer"})
+        assert response.status_code == 400 and response.json()["error"] == "PipelineNotLoaded", response.text
+    assert all(not w["sessions"] for w in state["workers"])
+
+
+async def test_a_call_that_timed_out_is_not_run_by_the_worker_when_it_wakes(cluster: Cluster) -> None:
+    """An offer given up on a hung worker was queued there all along: once it woke it answered the offer, and the
+    session no client would connect held its seat. A timed-out call is cancelled now (the front, in this process,
+    against the cluster's real actors)."""
+    from serve.cluster.front import ClusterServing  # Ray: after the module's importorskip
+    from serve.cluster.worker import CLOCK_SKEW_S
+
+    assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
+    front = ClusterServing(ClusterSettings(call_timeout_s=1.0), 60.0, AssetStore(cluster.tmp_dir / "front-assets"))
+    await front.refresh()
+    view = next(view for view in front.workers.values() if view.info.pipeline.status == "loaded")
+    offer = Offer(sdp=await offer_sdp(), type="offer")
+    os.kill(view.info.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(WorkerUnavailable, match="no answer to create_session in 1 s"):
+            await front._call(view, "create_session", offer)
+        await asyncio.sleep(CLOCK_SKEW_S + 0.5)  # hung for longer than the clocks of two hosts may disagree
+    finally:
+        os.kill(view.info.pid, signal.SIGCONT)
+    await asyncio.sleep(1.0)  # a queued offer would be answered by now (the connect timeout is 10 s)
+    view.info.state = "alive"
+    assert await front._call(view, "describe_sessions") == []
+    await front.close()
+
+
+async def test_an_upload_gone_from_the_front_or_placed_by_hand_costs_only_itself(
+    cluster: Cluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file missing from the front's asset folder failed every refresh of the front (500 on every route), and one no
+    upload is named as was read and refused at every poll (ClusterAssets against a real worker actor)."""
+    from serve.cluster.assets import ClusterAssets  # Ray: after the module's importorskip
+    from serve.cluster.front import ClusterServing
+
+    store = AssetStore(tmp_path / "front-assets")
+    picture = png_bytes(np.zeros((8, 8, 3), np.uint8))
+    for name in ("gone.png", "my photo.png", "ok.png"):  # the second: placed by hand, no upload gets that name
+        (store.directory / name).write_bytes(picture)
+    front = ClusterServing(ClusterSettings(), 60.0, store)
+    await front.refresh()
+    view = front.workers[next(iter(sorted(front.workers)))]
+    view.assets.clear()  # as a worker that just joined
+    assets = ClusterAssets(store, lambda: [view])
+    (store.directory / "gone.png").unlink()  # removed by hand after the front listed its folder
+    caplog.clear()  # what the front's own refresh said
+    with caplog.at_level("WARNING", logger="serve.cluster.assets"):
+        await assets.sync(view)
+        await assets.sync(view)
+    assert view.assets == {"ok.png"}
+    refused = sorted(r.getMessage() for r in caplog.records if "is not copied to the workers" in r.getMessage())
+    assert len(refused) == 2, refused  # each said once, not at every poll
+    assert "gone.png" in refused[0] and "my photo.png" in refused[1], refused
+    await front.close()
 
 
 async def test_lora_files_and_weights_are_asked_of_every_worker_through_the_front(cluster: Cluster) -> None:

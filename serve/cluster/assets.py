@@ -18,7 +18,7 @@ from typing import Any
 import anyio.from_thread
 import msgspec
 
-from serve.assets import AssetStore
+from serve.assets import AssetStore, is_upload_name
 from serve.schemas import Asset
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,20 @@ class ClusterAssets:
         view.assets.add(name)
 
     async def sync(self, view: Any) -> None:
-        """Put every front asset this worker lacks into its folder (called with each summary of a live worker)."""
+        """Put every front asset this worker lacks into its folder (called with each summary of a live worker).
+
+        A file that is gone from the front's folder, or that no upload could have been named (placed there by hand),
+        is dropped from what the workers should hold, once: it must neither fail the front's every poll nor be read
+        and refused on each of them."""
         for name in sorted(self._names - view.assets):
-            data = await asyncio.to_thread((self.store.directory / name).read_bytes)
+            try:
+                data = await asyncio.to_thread((self.store.directory / name).read_bytes)
+            except OSError as exc:
+                log.warning("asset %s is not copied to the workers: %s", name, exc)
+                self._names.discard(name)
+                continue
+            if not is_upload_name(name, data):
+                log.warning("asset %s is not copied to the workers: no upload is named so (placed by hand?)", name)
+                self._names.discard(name)
+                continue
             await self._put(view, name, data)

@@ -75,9 +75,12 @@ from serve.settings import ClusterSettings, ServerSettings
 log = logging.getLogger(__name__)
 
 LOAD_POLL_S = 0.05
-RELEASING_CALLS = frozenset({"load", "unload", "stop_recording"})
-"""Worker calls that wait for a pipeline to be freed (a load replaces the one there) or a recording to be completed:
-they get `release_timeout_s`, every other call `call_timeout_s`."""
+RELEASING_CALLS = frozenset({"load", "unload", "stop_recording", "close_session"})
+"""Worker calls that wait for a pipeline to be freed (a load replaces the one there) or a recording to be completed
+(a session's close completes its recording): they get `release_timeout_s`, every other call `call_timeout_s`. One of
+these that times out is left to finish, since stopping it half-way would leave half a release. Any other carries the
+time the front gives up on it, and is cancelled then: a hung worker that wakes drops it rather than run it (an offer
+answered there would hold a seat for a client told to try again), and a slow one stops it at its next await."""
 CLUSTER_CONTROLLERS: list[type] = [
     PipelineController,
     WebRTCController,
@@ -123,6 +126,10 @@ class WorkerView:
     load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     assets: set[str] = field(default_factory=set)
     """Names of the front's uploads this worker holds (serve/cluster/assets.py)."""
+    unload_pending: bool = False
+    """An unload through this front could not reach it: it frees its pipeline as soon as it answers again, and takes
+    no load nor session before (the pipeline it holds is one the user unloaded)."""
+    late_unload: asyncio.Task[None] | None = None
 
     @property
     def usable(self) -> bool:
@@ -139,8 +146,8 @@ class WorkerView:
 
     def readiness(self, wanted: Wanted) -> int:
         """0: loaded with the wanted pipeline; 1: loading it; 2: idle, can load it; 3: cannot take it (streaming
-        another pipeline, or without one of its LoRA files)."""
-        if self.lacks(wanted):
+        another pipeline, without one of its LoRA files, or still to be unloaded)."""
+        if self.lacks(wanted) or self.unload_pending:
             return 3
         status = self.info.pipeline
         if wanted.matches(status):
@@ -158,6 +165,8 @@ class ClusterServing:
         self.load_timeout_s = load_timeout_s
         self.workers: dict[str, WorkerView] = {}
         self._wanted: Wanted | None = None
+        self._unloaded = False
+        """Set by this front's unload, until its next load: the workers' pipelines are not adopted meanwhile."""
         self._refreshed_at = 0.0
         self._refresh_lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
@@ -173,10 +182,12 @@ class ClusterServing:
         self._poller = asyncio.create_task(self._poll(), name="cluster-poll")
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        tasks = [self._poller, *(view.late_unload for view in self.workers.values())]
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _poll(self) -> None:
         while True:
@@ -229,7 +240,22 @@ class ClusterServing:
         info.last_seen = time.time()
         info.lost_sessions = view.info.lost_sessions
         view.info = info
-        await self.assets.sync(view)  # uploads it missed (joined later, unreachable then, replaced)
+        if view.unload_pending and view.late_unload is None:
+            view.late_unload = asyncio.create_task(self._unload_late(view), name=f"unload-{view.name}")
+        try:
+            await self.assets.sync(view)  # uploads it missed (joined later, unreachable then, replaced)
+        except Exception:  # whatever it is, it must not fail every other worker's summary in this round
+            log.exception("worker=%s: copying the uploads it lacks failed", view.name)
+
+    async def _unload_late(self, view: WorkerView) -> None:
+        try:
+            await self._call(view, "unload")
+            view.unload_pending = False
+            log.info("worker=%s unloaded now that it answers (the unload came while it was unreachable)", view.name)
+        except (WorkerGone, WanrtError) as exc:  # still pending: its next summary tries again
+            log.warning("worker=%s: the unload it missed failed again: %s", view.name, exc)
+        finally:
+            view.late_unload = None
 
     def _mark_gone(self, view: WorkerView, reason: str) -> None:
         if view.info.state == "gone":
@@ -242,14 +268,18 @@ class ClusterServing:
         """The worker's answer, or its error raised as the single server raises it; WorkerGone if it is dead."""
         if view.info.state == "gone":
             raise WorkerGone(view.info.error)
-        settings = self.settings
-        timeout_s = settings.release_timeout_s if method in RELEASING_CALLS else settings.call_timeout_s
+        releasing = method in RELEASING_CALLS
+        timeout_s = self.settings.release_timeout_s if releasing else self.settings.call_timeout_s
+        give_up_at = None if releasing else time.time() + timeout_s  # a hung worker that wakes drops it
+        ref = view.handle.call.remote(method, *args, give_up_at=give_up_at)
         try:
-            reply: Reply = await asyncio.wait_for(view.handle.call.remote(method, *args), timeout_s)
+            reply: Reply = await asyncio.wait_for(ref, timeout_s)
         except ActorDiedError as exc:
             self._mark_gone(view, _died(exc))
             raise WorkerGone(view.info.error) from None
         except (RayActorError, TimeoutError) as exc:  # ActorUnavailableError, or no answer: it may come back
+            if isinstance(exc, TimeoutError) and not releasing:
+                ray.cancel(ref)  # under way at a slow worker: cancelled at its next await
             view.info.state = "unreachable"
             view.info.error = f"no answer to {method} in {timeout_s:g} s ({type(exc).__name__})"
             raise WorkerUnavailable(f"worker {view.name} is unreachable: {view.info.error}; try again") from None
@@ -285,7 +315,7 @@ class ClusterServing:
             )
         readiness, name = ready[0]
         if readiness < 2:
-            self._wanted = wanted
+            self._wanted, self._unloaded = wanted, False
             state = "loaded" if readiness == 0 else "loading"
             return f"pipeline {pipeline_id!r} is {state} on {name}; new offers go there"
         view = self.workers[name]
@@ -295,13 +325,13 @@ class ClusterServing:
             except WorkerGone as exc:
                 raise WorkerUnavailable(f"worker {name} went away while loading ({exc}); load again") from None
             view.info.pipeline = await self._call(view, "status")
-        self._wanted = wanted
+        self._wanted, self._unloaded = wanted, False
         return f"{message} (on {name}; other workers load it when an offer needs them)"
 
     def _adopt(self) -> Wanted | None:
         """The pipeline new offers get. Without a load through this front (it restarted, or the workers were started
         with --pipeline), the one pipeline the live workers have loaded, if they agree on one."""
-        if self._wanted is not None:
+        if self._wanted is not None or self._unloaded:
             return self._wanted
         loaded = {
             (status.pipeline_id, msgspec.json.encode(status.load_params, order="sorted"))
@@ -333,19 +363,37 @@ class ClusterServing:
         return PipelineStatus(status="not_loaded", pipeline_id=wanted.pipeline_id)
 
     async def unload(self) -> str:
-        """Frees the pipeline on every worker that has one (their sessions get `stream_stopped`)."""
-        self._wanted = None  # before any await: an offer being placed checks it before it loads a worker
-        names = []
+        """Frees the pipeline on every worker that has one (their sessions get `stream_stopped`); a worker that cannot
+        be reached now frees it once it answers again."""
+        self._wanted, self._unloaded = None, True  # before any await: an offer being placed checks it
+        freed: list[str] = []
+        later: list[str] = []
+
+        async def unload_one(view: WorkerView) -> None:
+            status = view.info.pipeline
+            try:
+                await self._call(view, "unload")
+            except WorkerGone:
+                return
+            except WorkerUnavailable:
+                view.unload_pending = True
+                later.append(view.name)
+                return
+            if status is not None and status.status != "not_loaded":
+                freed.append(view.name)
+
         for view in self._views():
-            # Every live worker, whatever its last summary said: an offer may have just started a load on it.
-            if view.usable:
-                with contextlib.suppress(WorkerGone, WorkerUnavailable):
-                    status = view.info.pipeline
-                    await self._call(view, "unload")
-                    if status is not None and status.status != "not_loaded":
-                        names.append(view.name)
+            if view.info.state == "unreachable":
+                view.unload_pending = True
+                later.append(view.name)
+        # Every live worker, whatever its last summary said (an offer may have just started a load on it), at once:
+        # each may wait for its chunk in flight.
+        await asyncio.gather(*(unload_one(view) for view in self._views() if view.usable))
         await self.refresh()
-        return f"unloaded on {', '.join(names)}" if names else "nothing was loaded"
+        message = f"unloaded on {', '.join(sorted(freed))}" if freed else "nothing was loaded"
+        if later:
+            message += f"; {', '.join(sorted(later))} cannot be reached now and unload(s) once it answers"
+        return message
 
     async def _ensure_loaded(self, view: WorkerView, wanted: Wanted) -> None:
         async with view.load_lock:

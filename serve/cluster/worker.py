@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,7 +21,7 @@ import ray
 
 from serve.assets import AssetStore
 from serve.cluster.names import session_prefix
-from serve.errors import InvalidRequest, WanrtError
+from serve.errors import InvalidRequest, WanrtError, WorkerUnavailable
 from serve.hub import HubDownloads
 from serve.pipelines.loras import LoraCatalog
 from serve.pipelines.manager import PipelineManager
@@ -59,6 +60,9 @@ CALLS = frozenset(
     }
 )
 """The `Serving` methods a front may call on a worker."""
+CLOCK_SKEW_S = 2.0
+"""How far the front's and the workers' clocks may disagree (NTP keeps them within milliseconds) before a call
+that came in time is taken for one that came too late."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,14 @@ class WanrtWorker:
         self.gpus = [str(gpu) for gpu in context.get_accelerator_ids().get("GPU", [])]
         log.info("worker=%s started node=%s gpus=%s pid=%d", name, self.node_id[:8], self.gpus, os.getpid())
 
-    async def call(self, method: str, *args: Any) -> Reply:
+    async def call(self, method: str, *args: Any, give_up_at: float | None = None) -> Reply:
+        """`give_up_at`: the front's wall-clock time past which it no longer waits for the answer. A call that starts
+        later than that (and CLOCK_SKEW_S) was queued while this actor was hung: it is dropped, not run, since an
+        offer answered now would hold a seat for a client that was told to try again."""
+        if give_up_at is not None and time.time() > give_up_at + CLOCK_SKEW_S:
+            log.warning("worker=%s dropped a %s call its front gave up on %.1f s ago", self.name, method,
+                        time.time() - give_up_at)  # fmt: skip
+            return Reply(error=WorkerUnavailable.__name__, detail=f"{method} came after the front stopped waiting")
         if method not in CALLS:
             return Reply(error=InvalidRequest.__name__, detail=f"a worker has no call {method!r}")
         try:
