@@ -152,3 +152,7 @@ class InsufficientStorage(WanrtError):
 
 class FrameConversionError(WanrtError):
     """An input frame could not be turned into the pipeline's RGB frames; it ends that stream (a data-channel reply)."""
+
+
+class InternalError(WanrtError):
+    """A bug, logged where it happened (a cluster worker's, raised again at its front): never a traceback to clients."""

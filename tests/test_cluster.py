@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from serve.assets import AssetStore
-from serve.errors import WorkerUnavailable
+from serve.errors import InternalError, WorkerUnavailable
 from serve.hub import HubDownloads
 from serve.pipelines.loras import LoraCatalog
 from serve.pipelines.registry import PIPELINES
@@ -508,6 +508,30 @@ async def test_a_call_that_timed_out_is_not_run_by_the_worker_when_it_wakes(clus
     view.info.state = "alive"
     assert await front._call(view, "describe_sessions") == []
     await front.close()
+
+
+async def test_a_bug_in_a_worker_call_is_an_internal_error_that_costs_a_listing_only_that_worker(
+    cluster: Cluster,
+) -> None:
+    """An exception other than the server's own (here a TypeError from an argument the call does not take) came back
+    as Ray's traceback: raised through the front it was a 500 with no logged cause, and it failed a listing of every
+    worker. It is the worker's logged InternalError now, and a listing names that worker as skipped."""
+    from serve.cluster.front import ClusterServing  # Ray: after the module's importorskip
+
+    front = ClusterServing(ClusterSettings(), 60.0, AssetStore(cluster.tmp_dir / "front-assets"))
+    await front.refresh()
+    live = [view for view in front.workers.values() if view.usable]
+    with pytest.raises(InternalError, match=f"internal error in status on worker {live[0].name}"):
+        await front._call(live[0], "status", "an argument it does not take")
+    answers, skipped = await front._ask_all("status", "an argument it does not take")
+    assert answers == [] and all(skipped[view.name].startswith("InternalError: ") for view in live), skipped
+    assert (await front._call(live[0], "status")).status in ("loaded", "not_loaded")  # and it goes on serving
+    await front.close()
+    deadline = time.monotonic() + 20  # Ray forwards an actor's output to `wanrt cluster worker` in its own time
+    while "call status failed" not in (log := cluster.workers.log()):
+        assert time.monotonic() < deadline, log
+        await asyncio.sleep(0.2)
+    assert "TypeError" in log
 
 
 async def test_an_upload_gone_from_the_front_or_placed_by_hand_costs_only_itself(

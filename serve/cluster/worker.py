@@ -21,7 +21,7 @@ import ray
 
 from serve.assets import AssetStore
 from serve.cluster.names import session_prefix
-from serve.errors import InvalidRequest, WanrtError, WorkerUnavailable
+from serve.errors import InternalError, InvalidRequest, WanrtError, WorkerUnavailable
 from serve.hub import HubDownloads
 from serve.pipelines.loras import LoraCatalog
 from serve.pipelines.manager import PipelineManager
@@ -125,6 +125,10 @@ class WanrtWorker:
             return Reply(value=await getattr(self.serving, method)(*args))
         except WanrtError as exc:
             return Reply(error=type(exc).__name__, detail=str(exc))
+        except Exception:  # a bug: the single server's 500, not Ray's traceback failing a front's whole listing
+            log.exception("worker=%s call %s failed", self.name, method)
+            detail = f"internal error in {method} on worker {self.name}; it logged it, please report it with the time"
+            return Reply(error=InternalError.__name__, detail=detail)
 
     async def put_asset(self, name: str, data: bytes) -> None:
         """An upload the front saved, under the name it gave (serve/cluster/assets.py): a session here resolves the
