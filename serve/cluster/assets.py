@@ -32,7 +32,7 @@ class ClusterAssets:
 
     def __init__(self, store: AssetStore, views: Callable[[], list[Any]]) -> None:
         self.store = store
-        self._views = views  # the live WorkerViews (serve/cluster/front.py)
+        self._views = views  # the live WorkerViews (serve/cluster/views.py)
         self._names = {asset.name for asset in store.list()}  # every upload the workers should hold
 
     def save(self, filename: str, data: bytes) -> Asset:

@@ -4,11 +4,10 @@ State lives on the workers. The front keeps only what it can rebuild by asking t
 summary) and the pipeline the last load named. Routing needs no table: a session id names its worker
 (serve/cluster/names.py).
 
-Placement of an offer: the pipeline is the last load's. Among live workers with a free seat, a worker that has it
-loaded (the fewest sessions first) beats one loading it, which beats an idle worker that must load it first; a worker
-with sessions of another pipeline is never reloaded under them. A worker that dies is marked gone: its sessions' ids
-then answer 410 (their streams ended with the worker, and the front has no channel to those clients), and new
-offers go elsewhere. A worker that joins is found by the next poll and takes new sessions.
+An offer goes to the best-ranked live worker with a free seat (serve/cluster/views.py says how they rank). A worker
+that dies is marked gone: its sessions' ids then answer 410 (their streams ended with the worker, and the front has
+no channel to those clients), and new offers go elsewhere. A worker that joins is found by the next poll and takes
+new sessions.
 """
 
 from __future__ import annotations
@@ -16,11 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -42,6 +39,7 @@ from serve.assets import AssetStore, echo
 from serve.cluster.assets import ClusterAssets
 from serve.cluster.folders import merge_loras, merge_models
 from serve.cluster.names import NAMESPACE, WORKER_PREFIX, owner_of
+from serve.cluster.views import Wanted, WorkerView
 from serve.cluster.worker import Reply
 from serve.errors import (
     CapacityExceeded,
@@ -60,7 +58,6 @@ from serve.recording import session_of
 from serve.schemas import (
     Answer,
     ClusterStatus,
-    ClusterWorker,
     IceCandidate,
     LoadParams,
     LoraList,
@@ -96,66 +93,6 @@ CLUSTER_CONTROLLERS: list[type] = [
 
 class WorkerGone(Exception):
     """A call found its worker dead; the caller decides what that means for its request."""
-
-
-@dataclass(frozen=True)
-class Wanted:
-    """The pipeline new offers get: the last load's id and parameters, and the effective parameters a worker's
-    status reports for them (what "has it loaded" compares)."""
-
-    pipeline_id: str
-    params: LoadParams
-    effective: dict[str, Any]
-
-    def matches(self, status: PipelineStatus | None) -> bool:
-        return status is not None and status.pipeline_id == self.pipeline_id and status.load_params == self.effective
-
-    @property
-    def loras(self) -> list[str]:
-        """The LoRA files the load names, spelled as a worker's summary lists its folder."""
-        return [os.path.normpath(item["path"]) for item in self.effective.get("loras") or ()]
-
-
-@dataclass
-class WorkerView:
-    name: str
-    handle: Any
-    info: ClusterWorker
-    pending: int = 0
-    """Offers being placed on it right now: they count against its seats before its summary shows them."""
-    load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    assets: set[str] = field(default_factory=set)
-    """Names of the front's uploads this worker holds (serve/cluster/assets.py)."""
-    unload_pending: bool = False
-    """An unload through this front could not reach it: it frees its pipeline as soon as it answers again, and takes
-    no load nor session before (the pipeline it holds is one the user unloaded)."""
-    late_unload: asyncio.Task[None] | None = None
-
-    @property
-    def usable(self) -> bool:
-        return self.info.state == "alive"
-
-    @property
-    def free_seats(self) -> int:
-        return self.info.seats - len(self.info.sessions) - self.pending
-
-    def lacks(self, wanted: Wanted) -> list[str]:
-        """The wanted LoRA files its folder does not have (a load there would fail naming them)."""
-        have = set(self.info.lora_files)
-        return [path for path in wanted.loras if path not in have]
-
-    def readiness(self, wanted: Wanted) -> int:
-        """0: loaded with the wanted pipeline; 1: loading it; 2: idle, can load it; 3: cannot take it (streaming
-        another pipeline, without one of its LoRA files, or still to be unloaded)."""
-        if self.lacks(wanted) or self.unload_pending:
-            return 3
-        status = self.info.pipeline
-        if wanted.matches(status):
-            if status.status == "loaded":
-                return 0
-            if status.status == "loading":
-                return 1
-        return 2 if not self.info.sessions and self.pending == 0 else 3
 
 
 class ClusterServing:
