@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import struct
 import zlib
@@ -195,6 +196,10 @@ def test_offer_rejects_bad_requests(
         # aiortc answered, then its DTLS start failed an assert in the background: a seat held until the timeout
         (lambda sdp: "".join(line for line in sdp.splitlines(True) if not line.startswith("a=fingerprint:")),
          "no a=fingerprint"),
+        # aiortc answered these too, and the client waited for a connection that could not come
+        (lambda sdp: re.sub(r"a=fingerprint:\S+ \S+", "a=fingerprint:md5 AA:BB", sdp), "name no certificate hash"),
+        (lambda sdp: re.sub(r"a=fingerprint:(\S+) \S+", r"a=fingerprint:\1 zz", sdp), "name no certificate hash"),
+        (lambda sdp: sdp.replace("a=mid:1", "a=mid:0"), "share a mid (0, 0)"),
     ],
 )  # fmt: skip
 def test_a_real_offer_edited_into_one_that_cannot_connect_is_refused(

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from aiortc import RTCPeerConnection, RTCSessionDescription, rtcsctptransport
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcdtlstransport import X509_DIGEST_ALGORITHMS
 from av import VideoFrame
 from av.video.reformatter import VideoReformatter
 
@@ -102,7 +104,30 @@ def check_offer_sdp(sdp: str) -> list[str]:
     for start, end in itertools.pairwise([*sections, len(lines)]):
         mid = next((line[6:].strip() for line in lines[start:end] if line.startswith("a=mid:")), None)
         mids.append(mid if mid is not None else str(len(mids)))
+    if len(set(mids)) != len(mids):  # aiortc answers it (BUNDLE "0 0"), and no peer can connect to that answer
+        raise InvalidRequest(f"the offer's media sections share a mid ({', '.join(mids)}); each needs its own")
     return mids
+
+
+FINGERPRINT_VALUE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2})+")
+
+
+def check_fingerprints(sdp: str) -> None:
+    """aiortc takes an offer without a usable fingerprint, answers it, and fails DTLS in the background: the client
+    waits for a connection that cannot come, and its seat is held until the connect timeout."""
+    prefix = "a=fingerprint:"
+    fingerprints = [line[len(prefix) :].split() for line in sdp.splitlines() if line.startswith(prefix)]
+    if not fingerprints:
+        raise InvalidRequest(
+            "the offer has no a=fingerprint line (DTLS checks the peer's certificate against it); send the "
+            "browser's pc.localDescription.sdp unchanged"
+        )
+    usable = [f for f in fingerprints if len(f) == 2 and f[0].lower() in X509_DIGEST_ALGORITHMS]
+    if not usable or not all(FINGERPRINT_VALUE.fullmatch(value) for _, value in usable):
+        raise InvalidRequest(
+            f"the offer's a=fingerprint lines ({'; '.join(' '.join(f) for f in fingerprints)[:200]}) name no "
+            f"certificate hash this server checks ({', '.join(X509_DIGEST_ALGORITHMS)}) as colon-separated hex"
+        )
 
 
 class PeerSession:
@@ -190,11 +215,7 @@ class PeerSession:
                 "the offer has no video m-line: add the camera track (video mode) or "
                 "pc.addTransceiver('video') (text mode) before createOffer()"
             )
-        if "a=fingerprint:" not in sdp:  # aiortc takes it, answers, and then fails DTLS in the background
-            raise InvalidRequest(
-                "the offer has no a=fingerprint line (DTLS checks the peer's certificate against it); send the "
-                "browser's pc.localDescription.sdp unchanged"
-            )
+        check_fingerprints(sdp)
         pc.addTrack(self.output)  # fills the offered video transceiver: sendrecv with a camera, sendonly without
         self._choose_output_path()
         try:
