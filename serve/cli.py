@@ -217,6 +217,13 @@ def add_server_options(serve: argparse.ArgumentParser, defaults: ServerSettings)
         "default %(default)s)",
     )
     serve.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=defaults.limits.body_timeout_s,
+        help="a request body that pauses longer between two reads has its connection closed (env "
+        "WANRT_BODY_TIMEOUT_S; default %(default)s)",
+    )
+    serve.add_argument(
         "--models-dir", type=Path, default=defaults.models_dir, help="weight files (env WANRT_MODELS_DIR)"
     )
     serve.add_argument(
@@ -283,7 +290,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             api_token=args.api_token or None,
             allowed_hosts=tuple(args.allowed_host) or defaults.access.allowed_hosts,
         ),
-        limits=RequestLimits(max_json_body_bytes=args.max_json_body_bytes, header_timeout_s=args.header_timeout_s),
+        limits=RequestLimits(
+            max_json_body_bytes=args.max_json_body_bytes,
+            header_timeout_s=args.header_timeout_s,
+            body_timeout_s=args.body_timeout_s,
+        ),
         webrtc=dataclasses.replace(
             defaults.webrtc,
             ice_servers=tuple(args.ice_server) or defaults.webrtc.ice_servers,

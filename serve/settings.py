@@ -67,6 +67,8 @@ class RequestLimits:
     header_timeout_s: float = 10.0
     """A request head (request line and headers) not complete this long after its connection opened, or after its
     first byte on a kept-alive connection, gets 408 and the connection is closed (serve/http_server.py)."""
+    body_timeout_s: float = 30.0
+    """A request body that pauses longer than this between two reads has its connection closed."""
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,7 @@ class ServerSettings:
             limits=RequestLimits(
                 max_json_body_bytes=int(env.get("WANRT_MAX_JSON_BODY_BYTES", RequestLimits.max_json_body_bytes)),
                 header_timeout_s=float(env.get("WANRT_HEADER_TIMEOUT_S", RequestLimits.header_timeout_s)),
+                body_timeout_s=float(env.get("WANRT_BODY_TIMEOUT_S", RequestLimits.body_timeout_s)),
             ),
             webrtc=WebRTCSettings(
                 ice_servers=env_list(env, "WANRT_ICE_SERVERS"),

@@ -1,5 +1,5 @@
-"""The HTTP server's deadline on request heads (serve/http_server.py), against a running server, over raw sockets:
-an idle or slow client is answered 408 and let go; kept-alive connections and slow bodies are not cut."""
+"""The HTTP server's deadlines (serve/http_server.py), against a running server, over raw sockets: an idle or slow
+client is let go (408 for a head); kept-alive connections and bodies that keep coming are not cut."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from tests.support.images import black_png_bytes
 from tests.support.server import RunningServer, run_server
 
 HEADER_TIMEOUT_S = 1.0
+BODY_TIMEOUT_S = 1.0
 SLACK_S = 3.0
 """How late past its deadline the server may answer on a loaded CI machine."""
 HEALTH = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -23,8 +24,8 @@ HEALTH = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     with run_server(
-        tmp_path_factory.mktemp("server"), "--header-timeout-s", str(HEADER_TIMEOUT_S), "--max-upload-mb",
-        str(MAX_UPLOAD_MB),
+        tmp_path_factory.mktemp("server"), "--header-timeout-s", str(HEADER_TIMEOUT_S), "--body-timeout-s",
+        str(BODY_TIMEOUT_S), "--max-upload-mb", str(MAX_UPLOAD_MB),
     ) as running:  # fmt: skip
         yield running
         assert httpx.get(f"{running.url}/health", timeout=5).status_code == 200
@@ -103,8 +104,8 @@ def test_a_kept_alive_connection_is_not_cut_by_the_head_deadline(server: Running
         assert read_until_closed(sock).startswith(b"HTTP/1.1 408 ")
 
 
-def test_a_slow_body_is_not_timed(server: RunningServer) -> None:
-    """An upload over a slow link takes long: only the head has a deadline."""
+def test_a_slow_body_that_keeps_coming_is_not_cut(server: RunningServer) -> None:
+    """An upload over a slow link takes long: the deadline is on each pause, not on the whole body."""
     body = black_png_bytes(64, 64)
     head = (
         b"POST /api/v1/assets?filename=slow.png HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -113,7 +114,7 @@ def test_a_slow_body_is_not_timed(server: RunningServer) -> None:
     with connect(server) as sock:
         sock.sendall(head)
         for start in range(0, len(body), len(body) // 4 + 1):
-            time.sleep(HEADER_TIMEOUT_S / 2)
+            time.sleep(BODY_TIMEOUT_S / 2)  # two seconds in all: past the deadline, but never idle that long
             sock.sendall(body[start : start + len(body) // 4 + 1])
         reply = sock.recv(4096)
     assert reply.startswith(b"HTTP/1.1 200 "), reply
@@ -130,3 +131,17 @@ def test_many_idle_connections_are_all_let_go_and_the_server_keeps_answering(ser
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_a_body_that_stops_has_its_connection_closed(server: RunningServer) -> None:
+    head = (
+        b"POST /api/v1/assets?filename=stuck.png HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n"
+    )
+    with connect(server) as sock:
+        sock.sendall(head + black_png_bytes(64, 64)[:100])  # then nothing more of the 100000 bytes it announced
+        stopped = time.monotonic()
+        reply = read_until_closed(sock)
+        waited = time.monotonic() - stopped
+    assert BODY_TIMEOUT_S - 0.1 <= waited < BODY_TIMEOUT_S + SLACK_S, (waited, reply)
+    assert not (server.assets_dir / "stuck.png").exists()
