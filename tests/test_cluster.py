@@ -181,6 +181,8 @@ async def test_twenty_connect_disconnect_cycles_leave_every_seat_free(cluster: C
     assert [w["sessions"] for w in state["workers"]] == [[], []]
     metrics = cluster.front.metrics()
     assert metrics["wanrt_sessions_active"] == 0 and metrics["wanrt_cluster_workers_alive"] == 2
+    # Both workers have it loaded (the first test placed a session on each): loaded is still the one server's 0 or 1.
+    assert metrics["wanrt_pipeline_loaded"] == 1 and metrics["wanrt_cluster_workers_loaded"] == 2, metrics
 
 
 async def test_recordings_are_started_listed_and_downloaded_through_the_front(cluster: Cluster) -> None:

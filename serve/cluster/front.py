@@ -448,6 +448,9 @@ class ClusterServing:
         for _, worker_gauges in await self._gather("gauges"):
             for key, value in worker_gauges.items():
                 gauges[key] = gauges.get(key, 0) + value
+        # The single server's 0 or 1 (whether offers can be answered), and how many workers have it loaded.
+        gauges["wanrt_cluster_workers_loaded"] = gauges.get("wanrt_pipeline_loaded", 0)
+        gauges["wanrt_pipeline_loaded"] = int(gauges["wanrt_cluster_workers_loaded"] > 0)
         states = [view.info.state for view in self.workers.values()]
         for state in ("alive", "unreachable", "gone"):
             gauges[f"wanrt_cluster_workers_{state}"] = states.count(state)
