@@ -512,6 +512,36 @@ async def test_a_call_that_timed_out_is_not_run_by_the_worker_when_it_wakes(clus
     await front.close()
 
 
+async def test_an_offer_to_a_worker_that_lost_the_pipeline_since_its_summary_goes_to_another(
+    cluster: Cluster,
+) -> None:
+    """A worker whose pipeline went (failed, or unloaded behind the front) between two summaries answered the offer
+    with PipelineNotLoaded, and the client got that 400 while the front's status said loaded; the next worker is
+    tried now. The front here runs in this process on summaries it does not refresh (the cluster's real actors)."""
+    from serve.cluster.front import ClusterServing  # Ray: after the module's importorskip
+
+    assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
+    warm = ScopeClient(cluster.front.url)  # warms the second worker too: each then has passthrough loaded
+    await warm.connect()
+    second = ScopeClient(cluster.front.url)
+    await second.connect()
+    await warm.close()
+    await second.close()
+    cluster.wait(lambda s: all(not w["sessions"] for w in s["workers"]), "seats not freed")
+    settings = ClusterSettings(placement_max_age_s=3600.0)
+    front = ClusterServing(settings, 60.0, AssetStore(cluster.tmp_dir / "front-assets"))
+    await front.refresh()
+    live = sorted(name for name, view in front.workers.items() if view.usable)
+    assert all(front.workers[name].info.pipeline.status == "loaded" for name in live)
+    first = front.workers[live[0]]  # the one placement tries first (same readiness, same sessions: by name)
+    reply = await first.handle.call.remote("unload")  # behind the front's back: its summary still says loaded
+    assert reply.error is None, reply
+    answer = await front.create_session(Offer(sdp=await offer_sdp(), type="offer"))
+    assert owner(answer.sessionId) == live[1], answer.sessionId
+    await front.close_session(answer.sessionId)
+    await front.close()
+
+
 async def test_a_bug_in_a_worker_call_is_an_internal_error_that_costs_a_listing_only_that_worker(
     cluster: Cluster,
 ) -> None:

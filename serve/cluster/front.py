@@ -373,6 +373,10 @@ class ClusterServing:
             except (WorkerGone, WorkerUnavailable, CapacityExceeded, PipelineLoadError, errors.PipelineBusy) as exc:
                 failures.append(f"{view.name}: {exc}")  # another worker may take it
                 continue
+            except PipelineNotLoaded as exc:
+                self._check_wanted(wanted)  # unloaded or replaced through this front: the client hears that
+                failures.append(f"{view.name}: {exc}")  # the worker's own: it lost the pipeline since its summary
+                continue
             finally:
                 view.pending -= 1
             view.info.sessions.append(answer.sessionId)  # until its next summary says so itself
