@@ -42,7 +42,11 @@ def run(pipeline, mode_chunks: list[tuple[str, int]]) -> tuple[list[np.ndarray],
             for index, params in enumerate(scripted_params(pipeline.spec.runtime_defaults, mode, chunks)):
                 uploads, downloads = stream.host.uploads, stream.host.downloads
                 first = not stream.vae.decoder_started or index == 0  # a mode switch restarts the stream
+                blocking = len(tracker.blocking_uploads)
                 out = stream.process(frames if mode == "video" else None, params)
+                # No host→device copy that waits for the device (it would drain the GPU's queue, and the host could
+                # not run ahead): the plans and index tensors go through kv_cache.to_device.
+                assert tracker.blocking_uploads[blocking:] == [], (mode, index, tracker.blocking_uploads[blocking:])
                 assert stream.host.downloads == downloads + 1  # one device→host copy per chunk
                 assert stream.host.uploads == uploads + (mode == "video")  # one host→device copy in video mode
                 expected = 1 + 4 * (chunk_latents - 1) if first else 4 * chunk_latents

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from serve.models.transfer import to_device
+
 
 @dataclass(frozen=True)
 class KVCacheSpec:
@@ -84,10 +86,11 @@ class ChunkPlan:
 
     def to(self, device: torch.device | str | None) -> ChunkPlan:
         """The plan on `device`: policies build plans on the host and move each once (host→device, never back)."""
-        positions = None if self.key_positions is None else self.key_positions.to(device)
+        positions = None if self.key_positions is None else to_device(self.key_positions, device)
         return ChunkPlan(
-            self.write_index.to(device), self.key_bias.to(device), self.frame_positions.to(device), positions
-        )
+            to_device(self.write_index, device), to_device(self.key_bias, device),
+            to_device(self.frame_positions, device), positions,
+        )  # fmt: skip
 
     def as_args(self) -> tuple[Tensor, Tensor, Tensor]:
         """In the order `WanDiT.step` takes them."""

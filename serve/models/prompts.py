@@ -17,6 +17,7 @@ from torch import Tensor
 
 from serve.models.text_encoder import UMT5Encoder
 from serve.models.tokenizer import UMT5Tokenizer, clean_prompt
+from serve.models.transfer import to_device
 
 __all__ = [
     "EmbeddingCache",
@@ -231,7 +232,7 @@ class PromptEncoder:
         missing = list(dict.fromkeys(k for k in keys if k not in found))  # de-duplicated, order kept
         if missing:
             ids, mask = self.tokenizer(missing)
-            out = self.encoder(ids.to(self.encoder_device), mask.to(self.encoder_device))  # [B, L, dim]
+            out = self.encoder(to_device(ids, self.encoder_device), to_device(mask, self.encoder_device))  # [B, L, dim]
             out = out.to(device=self.output_device, dtype=self.output_dtype)
             for k, e in zip(missing, out, strict=True):
                 e = e.clone()  # detach from the batch storage so evicting one entry frees its memory

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from serve.models.transfer import to_device
+
 TRAIN_TIMESTEPS = 1000
 
 
@@ -45,7 +47,7 @@ class FlowMatchScheduler:
         """(timesteps, sigmas) on `device`, copied there once: the chunk loop's lookups stay on the device."""
         tables = self._device_tables.get(device)
         if tables is None:
-            tables = self._device_tables[device] = (self.timesteps.to(device), self.sigmas.to(device))
+            tables = self._device_tables[device] = (to_device(self.timesteps, device), to_device(self.sigmas, device))
         return tables
 
     def add_noise(self, x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:

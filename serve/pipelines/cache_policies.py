@@ -32,6 +32,7 @@ from serve.models.kv_cache import (
     frame_bias,
     token_index,
 )
+from serve.models.transfer import to_device
 
 
 class ChunkRunner(Protocol):
@@ -93,7 +94,7 @@ class CachePolicy:
             if self._clean is None:
                 self._clean = x0.new_zeros((*x0.shape[:2], self.window.spec.max_frames, *x0.shape[3:]))
             slots = [self.window.slot_of_frame(f) for f in range(first_frame, first_frame + x0.shape[2])]
-            self._clean.index_copy_(2, torch.tensor(slots, device=x0.device), x0)
+            self._clean.index_copy_(2, to_device(torch.tensor(slots), x0.device), x0)
 
     # -- LongLive's KV re-cache --------------------------------------------------------------------------------------
 
@@ -101,7 +102,7 @@ class CachePolicy:
         """[B, 16, F, h, w] clean latents of `recache_frames(next_frame)`, in frame order."""
         assert self._clean is not None
         slots = [self.window.slot_of_frame(f) for f in self.recache_frames(next_frame)]
-        return self._clean.index_select(2, torch.tensor(slots, device=self._clean.device))
+        return self._clean.index_select(2, to_device(torch.tensor(slots), self._clean.device))
 
     def recache_frames(self, next_frame: int) -> list[int]:
         """Frames whose K/V a prompt switch recomputes: the cached window, never the sink (LongLive keeps the sink
@@ -157,7 +158,10 @@ class EmaSinkPolicy(CachePolicy):
         # The queries are the chunk itself: the last `frames` positions of the attended order.
         query_positions = torch.arange(len(attended) - frames, len(attended))
         return ChunkPlan(
-            plan.write_index, plan.key_bias, query_positions.to(self.device), key_positions.to(self.device)
+            plan.write_index,
+            plan.key_bias,
+            to_device(query_positions, self.device),
+            to_device(key_positions, self.device),
         )
 
     def evicted_frames(self, first_frame: int, frames: int) -> list[int]:
@@ -172,8 +176,8 @@ class EmaSinkPolicy(CachePolicy):
         if len(evicted) != self.window.sink_frames:
             raise ValueError(f"the EMA sink needs chunks of {self.window.sink_frames} frames, got {len(evicted)}")
         lf = self.spec.frame_tokens
-        sink = token_index(list(range(self.window.sink_frames)), lf).to(run.cache.k.device)
-        leaving = token_index([self.window.slot_of_frame(f) for f in evicted], lf).to(run.cache.k.device)
+        sink = to_device(token_index(list(range(self.window.sink_frames)), lf), run.cache.k.device)
+        leaving = to_device(token_index([self.window.slot_of_frame(f) for f in evicted], lf), run.cache.k.device)
         for buffer in (run.cache.k, run.cache.v):
             mixed = (
                 self.alpha * buffer.index_select(2, sink).float()
@@ -232,7 +236,7 @@ class MemoryBankPolicy(CachePolicy):
         if first_frame % self.record_every:
             return
         frame_tokens = token_index([self.window.slot_of_frame(first_frame)], self.spec.frame_tokens)
-        index = frame_tokens.to(run.cache.k.device)
+        index = to_device(frame_tokens, run.cache.k.device)
         self._staged = (run.cache.k.index_select(2, index).clone(), run.cache.v.index_select(2, index).clone())
 
     def before_chunk(self, run: ChunkRunner, first_frame: int, frames: int) -> None:
@@ -241,9 +245,9 @@ class MemoryBankPolicy(CachePolicy):
         new_k, new_v = self._staged
         self._staged = None
         lf = self.spec.frame_tokens
-        bank_index = token_index(self.bank_slots, lf).to(run.cache.k.device)
+        bank_index = to_device(token_index(self.bank_slots, lf), run.cache.k.device)
         if self.bank_filled < self.bank_frames:
-            slot_tokens = token_index([self.bank_slots[self.bank_filled]], lf).to(run.cache.k.device)
+            slot_tokens = to_device(token_index([self.bank_slots[self.bank_filled]], lf), run.cache.k.device)
             run.cache.k.index_copy_(2, slot_tokens, new_k)
             run.cache.v.index_copy_(2, slot_tokens, new_v)
             self.bank_filled += 1
@@ -311,16 +315,16 @@ class RecomputePolicy(CachePolicy):
             bias.update(dict.fromkeys(range(1, c), math.log(self.attention_bias)))
         position = min(first_frame, c)
         return ChunkPlan(
-            token_index(chunk_slots, lf).to(self.device),
-            frame_bias(self.spec.max_frames, lf, bias).to(self.device),
+            to_device(token_index(chunk_slots, lf), self.device),
+            to_device(frame_bias(self.spec.max_frames, lf, bias), self.device),
             torch.arange(position, position + frames, device=self.device),
         )
 
     def context_plan(self) -> ChunkPlan:
         c, lf = self.context_frames, self.spec.frame_tokens
         return ChunkPlan(
-            token_index(list(range(c)), lf).to(self.device),
-            frame_bias(self.spec.max_frames, lf, dict.fromkeys(range(c), 0.0)).to(self.device),
+            to_device(token_index(list(range(c)), lf), self.device),
+            to_device(frame_bias(self.spec.max_frames, lf, dict.fromkeys(range(c), 0.0)), self.device),
             torch.arange(c, device=self.device),
         )
 

@@ -96,6 +96,19 @@ def scripted_params(defaults: dict[str, Any], mode: str, chunks: int) -> list[di
     return script[:chunks]
 
 
+UPLOADS = (torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device, torch.ops.aten._to_copy.default)
+
+
+def _is_blocking_upload(func: Any, args: tuple, kwargs: dict) -> bool:
+    source = args[0]
+    target = kwargs.get("device") if func is not torch.ops.aten.to.device else args[1]
+    non_blocking = kwargs.get("non_blocking", False) or (func is torch.ops.aten.to.device and len(args) > 3 and args[3])
+    return (
+        isinstance(source, Tensor) and source.device.type == "cpu" and target is not None
+        and torch.device(target).type != "cpu" and not non_blocking
+    )  # fmt: skip
+
+
 class LiveBytes(TorchDispatchMode):
     """Bytes of the tensors allocated while the mode is on, counted while they are alive; `peak` is the most at once.
 
@@ -110,6 +123,8 @@ class LiveBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self.largest_host = 0
+        self.blocking_uploads: list[tuple[int, ...]] = []
+        """Shapes of the host→device copies that would make the host wait for the device (to_device's rule)."""
         self._refs: dict[int, list[int]] = {}  # storage id → [tracked tensors on it, bytes]
 
     def reset_peak(self) -> None:
@@ -125,6 +140,8 @@ class LiveBytes(TorchDispatchMode):
             del self._refs[key]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in UPLOADS and _is_blocking_upload(func, args, kwargs or {}):
+            self.blocking_uploads.append(tuple(args[0].shape))
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
         for tensor in tree_leaves(out):

@@ -52,6 +52,7 @@ from torch import Tensor
 
 from serve.models.kv_cache import ChunkPlan, frame_bias, token_index
 from serve.models.scheduler import FlowMatchScheduler
+from serve.models.transfer import to_device
 from serve.pipelines.cache_policies import CachePolicy
 
 Timestep = float | Tensor  # a listed step (host float) or the noise controller's (a device 0-d tensor)
@@ -300,11 +301,7 @@ class StreamBatch:
         return torch.cat(latents), torch.cat(timesteps), plan
 
     def _to_device(self, host: Tensor) -> Tensor:
-        """Host → device without waiting for the device: from pinned memory on CUDA (a pageable copy would wait for
-        the queue, and so for the micro-step before)."""
-        if torch.device(self.device).type != "cuda":
-            return host.to(self.device)
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return to_device(host, self.device)  # without waiting for the micro-step before
 
     def _history(self) -> list[int]:
         """The clean frames a denoising row attends: the sink and the ring below the frontier, one chunk fewer."""
