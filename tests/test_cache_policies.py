@@ -158,6 +158,19 @@ def test_krea_recomputes_the_cache_from_the_anchor_and_the_last_two_latents() ->
     assert stream.policy.plan(30, 3).frame_positions.tolist() == [3, 4, 5]  # positions never grow
 
 
+def test_krea_reads_nothing_of_the_cache_it_held_before_a_chunk() -> None:
+    """Krea no longer zeroes its whole cache before each chunk's context pass: whatever its slots held (here
+    large random values, written before every chunk) the frames are the same bit for bit."""
+    clean, params = open_stream("krea-realtime-video")
+    stale, _ = open_stream("krea-realtime-video")
+    generator = torch.Generator().manual_seed(9)
+    for c in range(4):
+        if c > 0:
+            for buffer in (stale.cache.k, stale.cache.v):
+                buffer.copy_(100 * torch.randn(buffer.shape, generator=generator))
+        assert np.array_equal(stale.process(None, params), clean.process(None, params)), f"chunk {c}"
+
+
 def test_krea_attention_bias_damps_the_context_except_the_anchor_and_one_is_no_bias() -> None:
     stream, _ = open_stream("krea-realtime-video")
     policy = stream.policy
