@@ -124,6 +124,54 @@ def test_each_latent_frame_gets_its_own_input_video_frame_and_refs_take_their_ow
         torch.testing.assert_close(b.context[:, :, 1:], a.context[:, :, 1:], atol=0, rtol=0)
 
 
+class CountingStep:
+    """A VAE's own steady encode step, counting its calls (the work a chunk does)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        self.vae, self.calls = vae, 0
+
+    def __call__(self, x: torch.Tensor, caches: tuple[torch.Tensor, ...]):
+        self.calls += 1
+        return self.vae.encode_step(x, caches)
+
+
+@pytest.mark.parametrize(("vae_type", "chunk_latents"), [("wan", 1), ("wan", 3), ("tae", 3)])
+@torch.no_grad()
+def test_the_inactive_latents_encoded_at_load_are_the_live_streams_and_save_an_encode_a_chunk(
+    vae_type: str, chunk_latents: int
+) -> None:
+    """VAE(frames·0) was encoded beside the camera every chunk, the same for every camera. Read from the load's
+    sequence instead, every context is the live one bit for bit: before the encoder settles, after it, across a
+    restart, and with chunks that take no input video between; and a chunk runs half the steady encode steps."""
+    model, cpu = make_vae(vae_type, size="tiny", seed=3).model, torch.device("cpu")
+    # The same step kind as the streams': a step given runs the whole chunk, the model's own one latent at a time.
+    zero_video = vace_context.ZeroVideoLatents.encode(
+        model, vae_type, SIZE, SIZE, chunk_latents, cpu, CountingStep(model)
+    )
+    assert zero_video is not None and len(zero_video.latents) > 1  # the start differs from the steady state
+    live_step, read_step = CountingStep(model), CountingStep(model)
+    live = VaceConditioner(model, vae_type, SIZE, SIZE, chunk_latents, cpu, live_step)
+    read = VaceConditioner(model, vae_type, SIZE, SIZE, chunk_latents, cpu, read_step, zero_video)
+    chunks = len(zero_video.latents) + 3
+    for c in range(2 * chunks):
+        if c == chunks:
+            live.reset(), read.reset()
+        params = {"vace_use_input_video": c % 7 != 5}  # now and then a chunk of text-like VACE: no video taken
+        frames = pixels(camera(4 * chunk_latents, seed=c))
+        a, b = live.chunk(frames, params), read.chunk(frames, params)
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            assert torch.equal(a.context, b.context), c
+    assert read_step.calls > 0 and 2 * read_step.calls == live_step.calls
+
+
+def test_an_encoder_that_does_not_settle_in_time_leaves_the_streams_encoding_it(
+    vae: torch.nn.Module, caplog: pytest.LogCaptureFixture
+) -> None:
+    zero_video = vace_context.ZeroVideoLatents.encode(vae, "wan", SIZE, SIZE, 3, torch.device("cpu"), max_frames=24)
+    assert zero_video is None and "did not settle within 24 frames" in caplog.text
+
+
 @torch.no_grad()
 def test_refs_without_video_and_first_last_frames(
     vae: torch.nn.Module, tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -180,6 +228,7 @@ def test_vace_streams_in_every_pipeline(pipeline_id: str, tmp_path: Path) -> Non
     - a ref changes the chunk it is given to, and a chunk whose parameters hold none runs no VACE context."""
     spec, pipeline = load(pipeline_id, vace_enabled=True)
     assert pipeline.backends["dit_step_vace"]["backend"] == "eager"
+    assert pipeline.zero_video is not None  # the inactive input-video latents, encoded at load
     params = {**spec.runtime_defaults, "vace_enabled": True, "input_mode": "video", "prompts": PROMPT}
     chunk = pipeline.chunk_frames
     text = pipeline.open_stream(5)

@@ -118,6 +118,12 @@ class StreamingAutoencoder:
     def decoder_started(self) -> bool:
         return self._dec_caches is not None
 
+    @property
+    def encoder_caches(self) -> Caches | None:
+        """The encoder stream's state (None before its first call); an engine's may be buffers its next call
+        overwrites, so a caller that keeps them copies them."""
+        return self._enc_caches
+
     def _check(self, x: Tensor, channels: int, what: str, first: bool) -> None:
         if x.ndim != 5 or x.shape[1] != channels:
             raise ValueError(f"{what} must be [B, {channels}, T, H, W], got {tuple(x.shape)}")

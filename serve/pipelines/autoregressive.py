@@ -34,6 +34,7 @@ from serve.pipelines.loras import (
 )
 from serve.pipelines.placement import Gpus, parse_gpus, starting_split
 from serve.pipelines.spec import PipelineSpec
+from serve.pipelines.vace_context import ZeroVideoLatents
 from serve.pipelines.vram import plan_load
 from serve.pipelines.weights import LORA_SCALE, Models, StageSplit, dit_files, load_weights, random_models
 from serve.runtime.backends import DiTStep, select_backend
@@ -89,6 +90,8 @@ class AutoregressivePipeline(Pipeline):
     """Micro-steps in flight at once: the pipeline stages' count (a one-process oracle may set it to match)."""
     stream_batch_reason: str | None = None
     """Why a load that asked for `stream_batch` runs without it."""
+    zero_video: ZeroVideoLatents | None = None
+    """A VACE load's inactive input-video latents, the same for every stream (serve/pipelines/vace_context.py)."""
 
     def __init__(self, spec: PipelineSpec, load_params: dict[str, Any], models: Models, device: torch.device,
                  dtype: torch.dtype) -> None:  # fmt: skip
@@ -173,6 +176,12 @@ class AutoregressivePipeline(Pipeline):
         requested = load_params.get("backend", "auto")
         pipeline.select_dit_backends(requested, engines_dir, merged_lora_key(loras), quantization)
         pipeline.select_vae_backends(requested, engines_dir)
+        if pipeline.vace_enabled and device.type != "meta":  # the dry run's meta tensors cannot be compared
+            report("VACE", 0.88)
+            pipeline.zero_video = ZeroVideoLatents.encode(
+                pipeline.vae_model, models.vae_type, pipeline.height, pipeline.width, cls.shape.chunk_latents,
+                device, pipeline.vae_steps["encode"],
+            )  # fmt: skip
         if quantization == "fp8_e4m3fn":  # fp8 weight storage; fp8 GEMMs where the GPU has them (serve/models/fp8.py)
             report("fp8 weights", 0.9)
             store_dit_in_fp8(models.dit, dtype)

@@ -84,7 +84,7 @@ class AutoregressiveStream(PipelineStream):
         if pipeline.vace_enabled:
             self.vace = VaceConditioner(
                 pipeline.vae_model, pipeline.models.vae_type, pipeline.height, pipeline.width,
-                pipeline.shape.chunk_latents, pipeline.device, pipeline.vae_steps["encode"],
+                pipeline.shape.chunk_latents, pipeline.device, pipeline.vae_steps["encode"], pipeline.zero_video,
             )  # fmt: skip
             self.vace_text_kv = TextKVCache(
                 len(pipeline.models.dit.vace_blocks), 1, config.text_len, config.num_heads, config.head_dim,

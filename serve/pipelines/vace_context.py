@@ -7,7 +7,8 @@ Channels per frame: 16 inactive latent | 16 reactive latent | 64 mask (the 8×8 
 - input video (`vace_use_input_video`, the default with VACE on, video mode): the camera frames are the control,
   mask 1 everywhere, so inactive = VAE(frames·0) and reactive = VAE(frames), each through its own streaming VAE
   caches (separate from the noisy-latent path's, and from each other: TAE's memory would leak between them). The
-  latents then start from noise; the camera does not enter them.
+  latents then start from noise; the camera does not enter them. VAE(frames·0) does not depend on the camera, so
+  the load encodes its stream once (`ZeroVideoLatents`) and chunks read it: one VAE encode per chunk, not two.
 - reference images (`vace_ref_images`, R2V): each is cropped to fill the loaded resolution (no letterbox), encoded
   alone as one latent, and takes a frame of its own as `[16 ref | 80 zeros]` (Scope's R2V layout): ref k on frame
   k, at most F of them (StreamDiffusionV2's 1-frame chunks take the first only). Frames without a ref keep their
@@ -54,6 +55,10 @@ from serve.schemas import MAX_REF_IMAGES
 log = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16
+# How far `ZeroVideoLatents` follows a stream of zeros for its encoder's caches to settle. How soon they do depends on
+# the encoder's depth, not its widths or weights: the Wan VAE's repeat from the 29th one-latent chunk (the 11th of
+# three latents), TAE's from the 5th three-latent chunk.
+ZERO_VIDEO_MAX_FRAMES = 256
 # Encoded images kept per stream (and the files that failed to decode, as None): every reference a session may
 # send, a first and a last frame, so a chunk never decodes an image the stream has seen.
 CACHED_IMAGES = MAX_REF_IMAGES + 2
@@ -99,14 +104,56 @@ def first_call_frames(vae: StreamingAutoencoder, pixels: Tensor, chunk_latents: 
     return pixels if vae.encoder_started else pixels[:, :, -(1 + 4 * (chunk_latents - 1)) :]
 
 
+class ZeroVideoLatents:
+    """The inactive latents of the input-video context, VAE(frames·0), chunk by chunk from a stream's start.
+
+    With the camera as the control the mask is 1 everywhere, so the inactive frames are zeros whatever the camera
+    sends, and every stream encodes the same sequence. Once a stream of zeros is longer than the encoder's causal
+    reach, its caches stop changing, and so do its latents. `encode` follows one such stream at load until its
+    caches repeat; a chunk then reads its latents here instead of running a second encode beside the camera's.
+    The values are the live stream's own: the same step, shapes and order.
+    """
+
+    def __init__(self, latents: list[Tensor]) -> None:
+        self.latents = latents  # chunk c's is latents[c]; from the last on, every chunk's is the last
+
+    def chunk(self, index: int) -> Tensor:
+        return self.latents[min(index, len(self.latents) - 1)]
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, vae_model: torch.nn.Module, vae_type: str, height: int, width: int, chunk_latents: int,
+               device: torch.device, encode_step: ChunkStepFn | None = None,
+               max_frames: int = ZERO_VIDEO_MAX_FRAMES) -> ZeroVideoLatents | None:  # fmt: skip
+        """The sequence, or None when the caches did not settle within `max_frames` (streams then encode it)."""
+        stream = StreamingAutoencoder(vae_model, vae_type, encode_step)
+        zeros = torch.zeros(1, 3, 4 * chunk_latents, height, width, device=device)  # float32, as the camera's pixels
+        latents: list[Tensor] = []
+        before: list[Tensor] | None = None
+        for _ in range(max_frames // (4 * chunk_latents)):
+            # Copies: an engine's outputs may be buffers its next call writes.
+            latents.append(stream.encode_chunk(first_call_frames(stream, zeros, chunk_latents)).clone())
+            caches = stream.encoder_caches
+            assert caches is not None
+            if before is not None and all(torch.equal(a, b) for a, b in zip(caches, before, strict=True)):
+                return cls(latents)
+            before = [cache.clone() for cache in caches]
+        log.warning("VACE: the VAE's encoder state on zero frames did not settle within %d frames; each chunk "
+                    "encodes the inactive frames", max_frames)  # fmt: skip
+        return None
+
+
 class VaceConditioner:
     """Per stream: the input-video VAE streams, the encoded images, and the scale tensor."""
 
     def __init__(self, vae_model: torch.nn.Module, vae_type: str, height: int, width: int, chunk_latents: int,
-                 device: torch.device, encode_step: ChunkStepFn | None = None) -> None:  # fmt: skip
+                 device: torch.device, encode_step: ChunkStepFn | None = None,
+                 zero_video: ZeroVideoLatents | None = None) -> None:  # fmt: skip
         self.vae_model = vae_model
-        self.inactive = StreamingAutoencoder(vae_model, vae_type, encode_step)
+        self.inactive = StreamingAutoencoder(vae_model, vae_type, encode_step)  # used when `zero_video` is None
         self.reactive = StreamingAutoencoder(vae_model, vae_type, encode_step)
+        self.zero_video = zero_video
+        self.video_chunks = 0  # chunks whose context took the input video since the reset
         self.height, self.width = height, width
         self.chunk_latents = chunk_latents
         self.device = device
@@ -118,6 +165,7 @@ class VaceConditioner:
     def reset(self) -> None:
         self.inactive.reset()
         self.reactive.reset()
+        self.video_chunks = 0
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -181,10 +229,14 @@ class VaceConditioner:
         context = torch.zeros(1, VACE_IN_DIM, frames, *self.latent_shape, device=self.device)
         if use_video:
             assert pixels is not None
-            inactive = first_call_frames(self.inactive, torch.zeros_like(pixels), frames)
+            if self.zero_video is not None:
+                context[:, :LATENT_CHANNELS] = self.zero_video.chunk(self.video_chunks)
+            else:
+                inactive = first_call_frames(self.inactive, torch.zeros_like(pixels), frames)
+                context[:, :LATENT_CHANNELS] = self.inactive.encode_chunk(inactive)
             reactive = first_call_frames(self.reactive, pixels, frames)
-            context[:, :LATENT_CHANNELS] = self.inactive.encode_chunk(inactive)
             context[:, LATENT_CHANNELS : 2 * LATENT_CHANNELS] = self.reactive.encode_chunk(reactive)
+            self.video_chunks += 1
             context[:, 2 * LATENT_CHANNELS :] = 1.0
         elif fflf:  # FFLF without video: the frames between the kept ones are generated from gray
             context[:, : 2 * LATENT_CHANNELS] = self.gray()[:, :, None].repeat(1, 2, frames, 1, 1)
