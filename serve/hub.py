@@ -33,7 +33,12 @@ from urllib.parse import urlsplit
 
 import filelock
 from huggingface_hub import get_hf_file_metadata, hf_hub_url
-from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import build_hf_headers
 from huggingface_hub.utils.tqdm import tqdm
@@ -104,11 +109,17 @@ def name_of(file: ModelFile) -> str:
 # -- asking the hub ---------------------------------------------------------------------------------------------------
 
 
-def resolve(file: ModelFile, endpoint: str, token: Token = None) -> RemoteFile:
-    """HEAD the file on the hub; errors name the repo and file and say what to check."""
-    url = hf_hub_url(file.repo, file.path, revision=REVISION, endpoint=endpoint)
+def resolve(file: ModelFile, endpoint: str, token: Token = None, revision: str = REVISION) -> RemoteFile:
+    """HEAD the file on the hub at `revision` (a branch or a commit); errors name the repo and file and say what to
+    check."""
+    url = hf_hub_url(file.repo, file.path, revision=revision, endpoint=endpoint)
     try:
         meta = get_hf_file_metadata(url, token=token, endpoint=endpoint)
+    except RevisionNotFoundError:
+        raise DownloadError(
+            f"{name_of(file)}: the repo {file.repo} has no revision {revision} on {endpoint} any more (its history "
+            "was rewritten during the download?): run the download again"
+        ) from None
     except RemoteEntryNotFoundError:
         raise DownloadError(f"{name_of(file)}: the repo {file.repo} has no file {file.path!r} on {endpoint}") from None
     except RepositoryNotFoundError:
@@ -327,8 +338,14 @@ def download_pipeline(spec: PipelineSpec, models_dir: Path, endpoint: str, progr
     """All of the pipeline's files, one after another; raises DownloadError naming the file that failed."""
     progress.state, progress.error = "downloading", None
     # Ask about every file first: the total is known up front, and a wrong name or a disk too small fails before
-    # any byte moves.
-    remotes = [resolve(file, endpoint, token) for file in spec.files]
+    # any byte moves. The first answer from each repo pins its commit, and every other lookup of that repo asks for
+    # it: a push to the repo during the download cannot mix two versions' files (a DiT of one, its LoRA of the next).
+    commits: dict[str, str] = {}
+    remotes = []
+    for file in spec.files:
+        remote = resolve(file, endpoint, token, commits.get(file.repo, REVISION))
+        commits.setdefault(file.repo, remote.commit)
+        remotes.append(remote)
     progress.bytes_total = sum(r.size_bytes for r in remotes)
     _check_space(remotes, models_dir)
     done_bytes = 0
@@ -337,7 +354,7 @@ def download_pipeline(spec: PipelineSpec, models_dir: Path, endpoint: str, progr
         if index > 0:
             # Asked again just before its transfer: the hub redirects to a CDN link signed for an hour or so, which
             # a file that starts later (after a slow multi-GB one) would find expired.
-            remote = resolve(remote.file, endpoint, token)
+            remote = resolve(remote.file, endpoint, token, commits[remote.file.repo])
 
         def on_bytes(file_bytes: int, before: int = done_bytes) -> None:
             progress.bytes_done = before + file_bytes
@@ -347,7 +364,7 @@ def download_pipeline(spec: PipelineSpec, models_dir: Path, endpoint: str, progr
         progress.bytes_done = done_bytes
     progress.current_file = None
     progress.state = "done"
-    log.info("download pipeline=%s done files=%d bytes=%d", spec.id, len(remotes), done_bytes)
+    log.info("download pipeline=%s done files=%d bytes=%d commits=%s", spec.id, len(remotes), done_bytes, commits)
 
 
 def _check_space(remotes: list[RemoteFile], models_dir: Path) -> None:

@@ -4,6 +4,7 @@ huggingface_hub client: files land where the loader reads them, interrupted tran
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import httpx
 import pytest
 
 from serve.errors import DownloadError
-from serve.hub import HubDownloads, Progress, download_pipeline, record_path, verify_pipeline
+from serve.hub import HubDownloads, Progress, download_pipeline, record_path, resolve, verify_pipeline
 from serve.pipelines.registry import PIPELINES
 from serve.pipelines.spec import ModelFile, PipelineSpec
 from tests.support.local_hub import LocalHub, run_local_hub
@@ -320,7 +321,43 @@ def test_each_file_is_looked_up_again_before_its_transfer_so_its_signed_link_is_
     thread.join(30)
     assert not failures, failures
     assert SMALL.local_path(tmp_path / "models").read_bytes() == content_of(SMALL)
-    assert any(r.method == "GET" and r.path.startswith(f"/cdn/{SMALL.repo}/{SMALL.path}?") for r in hub.requests)
+    assert any(
+        r.method == "GET" and r.path.startswith(f"/cdn/{SMALL.repo}/{hub.head(SMALL.repo)}/{SMALL.path}?")
+        for r in hub.requests
+    )
+
+
+def test_a_push_during_a_download_does_not_mix_two_commits_files(hub: LocalHub, tmp_path: Path) -> None:
+    """Each file was fetched from `main` as it stood when its own transfer began: a push while the first file
+    downloaded gave the second file of the new commit beside the first of the old. Every file of a repo now comes
+    from the commit its first lookup answered; the next download brings the new commit whole."""
+    models = tmp_path / "models"
+    hub.add_file(BIG.repo, BIG.path, content_of(BIG, 300_000))
+    hub.add_file(SMALL.repo, SMALL.path, content_of(SMALL))
+    first = hub.head(BIG.repo)
+    hub.stall(f"{BIG.repo}/{BIG.path}", after_bytes=100_000)
+    thread, failures = download_in_thread(TWO_FILES, models, hub)
+    assert hub.stalled.wait(10)
+    hub.push(SMALL.repo, SMALL.path, b"the next commit's small file")
+    second = hub.push(BIG.repo, BIG.path, b"the next commit's big file")
+    hub.release()
+    thread.join(30)
+    assert not failures, failures
+    assert BIG.local_path(models).read_bytes() == content_of(BIG, 300_000)
+    assert SMALL.local_path(models).read_bytes() == content_of(SMALL)  # the old commit's, as the big one is
+    assert [r.path.split("/")[4] for r in hub.gets(SMALL.repo, SMALL.path)] == [first]
+    assert {json.loads(record_path(f, models).read_text())["commit"] for f in (BIG, SMALL)} == {first}
+
+    download_pipeline(TWO_FILES, models, hub.url, Progress(), threading.Event())
+    assert BIG.local_path(models).read_bytes() == b"the next commit's big file"
+    assert SMALL.local_path(models).read_bytes() == b"the next commit's small file"
+    assert {json.loads(record_path(f, models).read_text())["commit"] for f in (BIG, SMALL)} == {second}
+
+
+def test_a_commit_gone_from_the_hub_is_named(hub: LocalHub, tmp_path: Path) -> None:
+    hub.add_file(SMALL.repo, SMALL.path, content_of(SMALL))
+    with pytest.raises(DownloadError, match=f"no revision {'0' * 40} .*run the download again"):
+        resolve(SMALL, hub.url, revision="0" * 40)
 
 
 def test_a_hub_that_serves_less_than_it_announced_leaves_no_partial_to_resume_forever(

@@ -12,6 +12,8 @@ Faults for tests: `drop_once(path, after_bytes)` closes the connection mid-body 
 `stall(path, after_bytes)` sends that many bytes and then waits until `release()`; `serve_short(path, size_bytes)`
 announces a file's full size and hash but serves only its first bytes (a hub whose content is not what it says);
 `announced` overrides the size a lookup reports and `etags` the etag, per `repo/path`.
+Revisions: `main` and the repo's head commit serve the folder as it is; `push(repo, path, content)` makes a new head
+commit, and the commits before it stay served at their sha (an unknown one: 404 `RevisionNotFound`).
 With `cdn_ttl_s` set, `resolve` answers as huggingface.co does for LFS files: a 302 to a CDN link on another host
 name (`localhost`), signed to expire that many seconds later (403 afterwards).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import socket
 import threading
 import time
@@ -32,8 +35,11 @@ from pathlib import Path
 # The hub's default .gitattributes sends these through LFS; anything else is a plain git file.
 LFS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".model", ".ckpt")
 RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")
-CDN = re.compile(r"^/cdn/(?P<repo>[^/]+/[^/]+)/(?P<path>[^?]+)\?expires=(?P<expires>[0-9.]+)$")
+CDN = re.compile(
+    r"^/cdn/(?P<repo>[^/]+/[^/]+)/(?P<revision>[0-9a-f]{40})/(?P<path>[^?]+)\?expires=(?P<expires>[0-9.]+)$"
+)
 SEND_CHUNK_BYTES = 256 * 1024
+REVISIONS = ".revisions"  # <root>/.revisions/<commit>/<owner>/<name>/: the repos as they were at older commits
 
 
 @dataclass
@@ -61,6 +67,26 @@ class LocalHub:
     announced: dict[str, int] = field(default_factory=dict)
     etags: dict[str, str] = field(default_factory=dict)
     cdn_ttl_s: float | None = None
+    heads: dict[str, str] = field(default_factory=dict)  # repo → head commit, when pushed to
+
+    def head(self, repo: str) -> str:
+        return self.heads.get(repo, commit_of(repo))
+
+    def push(self, repo: str, path: str, content: bytes) -> str:
+        """A new head commit of `repo` with `path` holding `content`; the repo as it was stays served at the old
+        head's sha. Returns the new head."""
+        old = self.head(repo)
+        shutil.copytree(self.root / repo, self.root / REVISIONS / old / repo, dirs_exist_ok=True)
+        self.add_file(repo, path, content)
+        self.heads[repo] = hashlib.sha1(f"{old}/{path}".encode() + content).hexdigest()
+        return self.heads[repo]
+
+    def folder(self, repo: str, revision: str) -> Path | None:
+        """Where `repo` at `revision` is kept, or None for a revision it never had."""
+        if revision in ("main", self.head(repo)):
+            return self.root / repo
+        snapshot = self.root / REVISIONS / revision / repo
+        return snapshot if snapshot.is_dir() else None
 
     def add_file(self, repo: str, path: str, content: bytes) -> None:
         target = self.root / repo / path
@@ -117,7 +143,11 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                 return self._error(403, "AccessDenied")
             if not (hub.root / repo).is_dir():
                 return self._error(404, "RepoNotFound")
-            file = hub.root / repo / path
+            folder = hub.folder(repo, match["revision"])
+            if folder is None:
+                return self._error(404, "RevisionNotFound", repo)
+            commit = hub.head(repo) if match["revision"] == "main" else match["revision"]
+            file = folder / path
             if not file.is_file():
                 return self._error(404, "EntryNotFound", repo)
             content = file.read_bytes()
@@ -133,11 +163,11 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             if redirect:
                 body = b""
                 self.send_response(302)
-                self.send_header("Location", f"{hub.url.replace('127.0.0.1', 'localhost')}/cdn/{repo}/{path}"
-                                             f"?expires={time.time() + hub.cdn_ttl_s:.3f}")  # fmt: skip
+                self.send_header("Location", f"{hub.url.replace('127.0.0.1', 'localhost')}/cdn/{repo}/{commit}/"
+                                             f"{path}?expires={time.time() + hub.cdn_ttl_s:.3f}")  # fmt: skip
             else:
                 self.send_response(206 if start else 200)
-            self.send_header("X-Repo-Commit", commit_of(repo))
+            self.send_header("X-Repo-Commit", commit)
             self.send_header("Accept-Ranges", "bytes")
             size = hub.announced.get(f"{repo}/{path}", len(content))
             if lfs:
@@ -179,7 +209,7 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             self.send_header("X-Error-Code", code)
             if repo is not None:
-                self.send_header("X-Repo-Commit", commit_of(repo))
+                self.send_header("X-Repo-Commit", hub.head(repo))
             self.send_header("Content-Length", "0")
             self.end_headers()
 
