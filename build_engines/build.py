@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import filelock
 import torch
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -352,16 +353,40 @@ def build_pipeline(request: BuildRequest, console: Console) -> list[BuildResult]
 
 def build_step(step: StepBuild, plan: Plan, progress: Progress, console: Console) -> BuildResult:
     start = time.perf_counter()
-    key, env, device = step.key, plan.env, plan.device
+    key, env = step.key, plan.env
     path = engine_path(plan.request.engines_dir, key, env)
-    reason = "--force" if plan.request.force else stale_reason(path, key, env, step.weights)
-    if reason is None:
-        return BuildResult(key, path, "up to date", time.perf_counter() - start)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(path, console):
+        reason = "--force" if plan.request.force else stale_reason(path, key, env, step.weights)
+        if reason is None:
+            return BuildResult(key, path, "up to date", time.perf_counter() - start)
+        return build_stale_step(step, plan, progress, console, path, reason, start)
+
+
+@contextlib.contextmanager
+def build_lock(path: Path, console: Console) -> Iterator[None]:
+    """Held over an engine's check, build and manifest: a second build of the same engine (another shell, a second
+    `make engines`) waits, then finds it up to date, instead of writing the same temporary file and a manifest
+    that names the other build's hash."""
+    lock = filelock.FileLock(path.with_name(path.name + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        console.print(f"waiting for another build of {path.name} (it holds {lock.lock_file})")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def build_stale_step(step: StepBuild, plan: Plan, progress: Progress, console: Console, path: Path, reason: str,
+                     start: float) -> BuildResult:  # fmt: skip
+    key, env, device = step.key, plan.env, plan.device
     console.print(f"building {path.name}: {reason}")
     graph, args, input_names, output_names = step.make()
     with torch.no_grad():
         outputs = graph(*args)  # the oracle's output shapes and dtypes, for the manifest
-    path.parent.mkdir(parents=True, exist_ok=True)
     if key.backend == "aoti":
         from build_engines.aoti import build_aoti_package
 

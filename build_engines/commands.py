@@ -175,9 +175,11 @@ def _load_error(engine: Path, manifest) -> str | None:
     return None
 
 
-BUILD_LEFTOVERS = ("timing.cache", "*.partial.pt2", "*.plan.tmp", "*.json.tmp", "wanrt-onnx-*")
-"""What builds leave beside their engines (TensorRT's timing cache, interrupted writes, ONNX work folders): `--all`
-removes these too, and nothing else that is not an engine (the folder may be shared, or mistyped as ~/.wanrt)."""
+BUILD_LEFTOVERS = ("timing.cache", "timing.cache.*.tmp", "*.partial.pt2", "*.plan.tmp", "*.json.tmp", "*.lock",
+                   "wanrt-onnx-*")  # fmt: skip
+"""What builds leave beside their engines (TensorRT's timing cache, interrupted writes, build locks, ONNX work
+folders): `--all` removes these too, and nothing else that is not an engine (the folder may be shared, or mistyped
+as ~/.wanrt)."""
 
 
 def clean(args: argparse.Namespace, console) -> int:

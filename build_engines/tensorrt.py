@@ -19,6 +19,7 @@ build.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -81,7 +82,9 @@ def build_tensorrt_engine(
     tmp = plan_path.with_suffix(".plan.tmp")
     tmp.write_bytes(bytes(plan))
     tmp.replace(plan_path)
-    timing_cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    cache_tmp = timing_cache_path.with_name(f"{timing_cache_path.name}.{os.getpid()}.tmp")
+    cache_tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    cache_tmp.replace(timing_cache_path)  # atomic: another engine's build reads a whole cache, never half of one
     log.info("built engine=%s from=%s timing_cache=%s", plan_path, onnx_path, timing_cache_path)
     return plan_path
 

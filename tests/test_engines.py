@@ -6,9 +6,15 @@ producing the frames eager produces. TensorRT tests skip where TensorRT or CUDA 
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
+import filelock
 import httpx
 import msgspec
 import numpy as np
@@ -101,6 +107,33 @@ def test_build_writes_a_manifest_lists_it_and_skips_an_up_to_date_rebuild(engine
     again = wanrt(*build_args(engines_dir))
     assert again.returncode == 0 and again.stdout.count("up to date") == 3, again.stdout + again.stderr
     assert read_manifest(path.with_suffix(".json")).built_at == manifest.built_at  # not rebuilt
+
+
+def test_a_second_build_of_an_engine_waits_for_the_first_and_then_finds_it_up_to_date(engines_copy: Path) -> None:
+    """Two builds of one engine ran at once: both wrote the same temporary package, and the manifest written last
+    could name the hash of the file the other build put there. A build now holds the engine's lock from its check
+    to its manifest; here the test holds it, as a first build would."""
+    path, manifest = the_engine(engines_copy)
+    lines: list[str] = []
+    with filelock.FileLock(path.with_name(path.name + ".lock")):
+        build = subprocess.Popen(
+            [sys.executable, "-m", "serve.cli", *build_args(engines_copy)], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+        )  # fmt: skip
+        assert build.stdout is not None
+        reader = threading.Thread(target=lambda: lines.extend(build.stdout or ()), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 120
+        while not any("waiting for another build" in line for line in lines) and time.monotonic() < deadline:
+            assert build.poll() is None, "".join(lines)  # it must not finish while the engine is being built
+            time.sleep(0.2)
+        assert any(f"waiting for another build of {path.name}" in line for line in lines), "".join(lines)
+        time.sleep(1)
+        assert build.poll() is None, "".join(lines)
+    assert build.wait(timeout=120) == 0
+    reader.join(10)
+    assert "".join(lines).count("up to date") == 3, "".join(lines)
+    assert read_manifest(path.with_suffix(".json")).built_at == manifest.built_at  # found built, not rebuilt
 
 
 def test_a_merged_lora_runs_on_an_engine_built_with_it(engines_copy: Path, tmp_path: Path) -> None:
