@@ -107,5 +107,20 @@ def protocol_class(limits: RequestLimits) -> type[DeadlineProtocol]:
     return type("DeadlineProtocol", (DeadlineProtocol,), timeouts)
 
 
+class HeadAsGet:
+    """HEAD answered as the GET it asks about, without the body (RFC 9110 §9.3.2: every general-purpose server
+    supports both). Litestar routes a HEAD to a GET-only route as 405, so a load balancer's or monitor's
+    `HEAD /health` failed. The application sees GET; uvicorn, whose scope still says HEAD, sends the GET's status
+    and headers (its Content-Length too) and drops the body."""
+
+    def __init__(self, app: Litestar) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+
 def run_http(app: Litestar, host: str, port: int, limits: RequestLimits, log_level: str) -> None:
-    uvicorn.run(app, host=host, port=port, log_level=log_level, http=protocol_class(limits))
+    uvicorn.run(HeadAsGet(app), host=host, port=port, log_level=log_level, http=protocol_class(limits))

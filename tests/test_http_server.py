@@ -104,6 +104,26 @@ def test_a_kept_alive_connection_is_not_cut_by_the_head_deadline(server: Running
         assert read_until_closed(sock).startswith(b"HTTP/1.1 408 ")
 
 
+def test_head_is_answered_like_get_without_a_body_and_keeps_the_connection(server: RunningServer) -> None:
+    """Monitors and load balancers check a server with HEAD; Litestar alone answers a GET route's HEAD with 405."""
+    with connect(server) as sock:
+        sock.sendall(HEALTH.replace(b"GET", b"HEAD", 1) + HEALTH)  # pipelined: the GET must follow the bare head
+        reply = b""
+        while reply.count(b"HTTP/1.1 200 ") < 2 or not reply.endswith(b"}"):
+            chunk = sock.recv(4096)
+            assert chunk, f"closed: {reply!r}"
+            reply += chunk
+    head, rest = reply.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 "), reply
+    assert int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]) > 2  # the GET's length, none of it
+    assert rest.startswith(b"HTTP/1.1 200 "), reply
+    for path in ("/api/v1/pipeline/status", "/api/v1/recordings", "/"):
+        assert httpx.head(f"{server.url}{path}", timeout=5).status_code == 200, path
+    post_only = httpx.head(f"{server.url}/api/v1/pipeline/load", timeout=5)
+    assert post_only.status_code == 405 and "POST" in post_only.headers["allow"]
+    assert httpx.head(f"{server.url}/api/v1/nothing-here", timeout=5).status_code == 404
+
+
 def test_a_slow_body_that_keeps_coming_is_not_cut(server: RunningServer) -> None:
     """An upload over a slow link takes long: the deadline is on each pause, not on the whole body."""
     body = black_png_bytes(64, 64)
