@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -157,7 +159,8 @@ class AssetStore:
         return self._describe(path, sniff_media(data)[0])
 
     def _write(self, path: Path, data: bytes) -> None:
-        temporary = path.with_name(f".{path.name}.part")
+        # Unique to this writer: a machine's worker actors share the folder and are given each upload at once.
+        temporary = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.part")
         try:
             temporary.write_bytes(data)
             temporary.replace(path)  # readers never see a half-written file
