@@ -595,6 +595,32 @@ async def test_an_upload_gone_from_the_front_or_placed_by_hand_costs_only_itself
     await front.close()
 
 
+async def test_a_worker_that_lacks_an_upload_is_given_it_before_it_takes_a_session(cluster: Cluster) -> None:
+    """A worker just discovered is live, so placeable, before its poll's copy of the front's uploads is done: a
+    session placed there in between that named an upload got the worker's "not found". An offer copies what its
+    worker lacks first now (the front in this process, on summaries it does not refresh; the real actors)."""
+    from serve.cluster.front import ClusterServing  # Ray: after the module's importorskip
+
+    assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
+    store = AssetStore(cluster.tmp_dir / "front-assets-late")
+    picture = png_bytes(np.full((8, 8, 3), 90, np.uint8))
+    name = store.save("late.png", picture).name
+    front = ClusterServing(ClusterSettings(placement_max_age_s=3600.0), 60.0, store)
+    await front.refresh()
+    on_workers = cluster.tmp_dir / "worker-assets" / name  # the two actors share one folder
+    assert on_workers.read_bytes() == picture  # the refresh copied it
+    on_workers.unlink()
+    for view in front.workers.values():
+        view.assets.clear()  # as workers that just joined, their poll's copy not done yet
+    answer = await front.create_session(Offer(sdp=await offer_sdp(), type="offer"))
+    try:
+        assert on_workers.read_bytes() == picture
+        assert name in front.workers[owner(answer.sessionId)].assets
+    finally:
+        await front.close_session(answer.sessionId)
+        await front.close()
+
+
 async def test_lora_files_and_weights_are_asked_of_every_worker_through_the_front(cluster: Cluster) -> None:
     """LoRA listing and weight downloads read each worker's own folders: the front lists them with the workers that
     have each, reports and starts downloads per worker, and names a worker it could not ask (never a 500)."""

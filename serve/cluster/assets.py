@@ -4,7 +4,8 @@ The seed's VACE flow uploads a reference (`POST /api/v1/assets`) and sends the r
 `vace_ref_images`; the session that reads it may land on any worker. So the front saves the upload (it lists and
 serves it from there), returns the name as the path (every store resolves a name inside its own folder), and puts
 the bytes into each live worker's folder before it answers. A worker that was unreachable then, or joins later, or
-is replaced under its name, gets what it lacks from the front's next poll (`sync`), before it takes a session.
+is replaced under its name, gets what it lacks from the front's next poll (`sync`), and in any case before an offer
+is placed on it: a worker just discovered is live before that poll's copy is done.
 """
 
 from __future__ import annotations
@@ -50,29 +51,40 @@ class ClusterAssets:
         self._names.add(name)  # on the event loop, as `sync` reads it
         await asyncio.gather(*(self._put(view, name, data) for view in self._views()))
 
-    async def _put(self, view: Any, name: str, data: bytes) -> None:
+    async def _put(self, view: Any, name: str, data: bytes) -> bool:
         try:
             await asyncio.wait_for(view.handle.put_asset.remote(name, data), PUT_TIMEOUT_S)
         except Exception as exc:  # unreachable or gone: `sync` retries from the next poll while it lives
             log.warning("worker=%s did not take asset %s: %s: %s", view.name, name, type(exc).__name__, exc)
-            return
+            return False
         view.assets.add(name)
+        return True
 
     async def sync(self, view: Any) -> None:
         """Put every front asset this worker lacks into its folder (called with each summary of a live worker).
 
         A file that is gone from the front's folder, or that no upload could have been named (placed there by hand),
         is dropped from what the workers should hold, once: it must neither fail the front's every poll nor be read
-        and refused on each of them."""
-        for name in sorted(self._names - view.assets):
-            try:
-                data = await asyncio.to_thread((self.store.directory / name).read_bytes)
-            except OSError as exc:
-                log.warning("asset %s is not copied to the workers: %s", name, exc)
-                self._names.discard(name)
-                continue
-            if not is_upload_name(name, data):
-                log.warning("asset %s is not copied to the workers: no upload is named so (placed by hand?)", name)
-                self._names.discard(name)
-                continue
-            await self._put(view, name, data)
+        and refused on each of them. A copy that fails leaves the name missing and ends this sync (the worker may be
+        hung: each further file would wait out its own timeout); the next sync tries again."""
+        async with view.assets_lock:
+            for name in sorted(self._names - view.assets):
+                if not await self._sync_one(view, name):
+                    return
+
+    def missing(self, view: Any) -> list[str]:
+        return sorted(self._names - view.assets)
+
+    async def _sync_one(self, view: Any, name: str) -> bool:
+        """False if the worker did not take the file."""
+        try:
+            data = await asyncio.to_thread((self.store.directory / name).read_bytes)
+        except OSError as exc:
+            log.warning("asset %s is not copied to the workers: %s", name, exc)
+            self._names.discard(name)
+            return True
+        if not is_upload_name(name, data):
+            log.warning("asset %s is not copied to the workers: no upload is named so (placed by hand?)", name)
+            self._names.discard(name)
+            return True
+        return await self._put(view, name, data)

@@ -368,6 +368,7 @@ class ClusterServing:
             try:
                 if view.readiness(wanted) != 0:
                     await self._ensure_loaded(view, wanted)
+                await self._copy_uploads(view)
                 self._check_wanted(wanted)
                 answer: Answer = await self._call(view, "create_session", offer)
             except (WorkerGone, WorkerUnavailable, CapacityExceeded, PipelineLoadError, errors.PipelineBusy) as exc:
@@ -388,6 +389,15 @@ class ClusterServing:
             "seats); close a session (DELETE /api/v1/webrtc/offer/{sessionId}), try again later, or add a worker"
             + (f". Tried: {'; '.join(failures)}" if failures else "")
         )
+
+    async def _copy_uploads(self, view: WorkerView) -> None:
+        """The front's uploads onto a worker about to take a session (the one it streams may name any of them). One
+        it cannot take is logged and the session goes ahead: a stream that names it gets the worker's error for that
+        file, and one that does not loses nothing."""
+        await self.assets.sync(view)
+        if missing := self.assets.missing(view):
+            log.warning("worker=%s takes a session without uploads it could not be given: %s", view.name,
+                        ", ".join(missing))  # fmt: skip
 
     def _check_wanted(self, wanted: Wanted) -> None:
         """An offer waits (for a load, for a worker's answer): if the pipeline was unloaded or replaced meanwhile, it

@@ -43,6 +43,8 @@ class WorkerView:
     load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     assets: set[str] = field(default_factory=set)
     """Names of the front's uploads this worker holds (serve/cluster/assets.py)."""
+    assets_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """One copy of its missing uploads at a time (a poll's and an offer's): the second finds them there."""
     unload_pending: bool = False
     """An unload through this front could not reach it: it frees its pipeline as soon as it answers again, and takes
     no load nor session before (the pipeline it holds is one the user unloaded)."""
