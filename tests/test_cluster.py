@@ -332,6 +332,28 @@ async def test_a_worker_cut_off_gets_no_sessions_until_it_answers_again(cluster:
     cluster.wait(lambda s: all(w["state"] == "alive" and not w["sessions"] for w in s["workers"]), "not back")
 
 
+def test_an_upload_does_not_wait_out_a_worker_that_just_hung(cluster: Cluster) -> None:
+    """The upload is put into every live worker's folder before it is answered; one that hung had it wait 30 s. It
+    waits no longer than the front's poll takes to find that worker unreachable (which gets it when it answers)."""
+    stopped = cluster.state()["workers"][0]
+    picture = png_bytes(np.full((8, 8, 3), 40, np.uint8))
+    os.kill(stopped["pid"], signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        uploaded = httpx.post(
+            f"{cluster.front.url}/api/v1/assets", params={"filename": "while-hung.png"}, content=picture,
+            headers={"Content-Type": "application/octet-stream"}, timeout=60,
+        )  # fmt: skip
+        waited = time.monotonic() - started
+        assert uploaded.status_code == 200, uploaded.text
+        assert waited < 15, waited  # the poll's 0.5 s and its 2 s summary timeout, and slack for a loaded machine
+        assert cluster.worker(stopped["name"])["state"] == "unreachable"
+    finally:
+        os.kill(stopped["pid"], signal.SIGCONT)
+    cluster.wait(lambda s: all(w["state"] == "alive" for w in s["workers"]), "not back")
+    assert (cluster.tmp_dir / "worker-assets" / uploaded.json()["path"]).read_bytes() == picture
+
+
 async def test_killed_worker_is_gone_and_offers_go_to_live_workers(cluster: Cluster) -> None:
     assert load_pipeline(cluster.front.url, "passthrough", **PASSTHROUGH)["status"] == "loaded"
     clients = [ScopeClient(cluster.front.url) for _ in range(2)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from serve.schemas import Asset
 log = logging.getLogger(__name__)
 
 PUT_TIMEOUT_S = 30.0  # one file to one worker (uploads are at most --max-upload-mb)
+USABLE_CHECK_S = 0.25  # how often a put in flight looks whether the poll has found its worker unreachable
 
 
 class ClusterAssets:
@@ -52,8 +54,18 @@ class ClusterAssets:
         await asyncio.gather(*(self._put(view, name, data) for view in self._views()))
 
     async def _put(self, view: Any, name: str, data: bytes) -> bool:
+        """Whether the worker took the file. A worker the front's poll finds unreachable meanwhile is not waited for
+        (an upload to a worker that just hung answered only after PUT_TIMEOUT_S): `sync` gives it the file later."""
+        put = asyncio.ensure_future(view.handle.put_asset.remote(name, data))
+        deadline = time.monotonic() + PUT_TIMEOUT_S
+        while not put.done() and view.usable and time.monotonic() < deadline:
+            await asyncio.wait({put}, timeout=USABLE_CHECK_S)
         try:
-            await asyncio.wait_for(view.handle.put_asset.remote(name, data), PUT_TIMEOUT_S)
+            if not put.done():
+                put.cancel()
+                state = f"no answer in {PUT_TIMEOUT_S:g} s" if view.usable else f"it is {view.info.state}"
+                raise TimeoutError(state)
+            put.result()
         except Exception as exc:  # unreachable or gone: `sync` retries from the next poll while it lives
             log.warning("worker=%s did not take asset %s: %s: %s", view.name, name, type(exc).__name__, exc)
             return False
