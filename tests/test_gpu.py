@@ -48,6 +48,18 @@ def test_pinned_download_on_cuda_returns_the_frames() -> None:
 
 @pytest.mark.gpu
 @cuda
+def test_an_rgb_upload_on_cuda_queues_from_pinned_memory_and_gives_the_cpu_pixels() -> None:
+    """swscale's RGB frames go up without the host waiting (to_device pins them): the values must still be the
+    frames', though the array may be reused as soon as `upload` returns."""
+    frames = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
+    expected = HostBridge(torch.device("cpu"), seed=0).upload(frames, 64, 64)
+    uploaded = HostBridge(torch.device("cuda"), seed=0).upload(frames, 64, 64)
+    frames[:] = 0  # the caller's buffer, reused: the pinned copy was taken before
+    assert torch.equal(uploaded.cpu(), expected)
+
+
+@pytest.mark.gpu
+@cuda
 def test_a_deferred_download_is_valid_once_its_event_completes() -> None:
     """`AutoregressiveStream.start`'s copy: returned before it ends, right after its event (worker `_run` waits)."""
     bridge = HostBridge(torch.device("cuda"), seed=0)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from kernels.colour import Colour, yuv420_to_rgb
+from serve.models.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class HostBridge:
             if self.dry:
                 return torch.empty((1, 3, len(frames), height, width), device=self.device)
             return upload_yuv(frames, self.device, height, width).permute(1, 0, 2, 3)[None]
-        pixels = torch.from_numpy(frames).to(self.device, non_blocking=True)
+        pixels = to_device(torch.from_numpy(frames), self.device)  # pinned first: from pageable memory it would wait
         return pixels.permute(3, 0, 1, 2)[None].float() / 127.5 - 1
 
     def download(self, frames: Tensor) -> np.ndarray:
