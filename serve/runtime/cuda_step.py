@@ -6,13 +6,15 @@ one by one from Python costs as much as running them. Everything a steady-state 
 fixed address (the KV cache, the text K/V, the LoRA scales and the VACE scale are device buffers written in place;
 see STYLE.md §4–5), so the step can be captured once and replayed.
 
-What is graphed: the call whose latents have the chunk's own shape and whose keys are cached at absolute positions,
-the step every chunk runs. A re-cache over the whole window, Krea's context recompute and window-relative keys run
-as they are (they are rare, or take another shape), like the engines' fallbacks (serve/runtime/backends.py).
+What is graphed: the call whose latents have the chunk's own shape, the step every chunk runs. Reward Forcing's
+window-relative keys are rotated at read time by per-slot cos/sin tables of a fixed shape: two more per-chunk inputs.
+A re-cache over the whole window and Krea's context recompute run as they are (they are rare, and take another
+shape), like the engines' fallbacks (serve/runtime/backends.py).
 
 Binding: one graph per set of *persistent* buffers (the text K/V and the KV cache of one stream, found by their
 addresses), holding its own copies of the per-chunk inputs (latents, timestep, the cache plan, the VACE context and
-scale). A call copies those in and replays; the KV cache writes replay in place, into the stream's own buffers.
+scale, the keys' rope tables). A call copies those in and replays; the KV cache writes replay in place, into the
+stream's own buffers.
 The first call for a set of buffers runs the step normally on the capture's stream (its result is this call's, and
 it is the warm-up the capture needs: lazy cuBLAS/cuDNN handles and workspaces, autotuning), then captures. All
 graphs share one memory pool: the worker runs one step at a time, and each output is consumed before the next step.
@@ -108,18 +110,24 @@ class CudaStep:
 
     def __call__(self, *args: Tensor | tuple[Tensor, Tensor], key_rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         with sdpa_kernel(self.attention, set_priority=True):
-            steady = key_rope is None and tuple(args[0].shape) == self.steady_shape
+            steady = tuple(args[0].shape) == self.steady_shape
             if not self.graphs_wanted or self.failed or not steady:
                 return self.step(*args, key_rope=key_rope)
-            key = self._key(args)
+            call = (*args, *(key_rope or ()))  # the rope tables ride as the last two per-chunk arguments
+            key = (len(args), *self._key(call))
             captured = self.graphs.get(key)
             if captured is not None:
                 self.graphs.move_to_end(key)
                 self.replays += 1
-                return captured.replay(args)
-            output = self._warm_up(args)  # this call's result
-            self._capture(key, args)
+                return captured.replay(call)
+            output = self._warm_up(call, len(args))  # this call's result
+            self._capture(key, call, len(args))
             return output
+
+    def _run(self, call: Args, arity: int) -> Tensor:
+        """The step on `call`: its first `arity` entries are the step's arguments, any others the keys' cos/sin."""
+        rope = call[arity:]
+        return self.step(*call[:arity], key_rope=(rope[0], rope[1]) if rope else None)
 
     def _key(self, args: Args) -> tuple:
         """The persistent buffers by address and shape, and every per-chunk argument's shape and dtype."""
@@ -127,28 +135,28 @@ class CudaStep:
         per_chunk = tuple((i, tuple(a.shape), a.dtype) for i, a in enumerate(args) if i not in self.persistent)
         return persistent + per_chunk
 
-    def _warm_up(self, args: Args) -> Tensor:
+    def _warm_up(self, call: Args, arity: int) -> Tensor:
         """The step run normally, on the stream the capture will use: cuBLAS/cuDNN handles and workspaces are made per
         stream, and must exist before a capture rather than be allocated inside it."""
         assert self.capture_stream is not None
         current = torch.cuda.current_stream(self.device)
         self.capture_stream.wait_stream(current)
         with torch.cuda.stream(self.capture_stream):
-            output = self.step(*args)
+            output = self._run(call, arity)
         current.wait_stream(self.capture_stream)
         output.record_stream(current)  # used on the caller's stream from here: its block is not reused before that
         return output
 
-    def _capture(self, key: tuple, args: Args) -> None:
+    def _capture(self, key: tuple, call: Args, arity: int) -> None:
         assert self.capture_stream is not None
-        inputs = {i: a.clone() for i, a in enumerate(args) if i not in self.persistent}  # contiguous copies
-        static = tuple(inputs.get(i, a) for i, a in enumerate(args))
+        inputs = {i: a.clone() for i, a in enumerate(call) if i not in self.persistent}  # contiguous copies
+        static = tuple(inputs.get(i, a) for i, a in enumerate(call))
         graph = torch.cuda.CUDAGraph()
         stream = self.capture_stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                output = self.step(*static)
+                output = self._run(static, arity)
         except RuntimeError as exc:  # an op that cannot be captured: say so once, run ungraphed from now on
             self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             log.warning("cuda graph capture failed, the step runs ungraphed: %s", self.failed)
@@ -158,7 +166,7 @@ class CudaStep:
         self.graphs[key] = Captured(graph, inputs, output)
         if len(self.graphs) > MAX_GRAPHS:
             self.graphs.popitem(last=False)
-        log.info("cuda graph captured latents=%s graphs=%d", tuple(args[0].shape), len(self.graphs))
+        log.info("cuda graph captured latents=%s graphs=%d", tuple(call[0].shape), len(self.graphs))
 
 
 def on_cuda(step: Callable[..., Tensor], backend: str, requested: str, steady_shape: tuple[int, ...],
