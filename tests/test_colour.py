@@ -112,6 +112,24 @@ def test_conversion_matches_swscale(frames, size, colorspace, color_range, expec
 
 
 @pytest.mark.parametrize("size", ["even", "odd"])
+def test_nv12_planes_read_through_dlpack_are_those_read_in_place(frames, size) -> None:
+    """NVDEC's frames are read through DLPack (serve/webrtc/planes.py `_device_planes`, run on CUDA frames only).
+    PyAV exports a host NV12 frame's planes the same way, so here the layout is checked against the in-place read
+    of the same frame: the chroma plane comes as [h // 2, w // 2, 2] (read as every other column of [h/2, w], it gave
+    half the chroma columns), and an odd frame is its even part."""
+    from serve.webrtc.planes import _device_planes
+
+    for frame in frames[size]:
+        nv12 = as_nv12(frame)
+        expected, got = read_planes(nv12), _device_planes(nv12)
+        height, width = frame.height & ~1, frame.width & ~1
+        assert got.colour == expected.colour
+        assert np.array_equal(got.y.numpy(), expected.y[:height, :width])
+        for ours, theirs in ((got.u, expected.u), (got.v, expected.v)):
+            assert np.array_equal(ours.numpy(), theirs[: height // 2, : width // 2])
+
+
+@pytest.mark.parametrize("size", ["even", "odd"])
 def test_kernel_equals_reference(frames, triton_kernels, size) -> None:
     """The Triton kernel (interpreted) against its reference: planar and NV12 chroma, padded rows, a full-range tag."""
     frame = frames[size][1]

@@ -52,11 +52,16 @@ def read_planes(frame: VideoFrame) -> YuvFrame:
 
 
 def _device_planes(frame: VideoFrame) -> YuvFrame:
-    """A CUDA frame's NV12 planes as torch CUDA tensors through DLPack (PyAV 18: the decoder must be done with it,
-    which `decode` returning it means; stream None as its DLPack export requires)."""
+    """An NV12 frame's planes as torch tensors through DLPack: CUDA tensors for NVDEC's frames, the decoder done
+    with them (`decode` returning the frame means so). Each plane's capsule is asked for with no stream: PyAV 18 and
+    19 refuse one for a CUDA frame, and `torch.from_dlpack(plane)` would pass torch's current stream.
+
+    PyAV exports the chroma plane as [h // 2, w // 2, 2] (U, V interleaved), short of an odd frame's last half
+    block, so an odd frame is read as its even part (one row or column less, all of whose chroma is there)."""
     import torch
 
-    y = torch.from_dlpack(frame.planes[0])  # [h, w] uint8 (its pitch is the tensor's row stride)
-    uv = torch.from_dlpack(frame.planes[1])  # [h/2, w] uint8: U, V interleaved
+    y = torch.from_dlpack(frame.planes[0].__dlpack__())  # [h, w] uint8 (its pitch is the tensor's row stride)
+    uv = torch.from_dlpack(frame.planes[1].__dlpack__())
     colour = Colour.of_frame(frame.colorspace, frame.color_range)
-    return YuvFrame(y, uv[:, 0::2], uv[:, 1::2], colour, frame)  # type: ignore[arg-type]
+    y = y[: frame.height & ~1, : frame.width & ~1]
+    return YuvFrame(y, uv[..., 0], uv[..., 1], colour, frame)  # type: ignore[arg-type]
