@@ -58,6 +58,24 @@ def test_an_rgb_upload_on_cuda_queues_from_pinned_memory_and_gives_the_cpu_pixel
     assert torch.equal(uploaded.cpu(), expected)
 
 
+def test_devices_are_the_same_by_type_and_index() -> None:
+    from serve.pipelines.frames import same_device
+
+    cpu, cuda0, cuda1 = torch.device("cpu"), torch.device("cuda:0"), torch.device("cuda:1")
+    assert same_device(cpu, torch.device("cpu")) and same_device(cuda0, torch.device("cuda", 0))
+    assert not same_device(cpu, cuda0) and not same_device(cuda0, cuda1) and not same_device(torch.device("meta"), cpu)
+
+
+@pytest.mark.gpu
+@cuda
+def test_an_unindexed_cuda_device_is_the_current_one() -> None:
+    """A load without `gpus` runs on `cuda`; NVDEC's frames are on `cuda:0`, which `==` says is another device."""
+    from serve.pipelines.frames import same_device
+
+    current = torch.device("cuda", torch.cuda.current_device())
+    assert same_device(torch.device("cuda"), current) and same_device(current, torch.device("cuda"))
+
+
 @pytest.mark.gpu
 @cuda
 def test_a_deferred_download_is_valid_once_its_event_completes() -> None:

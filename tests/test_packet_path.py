@@ -387,7 +387,11 @@ def test_nvdec_frames_stay_on_the_device_and_convert_like_software() -> None:
                                   software.decode(av.Packet(bytes(packet))), strict=True):  # fmt: skip
             planes = read_planes(on_gpu)
             assert isinstance(planes.y, torch.Tensor) and planes.y.is_cuda
-            device = upload_yuv(YuvChunk((planes,)), torch.device("cuda"), SIZE, SIZE)
+            torch.cuda.set_sync_debug_mode("error")  # a copy through the host (`cuda` taken for not `cuda:0`) raises
+            try:
+                device = upload_yuv(YuvChunk((planes,)), torch.device("cuda"), SIZE, SIZE)  # a load's device, no index
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
             host = upload_yuv(YuvChunk((read_planes(on_cpu),)), torch.device("cpu"), SIZE, SIZE)
             assert (device.cpu() - host).abs().max() * 127.5 <= 2.0  # NVDEC and libavcodec decode alike
 

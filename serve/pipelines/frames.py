@@ -45,7 +45,7 @@ class YuvChunk:
 
 def upload_yuv(chunk: YuvChunk, device: torch.device, height: int, width: int) -> Tensor:
     """[T, 3, height, width] float32 in [-1, 1] on `device`: one host→device copy for the whole chunk."""
-    if all(isinstance(f.y, Tensor) and f.y.device == device for f in chunk.frames):
+    if all(isinstance(f.y, Tensor) and same_device(f.y.device, device) for f in chunk.frames):
         planes = [[f.y, f.u, f.v] for f in chunk.frames]  # NVDEC's frames: already there, no copy at all
     else:
         planes = [[_host(plane) for plane in (f.y, f.u, f.v)] for f in chunk.frames]
@@ -56,6 +56,18 @@ def upload_yuv(chunk: YuvChunk, device: torch.device, height: int, width: int) -
         for index, (frame, (y, u, v)) in enumerate(zip(chunk.frames, planes, strict=True)):
             yuv420_to_rgb(y, u, v, frame.colour, out[index])
     return out
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: `cuda` (no index, as a load without `gpus` names it) is the current CUDA device,
+    so it is NVDEC's `cuda:0` there, which `==` says it is not."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    if a.index is not None and b.index is not None:
+        return False
+    return torch.cuda.current_device() == (a.index if b.index is None else b.index)
 
 
 @contextlib.contextmanager
@@ -165,8 +177,10 @@ class HostBridge:
         if self.defer_wait:  # one stream: the last copy's event covers every earlier one
             self._pending = torch.cuda.Event()
             self._pending.record(torch.cuda.current_stream(frames.device))
-        else:
-            torch.cuda.current_stream(frames.device).synchronize()
+        else:  # an event's wait, not the stream's: CUDA's sync debug mode flags a stream synchronize as hidden
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(frames.device))
+            done.synchronize()
         return host.numpy()
 
     def take_pending(self) -> torch.cuda.Event | None:
