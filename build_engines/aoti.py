@@ -19,4 +19,7 @@ def build_aoti_package(graph: nn.Module, example_args: tuple[Tensor, ...], path:
 
 
 def load_aoti_package(path: Path) -> Callable[..., tuple[Tensor, ...]]:
-    return torch._inductor.aoti_load_package(str(path))
+    """The package's runner, without the default runner's thread handoff: that one queries the event of its last
+    run first, which invalidates the CUDA graph the served step is captured in (serve/runtime/cuda_step.py), so the
+    capture failed and the compiled step ran ungraphed. One thread calls a runner: the pipeline's worker."""
+    return torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
