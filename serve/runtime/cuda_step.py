@@ -155,7 +155,9 @@ class CudaStep:
         stream = self.capture_stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+            # thread_local: the capture fails on this thread's unsafe calls only, not on the encoder, decoder and
+            # snapshot threads' event waits that run beside it once sessions stream (global mode fails on those).
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
                 output = self._run(static, arity)
         except RuntimeError as exc:  # an op that cannot be captured: say so once, run ungraphed from now on
             self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"

@@ -110,8 +110,8 @@ class TensorRTStep(EngineStep):
         with torch.cuda.stream(stream):
             run(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            run(stream)
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):  # as TensorRT's guide does;
+            run(stream)  # other threads (encoders, decoders) keep using CUDA while a new stream's graph is captured
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return graph
 
