@@ -106,8 +106,10 @@ def bench(sizes: list[tuple[int, int]], frames: int, warmup: int, device: torch.
         try:
             if device.type != "cuda":
                 raise RuntimeError("needs a CUDA GPU")
-            from serve.webrtc.encoders import NvencEncoder
+            from serve.webrtc.encoders import NvencEncoder, nvenc_unavailable
 
+            if (reason := nvenc_unavailable(device)) is not None:  # H100, H200, A100: no NVENC
+                raise RuntimeError(reason)
             on_device = torch.from_numpy(clip).to(device)
             bitstream = time_encode(NvencEncoder(BITRATE_BPS, device), on_device, nvenc, warmup)
         except Exception as exc:  # no GPU, no PyNvVideoCodec, no libnvidia-encode: the row says which

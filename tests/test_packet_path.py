@@ -23,6 +23,7 @@ import torch
 from serve.pipelines.worker import FrameStamp
 from serve.threads import DECODER, ENCODER, PIPELINE_WORKER
 from serve.webrtc.encoders import (
+    H264_BASELINE,
     NAL_IDR,
     NAL_PPS,
     NAL_SPS,
@@ -32,6 +33,7 @@ from serve.webrtc.encoders import (
     X264Encoder,
     as_video_frame,
     nal_types,
+    sps_profile,
 )
 from serve.webrtc.tracks import OutputTrack
 from tests.support.frames import read_counter
@@ -78,11 +80,23 @@ def test_x264_writes_baseline_idr_with_headers_and_601_vui() -> None:
     for i in idr:
         assert {NAL_SPS, NAL_PPS} <= set(types[i])  # SPS/PPS in band before every IDR: a browser can join there
     sps = bytes(packets[0]).split(b"\x00\x00\x01")[1]  # the first NAL unit (x264 writes the SPS first)
-    assert sps[0] & 0x1F == NAL_SPS and sps[1] == 66 and sps[2] & 0x40  # profile_idc Baseline, constraint_set1
+    assert sps[0] & 0x1F == NAL_SPS and sps[2] & 0x40  # constraint_set1: Constrained Baseline
+    assert sps_profile(bytes(packets[0])) == H264_BASELINE
     assert [p.pts for p in packets] == [3000 * i for i in range(12)]  # no reordering: no B-frames
     decoded = decode("h264", packets)
     assert decoded[0].colorspace == 6 and decoded[0].color_range == 1  # VUI: SMPTE 170M (BT.601), limited range
     assert_shows(decoded[5], textured_scene(5, SIZE, SIZE))
+
+
+def test_the_sps_profile_tells_baseline_from_high() -> None:
+    """What the NVENC probe checks its output by (`nvenc_unavailable`): an encoder that writes High profile, which
+    aiortc's offer does not allow, is not used."""
+    codec = av.CodecContext.create("libx264", "w")
+    codec.width, codec.height, codec.pix_fmt, codec.time_base = SIZE, SIZE, "yuv420p", Fraction(1, 30)
+    codec.profile = "High"
+    frame = av.VideoFrame.from_ndarray(textured_scene(0, SIZE, SIZE), format="rgb24").reformat(format="yuv420p")
+    high = b"".join(bytes(p) for p in [*codec.encode(frame), *codec.encode(None)])
+    assert sps_profile(high) == 100 and sps_profile(b"\x00\x00\x01\x65\x88") is None  # an IDR slice, no SPS
 
 
 def test_vp8_writes_keyframes_where_asked_and_decodes_to_the_scene() -> None:
@@ -355,21 +369,37 @@ async def test_snapshot_and_recording_take_frames_converted_on_the_device(passth
     assert len(recorded) >= 20 and recorded == sorted(recorded) and set(recorded) <= received, recorded
 
 
+def nvenc_or_skip() -> None:
+    """Skips where this GPU has no NVENC that can serve a session (H100, H200 and A100 have none)."""
+    from serve.webrtc.encoders import nvenc_unavailable
+
+    pytest.importorskip("PyNvVideoCodec", reason="PyNvVideoCodec is not installed (pip install pynvvideocodec)")
+    if (reason := nvenc_unavailable(torch.device("cuda"))) is not None:
+        pytest.skip(f"NVENC unavailable: {reason}")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="NVENC needs a CUDA GPU (and PyNvVideoCodec)")
 def test_nvenc_encodes_device_frames_with_idr_on_request() -> None:
+    """PyNvVideoCodec 2.2 returns each frame some frames after its input: a packet carries the timestamps of the
+    frame it encodes, and the IDR asked for at frame 6 comes with frame 6's."""
     from serve.webrtc.encoders import NvencEncoder
 
-    pytest.importorskip("PyNvVideoCodec", reason="PyNvVideoCodec is not installed (pip install pynvvideocodec)")
+    nvenc_or_skip()
     encoder = NvencEncoder(1_000_000, torch.device("cuda"))
     images = torch.from_numpy(np.stack([textured_scene(i, SIZE, SIZE) for i in range(10)])).cuda()
     stamps = [FrameStamp(3000 * i, Fraction(1, 90000), None) for i in range(10)]
     frames = encoder.prepare(images, stamps)
-    packets = [encoder.encode(frame, i == 6) for i, frame in enumerate(frames)]
-    types = [nal_types(bytes(p)) if p is not None else [] for p in packets]
-    assert NAL_IDR in types[0] and NAL_IDR in types[6] and {NAL_SPS, NAL_PPS} <= set(types[6]), types
-    decoded = decode("h264", [p for p in packets if p is not None])
-    assert len(decoded) >= 8
+    packets = [p for i, frame in enumerate(frames) if (p := encoder.encode(frame, i == 6)) is not None]
+    held = encoder.flush()
+    pts = [p.pts for p in packets]
+    assert pts == sorted(pts) and set(pts) <= {s.pts for s in stamps}, pts
+    idr = {p.pts for p in packets if NAL_IDR in nal_types(bytes(p))}
+    assert {0, 3000 * 6} <= idr | ({3000 * 6} if NAL_IDR in nal_types(held) else set()), (idr, pts)
+    assert {NAL_SPS, NAL_PPS} <= set(nal_types(bytes(packets[0]))) and sps_profile(bytes(packets[0])) == H264_BASELINE
+    decoded = decode("h264", [*packets, av.Packet(held)] if held else packets)
+    assert len(decoded) == 10
+    assert_shows(decoded[5], textured_scene(5, SIZE, SIZE))
     encoder.close()
 
 
@@ -411,10 +441,13 @@ def test_passthrough_runs_where_its_load_says_and_refuses_a_gpu_that_is_not_ther
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the zero-copy path needs a CUDA GPU")
-async def test_zero_copy_passthrough_decodes_with_nvdec_and_encodes_with_nvenc(tmp_path: Path) -> None:
+async def test_zero_copy_passthrough_decodes_with_nvdec_and_encodes_from_the_device(tmp_path: Path) -> None:
     """Passthrough on GPU 0 with `--nvdec`: the input is decoded into device memory, converted there and encoded by
-    NVENC from there; the frames come back in order with the input's content."""
-    pytest.importorskip("PyNvVideoCodec", reason="PyNvVideoCodec is not installed (pip install pynvvideocodec)")
+    NVENC from there, or, on a GPU without NVENC (H100, H200), by libx264 from YUV converted there; the frames come
+    back in order with the input's content."""
+    from serve.webrtc.encoders import nvenc_unavailable
+
+    expected = "nvenc" if nvenc_unavailable(torch.device("cuda", 0)) is None else "libx264"
     with run_server(tmp_path, "--nvdec") as server:
         assert load_pipeline(server.url, "passthrough", height=SIZE, width=SIZE, gpus="0")["status"] == "loaded"
         client = ScopeClient(server.url, initial_parameters={"input_mode": "video"}, codec="video/H264")
@@ -422,7 +455,7 @@ async def test_zero_copy_passthrough_decodes_with_nvdec_and_encodes_with_nvenc(t
         try:
             frames = await client.wait_frames(45)
             video = httpx.get(f"{server.url}/api/v1/sessions/{client.session_id}/metrics").json()["video"]
-            assert video["encoder"] == "nvenc" and video["input_format"] == "cuda", (video, server.log()[-2000:])
+            assert video["encoder"] == expected and video["input_format"] == "cuda", (video, server.log()[-2000:])
             counters = [f.counter for f in frames[5:]]
             assert counters == sorted(counters) and counters[-1] - counters[0] <= len(counters) + 3, counters
             assert client.track.sent - counters[-1] < 15

@@ -62,6 +62,19 @@ def nal_types(data: bytes) -> list[int]:
     return types
 
 
+H264_BASELINE = 66  # profile_idc; aiortc offers only (Constrained) Baseline, 42e01f / 42001f
+
+
+def sps_profile(data: bytes) -> int | None:
+    """The profile_idc of an Annex B stream's first SPS (the byte after its NAL header), None if it has none."""
+    start = data.find(b"\x00\x00\x01")
+    while start != -1 and start + 4 < len(data):
+        if data[start + 3] & 0x1F == NAL_SPS:
+            return data[start + 4]
+        start = data.find(b"\x00\x00\x01", start + 3)
+    return None
+
+
 # swscale's area filter: its 2:1 decimation is the 2×2 mean. Its default (bilinear) one averages the two columns but
 # spreads each chroma row over four luma rows ([1, 3, 3, 1] / 8, same midway siting), which put its chroma up to 6
 # levels from the kernel's on a textured scene. FULL_CHR_H_INP: chroma is read at full width and then decimated by
@@ -173,6 +186,10 @@ class PacketEncoder(ABC):
         """Whether an encoded frame can start a stream (H.264: it holds an IDR)."""
         return NAL_IDR in nal_types(data)
 
+    def _output_stamp(self, frame: Any) -> tuple[int, Fraction]:
+        """(pts, time_base) of what `_encode` just returned: the frame's own, for an encoder without delay."""
+        return frame.pts, frame.time_base
+
     def encode(self, frame: Any, keyframe: bool) -> av.Packet | None:
         with self._lock:
             if self._stopped:
@@ -182,7 +199,7 @@ class PacketEncoder(ABC):
         if not data:
             return None
         packet = av.Packet(data)
-        packet.pts, packet.time_base = frame.pts, frame.time_base
+        packet.pts, packet.time_base = self._output_stamp(frame)
         if self.is_keyframe(data):
             self.keyframes += 1
         return packet
@@ -323,11 +340,31 @@ class Vp8Encoder(LibavEncoder):
         return codec
 
 
+class NvencPlanes:
+    """An NV12 device frame [H + H/2, W] as PyNvVideoCodec's samples give `Encode` one: an object whose `cuda()`
+    returns the luma [H, W, 1] and the interleaved chroma [H/2, W/2, 2], each with a `__cuda_array_interface__`
+    (torch's views carry it). Not the tensor itself: the library calls a tensor's `__dlpack__` with the stream as a
+    positional argument, which torch's keyword-only signature refuses (read in its 2.2.4 binary)."""
+
+    def __init__(self, nv12: torch.Tensor) -> None:
+        height, width = nv12.shape[0] * 2 // 3, nv12.shape[1]
+        self.planes = [nv12[:height].unsqueeze(-1), nv12[height:].view(height // 2, width // 2, 2)]
+
+    def cuda(self) -> list[torch.Tensor]:
+        return self.planes
+
+
 class NvencEncoder(PacketEncoder):
     """NVENC via PyNvVideoCodec: NV12 from device memory, no host copy of the frame.
 
-    Written against PyNvVideoCodec 2.2's documented API (reference/perf-and-zero-copy.md B4); exercised only by the
-    gpu-marked tests (tests/test_packet_path.py)."""
+    Written against PyNvVideoCodec 2.2's API as its samples use it (reference/perf-and-zero-copy.md B4); exercised
+    only by the gpu-marked tests (tests/test_packet_path.py), on a GPU with NVENC, which the datacenter Hoppers
+    (H100, H200) and the A100 lack: `nvenc_unavailable` finds that out before a session is given one.
+
+    Its own CUDA stream: the library copies each frame from our buffer on the stream it is given, which waits for
+    the conversion's event, and the buffer is recorded on it, so torch does not reuse it before the copy ran. Each
+    frame carries a sequence number (`inputTimeStamp`): 2.2 returns an encoded frame some frames after its input,
+    and the packet takes the timestamps of the frame it encodes, not of the frame just given."""
 
     name = "nvenc"
     preset = "P1"  # NVENC's fastest (`_open`)
@@ -339,9 +376,14 @@ class NvencEncoder(PacketEncoder):
 
         self._nvc = nvc
         self.device = device
+        self._gpu = device.index if device.index is not None else torch.cuda.current_device()
+        self._stream = torch.cuda.Stream(device)
         self._encoder: Any = None
         self._size: tuple[int, int] | None = None
         self._bitrate = bitrate_bps
+        self._sequence = 0
+        self._stamps: dict[int, tuple[int, Fraction]] = {}  # by sequence number, until their frame comes out
+        self._stamp: tuple[int, Fraction] = (0, Fraction(1, 90000))  # of the last encoded frame returned
 
     def prepare(self, frames: np.ndarray | torch.Tensor, stamps: list[FrameStamp]) -> list[DeviceFrame]:
         rgb = torch.from_numpy(frames).to(self.device, non_blocking=True) if isinstance(frames, np.ndarray) else frames
@@ -351,9 +393,8 @@ class NvencEncoder(PacketEncoder):
         ]
 
     def _open(self, height: int, width: int) -> Any:
-        stream = torch.cuda.current_stream(self.device)
         gop = KEYFRAME_INTERVAL_S * FRAME_RATE_HINT
-        config = {  # the sample configs spell every value as a string
+        config = {  # the sample configs spell these as strings or numbers
             "codec": "h264", "profile": "baseline", "preset": self.preset, "tuning_info": "ultra_low_latency",
             "rc": "cbr", "bitrate": self._bitrate, "fps": FRAME_RATE_HINT, "gop": gop, "idrperiod": gop, "bf": 0,
             "repeatspspps": 1, "vbvbufsize": self._bitrate // 2,
@@ -361,32 +402,92 @@ class NvencEncoder(PacketEncoder):
         # usecpuinputbuffer=False: frames come as CUDA arrays. NVENC's default VUI is unspecified colour, which
         # decoders read as BT.601 limited, the matrix the conversion used [unverified on a GPU].
         return self._nvc.CreateEncoder(
-            width, height, "NV12", False, cudastream=stream.cuda_stream, **{k: str(v) for k, v in config.items()}
-        )
+            width, height, "NV12", False, gpu_id=self._gpu, cudastream=self._stream.cuda_stream,
+            **{k: str(v) for k, v in config.items()},
+        )  # fmt: skip
 
     def _encode(self, frame: DeviceFrame, keyframe: bool) -> bytes | None:
         height, width = frame.nv12.shape[0] * 2 // 3, frame.nv12.shape[1]
         if self._encoder is None or self._size != (height, width):
+            self.close()
             self._encoder, self._size = self._open(height, width), (height, width)
         elif abs(self.target_bitrate - self._bitrate) > BITRATE_STEP * self._bitrate:
             params = self._encoder.GetEncodeReconfigureParams()
             params.averageBitrate = self._bitrate = self.target_bitrate
+            params.vbvBufferSize = params.vbvInitialDelay = self._bitrate // 2
             self._encoder.Reconfigure(params)
         if frame.ready is not None:
-            frame.ready.synchronize()  # the conversion kernel has written the frame
+            self._stream.wait_event(frame.ready)  # the conversion kernel has written the frame
+        pic = self._nvc.NV_ENC_PIC_PARAMS()
+        pic.inputTimeStamp = self._sequence
         if keyframe:
-            pic = self._nvc.NV_ENC_PIC_PARAMS()
             flags = self._nvc.NV_ENC_PIC_FLAGS
             pic.encodePicFlags = int(flags.FORCEIDR) | int(flags.OUTPUT_SPSPPS)
-            data = self._encoder.Encode(frame.nv12, pic)
-        else:
-            data = self._encoder.Encode(frame.nv12)
-        return _bitstream(data) or None
+        self._stamps[self._sequence] = (frame.pts, frame.time_base)
+        self._sequence += 1
+        out = self._encoder.Encode(NvencPlanes(frame.nv12), pic)
+        frame.nv12.record_stream(self._stream)  # read by the library's copy on that stream: not reused before it
+        return self._take(out)
+
+    def _take(self, out: Any) -> bytes | None:
+        """The encoded frames `Encode` returned, as one access unit stamped like the last of them (steady state:
+        exactly one)."""
+        packets = out if isinstance(out, list | tuple) else [out]
+        sequences = [p["timestamp"] for p in packets if isinstance(p, dict) and "timestamp" in p]
+        if sequences:
+            last = max(sequences)
+            self._stamp = self._stamps.get(last, self._stamp)
+            self._stamps = {n: stamp for n, stamp in self._stamps.items() if n > last}
+        return _bitstream(out) or None
+
+    def _output_stamp(self, frame: DeviceFrame) -> tuple[int, Fraction]:
+        return self._stamp
+
+    def flush(self) -> bytes:
+        """What the encoder still holds, encoded (for a probe or a test; a stream's frames are never flushed)."""
+        return _bitstream(self._encoder.EndEncode()) if self._encoder is not None else b""
 
     def close(self) -> None:
         if self._encoder is not None:
             self._encoder.EndEncode()
             self._encoder = None
+            self._stamps.clear()
+
+
+_nvenc_checked: dict[int, str | None] = {}
+_nvenc_lock = threading.Lock()
+PROBE_SIZE = 256  # NVENC takes frames from 145×49 up
+
+
+def nvenc_unavailable(device: torch.device) -> str | None:
+    """Why NVENC cannot serve H.264 sessions on this CUDA device, or None; found once per GPU by a real encode.
+
+    Importing PyNvVideoCodec succeeds wherever the driver's encode library is installed, but the H100, H200 and
+    A100 have no NVENC: there CreateEncoder fails, and every frame of every session would fail with it. So a small
+    stream is encoded here (a few frames, flushed) and its first SPS must say Baseline, the profile aiortc offers
+    (PyNvVideoCodec 2.2 may not apply the `profile` option). Blocking (an encoder opens in tens of milliseconds):
+    call it off the event loop."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _nvenc_lock:
+        if index not in _nvenc_checked:
+            _nvenc_checked[index] = _probe_nvenc(torch.device("cuda", index))
+        return _nvenc_checked[index]
+
+
+def _probe_nvenc(device: torch.device) -> str | None:
+    try:
+        encoder = NvencEncoder(1_000_000, device)
+        grey = torch.full((PROBE_SIZE * 3 // 2, PROBE_SIZE), 128, dtype=torch.uint8, device=device)
+        data = b"".join(encoder._encode(DeviceFrame(grey, n, Fraction(1, 30)), n == 0) or b"" for n in range(4))
+        data += encoder.flush()
+        encoder._encoder = None  # EndEncode has run
+    except Exception as exc:  # ImportError without the wheel; its own errors without NVENC or its library
+        return f"{type(exc).__name__}: {exc}"
+    if NAL_IDR not in nal_types(data):
+        return "a probe encode gave no IDR frame"
+    if (profile := sps_profile(data)) != H264_BASELINE:
+        return f"it writes H.264 profile {profile}, not Baseline (profile-level-id 42e01f, what aiortc offers)"
+    return None
 
 
 def _bitstream(out: Any) -> bytes:
@@ -416,13 +517,11 @@ def make_encoder(
         return None
     reason = "the pipeline runs on the CPU"
     if device.type == "cuda":
-        try:
-            encoder: PacketEncoder = NvencEncoder(bitrate_bps, device)
-        except Exception as exc:  # ImportError without the wheel; RuntimeError without libnvidia-encode
-            reason = f"NVENC unavailable ({type(exc).__name__}: {exc})"
-        else:
+        unavailable = nvenc_unavailable(device)  # cached: the session's start found it off the event loop
+        if unavailable is None:
             _say("h264 encoder=nvenc")
-            return encoder
+            return NvencEncoder(bitrate_bps, device)
+        reason = f"NVENC unavailable: {unavailable}"
     _say(f"h264 encoder=libx264 preset={x264_preset} ({reason})")
     return X264Encoder(bitrate_bps, x264_preset, convert_on_device)
 
