@@ -126,13 +126,16 @@ class PipelineManager:
         # The factory import pulls in torch and the model code (seconds): it runs on the thread, not the loop.
         loading = loop.run_in_executor(
             None,
-            lambda: spec.resolve_factory().load(
-                spec,
+            lambda: on_first_gpu(
                 load_params,
-                report=report,
-                models_dir=self.models_dir,
-                engines_dir=self.engines_dir,
-                lora_dir=self.lora_dir,
+                lambda: spec.resolve_factory().load(
+                    spec,
+                    load_params,
+                    report=report,
+                    models_dir=self.models_dir,
+                    engines_dir=self.engines_dir,
+                    lora_dir=self.lora_dir,
+                ),
             ),
         )
         try:
@@ -155,7 +158,7 @@ class PipelineManager:
             self._failed(pipeline_id, load_params, reason)
             return
         self.pipeline = pipeline
-        self.worker = PipelineWorker(pipeline_id)
+        self.worker = PipelineWorker(pipeline_id, getattr(pipeline, "device", None))
         self._status = PipelineStatus(
             status="loaded",
             pipeline_id=pipeline_id,
@@ -203,6 +206,23 @@ class PipelineManager:
 
     async def close(self) -> None:
         await self.unload()
+
+
+def on_first_gpu(load_params: dict[str, Any], load: Callable[[], Pipeline]) -> Pipeline:
+    """`load()` with the first GPU its `gpus` names as the thread's current CUDA device. Tensors name their device,
+    but what does not takes the current one, 0 unless set: Triton's launches and streams, TensorRT's engine and
+    context, AOTInductor's load, `torch.cuda.current_stream()`. A GPU that is not there is left to the load, which
+    names it in its error."""
+    gpus = load_params.get("gpus")
+    device = parse_gpus(gpus).devices[0] if gpus else "cpu"
+    if not device.startswith("cuda"):
+        return load()
+    import torch  # a GPU load: the factory needs it anyway (on this thread, not the event loop's)
+
+    if not torch.cuda.is_available() or int(device.removeprefix("cuda:")) >= torch.cuda.device_count():
+        return load()
+    with torch.cuda.device(torch.device(device)):
+        return load()
 
 
 def free_device_memory() -> None:

@@ -243,7 +243,8 @@ class StartedChunk:
 class PipelineWorker:
     """Runs ready chunks of all attached slots, round robin, on one thread."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, device: Any = None) -> None:
+        self.device = device  # the pipeline's torch device: the thread's current CUDA device when it is one
         self.condition = threading.Condition()
         self._slots: list[StreamSlot] = []
         # Detached slots whose streams' device buffers this thread frees (it owns the device, and knows whether a
@@ -317,6 +318,10 @@ class PipelineWorker:
     def _run(self) -> None:
         name_os_thread(PIPELINE_WORKER)
         try:
+            if getattr(self.device, "type", None) == "cuda":  # see manager.on_first_gpu: what names no device
+                import torch
+
+                torch.cuda.set_device(self.device)
             self._serve()
         except BaseException as exc:  # outside any one chunk (an asynchronous CUDA error surfaces at any query)
             log.exception("pipeline worker stopped; every stream on it is stopped")
