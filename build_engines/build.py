@@ -64,7 +64,7 @@ class BuildRequest:
     models_dir: Path
     height: int | None = None  # None: the pipeline's seed resolution
     width: int | None = None
-    precision: Precision | None = None  # None: fp8 for TensorRT on SM89+, bf16 on other GPUs, fp32 on CPU
+    precision: Precision | None = None  # None: the default load's (`default_precision`)
     backend: Backend | None = None  # None: TensorRT where importable with a GPU, else AOTInductor
     vae_type: str | None = None  # None: the pipeline's default (`wan`)
     random_weights: bool = False
@@ -89,10 +89,13 @@ def default_backend(device: torch.device) -> Backend:
     return "tensorrt" if device.type == "cuda" and tensorrt_version() else "aoti"
 
 
-def default_precision(backend: Backend, env: Environment) -> Precision:
+def default_precision(env: Environment, quantization: str | None) -> Precision:
+    """What the pipeline's default load runs, so that `make engines` builds the engines `make serve` picks: a load
+    looks for fp8 engines only with `quantization: fp8_e4m3fn` (Krea's default), bf16 ones otherwise (fp8 engines by
+    default left every other pipeline's default load on eager); fp32 on a CPU."""
     if env.sm is None:
         return "fp32"
-    return "fp8" if backend == "tensorrt" and int(env.sm) >= FP8_MIN_SM else "bf16"
+    return "fp8" if quantization == "fp8_e4m3fn" and int(env.sm) >= FP8_MIN_SM else "bf16"
 
 
 def dit_step_args(model: WanDiT, key: EngineKey, device: torch.device) -> tuple[Tensor, ...]:
@@ -202,7 +205,7 @@ def plan_build(request: BuildRequest) -> Plan:
             import_tensorrt()
         except TensorRTUnavailable as exc:
             raise EngineBuildError(str(exc)) from None
-    precision = request.precision or default_precision(backend, env)
+    precision = request.precision or default_precision(env, spec.load_defaults.get("quantization"))
     if precision == "fp8" and (env.sm is None or int(env.sm) < FP8_MIN_SM):
         raise EngineBuildError(f"fp8 needs SM{FP8_MIN_SM}+ (Ada, Hopper); this is {env.describe()}")
     if precision != "fp32" and device.type == "cpu":
@@ -425,9 +428,7 @@ def build_tensorrt(
         onnx_path = work / f"{key.component}.onnx"
         names = {"input_names": list(input_names), "output_names": list(output_names)}
         if key.precision == "fp8":
-            import onnx
-
-            from build_engines.quantize import quantize_fp8, standard_fp8_qdq
+            from build_engines.quantize import quantize_fp8, standard_fp8_qdq_file
 
             with stage(progress, f"{key.describe()}: ModelOpt fp8 calibration"):
                 quantize_fp8(graph.model, lambda _: calibrate_step(graph, args))
@@ -435,13 +436,12 @@ def build_tensorrt(
                 # ModelOpt's Q/DQ symbolics live in the TorchScript exporter (see tests/test_quantize_fp8.py).
                 with torch.no_grad():
                     torch.onnx.export(graph.eval(), args, str(onnx_path), dynamo=False, opset_version=19, **names)
-                model = standard_fp8_qdq(onnx.load(str(onnx_path)))
-                onnx.save(model, str(onnx_path), save_as_external_data=True, location=f"{onnx_path.name}.data")
+                standard_fp8_qdq_file(onnx_path)
         else:
             with stage(progress, f"{key.describe()}: export ONNX"):
                 export_onnx(graph, args, onnx_path, input_names, output_names)
         with stage(progress, f"{key.describe()}: TensorRT build (minutes)"):
-            build_tensorrt_engine(onnx_path, path, path.parent / "timing.cache")
+            build_tensorrt_engine(onnx_path, path, path.parent / "timing.cache", precision=key.precision)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -24,7 +24,8 @@ def add_engines_parser(commands: argparse._SubParsersAction, engines_dir: Path, 
     build.add_argument("--height", type=int, help="default: the pipeline's seed resolution")
     build.add_argument("--width", type=int)
     build.add_argument("--precision", choices=("fp8", "bf16", "fp32"),
-                       help="default: fp8 for TensorRT on SM89+, bf16 on other GPUs, fp32 on CPU")  # fmt: skip
+                       help="default: what the pipeline's default load runs: bf16 on a GPU (fp8 for Krea on "
+                            "SM89+), fp32 on CPU")  # fmt: skip
     build.add_argument("--backend", choices=("tensorrt", "aoti"),
                        help="default: tensorrt where it is importable with a GPU, else aoti")  # fmt: skip
     build.add_argument("--vae-type", choices=("wan", "lightvae", "tae", "lighttae"),

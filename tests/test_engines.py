@@ -27,6 +27,7 @@ from build_engines.manifest import (
     dit_step_key,
     engine_path,
     mismatch,
+    precision_of,
     read_manifest,
     vae_step_key,
 )
@@ -107,6 +108,23 @@ def test_build_writes_a_manifest_lists_it_and_skips_an_up_to_date_rebuild(engine
     again = wanrt(*build_args(engines_dir))
     assert again.returncode == 0 and again.stdout.count("up to date") == 3, again.stdout + again.stderr
     assert read_manifest(path.with_suffix(".json")).built_at == manifest.built_at  # not rebuilt
+
+
+def test_the_default_build_precision_on_a_gpu_is_the_one_each_default_load_looks_for() -> None:
+    """`make engines` then `make serve` on a Hopper: a load looks for fp8 engines only when it quantizes (Krea by
+    default), else those of its dtype (serve/pipelines/autoregressive.py `select_dit_backends`). The default build
+    made fp8 on SM89+, so every other pipeline's default load found no engine and ran eager."""
+    from build_engines.build import default_precision
+    from serve.pipelines.registry import PIPELINES
+
+    hopper = Environment("NVIDIA H200", "90", torch.__version__, None, None)
+    for spec in PIPELINES.values():
+        if not spec.supports_quantization:  # passthrough: no model, no engine
+            continue
+        quantization = spec.load_defaults.get("quantization")
+        looked_for = "fp8" if quantization else precision_of(torch.bfloat16)  # a GPU load's dtype
+        assert default_precision(hopper, quantization) == looked_for, spec.id
+    assert default_precision(Environment.current(CPU), None) == "fp32"
 
 
 def test_a_second_build_of_an_engine_waits_for_the_first_and_then_finds_it_up_to_date(engines_copy: Path) -> None:

@@ -102,7 +102,7 @@ def test_standard_fp8_qdq_graph_runs_in_onnxruntime_equal_to_fake_quant(models, 
     """The graph TensorRT gets for fp8 (build_engines/build.py): ModelOpt's trt-domain Q/DQ rewritten to standard
     ONNX ops, which onnxruntime runs; it equals ModelOpt's torch fake quantization, caches included."""
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    from build_engines.quantize import standard_fp8_qdq
+    from build_engines.quantize import standard_fp8_qdq_file
 
     _, quantized = models
     spec = KVCacheSpec(CONFIG.num_layers, 1, CONFIG.num_heads, CONFIG.head_dim, 16, 9)
@@ -113,7 +113,8 @@ def test_standard_fp8_qdq_graph_runs_in_onnxruntime_equal_to_fake_quant(models, 
     path = tmp_path / "dit_step_fp8.onnx"
     torch.onnx.export(DiTStepGraph(quantized).eval(), args, str(path), dynamo=False, opset_version=19,
                       input_names=list(DIT_STEP_INPUTS), output_names=list(DIT_STEP_OUTPUTS))  # fmt: skip
-    model = standard_fp8_qdq(onnx.load(str(path)))
+    standard_fp8_qdq_file(path)
+    model = onnx.load(str(path))
     assert {n.domain for n in model.graph.node} == {""}  # no trt-domain op left
     options = ort.SessionOptions()
     # onnxruntime 1.2x's CPU graph optimizer fuses fp8 Q/DQ around MatMul into kernels that give ≈10% (flow) to 80%
