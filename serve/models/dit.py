@@ -244,6 +244,24 @@ class Head(nn.Module):
         return linear(self.head, h.view(batch, tokens, dim)).float()
 
 
+def write_cache(cache_k: Tensor, cache_v: Tensor, layer: int, write_index: Tensor, k: Tensor, v: Tensor) -> None:
+    """`k`, `v` [B, N, heads, hd] into layer `layer` of the caches [layers, B, S, heads, hd] at token slots
+    `write_index` [N], in place.
+
+    Caches of batch 1 (every stream's) are written through a flat [layers·S, heads, hd] view of the whole buffer:
+    exported to ONNX that is one ScatterND of N rows. `cache[layer].index_copy_(1, ...)` exported as a ScatterElements
+    whose int64 index is a constant the size of the layer's cache: about 150 MB a layer for the 1.3B DiT at 512², 9 GB
+    for a step, in the plan and read every step (build_engines/export.py). The same writes either way."""
+    layers, batch, slots = cache_k.shape[:3]
+    if batch == 1 and cache_k.is_contiguous() and cache_v.is_contiguous():
+        flat_index = write_index + layer * slots
+        for cache, new in ((cache_k, k), (cache_v, v)):
+            cache.view(layers * slots, *cache.shape[3:]).index_copy_(0, flat_index, new[0].to(cache.dtype))
+        return
+    cache_k[layer].index_copy_(1, write_index, k.to(cache_k.dtype))
+    cache_v[layer].index_copy_(1, write_index, v.to(cache_v.dtype))
+
+
 def run_blocks(blocks: Iterable[tuple[int, DiTBlock]], x: Tensor, e0: Tensor, frames: int, rope: tuple[Tensor, Tensor],
                key_bias: Tensor, text_kv: tuple[Tensor, Tensor], cache_k: Tensor, cache_v: Tensor,
                write_index: Tensor, key_rope: tuple[Tensor, Tensor] | None,
@@ -270,12 +288,12 @@ def run_blocks(blocks: Iterable[tuple[int, DiTBlock]], x: Tensor, e0: Tensor, fr
             if key_rope is None:
                 k = apply_rope(k, cos, sin)
             if write_index.dim() == 2:  # rows into one shared cache: [B·N] distinct slots, one copy
-                cache_k[layer][0].index_copy_(0, write_index.flatten(), k.flatten(0, 1).to(cache_k.dtype))
-                cache_v[layer][0].index_copy_(0, write_index.flatten(), v.flatten(0, 1).to(cache_v.dtype))
+                write_cache(
+                    cache_k, cache_v, layer, write_index.flatten(), k.flatten(0, 1)[None], v.flatten(0, 1)[None]
+                )
                 rows = (q.shape[0], *cache_k.shape[2:])
                 return attention.attend(q, cache_k[layer].expand(rows), cache_v[layer].expand(rows), bias)
-            cache_k[layer].index_copy_(1, write_index, k.to(cache_k.dtype))
-            cache_v[layer].index_copy_(1, write_index, v.to(cache_v.dtype))
+            write_cache(cache_k, cache_v, layer, write_index, k, v)
             keys = cache_k[layer] if key_rope is None else apply_rope(cache_k[layer], *key_rope)
             return attention.attend(q, keys, cache_v[layer], bias)
 
