@@ -13,6 +13,7 @@ from serve.models.autoencoder import build_model
 from serve.models.dit import DIT_CONFIGS, WanDiT
 from serve.models.kv_cache import KVCache, KVCacheSpec, RollingSinkPolicy
 from serve.models.vace import VACE_IN_DIM, VaceWanDiT
+from tests.support.onnx_graph import int64_constant_elements
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[dev]')")
 pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx's exporter) is not installed")
@@ -32,18 +33,6 @@ def float64_uses(path: Path) -> str:
     for node in model.graph.node:
         found += [f"{node.op_type}:{node.name}" for a in node.attribute if a.name == "to" and a.i == double]
     return "DOUBLE " + ", ".join(found) if found else ""
-
-
-def int64_constant_elements(path: Path) -> int:
-    """How many int64 values an ONNX graph holds as initializers and Constant nodes."""
-    import onnx
-
-    model = onnx.load(str(path))
-    int64 = onnx.TensorProto.INT64
-    count = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == int64)
-    for node in model.graph.node:
-        count += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.type == a.TENSOR and a.t.data_type == int64)
-    return count
 
 
 def rel_error(a: np.ndarray, b: np.ndarray) -> float:

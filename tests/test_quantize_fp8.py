@@ -24,6 +24,7 @@ onnx = pytest.importorskip("onnx", reason="onnx is not installed")
 
 from build_engines.export import DIT_STEP_INPUTS, DIT_STEP_OUTPUTS, DiTStepGraph  # noqa: E402
 from build_engines.quantize import quantize_fp8, quantized_modules  # noqa: E402
+from tests.support.onnx_graph import int64_constant_elements  # noqa: E402
 
 CONFIG = DIT_CONFIGS["tiny"]
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
@@ -116,6 +117,7 @@ def test_standard_fp8_qdq_graph_runs_in_onnxruntime_equal_to_fake_quant(models, 
     standard_fp8_qdq_file(path)
     model = onnx.load(str(path))
     assert {n.domain for n in model.graph.node} == {""}  # no trt-domain op left
+    assert int64_constant_elements(path) < cache.k[0].numel()  # no cache-sized scatter index (tests/test_export_onnx)
     options = ort.SessionOptions()
     # onnxruntime 1.2x's CPU graph optimizer fuses fp8 Q/DQ around MatMul into kernels that give ≈10% (flow) to 80%
     # (caches) different results; unfused, the graph is exact. TensorRT does its own fusion.

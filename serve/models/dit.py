@@ -251,9 +251,13 @@ def write_cache(cache_k: Tensor, cache_v: Tensor, layer: int, write_index: Tenso
     Caches of batch 1 (every stream's) are written through a flat [layers·S, heads, hd] view of the whole buffer:
     exported to ONNX that is one ScatterND of N rows. `cache[layer].index_copy_(1, ...)` exported as a ScatterElements
     whose int64 index is a constant the size of the layer's cache: about 150 MB a layer for the 1.3B DiT at 512², 9 GB
-    for a step, in the plan and read every step (build_engines/export.py). The same writes either way."""
+    for a step, in the plan and read every step (build_engines/export.py). The same writes either way.
+
+    Not under the TorchScript tracer (the fp8 export, whose Q/DQ ModelOpt emits only there): it does not carry a
+    write through a view of the whole buffer back to the traced cache, and exports the per-layer write as a ScatterND
+    without the constant."""
     layers, batch, slots = cache_k.shape[:3]
-    if batch == 1 and cache_k.is_contiguous() and cache_v.is_contiguous():
+    if batch == 1 and cache_k.is_contiguous() and cache_v.is_contiguous() and not torch.jit.is_tracing():
         flat_index = write_index + layer * slots
         for cache, new in ((cache_k, k), (cache_v, v)):
             cache.view(layers * slots, *cache.shape[3:]).index_copy_(0, flat_index, new[0].to(cache.dtype))
