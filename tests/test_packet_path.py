@@ -99,6 +99,25 @@ def test_the_sps_profile_tells_baseline_from_high() -> None:
     assert sps_profile(high) == 100 and sps_profile(b"\x00\x00\x01\x65\x88") is None  # an IDR slice, no SPS
 
 
+def test_h264_on_a_gpu_without_a_working_nvenc_is_libx264_reading_the_device() -> None:
+    """A session's encoder (make_encoder, on the event loop) takes NVENC on a CUDA device only once a probe found
+    it serves: before a probe has finished, and after one that failed (here PyNvVideoCodec is missing; on an H200
+    CreateEncoder fails), H.264 is libx264 from YUV converted on the device. CUDA is never touched here."""
+    from serve.webrtc import encoders
+
+    gpu = torch.device("cuda", 0)
+    encoders._nvenc_checked.pop(0, None)  # what an earlier probe in this process found
+    assert "no probe of GPU 0's NVENC has finished" in str(encoders.nvenc_probed(gpu))
+    before = encoders.make_encoder("video/H264", gpu, 1_000_000, "ultrafast", convert_on_device=True)
+    assert 0 not in encoders._nvenc_checked  # it did not probe (it runs on the event loop)
+    reason = encoders.nvenc_unavailable(gpu)
+    assert reason is not None and "PyNvVideoCodec" in reason, reason
+    assert encoders.nvenc_probed(gpu) == reason  # found once; make_encoder reads it without probing
+    after = encoders.make_encoder("video/H264", gpu, 1_000_000, "ultrafast", convert_on_device=True)
+    for encoder in (before, after):
+        assert isinstance(encoder, X264Encoder) and encoder.reads_device_memory
+
+
 def test_vp8_writes_keyframes_where_asked_and_decodes_to_the_scene() -> None:
     encoder = Vp8Encoder(1_000_000)
     packets = encode_scene(encoder, 12, keyframe_at={7})

@@ -457,6 +457,7 @@ class NvencEncoder(PacketEncoder):
 _nvenc_checked: dict[int, str | None] = {}
 _nvenc_lock = threading.Lock()
 PROBE_SIZE = 256  # NVENC takes frames from 145×49 up
+PROBE_TIMEOUT_S = 10.0  # a probe that takes longer (a wedged driver) leaves NVENC unused, said so
 
 
 def nvenc_unavailable(device: torch.device) -> str | None:
@@ -466,12 +467,29 @@ def nvenc_unavailable(device: torch.device) -> str | None:
     A100 have no NVENC: there CreateEncoder fails, and every frame of every session would fail with it. So a small
     stream is encoded here (a few frames, flushed) and its first SPS must say Baseline, the profile aiortc offers
     (PyNvVideoCodec 2.2 may not apply the `profile` option). Blocking (an encoder opens in tens of milliseconds):
-    call it off the event loop."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with _nvenc_lock:
+    call it off the event loop. A probe still running after PROBE_TIMEOUT_S is answered as a reason, not waited on."""
+    index = _gpu_index(device)
+    if index in _nvenc_checked:
+        return _nvenc_checked[index]
+    if not _nvenc_lock.acquire(timeout=PROBE_TIMEOUT_S):
+        return f"the probe of GPU {index}'s NVENC has not finished in {PROBE_TIMEOUT_S:g} s"
+    try:
         if index not in _nvenc_checked:
             _nvenc_checked[index] = _probe_nvenc(torch.device("cuda", index))
         return _nvenc_checked[index]
+    finally:
+        _nvenc_lock.release()
+
+
+def nvenc_probed(device: torch.device) -> str | None:
+    """What `nvenc_unavailable` found for this GPU, without probing (for the event loop): a reason, None when NVENC
+    serves, or a reason saying no probe of it has finished."""
+    index = _gpu_index(device)
+    return _nvenc_checked.get(index, f"no probe of GPU {index}'s NVENC has finished")
+
+
+def _gpu_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _probe_nvenc(device: torch.device) -> str | None:
@@ -517,7 +535,7 @@ def make_encoder(
         return None
     reason = "the pipeline runs on the CPU"
     if device.type == "cuda":
-        unavailable = nvenc_unavailable(device)  # cached: the session's start found it off the event loop
+        unavailable = nvenc_probed(device)  # the session's start probed it, off the event loop
         if unavailable is None:
             _say("h264 encoder=nvenc")
             return NvencEncoder(bitrate_bps, device)

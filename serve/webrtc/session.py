@@ -42,7 +42,7 @@ from serve.recording import Recorder, RecordingStore
 from serve.schemas import IceCandidate, RuntimeParameters
 from serve.settings import WebRTCSettings
 from serve.webrtc.codecs import hook_sender, prefer_codec, sending_codec
-from serve.webrtc.encoders import make_encoder, nvenc_unavailable
+from serve.webrtc.encoders import PROBE_TIMEOUT_S, make_encoder, nvenc_unavailable
 from serve.webrtc.ice import parse_candidate, rtc_configuration
 from serve.webrtc.planes import read_planes
 from serve.webrtc.tracks import OutputTrack
@@ -218,8 +218,9 @@ class PeerSession:
         check_fingerprints(sdp)
         pc.addTrack(self.output)  # fills the offered video transceiver: sendrecv with a camera, sendonly without
         device = pipeline_device(self.pipeline)
-        if device.type == "cuda" and self._settings.frame_path != "host":
-            await asyncio.to_thread(nvenc_unavailable, device)  # once per GPU, a real encode: not on the loop
+        if device.type == "cuda" and self._settings.frame_path != "host":  # once per GPU, a real encode
+            with contextlib.suppress(TimeoutError):  # a wedged probe: this session encodes with libx264
+                await asyncio.wait_for(asyncio.to_thread(nvenc_unavailable, device), PROBE_TIMEOUT_S + 1)
         self._choose_output_path()
         try:
             await pc.setLocalDescription(await pc.createAnswer())  # aiortc gathers its candidates here
