@@ -58,16 +58,14 @@ def upload_yuv(chunk: YuvChunk, device: torch.device, height: int, width: int) -
     return out
 
 
+def cuda_index(device: torch.device) -> int:
+    """A CUDA device's ordinal: `cuda` (no index, as a load without `gpus` names it) is the current device."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def same_device(a: torch.device, b: torch.device) -> bool:
-    """Whether two devices are one: `cuda` (no index, as a load without `gpus` names it) is the current CUDA device,
-    so it is NVDEC's `cuda:0` there, which `==` says it is not."""
-    if a.type != b.type:
-        return False
-    if a.type != "cuda" or a.index == b.index:
-        return True
-    if a.index is not None and b.index is not None:
-        return False
-    return torch.cuda.current_device() == (a.index if b.index is None else b.index)
+    """Whether two devices are one: `cuda` is NVDEC's `cuda:0` where 0 is current, which `==` says it is not."""
+    return a.type == b.type and (a.type != "cuda" or cuda_index(a) == cuda_index(b))
 
 
 @contextlib.contextmanager

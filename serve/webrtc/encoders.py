@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from fractions import Fraction
 from typing import Any
 
@@ -38,7 +39,7 @@ from av import VideoFrame
 from av.video.reformatter import Interpolation, VideoReformatter
 
 from kernels.colour import BT601_LIMITED, rgb_to_nv12
-from serve.pipelines.frames import one_host_thread
+from serve.pipelines.frames import cuda_index, one_host_thread
 from serve.pipelines.worker import FrameStamp
 from serve.settings import WebRTCSettings
 
@@ -53,13 +54,17 @@ REOPEN_MIN_FRAMES = FRAME_RATE_HINT  # FFmpeg's encoders retune by reopening (a 
 NAL_IDR, NAL_SPS, NAL_PPS = 5, 7, 8
 
 
-def nal_types(data: bytes) -> list[int]:
-    """The nal_unit_type of each NAL unit of an Annex B access unit (after each 00 00 01 start code)."""
-    types, start = [], data.find(b"\x00\x00\x01")
+def nal_headers(data: bytes) -> Iterator[int]:
+    """The offset of each NAL unit's header byte in Annex B data (the byte after each 00 00 01 start code)."""
+    start = data.find(b"\x00\x00\x01")
     while start != -1 and start + 3 < len(data):
-        types.append(data[start + 3] & 0x1F)
+        yield start + 3
         start = data.find(b"\x00\x00\x01", start + 3)
-    return types
+
+
+def nal_types(data: bytes) -> list[int]:
+    """The nal_unit_type of each NAL unit of an Annex B access unit."""
+    return [data[header] & 0x1F for header in nal_headers(data)]
 
 
 H264_BASELINE = 66  # profile_idc; aiortc offers only (Constrained) Baseline, 42e01f / 42001f
@@ -67,12 +72,8 @@ H264_BASELINE = 66  # profile_idc; aiortc offers only (Constrained) Baseline, 42
 
 def sps_profile(data: bytes) -> int | None:
     """The profile_idc of an Annex B stream's first SPS (the byte after its NAL header), None if it has none."""
-    start = data.find(b"\x00\x00\x01")
-    while start != -1 and start + 4 < len(data):
-        if data[start + 3] & 0x1F == NAL_SPS:
-            return data[start + 4]
-        start = data.find(b"\x00\x00\x01", start + 3)
-    return None
+    sps = (h for h in nal_headers(data) if data[h] & 0x1F == NAL_SPS and h + 1 < len(data))
+    return data[header + 1] if (header := next(sps, None)) is not None else None
 
 
 # swscale's area filter: its 2:1 decimation is the 2×2 mean. Its default (bilinear) one averages the two columns but
@@ -376,7 +377,7 @@ class NvencEncoder(PacketEncoder):
 
         self._nvc = nvc
         self.device = device
-        self._gpu = device.index if device.index is not None else torch.cuda.current_device()
+        self._gpu = cuda_index(device)
         self._stream = torch.cuda.Stream(device)
         self._encoder: Any = None
         self._size: tuple[int, int] | None = None
@@ -444,14 +445,16 @@ class NvencEncoder(PacketEncoder):
         return self._stamp
 
     def flush(self) -> bytes:
-        """What the encoder still holds, encoded (for a probe or a test; a stream's frames are never flushed)."""
-        return _bitstream(self._encoder.EndEncode()) if self._encoder is not None else b""
+        """Ends the encoder's session and returns what it still held, encoded (a probe's or a test's; a stream's
+        `close` drops it)."""
+        if self._encoder is None:
+            return b""
+        held, self._encoder = self._encoder.EndEncode(), None
+        self._stamps.clear()
+        return _bitstream(held)
 
     def close(self) -> None:
-        if self._encoder is not None:
-            self._encoder.EndEncode()
-            self._encoder = None
-            self._stamps.clear()
+        self.flush()
 
 
 _nvenc_checked: dict[int, str | None] = {}
@@ -468,7 +471,7 @@ def nvenc_unavailable(device: torch.device) -> str | None:
     stream is encoded here (a few frames, flushed) and its first SPS must say Baseline, the profile aiortc offers
     (PyNvVideoCodec 2.2 may not apply the `profile` option). Blocking (an encoder opens in tens of milliseconds):
     call it off the event loop. A probe still running after PROBE_TIMEOUT_S is answered as a reason, not waited on."""
-    index = _gpu_index(device)
+    index = cuda_index(device)
     if index in _nvenc_checked:
         return _nvenc_checked[index]
     if not _nvenc_lock.acquire(timeout=PROBE_TIMEOUT_S):
@@ -484,12 +487,8 @@ def nvenc_unavailable(device: torch.device) -> str | None:
 def nvenc_probed(device: torch.device) -> str | None:
     """What `nvenc_unavailable` found for this GPU, without probing (for the event loop): a reason, None when NVENC
     serves, or a reason saying no probe of it has finished."""
-    index = _gpu_index(device)
+    index = cuda_index(device)
     return _nvenc_checked.get(index, f"no probe of GPU {index}'s NVENC has finished")
-
-
-def _gpu_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _probe_nvenc(device: torch.device) -> str | None:
@@ -498,7 +497,6 @@ def _probe_nvenc(device: torch.device) -> str | None:
         grey = torch.full((PROBE_SIZE * 3 // 2, PROBE_SIZE), 128, dtype=torch.uint8, device=device)
         data = b"".join(encoder._encode(DeviceFrame(grey, n, Fraction(1, 30)), n == 0) or b"" for n in range(4))
         data += encoder.flush()
-        encoder._encoder = None  # EndEncode has run
     except Exception as exc:  # ImportError without the wheel; its own errors without NVENC or its library
         return f"{type(exc).__name__}: {exc}"
     if NAL_IDR not in nal_types(data):
