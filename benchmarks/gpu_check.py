@@ -14,10 +14,12 @@ the next one runs:
                 (benchmarks/serve_passthrough.py --path old,gpu), and VP8 from the GPU at 1 stream (gpu-vp8:
                 YUV converted on the device, libvpx on the host)
   gpu_tests     the `gpu`-marked tests (pytest, when installed)
-  dit_step      the DiT step (1.3B, bf16): eager, compiled, CUDA graph (the served one), fp8 storage; ms, TFLOP/s,
-                % of peak
+  dit_step      the DiT step (1.3B, bf16): eager (with window-relative keys too, and with the torch rope), compiled,
+                CUDA graph (the served one), fp8 storage; ms, TFLOP/s, % of peak
   attention     each SDPA kernel (cuDNN, flash, memory-efficient, math) on the step's self- and cross-attention
                 shapes: the measured order for serve/runtime/cuda_step.py `attention_backends`
+  rope          kernels/rope.py's Triton kernel against its torch reference on the step's queries and Reward
+                Forcing's cached window (ms, GB/s, max difference); dit_step has the whole step with each
   vae_steps     the VAE chunk steps of every vae_type at the seed resolutions
   pipelines     each pipeline's chunk latency and fps (video and text mode) at its seed resolution, LongLive also at
                 480×832, Krea 14B with fp8; a new stream's first frame; peak memory against the VRAM plan
@@ -37,6 +39,7 @@ which a device call carries (`carry=['.gpu-bundle']`) and `activate` unpacks fir
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -47,13 +50,24 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 from benchmarks.gpu_bundle import activate
 
-PARTS = ("environment", "frame_path", "gpu_tests", "dit_step", "attention", "vae_steps", "pipelines", "adapters")
+PARTS = (
+    "environment",
+    "frame_path",
+    "gpu_tests",
+    "dit_step",
+    "attention",
+    "rope",
+    "vae_steps",
+    "pipelines",
+    "adapters",
+)
 # 590 s in all: the budget (below) cuts the last parts short, never the device call.
-TIME_BOX_S = {"environment": 30, "frame_path": 100, "gpu_tests": 60, "dit_step": 120, "attention": 20, "vae_steps": 50,
-              "pipelines": 170, "adapters": 40}  # fmt: skip
+TIME_BOX_S = {"environment": 30, "frame_path": 100, "gpu_tests": 60, "dit_step": 120, "attention": 20, "rope": 15,
+              "vae_steps": 50, "pipelines": 155, "adapters": 40}  # fmt: skip
 BUDGET_S = 540
 DRY_TIME_BOX_S = 120
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "L40S": 362.0, "4090": 165.0, "A100": 312.0}
@@ -180,6 +194,7 @@ def part_dit_step(dry: bool) -> dict[str, Any]:
 
     from benchmarks.model_step import Shape, step_tflop
     from benchmarks.timing import time_ms
+    from kernels.rope import apply_rope_reference
     from serve.models.dit import DIT_CONFIGS
     from serve.models.fp8 import store_dit_in_fp8
 
@@ -206,6 +221,12 @@ def part_dit_step(dry: bool) -> dict[str, Any]:
         save_partial({**header, "rows": rows})
 
     measure("eager", lambda: model.step(*args))
+    slots = model.rope.tables(torch.arange(cache_frames, device=device), height // 16, width // 16)
+    measure("eager, window-relative keys (Reward Forcing: the cache rotated at read)",
+            lambda: model.step(*args, key_rope=slots))  # fmt: skip
+    with patch("serve.models.dit.apply_rope", apply_rope_reference):  # the step as it ran before kernels/rope.py
+        measure("eager, torch rope", lambda: model.step(*args))
+        measure("eager, window-relative keys, torch rope", lambda: model.step(*args, key_rope=slots))
     if cuda:
         from serve.runtime.cuda_step import DIT_STEP_PERSISTENT, CudaStep
 
@@ -260,6 +281,53 @@ def part_attention(dry: bool) -> dict[str, Any]:
                              "error": str(exc).splitlines()[0][:160]})  # fmt: skip
             save_partial({"rows": rows})
     return {"heads": heads, "head_dim": head_dim, "tokens_per_frame": tokens, "rows": rows}
+
+
+def part_rope(dry: bool) -> dict[str, Any]:
+    """kernels/rope.py's Triton kernel against its torch reference on the 1.3B step's shapes at 480×832: one layer's
+    chunk queries (fp32, 3 frames of 1560 tokens) and Reward Forcing's cached window (bf16, 9 frames), rotated at
+    read time. GB/s counts what one fused pass must move (the input, the output, the tables)."""
+    import torch
+
+    from benchmarks.timing import time_ms
+    from kernels.rope import apply_rope_reference, kernel_refusal
+    from kernels.triton_rope import apply_rope
+
+    cuda = torch.cuda.is_available() and not dry
+    device = torch.device("cuda" if cuda else "cpu")
+    heads, head_dim, frame_tokens = (12, 128, 1560) if cuda else (2, 32, 16)
+    rows = []
+    for label, frames, dtype in (("chunk queries", 3, torch.float32), ("cached window", 9, torch.bfloat16)):
+        x = torch.randn(1, frames * frame_tokens, heads, head_dim, device=device).to(dtype)
+        angles = torch.rand(frames * frame_tokens, head_dim // 2, device=device) * 100
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        moved = 2 * x.numel() * x.element_size() + 2 * cos.numel() * 4
+        reference = apply_rope_reference(x, cos, sin)
+        for variant, fn in (("torch reference", apply_rope_reference), ("triton", apply_rope)):
+            row: dict[str, Any] = {
+                "tensor": label,
+                "shape": list(x.shape),
+                "dtype": str(dtype).removeprefix("torch."),
+                "variant": variant,
+                "ms": None,
+                "gb_s": None,
+                "max_abs_diff": None,
+                "error": None,
+            }
+            try:
+                if variant == "triton" and (refusal := kernel_refusal(x, cos, sin)) is not None:
+                    raise RuntimeError(f"the dispatch would not run it: {refusal}")
+                call = functools.partial(fn, x, cos, sin)
+                with torch.inference_mode():
+                    row["ms"] = time_ms(call, device, warmup=3 if cuda else 1, iters=20 if cuda else 2)
+                    out = call()
+                row["gb_s"] = moved / row["ms"] / 1e6
+                row["max_abs_diff"] = (out.float() - reference.float()).abs().max().item()
+            except Exception as exc:  # without CUDA the kernel is refused: the reference rows still count
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            rows.append(row)
+            save_partial({"rows": rows})
+    return {"rows": rows}
 
 
 def part_vae_steps(dry: bool) -> dict[str, Any]:
@@ -460,6 +528,12 @@ def markdown(report: dict[str, Any]) -> str:
             for r in result["rows"]:
                 timing = f"{r['ms']:.3f} | {r['tflops']:.1f} |" if r["ms"] else "- | - |"
                 lines.append(f"| {r['attention']} | {r['kernel']} | {timing} {r['error'] or ''} |")
+        elif part["part"] == "rope" and result:
+            lines += ["| tensor | shape | dtype | variant | ms | GB/s | max abs diff | error |", "|---" * 8 + "|"]
+            for r in result["rows"]:
+                timing = f"{r['ms']:.3f} | {r['gb_s']:.0f} | {r['max_abs_diff']:.2g} |" if r["ms"] else "- | - | - |"
+                lines.append(f"| {r['tensor']} | {'×'.join(map(str, r['shape']))} | {r['dtype']} | {r['variant']} | "
+                             f"{timing} {r['error'] or ''} |")  # fmt: skip
         elif part["part"] == "vae_steps" and result:
             lines += ["| vae | H×W | step | ms | GFLOP | TFLOP/s |", "|---|---|---|---|---|---|"]
             lines += [f"| {r['vae_type']} | {r['height']}×{r['width']} | {r['step']} | {r['ms']:.2f} | "

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from kernels.rope import apply_rope
 from serve.models.dit import (
     DIT_CONFIGS,
     WanDiT,
-    apply_rope,
     block_causal_mask,
     rope_axis_dims,
     sinusoidal_embedding,

@@ -23,22 +23,31 @@ def test_the_dry_gpu_check_runs_every_part_and_writes_both_reports(tmp_path: Pat
         (blocker / f"{name}.py").write_text(f"raise ImportError('{name} must not be needed by gpu_check')\n")
     out = tmp_path / "report"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(ROOT)])}
-    command = [sys.executable, "-m", "benchmarks.gpu_check", "--dry", "--out", str(out),
-               "--parts", "environment", "dit_step", "attention", "vae_steps", "pipelines", "adapters"]  # fmt: skip
+    parts = ("environment", "dit_step", "attention", "rope", "vae_steps", "pipelines", "adapters")
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--dry", "--out", str(out), "--parts", *parts]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "gpu-report.json").read_text())
     assert report["dry"] is True
     status = {part["part"]: part["status"] for part in report["parts"]}
-    assert status == dict.fromkeys(("environment", "dit_step", "attention", "vae_steps", "pipelines", "adapters"),
-                                   "ok"), report  # fmt: skip
+    assert status == dict.fromkeys(parts, "ok"), report
     parts = {part["part"]: part["result"] for part in report["parts"]}
     assert parts["environment"]["matmul_tflops"] > 0
-    assert {row["variant"] for row in parts["dit_step"]["rows"]} == {"eager", "fp8 storage, eager"}
+    assert [row["variant"] for row in parts["dit_step"]["rows"]] == [
+        "eager", "eager, window-relative keys (Reward Forcing: the cache rotated at read)", "eager, torch rope",
+        "eager, window-relative keys, torch rope", "fp8 storage, eager",
+    ]  # fmt: skip
     assert all(row["error"] is None and row["ms"] > 0 for row in parts["dit_step"]["rows"])
     assert [(row["attention"], row["kernel"]) for row in parts["attention"]["rows"]] == [
         ("self (bias)", "MATH"), ("cross", "MATH")
     ] and all(row["ms"] > 0 for row in parts["attention"]["rows"])  # fmt: skip
+    rope = parts["rope"]["rows"]
+    assert [(row["tensor"], row["variant"]) for row in rope] == [
+        ("chunk queries", "torch reference"), ("chunk queries", "triton"),
+        ("cached window", "torch reference"), ("cached window", "triton"),
+    ]  # fmt: skip
+    assert all(row["ms"] > 0 and row["max_abs_diff"] == 0 for row in rope if row["variant"] == "torch reference")
+    assert all("not on CUDA" in row["error"] for row in rope if row["variant"] == "triton")  # the dispatch's refusal
     assert {row["vae_type"] for row in parts["vae_steps"]["rows"]} == {"wan", "lightvae", "tae", "lighttae"}
     rows = parts["pipelines"]["rows"]
     assert [row["pipeline"] for row in rows] == [
@@ -53,6 +62,7 @@ def test_the_dry_gpu_check_runs_every_part_and_writes_both_reports(tmp_path: Pat
     assert adapters["vace"] and all(row["vace_ms"] > 0 for row in adapters["vace"])
     markdown = (out / "gpu-report.md").read_text()
     assert "| streamdiffusionv2 | 32×32 |" in markdown and "## dit_step" in markdown and "| cross | MATH |" in markdown
+    assert "| cached window | 1×144×2×32 | bfloat16 | torch reference |" in markdown
     # Nothing else in the folder: a device call brings back at most 8 files (the parts' own go to a scratch folder).
     assert sorted(p.name for p in out.iterdir()) == ["gpu-report.json", "gpu-report.md"]
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.rope import apply_rope
+
 ROPE_MAX_POSITIONS = 1024  # the reference's table length: absolute frame positions stay below this
 # Every nn.Linear of a DiTBlock, by its name in the block: what LongLive-style LoRAs target (models.md §3.2).
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
@@ -86,15 +88,6 @@ def rope_table(positions: int, pairs: int) -> tuple[Tensor, Tensor]:
     omega = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, 2 * pairs, 2, dtype=torch.float64) / (2 * pairs))
     angles = torch.outer(torch.arange(positions, dtype=torch.float64), omega)
     return torch.cos(angles).float(), torch.sin(angles).float()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1). x [B, L, heads, hd]; cos/sin [L, hd/2] (or [B, L, hd/2])."""
-    x_pairs = x.float().unflatten(-1, (-1, 2))  # [B, L, heads, hd/2, 2]
-    real, imag = x_pairs[..., 0], x_pairs[..., 1]
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
 
 
 class RotaryEmbedding(nn.Module):

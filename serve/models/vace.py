@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from kernels.rope import apply_rope
 from serve.models.checkpoint import (
     CheckpointError,
     LazyTensor,
@@ -36,7 +37,6 @@ from serve.models.dit import (
     HintsFn,
     RotaryEmbedding,
     WanDiT,
-    apply_rope,
     keep_in_fp32,
     linear,
 )
