@@ -51,6 +51,25 @@ async def test_passthrough_returns_frames_in_order_at_loaded_resolution(server: 
     assert counters[-1] - counters[0] >= len(counters) - 1
 
 
+async def test_a_microphone_in_the_offer_is_answered_inactive_and_the_video_streams(server: RunningServer) -> None:
+    """getUserMedia({audio: true, video: true}) offers an audio section too. aiortc would answer it recvonly and
+    decode every Opus frame into a queue that nothing reads (50 a second, unbounded, a core's share spent on it):
+    the answer declines it, so no receiver starts, and the video streams as without it."""
+    load_pipeline(server.url, "passthrough", height=192, width=256)
+    client = ScopeClient(server.url, initial_parameters={"input_mode": "video"}, send_audio=True)
+    await client.connect()
+    try:
+        frames = await client.wait_frames(30)
+    finally:
+        await client.close()
+    sections = client.answer_sdp.split("\r\nm=")[1:]
+    audio = [section for section in sections if section.startswith("audio")]
+    assert len(audio) == 1 and "a=inactive" in audio[0].split("\r\n"), audio
+    assert any(section.startswith("video") and "a=sendrecv" in section for section in sections)
+    counters = [f.counter for f in frames]
+    assert all(b > a for a, b in itertools.pairwise(counters)), counters
+
+
 async def test_text_mode_generates_without_an_input_track(server: RunningServer) -> None:
     load_pipeline(server.url, "passthrough", height=128, width=128)
     client = ScopeClient(server.url, send_video=False, initial_parameters={"input_mode": "text"}, keep_pixels=True)

@@ -216,6 +216,9 @@ class PeerSession:
                 "pc.addTransceiver('video') (text mode) before createOffer()"
             )
         check_fingerprints(sdp)
+        for transceiver in pc.getTransceivers():
+            if transceiver.kind != "video":  # a browser's microphone: answered inactive, so aiortc starts no receiver
+                transceiver.direction = "inactive"  # (whose decoded frames would pile up in a queue nobody reads)
         pc.addTrack(self.output)  # fills the offered video transceiver: sendrecv with a camera, sendonly without
         device = pipeline_device(self.pipeline)
         if device.type == "cuda" and self._settings.frame_path != "host":  # once per GPU, a real encode

@@ -17,7 +17,14 @@ import aiortc.rtcrtpreceiver
 import av
 import httpx
 import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription, VideoStreamTrack
+from aiortc import (
+    AudioStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+    VideoStreamTrack,
+)
 from aiortc.codecs import get_decoder
 from aiortc.codecs.base import Decoder
 from aiortc.codecs.vpx import Vp8Decoder
@@ -123,6 +130,8 @@ class ScopeClient:
     # by over 10 %, at frames that differ from session to session under load; sessions compared pixel for pixel
     # need the lossy coding of their frames to be the same.
     estimate_bandwidth: bool = True
+    send_audio: bool = False  # a microphone track too, as getUserMedia({audio: true, video: true}) gives
+    answer_sdp: str = ""
 
     async def connect(self) -> str:
         async with httpx.AsyncClient(base_url=self.url, timeout=10) as http:
@@ -142,6 +151,8 @@ class ScopeClient:
                 pc.addTrack(self.track)
             else:
                 pc.addTransceiver("video", direction="recvonly")
+            if self.send_audio:
+                pc.addTrack(AudioStreamTrack())
             if self.codec is not None:
                 capabilities = RTCRtpSender.getCapabilities("video").codecs
                 preferred = [c for c in capabilities if c.mimeType in (self.codec, "video/rtx")]
@@ -161,6 +172,7 @@ class ScopeClient:
             response = await http.post("/api/v1/webrtc/offer", json=body)
             assert response.status_code == 200, f"{response.status_code} {response.text}"
             answer = response.json()
+            self.answer_sdp = answer["sdp"]
             if not self.estimate_bandwidth:
                 assert "abs-send-time" not in answer["sdp"], "the answer has abs-send-time that the offer left out"
             self.session_id = answer["sessionId"]
