@@ -81,7 +81,7 @@ def test_frames_keep_their_own_inputs_timestamps_through_the_pipe() -> None:
         worker, "test", stream, stream.p.chunk_frames, {**params, "input_mode": "video"},
         convert=lambda index: np.full((SIZE, SIZE, 3), index, np.uint8),
         emit=lambda frames, stamps: out.append((len(frames), [stamp.pts for stamp in stamps])),
-        output_has_room=lambda: True, on_error=errors.append, text_fps=30,
+        output_has_room=lambda frames: True, on_error=errors.append, text_fps=30,
     )  # fmt: skip
     try:
         index = 0

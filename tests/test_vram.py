@@ -111,7 +111,7 @@ def test_a_chunk_out_of_gpu_memory_stops_its_stream_frees_it_and_the_worker_keep
             4,
             runtime,
             convert=lambda f: f,
-            output_has_room=lambda: len(outputs) < 2,
+            output_has_room=lambda frames: len(outputs) < 2,
             emit=lambda frames, _: (outputs.append(frames), done.set()),
             on_error=errors.append,
             text_fps=16.0,

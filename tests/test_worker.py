@@ -64,7 +64,7 @@ def make_slot(worker: PipelineWorker, stream: PipelineStream, sink: Sink, chunk:
         {"input_mode": "video", **params},
         convert=lambda payload: np.full((2, 2, 3), payload, np.uint8),
         emit=sink.emit,
-        output_has_room=lambda: len(sink.chunks) < 3,
+        output_has_room=lambda frames: len(sink.chunks) < 3,
         on_error=sink.error,
         text_fps=30,
     )
@@ -220,7 +220,7 @@ def test_the_next_chunk_is_queued_before_waiting_for_frames_in_flight(worker: Pi
         sink.emit(frames, stamps)
 
     slot = StreamSlot(worker, "ahead", stream, 1, {"input_mode": "text"}, convert=lambda p: p, emit=emit,
-                      output_has_room=lambda: len(stream.seen) < 5, on_error=sink.error, text_fps=30)  # fmt: skip
+                      output_has_room=lambda _: len(stream.seen) < 5, on_error=sink.error, text_fps=30)  # fmt: skip
     worker.attach(slot)
     wait_for(lambda: len(sink.chunks) == 5)
     emits = [index for kind, index in timeline if kind == "emit"]
@@ -339,3 +339,75 @@ def test_closing_a_worker_that_already_stopped_closes_the_pipeline_at_once() -> 
     closed: list[str] = []
     worker.close(then=lambda: closed.append(threading.current_thread().name))
     assert closed == [threading.current_thread().name]
+
+
+def test_closing_the_worker_inside_a_chunk_frees_every_stream_before_the_pipeline_closes(worker) -> None:
+    """An unload detaches its sessions, then closes the worker. A chunk still running then (a 14B chunk outlasts the
+    sessions' closing) made the thread leave without freeing the detached streams, whose KV caches lived on beside
+    the next load."""
+    running, queued = ReleasedStream(delay_s=0.3), ReleasedStream()
+    busy = make_slot(worker, running, Sink(), chunk=1)
+    make_slot(worker, queued, Sink(), chunk=1)  # attached still, as a session that had not closed yet
+    push(busy, 0)
+    wait_for(lambda: not busy._inputs)  # the worker is in the chunk
+    worker.detach(busy)
+    order: list[str] = []
+    worker.close(then=lambda: order.append(f"pipeline closed, streams freed: {running.released} {queued.released}"))
+    assert not worker.alive
+    assert order == ["pipeline closed, streams freed: ('pipeline-test', 1) ('pipeline-test', 0)"]
+
+
+def test_a_slot_that_was_never_attached_has_its_stream_freed_once(worker: PipelineWorker) -> None:
+    """An offer that fails after its stream was opened (a bad SDP, a missing fingerprint) detaches a slot the worker
+    never had: its stream is freed all the same, on the worker thread, and a second detach frees nothing more."""
+    released: list[str] = []
+
+    class Counted(RecordingStream):
+        def release(self) -> None:
+            released.append(threading.current_thread().name)
+
+    slot = StreamSlot(worker, "failed-offer", Counted(), 1, {"input_mode": "video"}, convert=lambda p: p,
+                      emit=Sink().emit, output_has_room=lambda frames: True, on_error=Sink().error,
+                      text_fps=30)  # fmt: skip
+    worker.detach(slot)
+    wait_for(lambda: bool(released))
+    worker.detach(slot)
+    time.sleep(0.05)
+    assert released == ["pipeline-test"]
+
+
+def test_a_slot_cannot_join_a_worker_that_stopped() -> None:
+    """A worker that died (an asynchronous CUDA error) while an offer was being answered: the slot joined a thread
+    that would never run it, and the peer connected to a stream that sent nothing and never said why."""
+    from serve.errors import PipelineNotLoaded
+
+    worker = PipelineWorker("stopped")
+    worker.close()
+    with pytest.raises(PipelineNotLoaded, match="load it again"):
+        make_slot(worker, RecordingStream(), Sink(), chunk=1)
+
+
+async def test_text_mode_with_copies_in_flight_fills_the_output_without_dropping_frames(worker) -> None:
+    """Text mode on a GPU with the frames copied to the host (`--frame-path host`): the worker starts the next ready
+    chunk while the last one's copy is in flight. `ready` counted only frames already in the output, so the same slot
+    was started again beside its copying chunk, three chunks met a two-chunk output, and half the frames were
+    dropped (47 out and 44 dropped in 3 s, where 91 should play)."""
+    from serve.webrtc.tracks import OutputTrack
+
+    chunk = 4
+    device = SerialDevice(0.02)  # far faster than playout: 4 frames at 30 fps take 133 ms
+
+    class CopiesFrames(RecordingStream):
+        def start(self, frames, params) -> ChunkOutput:
+            return ChunkOutput(np.zeros((chunk, 16, 16, 3), np.uint8), device.queue())
+
+    output = OutputTrack(capacity_frames=2 * chunk, on_drained=lambda: slot.wake())
+    slot = StreamSlot(worker, "text", CopiesFrames(), chunk, {"input_mode": "text"}, convert=lambda p: p,
+                      emit=output.push_threadsafe, output_has_room=output.has_room, on_error=Sink().error,
+                      text_fps=30)  # fmt: skip
+    worker.attach(slot)
+    started = time.monotonic()
+    while time.monotonic() - started < 1.5:
+        await output.recv()
+    worker.detach(slot)
+    assert output.frames_out >= 40 and output.frames_dropped == 0, (output.frames_out, output.frames_dropped)

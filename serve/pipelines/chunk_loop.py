@@ -220,14 +220,15 @@ class AutoregressiveStream(PipelineStream):
         return ChunkOutput(out, self.host.take_pending())
 
     def release(self) -> None:
-        """Drop this stream's device buffers (it cannot run again) and hand cached blocks back to the driver."""
+        """Drop this stream's device buffers (it cannot run again). Their blocks stay in the caching allocator, for
+        the next stream to take: handing them back to the driver here (`empty_cache`) made every other stream's
+        next chunk allocate afresh, a synchronising cudaMalloc, each time a session ended. An unload frees them
+        (manager.py `free_device_memory`)."""
         self.cache = self.text_kv = None  # type: ignore[assignment]
         self.decoding.clear()
         self.vae.reset()
         self.policy = self.conditioning = None  # type: ignore[assignment]
         self.vace = self.vace_text_kv = None  # its VAE caches and encoded images
-        if self.p.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def _process(self, frames: np.ndarray | YuvChunk | None, params: dict[str, Any]) -> np.ndarray:

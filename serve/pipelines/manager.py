@@ -200,8 +200,9 @@ class PipelineManager:
         if pipeline is not None:
             # Closed sessions refer to the pipeline through reference cycles (callbacks into their own methods), so
             # only the cyclic collector frees its weights, at a time of its choosing: a next load could run out of
-            # memory beside them.
-            del pipeline
+            # memory beside them. Nothing here may still hold it then (the worker holds its slots until its thread
+            # is out).
+            del pipeline, worker
             await asyncio.to_thread(free_device_memory)
 
     async def close(self) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from serve.errors import PipelineWorkerStopped
+from serve.errors import PipelineNotLoaded, PipelineWorkerStopped
 from serve.pipelines.base import ChunkOutput, PipelineStream
 from serve.threads import PIPELINE_WORKER, name_os_thread
 
@@ -90,7 +90,7 @@ class StreamSlot:
         *,
         convert: Callable[[Any], Any],
         emit: EmitFn,
-        output_has_room: Callable[[], bool],
+        output_has_room: Callable[[int], bool],
         on_error: Callable[[BaseException], None],
         text_fps: float,
         collate: Callable[[list[Any]], Any] = np.stack,
@@ -110,14 +110,16 @@ class StreamSlot:
         self._convert = convert  # one input payload → what `collate` takes (runs on the worker thread)
         self._collate = collate  # the chunk's converted payloads → what the stream's `process` takes
         self._emit = emit
-        self._output_has_room = output_has_room
+        self._output_has_room = output_has_room  # whether the output takes this many more frames now
         self._on_error = on_error
         self._clock = OutputClock(round(1 / (text_fps * VIDEO_TIME_BASE)))
         # Input stamps of each chunk taken, until its frames come out: a stream batch returns a chunk S·P calls
         # after taking it (`chunks_in_flight`), and its frames keep their own inputs' timestamps. Bounded by the pipe.
         self._stamps_in_flight: deque[list[FrameStamp]] = deque(maxlen=64)
         self.closed = False
+        self.stream_released = False  # set by the worker once it has freed the stream's buffers
         self._waiting_for_room = False  # set by `ready` (under the lock) when text mode found the output full
+        self._unfinished = 0  # chunks started whose frames have not been emitted yet (worker thread only)
         # counters (read by stats; written under the lock)
         self.frames_in = 0
         self.frames_dropped = 0
@@ -164,7 +166,10 @@ class StreamSlot:
             return False
         if self._mode() == "video":
             return len(self._inputs) == self.chunk_frames  # the output track bounds itself by dropping stale frames
-        room = self._output_has_room()  # text mode: generate only as fast as frames are played out
+        # Text mode generates only as fast as frames are played out, counting the frames of a chunk that is started
+        # but not yet emitted (its copy in flight while the worker queues the next chunk): else the same slot was
+        # started again beside it and the output, full, dropped a chunk's frames each time round.
+        room = self._output_has_room(self.chunk_frames * (1 + self._unfinished))
         self._waiting_for_room = not room
         return room
 
@@ -195,6 +200,7 @@ class StreamSlot:
         except Exception as exc:  # a failing chunk ends this session, not the worker
             self._fail(exc)
             return None
+        self._unfinished += 1
         return StartedChunk(self, out, source, started)
 
     def finish_chunk(self, out: ChunkOutput, source: list[FrameStamp], started: float) -> None:
@@ -206,6 +212,8 @@ class StreamSlot:
         except Exception as exc:
             self._fail(exc)
             return
+        finally:
+            self._unfinished -= 1
         with self._lock:
             self.chunks += 1
             self.chunk_ms = (time.perf_counter() - started) * 1000
@@ -260,17 +268,28 @@ class PipelineWorker:
         self._thread.start()
 
     def attach(self, slot: StreamSlot) -> None:
+        """Raises PipelineNotLoaded when the thread has stopped (on an error, or for an unload): a slot joined to it
+        would never run, and its peer would connect to a stream that sends nothing and never says why."""
         with self.condition:
+            if self._exited or self._stopping:
+                raise PipelineNotLoaded(
+                    self.failure or "the pipeline was unloaded while this offer was answered; load it again"
+                )
             self._slots.append(slot)
             self.condition.notify()
 
     def detach(self, slot: StreamSlot) -> None:
+        """The slot runs no more chunks, and its stream is freed on the worker thread: also one that was never
+        attached (its offer failed after the stream was opened), whose KV cache would otherwise wait for the
+        cyclic collector."""
         with self.condition:
             slot.closed = True
             if slot in self._slots:
                 self._slots.remove(slot)
-                self._released.append(slot)
-                self.condition.notify()
+            elif slot in self._released or slot.stream_released or self._exited:
+                return  # freed already, or about to be; a stopped thread's pipeline goes whole
+            self._released.append(slot)
+            self.condition.notify()
 
     def _release(self, slots: list[StreamSlot], busy: StreamSlot | None) -> None:
         for slot in slots:
@@ -278,6 +297,9 @@ class PipelineWorker:
                 with self.condition:
                     self._released.append(slot)
                 continue
+            if slot.stream_released:
+                continue
+            slot.stream_released = True
             try:
                 slot.stream.release()
             except Exception:
@@ -353,8 +375,9 @@ class PipelineWorker:
                 while slot is None and waiting is None and not self._released and not self._stopping:
                     self.condition.wait()
                     slot = self._pick()
-                if self._stopping:
-                    return
+                if self._stopping:  # every stream is freed before the pipeline closes (`close`'s `then`)
+                    left, self._released, self._slots = [*self._released, *self._slots], [], []
+                    break
                 released, self._released = self._released, []
             started = slot.start_chunk() if slot is not None else None
             if waiting is not None:
@@ -365,3 +388,8 @@ class PipelineWorker:
             elif started is not None:
                 started.finish()
             self._release(released, busy=waiting.slot if waiting is not None else None)
+        if waiting is not None:
+            waiting.finish()  # its device work done before its buffers go (a closed slot emits nothing)
+        for slot in left:
+            slot.closed = True
+        self._release(left, busy=None)

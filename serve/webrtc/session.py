@@ -173,7 +173,7 @@ class PeerSession:
             convert=self._read_planes if yuv_input else self._to_array,
             collate=collate_yuv if yuv_input else np.stack,
             emit=self.output.push_threadsafe,
-            output_has_room=lambda: self.output.has_room(pipeline.chunk_frames),
+            output_has_room=self.output.has_room,
             on_error=self._on_pipeline_error,
             text_fps=pipeline.text_fps,
         )
