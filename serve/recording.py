@@ -256,6 +256,11 @@ class RecordingStore:
         recorder.stop()
         return recorder
 
+    def end_session(self, session_id: str) -> None:
+        """The session closed: forget its recorder (stopped by `stop`, or one that stopped itself, at the folder's
+        cap or on an error, which nothing else would remove)."""
+        self._active.pop(session_id, None)
+
     def has_recordings(self, session_id: str) -> bool:
         """Whether this process recorded that session (start/stop need no disk access on the event loop)."""
         return session_id in self._numbers
@@ -274,8 +279,12 @@ class RecordingStore:
     def list(self) -> list[Recording]:
         """Newest first: this process's recordings with their counters, and older files found in the folder."""
         with self._lock:
+            ids = self._file_ids()
+            for gone in self._recorders.keys() - set(ids):  # removed from the folder (or never written): forgotten
+                if not self._recorders[gone].active:
+                    del self._recorders[gone]
             recordings = []
-            for recording_id in self._file_ids():
+            for recording_id in ids:
                 recorder = self._recorders.get(recording_id)
                 if recorder is not None:
                     recordings.append(recorder.describe())

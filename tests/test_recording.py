@@ -347,6 +347,30 @@ async def test_a_recording_past_the_cap_on_its_own_stops_itself(tmp_path: Path) 
         assert sum(1 for _ in container.decode(video=0)) >= 1
 
 
+async def test_the_store_forgets_a_closed_sessions_recorder_and_a_removed_file(tmp_path: Path) -> None:
+    """A long-running server's bookkeeping stays bounded: a recorder that stopped itself (here at the cap) stayed the
+    session's `active` entry after the session closed, and every finished recorder stayed in memory after its file
+    was gone (removed by hand, or never written: a session that sent no frame)."""
+    store = RecordingStore(RecordingSettings(directory=tmp_path, max_bytes=20_000))
+    recorder = store.start("a" * 32)
+    for frame in itertools.cycle(noise_frames(30, 128, 128)):
+        if recorder.state != "recording":
+            break
+        recorder.offer(frame)
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(recorder.join)
+    assert "cap" in recorder.error and store.active("a" * 32) is None
+    store.end_session("a" * 32)  # what the session's close does
+    assert store._active == {} and [r.id for r in store.list()] == [recorder.id]
+    recorder.path.unlink()  # by hand
+    empty = store.start("b" * 32)  # no frame: no file
+    store.stop("b" * 32)
+    await asyncio.to_thread(empty.join)
+    store.end_session("b" * 32)
+    assert store.list() == [] and store._recorders == {} and store._active == {}
+    assert store.has_recordings("a" * 32)  # its ids still never repeat
+
+
 def test_the_api_layer_and_the_recorder_do_not_import_torch() -> None:
     code = (
         "import importlib, pkgutil, sys, serve.api\n"

@@ -140,6 +140,10 @@ class PipelineManager:
         )
         try:
             pipeline = await asyncio.wait_for(asyncio.shield(loading), self.load_timeout_s)
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                # Python 3.11's wait_for returns a result that is ready when the cancel comes (3.12 raises): an
+                # unload that met the load finishing must still win.
+                raise asyncio.CancelledError
         except asyncio.CancelledError:
             # Unloaded mid-load: a loading thread cannot be interrupted, so free what it builds once it is done.
             loading.add_done_callback(lambda done: _close_when_built(loop, done))

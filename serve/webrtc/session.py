@@ -559,6 +559,7 @@ class PeerSession:
                 # folder's cap), which is no reason to leave the session half closed.
                 with contextlib.suppress(RecordingConflict):
                     await self.stop_recording()
+            self._recordings.end_session(self.id)
         finally:  # whatever failed above, the connection closes and the seat is given back
             with contextlib.suppress(Exception):  # closing a half-negotiated connection may raise inside aiortc
                 await self.pc.close()
