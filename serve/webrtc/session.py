@@ -26,6 +26,7 @@ from aiortc.rtcdtlstransport import X509_DIGEST_ALGORITHMS
 from av import VideoFrame
 from av.video.reformatter import VideoReformatter
 
+from serve.assets import echo
 from serve.errors import (
     FrameConversionError,
     InvalidParameters,
@@ -55,6 +56,11 @@ FLUSH_TIMEOUT_S = 0.5  # how long a closing session waits for its last data-chan
 # per media section and 0.5 ms per candidate line, and a browser's offer has 1 to 3 sections and a few candidates.
 MAX_SDP_MEDIA_SECTIONS = 4
 MAX_SDP_CANDIDATES = 32
+MEDIA_KINDS = ("audio", "video", "application")  # what aiortc negotiates; another kind breaks its connect task
+MID_TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+")  # RFC 5888's identification-tag is an RFC 4566 token
+# The least a peer may take per data-channel message: a stats message is ~600 bytes, an error echoes up to ~1 KB of
+# the client's input. Browsers take 256 KiB; RFC 8841's 0 means no limit.
+MIN_PEER_MESSAGE_BYTES = 16 * 1024
 MAX_TRICKLED_CANDIDATES = 256  # per session, over all PATCHes
 # Data-channel messages a session may send a second (and in one burst): far past a slider dragged at 60 events a
 # second, whose updates merge at the next chunk anyway. A flood of thousands a second, each checked on the event
@@ -100,13 +106,45 @@ def check_offer_sdp(sdp: str) -> list[str]:
             f"the offer lists {candidates} ICE candidates; this server takes at most {MAX_SDP_CANDIDATES} in an "
             "offer (trickle the rest with PATCH /api/v1/webrtc/offer/{sessionId})"
         )
+    kinds = [lines[i][2:].split(" ", 1)[0] for i in sections]
+    if other := [kind for kind in kinds if kind not in MEDIA_KINDS]:
+        raise InvalidRequest(f"the offer has a media section of kind {echo(other[0])}; only audio, video and "
+                             "application (the data channel) are negotiated")  # fmt: skip
+    if "video" not in kinds:
+        raise InvalidRequest(
+            "the offer has no video m-line: add the camera track (video mode) or "
+            "pc.addTransceiver('video') (text mode) before createOffer()"
+        )
     mids = []
     for start, end in itertools.pairwise([*sections, len(lines)]):
         mid = next((line[6:].strip() for line in lines[start:end] if line.startswith("a=mid:")), None)
+        if mid is not None and not MID_TOKEN.fullmatch(mid):
+            raise InvalidRequest(f"the offer's mid {echo(mid)} is not a token (letters, digits, !#$%&'*+-.^_`{{|}}~)")
         mids.append(mid if mid is not None else str(len(mids)))
     if len(set(mids)) != len(mids):  # aiortc answers it (BUNDLE "0 0"), and no peer can connect to that answer
         raise InvalidRequest(f"the offer's media sections share a mid ({', '.join(mids)}); each needs its own")
+    bundle = next((line.split()[1:] for line in lines if line.startswith("a=group:BUNDLE")), None)
+    if bundle is not None and (outside := [mid for mid in mids if mid not in bundle]):
+        raise InvalidRequest(
+            f"the offer's mid {echo(outside[0])} is not in its BUNDLE group ({echo(' '.join(bundle))}); send the "
+            "browser's pc.localDescription.sdp unchanged"
+        )
+    check_peer_message_size(lines)
     return mids
+
+
+def check_peer_message_size(lines: list[str]) -> None:
+    """A peer that takes only tiny data-channel messages could be sent no stats and no error (aiortc raises on a
+    bigger send): refused, unless 0 (no limit)."""
+    prefix = "a=max-message-size:"
+    for line in lines:
+        if line.startswith(prefix):
+            value = line[len(prefix) :].strip()
+            if not value.isdigit() or 0 < int(value) < MIN_PEER_MESSAGE_BYTES:
+                raise InvalidRequest(
+                    f"the offer's a=max-message-size ({echo(value)}) is below the {MIN_PEER_MESSAGE_BYTES} bytes this "
+                    "server's messages need (0 means no limit; browsers offer 262144)"
+                )
 
 
 FINGERPRINT_VALUE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2})+")
@@ -210,11 +248,6 @@ class PeerSession:
             ) from None
         if self.closing:  # an unload or another load stops every session, this one too while it is answered
             raise self._stopped_while_answering()
-        if not any(t.kind == "video" for t in pc.getTransceivers()):
-            raise InvalidRequest(
-                "the offer has no video m-line: add the camera track (video mode) or "
-                "pc.addTransceiver('video') (text mode) before createOffer()"
-            )
         check_fingerprints(sdp)
         for transceiver in pc.getTransceivers():
             if transceiver.kind != "video":  # a browser's microphone: answered inactive, so aiortc starts no receiver
@@ -435,7 +468,11 @@ class PeerSession:
                 log.warning("session=%s reads nothing of its data channel (%d bytes queued): its stats and errors "
                             "are dropped until it does", self.id, channel.bufferedAmount)  # fmt: skip
             return False
-        channel.send(json.dumps(message))
+        try:
+            channel.send(json.dumps(message))
+        except ValueError:  # over what the peer takes (checked at the offer); never out of a stats task or a reply
+            self.messages_dropped += 1
+            return False
         return True
 
     async def _send_stats(self) -> None:
