@@ -127,6 +127,20 @@ def is_upload_name(name: str, data: bytes) -> bool:
     return name == f"{sanitize_filename(Path(name).stem)}{ext}"
 
 
+def claim_free_name(path: Path) -> Path:
+    """The first of `path`, `<stem>-1`, `<stem>-2`, … that no file has, taken at once by creating it empty (O_EXCL:
+    by any process): two uploads of one name at once each found the same name free, and the later one's rename
+    replaced the earlier one's file, whose path its client had been given."""
+    candidate, counter = path, 0
+    while True:
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return candidate
+        except FileExistsError:
+            counter += 1
+            candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
+
+
 class AssetStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -141,12 +155,7 @@ class AssetStore:
         if kind == "image":
             check_image(data)  # a picture the pipelines could not read, or that would stall them, is refused now
         stem = sanitize_filename(filename)
-        path = self._root / f"{stem}{ext}"
-        counter = 1
-        while path.exists():
-            path = self._root / f"{stem}-{counter}{ext}"
-            counter += 1
-        self._write(path, data)
+        path = self._write(self._root / f"{stem}{ext}", data, new_name=True)
         return self._describe(path, kind)
 
     def put(self, name: str, data: bytes) -> Asset:
@@ -158,12 +167,17 @@ class AssetStore:
         self._write(path, data)
         return self._describe(path, sniff_media(data)[0])
 
-    def _write(self, path: Path, data: bytes) -> None:
+    def _write(self, path: Path, data: bytes, new_name: bool = False) -> Path:
+        """Writes `data` at `path` (replacing a file of that name), or with `new_name` at the first free one of
+        `path`, `<stem>-1`, `<stem>-2`, …; returns where."""
         # Unique to this writer: a machine's worker actors share the folder and are given each upload at once.
         temporary = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.part")
         try:
             temporary.write_bytes(data)
+            if new_name:
+                path = claim_free_name(path)
             temporary.replace(path)  # readers never see a half-written file
+            return path
         except OSError as exc:
             temporary.unlink(missing_ok=True)
             if exc.errno in NO_ROOM_ERRNOS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,3 +25,22 @@ def test_puts_of_one_upload_into_a_shared_folder_at_once_all_succeed(tmp_path: P
             put.result()
     assert (tmp_path / "shared" / name).read_bytes() == picture
     assert [path.name for path in (tmp_path / "shared").iterdir()] == [name]  # no temporary left
+
+
+def test_uploads_of_one_name_at_once_each_keep_their_own_file(tmp_path: Path) -> None:
+    """Twelve clients upload `race.png` at once (found against a live server): each save found the same free name,
+    and a later rename replaced an earlier upload's file, whose path its client had been given."""
+    store = AssetStore(tmp_path)
+    pictures = [png_bytes(np.full((64, 64, 3), i, np.uint8)) for i in range(32)]
+    barrier = threading.Barrier(16)
+
+    def save(picture: bytes):
+        barrier.wait()
+        return store.save("race.png", picture)
+
+    with ThreadPoolExecutor(16) as pool:
+        assets = list(pool.map(save, pictures))
+    assert len({asset.path for asset in assets}) == len(pictures)
+    for asset, picture in zip(assets, pictures, strict=True):
+        assert Path(asset.path).read_bytes() == picture
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(asset.name for asset in assets)  # no temporaries
