@@ -64,6 +64,21 @@ async def test_a_pipeline_that_finishes_loading_after_an_unload_is_closed(gated:
     assert manager.pipeline is None and manager.status().status == "not_loaded"
 
 
+async def test_a_load_sent_with_an_unload_that_cancels_a_load_starts(gated: str, tmp_path: Path) -> None:
+    """The unload cancelled the load in progress and answered before that task had left: a load queued behind it
+    got 409 "pipeline None is loading" though the status already said not_loaded (found against a live server)."""
+    manager = PipelineManager(models_dir=tmp_path, allow_random_weights=False)
+    await manager.load(gated, LoadParams())
+    await asyncio.sleep(0.1)  # the loading thread is now inside load()
+    unloaded, loading = await asyncio.gather(manager.unload(), manager.load("passthrough", LoadParams()))
+    assert unloaded == "unloaded 'gated'" and "loading pipeline 'passthrough'" in loading
+    await until_loaded(manager)
+    assert manager.status().pipeline_id == "passthrough"
+    release_load.set()
+    assert await asyncio.to_thread(closed.wait, 5)  # what the cancelled load built is freed
+    await manager.close()
+
+
 async def until_loaded(manager: PipelineManager) -> None:
     for _ in range(100):
         if manager.status().status == "loaded":

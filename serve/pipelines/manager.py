@@ -186,6 +186,9 @@ class PipelineManager:
         async with self._changing:
             if self._load_task is not None and not self._load_task.done():
                 self._load_task.cancel()  # the thread finishes on its own; its result is dropped
+                # The task leaves at once; until it has, a load queued behind this unload saw it running and
+                # answered 409 "is loading" though the unload had answered and the status said not_loaded.
+                await asyncio.wait([self._load_task])
             pipeline_id = self._status.pipeline_id
             await self._release("pipeline unloaded")
             self._status = PipelineStatus(status="not_loaded")
