@@ -310,8 +310,10 @@ class RecordingStore:
     def resolve(self, id_: str) -> Path:
         """A finished recording's file from its id, or the newest recording of a session from the session id."""
         session_id = session_of(id_)
-        if session_id == id_:
-            matches = [m for m in map(RECORDING_ID.fullmatch, self._file_ids()) if m and m["session"] == id_]
+        if session_id == id_:  # its newest recording: on disk, or still being written (no file before its frame)
+            with self._lock:
+                ids = {*self._file_ids(), *(r.id for r in self._recorders.values() if r.session_id == id_)}
+            matches = [m for m in map(RECORDING_ID.fullmatch, ids) if m and m["session"] == id_]
             numbered = [(int(m["n"]), m[0]) for m in matches]
             if not numbered:
                 raise UnknownRecording(f"session {id_!r} has no recordings (GET /api/v1/recordings lists them)")

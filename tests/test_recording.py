@@ -371,6 +371,23 @@ async def test_the_store_forgets_a_closed_sessions_recorder_and_a_removed_file(t
     assert store.has_recordings("a" * 32)  # its ids still never repeat
 
 
+async def test_a_session_id_names_its_recording_while_it_is_written(tmp_path: Path) -> None:
+    """By session id, a recording that had no file yet (before its first frame, or a paused session's) was 404
+    "has no recordings", where its own id gave 409 "still being written" and, once stopped, "holds no frames"."""
+    from serve.errors import RecordingConflict, UnknownRecording
+
+    store = RecordingStore(RecordingSettings(directory=tmp_path, max_bytes=10_000_000))
+    recorder = store.start("c" * 32)
+    with pytest.raises(RecordingConflict, match="still being written"):
+        store.resolve("c" * 32)
+    store.stop("c" * 32)
+    await asyncio.to_thread(recorder.join)
+    with pytest.raises(UnknownRecording, match="holds no frames"):
+        store.resolve("c" * 32)
+    with pytest.raises(UnknownRecording, match="has no recordings"):
+        store.resolve("d" * 32)
+
+
 def test_the_api_layer_and_the_recorder_do_not_import_torch() -> None:
     code = (
         "import importlib, pkgutil, sys, serve.api\n"
