@@ -257,6 +257,28 @@ def test_the_lora_folder_is_listed_with_rank_base_model_and_sha256(lora_server: 
         (lora_dir / "broken.safetensors").unlink()
 
 
+def test_a_load_that_would_fail_on_its_loras_or_gpus_keeps_the_loaded_pipeline(
+    lora_server: RunningServer, lora_dir: Path
+) -> None:
+    """A LoRA that holds no LoRA (what `GET /api/v1/loras` already says of it) and a GPU this machine does not have
+    were found only by the load, after the loaded pipeline and its sessions had been released: now a 422 first."""
+    (lora_dir / "broken.safetensors").write_bytes(b"garbage")
+    try:
+        assert load_pipeline(lora_server.url, "passthrough")["status"] == "loaded"
+        for load_params, needle in (
+            ({"loras": [{"path": "broken.safetensors"}], "random_weights": True}, "LoRA 'broken.safetensors'"),
+            ({"gpus": "99", "random_weights": True}, "gpus 99"),
+        ):
+            response = httpx.post(f"{lora_server.url}/api/v1/pipeline/load",
+                                  json={"pipeline_id": "longlive", "load_params": load_params}, timeout=30)  # fmt: skip
+            assert response.status_code == 422 and needle in response.text, response.text
+            assert str(lora_dir) not in response.text
+            status = httpx.get(f"{lora_server.url}/api/v1/pipeline/status", timeout=5).json()
+            assert (status["status"], status["pipeline_id"]) == ("loaded", "passthrough")
+    finally:
+        (lora_dir / "broken.safetensors").unlink()
+
+
 async def test_load_stream_and_steer_a_runtime_lora_through_the_server(
     lora_server: RunningServer, lora_dir: Path
 ) -> None:
@@ -287,26 +309,23 @@ async def test_load_stream_and_steer_a_runtime_lora_through_the_server(
     finally:
         await client.close()
 
-    for loras, needle in [
-        ([{"path": "../escape.safetensors"}], "no such file in the LoRA folder"),
-        ([{"path": "nope.safetensors"}], "no such file in the LoRA folder"),
-    ]:
-        response = httpx.post(
-            f"{lora_server.url}/api/v1/pipeline/load",
-            timeout=10,
-            json={"pipeline_id": "longlive", "load_params": {"random_weights": True, "loras": loras}},
-        )
-        assert response.status_code == 422 and needle in response.json()["detail"], response.text  # fmt: skip
-        assert str(lora_server.log_path.parent) not in response.text
     (lora_dir / "bad.safetensors").write_bytes(b"\x00" * 64)  # a file in the folder that is no safetensors
     try:
-        status = load_pipeline(lora_server.url, "longlive", height=64, width=64, random_weights=True,
-                               loras=[{"path": "bad.safetensors"}])  # fmt: skip
+        for loras, needle in [
+            ([{"path": "../escape.safetensors"}], "no such file in the LoRA folder"),
+            ([{"path": "nope.safetensors"}], "no such file in the LoRA folder"),
+            ([{"path": "bad.safetensors"}], "bad.safetensors: not a readable safetensors file"),
+        ]:
+            response = httpx.post(
+                f"{lora_server.url}/api/v1/pipeline/load",
+                timeout=10,
+                json={"pipeline_id": "longlive", "load_params": {"random_weights": True, "loras": loras}},
+            )
+            assert response.status_code == 422 and needle in response.json()["detail"], response.text  # fmt: skip
+            assert str(lora_server.log_path.parent) not in response.text and str(lora_dir) not in response.text
     finally:
         (lora_dir / "bad.safetensors").unlink()
-    assert status["status"] == "error" and "bad.safetensors" in status["error"], status
-    assert str(lora_dir) not in status["error"]
-    assert httpx.get(f"{lora_server.url}/health", timeout=5).status_code == 200
+    assert httpx.get(f"{lora_server.url}/api/v1/pipeline/status", timeout=5).json()["status"] == "loaded"  # kept
 
 
 def test_runtime_adapters_sit_beside_fp8_stored_weights(lora_dir: Path) -> None:

@@ -69,13 +69,22 @@ def resolve_lora_path(lora_dir: Path, name: str) -> Path:
 
 
 def check_requests(requests: list[LoraRequest], lora_dir: Path) -> None:
-    """At load time, before any model is built: every path resolves, no path is given twice."""
+    """At the load request, before the loaded pipeline is released: every path resolves to a file that holds LoRA
+    factors (its header and shapes; `GET /api/v1/loras` reads the same), no path is given twice. Blocking (file
+    headers): call it on a thread."""
+    from serve.models.checkpoint import CheckpointError
+    from serve.models.lora import read_lora_file
+
     seen: set[Path] = set()
     for request in requests:
         path = resolve_lora_path(lora_dir, request.path)
         if path in seen:
             raise InvalidParameters(f"LoRA {request.path!r} is listed twice; give it once with the scale you want")
         seen.add(path)
+        try:
+            read_lora_file(path)
+        except CheckpointError as exc:  # else the load failed on it after the running pipeline had been released
+            raise InvalidParameters(f"LoRA {request.path!r}: {_relative(exc, lora_dir)}") from None
 
 
 @dataclass

@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from serve.errors import PipelineBusy, PipelineLoadError, PipelineNotLoaded, PipelineUnavailable
+from serve.errors import InvalidParameters, PipelineBusy, PipelineLoadError, PipelineNotLoaded, PipelineUnavailable
 from serve.pipelines.base import Pipeline
-from serve.pipelines.loras import check_requests, requested_loras
-from serve.pipelines.placement import check_blocks_per_stage, parse_gpus
+from serve.pipelines.loras import LoraRequest, check_requests, requested_loras
+from serve.pipelines.placement import Gpus, check_blocks_per_stage, parse_gpus
 from serve.pipelines.registry import PIPELINES, get_spec
 from serve.pipelines.worker import PipelineWorker
 from serve.schemas import LoadParams, PipelineStatus
@@ -96,7 +96,8 @@ class PipelineManager:
         gpus = parse_gpus(load_params["gpus"]) if "gpus" in load_params else None  # malformed: a 400 now
         if "blocks_per_stage" in load_params:  # its sum is checked against the model's blocks at load
             check_blocks_per_stage(load_params["blocks_per_stage"], gpus.ranks if gpus else 1)
-        check_requests(requested_loras(load_params), self.lora_dir)  # a bad LoRA path is a 400 now, not a load error
+        # What the load would fail on that is known now: a 4xx before the loaded pipeline and its sessions are gone.
+        await asyncio.to_thread(check_before_release, gpus, requested_loras(load_params), self.lora_dir)
         async with self._changing:
             if self._load_task is not None and not self._load_task.done():
                 raise PipelineBusy(
@@ -231,6 +232,19 @@ def on_first_gpu(load_params: dict[str, Any], load: Callable[[], Pipeline]) -> P
         return load()
     with torch.cuda.device(torch.device(device)):
         return load()
+
+
+def check_before_release(gpus: Gpus | None, loras: list[LoraRequest], lora_dir: Path) -> None:
+    """Blocking (file headers, torch's import): every GPU `gpus` names is visible here, and every LoRA resolves to
+    a LoRA file; raises InvalidParameters otherwise."""
+    if gpus is not None and not gpus.on_cpu:
+        from serve.runtime.stage_driver import check_visible
+
+        try:
+            check_visible(gpus)
+        except PipelineLoadError as exc:
+            raise InvalidParameters(str(exc)) from None
+    check_requests(loras, lora_dir)
 
 
 def free_device_memory() -> None:
