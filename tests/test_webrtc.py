@@ -51,6 +51,22 @@ async def test_passthrough_returns_frames_in_order_at_loaded_resolution(server: 
     assert counters[-1] - counters[0] >= len(counters) - 1
 
 
+async def test_a_receive_only_peer_in_video_mode_is_told_why_nothing_comes(server: RunningServer) -> None:
+    """A page that only receives (no camera track) and did not ask for text mode got a session that sent nothing,
+    and said nothing (found against a live server): it is told what to send, and then streams."""
+    load_pipeline(server.url, "passthrough", height=64, width=64)
+    client = ScopeClient(server.url, send_video=False)
+    await client.connect()
+    try:
+        notice = await client.wait_message("error")
+        assert notice["error"] == "NoInputVideo" and '"input_mode": "text"' in notice["message"], notice
+        await client.send({"input_mode": "text"})
+        frames = await client.wait_frames(10)
+        assert frames and not [m for m in client.messages if m.get("error") == "NoInputVideo"][1:]  # said once
+    finally:
+        await client.close()
+
+
 async def test_a_microphone_in_the_offer_is_answered_inactive_and_the_video_streams(server: RunningServer) -> None:
     """getUserMedia({audio: true, video: true}) offers an audio section too. aiortc would answer it recvonly and
     decode every Opus frame into a queue that nothing reads (50 a second, unbounded, a core's share spent on it):

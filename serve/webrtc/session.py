@@ -133,6 +133,16 @@ def check_offer_sdp(sdp: str) -> list[str]:
     return mids
 
 
+def offers_video_input(sdp: str) -> bool:
+    """Whether the offer sends video: a video section that is sendrecv or sendonly (the default, RFC 4566)."""
+    for section in sdp.split("\nm=")[1:]:
+        if section.startswith("video"):
+            lines = [line.strip() for line in section.splitlines()]
+            if not any(line in ("a=recvonly", "a=inactive") for line in lines):
+                return True
+    return False
+
+
 def check_peer_message_size(lines: list[str]) -> None:
     """A peer that takes only tiny data-channel messages could be sent no stats and no error (aiortc raises on a
     bigger send): refused, unless 0 (no limit)."""
@@ -221,6 +231,7 @@ class PeerSession:
         self._closing: asyncio.Task[None] | None = None
         self._close_reason = ""
         self._mids: list[str] = []
+        self._sends_video = True  # whether the offer sends a camera track (set by `start`)
         self._candidates_added = 0
         self.updates_received = 0
         self.updates_rejected = 0
@@ -237,6 +248,7 @@ class PeerSession:
         pc.on("datachannel", self._on_datachannel)
         pc.on("connectionstatechange", self._on_connection_state)
         self._mids = check_offer_sdp(sdp)
+        self._sends_video = offers_video_input(sdp)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=sdp_type))
         except Exception as exc:  # aiortc raises ValueError, KeyError, IndexError, AssertionError... on a bad SDP
@@ -408,6 +420,20 @@ class PeerSession:
             return
         self.channel = channel
         channel.on("message", self._on_message)
+        if channel.readyState == "open":
+            self._say_if_no_input(self.slot.params)
+        else:
+            channel.on("open", lambda: self._say_if_no_input(self.slot.params))
+
+    def _say_if_no_input(self, update: dict[str, Any]) -> None:
+        """Video mode without a camera track makes nothing, and the peer would wait in silence: say why, once per
+        switch to it."""
+        if not self._sends_video and update.get("input_mode", "video") == "video":
+            self.send({"type": "error", "error": "NoInputVideo", "message": (
+                "input_mode is 'video' but this connection sends no video (its video transceiver is receive-only): "
+                "nothing is generated. Send {\"input_mode\": \"text\"} to generate from the prompt, or reconnect "
+                "with a camera track"
+            )})  # fmt: skip
 
     def _on_message(self, message: str | bytes) -> None:
         now = time.monotonic()
@@ -433,6 +459,8 @@ class PeerSession:
             return
         self.updates_received += 1
         self.slot.update_params(update)
+        if "input_mode" in update:
+            self._say_if_no_input(update)
 
     def _reject(self, error: str, message: str) -> None:
         self.updates_rejected += 1
