@@ -182,3 +182,24 @@ def test_cuda_graph_replay_equals_the_ungraphed_stream(pipeline_id: str, mode: s
         assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1
     assert steps[1].failed is None and steps[1].replays > 0
     assert torch.allclose(streams[1].cache.k.float(), streams[0].cache.k.float(), atol=1e-2)
+
+
+@pytest.mark.gpu
+@cuda
+def test_nvdec_planes_on_another_gpu_are_copied_device_to_device() -> None:
+    """NVDEC decodes on its own GPU; a pipeline loaded on another one (`gpus: "1"`) took the planes through the host,
+    a blocking copy per plane. The result must be the planes' own conversion, and the copy must stay on the GPUs."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs; {torch.cuda.device_count()} visible")
+    from kernels.colour import BT601_LIMITED
+    from serve.pipelines.frames import YuvChunk, YuvFrame, upload_yuv
+
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 256, (64, 64), dtype=torch.uint8, generator=generator)
+    uv = torch.randint(0, 256, (32, 64), dtype=torch.uint8, generator=generator)
+    frame = YuvFrame(y.cuda(0), uv[:, 0::2].cuda(0), uv[:, 1::2].cuda(0), BT601_LIMITED)
+    host = YuvFrame(y, uv[:, 0::2].contiguous(), uv[:, 1::2].contiguous(), BT601_LIMITED)
+    with torch.cuda.device(1):  # the pipeline's worker thread has its GPU current (Triton launches there)
+        expected = upload_yuv(YuvChunk((host,)), torch.device("cuda:1"), 64, 64)
+        out = upload_yuv(YuvChunk((frame,)), torch.device("cuda:1"), 64, 64)
+    assert out.device == torch.device("cuda:1") and torch.equal(out, expected)

@@ -447,11 +447,13 @@ def test_nvdec_frames_stay_on_the_device_and_convert_like_software() -> None:
 
 def test_passthrough_runs_where_its_load_says_and_refuses_a_gpu_that_is_not_there(passthrough: RunningServer) -> None:
     """`gpus` places passthrough like a model pipeline (the zero-copy path's benchmark loads it on GPU 0); a CPU rank
-    is the CPU path, and a GPU this machine lacks is a load error naming it. The module's load is restored."""
+    is the CPU path, and a GPU this machine lacks is refused at the request (422) naming it, the loaded pipeline
+    kept. The module's load is restored."""
     try:
         if not torch.cuda.is_available():
-            status = load_pipeline(passthrough.url, "passthrough", height=SIZE, width=SIZE, gpus="0")
-            assert status["status"] == "error" and "gpus 0: no CUDA device is visible" in status["error"], status
+            response = httpx.post(f"{passthrough.url}/api/v1/pipeline/load", timeout=30,
+                                  json={"pipeline_id": "passthrough", "load_params": {"gpus": "0"}})  # fmt: skip
+            assert response.status_code == 422 and "gpus 0: no CUDA device is visible" in response.text, response.text
         status = load_pipeline(passthrough.url, "passthrough", height=SIZE, width=SIZE, gpus="cpu:1")
         assert status["status"] == "loaded" and status["load_params"]["gpus"] == "cpu:1", status
     finally:

@@ -47,6 +47,9 @@ def upload_yuv(chunk: YuvChunk, device: torch.device, height: int, width: int) -
     """[T, 3, height, width] float32 in [-1, 1] on `device`: one host→device copy for the whole chunk."""
     if all(isinstance(f.y, Tensor) and same_device(f.y.device, device) for f in chunk.frames):
         planes = [[f.y, f.u, f.v] for f in chunk.frames]  # NVDEC's frames: already there, no copy at all
+    elif device.type == "cuda" and all(isinstance(f.y, Tensor) and f.y.is_cuda for f in chunk.frames):
+        # NVDEC decodes on its own GPU, and a load's `gpus` may start elsewhere: device to device, not via the host
+        planes = [[plane.to(device) for plane in (f.y, f.u, f.v)] for f in chunk.frames]
     else:
         planes = [[_host(plane) for plane in (f.y, f.u, f.v)] for f in chunk.frames]
         if device.type != "cpu":

@@ -49,6 +49,7 @@ KEYFRAME_INTERVAL_S = 10  # an IDR at least this often, for a receiver whose PLI
 FRAME_RATE_HINT = 30  # rate control's frame-rate assumption; timestamps still come from the frames
 BITRATE_STEP = 0.1  # retune the encoder when the target moves by more than this fraction (as aiortc does)
 REOPEN_MIN_FRAMES = FRAME_RATE_HINT  # FFmpeg's encoders retune by reopening (a keyframe): at most once a second
+MAX_STAMPS_HELD = 64  # NVENC frames in flight whose timestamps are kept (PyNvVideoCodec 2.2 holds back a few)
 
 
 NAL_IDR, NAL_SPS, NAL_PPS = 5, 7, 8
@@ -425,6 +426,8 @@ class NvencEncoder(PacketEncoder):
             flags = self._nvc.NV_ENC_PIC_FLAGS
             pic.encodePicFlags = int(flags.FORCEIDR) | int(flags.OUTPUT_SPSPPS)
         self._stamps[self._sequence] = (frame.pts, frame.time_base)
+        if len(self._stamps) > MAX_STAMPS_HELD:  # a library that returns no timestamps must not grow this for good
+            del self._stamps[next(iter(self._stamps))]
         self._sequence += 1
         out = self._encoder.Encode(NvencPlanes(frame.nv12), pic)
         frame.nv12.record_stream(self._stream)  # read by the library's copy on that stream: not reused before it
