@@ -351,6 +351,8 @@ def test_the_page_adds_a_lora_to_a_load_and_steers_its_scale_live(lora_server: R
     artifacts = Path(__file__).resolve().parents[1] / "artifacts"
     artifacts.mkdir(exist_ok=True)
     style = "styles/comfy.safetensors"
+    # From nothing loaded: the module's earlier tests may leave a LoRA pipeline up, whose live controls would show.
+    assert httpx.post(f"{lora_server.url}/api/v1/pipeline/unload", json={}, timeout=30).status_code == 200
     with launch_chromium() as browser:
         context = browser.new_context(viewport={"width": 1280, "height": 800})
         page = context.new_page()
@@ -358,8 +360,8 @@ def test_the_page_adds_a_lora_to_a_load_and_steers_its_scale_live(lora_server: R
             page.goto(f"{lora_server.url}/")
             page.check("#pipeline-longlive")
             page.wait_for_selector(".lora-file")
-            page.get_by_label("Height").fill("64")
-            page.get_by_label("Width").fill("64")
+            page.get_by_label("Height", exact=True).fill("64")  # not the backend chips' reasons (`--height 64`)
+            page.get_by_label("Width", exact=True).fill("64")
             page.get_by_label("Random weights").check()
             row = page.locator(".lora-file", has_text=style)
             row.locator("input[type=checkbox]").check()
