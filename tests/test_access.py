@@ -3,6 +3,7 @@ other sites (in Chromium) that try to drive the server without a CORS preflight 
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -164,6 +165,14 @@ def test_the_browser_page_takes_the_token_from_its_address_once(token_server: Ru
         assert "token" not in page.url  # taken out of the address bar (and so out of its history)
         page.goto(f"{token_server.url}/")
         page.wait_for_selector("#pipeline-passthrough", timeout=15_000)  # kept in this browser's localStorage
+        # The page's download links (recordings) carry the token too: a plain link sent none and saved a 401.
+        link = "{href: '/api/v1/pipeline/status', download: 'status.json', id: 'api-file', textContent: 'x'}"
+        page.evaluate(f"document.getElementById('recordings').append(Object.assign(document.createElement('a'), "
+                      f"{link}))")  # fmt: skip
+        with page.expect_download() as download:
+            page.click("#api-file")
+        assert "status" in json.loads(Path(download.value.path()).read_text())  # the route's JSON, not a 401
+        assert download.value.suggested_filename == "status.json"
         context.close()
         stranger = browser.new_context().new_page()
         with stranger.expect_response(lambda r: "/api/v1/" in r.url) as first_call:

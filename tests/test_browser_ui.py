@@ -76,8 +76,8 @@ def page(browser, server: RunningServer) -> Iterator[object]:
 
 def load_in_page(page, pipeline_id: str, height: int = 256, width: int = 256) -> None:
     page.check(f"#pipeline-{pipeline_id}")
-    page.get_by_label("Height").fill(str(height))
-    page.get_by_label("Width").fill(str(width))
+    page.get_by_label("Height", exact=True).fill(str(height))  # not a backend chip whose reason says `--height`
+    page.get_by_label("Width", exact=True).fill(str(width))
     page.get_by_role("button", name="Load pipeline").click()
 
 
@@ -299,7 +299,7 @@ def test_ui_records_the_stream_and_downloads_an_mp4_of_it(page, server: RunningS
     wait_output_frames(page, server, 10)
 
     page.get_by_role("button", name="Record", exact=True).click()
-    page.wait_for_function("document.getElementById('record-state').textContent.includes('frames')", timeout=10_000)
+    page.wait_for_function("document.getElementById('record-frames').textContent.includes('frames')", timeout=10_000)
     shown_before = page.evaluate(OUTPUT_FRAMES)
     wait_output_frames(page, server, shown_before + 90)  # about three seconds
     shown = page.evaluate(OUTPUT_FRAMES) - shown_before
@@ -361,6 +361,27 @@ PLOTTED = """key => {
 
 
 @pytest.mark.slow  # loads the tiny streamdiffusionv2 (several seconds on a CPU)
+def test_ui_starts_one_stream_at_a_time_with_the_loaded_pipelines_parameters(page, server: RunningServer) -> None:
+    """Two clicks on Start opened two cameras and two sessions (the second got past the guard while the first
+    waited for the status), the first never closed; and a stream started while another pipeline was selected sent
+    that pipeline's parameters, which the server refused or took as the wrong defaults."""
+    load_in_page(page, "passthrough", 128, 128)
+    page.wait_for_function("document.getElementById('load-state-text').textContent.includes(': loaded')")
+    page.check("#pipeline-streamdiffusionv2")  # its controls show; passthrough is what is loaded
+    page.select_option("#input-source", "none")
+    page.evaluate("for (const click of [1, 2]) document.getElementById('start-button').click()")
+    page.wait_for_function("document.getElementById('session-id').textContent.length > 4", timeout=10_000)
+    session_id = page.inner_text("#session-id").strip()
+    wait_output_frames(page, server, 10)
+    assert server.metrics()["wanrt_sessions_active"] == 1
+    assert page.is_checked("#pipeline-passthrough") and page.is_disabled("#pipeline-streamdiffusionv2")
+    assert session_parameters(server, session_id)["input_mode"] == "text"  # the source chosen still holds
+    assert not page.is_visible("#alert"), page.inner_text("#alert")
+    page.get_by_role("button", name="Stop stream").click()
+    wait_sessions_freed(server)
+    assert page.is_enabled("#pipeline-streamdiffusionv2")  # a choice again once the stream is stopped
+
+
 def test_ui_plots_follow_the_stats_and_backends_show_their_reasons(page, server: RunningServer) -> None:
     status = load_pipeline(server.url, "streamdiffusionv2", height=64, width=64, random_weights=True)
     assert status["status"] == "loaded", status
@@ -380,6 +401,11 @@ def test_ui_plots_follow_the_stats_and_backends_show_their_reasons(page, server:
     page.wait_for_selector("#stream-backends li")
     reason = page.locator("#stream-backends li", has_text="vae_decode").get_attribute("title")
     assert reason == status["backends"]["vae_decode"]["reason"]
+    # A keyboard user on a chip keeps it through the stats messages (each re-made the chips, and the focus went).
+    page.locator("#stream-backends li", has_text="vae_decode").focus()
+    stats_seen = page.evaluate("window.wanrtUI.plots.chunk_ms.samples.length")
+    page.wait_for_function(f"window.wanrtUI.plots.chunk_ms.samples.length >= {stats_seen + 2}", timeout=30_000)
+    assert page.evaluate("document.activeElement.textContent").startswith("vae_decode")
 
     # The newest plotted values are the session's latest stats message, which the metrics route also reports.
     deadline = time.monotonic() + 15

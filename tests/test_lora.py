@@ -392,3 +392,23 @@ def test_the_page_adds_a_lora_to_a_load_and_steers_its_scale_live(lora_server: R
         finally:
             context.close()
             httpx.post(f"{lora_server.url}/api/v1/pipeline/unload", json={}, timeout=10)
+
+
+def test_loras_ticked_for_one_pipeline_are_not_sent_with_another(lora_server: RunningServer) -> None:
+    """Choosing a pipeline that takes no LoRAs hid the LoRA rows but left them ticked, and its load sent them: a
+    422 about a field the page did not show."""
+    from tests.support.browser import launch_chromium
+
+    assert httpx.post(f"{lora_server.url}/api/v1/pipeline/unload", json={}, timeout=30).status_code == 200
+    with launch_chromium() as browser:
+        page = browser.new_context().new_page()
+        page.goto(f"{lora_server.url}/")
+        page.check("#pipeline-longlive")
+        page.wait_for_selector(".lora-file")
+        page.locator(".lora-file", has_text="kohya.safetensors").locator("input[type=checkbox]").check()
+        page.check("#pipeline-passthrough")
+        page.get_by_role("button", name="Load pipeline").click()
+        page.wait_for_function("document.getElementById('load-state-text').textContent.includes(': loaded')")
+        assert page.is_hidden("#load-error"), page.inner_text("#load-error")
+        status = httpx.get(f"{lora_server.url}/api/v1/pipeline/status", timeout=5).json()
+        assert status["pipeline_id"] == "passthrough" and "loras" not in status["load_params"], status

@@ -51,6 +51,20 @@ export async function api(path, { method = "GET", json, body, headers = {} } = {
   return data;
 }
 
+/** Saves an API file (a recording) as `filename`. A plain download link sends no token, so a server started with
+ * --api-token answered it 401: this fetches it with the token, then saves what came. */
+export async function saveFile(path, filename) {
+  const token = localStorage.getItem(TOKEN_KEY);
+  const response = await fetch(path, { headers: token ? { Authorization: `Bearer ${token}` } : {} });
+  if (!response.ok) throw new ApiError(`HTTP ${response.status} for ${path}`, response.status, `HTTP ${response.status}`);
+  const url = URL.createObjectURL(await response.blob());
+  const link = Object.assign(document.createElement("a"), { href: url, download: filename });
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(url), 60_000); // the download has taken its copy by then
+}
+
+export const hasToken = () => Boolean(localStorage.getItem(TOKEN_KEY));
+
 export async function uploadAsset(file) {
   const name = encodeURIComponent(file.name || "upload.bin");
   return api(`/assets?filename=${name}`, {

@@ -1,5 +1,5 @@
 // wanrt studio: choose and load a pipeline, stream webcam / file / nothing, steer prompts and parameters live.
-import { api, uploadAsset } from "./api.js";
+import { api, hasToken, saveFile, uploadAsset } from "./api.js";
 import { check, el, makeControl } from "./form.js";
 import { readLoras, renderAdapters, renderLoraFolder } from "./loras.js";
 import { Plot } from "./plots.js";
@@ -145,6 +145,9 @@ function downloadWeights(id) {
       const p = s.progress;
       if (p.state === "error") throw new Error(p.error || "the download failed");
       if (s.downloaded && p.state !== "downloading") return s;
+      if (p.state !== "downloading" && p.state !== "starting") {
+        throw new Error(`the download is ${p.state} and files are still missing; start it again`);
+      }
       const file = p.current_artifact ? ` · ${p.current_artifact}` : "";
       showDownload(id, { fraction: p.percentage / 100, text: `${p.percentage.toFixed(0)} %${file}` });
       await sleep(DOWNLOAD_POLL_MS);
@@ -276,6 +279,10 @@ function renderPipelineStatus(s) {
 
 /** One chip per component (dit_step, vae_encode, vae_decode) naming its backend; the reason shows on hover. */
 function renderBackends(list, backends) {
+  // Only when they change: every stats message re-made them, and a keyboard user's focus on a chip was lost.
+  const key = JSON.stringify(backends || {});
+  if (list.dataset.shown === key) return;
+  list.dataset.shown = key;
   const entries = Object.entries(backends || {});
   list.hidden = !entries.length;
   list.replaceChildren(
@@ -376,7 +383,14 @@ function flushUpdates() {
     if (!("reset_cache" in update)) info("Saved; the values are sent when the stream starts.");
     return;
   }
-  if (state.session.send(update)) {
+  let sent;
+  try {
+    sent = state.session.send(update);
+  } catch (err) {
+    state.pending = {}; // else every later change would send it again, and fail again
+    return alertError(`Could not send ${Object.keys(update).join(", ")} (${err.message}); shorten it and try again.`);
+  }
+  if (sent) {
     state.pending = {};
     info(`Sent ${Object.keys(update).join(", ")}.`);
   } else {
@@ -572,7 +586,9 @@ function onStats(data) {
 
 function onMessage(data) {
   if (data.type === "stats") onStats(data);
-  else if (data.type === "error") alertError(`Server rejected an update: ${data.message || JSON.stringify(data)}`);
+  else if (data.type === "error" && data.error === "NoInputVideo") {
+    alertError("This stream sends no video, so nothing is generated: stop it and start again with a camera or a file, or with input None for text mode.");
+  } else if (data.type === "error") alertError(`Server rejected an update: ${data.message || JSON.stringify(data)}`);
   else if (data.type === "stream_stopped") {
     alertError(`Stream stopped${data.error_message ? `: ${data.error_message}` : "."}`);
     teardown("Stream stopped by the server.");
@@ -595,12 +611,38 @@ function onStateChange(s) {
 
 async function startStream() {
   clearAlert();
-  if (state.session) return;
-  const status = await api("/pipeline/status").catch(() => null);
-  if (status) renderPipelineStatus(status);
-  if (!status || status.status !== "loaded") return alertError("Load a pipeline before starting a stream.");
-  const source = $("input-source").value;
+  // One start at a time: a second click during the first's awaits opened a second camera and session, and the
+  // first were never closed.
+  if (state.session || state.starting) return;
+  state.starting = true;
   $("start-button").disabled = true;
+  try {
+    await openStream();
+  } finally {
+    state.starting = false;
+  }
+}
+
+async function openStream() {
+  let status;
+  try {
+    status = await api("/pipeline/status");
+  } catch (err) {
+    $("start-button").disabled = false;
+    return alertError(`Could not read the pipeline's status: ${err.message}`);
+  }
+  renderPipelineStatus(status);
+  if (status.status !== "loaded") {
+    $("start-button").disabled = false;
+    return alertError("Load a pipeline before starting a stream.");
+  }
+  const source = $("input-source").value;
+  // The parameters sent are the loaded pipeline's: the selection may show another one's controls.
+  if (status.pipeline_id !== state.selected && state.schemas[status.pipeline_id]) {
+    selectPipeline(status.pipeline_id);
+    $("input-source").value = source;
+    updateFileField();
+  }
   info("Starting stream…");
   try {
     const input = await openInput(source);
@@ -625,6 +667,13 @@ async function startStream() {
       onMessage: live(onMessage),
       onStateChange: live(onStateChange),
     });
+    if (state.token !== token) {
+      // Stopped by the server (stream_stopped) while the answer was being applied: nothing to keep.
+      state.session.stop();
+      state.session = null;
+      return;
+    }
+    setPipelineChoiceLocked(true);
     $("session-id").textContent = state.session.sessionId;
     $("stop-button").disabled = false;
     recordState(initialParameters.recording ? "Recording from the first frame…" : "Record saves what is sent from now on.");
@@ -637,6 +686,11 @@ async function startStream() {
     $("start-button").disabled = false;
     info("Not streaming.");
   }
+}
+
+/** While a stream runs, its controls are the loaded pipeline's: choosing another pipeline waits for Stop. */
+function setPipelineChoiceLocked(locked) {
+  for (const radio of document.querySelectorAll("input[name=pipeline]")) radio.disabled = locked;
 }
 
 function releaseInput() {
@@ -653,6 +707,7 @@ function teardown(message) {
   state.session = null;
   state.token = null;
   if (session) session.stop();
+  setPipelineChoiceLocked(false);
   releaseInput();
   $("output-video").srcObject = null;
   $("start-button").disabled = false;
@@ -682,14 +737,16 @@ function recordState(message) {
 
 function renderRecordButtons() {
   const live = Boolean(state.session && state.session.sessionId);
-  $("record-button").disabled = !live || Boolean(state.recording);
-  $("record-stop-button").disabled = !live || !state.recording;
+  // While a start or stop is in flight (a stop waits for the MP4), neither button: the stats tick re-enabled them.
+  $("record-button").disabled = !live || Boolean(state.recording) || state.recordingBusy;
+  $("record-stop-button").disabled = !live || !state.recording || state.recordingBusy;
 }
 
 async function startRecording() {
   const sessionId = state.session && state.session.sessionId;
-  if (!sessionId) return;
-  $("record-button").disabled = true;
+  if (!sessionId || state.recordingBusy) return;
+  state.recordingBusy = true;
+  renderRecordButtons();
   try {
     const { recording } = await api(`/recordings/${sessionId}/start`, { method: "POST", json: {} });
     state.recording = recording;
@@ -699,13 +756,15 @@ async function startRecording() {
   } catch (err) {
     alertError(`Could not start recording: ${err.message}`);
   }
+  state.recordingBusy = false;
   renderRecordButtons();
 }
 
 async function stopRecording() {
   const sessionId = state.session && state.session.sessionId;
-  if (!sessionId) return;
-  $("record-stop-button").disabled = true;
+  if (!sessionId || state.recordingBusy) return;
+  state.recordingBusy = true;
+  renderRecordButtons();
   try {
     const { recording } = await api(`/recordings/${sessionId}/stop`, { method: "POST", json: {} });
     state.recording = null;
@@ -713,6 +772,7 @@ async function stopRecording() {
   } catch (err) {
     alertError(`Could not stop recording: ${err.message}`);
   }
+  state.recordingBusy = false;
   renderRecordButtons();
   refreshRecordings();
 }
@@ -720,9 +780,11 @@ async function stopRecording() {
 /** The stats message says what the server is recording (a recording may start with the stream, or stop itself). */
 function followRecording(recording) {
   if (recording) {
+    const known = state.recording;
     state.recording = { ...recording, seen: true };
     const left = recording.frames_dropped ? `, ${recording.frames_dropped} left out (encoder behind)` : "";
-    recordState(`Recording ${recording.id}: ${recording.frames} frames${left}.`);
+    if (!known || known.id !== recording.id) recordState(`Recording ${recording.id}…`); // said once, not each second
+    $("record-frames").textContent = `${recording.frames} frames${left}`;
   } else if (state.recording && state.recording.seen) {
     // A stats message that went out before a Record click says null too: only one after a sighting counts.
     const id = state.recording.id;
@@ -747,6 +809,7 @@ async function settleRecording(id) {
 }
 
 function offerDownload(recording) {
+  $("record-frames").textContent = "";
   const link = $("record-download");
   link.href = recording.url;
   link.setAttribute("download", `wanrt-${recording.id}.mp4`);
@@ -795,6 +858,15 @@ async function init() {
   $("record-button").addEventListener("click", startRecording);
   $("record-stop-button").addEventListener("click", stopRecording);
   $("recordings-refresh").addEventListener("click", refreshRecordings);
+  // The API's download links (recordings) go through saveFile where the server wants a token.
+  document.addEventListener("click", (event) => {
+    const link = event.target.closest && event.target.closest("a[download][href^='/api/v1/']");
+    if (!link || !hasToken()) return;
+    event.preventDefault();
+    saveFile(link.getAttribute("href"), link.getAttribute("download")).catch((err) =>
+      alertError(`Could not download ${link.getAttribute("download")}: ${err.message}`),
+    );
+  });
   setupPlots();
   refreshRecordings();
   window.addEventListener("beforeunload", () => state.session && state.session.stop());

@@ -49,6 +49,7 @@ export async function renderLoraFolder(schema) {
 
 /** The `loras` load parameter from the ticked files. */
 export function readLoras() {
+  if ($("lora-fields").hidden) return []; // rows ticked for a pipeline chosen before, which takes LoRAs
   return [...document.querySelectorAll(".lora-file")]
     .filter((row) => row.querySelector("input[type=checkbox]").checked)
     .map((row) => ({

@@ -57,6 +57,8 @@ export async function startSession({ inputStream, initialParameters, onTrack, on
     for (const candidate of queued.splice(0)) await sendCandidate(candidate);
   } catch (err) {
     pc.close();
+    // The server answered but the answer could not be applied: give its seat back now, not at its connect timeout.
+    if (sessionId) api(`/webrtc/offer/${sessionId}`, { method: "DELETE" }).catch(() => {});
     throw err;
   }
 
@@ -66,9 +68,10 @@ export async function startSession({ inputStream, initialParameters, onTrack, on
     get sessionId() {
       return sessionId;
     },
+    /** true: sent; false: the channel is not open yet (kept to send later); throws a message the peer refuses. */
     send(update) {
       if (dataChannel.readyState !== "open") return false;
-      dataChannel.send(JSON.stringify(update));
+      dataChannel.send(JSON.stringify(update)); // a TypeError past the server's max-message-size
       return true;
     },
     async stop() {
