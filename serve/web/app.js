@@ -145,7 +145,7 @@ function downloadWeights(id) {
       const p = s.progress;
       if (p.state === "error") throw new Error(p.error || "the download failed");
       if (s.downloaded && p.state !== "downloading") return s;
-      if (p.state !== "downloading" && p.state !== "starting") {
+      if (p.state !== "downloading") {
         throw new Error(`the download is ${p.state} and files are still missing; start it again`);
       }
       const file = p.current_artifact ? ` · ${p.current_artifact}` : "";
