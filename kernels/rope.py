@@ -52,14 +52,48 @@ def kernel_refusal(x: Tensor, cos: Tensor, sin: Tensor) -> str | None:
     return triton_rope.unavailable_reason()
 
 
+# Whether the kernel agreed with the reference on its first call of each kind (device, dtype, heads, head dim, table
+# rank): a kernel that fails to compile or computes wrongly on some GPU or Triton version costs one check and a log
+# line, never a stream.
+_agrees: dict[tuple, bool] = {}
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """`apply_rope_reference`'s result, from the Triton kernel where it runs (see the module's docstring)."""
     refusal = kernel_refusal(x, cos, sin)
     if refusal is None:
         from kernels import triton_rope
 
-        return triton_rope.apply_rope(x, cos, sin)
+        kind = (x.device, x.dtype, x.shape[2], x.shape[3], cos.dim())
+        if kind not in _agrees and not torch.cuda.is_current_stream_capturing():  # (a capture's warm-up checked it)
+            _agrees[kind] = kernel_agrees(x, cos, sin)
+        if _agrees.get(kind):
+            return triton_rope.apply_rope(x, cos, sin)
+        refusal = "it failed its first check" if kind in _agrees else "unchecked inside a CUDA graph capture"
     if x.device.type == "cuda" and refusal not in ("traced", *_said_why):  # on a CPU the reference is the kernel
         _said_why.add(refusal)
         log.warning("rope: the torch reference runs instead of the Triton kernel (%s)", refusal)
     return apply_rope_reference(x, cos, sin)
+
+
+def kernel_agrees(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
+    """The kernel against the reference on this call's inputs: within one ulp of the output dtype (Triton may fuse a
+    product and a sum into one FMA), relative to the output's scale. Blocking (one host sync): a first call only."""
+    from kernels import triton_rope
+
+    try:
+        out = triton_rope.apply_rope(x, cos, sin).float()
+        expected = apply_rope_reference(x, cos, sin).float()
+        ulp = torch.finfo(x.dtype).eps
+        worst = float((out - expected).abs().max())
+        bound = 2 * ulp * (float(expected.abs().max()) + 1.0)
+    except Exception as exc:  # a compile error, a launch that fails on this GPU
+        log.warning("rope: the Triton kernel failed its first call (%s: %s); the torch reference runs",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+        return False
+    if not worst <= bound:  # (NaN fails too)
+        log.warning("rope: the Triton kernel differs from its reference by %.3g (bound %.3g) on %s %s; the torch "
+                    "reference runs", worst, bound, tuple(x.shape), x.dtype)  # fmt: skip
+        return False
+    log.info("rope: Triton kernel on %s, checked against its reference (max diff %.3g)", x.device, worst)
+    return True

@@ -72,6 +72,28 @@ def test_kernel_rotates_the_cached_window_as_the_step_does(rope_kernel) -> None:
         assert torch.equal(triton_rope.apply_rope(keys, cos, sin, rope_kernel), interpreted_reference(keys, cos, sin))
 
 
+def test_the_first_call_check_takes_the_kernel_and_refuses_a_wrong_or_failing_one(rope_kernel, monkeypatch, caplog):
+    """On CUDA the dispatch checks the kernel against the reference on its first call of each kind, so a kernel that
+    does not compile or computes wrongly on some GPU or Triton version costs one log line, not the stream. Here the
+    check runs on the interpreted kernel (agrees, also in bf16 up to its truncating cast), then on one that computes
+    a wrong rotation and one that raises."""
+    x = torch.randn(1, 24, 4, 32) * 3
+    cos, sin = tables(24, 16)
+    assert rope.kernel_agrees(x, cos, sin) and rope.kernel_agrees(x.to(torch.bfloat16), cos, sin)
+    monkeypatch.setattr(triton_rope, "apply_rope", lambda x, cos, sin: apply_rope_reference(x, sin, cos))
+    with caplog.at_level(logging.WARNING, logger="kernels.rope"):
+        assert not rope.kernel_agrees(x, cos, sin)
+    assert "differs from its reference" in caplog.text
+
+    def fails(x, cos, sin):
+        raise RuntimeError("PTX JIT compilation failed")
+
+    monkeypatch.setattr(triton_rope, "apply_rope", fails)
+    with caplog.at_level(logging.WARNING, logger="kernels.rope"):
+        assert not rope.kernel_agrees(x, cos, sin)
+    assert "PTX JIT compilation failed" in caplog.text
+
+
 def test_reference_rotates_adjacent_channel_pairs() -> None:
     """The reference against complex multiplication of interleaved pairs (the Wan reference's view_as_complex)."""
     x = torch.randn(1, 5, 2, 8)
@@ -141,6 +163,7 @@ def test_compiled_kernel_equals_the_reference_on_cuda_and_replays_in_a_graph() -
         assert out.dtype == dtype
         rtol = 2**-7 if dtype == torch.bfloat16 else 1e-6
         torch.testing.assert_close(out.float(), reference.float(), rtol=rtol, atol=3 * 6 * rtol)  # |x|·(|cos|+|sin|)
+        assert rope._agrees[(x.device, dtype, 12, 128, 2)], "the first-call check sent this kind to the reference"
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
