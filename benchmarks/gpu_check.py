@@ -194,7 +194,7 @@ def part_dit_step(dry: bool) -> dict[str, Any]:
 
     from benchmarks.model_step import Shape, step_tflop
     from benchmarks.timing import time_ms
-    from kernels.rope import apply_rope_reference
+    from kernels.rope import apply_rope_reference, norm_rope_reference
     from serve.models.dit import DIT_CONFIGS
     from serve.models.fp8 import store_dit_in_fp8
 
@@ -224,7 +224,9 @@ def part_dit_step(dry: bool) -> dict[str, Any]:
     slots = model.rope.tables(torch.arange(cache_frames, device=device), height // 16, width // 16)
     measure("eager, window-relative keys (Reward Forcing: the cache rotated at read)",
             lambda: model.step(*args, key_rope=slots))  # fmt: skip
-    with patch("serve.models.dit.apply_rope", apply_rope_reference):  # the step as it ran before kernels/rope.py
+    # The step as it ran before kernels/rope.py: the q/k norm and the rotations as torch's elementwise chains.
+    with patch("serve.models.dit.apply_rope", apply_rope_reference), \
+            patch("serve.models.dit.norm_rope", norm_rope_reference):  # fmt: skip
         measure("eager, torch rope", lambda: model.step(*args))
         measure("eager, window-relative keys, torch rope", lambda: model.step(*args, key_rope=slots))
     if cuda:
@@ -284,26 +286,39 @@ def part_attention(dry: bool) -> dict[str, Any]:
 
 
 def part_rope(dry: bool) -> dict[str, Any]:
-    """kernels/rope.py's Triton kernel against its torch reference on the 1.3B step's shapes at 480×832: one layer's
-    chunk queries (fp32, 3 frames of 1560 tokens) and Reward Forcing's cached window (bf16, 9 frames), rotated at
-    read time. GB/s counts what one fused pass must move (the input, the output, the tables)."""
+    """kernels/rope.py's Triton kernels against their torch references on the 1.3B step's shapes at 480×832: one
+    layer's chunk queries normalised and rotated (the projection's bf16 output, 3 frames of 1560 tokens), the
+    rotation alone (fp32), and Reward Forcing's cached window (bf16, 9 frames) rotated at read time. GB/s counts
+    what one fused pass must move (the input, the output, the tables, the weight)."""
     import torch
 
     from benchmarks.timing import time_ms
-    from kernels.rope import apply_rope_reference, kernel_refusal
-    from kernels.triton_rope import apply_rope
+    from kernels import triton_rope
+    from kernels.rope import apply_rope_reference, kernel_refusal, norm_rope_reference
 
     cuda = torch.cuda.is_available() and not dry
     device = torch.device("cuda" if cuda else "cpu")
     heads, head_dim, frame_tokens = (12, 128, 1560) if cuda else (2, 32, 16)
+    weight = torch.rand(heads * head_dim, device=device) + 0.5
     rows = []
-    for label, frames, dtype in (("chunk queries", 3, torch.float32), ("cached window", 9, torch.bfloat16)):
-        x = torch.randn(1, frames * frame_tokens, heads, head_dim, device=device).to(dtype)
-        angles = torch.rand(frames * frame_tokens, head_dim // 2, device=device) * 100
+    for label, frames, dtype, normed in (("chunk queries: norm + rope", 3, torch.bfloat16, True),
+                                         ("chunk queries: rope", 3, torch.float32, False),
+                                         ("cached window: rope", 9, torch.bfloat16, False)):  # fmt: skip
+        tokens = frames * frame_tokens
+        x = torch.randn((1, tokens, heads * head_dim) if normed else (1, tokens, heads, head_dim), device=device)
+        x = x.to(dtype)
+        angles = torch.rand(tokens, head_dim // 2, device=device) * 100
         cos, sin = torch.cos(angles), torch.sin(angles)
-        moved = 2 * x.numel() * x.element_size() + 2 * cos.numel() * 4
-        reference = apply_rope_reference(x, cos, sin)
-        for variant, fn in (("torch reference", apply_rope_reference), ("triton", apply_rope)):
+        if normed:
+            reference = functools.partial(norm_rope_reference, x, weight, 1e-6, heads, cos, sin)
+            kernel = functools.partial(triton_rope.norm_rope, x, weight, 1e-6, heads, cos, sin)
+        else:
+            reference = functools.partial(apply_rope_reference, x, cos, sin)
+            kernel = functools.partial(triton_rope.apply_rope, x, cos, sin)
+        out_bytes = x.numel() * (4 if normed else x.element_size())  # the norm's output is fp32, as the reference's
+        moved = x.numel() * x.element_size() + out_bytes + 2 * cos.numel() * 4 + normed * weight.numel() * 4
+        expected = reference()
+        for variant, call in (("torch reference", reference), ("triton", kernel)):
             row: dict[str, Any] = {
                 "tensor": label,
                 "shape": list(x.shape),
@@ -317,13 +332,12 @@ def part_rope(dry: bool) -> dict[str, Any]:
             try:
                 if variant == "triton" and (refusal := kernel_refusal(x, cos, sin)) is not None:
                     raise RuntimeError(f"the dispatch would not run it: {refusal}")
-                call = functools.partial(fn, x, cos, sin)
                 with torch.inference_mode():
                     row["ms"] = time_ms(call, device, warmup=3 if cuda else 1, iters=20 if cuda else 2)
                     out = call()
                 row["gb_s"] = moved / row["ms"] / 1e6
-                row["max_abs_diff"] = (out.float() - reference.float()).abs().max().item()
-            except Exception as exc:  # without CUDA the kernel is refused: the reference rows still count
+                row["max_abs_diff"] = (out.float() - expected.float()).abs().max().item()
+            except Exception as exc:  # without CUDA the kernels are refused: the reference rows still count
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             rows.append(row)
             save_partial({"rows": rows})

@@ -1,26 +1,40 @@
-"""Rotary position embedding of the DiT's queries and keys: the torch reference and the dispatch to the Triton kernel
-(kernels/triton_rope.py).
+"""The DiT's queries and keys: Wan's q/k RMSNorm and the rotary position embedding, as torch references and as
+Triton kernels (kernels/triton_rope.py), with the dispatch between them.
 
-Why a kernel: the reference is eight elementwise kernels (a float copy, four products, a difference, a sum, a
-stack), each a full pass over the tensor: ~44 bytes moved per fp32 element where one fused pass moves 8. Eager on a
-GPU (what `auto` serves where no engine is built, CUDA-graphed or not) that is memory traffic, not launches, and it
-is large: the 1.3B step at 480×832 rotates 14 M query and key values per layer, and Reward Forcing rotates its whole
-cached window on top (its keys are cached un-rotated, window-relative positions): 22 M bf16 values per layer. The
-kernel reads each value once, computes in fp32 as the reference does, and writes the result in the input's dtype.
+Why kernels: the references are elementwise chains, each op a full pass over the tensor: RMSNorm then RoPE move ~90
+bytes per value (a float copy, a square, a mean, a product, a cast, the weight; then four products, a difference, a
+sum, a stack) where one fused pass moves 6 (bf16 in, fp32 out). Eager on a GPU (what `auto` serves where no engine is
+built, CUDA-graphed or not; Reward Forcing and runtime LoRAs always) that is memory traffic, not launches, and it is
+large: the 1.3B step at 480×832 normalises and rotates 14 M query and key values per layer, and Reward Forcing
+rotates its whole cached window on top at read time (its keys are cached un-rotated, window-relative positions):
+22 M bf16 values per layer. The kernels compute what the references compute, in fp32, in the same order; only the
+mean's summation order differs.
 
-The reference runs everywhere else: on a CPU and the meta device, and inside anything that traces the step
-(torch.compile and AOTInductor's export, where inductor fuses it itself; the ONNX exports, which need standard ops).
-The tests run the kernel interpreted on a CPU against the reference (tests/test_rope.py); `make gpu-check` times both.
+The references run everywhere else: on a CPU and the meta device, and inside anything that traces the step
+(torch.compile and AOTInductor's export, where inductor fuses them itself; the ONNX exports, which need standard
+ops). Each kernel is checked against its reference on its first call of each kind, so one that does not compile or
+computes wrongly on some GPU or Triton version costs a log line, never a stream. tests/test_rope.py runs the kernels
+interpreted on a CPU against the references; `make gpu-check` times both.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
+
+
+# -- the references ---------------------------------------------------------------------------------------------------
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Wan's `WanRMSNorm`: normalised in fp32, rounded to x's dtype, then scaled by the (fp32) weight."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
 def apply_rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -32,11 +46,16 @@ def apply_rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated.flatten(-2).type_as(x)
 
 
-_said_why: set[str] = set()
+def norm_rope_reference(x: Tensor, weight: Tensor, eps: float, heads: int, cos: Tensor, sin: Tensor) -> Tensor:
+    """A projection's output x [B, L, D] normalised over its full width, split into heads, and rotated."""
+    return apply_rope_reference(rms_norm_reference(x, weight, eps).unflatten(-1, (heads, -1)), cos, sin)
+
+
+# -- the dispatch -----------------------------------------------------------------------------------------------------
 
 
 def kernel_refusal(x: Tensor, cos: Tensor, sin: Tensor) -> str | None:
-    """None when the Triton kernel takes this call; otherwise why the reference runs."""
+    """None when a Triton kernel takes this call; otherwise why the reference runs."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not torch.Tensor:
         return "traced"  # fake and functional tensors of an export or a compile: the reference is what they trace
     if x.device.type != "cuda":
@@ -52,48 +71,71 @@ def kernel_refusal(x: Tensor, cos: Tensor, sin: Tensor) -> str | None:
     return triton_rope.unavailable_reason()
 
 
-# Whether the kernel agreed with the reference on its first call of each kind (device, dtype, heads, head dim, table
-# rank): a kernel that fails to compile or computes wrongly on some GPU or Triton version costs one check and a log
-# line, never a stream.
+_said_why: set[str] = set()
+# Whether a kernel agreed with its reference on its first call of each kind (kernel, device, dtype, widths, table
+# rank).
 _agrees: dict[tuple, bool] = {}
+
+
+def _dispatch(kind: tuple, refusal: str | None, kernel: Callable[[], Tensor], reference: Callable[[], Tensor],
+              input_dtype: torch.dtype) -> Tensor:  # fmt: skip
+    if refusal is None:
+        if kind not in _agrees and not torch.cuda.is_current_stream_capturing():  # (a capture's warm-up checked it)
+            _agrees[kind] = kernel_agrees(kind[0], kernel, reference, input_dtype)
+        if _agrees.get(kind):
+            return kernel()
+        refusal = "it failed its first check" if kind in _agrees else "unchecked inside a CUDA graph capture"
+    if kind[1].type == "cuda" and refusal not in ("traced", *_said_why):  # on a CPU the reference is the kernel
+        _said_why.add(refusal)
+        log.warning("%s: the torch reference runs instead of the Triton kernel (%s)", kind[0], refusal)
+    return reference()
+
+
+def kernel_agrees(name: str, kernel: Callable[[], Tensor], reference: Callable[[], Tensor],
+                  input_dtype: torch.dtype) -> bool:  # fmt: skip
+    """A kernel against its reference on one call's inputs: within two ulps of the input's dtype (a norm rounded to
+    it may land on the other side of a rounding step; Triton may fuse a product and a sum into one FMA), relative to
+    the output's scale. Blocking (one host sync): a first call only."""
+    try:
+        out, expected = kernel().float(), reference().float()
+        worst = float((out - expected).abs().max())
+        bound = 2 * torch.finfo(input_dtype).eps * (float(expected.abs().max()) + 1.0)
+    except Exception as exc:  # a compile error, a launch that fails on this GPU
+        log.warning("%s: the Triton kernel failed its first call (%s: %s); the torch reference runs", name,
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+        return False
+    if not worst <= bound:  # (NaN fails too)
+        log.warning("%s: the Triton kernel differs from its reference by %.3g (bound %.3g) on %s; the torch reference "
+                    "runs", name, worst, bound, tuple(out.shape))  # fmt: skip
+        return False
+    log.info("%s: Triton kernel, checked against its reference (max diff %.3g)", name, worst)
+    return True
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """`apply_rope_reference`'s result, from the Triton kernel where it runs (see the module's docstring)."""
-    refusal = kernel_refusal(x, cos, sin)
-    if refusal is None:
-        from kernels import triton_rope
-
-        kind = (x.device, x.dtype, x.shape[2], x.shape[3], cos.dim())
-        if kind not in _agrees and not torch.cuda.is_current_stream_capturing():  # (a capture's warm-up checked it)
-            _agrees[kind] = kernel_agrees(x, cos, sin)
-        if _agrees.get(kind):
-            return triton_rope.apply_rope(x, cos, sin)
-        refusal = "it failed its first check" if kind in _agrees else "unchecked inside a CUDA graph capture"
-    if x.device.type == "cuda" and refusal not in ("traced", *_said_why):  # on a CPU the reference is the kernel
-        _said_why.add(refusal)
-        log.warning("rope: the torch reference runs instead of the Triton kernel (%s)", refusal)
-    return apply_rope_reference(x, cos, sin)
-
-
-def kernel_agrees(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
-    """The kernel against the reference on this call's inputs: within one ulp of the output dtype (Triton may fuse a
-    product and a sum into one FMA), relative to the output's scale. Blocking (one host sync): a first call only."""
     from kernels import triton_rope
 
-    try:
-        out = triton_rope.apply_rope(x, cos, sin).float()
-        expected = apply_rope_reference(x, cos, sin).float()
-        ulp = torch.finfo(x.dtype).eps
-        worst = float((out - expected).abs().max())
-        bound = 2 * ulp * (float(expected.abs().max()) + 1.0)
-    except Exception as exc:  # a compile error, a launch that fails on this GPU
-        log.warning("rope: the Triton kernel failed its first call (%s: %s); the torch reference runs",
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
-        return False
-    if not worst <= bound:  # (NaN fails too)
-        log.warning("rope: the Triton kernel differs from its reference by %.3g (bound %.3g) on %s %s; the torch "
-                    "reference runs", worst, bound, tuple(x.shape), x.dtype)  # fmt: skip
-        return False
-    log.info("rope: Triton kernel on %s, checked against its reference (max diff %.3g)", x.device, worst)
-    return True
+    return _dispatch(
+        ("rope", x.device, x.dtype, x.shape[2], x.shape[3], cos.dim()),
+        kernel_refusal(x, cos, sin),
+        lambda: triton_rope.apply_rope(x, cos, sin),
+        lambda: apply_rope_reference(x, cos, sin),
+        x.dtype,
+    )
+
+
+def norm_rope(x: Tensor, weight: Tensor, eps: float, heads: int, cos: Tensor, sin: Tensor) -> Tensor:
+    """`norm_rope_reference`'s result, from one Triton kernel where it runs (see the module's docstring)."""
+    from kernels import triton_rope
+
+    refusal = kernel_refusal(x, cos, sin)
+    if refusal is None and (weight.dtype != torch.float32 or not weight.is_contiguous() or x.shape[-1] % heads):
+        refusal = "other weights"  # the norm's weight is kept in fp32 (serve/models/dit.py FP32_PARAMETERS)
+    return _dispatch(
+        ("norm+rope", x.device, x.dtype, x.shape[-1], heads, cos.dim()),
+        refusal,
+        lambda: triton_rope.norm_rope(x, weight, eps, heads, cos, sin),
+        lambda: norm_rope_reference(x, weight, eps, heads, cos, sin),
+        x.dtype,
+    )

@@ -43,8 +43,8 @@ def test_the_dry_gpu_check_runs_every_part_and_writes_both_reports(tmp_path: Pat
     ] and all(row["ms"] > 0 for row in parts["attention"]["rows"])  # fmt: skip
     rope = parts["rope"]["rows"]
     assert [(row["tensor"], row["variant"]) for row in rope] == [
-        ("chunk queries", "torch reference"), ("chunk queries", "triton"),
-        ("cached window", "torch reference"), ("cached window", "triton"),
+        (tensor, variant) for tensor in ("chunk queries: norm + rope", "chunk queries: rope", "cached window: rope")
+        for variant in ("torch reference", "triton")
     ]  # fmt: skip
     assert all(row["ms"] > 0 and row["max_abs_diff"] == 0 for row in rope if row["variant"] == "torch reference")
     assert all("not on CUDA" in row["error"] for row in rope if row["variant"] == "triton")  # the dispatch's refusal
@@ -62,7 +62,7 @@ def test_the_dry_gpu_check_runs_every_part_and_writes_both_reports(tmp_path: Pat
     assert adapters["vace"] and all(row["vace_ms"] > 0 for row in adapters["vace"])
     markdown = (out / "gpu-report.md").read_text()
     assert "| streamdiffusionv2 | 32×32 |" in markdown and "## dit_step" in markdown and "| cross | MATH |" in markdown
-    assert "| cached window | 1×144×2×32 | bfloat16 | torch reference |" in markdown
+    assert "| cached window: rope | 1×144×2×32 | bfloat16 | torch reference |" in markdown
     # Nothing else in the folder: a device call brings back at most 8 files (the parts' own go to a scratch folder).
     assert sorted(p.name for p in out.iterdir()) == ["gpu-report.json", "gpu-report.md"]
 

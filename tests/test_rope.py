@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernels import rope, triton_rope
-from kernels.rope import apply_rope_reference, kernel_refusal
+from kernels.rope import apply_rope_reference, kernel_refusal, norm_rope_reference
 from serve.models.dit import DIT_CONFIGS, WanDiT
 
 
@@ -79,19 +79,47 @@ def test_the_first_call_check_takes_the_kernel_and_refuses_a_wrong_or_failing_on
     a wrong rotation and one that raises."""
     x = torch.randn(1, 24, 4, 32) * 3
     cos, sin = tables(24, 16)
-    assert rope.kernel_agrees(x, cos, sin) and rope.kernel_agrees(x.to(torch.bfloat16), cos, sin)
-    monkeypatch.setattr(triton_rope, "apply_rope", lambda x, cos, sin: apply_rope_reference(x, sin, cos))
+
+    def agrees(kernel, x: torch.Tensor) -> bool:
+        return rope.kernel_agrees("rope", lambda: kernel(x, cos, sin), lambda: apply_rope_reference(x, cos, sin),
+                                  x.dtype)  # fmt: skip
+
+    assert agrees(triton_rope.apply_rope, x) and agrees(triton_rope.apply_rope, x.to(torch.bfloat16))
     with caplog.at_level(logging.WARNING, logger="kernels.rope"):
-        assert not rope.kernel_agrees(x, cos, sin)
+        assert not agrees(lambda x, cos, sin: apply_rope_reference(x, sin, cos), x)  # a wrong rotation
     assert "differs from its reference" in caplog.text
 
     def fails(x, cos, sin):
         raise RuntimeError("PTX JIT compilation failed")
 
-    monkeypatch.setattr(triton_rope, "apply_rope", fails)
     with caplog.at_level(logging.WARNING, logger="kernels.rope"):
-        assert not rope.kernel_agrees(x, cos, sin)
+        assert not agrees(fails, x)
     assert "PTX JIT compilation failed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("shape", "heads", "dtype", "table_batch"),
+    [
+        pytest.param((1, 48, 64), 2, torch.float32, (), id="tiny-config-fp32"),
+        pytest.param((1, 40, 1536), 12, torch.bfloat16, (), id="1.3b-bf16"),  # 768 pairs: a block of 1024
+        pytest.param((1, 8, 5120), 40, torch.bfloat16, (), id="14b-bf16"),
+        pytest.param((3, 16, 64), 2, torch.float32, (3,), id="stream-batch-rows"),
+        pytest.param((2, 16, 60), 3, torch.float16, (), id="odd-heads-and-pairs"),
+    ],
+)
+def test_norm_rope_kernel_equals_the_reference(rope_kernel, shape, heads, dtype, table_batch) -> None:
+    """q/k RMSNorm over the full width, then each head rotated, in one pass. The mean's summation order differs
+    from torch's, and the interpreter truncates its cast to bf16 (the norm is rounded to the input's dtype before
+    the weight), so values agree to a rounding step of the input's dtype; in fp32 to a few ulps."""
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 4 + 1).to(dtype)
+    weight = torch.rand(shape[-1], generator=torch.Generator().manual_seed(3)) + 0.5
+    cos, sin = tables(shape[1], shape[-1] // heads // 2, *table_batch)
+    out = triton_rope.norm_rope(x, weight, 1e-6, heads, cos, sin, rope_kernel)
+    expected = norm_rope_reference(x, weight, 1e-6, heads, cos, sin)
+    assert out.dtype == expected.dtype == torch.float32
+    assert out.shape == expected.shape == (*shape[:2], heads, shape[-1] // heads)
+    step = torch.finfo(dtype).eps
+    torch.testing.assert_close(out, expected, rtol=2 * step, atol=2 * step * float(expected.abs().max()))
 
 
 def test_reference_rotates_adjacent_channel_pairs() -> None:
@@ -163,7 +191,7 @@ def test_compiled_kernel_equals_the_reference_on_cuda_and_replays_in_a_graph() -
         assert out.dtype == dtype
         rtol = 2**-7 if dtype == torch.bfloat16 else 1e-6
         torch.testing.assert_close(out.float(), reference.float(), rtol=rtol, atol=3 * 6 * rtol)  # |x|·(|cos|+|sin|)
-        assert rope._agrees[(x.device, dtype, 12, 128, 2)], "the first-call check sent this kind to the reference"
+        assert rope._agrees[("rope", x.device, dtype, 12, 128, 2)], "the first-call check chose the reference"
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

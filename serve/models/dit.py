@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.rope import apply_rope
+from kernels.rope import apply_rope, norm_rope, rms_norm_reference
 
 ROPE_MAX_POSITIONS = 1024  # the reference's table length: absolute frame positions stay below this
 # Every nn.Linear of a DiTBlock, by its name in the block: what LongLive-style LoRAs target (models.md §3.2).
@@ -134,8 +134,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 def compute_dtype(layer: nn.Module) -> torch.dtype:
@@ -165,11 +164,19 @@ class Attention(nn.Module):
     def heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.num_heads, -1))  # [B, L, d] → [B, L, heads, hd]
 
-    def project_q(self, x: Tensor) -> Tensor:
-        return self.heads(self.norm_q(linear(self.q, x)))
+    def project_q(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """[B, L, heads, hd]: normalised over the full width, and rotated by `rope` (cos, sin) when given (one
+        kernel on CUDA, kernels/rope.py)."""
+        return self._normed(self.norm_q, linear(self.q, x), rope)
 
-    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.heads(self.norm_k(linear(self.k, x))), self.heads(linear(self.v, x))
+    def project_kv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """k as `project_q` makes q (rotated when `rope` is given), and v."""
+        return self._normed(self.norm_k, linear(self.k, x), rope), self.heads(linear(self.v, x))
+
+    def _normed(self, norm: RMSNorm, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        if rope is None:
+            return self.heads(norm(x))
+        return norm_rope(x, norm.weight, norm.eps, self.num_heads, *rope)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
         """q [B, Lq, heads, hd], k/v [B, Lk, heads, hd], bias additive, broadcastable to [B, heads, Lq, Lk]."""
@@ -280,10 +287,8 @@ def run_blocks(blocks: Iterable[tuple[int, DiTBlock]], x: Tensor, e0: Tensor, fr
 
         def self_attention(h: Tensor, layer: int = layer, block: DiTBlock = block) -> Tensor:
             attention = block.self_attn
-            q = apply_rope(attention.project_q(h), cos, sin)
-            k, v = attention.project_kv(h)
-            if key_rope is None:
-                k = apply_rope(k, cos, sin)
+            q = attention.project_q(h, (cos, sin))
+            k, v = attention.project_kv(h, (cos, sin) if key_rope is None else None)  # else rotated at read time
             if write_index.dim() == 2:  # rows into one shared cache: [B·N] distinct slots, one copy
                 write_cache(
                     cache_k, cache_v, layer, write_index.flatten(), k.flatten(0, 1)[None], v.flatten(0, 1)[None]

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kernels.rope import apply_rope
 from serve.models.checkpoint import (
     CheckpointError,
     LazyTensor,
@@ -132,9 +131,9 @@ class VaceWanDiT(WanDiT):
 
             def self_attention(h: Tensor, block: VaceBlock = block) -> Tensor:
                 attention = block.self_attn
-                q = apply_rope(attention.project_q(h), cos, sin)
-                k, v = attention.project_kv(h)
-                return attention.attend(q, apply_rope(k, cos, sin), v, None)
+                q = attention.project_q(h, (cos, sin))
+                k, v = attention.project_kv(h, (cos, sin))
+                return attention.attend(q, k, v, None)
 
             c = block(c, e0, frames, self_attention, (vace_text_kv[0][i], vace_text_kv[1][i]))
             hints[self.vace_layers[i]] = linear(block.after_proj, c).float() * scale.float()
