@@ -176,11 +176,12 @@ def test_everything_that_traces_the_step_gets_the_reference(tracer: str) -> None
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled Triton kernel needs a CUDA GPU")
-def test_compiled_kernel_equals_the_reference_on_cuda_and_replays_in_a_graph() -> None:
+def test_compiled_kernels_equal_the_references_on_cuda_and_replay_in_a_graph() -> None:
     """Compiled, Triton may fuse a product and a difference into one FMA (the reference rounds each), so fp32 agrees to
     a few ulp of the inputs' scale and bf16 to one bf16 ulp. The shapes are the 1.3B step's at 480×832: a chunk's
     queries (fp32) and Reward Forcing's cached window of one layer (bf16). Then the call is captured in a CUDA graph
-    after one warm-up, as serve/runtime/cuda_step.py captures the step, and replays to the same values."""
+    after one warm-up, as serve/runtime/cuda_step.py captures the step, and replays to the same values. The fused
+    q/k norm + rope agrees to a rounding step of bf16 (its mean sums in another order)."""
     device = torch.device("cuda")
     generator = torch.Generator().manual_seed(0)
     for tokens, dtype in ((3 * 1560, torch.float32), (9 * 1560, torch.bfloat16)):
@@ -192,6 +193,13 @@ def test_compiled_kernel_equals_the_reference_on_cuda_and_replays_in_a_graph() -
         rtol = 2**-7 if dtype == torch.bfloat16 else 1e-6
         torch.testing.assert_close(out.float(), reference.float(), rtol=rtol, atol=3 * 6 * rtol)  # |x|·(|cos|+|sin|)
         assert rope._agrees[("rope", x.device, dtype, 12, 128, 2)], "the first-call check chose the reference"
+    projected = (torch.randn(1, 3 * 1560, 1536, generator=generator) * 3).to(device, torch.bfloat16)  # q or k
+    weight = (torch.rand(1536, generator=generator) + 0.5).to(device)
+    q_cos, q_sin = (t.to(device) for t in tables(3 * 1560, 64))
+    normed = rope.norm_rope(projected, weight, 1e-6, 12, q_cos, q_sin)
+    expected_norm = rope.norm_rope_reference(projected, weight, 1e-6, 12, q_cos, q_sin)
+    torch.testing.assert_close(normed, expected_norm, rtol=2**-6, atol=2**-6 * float(expected_norm.abs().max()))
+    assert rope._agrees[("norm+rope", projected.device, torch.bfloat16, 1536, 12, 2)]
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
