@@ -368,8 +368,9 @@ class ClusterWorker(Struct):
 
     name: str
     """The actor's name; the ids of its sessions start with it (`<name>.<uuid>`)."""
-    state: Literal["alive", "unreachable", "gone"]
-    """`unreachable`: its last call timed out (no new sessions go there); `gone`: its actor died or left."""
+    state: Literal["alive", "stopping", "unreachable", "gone"]
+    """`stopping`: it is ending its sessions to leave (no new sessions go there, its own still end cleanly);
+    `unreachable`: its last call timed out (no new sessions go there); `gone`: its actor died or left."""
     node_id: str | None = None
     node_ip: str | None = None
     gpus: list[str] = msgspec.field(default_factory=list)

@@ -792,3 +792,72 @@ async def _lora_files_and_weights(
         assert [f["workers"] for f in listing["lora_files"]] == [fixture_names]
         again = await http.post("/api/v1/models/download", json={"pipeline_id": "passthrough"})
         assert again.status_code == 200 and again.json()["downloaded"] is True  # nothing to fetch: none started
+
+
+async def test_a_worker_whose_summary_fails_is_left_out_and_the_front_still_answers(cluster: Cluster) -> None:
+    """A summary that raised (Ray's RayTaskError wrapping the worker's own error, say the FileNotFoundError of a LoRA
+    folder walk that met a subfolder removed meanwhile) was neither a dead nor an unreachable actor to the front: the
+    whole refresh raised, and every request that refreshes (offers, loads, status, listings) answered 500. A real
+    actor under a worker's name here answers its summaries until the test has it fail (the cluster's own front polls
+    it too)."""
+    import ray
+
+    from serve.cluster.front import ClusterServing  # Ray: after the module's importorskip
+    from serve.cluster.names import NAMESPACE, WORKER_PREFIX
+    from serve.schemas import ClusterWorker
+
+    name = f"{WORKER_PREFIX}flaky000-0"
+
+    @ray.remote(num_cpus=0)
+    class FailingSummary:
+        def __init__(self) -> None:
+            self.failing = False
+
+        def fail(self) -> None:
+            self.failing = True
+
+        def summary(self) -> ClusterWorker:
+            if self.failing:
+                raise FileNotFoundError("styles/old: no such folder (removed during the walk)")
+            return ClusterWorker(name=name, state="alive", seats=1)
+
+    actor = FailingSummary.options(name=name, namespace=NAMESPACE).remote()
+    front = ClusterServing(ClusterSettings(), 60.0, AssetStore(cluster.tmp_dir / "front-assets"))
+    try:
+        await front.refresh()
+        assert front.workers[name].usable
+        await actor.fail.remote()
+        await front.refresh()  # raised here
+        flaky = front.workers[name].info
+        assert flaky.state == "unreachable" and "FileNotFoundError" in (flaky.error or ""), flaky
+        assert sum(view.usable for view in front.workers.values()) == 2  # the real workers are still placed
+        assert (await front.status()).status in ("loaded", "not_loaded")
+        assert httpx.get(f"{cluster.front.url}/api/v1/pipeline/status", timeout=10).status_code == 200
+    finally:
+        await front.close()
+        ray.kill(actor)
+
+
+async def test_a_stopping_worker_is_not_given_new_sessions(cluster: Cluster) -> None:
+    """A worker ending its sessions to leave (Ctrl-C: `shutdown`) still said alive, loaded and idle, the best seat
+    for every new offer, which it answered and then dropped with its process, without a `stream_stopped`. It says
+    `stopping` now, and refuses an offer placed before its front saw that."""
+    from serve.cluster.front import ClusterServing  # Ray: after the module's importorskip
+
+    joined = start_worker(cluster.tmp_dir, cluster.address, 1, "--max-sessions", "1", "--pipeline", "passthrough")
+    front = ClusterServing(ClusterSettings(), 60.0, AssetStore(cluster.tmp_dir / "front-assets"))
+    try:
+        (name,) = joined.names
+        await front.refresh()
+        view = front.workers[name]
+        assert view.usable
+        await view.handle.shutdown.remote("a test stops it")
+        await front.refresh()
+        assert view.info.state == "stopping" and not view.usable
+        with pytest.raises(WorkerUnavailable, match="is stopping"):
+            await front._call(view, "create_session", Offer(sdp=await offer_sdp(), type="offer"))
+        metrics = httpx.get(f"{cluster.front.url}/metrics", timeout=10).text
+        assert "wanrt_cluster_workers_stopping" in metrics
+    finally:
+        await front.close()
+        joined.stop()

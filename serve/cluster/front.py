@@ -78,6 +78,9 @@ RELEASING_CALLS = frozenset({"load", "unload", "stop_recording", "close_session"
 these that times out is left to finish, since stopping it half-way would leave half a release. Any other carries the
 time the front gives up on it, and is cancelled then: a hung worker that wakes drops it rather than run it (an offer
 answered there would hold a seat for a client told to try again), and a slow one stops it at its next await."""
+# A dead worker's sessions, kept to answer their signalling 410 rather than 404: the newest this many (a front that
+# outlives many restarts would otherwise keep every session id it ever routed).
+MAX_LOST_SESSIONS = 4096
 CLUSTER_CONTROLLERS: list[type] = [
     PipelineController,
     WebRTCController,
@@ -145,10 +148,13 @@ class ClusterServing:
             if time.monotonic() - self._refreshed_at < max_age_s:
                 return
             names = await asyncio.to_thread(_worker_names)
-            for name in names:
-                view = self.workers.get(name)
-                if view is None or view.info.state == "gone":  # joined, or a new actor under a dead one's name
-                    await self._discover(name, replaces=view)
+            # At once, not one after another: a joining node's actors answer nothing until their torch import is
+            # done, and each would hold the round (and every request waiting on it) for its summary timeout.
+            await asyncio.gather(*(
+                self._discover(name, replaces=view)
+                for name in names
+                if (view := self.workers.get(name)) is None or view.info.state == "gone"  # joined, or a successor
+            ))  # fmt: skip
             await asyncio.gather(*(self._update(view) for view in self.workers.values() if view.info.state != "gone"))
             self._refreshed_at = time.monotonic()
 
@@ -157,6 +163,9 @@ class ClusterServing:
             handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
             info = await asyncio.wait_for(handle.summary.remote(), self.settings.summary_timeout_s)
         except (ValueError, RayActorError, TimeoutError):  # gone again before it answered: the next round retries
+            return
+        except Exception:  # its summary raised (a RayTaskError wrapping the worker's own error): not placed yet
+            log.exception("worker=%s: its first summary failed; the next round asks again", name)
             return
         info.last_seen = time.time()
         if replaces is not None:  # the dead actor's sessions stay lost under its successor's name
@@ -173,6 +182,13 @@ class ClusterServing:
             return
         except (RayActorError, TimeoutError) as exc:  # ActorUnavailableError: it may come back
             view.info.state, view.info.error = "unreachable", f"no answer to its summary ({type(exc).__name__})"
+            return
+        except Exception as exc:  # its summary raised (RayTaskError: a folder walk's OSError, ...): this worker only
+            # is left out of placement; else the whole round raised, and every request that refreshes answered 500
+            log.warning("worker=%s: its summary failed: %s", view.name, exc)
+            view.info.state, view.info.error = "unreachable", f"its summary failed ({type(exc).__name__})"
+            return
+        if view.info.state == "gone":  # marked dead by a call while this summary was on its way: stays dead
             return
         info.last_seen = time.time()
         info.lost_sessions = view.info.lost_sessions
@@ -197,7 +213,7 @@ class ClusterServing:
     def _mark_gone(self, view: WorkerView, reason: str) -> None:
         if view.info.state == "gone":
             return
-        lost = [*view.info.lost_sessions, *view.info.sessions]
+        lost = [*view.info.lost_sessions, *view.info.sessions][-MAX_LOST_SESSIONS:]
         view.info = msgspec.structs.replace(view.info, state="gone", sessions=[], lost_sessions=lost, error=reason)
         log.warning("worker=%s gone (%s); its sessions ended: %s", view.name, reason, ", ".join(lost) or "none")
 
@@ -259,9 +275,9 @@ class ClusterServing:
         async with view.load_lock:
             try:
                 message = await self._call(view, "load", pipeline_id, params)
+                view.info.pipeline = await self._call(view, "status")
             except WorkerGone as exc:
                 raise WorkerUnavailable(f"worker {name} went away while loading ({exc}); load again") from None
-            view.info.pipeline = await self._call(view, "status")
         self._wanted, self._unloaded = wanted, False
         return f"{message} (on {name}; other workers load it when an offer needs them)"
 
@@ -466,7 +482,7 @@ class ClusterServing:
         gauges["wanrt_cluster_workers_loaded"] = gauges.get("wanrt_pipeline_loaded", 0)
         gauges["wanrt_pipeline_loaded"] = int(gauges["wanrt_cluster_workers_loaded"] > 0)
         states = [view.info.state for view in self.workers.values()]
-        for state in ("alive", "unreachable", "gone"):
+        for state in ("alive", "stopping", "unreachable", "gone"):
             gauges[f"wanrt_cluster_workers_{state}"] = states.count(state)
         return gauges
 

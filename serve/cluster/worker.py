@@ -85,6 +85,7 @@ class WanrtWorker:
         install_decoders(nvdec=settings.webrtc.nvdec)
         configure_data_channel(settings.webrtc)
         self.name = name
+        self.stopping = False  # set by `shutdown`: the front stops placing here, and new sessions are refused
         self.pipelines = PipelineManager(
             models_dir=settings.models_dir, engines_dir=settings.engines_dir, lora_dir=settings.lora_folder,
             allow_random_weights=settings.allow_random_weights, load_timeout_s=settings.load_timeout_s,
@@ -121,6 +122,8 @@ class WanrtWorker:
             return Reply(error=WorkerUnavailable.__name__, detail=f"{method} came after the front stopped waiting")
         if method not in CALLS:
             return Reply(error=InvalidRequest.__name__, detail=f"a worker has no call {method!r}")
+        if self.stopping and method in ("create_session", "load"):  # placed before the front saw `stopping`
+            return Reply(error=WorkerUnavailable.__name__, detail=f"worker {self.name} is stopping; try again")
         try:
             return Reply(value=await getattr(self.serving, method)(*args))
         except WanrtError as exc:
@@ -138,7 +141,7 @@ class WanrtWorker:
     async def summary(self) -> ClusterWorker:
         return ClusterWorker(
             name=self.name,
-            state="alive",
+            state="stopping" if self.stopping else "alive",
             node_id=self.node_id,
             node_ip=ray.util.get_node_ip_address(),
             gpus=self.gpus,
@@ -152,6 +155,7 @@ class WanrtWorker:
     async def shutdown(self, reason: str) -> None:
         """Ends every session with `stream_stopped` (its data channel still works) and frees the pipeline."""
         log.info("worker=%s stopping: %s", self.name, reason)
+        self.stopping = True  # else its summary said alive, loaded and idle: the best seat for every new offer
         await self.sessions.stop_all(reason)
         await self.pipelines.close()
         self.recordings.close()
