@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio.from_thread
 import msgspec
+import ray
 
 from serve.assets import AssetStore, is_upload_name
 from serve.schemas import Asset
@@ -51,12 +52,18 @@ class ClusterAssets:
 
     async def _put_everywhere(self, name: str, data: bytes) -> None:
         self._names.add(name)  # on the event loop, as `sync` reads it
-        await asyncio.gather(*(self._put(view, name, data) for view in self._views()))
+        stored = await asyncio.to_thread(ray.put, data)  # once for every worker
+        await asyncio.gather(*(self._put(view, name, stored) for view in self._views()))
 
-    async def _put(self, view: Any, name: str, data: bytes) -> bool:
+    async def _put(self, view: Any, name: str, data: bytes | ray.ObjectRef) -> bool:
         """Whether the worker took the file. A worker the front's poll finds unreachable meanwhile is not waited for
-        (an upload to a worker that just hung answered only after PUT_TIMEOUT_S): `sync` gives it the file later."""
-        put = asyncio.ensure_future(view.handle.put_asset.remote(name, data))
+        (an upload to a worker that just hung answered only after PUT_TIMEOUT_S): `sync` gives it the file later.
+
+        The bytes go into Ray's object store on a thread: an argument that size is stored at `.remote()`, which
+        copied up to --max-upload-mb on the event loop, once per worker."""
+        if isinstance(data, bytes):
+            data = await asyncio.to_thread(ray.put, data)
+        put = asyncio.ensure_future(view.handle.put_asset.remote(name, data))  # Ray hands the actor the bytes
         deadline = time.monotonic() + PUT_TIMEOUT_S
         while not put.done() and view.usable and time.monotonic() < deadline:
             await asyncio.wait({put}, timeout=USABLE_CHECK_S)
