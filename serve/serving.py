@@ -15,7 +15,7 @@ import anyio.to_thread
 import msgspec
 
 from serve.errors import NoFrameYet
-from serve.pipelines.registry import get_spec
+from serve.pipelines.registry import PIPELINES, get_spec
 from serve.schemas import (
     Answer,
     IceCandidate,
@@ -79,6 +79,11 @@ class Serving(Protocol):
 
     async def models_status(self, pipeline_id: str, vace: bool) -> ModelsStatus:
         """Whether the pipeline's weight files are present, and its download's progress; UnknownPipeline (404)."""
+        ...
+
+    async def missing_weights(self) -> dict[str, list[str]]:
+        """Every pipeline's weight files (`repo/path`) a load would lack: on a cluster front, those some live worker
+        lacks (its own disk holds no weights that matter)."""
         ...
 
     async def download_models(self, pipeline_id: str, vace: bool) -> tuple[ModelsStatus, bool]:
@@ -178,6 +183,13 @@ class LocalServing:
     async def models_status(self, pipeline_id: str, vace: bool) -> ModelsStatus:
         # It stats every file and reads its record: a models folder on a network disk may take its time.
         return await anyio.to_thread.run_sync(self.models.status, _weights_of(pipeline_id, vace))
+
+    async def missing_weights(self) -> dict[str, list[str]]:
+        def missing() -> dict[str, list[str]]:  # a stat per file: off the loop
+            return {pid: [f"{f.repo}/{f.path}" for f in spec.missing_files(self.models.models_dir)]
+                    for pid, spec in PIPELINES.items()}  # fmt: skip
+
+        return await anyio.to_thread.run_sync(missing)
 
     async def download_models(self, pipeline_id: str, vace: bool) -> tuple[ModelsStatus, bool]:
         spec = _weights_of(pipeline_id, vace)

@@ -760,6 +760,11 @@ async def _lora_files_and_weights(
             assert len(cluster.hub.gets(file.repo, file.path)) == 1  # two actors, one folder: fetched once
         assert all(not f["present"] for f in status["files"])  # not on every worker
         assert all(other_name in f["local_path"] for f in status["files"])
+        # The page's badge: what the workers lack, not what the front's own folder holds (here the fixture's
+        # workers' folder, which has every file; the other machine's worker has none).
+        schema = (await http.get("/api/v1/pipelines/schemas")).json()["pipelines"]["streamdiffusionv2"]
+        assert schema["weights_present"] is False, schema
+        assert schema["missing_files"] == [f"{f.repo}/{f.path}" for f in sdv2.files]
         vace = (await http.get("/api/v1/models/status", params={**query, "vace": "true"})).json()
         assert len(vace["files"]) == len(sdv2.files) + len(sdv2.vace_files) > len(status["files"])
         for method, kwargs in (
@@ -792,6 +797,8 @@ async def _lora_files_and_weights(
         assert [f["workers"] for f in listing["lora_files"]] == [fixture_names]
         again = await http.post("/api/v1/models/download", json={"pipeline_id": "passthrough"})
         assert again.status_code == 200 and again.json()["downloaded"] is True  # nothing to fetch: none started
+        schema = (await http.get("/api/v1/pipelines/schemas")).json()["pipelines"]["streamdiffusionv2"]
+        assert schema["weights_present"] is True and schema["missing_files"] == []  # every live worker has them
 
 
 async def test_a_worker_whose_summary_fails_is_left_out_and_the_front_still_answers(cluster: Cluster) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio.to_thread
 from litestar import Controller, get, post
 from litestar.datastructures import State
 
@@ -41,9 +40,5 @@ class PipelineController(Controller):
 
     @get("/pipelines/schemas")
     async def schemas(self, state: State) -> dict[str, Any]:
-        models_dir = state.settings.models_dir
-
-        def schemas() -> dict[str, Any]:  # each says which weight files are missing: a stat per file, off the loop
-            return {pid: spec.schema(models_dir) for pid, spec in PIPELINES.items()}
-
-        return {"pipelines": await anyio.to_thread.run_sync(schemas)}
+        missing = await state.serving.missing_weights()  # this server's folder, or a cluster's workers'
+        return {"pipelines": {pid: spec.schema(missing[pid]) for pid, spec in PIPELINES.items()}}

@@ -53,7 +53,7 @@ from serve.errors import (
     WanrtError,
     WorkerUnavailable,
 )
-from serve.pipelines.registry import get_spec
+from serve.pipelines.registry import PIPELINES, get_spec
 from serve.recording import session_of
 from serve.schemas import (
     Answer,
@@ -536,6 +536,18 @@ class ClusterServing:
         get_spec(pipeline_id)  # an unknown id is the single server's 404, without asking the workers
         await self.refresh(max_age_s=self.settings.placement_max_age_s)
         return merge_models(pipeline_id, *await self._ask_all("models_status", pipeline_id, vace))
+
+    async def missing_weights(self) -> dict[str, list[str]]:
+        """Each pipeline's files that some live worker lacks; with no worker to ask, every file."""
+        await self.refresh(max_age_s=self.settings.placement_max_age_s)
+
+        async def missing(pipeline_id: str) -> list[str]:
+            answers, skipped = await self._ask_all("models_status", pipeline_id, False)
+            if not answers:
+                return [f"{f.repo}/{f.path}" for f in PIPELINES[pipeline_id].files]
+            return [f"{f.repo}/{f.path}" for f in merge_models(pipeline_id, answers, skipped).files if not f.present]
+
+        return dict(zip(PIPELINES, await asyncio.gather(*map(missing, PIPELINES)), strict=True))
 
     async def download_models(self, pipeline_id: str, vace: bool) -> tuple[ModelsStatus, bool]:
         """Started on every live worker: a load may land on any of them."""

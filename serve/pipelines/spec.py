@@ -170,8 +170,8 @@ class PipelineSpec:
 
     # -- schema -----------------------------------------------------------------------------------------------------
 
-    def schema(self, models_dir: Path) -> dict[str, Any]:
-        missing = self.missing_files(models_dir)
+    def schema(self, missing_files: list[str]) -> dict[str, Any]:
+        """What `GET /api/v1/pipelines/schemas` says of it; `missing_files` (`repo/path`) from the serving side."""
         return {
             "id": self.id,
             "name": self.name,
@@ -185,8 +185,8 @@ class PipelineSpec:
             "supports_cache_management": self.supports_cache_management,
             "supports_quantization": self.supports_quantization,
             "available": self.available,
-            "weights_present": not missing,
-            "missing_files": [f"{f.repo}/{f.path}" for f in missing],
+            "weights_present": not missing_files,
+            "missing_files": missing_files,
             "load_params": _object_schema(LoadParams, self.load_fields, self.load_defaults),
             "runtime_params": _object_schema(RuntimeParameters, self.runtime_fields, self.runtime_defaults),
             "mode_defaults": self.mode_defaults,
