@@ -3,7 +3,6 @@ kernels against their torch references under TRITON_INTERPRET=1 on CPU tensors."
 
 from __future__ import annotations
 
-import os
 from fractions import Fraction
 
 import av
@@ -16,6 +15,7 @@ from kernels import triton_colour
 from kernels.colour import Colour, rgb_to_nv12_reference, yuv420_to_rgb_reference
 from serve.pipelines.frames import YuvChunk, upload_yuv
 from serve.webrtc.planes import read_planes
+from tests.support.kernels import interpreted_kernels
 from tests.support.scenes import textured_scene
 
 TAGS = [  # (colorspace, color_range) as frames carry them → what the conversion must use
@@ -55,11 +55,7 @@ def frames() -> dict[str, list[av.VideoFrame]]:
 
 @pytest.fixture(scope="module")
 def triton_kernels():
-    if os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py sets it on machines without a GPU
-        pytest.skip("TRITON_INTERPRET is not 1 here (a GPU machine): tests/test_gpu.py runs the kernels compiled")
-    if (reason := triton_colour.unavailable_reason()) is not None:
-        pytest.skip(reason)
-    return triton_colour.build()
+    return interpreted_kernels(triton_colour)
 
 
 def levels(pixels: torch.Tensor) -> np.ndarray:

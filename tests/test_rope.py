@@ -5,7 +5,6 @@ window), and the dispatch's choice of which one runs."""
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
@@ -13,15 +12,12 @@ import torch
 from kernels import rope, triton_rope
 from kernels.rope import apply_rope_reference, kernel_refusal, norm_rope_reference
 from serve.models.dit import DIT_CONFIGS, WanDiT
+from tests.support.kernels import interpreted_kernels
 
 
 @pytest.fixture(scope="module")
 def rope_kernel():
-    if os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py sets it on machines without a GPU
-        pytest.skip("TRITON_INTERPRET is not 1 here (a GPU machine): tests/test_gpu.py runs the kernel compiled")
-    if (reason := triton_rope.unavailable_reason()) is not None:
-        pytest.skip(reason)
-    return triton_rope.build()
+    return interpreted_kernels(triton_rope)
 
 
 def tables(positions: int, pairs: int, *batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,17 +116,6 @@ def test_norm_rope_kernel_equals_the_reference(rope_kernel, shape, heads, dtype,
     assert out.shape == expected.shape == (*shape[:2], heads, shape[-1] // heads)
     step = torch.finfo(dtype).eps
     torch.testing.assert_close(out, expected, rtol=2 * step, atol=2 * step * float(expected.abs().max()))
-
-
-def test_reference_rotates_adjacent_channel_pairs() -> None:
-    """The reference against complex multiplication of interleaved pairs (the Wan reference's view_as_complex)."""
-    x = torch.randn(1, 5, 2, 8)
-    angles = torch.randn(5, 4)
-    out = apply_rope_reference(x, torch.cos(angles), torch.sin(angles))
-    expected = torch.view_as_real(
-        torch.view_as_complex(x.unflatten(-1, (4, 2))) * torch.polar(torch.ones(5, 1, 4), angles[:, None])
-    )
-    torch.testing.assert_close(out, expected.flatten(-2))
 
 
 def test_the_reference_runs_off_cuda(caplog) -> None:
