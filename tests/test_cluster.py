@@ -868,3 +868,20 @@ async def test_a_stopping_worker_is_not_given_new_sessions(cluster: Cluster) -> 
     finally:
         await front.close()
         joined.stop()
+
+
+async def test_a_load_with_no_live_worker_says_so(cluster: Cluster) -> None:
+    """It was refused as if every worker were "streaming another pipeline", which sent a user to close sessions
+    that did not exist."""
+    from serve.cluster.front import ClusterServing  # Ray: after the module's importorskip
+    from serve.schemas import LoadParams
+
+    front = ClusterServing(ClusterSettings(placement_max_age_s=3600.0), 60.0, AssetStore(cluster.tmp_dir / "fa"))
+    try:
+        await front.refresh()
+        for view in front.workers.values():
+            view.info.state = "unreachable"  # what the poll makes of workers that stopped answering
+        with pytest.raises(WorkerUnavailable, match="no live worker to load 'passthrough'"):
+            await front.load("passthrough", LoadParams(height=64, width=64))
+    finally:
+        await front.close()

@@ -106,6 +106,7 @@ class ClusterServing:
         self.workers: dict[str, WorkerView] = {}
         self._wanted: Wanted | None = None
         self._unloaded = False
+        self._unloads = 0  # unloads through this front so far: a load that met one does not undo it
         """Set by this front's unload, until its next load: the workers' pipelines are not adopted meanwhile."""
         self._refreshed_at = 0.0
         self._refresh_lock = asyncio.Lock()
@@ -251,9 +252,15 @@ class ClusterServing:
             raise PipelineUnavailable(f"pipeline {pipeline_id!r} is declared but not built into this server yet")
         # Each worker enforces its own --allow-random-weights; here the effective parameters are only a comparison key.
         wanted = Wanted(pipeline_id, params, spec.effective_load_params(params, allow_random_weights=True))
+        unloads = self._unloads
         await self.refresh(max_age_s=self.settings.placement_max_age_s)
         live = [view for view in self._views() if view.usable]
-        if wanted.loras and live and all(view.lacks(wanted) for view in live):
+        if not live:
+            raise WorkerUnavailable(
+                f"no live worker to load {pipeline_id!r} on (GET /api/v1/cluster lists the workers and why each is "
+                "not live); start `wanrt cluster worker` on a GPU machine, or wait for one to answer again"
+            )
+        if wanted.loras and all(view.lacks(wanted) for view in live):
             raise InvalidParameters(
                 "no live worker has every LoRA this load names ("
                 + "; ".join(f"{view.name} lacks {', '.join(map(echo, view.lacks(wanted)))}" for view in live)
@@ -278,6 +285,8 @@ class ClusterServing:
                 view.info.pipeline = await self._call(view, "status")
             except WorkerGone as exc:
                 raise WorkerUnavailable(f"worker {name} went away while loading ({exc}); load again") from None
+        if self._unloads != unloads:  # an unload came while the worker loaded: it stands, and freed that load
+            raise PipelineNotLoaded(f"an unload came while {pipeline_id!r} was loading on {name}; load it again")
         self._wanted, self._unloaded = wanted, False
         return f"{message} (on {name}; other workers load it when an offer needs them)"
 
@@ -319,6 +328,7 @@ class ClusterServing:
         """Frees the pipeline on every worker that has one (their sessions get `stream_stopped`); a worker that cannot
         be reached now frees it once it answers again."""
         self._wanted, self._unloaded = None, True  # before any await: an offer being placed checks it
+        self._unloads += 1
         freed: list[str] = []
         later: list[str] = []
 
