@@ -602,6 +602,7 @@ async def test_an_upload_gone_from_the_front_or_placed_by_hand_costs_only_itself
         (store.directory / name).write_bytes(picture)
     front = ClusterServing(ClusterSettings(), 60.0, store)
     await front.refresh()
+    await front.uploads_copied()  # the refresh's own copies, on their own tasks
     view = front.workers[next(iter(sorted(front.workers)))]
     view.assets.clear()  # as a worker that just joined
     assets = ClusterAssets(store, lambda: [view])
@@ -629,8 +630,9 @@ async def test_a_worker_that_lacks_an_upload_is_given_it_before_it_takes_a_sessi
     name = store.save("late.png", picture).name
     front = ClusterServing(ClusterSettings(placement_max_age_s=3600.0), 60.0, store)
     await front.refresh()
+    await front.uploads_copied()
     on_workers = cluster.tmp_dir / "worker-assets" / name  # the two actors share one folder
-    assert on_workers.read_bytes() == picture  # the refresh copied it
+    assert on_workers.read_bytes() == picture  # the refresh copied it (on a task of its own)
     on_workers.unlink()
     for view in front.workers.values():
         view.assets.clear()  # as workers that just joined, their poll's copy not done yet

@@ -123,7 +123,7 @@ class ClusterServing:
         self._poller = asyncio.create_task(self._poll(), name="cluster-poll")
 
     async def close(self) -> None:
-        tasks = [self._poller, *(view.late_unload for view in self.workers.values())]
+        tasks = [self._poller, *(task for view in self.workers.values() for task in (view.late_unload, view.sync))]
         for task in tasks:
             if task is not None:
                 task.cancel()
@@ -196,10 +196,22 @@ class ClusterServing:
         view.info = info
         if view.unload_pending and view.late_unload is None:
             view.late_unload = asyncio.create_task(self._unload_late(view), name=f"unload-{view.name}")
+        if view.sync is None and self.assets.missing(view):  # uploads it missed (joined later, unreachable, replaced)
+            # On its own: a worker that joins lacks every upload, up to --max-upload-mb each, and the round (which
+            # finds dead workers, and which GET /cluster and an unload wait for) must not wait for those copies.
+            view.sync = asyncio.create_task(self._sync_uploads(view), name=f"assets-{view.name}")
+
+    async def uploads_copied(self) -> None:
+        """Once the copies of uploads the polls started are done (each worker's runs on its own)."""
+        await asyncio.gather(*(view.sync for view in self.workers.values() if view.sync), return_exceptions=True)
+
+    async def _sync_uploads(self, view: WorkerView) -> None:
         try:
-            await self.assets.sync(view)  # uploads it missed (joined later, unreachable then, replaced)
-        except Exception:  # whatever it is, it must not fail every other worker's summary in this round
+            await self.assets.sync(view)
+        except Exception:  # whatever it is, the next poll tries again
             log.exception("worker=%s: copying the uploads it lacks failed", view.name)
+        finally:
+            view.sync = None
 
     async def _unload_late(self, view: WorkerView) -> None:
         try:

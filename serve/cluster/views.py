@@ -49,6 +49,8 @@ class WorkerView:
     """An unload through this front could not reach it: it frees its pipeline as soon as it answers again, and takes
     no load nor session before (the pipeline it holds is one the user unloaded)."""
     late_unload: asyncio.Task[None] | None = None
+    sync: asyncio.Task[None] | None = None
+    """The copy of the uploads it lacks that a poll started (its own task: a round does not wait for it)."""
 
     @property
     def usable(self) -> bool:
