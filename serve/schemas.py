@@ -283,7 +283,7 @@ class IceServers(Struct):
     iceServers: list[IceServer]
 
 
-MAX_SDP_CHARS = 32_768  # a browser's offer is 3 to 10 KB; serve/webrtc/session.py also bounds its sections
+MAX_SDP_CHARS = 32_768  # a browser's offer is 3 to 10 KB; serve/webrtc/offers.py also bounds its sections
 
 
 class Offer(Struct, forbid_unknown_fields=True):
