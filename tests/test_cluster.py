@@ -887,3 +887,23 @@ async def test_a_load_with_no_live_worker_says_so(cluster: Cluster) -> None:
             await front.load("passthrough", LoadParams(height=64, width=64))
     finally:
         await front.close()
+
+
+async def test_a_worker_long_gone_leaves_the_listing(cluster: Cluster) -> None:
+    """Worker names carry their node's id, so each node restart adds a gone worker, and the front listed (and
+    sorted, and counted) every one it ever saw. One gone for over GONE_KEPT_S whose name Ray no longer lists goes;
+    one gone just now stays, to answer its sessions 410."""
+    from serve.cluster.front import GONE_KEPT_S, ClusterServing  # Ray: after the module's importorskip
+    from serve.cluster.views import WorkerView
+    from serve.schemas import ClusterWorker
+
+    front = ClusterServing(ClusterSettings(), 60.0, AssetStore(cluster.tmp_dir / "fa"))
+    try:
+        for name, seen in (("wanrt-worker-restart1-0", time.time() - GONE_KEPT_S - 1), ("wanrt-worker-recent0-0",
+                                                                                         time.time())):  # fmt: skip
+            front.workers[name] = WorkerView(name, None, ClusterWorker(name=name, state="gone", last_seen=seen))
+        await front.refresh()
+        assert "wanrt-worker-restart1-0" not in front.workers and "wanrt-worker-recent0-0" in front.workers
+        assert sum(view.usable for view in front.workers.values()) == 2  # the live ones stay, of course
+    finally:
+        await front.close()

@@ -81,6 +81,9 @@ answered there would hold a seat for a client told to try again), and a slow one
 # A dead worker's sessions, kept to answer their signalling 410 rather than 404: the newest this many (a front that
 # outlives many restarts would otherwise keep every session id it ever routed).
 MAX_LOST_SESSIONS = 4096
+# How long a gone worker whose name Ray no longer lists stays in the listing (and answers its sessions 410): names
+# carry the node id, so every node restart adds one, and a front that outlives many would list them all for good.
+GONE_KEPT_S = 3600.0
 CLUSTER_CONTROLLERS: list[type] = [
     PipelineController,
     WebRTCController,
@@ -157,6 +160,10 @@ class ClusterServing:
                 if (view := self.workers.get(name)) is None or view.info.state == "gone"  # joined, or a successor
             ))  # fmt: skip
             await asyncio.gather(*(self._update(view) for view in self.workers.values() if view.info.state != "gone"))
+            long_gone = time.time() - GONE_KEPT_S
+            for name, view in list(self.workers.items()):
+                if view.info.state == "gone" and name not in names and (view.info.last_seen or 0) < long_gone:
+                    del self.workers[name]
             self._refreshed_at = time.monotonic()
 
     async def _discover(self, name: str, replaces: WorkerView | None) -> None:
