@@ -436,3 +436,16 @@ async def test_a_stopped_recording_brings_the_folder_back_under_its_cap(tmp_path
     await asyncio.to_thread(recorder.join)
     assert recorder.state == "done" and recorder.path.stat().st_size > 10_000
     assert not old.exists() and store.total_bytes() <= 600_000
+
+
+async def test_a_sessions_metrics_name_its_pipeline_from_its_first_moment(server: RunningServer) -> None:
+    """The pipeline and backends came only with the first stats message, a stats interval after the start: a
+    monitor (or a test, on a loaded CI machine) asking sooner got metrics without them."""
+    load_pipeline(server.url, "passthrough", height=HEIGHT, width=WIDTH)
+    client = ScopeClient(server.url, initial_parameters={"input_mode": "video"})
+    session_id = await client.connect()
+    try:
+        metrics = httpx.get(f"{server.url}/api/v1/sessions/{session_id}/metrics", timeout=10).json()
+        assert metrics["pipeline_id"] == "passthrough" and "backends" in metrics and "backend" in metrics, metrics
+    finally:
+        await client.close()

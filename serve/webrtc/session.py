@@ -417,15 +417,21 @@ class PeerSession:
         self._stats_prev = (now, frames_in, frames_out)
         latencies = sorted(self.output.latencies_ms)
         return {
-            "pipeline_id": self.spec.id,
-            "backend": self.pipeline.backend,
-            "backend_reason": self.pipeline.backend_reason,
-            "backends": self.pipeline.backends,
+            **self.identity(),
             "fps_in": round((frames_in - prev_in) / elapsed, 2),
             "fps_out": round((frames_out - prev_out) / elapsed, 2),
             "latency_ms": round(latencies[len(latencies) // 2], 1) if latencies else None,
             **self.counters(),
             **({"pipeline_parallel": placement} if (placement := self.pipeline.placement()) is not None else {}),
+        }
+
+    def identity(self) -> dict[str, Any]:
+        """What the session runs: known from its start, not only from its first stats message."""
+        return {
+            "pipeline_id": self.spec.id,
+            "backend": self.pipeline.backend,
+            "backend_reason": self.pipeline.backend_reason,
+            "backends": self.pipeline.backends,
         }
 
     def counters(self) -> dict[str, Any]:
@@ -469,6 +475,7 @@ class PeerSession:
             "connection_state": self.pc.connectionState,
             "created_at": self.created_at,
             "stats_interval_s": self._settings.stats_interval_s,
+            **self.identity(),  # also in the first stats interval, before `last_stats` holds anything
             **self.last_stats,
             **self.counters(),
         }
