@@ -374,9 +374,13 @@ def test_the_page_adds_a_lora_to_a_load_and_steers_its_scale_live(lora_server: R
                 (style, 0.6, "runtime_peft")
             ]
             page.select_option("#input-source", "none")
+            page.locator("#lora-live input[type=range]").fill("0.3")  # before the stream: its starting scale
             page.get_by_role("button", name="Start stream").click()
             page.wait_for_function("document.getElementById('session-id').textContent.length > 4", timeout=30_000)
             session_id = page.inner_text("#session-id").strip()
+            sessions = httpx.get(f"{lora_server.url}/api/v1/webrtc/sessions", timeout=5).json()["sessions"]
+            started = next(s for s in sessions if s["sessionId"] == session_id)["parameters"]
+            assert started.get("lora_scales") == [{"path": style, "scale": 0.3}], started
             page.locator("#lora-live input[type=range]").fill("-0.5")
 
             def scales() -> list | None:

@@ -1,7 +1,7 @@
 // wanrt studio: choose and load a pipeline, stream webcam / file / nothing, steer prompts and parameters live.
 import { api, hasToken, saveFile, uploadAsset } from "./api.js";
 import { check, el, makeControl } from "./form.js";
-import { readLoras, renderAdapters, renderLoraFolder } from "./loras.js";
+import { readLoraScales, readLoras, renderAdapters, renderLoraFolder } from "./loras.js";
 import { Plot } from "./plots.js";
 import { startSession } from "./stream.js";
 
@@ -407,6 +407,8 @@ function currentRuntimeParams() {
   }
   params.prompts = readPrompts();
   if (state.vaceRefs.length) params.vace_ref_images = state.vaceRefs.map((r) => r.path);
+  const scales = readLoraScales(); // set before Start: the page said they would be sent, and they were not
+  if (scales.length) params.lora_scales = scales;
   return params;
 }
 

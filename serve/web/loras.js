@@ -59,10 +59,23 @@ export function readLoras() {
     }));
 }
 
+/** The live sliders' `lora_scales` (empty without runtime adapters): a stream starts with what they show. */
+export function readLoraScales() {
+  return [...$("lora-live").querySelectorAll("input[type=range]")].map((s) => ({
+    path: s.dataset.path,
+    scale: Number(s.value),
+  }));
+}
+
 /** Loaded adapters from the pipeline status; runtime ones get a slider that sends `lora_scales` live. */
 export function renderAdapters(status, sendUpdate) {
   const box = $("lora-live");
   const adapters = (status && status.status === "loaded" && status.loaded_lora_adapters) || [];
+  // Only when they change: each status read (a stream's start) re-made the sliders at the load's scales, losing
+  // what the user had set.
+  const key = JSON.stringify(adapters);
+  if (box.dataset.shown === key) return;
+  box.dataset.shown = key;
   box.hidden = adapters.length === 0;
   box.replaceChildren(
     el("h4", { text: "LoRAs" }),
