@@ -15,6 +15,7 @@ import anyio.to_thread
 import msgspec
 
 from serve.errors import NoFrameYet
+from serve.hub import name_of
 from serve.pipelines.registry import PIPELINES, get_spec
 from serve.schemas import (
     Answer,
@@ -186,8 +187,8 @@ class LocalServing:
 
     async def missing_weights(self) -> dict[str, list[str]]:
         def missing() -> dict[str, list[str]]:  # a stat per file: off the loop
-            return {pid: [f"{f.repo}/{f.path}" for f in spec.missing_files(self.models.models_dir)]
-                    for pid, spec in PIPELINES.items()}  # fmt: skip
+            models_dir = self.models.models_dir
+            return {pid: [name_of(f) for f in spec.missing_files(models_dir)] for pid, spec in PIPELINES.items()}
 
         return await anyio.to_thread.run_sync(missing)
 

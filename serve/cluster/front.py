@@ -53,6 +53,7 @@ from serve.errors import (
     WanrtError,
     WorkerUnavailable,
 )
+from serve.hub import name_of
 from serve.pipelines.registry import PIPELINES, get_spec
 from serve.recording import session_of
 from serve.schemas import (
@@ -109,8 +110,8 @@ class ClusterServing:
         self.workers: dict[str, WorkerView] = {}
         self._wanted: Wanted | None = None
         self._unloaded = False
-        self._unloads = 0  # unloads through this front so far: a load that met one does not undo it
         """Set by this front's unload, until its next load: the workers' pipelines are not adopted meanwhile."""
+        self._unloads = 0  # unloads through this front so far: a load that met one does not undo it
         self._refreshed_at = 0.0
         self._refresh_lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
@@ -573,7 +574,7 @@ class ClusterServing:
         async def missing(pipeline_id: str) -> list[str]:
             answers, skipped = await self._ask_all("models_status", pipeline_id, False)
             if not answers:
-                return [f"{f.repo}/{f.path}" for f in PIPELINES[pipeline_id].files]
+                return [name_of(f) for f in PIPELINES[pipeline_id].files]
             return [f"{f.repo}/{f.path}" for f in merge_models(pipeline_id, answers, skipped).files if not f.present]
 
         return dict(zip(PIPELINES, await asyncio.gather(*map(missing, PIPELINES)), strict=True))

@@ -37,6 +37,8 @@ const state = {
   plots: {},
   droppedBefore: null, // {t, frames} of the previous stats message
   recording: null, // the running recording of this page's session
+  recordingBusy: false, // a recording's start or stop is in flight
+  starting: false, // a stream's start is in flight
   downloads: {}, // pipeline id -> promise of its weight download
 };
 window.wanrtUI = state; // for debugging from the console
